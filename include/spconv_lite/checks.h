@@ -1,0 +1,112 @@
+// Host-side argument checks shared by the CPU and CUDA ops. Every message names the argument
+// and the values seen; TORCH_CHECK_VALUE / TORCH_CHECK_TYPE surface in Python as ValueError /
+// TypeError.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <cstdint>
+#include <limits>
+
+#include "spconv_lite/coords.h"
+
+namespace spconv_lite {
+
+inline void check_indices_layout(const at::Tensor& indices, int64_t ndim) {
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt, "indices must be int32, got ",
+                   indices.scalar_type());
+  TORCH_CHECK_VALUE(indices.dim() == 2 && indices.size(1) == ndim + 1,
+                    "indices must have shape [N, ", ndim + 1,
+                    "] (batch index then one column per spatial dimension), got ",
+                    indices.sizes());
+  TORCH_CHECK_VALUE(indices.size(0) <= std::numeric_limits<int32_t>::max(),
+                    "indices has ", indices.size(0), " rows; at most 2^31 - 1 are supported");
+}
+
+inline Grid make_grid(c10::IntArrayRef spatial_shape, int64_t batch_size, const char* name) {
+  const int64_t ndim = static_cast<int64_t>(spatial_shape.size());
+  TORCH_CHECK_VALUE(ndim >= 1 && ndim <= kMaxDims, name, " must have 1 to ", kMaxDims,
+                    " dimensions, got ", spatial_shape);
+  TORCH_CHECK_VALUE(batch_size >= 1, "batch_size must be >= 1, got ", batch_size);
+  Grid grid{};
+  grid.ndim = static_cast<int>(ndim);
+  // Keys are batch * prod(shape) + linear index: keep the product below 2^62.
+  int64_t volume = batch_size;
+  const int64_t limit = int64_t{1} << 62;
+  for (int64_t d = 0; d < ndim; ++d) {
+    TORCH_CHECK_VALUE(spatial_shape[d] >= 1, name, " must be positive, got ", spatial_shape);
+    TORCH_CHECK_VALUE(volume <= limit / spatial_shape[d], name, " ", spatial_shape,
+                      " with batch_size ", batch_size,
+                      " has more than 2^62 sites, too many to index with int64 keys");
+    volume *= spatial_shape[d];
+    grid.shape[d] = spatial_shape[d];
+  }
+  return grid;
+}
+
+inline void copy_per_dim(c10::IntArrayRef values, int64_t ndim, int64_t minimum, const char* name,
+                         int64_t* out) {
+  TORCH_CHECK_VALUE(static_cast<int64_t>(values.size()) == ndim, name, " must have ", ndim,
+                    " entries (one per spatial dimension), got ", values);
+  for (int64_t d = 0; d < ndim; ++d) {
+    TORCH_CHECK_VALUE(values[d] >= minimum, name, " entries must be >= ", minimum, ", got ",
+                      values);
+    out[d] = values[d];
+  }
+}
+
+inline ConvGeometry make_geometry(int64_t ndim, c10::IntArrayRef kernel_size,
+                                  c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                  c10::IntArrayRef dilation) {
+  ConvGeometry g{};
+  g.ndim = static_cast<int>(ndim);
+  copy_per_dim(kernel_size, ndim, 1, "kernel_size", g.kernel);
+  copy_per_dim(stride, ndim, 1, "stride", g.stride);
+  copy_per_dim(padding, ndim, 0, "padding", g.padding);
+  copy_per_dim(dilation, ndim, 1, "dilation", g.dilation);
+  g.volume = 1;
+  for (int64_t d = 0; d < ndim; ++d) g.volume *= g.kernel[d];
+  return g;
+}
+
+// Checks a neighbour table: int32 [rows, kernel_volume].
+inline void check_neighbor_table(const at::Tensor& nbr, const char* name, int64_t rows,
+                                 int64_t kernel_volume) {
+  TORCH_CHECK_TYPE(nbr.scalar_type() == at::kInt, name, " must be int32, got ", nbr.scalar_type());
+  TORCH_CHECK_VALUE(nbr.dim() == 2, name, " must be 2-D [rows, kernel_volume], got ", nbr.sizes());
+  if (rows >= 0) {
+    TORCH_CHECK_VALUE(nbr.size(0) == rows, name, " must have ", rows, " rows, got ", nbr.sizes());
+  }
+  if (kernel_volume >= 0) {
+    TORCH_CHECK_VALUE(nbr.size(1) == kernel_volume, name, " must have ", kernel_volume,
+                      " columns (the kernel volume), got ", nbr.sizes());
+  }
+}
+
+// CPU only: every entry of a neighbour table must be -1 or a valid row of the table it indexes,
+// so that a table from elsewhere can never make a kernel read out of bounds.
+inline void check_neighbor_entries_cpu(const at::Tensor& nbr, const char* name, int64_t limit) {
+  const at::Tensor table = nbr.contiguous();
+  const int32_t* data = table.data_ptr<int32_t>();
+  const int64_t count = table.numel();
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, count, 1 << 16, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      if (data[j] < -1 || data[j] >= limit) bad = true;
+    }
+  });
+  TORCH_CHECK_VALUE(!bad.load(), name, " has entries outside [-1, ", limit,
+                    "): it does not index the given features");
+}
+
+inline void check_features(const at::Tensor& features, const char* name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(features.scalar_type()), name,
+                   " must be a floating-point tensor, got ", features.scalar_type());
+  TORCH_CHECK_VALUE(features.dim() == 2, name, " must be 2-D [rows, channels], got ",
+                    features.sizes());
+}
+
+}  // namespace spconv_lite

@@ -1,0 +1,58 @@
+"""Build of spconv_lite._C.
+
+The C++ sources (src/*.cpp, src/cpu/*.cpp) are always built. The CUDA sources (src/cuda/*.cu)
+are added when a CUDA toolkit and a CUDA-enabled torch are present. Environment switches:
+
+  SPCONV_LITE_WITH_CUDA=1   force the CUDA build (fails without a toolkit)
+  SPCONV_LITE_WITH_CUDA=0   skip CUDA even when it is available
+  SPCONV_LITE_NATIVE=1      compile the CPU kernels for this machine's instruction set
+                            (-march=native); default off so the build runs anywhere
+"""
+
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    switch = os.environ.get("SPCONV_LITE_WITH_CUDA", "auto").strip().lower()
+    if switch in ("1", "true", "yes", "on"):
+        return True
+    if switch in ("0", "false", "no", "off"):
+        return False
+    return CUDA_HOME is not None and torch.version.cuda is not None
+
+
+def _extension():
+    def rel(pattern):
+        return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+    sources = rel("src/*.cpp") + rel("src/cpu/*.cpp")
+    cxx_flags = ["-O3", "-fopenmp", "-std=c++20"]
+    if os.environ.get("SPCONV_LITE_NATIVE", "0") == "1":
+        cxx_flags.append("-march=native")
+    kwargs = dict(
+        name="spconv_lite._C",
+        include_dirs=[os.path.join(ROOT, "include")],
+        extra_link_args=["-fopenmp"],
+    )
+    cuda_sources = rel("src/cuda/*.cu")
+    if _want_cuda() and cuda_sources:
+        return CUDAExtension(
+            sources=sources + cuda_sources,
+            define_macros=[("SPCONV_LITE_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
+            **kwargs,
+        )
+    return CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags}, **kwargs)
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

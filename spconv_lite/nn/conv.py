@@ -1,0 +1,212 @@
+"""Sparse convolution layers with spconv 2.x names, arguments and weight layout."""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..kernel_map import conv_map, expand_nd, inverse_map, subm_map
+from ..tensor import SparseConvTensor
+from .modules import SparseModule
+
+
+class ConvAlgo(enum.Enum):
+    """spconv's algorithm choice. Accepted for compatibility; spconv_lite picks its own kernels."""
+
+    Native = 0
+    MaskImplicitGemm = 1
+    MaskSplitImplicitGemm = 2
+
+
+def check_input(x, channels: Optional[int], layer: nn.Module) -> None:
+    """Type and channel checks shared by every sparse layer."""
+    if not isinstance(x, SparseConvTensor):
+        raise TypeError(f"{type(layer).__name__} expects a SparseConvTensor, got {type(x).__name__}")
+    if channels is not None and x.features.shape[1] != channels:
+        raise ValueError(
+            f"{type(layer).__name__} expects {channels} input channels, but features has shape "
+            f"{list(x.features.shape)}"
+        )
+
+
+class SparseConvolution(SparseModule):
+    """Common base of every sparse conv layer.
+
+    The weight is stored as ``[out_channels, *kernel_size, in_channels]`` (spconv >= 2.2), so
+    spconv checkpoints load as they are. ``groups`` must be 1; ``algo``, ``fp32_accum``,
+    ``record_voxel_count``, ``act_*`` and ``large_kernel_fast_algo`` are accepted and ignored.
+    """
+
+    def __init__(
+        self,
+        ndim: int,
+        in_channels: int,
+        out_channels: int,
+        kernel_size=3,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        subm: bool = False,
+        output_padding=0,
+        transposed: bool = False,
+        inverse: bool = False,
+        indice_key: Optional[str] = None,
+        algo: Optional[ConvAlgo] = None,
+        fp32_accum: Optional[bool] = None,
+        record_voxel_count: bool = False,
+        act_type=None,
+        act_alpha: float = 0,
+        act_beta: float = 0,
+        large_kernel_fast_algo: bool = False,
+        name: Optional[str] = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(name=name)
+        if groups != 1:
+            raise ValueError(f"groups must be 1 (grouped sparse conv is not supported), got {groups}")
+        for arg, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        self.ndim = ndim
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = expand_nd(ndim, kernel_size, "kernel_size")
+        self.stride = expand_nd(ndim, stride, "stride")
+        self.padding = expand_nd(ndim, padding, "padding")
+        self.dilation = expand_nd(ndim, dilation, "dilation")
+        self.output_padding = expand_nd(ndim, output_padding, "output_padding")
+        for arg, values, minimum in (
+            ("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
+            ("padding", self.padding, 0), ("dilation", self.dilation, 1),
+            ("output_padding", self.output_padding, 0),
+        ):
+            if any(v < minimum for v in values):
+                raise ValueError(f"{arg} entries must be >= {minimum}, got {list(values)}")
+        if subm and any(k % 2 == 0 for k in self.kernel_size):
+            raise ValueError(f"submanifold conv needs odd kernel sizes, got {list(self.kernel_size)}")
+        if inverse and indice_key is None:
+            raise ValueError("an inverse conv needs the indice_key of the conv it inverts")
+        self.groups = groups
+        self.subm = subm
+        self.transposed = transposed
+        self.inverse = inverse
+        self.indice_key = indice_key
+        self.algo = algo
+        self.fp32_accum = fp32_accum
+        self.record_voxel_count = record_voxel_count
+        self.act_type = act_type
+        self.act_alpha = act_alpha
+        self.act_beta = act_beta
+        self.large_kernel_fast_algo = large_kernel_fast_algo
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, *self.kernel_size, in_channels, **factory)
+        )
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.ConvNd's default (kaiming_uniform with a=sqrt(5)), with the fan-in of this layout.
+        bound = 1.0 / math.sqrt(self.in_channels * math.prod(self.kernel_size))
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def extra_repr(self) -> str:
+        text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
+        if not self.subm and not self.inverse:
+            text += f", stride={self.stride}, padding={self.padding}"
+        if any(d != 1 for d in self.dilation):
+            text += f", dilation={self.dilation}"
+        if self.bias is None:
+            text += ", bias=False"
+        if self.indice_key is not None:
+            text += f", indice_key={self.indice_key!r}"
+        return text
+
+    def forward(self, x: SparseConvTensor) -> SparseConvTensor:
+        check_input(x, self.in_channels, self)
+        if self.inverse:
+            kmap = inverse_map(x, self.kernel_size, self.indice_key)
+            # Run the stored map backwards: its inputs become our outputs.
+            nbr, nbr_t = kmap.nbr_t, kmap.nbr
+            out_indices, out_shape = kmap.in_indices, kmap.in_spatial_shape
+        else:
+            if self.subm:
+                kmap = subm_map(x, self.kernel_size, self.dilation, self.indice_key)
+            else:
+                kmap = conv_map(
+                    x, self.kernel_size, self.stride, self.padding, self.dilation,
+                    self.indice_key, self.transposed, self.output_padding,
+                )
+            nbr, nbr_t = kmap.nbr, kmap.nbr_t
+            out_indices, out_shape = kmap.out_indices, kmap.out_spatial_shape
+        volume = math.prod(self.kernel_size)
+        # [C_out, *k, C_in] -> [K, C_in, C_out], the layout of the gather-GEMM-scatter kernel.
+        weight = self.weight.reshape(self.out_channels, volume, self.in_channels).permute(1, 2, 0)
+        features = ops.sparse_conv(x.features, weight, nbr, nbr_t)
+        if self.bias is not None:
+            features = features + self.bias
+        out = x.shadow_copy()
+        out.indices = out_indices
+        out.spatial_shape = list(out_shape)
+        out.features = features
+        return out
+
+
+def _conv_class(class_name: str, ndim: int, subm=False, transposed=False, inverse=False):
+    """Builds a public layer class with spconv's constructor signature for its kind."""
+
+    if inverse:
+
+        def __init__(self, in_channels, out_channels, kernel_size, indice_key=None, bias=True,
+                     algo=None, fp32_accum=None, large_kernel_fast_algo=False, name=None):
+            SparseConvolution.__init__(
+                self, ndim, in_channels, out_channels, kernel_size, bias=bias, inverse=True,
+                indice_key=indice_key, algo=algo, fp32_accum=fp32_accum,
+                large_kernel_fast_algo=large_kernel_fast_algo, name=name,
+            )
+
+    else:
+
+        def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                     dilation=1, groups=1, bias=True, indice_key=None, algo=None,
+                     fp32_accum=None, record_voxel_count=False, large_kernel_fast_algo=False,
+                     name=None, output_padding=0):
+            SparseConvolution.__init__(
+                self, ndim, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                groups, bias, subm=subm, output_padding=output_padding, transposed=transposed,
+                indice_key=indice_key, algo=algo, fp32_accum=fp32_accum,
+                record_voxel_count=record_voxel_count,
+                large_kernel_fast_algo=large_kernel_fast_algo, name=name,
+            )
+
+    kind = "submanifold" if subm else "inverse" if inverse else "transposed" if transposed else "regular"
+    doc = f"{ndim}-D {kind} sparse convolution (spconv's ``{class_name}``)."
+    return type(class_name, (SparseConvolution,), {"__init__": __init__, "__doc__": doc})
+
+
+SubMConv1d = _conv_class("SubMConv1d", 1, subm=True)
+SubMConv2d = _conv_class("SubMConv2d", 2, subm=True)
+SubMConv3d = _conv_class("SubMConv3d", 3, subm=True)
+SubMConv4d = _conv_class("SubMConv4d", 4, subm=True)
+SparseConv1d = _conv_class("SparseConv1d", 1)
+SparseConv2d = _conv_class("SparseConv2d", 2)
+SparseConv3d = _conv_class("SparseConv3d", 3)
+SparseConv4d = _conv_class("SparseConv4d", 4)
+SparseConvTranspose1d = _conv_class("SparseConvTranspose1d", 1, transposed=True)
+SparseConvTranspose2d = _conv_class("SparseConvTranspose2d", 2, transposed=True)
+SparseConvTranspose3d = _conv_class("SparseConvTranspose3d", 3, transposed=True)
+SparseConvTranspose4d = _conv_class("SparseConvTranspose4d", 4, transposed=True)
+SparseInverseConv1d = _conv_class("SparseInverseConv1d", 1, inverse=True)
+SparseInverseConv2d = _conv_class("SparseInverseConv2d", 2, inverse=True)
+SparseInverseConv3d = _conv_class("SparseInverseConv3d", 3, inverse=True)
+SparseInverseConv4d = _conv_class("SparseInverseConv4d", 4, inverse=True)

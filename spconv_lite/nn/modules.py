@@ -1,0 +1,82 @@
+"""Containers and small modules: ``SparseModule``, ``SparseSequential``, ``ToDense``, ``Identity``."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..tensor import SparseConvTensor
+
+
+class SparseModule(nn.Module):
+    """Base class of modules that take and return a ``SparseConvTensor``.
+
+    ``SparseSequential`` passes the whole sparse tensor to these; any other module gets only
+    ``.features``.
+    """
+
+    def __init__(self, name: Optional[str] = None) -> None:
+        super().__init__()
+        self.name = name
+
+
+class SparseSequential(SparseModule):
+    """``nn.Sequential`` for sparse tensors: ``SparseModule`` children receive the sparse tensor,
+    plain torch modules (BatchNorm1d, ReLU, ...) are applied to its features.
+
+    Example:
+        >>> net = SparseSequential(SubMConv3d(4, 16, 3, bias=False), nn.BatchNorm1d(16), nn.ReLU())
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__()
+        if len(args) == 1 and isinstance(args[0], OrderedDict):
+            for name, module in args[0].items():
+                self.add_module(name, module)
+        else:
+            for index, module in enumerate(args):
+                self.add_module(str(index), module)
+        for name, module in kwargs.items():
+            if name in self._modules:
+                raise ValueError(f"SparseSequential got the module name {name!r} twice")
+            self.add_module(name, module)
+
+    def __getitem__(self, index: int) -> nn.Module:
+        modules = list(self._modules.values())
+        if not -len(modules) <= index < len(modules):
+            raise IndexError(f"index {index} is out of range for {len(modules)} modules")
+        return modules[index]
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def add(self, module: nn.Module, name: Optional[str] = None) -> None:
+        name = str(len(self._modules)) if name is None else name
+        if name in self._modules:
+            raise KeyError(f"SparseSequential already has a module named {name!r}")
+        self.add_module(name, module)
+
+    def forward(self, x):
+        for module in self._modules.values():
+            if isinstance(module, SparseModule) or not isinstance(x, SparseConvTensor):
+                x = module(x)
+            else:
+                x = x.replace_feature(module(x.features))
+        return x
+
+
+class ToDense(SparseModule):
+    """Converts a ``SparseConvTensor`` into a dense ``[B, C, *spatial]`` tensor."""
+
+    def forward(self, x: SparseConvTensor) -> torch.Tensor:
+        return x.dense()
+
+
+class Identity(SparseModule):
+    """Returns its input unchanged (sparse or dense)."""
+
+    def forward(self, x):
+        return x

@@ -1,0 +1,114 @@
+"""Sparse max / average pooling and global pooling (spconv 2.x names and arguments)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..kernel_map import conv_map, expand_nd
+from ..tensor import SparseConvTensor
+from .conv import check_input
+from .modules import SparseModule
+
+
+class SparsePool(SparseModule):
+    """Base of the windowed pools. Output sites are those of a conv with the same window;
+    ``stride=None`` means ``stride=kernel_size``. The map is cached under ``indice_key`` so an
+    inverse conv can undo the pooling."""
+
+    is_max: bool = True
+
+    def __init__(self, ndim: int, kernel_size=3, stride=None, padding=0, dilation=1,
+                 indice_key: Optional[str] = None, subm: bool = False, algo=None,
+                 record_voxel_count: bool = False, name: Optional[str] = None) -> None:
+        super().__init__(name=name)
+        if subm:
+            raise ValueError("submanifold pooling is not supported (subm=True)")
+        self.ndim = ndim
+        self.kernel_size = expand_nd(ndim, kernel_size, "kernel_size")
+        self.stride = self.kernel_size if stride is None else expand_nd(ndim, stride, "stride")
+        self.padding = expand_nd(ndim, padding, "padding")
+        self.dilation = expand_nd(ndim, dilation, "dilation")
+        for arg, values, minimum in (
+            ("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
+            ("padding", self.padding, 0), ("dilation", self.dilation, 1),
+        ):
+            if any(v < minimum for v in values):
+                raise ValueError(f"{arg} entries must be >= {minimum}, got {list(values)}")
+        self.indice_key = indice_key
+        self.subm = subm
+        self.algo = algo
+        self.record_voxel_count = record_voxel_count
+
+    def extra_repr(self) -> str:
+        return (f"kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}")
+
+    def forward(self, x: SparseConvTensor) -> SparseConvTensor:
+        check_input(x, None, self)
+        kmap = conv_map(x, self.kernel_size, self.stride, self.padding, self.dilation,
+                        self.indice_key)
+        if self.is_max:
+            features = ops.sparse_max_pool(x.features, kmap.nbr, kmap.nbr_t)
+        else:
+            # Mean over the active inputs of each window (not the kernel volume), as spconv.
+            counts = (kmap.nbr >= 0).sum(dim=1, keepdim=True).to(x.features.dtype)
+            features = ops.sparse_sum_pool(x.features, kmap.nbr, kmap.nbr_t) / counts
+        out = x.shadow_copy()
+        out.indices = kmap.out_indices
+        out.spatial_shape = list(kmap.out_spatial_shape)
+        out.features = features
+        return out
+
+
+def _pool_class(class_name: str, ndim: int, is_max: bool):
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, indice_key=None,
+                 algo=None, record_voxel_count=False, name=None):
+        SparsePool.__init__(self, ndim, kernel_size, stride, padding, dilation, indice_key,
+                            algo=algo, record_voxel_count=record_voxel_count, name=name)
+
+    kind = "max" if is_max else "average (over active inputs)"
+    doc = f"{ndim}-D sparse {kind} pooling (spconv's ``{class_name}``)."
+    return type(class_name, (SparsePool,), {"__init__": __init__, "__doc__": doc, "is_max": is_max})
+
+
+SparseMaxPool1d = _pool_class("SparseMaxPool1d", 1, True)
+SparseMaxPool2d = _pool_class("SparseMaxPool2d", 2, True)
+SparseMaxPool3d = _pool_class("SparseMaxPool3d", 3, True)
+SparseMaxPool4d = _pool_class("SparseMaxPool4d", 4, True)
+SparseAvgPool1d = _pool_class("SparseAvgPool1d", 1, False)
+SparseAvgPool2d = _pool_class("SparseAvgPool2d", 2, False)
+SparseAvgPool3d = _pool_class("SparseAvgPool3d", 3, False)
+
+
+def global_pool(x: SparseConvTensor, is_max: bool) -> Tensor:
+    """Max or mean of each batch item's features: dense ``[batch_size, C]``, zero for an item
+    without active sites."""
+    batch = x.indices[:, 0].long()
+    order = torch.argsort(batch, stable=True)
+    items = torch.arange(x.batch_size, device=batch.device)
+    # [B] counts without data-dependent shapes, so torch.compile can trace it.
+    lengths = (batch.unsqueeze(0) == items.unsqueeze(1)).sum(dim=1)
+    reduced = torch.segment_reduce(
+        x.features[order], "max" if is_max else "mean", lengths=lengths, unsafe=True
+    )
+    return torch.where((lengths > 0).unsqueeze(1), reduced, torch.zeros_like(reduced))
+
+
+class SparseGlobalMaxPool(SparseModule):
+    """Per-batch-item maximum over all active sites: returns dense ``[batch_size, C]``."""
+
+    def forward(self, x: SparseConvTensor) -> Tensor:
+        check_input(x, None, self)
+        return global_pool(x, is_max=True)
+
+
+class SparseGlobalAvgPool(SparseModule):
+    """Per-batch-item mean over all active sites: returns dense ``[batch_size, C]``."""
+
+    def forward(self, x: SparseConvTensor) -> Tensor:
+        check_input(x, None, self)
+        return global_pool(x, is_max=False)

@@ -1,0 +1,236 @@
+"""Typed wrappers over the ``torch.ops.spconv_lite`` operators, with fake kernels and autograd.
+
+Every operator is defined once in ``src/registration.cpp`` and implemented per device in C++.
+This module registers, for each of them, a fake kernel (shapes only, so ``torch.compile`` and
+``torch.export`` can trace them) and, for the differentiable ones, the backward formula. Modules
+never call ``torch.ops.spconv_lite`` directly, only these functions.
+
+A kernel map is a pair of neighbour tables (int32, -1 where there is no neighbour):
+
+* ``nbr``   ``[N_out, K]``: the input row feeding output row ``o`` through kernel offset ``k``;
+* ``nbr_t`` ``[N_in, K]``: the output row fed by input row ``i`` through kernel offset ``k``.
+
+Kernel offsets are numbered in row-major order over the kernel size, without flipping (the
+cross-correlation convention of ``torch.nn.functional.conv3d``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loads the library, which registers the operators)
+
+_ops = torch.ops.spconv_lite
+
+__all__ = [
+    "build_subm_map",
+    "build_conv_map",
+    "sparse_conv",
+    "sparse_sum_pool",
+    "sparse_max_pool",
+]
+
+
+def build_subm_map(
+    indices: Tensor,
+    spatial_shape: Sequence[int],
+    batch_size: int,
+    kernel_size: Sequence[int],
+    dilation: Sequence[int],
+) -> tuple[Tensor, Tensor]:
+    """Kernel map of a submanifold convolution (output sites = input sites).
+
+    Args:
+        indices: int32 ``[N, D + 1]``, batch index then coordinates; unique sites.
+        spatial_shape: ``D`` grid sizes.
+        batch_size: number of batch items.
+        kernel_size: ``D`` odd kernel sizes.
+        dilation: ``D`` dilations.
+
+    Returns:
+        ``(nbr, nbr_t)``, both int32 ``[N, K]``.
+
+    Example:
+        >>> idx = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 2]], dtype=torch.int32)
+        >>> nbr, _ = build_subm_map(idx, [4, 4, 4], 1, [3, 3, 3], [1, 1, 1])
+        >>> nbr[0, 13].item(), nbr[0, 14].item()  # centre offset, then +1 in x
+        (0, 1)
+    """
+    return _ops.build_subm_map(
+        indices, list(spatial_shape), int(batch_size), list(kernel_size), list(dilation)
+    )
+
+
+def build_conv_map(
+    indices: Tensor,
+    spatial_shape: Sequence[int],
+    batch_size: int,
+    out_spatial_shape: Sequence[int],
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    transposed: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Kernel map of a regular (or transposed) convolution or pooling window.
+
+    A regular conv connects input site ``x`` to output site ``o`` through offset ``k`` when
+    ``o * stride - padding + k * dilation == x``; a transposed conv when
+    ``x * stride - padding + k * dilation == o``. The output sites are every site reached by an
+    input, sorted by batch then coordinates, so the result is deterministic.
+
+    Returns:
+        ``(out_indices, nbr, nbr_t)``: int32 ``[N_out, D + 1]``, ``[N_out, K]``, ``[N_in, K]``.
+    """
+    return _ops.build_conv_map(
+        indices,
+        list(spatial_shape),
+        int(batch_size),
+        list(out_spatial_shape),
+        list(kernel_size),
+        list(stride),
+        list(padding),
+        list(dilation),
+        bool(transposed),
+    )
+
+
+def sparse_conv(features: Tensor, weight: Tensor, nbr: Tensor, nbr_t: Tensor) -> Tensor:
+    """Gather-GEMM-scatter: ``out[o] = sum_k features[nbr[o, k]] @ weight[k]``.
+
+    Args:
+        features: ``[N_in, C_in]``.
+        weight: ``[K, C_in, C_out]`` (any strides).
+        nbr: int32 ``[N_out, K]``.
+        nbr_t: int32 ``[N_in, K]``, the transposed table (used by the backward pass).
+
+    Returns:
+        ``[N_out, C_out]`` in the dtype of ``features``.
+    """
+    return _ops.sparse_conv(features, weight, nbr, nbr_t)
+
+
+def sparse_sum_pool(features: Tensor, nbr: Tensor, nbr_t: Tensor) -> Tensor:
+    """``out[o] = sum_k features[nbr[o, k]]`` over the active neighbours."""
+    return _ops.sparse_sum_pool(features, nbr, nbr_t)
+
+
+def sparse_max_pool(features: Tensor, nbr: Tensor, nbr_t: Tensor) -> Tensor:
+    """``out[o, c] = max_k features[nbr[o, k], c]`` over the active neighbours (true maximum)."""
+    return _ops.sparse_max_pool(features, nbr, nbr_t)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake kernels: output shapes and dtypes only.
+
+
+def _check_fake_indices(indices: Tensor, ndim: int) -> None:
+    torch._check(indices.dim() == 2 and indices.shape[1] == ndim + 1)
+
+
+@torch.library.register_fake("spconv_lite::build_subm_map")
+def _build_subm_map_fake(indices, spatial_shape, batch_size, kernel_size, dilation):
+    _check_fake_indices(indices, len(spatial_shape))
+    shape = (indices.shape[0], math.prod(kernel_size))
+    return indices.new_empty(shape), indices.new_empty(shape)
+
+
+@torch.library.register_fake("spconv_lite::build_conv_map")
+def _build_conv_map_fake(
+    indices, spatial_shape, batch_size, out_spatial_shape, kernel_size, stride, padding,
+    dilation, transposed,
+):
+    _check_fake_indices(indices, len(spatial_shape))
+    num_out = torch.library.get_ctx().new_dynamic_size()
+    volume = math.prod(kernel_size)
+    return (
+        indices.new_empty((num_out, indices.shape[1])),
+        indices.new_empty((num_out, volume)),
+        indices.new_empty((indices.shape[0], volume)),
+    )
+
+
+@torch.library.register_fake("spconv_lite::sparse_conv")
+def _sparse_conv_fake(features, weight, nbr, nbr_t):
+    torch._check(weight.dim() == 3 and weight.shape[1] == features.shape[1])
+    return features.new_empty((nbr.shape[0], weight.shape[2]))
+
+
+@torch.library.register_fake("spconv_lite::sparse_conv_weight_grad")
+def _sparse_conv_weight_grad_fake(features, grad_out, nbr):
+    return features.new_empty((nbr.shape[1], features.shape[1], grad_out.shape[1]))
+
+
+@torch.library.register_fake("spconv_lite::sparse_sum_pool")
+def _sparse_sum_pool_fake(features, nbr, nbr_t):
+    return features.new_empty((nbr.shape[0], features.shape[1]))
+
+
+@torch.library.register_fake("spconv_lite::sparse_max_pool")
+def _sparse_max_pool_fake(features, nbr, nbr_t):
+    shape = (nbr.shape[0], features.shape[1])
+    return features.new_empty(shape), features.new_empty(shape, dtype=torch.int32)
+
+
+@torch.library.register_fake("spconv_lite::sparse_max_pool_backward")
+def _sparse_max_pool_backward_fake(grad_out, argmax, nbr_t):
+    return grad_out.new_empty((nbr_t.shape[0], grad_out.shape[1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd. The input gradient of a conv is the same gather-GEMM-scatter over the transposed
+# table with transposed weights, so it is itself differentiable.
+
+
+def _sparse_conv_setup(ctx, inputs, output):
+    features, weight, nbr, nbr_t = inputs
+    ctx.save_for_backward(features, weight, nbr, nbr_t)
+
+
+def _sparse_conv_backward(ctx, grad):
+    features, weight, nbr, nbr_t = ctx.saved_tensors
+    grad_features = grad_weight = None
+    if ctx.needs_input_grad[0]:
+        grad_features = _ops.sparse_conv(grad, weight.transpose(1, 2), nbr_t, nbr)
+    if ctx.needs_input_grad[1]:
+        grad_weight = _ops.sparse_conv_weight_grad(features, grad, nbr)
+    return grad_features, grad_weight, None, None
+
+
+torch.library.register_autograd(
+    "spconv_lite::sparse_conv", _sparse_conv_backward, setup_context=_sparse_conv_setup
+)
+
+
+def _sum_pool_setup(ctx, inputs, output):
+    _, nbr, nbr_t = inputs
+    ctx.save_for_backward(nbr, nbr_t)
+
+
+def _sum_pool_backward(ctx, grad):
+    nbr, nbr_t = ctx.saved_tensors
+    return _ops.sparse_sum_pool(grad, nbr_t, nbr), None, None
+
+
+torch.library.register_autograd(
+    "spconv_lite::sparse_sum_pool", _sum_pool_backward, setup_context=_sum_pool_setup
+)
+
+
+def _max_pool_setup(ctx, inputs, output):
+    _, _, nbr_t = inputs
+    ctx.save_for_backward(output[1], nbr_t)
+
+
+def _max_pool_backward(ctx, grad, _grad_argmax):
+    argmax, nbr_t = ctx.saved_tensors
+    return _ops.sparse_max_pool_backward(grad, argmax, nbr_t), None, None
+
+
+torch.library.register_autograd(
+    "spconv_lite::sparse_max_pool", _max_pool_backward, setup_context=_max_pool_setup
+)

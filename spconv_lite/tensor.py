@@ -1,0 +1,172 @@
+"""``SparseConvTensor``: features at active sites of a batched sparse grid (spconv 2.x API)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+SpatialShape = Union[Sequence[int], np.ndarray, Tensor]
+
+
+def _as_shape(spatial_shape: SpatialShape) -> list[int]:
+    """Converts a list, tuple, numpy array or tensor of sizes into a list of Python ints."""
+    if isinstance(spatial_shape, Tensor):
+        spatial_shape = spatial_shape.tolist()
+    elif isinstance(spatial_shape, np.ndarray):
+        spatial_shape = spatial_shape.reshape(-1).tolist()
+    try:
+        shape = [int(s) for s in spatial_shape]
+    except TypeError as exc:
+        raise TypeError(
+            f"spatial_shape must be a sequence of ints, got {spatial_shape!r}"
+        ) from exc
+    if not 1 <= len(shape) <= 4 or any(s < 1 for s in shape):
+        raise ValueError(f"spatial_shape must hold 1 to 4 positive sizes, got {shape}")
+    return shape
+
+
+class SparseConvTensor:
+    """A batch of sparse grids: ``features[i]`` lives at site ``indices[i]``.
+
+    Args:
+        features: float ``[N, C]``.
+        indices: int32 ``[N, D + 1]``: batch index, then ``D`` coordinates (z, y, x in 3D).
+        spatial_shape: ``D`` grid sizes (list, tuple, numpy array or tensor).
+        batch_size: number of batch items.
+        grid, voxel_num, benchmark, permanent_thrust_allocator, enable_timer, force_algo:
+            accepted for spconv compatibility and ignored.
+        indice_dict: kernel maps cached by ``indice_key``; shared with tensors derived from this
+            one so that later layers can reuse a map.
+
+    Example:
+        >>> features = torch.ones(2, 4)
+        >>> indices = torch.tensor([[0, 0, 1, 2], [0, 3, 3, 3]], dtype=torch.int32)
+        >>> x = SparseConvTensor(features, indices, [4, 4, 4], batch_size=1)
+        >>> x.dense().shape
+        torch.Size([1, 4, 4, 4, 4])
+    """
+
+    def __init__(
+        self,
+        features: Tensor,
+        indices: Tensor,
+        spatial_shape: SpatialShape,
+        batch_size: int,
+        grid: Optional[Tensor] = None,
+        voxel_num: Optional[Tensor] = None,
+        indice_dict: Optional[dict] = None,
+        benchmark: bool = False,
+        permanent_thrust_allocator: bool = False,
+        enable_timer: bool = False,
+        force_algo: Any = None,
+    ) -> None:
+        self.spatial_shape = _as_shape(spatial_shape)
+        if isinstance(batch_size, (Tensor, np.ndarray)):
+            batch_size = int(batch_size)
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.batch_size = int(batch_size)
+        if not isinstance(indices, Tensor):
+            raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+        if indices.dtype != torch.int32:
+            raise TypeError(f"indices must be int32, got {indices.dtype}")
+        width = len(self.spatial_shape) + 1
+        if indices.dim() != 2 or indices.shape[1] != width:
+            raise ValueError(
+                f"indices must have shape [N, {width}] (batch index then one column per "
+                f"dimension of spatial_shape {self.spatial_shape}), got {list(indices.shape)}"
+            )
+        self.indices = indices
+        self._features = self._checked_features(features)
+        self.indice_dict: dict = {} if indice_dict is None else indice_dict
+        self.grid = grid
+        self.voxel_num = voxel_num
+        self.benchmark = benchmark
+        self.benchmark_record: dict = {}
+        self.force_algo = force_algo
+
+    def _checked_features(self, features: Tensor) -> Tensor:
+        if not isinstance(features, Tensor):
+            raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+        if not features.is_floating_point():
+            raise TypeError(f"features must be a floating-point tensor, got {features.dtype}")
+        if features.dim() != 2:
+            raise ValueError(f"features must be 2-D [N, C], got shape {list(features.shape)}")
+        if features.shape[0] != self.indices.shape[0]:
+            raise ValueError(
+                f"features has {features.shape[0]} rows but indices has "
+                f"{self.indices.shape[0]}: they must match"
+            )
+        return features
+
+    @property
+    def features(self) -> Tensor:
+        return self._features
+
+    @features.setter
+    def features(self, value: Tensor) -> None:
+        # spconv 2.x forbids this; spconv 1.x code relies on it, so allow it with the same checks.
+        self._features = self._checked_features(value)
+
+    def __repr__(self) -> str:
+        return (
+            f"SparseConvTensor(features={list(self._features.shape)}, "
+            f"spatial_shape={self.spatial_shape}, batch_size={self.batch_size})"
+        )
+
+    @property
+    def spatial_size(self) -> int:
+        return math.prod(self.spatial_shape)
+
+    def replace_feature(self, feature: Tensor) -> "SparseConvTensor":
+        """A tensor with the same sites and cached kernel maps and new features."""
+        out = self.shadow_copy()
+        out.features = feature
+        return out
+
+    def shadow_copy(self) -> "SparseConvTensor":
+        """A new tensor sharing every field (including ``indice_dict``) with this one."""
+        out = SparseConvTensor(
+            self._features, self.indices, self.spatial_shape, self.batch_size,
+            self.grid, self.voxel_num, self.indice_dict, self.benchmark,
+        )
+        out.benchmark_record = self.benchmark_record
+        out.force_algo = self.force_algo
+        return out
+
+    def find_indice_pair(self, key: Optional[str]):
+        """The kernel map cached under ``key``, or None."""
+        if key is None:
+            return None
+        return self.indice_dict.get(key)
+
+    def dense(self, channels_first: bool = True) -> Tensor:
+        """Dense tensor ``[B, C, *spatial]`` (or ``[B, *spatial, C]``), zero at inactive sites."""
+        channels = self._features.shape[1]
+        out = self._features.new_zeros([self.batch_size, *self.spatial_shape, channels])
+        index = self.indices.to(self._features.device).long()
+        out = out.index_put(tuple(index.t()), self._features)
+        if not channels_first:
+            return out
+        ndim = len(self.spatial_shape)
+        return out.permute(0, ndim + 1, *range(1, ndim + 1)).contiguous()
+
+    @classmethod
+    def from_dense(cls, x: Tensor) -> "SparseConvTensor":
+        """Sparse tensor of the sites of a channels-last ``[B, *spatial, C]`` tensor where any
+        channel is nonzero."""
+        if x.dim() < 3:
+            raise ValueError(f"x must be [B, *spatial, C] with 1 to 4 spatial dims, got {list(x.shape)}")
+        sparse = x.to_sparse(x.dim() - 1).coalesce()
+        indices = sparse.indices().t().contiguous().int()
+        return cls(sparse.values(), indices, list(x.shape[1:-1]), x.shape[0])
+
+    def __add__(self, other: Union["SparseConvTensor", Tensor]) -> "SparseConvTensor":
+        other_features = other.features if isinstance(other, SparseConvTensor) else other
+        return self.replace_feature(self._features + other_features)
+
+    __radd__ = __add__

@@ -1,0 +1,284 @@
+// Kernel-map (indice) generation on the CPU.
+//
+// A kernel map is a pair of neighbour tables:
+//   nbr   [N_out, K]: for output row o and kernel offset k, the input row feeding it, or -1;
+//   nbr_t [N_in,  K]: for input row i and kernel offset k, the output row it feeds, or -1.
+// Both are filled by hash-table lookups in parallel loops where each thread writes its own
+// rows, so the result does not depend on the number of threads.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <sstream>
+#include <tuple>
+#include <vector>
+
+#include "spconv_lite/checks.h"
+#include "spconv_lite/coords.h"
+#include "spconv_lite/hash_table.h"
+
+namespace spconv_lite {
+namespace {
+
+constexpr int64_t kRowGrain = 2048;
+
+std::string describe_row(const int32_t* row, int64_t width) {
+  std::ostringstream out;
+  out << "[";
+  for (int64_t c = 0; c < width; ++c) out << (c ? ", " : "") << row[c];
+  out << "]";
+  return out.str();
+}
+
+// Packs every row of `indices` into a key, checking that it lies inside the grid.
+std::vector<int64_t> pack_indices(const at::Tensor& indices, const Grid& grid,
+                                  int64_t batch_size, c10::IntArrayRef spatial_shape) {
+  const int64_t n = indices.size(0);
+  const int64_t width = grid.ndim + 1;
+  const int32_t* data = indices.data_ptr<int32_t>();
+  std::vector<int64_t> keys(n);
+  std::atomic<int64_t> first_bad{n};
+  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    int64_t coord[kMaxDims];
+    for (int64_t r = begin; r < end; ++r) {
+      const int32_t* row = data + r * width;
+      bool ok = row[0] >= 0 && row[0] < batch_size;
+      for (int d = 0; d < grid.ndim; ++d) {
+        coord[d] = row[d + 1];
+        ok = ok && coord[d] >= 0 && coord[d] < grid.shape[d];
+      }
+      if (!ok) {
+        int64_t seen = first_bad.load();
+        while (r < seen && !first_bad.compare_exchange_weak(seen, r)) {
+        }
+        continue;
+      }
+      keys[r] = pack_key(row[0], coord, grid);
+    }
+  });
+  const int64_t bad = first_bad.load();
+  TORCH_CHECK_VALUE(bad == n, "indices row ", bad, " = ", describe_row(data + bad * width, width),
+                    " is outside the grid: batch index must be in [0, ", batch_size,
+                    ") and coordinates inside spatial_shape ", spatial_shape);
+  return keys;
+}
+
+struct OwnedHashTable {
+  at::Tensor keys;
+  at::Tensor values;
+  HashTableView view() {
+    return {keys.data_ptr<int64_t>(), values.data_ptr<int32_t>(), keys.numel()};
+  }
+};
+
+OwnedHashTable make_table(int64_t capacity) {
+  return {at::full({capacity}, kEmptyKey, at::dtype(at::kLong)),
+          at::empty({capacity}, at::dtype(at::kInt))};
+}
+
+// Builds the table key -> row for the input sites; duplicate sites are an error.
+OwnedHashTable build_site_table(const std::vector<int64_t>& keys, const at::Tensor& indices) {
+  const int64_t n = static_cast<int64_t>(keys.size());
+  OwnedHashTable table = make_table(hash_capacity_for(n));
+  HashTableView view = table.view();
+  std::atomic<bool> full{false};
+  std::atomic<bool> duplicate{false};
+  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    int64_t slot;
+    for (int64_t r = begin; r < end; ++r) {
+      const InsertResult result = view.insert(keys[r], static_cast<int32_t>(r), &slot);
+      if (result == InsertResult::kFull) full = true;
+      if (result == InsertResult::kExisting) duplicate = true;
+    }
+  });
+  TORCH_CHECK(!full.load(), "spconv_lite: site hash table of capacity ", view.capacity,
+              " is full after inserting ", n, " sites");
+  if (duplicate.load()) {
+    // Rare error path: find the first row whose site is owned by another row, for the message.
+    const int64_t width = indices.size(1);
+    const int32_t* data = indices.data_ptr<int32_t>();
+    for (int64_t r = 0; r < n; ++r) {
+      const int32_t owner = view.find(keys[r]);
+      if (owner != r) {
+        TORCH_CHECK_VALUE(false, "indices contains duplicate sites: rows ", std::min<int64_t>(r, owner),
+                          " and ", std::max<int64_t>(r, owner), " are both ",
+                          describe_row(data + r * width, width));
+      }
+    }
+  }
+  return table;
+}
+
+// Fills table[row, k] = target row reached from `row_keys[row]` through offset k, or -1.
+// `direct` selects conv_direct (base*stride - pad + k*dil) or its inverse.
+at::Tensor neighbor_table(const std::vector<int64_t>& row_keys, const Grid& row_grid,
+                          const ConvGeometry& geometry, bool direct, const Grid& target_grid,
+                          HashTableView target) {
+  const int64_t rows = static_cast<int64_t>(row_keys.size());
+  const int64_t volume = geometry.volume;
+  at::Tensor table = at::empty({rows, volume}, at::dtype(at::kInt));
+  int32_t* out = table.data_ptr<int32_t>();
+  at::parallel_for(0, rows, kRowGrain / volume + 1, [&](int64_t begin, int64_t end) {
+    int64_t base[kMaxDims], offset[kMaxDims], site[kMaxDims];
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t batch = unpack_key(row_keys[r], base, row_grid);
+      int32_t* row_out = out + r * volume;
+      for (int64_t k = 0; k < volume; ++k) {
+        kernel_offset(k, geometry, offset);
+        const bool inside = direct ? conv_direct(base, offset, geometry, target_grid, site)
+                                   : conv_inverse(base, offset, geometry, target_grid, site);
+        row_out[k] = inside ? target.find(pack_key(batch, site, target_grid)) : -1;
+      }
+    }
+  });
+  return table;
+}
+
+// Keys of every output site reached by an input site, sorted (= by batch, then coordinates).
+// The distinct keys are collected in a hash set sized from an estimate that grows on overflow,
+// so memory follows the number of output sites rather than the candidate count.
+std::vector<int64_t> collect_output_keys(const std::vector<int64_t>& in_keys, const Grid& in_grid,
+                                         const ConvGeometry& geometry, bool direct,
+                                         const Grid& out_grid) {
+  const int64_t n = static_cast<int64_t>(in_keys.size());
+  int64_t capacity = hash_capacity_for(2 * n);
+  while (true) {
+    OwnedHashTable set = make_table(capacity);
+    HashTableView view = set.view();
+    const int64_t max_count = capacity / 2;
+    std::atomic<int64_t> count{0};
+    std::atomic<bool> overflow{false};
+    at::parallel_for(0, n, kRowGrain / geometry.volume + 1, [&](int64_t begin, int64_t end) {
+      int64_t base[kMaxDims], offset[kMaxDims], site[kMaxDims];
+      int64_t slot;
+      for (int64_t r = begin; r < end && !overflow.load(std::memory_order_relaxed); ++r) {
+        const int64_t batch = unpack_key(in_keys[r], base, in_grid);
+        for (int64_t k = 0; k < geometry.volume; ++k) {
+          kernel_offset(k, geometry, offset);
+          const bool inside = direct ? conv_direct(base, offset, geometry, out_grid, site)
+                                     : conv_inverse(base, offset, geometry, out_grid, site);
+          if (!inside) continue;
+          const InsertResult result = view.insert(pack_key(batch, site, out_grid), 0, &slot);
+          if (result == InsertResult::kExisting) continue;
+          if (result == InsertResult::kFull || count.fetch_add(1) + 1 > max_count) {
+            overflow = true;
+            break;
+          }
+        }
+      }
+    });
+    if (!overflow.load()) {
+      const int64_t* keys = view.keys;
+      std::vector<int64_t> out;
+      out.reserve(count.load());
+      for (int64_t s = 0; s < capacity; ++s) {
+        if (keys[s] != kEmptyKey) out.push_back(keys[s]);
+      }
+      std::sort(out.begin(), out.end());
+      return out;
+    }
+    capacity *= 4;  // load factor exceeded 1/2: retry with a larger set
+  }
+}
+
+at::Tensor keys_to_indices(const std::vector<int64_t>& keys, const Grid& grid) {
+  const int64_t n = static_cast<int64_t>(keys.size());
+  const int64_t width = grid.ndim + 1;
+  at::Tensor indices = at::empty({n, width}, at::dtype(at::kInt));
+  int32_t* data = indices.data_ptr<int32_t>();
+  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    int64_t coord[kMaxDims];
+    for (int64_t r = begin; r < end; ++r) {
+      data[r * width] = static_cast<int32_t>(unpack_key(keys[r], coord, grid));
+      for (int d = 0; d < grid.ndim; ++d) data[r * width + d + 1] = static_cast<int32_t>(coord[d]);
+    }
+  });
+  return indices;
+}
+
+std::tuple<at::Tensor, at::Tensor> build_subm_map_cpu(const at::Tensor& indices,
+                                                      c10::IntArrayRef spatial_shape,
+                                                      int64_t batch_size,
+                                                      c10::IntArrayRef kernel_size,
+                                                      c10::IntArrayRef dilation) {
+  const Grid grid = make_grid(spatial_shape, batch_size, "spatial_shape");
+  check_indices_layout(indices, grid.ndim);
+  const std::vector<int64_t> ones(grid.ndim, 1);
+  std::vector<int64_t> padding(grid.ndim, 0);
+  ConvGeometry geometry = make_geometry(grid.ndim, kernel_size, ones, padding, dilation);
+  for (int d = 0; d < grid.ndim; ++d) {
+    TORCH_CHECK_VALUE(geometry.kernel[d] % 2 == 1,
+                      "submanifold convolution needs odd kernel sizes, got kernel_size ",
+                      kernel_size);
+    // Centre the kernel on the output site: neighbour = site + (k - (K-1)/2) * dilation.
+    geometry.padding[d] = (geometry.kernel[d] - 1) / 2 * geometry.dilation[d];
+  }
+  const at::Tensor contiguous = indices.contiguous();
+  const std::vector<int64_t> keys = pack_indices(contiguous, grid, batch_size, spatial_shape);
+  OwnedHashTable table = build_site_table(keys, contiguous);
+  at::Tensor nbr = neighbor_table(keys, grid, geometry, /*direct=*/true, grid, table.view());
+  // A centred odd kernel is symmetric: output o reaches input i through offset k exactly when
+  // input i reaches output o through offset K-1-k, so the transposed table is nbr reversed.
+  at::Tensor nbr_t = at::empty_like(nbr);
+  const int64_t rows = nbr.size(0), volume = geometry.volume;
+  const int32_t* src = nbr.data_ptr<int32_t>();
+  int32_t* dst = nbr_t.data_ptr<int32_t>();
+  at::parallel_for(0, rows, kRowGrain / volume + 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t k = 0; k < volume; ++k) dst[r * volume + k] = src[r * volume + volume - 1 - k];
+    }
+  });
+  return {nbr, nbr_t};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> build_conv_map_cpu(
+    const at::Tensor& indices, c10::IntArrayRef spatial_shape, int64_t batch_size,
+    c10::IntArrayRef out_spatial_shape, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+    c10::IntArrayRef padding, c10::IntArrayRef dilation, bool transposed) {
+  const Grid in_grid = make_grid(spatial_shape, batch_size, "spatial_shape");
+  const Grid out_grid = make_grid(out_spatial_shape, batch_size, "out_spatial_shape");
+  TORCH_CHECK_VALUE(in_grid.ndim == out_grid.ndim, "out_spatial_shape ", out_spatial_shape,
+                    " must have as many dimensions as spatial_shape ", spatial_shape);
+  check_indices_layout(indices, in_grid.ndim);
+  const ConvGeometry geometry = make_geometry(in_grid.ndim, kernel_size, stride, padding, dilation);
+  const at::Tensor contiguous = indices.contiguous();
+  const std::vector<int64_t> in_keys = pack_indices(contiguous, in_grid, batch_size, spatial_shape);
+  OwnedHashTable in_table = build_site_table(in_keys, contiguous);
+
+  // Regular conv: output o reads input o*s - p + k*d (direct); an input reaches outputs by the
+  // inverse. A transposed conv swaps the two directions.
+  const bool input_to_output_direct = transposed;
+  const std::vector<int64_t> out_keys =
+      collect_output_keys(in_keys, in_grid, geometry, input_to_output_direct, out_grid);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(out_keys.size()) <= std::numeric_limits<int32_t>::max(),
+                    "convolution would produce ", out_keys.size(),
+                    " output sites; at most 2^31 - 1 are supported");
+  OwnedHashTable out_table = make_table(hash_capacity_for(static_cast<int64_t>(out_keys.size())));
+  HashTableView out_view = out_table.view();
+  at::parallel_for(0, static_cast<int64_t>(out_keys.size()), kRowGrain,
+                   [&](int64_t begin, int64_t end) {
+                     int64_t slot;
+                     for (int64_t r = begin; r < end; ++r) {
+                       out_view.insert(out_keys[r], static_cast<int32_t>(r), &slot);
+                     }
+                   });
+  at::Tensor nbr = neighbor_table(out_keys, out_grid, geometry, !input_to_output_direct, in_grid,
+                                  in_table.view());
+  at::Tensor nbr_t =
+      neighbor_table(in_keys, in_grid, geometry, input_to_output_direct, out_grid, out_view);
+  return {keys_to_indices(out_keys, out_grid), nbr, nbr_t};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(spconv_lite, CPU, m) {
+  m.impl("build_subm_map", &build_subm_map_cpu);
+  m.impl("build_conv_map", &build_conv_map_cpu);
+}
+
+}  // namespace spconv_lite
