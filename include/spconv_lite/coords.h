@@ -43,42 +43,34 @@ C10_HOST_DEVICE inline int64_t unpack_key(int64_t key, int64_t* coord, const Gri
   return key;  // batch
 }
 
-// Row-major decomposition of a flat kernel offset index into per-dimension offsets.
-C10_HOST_DEVICE inline void kernel_offset(int64_t k, const ConvGeometry& g, int64_t* offset) {
-  for (int d = g.ndim - 1; d >= 0; --d) {
-    offset[d] = k % g.kernel[d];
-    k /= g.kernel[d];
+// Key stride of each spatial dimension of `grid` (row-major); the batch stride is stride[-1] of
+// a virtual dimension before the first, i.e. the product of all sizes (returned).
+C10_HOST_DEVICE inline int64_t key_strides(const Grid& grid, int64_t* strides) {
+  int64_t stride = 1;
+  for (int d = grid.ndim - 1; d >= 0; --d) {
+    strides[d] = stride;
+    stride *= grid.shape[d];
   }
+  return stride;
 }
 
-// "Direct" direction of a convolution: the site reached from `base` through kernel offset
-// `offset`: base * stride - padding + offset * dilation. For a regular conv this maps an output
-// site to its input site; for a transposed conv an input site to its output site.
-// Returns false when the result falls outside `target`.
-C10_HOST_DEVICE inline bool conv_direct(const int64_t* base, const int64_t* offset,
-                                        const ConvGeometry& g, const Grid& target,
-                                        int64_t* result) {
-  for (int d = 0; d < g.ndim; ++d) {
-    const int64_t c = base[d] * g.stride[d] - g.padding[d] + offset[d] * g.dilation[d];
-    if (c < 0 || c >= target.shape[d]) return false;
-    result[d] = c;
+// Coordinate, along dimension d, of the site reached from coordinate `base` through kernel index
+// j, or -1 when it falls outside `target` or is not an integer site.
+//   direct:  base * stride - padding + j * dilation
+//            (regular conv: output -> input; transposed conv: input -> output)
+//   inverse: the r with r * stride - padding + j * dilation == base
+//            (regular conv: input -> output; transposed conv: output -> input)
+C10_HOST_DEVICE inline int64_t axis_neighbor(int64_t base, int64_t j, int d, const ConvGeometry& g,
+                                             bool direct, const Grid& target) {
+  int64_t c;
+  if (direct) {
+    c = base * g.stride[d] - g.padding[d] + j * g.dilation[d];
+  } else {
+    const int64_t num = base + g.padding[d] - j * g.dilation[d];
+    if (num < 0 || num % g.stride[d] != 0) return -1;
+    c = num / g.stride[d];
   }
-  return true;
-}
-
-// Inverse of conv_direct: the site r with r * stride - padding + offset * dilation == base.
-// Returns false when no such integer site exists inside `target`.
-C10_HOST_DEVICE inline bool conv_inverse(const int64_t* base, const int64_t* offset,
-                                         const ConvGeometry& g, const Grid& target,
-                                         int64_t* result) {
-  for (int d = 0; d < g.ndim; ++d) {
-    const int64_t num = base[d] + g.padding[d] - offset[d] * g.dilation[d];
-    if (num < 0 || num % g.stride[d] != 0) return false;
-    const int64_t c = num / g.stride[d];
-    if (c >= target.shape[d]) return false;
-    result[d] = c;
-  }
-  return true;
+  return (c >= 0 && c < target.shape[d]) ? c : -1;
 }
 
 }  // namespace spconv_lite

@@ -46,6 +46,14 @@ C10_HOST_DEVICE inline int64_t atomic_cas_key(int64_t* slot, int64_t expected, i
 #endif
 }
 
+C10_HOST_DEVICE inline int64_t load_key(const int64_t* slot) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const volatile int64_t*>(slot);
+#else
+  return __atomic_load_n(slot, __ATOMIC_ACQUIRE);
+#endif
+}
+
 struct HashTableView {
   int64_t* keys;
   int32_t* values;
@@ -57,7 +65,9 @@ struct HashTableView {
     const int64_t mask = capacity - 1;
     int64_t slot = static_cast<int64_t>(hash_key(key) & static_cast<uint64_t>(mask));
     for (int64_t probe = 0; probe < capacity; ++probe) {
-      const int64_t previous = atomic_cas_key(&keys[slot], kEmptyKey, key);
+      // Cheap read first: most probes of a set-building pass find the key already there.
+      int64_t previous = load_key(&keys[slot]);
+      if (previous == kEmptyKey) previous = atomic_cas_key(&keys[slot], kEmptyKey, key);
       if (previous == kEmptyKey) {
         values[slot] = value;
         *slot_out = slot;

@@ -114,8 +114,63 @@ OwnedHashTable build_site_table(const std::vector<int64_t>& keys, const at::Tens
   return table;
 }
 
+// Enumerates, in kernel-offset order, the key of the site that a row site reaches through each
+// kernel offset, or -1. Per-dimension coordinates are computed once per row (sum of kernel sizes
+// divisions instead of kernel volume times dimensions), then combined odometer-style.
+class NeighborKeys {
+ public:
+  NeighborKeys(const Grid& row_grid, const ConvGeometry& geometry, bool direct,
+               const Grid& target)
+      : row_grid_(row_grid), geometry_(geometry), direct_(direct), target_(target) {
+    batch_stride_ = key_strides(target, strides_);
+    int64_t total = 0;
+    for (int d = 0; d < geometry.ndim; ++d) {
+      axis_begin_[d] = total;
+      total += geometry.kernel[d];
+    }
+    contributions_.resize(total);
+  }
+
+  void compute(int64_t row_key, int64_t* keys_out) {
+    int64_t base[kMaxDims];
+    const int64_t batch = unpack_key(row_key, base, row_grid_);
+    const int ndim = geometry_.ndim;
+    for (int d = 0; d < ndim; ++d) {
+      for (int64_t j = 0; j < geometry_.kernel[d]; ++j) {
+        const int64_t c = axis_neighbor(base[d], j, d, geometry_, direct_, target_);
+        contributions_[axis_begin_[d] + j] = c < 0 ? -1 : c * strides_[d];
+      }
+    }
+    int64_t index[kMaxDims] = {0, 0, 0, 0};
+    const int64_t batch_key = batch * batch_stride_;
+    for (int64_t k = 0; k < geometry_.volume; ++k) {
+      int64_t key = batch_key;
+      bool inside = true;
+      for (int d = 0; d < ndim; ++d) {
+        const int64_t part = contributions_[axis_begin_[d] + index[d]];
+        inside = inside && part >= 0;
+        key += part;
+      }
+      keys_out[k] = inside ? key : -1;
+      for (int d = ndim - 1; d >= 0; --d) {  // next offset in row-major order
+        if (++index[d] < geometry_.kernel[d]) break;
+        index[d] = 0;
+      }
+    }
+  }
+
+ private:
+  Grid row_grid_;
+  ConvGeometry geometry_;
+  bool direct_;
+  Grid target_;
+  int64_t strides_[kMaxDims];
+  int64_t batch_stride_;
+  int64_t axis_begin_[kMaxDims];
+  std::vector<int64_t> contributions_;
+};
+
 // Fills table[row, k] = target row reached from `row_keys[row]` through offset k, or -1.
-// `direct` selects conv_direct (base*stride - pad + k*dil) or its inverse.
 at::Tensor neighbor_table(const std::vector<int64_t>& row_keys, const Grid& row_grid,
                           const ConvGeometry& geometry, bool direct, const Grid& target_grid,
                           HashTableView target) {
@@ -124,16 +179,12 @@ at::Tensor neighbor_table(const std::vector<int64_t>& row_keys, const Grid& row_
   at::Tensor table = at::empty({rows, volume}, at::dtype(at::kInt));
   int32_t* out = table.data_ptr<int32_t>();
   at::parallel_for(0, rows, kRowGrain / volume + 1, [&](int64_t begin, int64_t end) {
-    int64_t base[kMaxDims], offset[kMaxDims], site[kMaxDims];
+    NeighborKeys neighbors(row_grid, geometry, direct, target_grid);
+    std::vector<int64_t> keys(volume);
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t batch = unpack_key(row_keys[r], base, row_grid);
+      neighbors.compute(row_keys[r], keys.data());
       int32_t* row_out = out + r * volume;
-      for (int64_t k = 0; k < volume; ++k) {
-        kernel_offset(k, geometry, offset);
-        const bool inside = direct ? conv_direct(base, offset, geometry, target_grid, site)
-                                   : conv_inverse(base, offset, geometry, target_grid, site);
-        row_out[k] = inside ? target.find(pack_key(batch, site, target_grid)) : -1;
-      }
+      for (int64_t k = 0; k < volume; ++k) row_out[k] = keys[k] < 0 ? -1 : target.find(keys[k]);
     }
   });
   return table;
@@ -146,6 +197,7 @@ std::vector<int64_t> collect_output_keys(const std::vector<int64_t>& in_keys, co
                                          const ConvGeometry& geometry, bool direct,
                                          const Grid& out_grid) {
   const int64_t n = static_cast<int64_t>(in_keys.size());
+  const int64_t volume = geometry.volume;
   int64_t capacity = hash_capacity_for(2 * n);
   while (true) {
     OwnedHashTable set = make_table(capacity);
@@ -153,17 +205,15 @@ std::vector<int64_t> collect_output_keys(const std::vector<int64_t>& in_keys, co
     const int64_t max_count = capacity / 2;
     std::atomic<int64_t> count{0};
     std::atomic<bool> overflow{false};
-    at::parallel_for(0, n, kRowGrain / geometry.volume + 1, [&](int64_t begin, int64_t end) {
-      int64_t base[kMaxDims], offset[kMaxDims], site[kMaxDims];
+    at::parallel_for(0, n, kRowGrain / volume + 1, [&](int64_t begin, int64_t end) {
+      NeighborKeys neighbors(in_grid, geometry, direct, out_grid);
+      std::vector<int64_t> keys(volume);
       int64_t slot;
       for (int64_t r = begin; r < end && !overflow.load(std::memory_order_relaxed); ++r) {
-        const int64_t batch = unpack_key(in_keys[r], base, in_grid);
-        for (int64_t k = 0; k < geometry.volume; ++k) {
-          kernel_offset(k, geometry, offset);
-          const bool inside = direct ? conv_direct(base, offset, geometry, out_grid, site)
-                                     : conv_inverse(base, offset, geometry, out_grid, site);
-          if (!inside) continue;
-          const InsertResult result = view.insert(pack_key(batch, site, out_grid), 0, &slot);
+        neighbors.compute(in_keys[r], keys.data());
+        for (int64_t k = 0; k < volume; ++k) {
+          if (keys[k] < 0) continue;
+          const InsertResult result = view.insert(keys[k], 0, &slot);
           if (result == InsertResult::kExisting) continue;
           if (result == InsertResult::kFull || count.fetch_add(1) + 1 > max_count) {
             overflow = true;
