@@ -16,15 +16,21 @@ constexpr int64_t kEmptyKey = -1;
 
 enum class InsertResult : int { kInserted = 0, kExisting = 1, kFull = 2 };
 
-// splitmix64 finaliser: spreads neighbouring sites (keys differing in low bits) over the table.
+// Keys are hashed in groups of kGroup consecutive keys (kGroup neighbouring sites along the last
+// axis): the group number goes through the splitmix64 finaliser, and a key's position in its
+// group stays its offset inside the group. Neighbour lookups along the last axis then touch the
+// same cache line, while groups still spread evenly over the table.
+constexpr int64_t kGroupBits = 3;
+
 C10_HOST_DEVICE inline uint64_t hash_key(int64_t key) {
-  uint64_t x = static_cast<uint64_t>(key);
+  constexpr uint64_t in_group = (uint64_t{1} << kGroupBits) - 1;
+  uint64_t x = static_cast<uint64_t>(key) >> kGroupBits;
   x ^= x >> 30;
   x *= 0xbf58476d1ce4e5b9ULL;
   x ^= x >> 27;
   x *= 0x94d049bb133111ebULL;
   x ^= x >> 31;
-  return x;
+  return (x << kGroupBits) | (static_cast<uint64_t>(key) & in_group);
 }
 
 // Smallest power of two >= 2 * count (load factor at most 1/2), at least 16.
