@@ -7,6 +7,7 @@ builds a map for a given ``indice_key``.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -20,10 +21,14 @@ IntOrSeq = Union[int, Sequence[int]]
 
 def expand_nd(ndim: int, value: IntOrSeq, name: str) -> tuple[int, ...]:
     """An int or a per-dimension sequence as a tuple of ``ndim`` ints."""
-    if isinstance(value, int):
-        return (value,) * ndim
+    # operator.index accepts Python, numpy and torch integers but not floats or strings, which
+    # int() would silently truncate or parse.
     try:
-        values = tuple(int(v) for v in value)
+        return (operator.index(value),) * ndim
+    except TypeError:
+        pass
+    try:
+        values = tuple(operator.index(v) for v in value)
     except TypeError as exc:
         raise TypeError(f"{name} must be an int or a sequence of {ndim} ints, got {value!r}") from exc
     if len(values) != ndim:

@@ -217,8 +217,10 @@ def max_pool(features: Tensor, indices: Tensor, spatial_shape: Sequence[int], ba
                                                             stride, padding, dilation)
     src = features.index_select(0, in_rows.to(features.device))
     index = out_rows.to(features.device)[:, None].expand_as(src)
-    # Every output row has at least one pair, so include_self=False gives the true max.
-    out = features.new_zeros((len(out_indices), features.shape[1]))
+    # Every output row has at least one pair, so include_self=False gives the true max. The
+    # ignored initial value is -inf, not 0: scatter_reduce's backward still counts an initial
+    # value equal to the max as a tie and would halve the gradient of a window whose max is 0.
+    out = features.new_full((len(out_indices), features.shape[1]), float("-inf"))
     out = out.scatter_reduce(0, index, src, "amax", include_self=False)
     return out, out_indices, out_shape
 

@@ -29,6 +29,25 @@ def _as_shape(spatial_shape: SpatialShape) -> list[int]:
     return shape
 
 
+def check_sites_in_grid(indices: Tensor, spatial_shape: Sequence[int], batch_size: int) -> None:
+    """Raises ValueError naming the first row of ``indices`` outside the batch and grid.
+
+    The C++ kernel-map builders check this in every mode; this eager-only check guards the
+    pure-PyTorch paths (``dense()``, global pools). It reads data, so it is skipped while
+    ``torch.compile`` traces.
+    """
+    if torch.compiler.is_compiling() or indices.shape[0] == 0:
+        return
+    upper = torch.tensor([batch_size, *spatial_shape], device=indices.device)
+    bad = ((indices < 0) | (indices >= upper)).any(dim=1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"indices row {row} = {indices[row].tolist()} is outside the grid: batch index must "
+            f"be in [0, {batch_size}) and coordinates inside spatial_shape {list(spatial_shape)}"
+        )
+
+
 class SparseConvTensor:
     """A batch of sparse grids: ``features[i]`` lives at site ``indices[i]``.
 
@@ -146,6 +165,7 @@ class SparseConvTensor:
 
     def dense(self, channels_first: bool = True) -> Tensor:
         """Dense tensor ``[B, C, *spatial]`` (or ``[B, *spatial, C]``), zero at inactive sites."""
+        check_sites_in_grid(self.indices, self.spatial_shape, self.batch_size)
         channels = self._features.shape[1]
         out = self._features.new_zeros([self.batch_size, *self.spatial_shape, channels])
         index = self.indices.to(self._features.device).long()

@@ -24,12 +24,19 @@ class ConvAlgo(enum.Enum):
 
 
 def check_input(x, channels: Optional[int], layer: nn.Module) -> None:
-    """Type and channel checks shared by every sparse layer."""
+    """Type, dimension and channel checks shared by every sparse layer."""
+    name = type(layer).__name__
     if not isinstance(x, SparseConvTensor):
-        raise TypeError(f"{type(layer).__name__} expects a SparseConvTensor, got {type(x).__name__}")
+        raise TypeError(f"{name} expects a SparseConvTensor, got {type(x).__name__}")
+    ndim = getattr(layer, "ndim", None)
+    if ndim is not None and len(x.spatial_shape) != ndim:
+        raise ValueError(
+            f"{name} is {ndim}-D but the input has {len(x.spatial_shape)} spatial dimensions "
+            f"(spatial_shape {x.spatial_shape})"
+        )
     if channels is not None and x.features.shape[1] != channels:
         raise ValueError(
-            f"{type(layer).__name__} expects {channels} input channels, but features has shape "
+            f"{name} expects {channels} input channels, but features has shape "
             f"{list(x.features.shape)}"
         )
 

@@ -63,8 +63,13 @@ class SparseSequential(SparseModule):
         for module in self._modules.values():
             if isinstance(module, SparseModule) or not isinstance(x, SparseConvTensor):
                 x = module(x)
-            else:
-                x = x.replace_feature(module(x.features))
+                continue
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and torch.compiler.is_compiling():
+                # The row count after a strided conv is data dependent, and batch_norm branches
+                # on it (numel == 0; one row in training). Promise the tracer a usable count; an
+                # input without enough sites then fails a runtime check instead of a trace.
+                torch._check(x.features.shape[0] > (1 if module.training else 0))
+            x = x.replace_feature(module(x.features))
         return x
 
 

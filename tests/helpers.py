@@ -1,0 +1,219 @@
+"""Shared helpers of the fast-path tests: seeded random sparse inputs, dense PyTorch counterparts
+of every sparse op, and conversions between the spconv and torch weight layouts.
+
+Everything here is plain torch so that the dense side of a comparison never goes through
+spconv_lite code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import zlib
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import spconv_lite as sp
+
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+# Tolerances of a fast result against an exact (float64) dense result, per dtype.
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+}
+
+
+def ntuple(value, ndim: int) -> tuple[int, ...]:
+    """An int as ``ndim`` copies, or a sequence as a tuple."""
+    return (value,) * ndim if isinstance(value, int) else tuple(value)
+
+
+def case_id(case) -> str:
+    """Readable pytest id of a case tuple."""
+    if isinstance(case, (tuple, list)):
+        return "-".join(case_id(v) for v in case)
+    return str(case).replace(" ", "").replace("torch.", "")
+
+
+def make_gen(*key) -> torch.Generator:
+    """A generator seeded from the test case, so every case gets its own fixed data."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def random_sites(gen: torch.Generator, batch_size: int, shape: Sequence[int],
+                 density: float = 0.3, count: Optional[int] = None) -> Tensor:
+    """Unique random sites, int32 ``[N, D+1]`` (batch first), in random row order.
+
+    ``count`` sites if given, else ``round(density * cells)`` (at least one).
+    """
+    cells = batch_size * math.prod(shape)
+    n = count if count is not None else max(1, round(density * cells))
+    flat = torch.randperm(cells, generator=gen)[:n]
+    coords = []
+    for size in reversed((batch_size, *shape)):
+        coords.append(flat % size)
+        flat = flat // size
+    return torch.stack(coords[::-1], 1).to(torch.int32)
+
+
+def randn(gen: torch.Generator, *shape, dtype=torch.float64, scale: float = 1.0) -> Tensor:
+    """Seeded normal values, drawn in float64 then cast (same values across dtypes)."""
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+def distinct_values(gen: torch.Generator, *shape, dtype=torch.float64) -> Tensor:
+    """Values that are pairwise far apart (a shuffled grid), so that max pooling has no ties
+    and stays differentiable under finite differences."""
+    n = math.prod(shape)
+    values = torch.randperm(n, generator=gen).to(torch.float64) * 0.1 - n * 0.05
+    return values.reshape(shape).to(dtype)
+
+
+def densify(features: Tensor, indices: Tensor, shape: Sequence[int], batch_size: int,
+            fill: float = 0.0) -> Tensor:
+    """Differentiable scatter of ``[N, C]`` features to dense ``[B, C, *shape]``."""
+    dense = features.new_full((batch_size, *shape, features.shape[1]), fill)
+    dense = dense.index_put(tuple(indices.long().t()), features)
+    return dense.movedim(-1, 1)
+
+
+def occupancy(indices: Tensor, shape: Sequence[int], batch_size: int) -> Tensor:
+    """``[B, 1, *shape]`` float64 mask of the active sites."""
+    ones = torch.ones(len(indices), 1, dtype=torch.float64)
+    return densify(ones, indices, shape, batch_size)
+
+
+def gather(dense: Tensor, indices: Tensor) -> Tensor:
+    """Values ``[N, C]`` of dense ``[B, C, *S]`` at the given sites."""
+    return dense.movedim(1, -1)[tuple(indices.long().t())]
+
+
+def support_sites(count: Tensor) -> Tensor:
+    """Sites ``[M, D+1]`` int32 where a ``[B, 1, *S]`` count is positive, sorted row-major."""
+    return (count[:, 0] > 0.5).nonzero().to(torch.int32)
+
+
+def conv_shape(shape, k, s, p, d) -> list[int]:
+    return [(n + 2 * pp - dd * (kk - 1) - 1) // ss + 1
+            for n, kk, ss, pp, dd in zip(shape, k, s, p, d)]
+
+
+def transpose_shape(shape, k, s, p, d, op) -> list[int]:
+    return [(n - 1) * ss - 2 * pp + dd * (kk - 1) + 1 + oo
+            for n, kk, ss, pp, dd, oo in zip(shape, k, s, p, d, op)]
+
+
+def conv_weight(w: Tensor) -> Tensor:
+    """spconv ``[C_out, *k, C_in]`` -> torch conv ``[C_out, C_in, *k]``."""
+    ndim = w.dim() - 2
+    return w.permute(0, ndim + 1, *range(1, ndim + 1))
+
+
+def conv_t_weight(w: Tensor) -> Tensor:
+    """spconv ``[C_out, *k, C_in]`` -> torch conv_transpose ``[C_in, C_out, *k]``."""
+    ndim = w.dim() - 2
+    return w.permute(ndim + 1, 0, *range(1, ndim + 1))
+
+
+def kio_weight(w: Tensor) -> Tensor:
+    """spconv ``[C_out, *k, C_in]`` -> the ``[K, C_in, C_out]`` layout of ``ops.sparse_conv``."""
+    return w.reshape(w.shape[0], -1, w.shape[-1]).permute(1, 2, 0)
+
+
+def dense_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
+               groups: int = 1) -> Tensor:
+    """Dense cross-correlation for D in 1..4 (torch weight layout ``[C_out, C_in/g, *k]``)."""
+    ndim = x.dim() - 2
+    s, p, d = (ntuple(v, ndim) for v in (stride, padding, dilation))
+    if ndim <= 3:
+        return CONV[ndim](x, weight, bias, s, p, d, groups)
+    # torch has no conv4d: sum 3D convs over the taps of the first spatial dimension.
+    x = F.pad(x, (0, 0) * 3 + (p[0], p[0]))
+    taps = weight.shape[2]
+    n_out = (x.shape[2] - d[0] * (taps - 1) - 1) // s[0] + 1
+    slices = [sum(F.conv3d(x[:, :, o * s[0] + j * d[0]], weight[:, :, j], None, s[1:], p[1:],
+                           d[1:], groups) for j in range(taps)) for o in range(n_out)]
+    out = torch.stack(slices, 2)
+    return out if bias is None else out + bias.view(1, -1, *([1] * ndim))
+
+
+def ones_kernel(k: Sequence[int]) -> Tensor:
+    return torch.ones(1, 1, *k, dtype=torch.float64)
+
+
+def conv_support(indices: Tensor, shape, batch_size, k, s, p, d) -> Tensor:
+    """Exact output sites of a regular conv: the support of occupancy (*) ones."""
+    count = dense_conv(occupancy(indices, shape, batch_size), ones_kernel(k), None, s, p, d)
+    return support_sites(count)
+
+
+def dense_max_pool(features: Tensor, indices: Tensor, shape, batch_size, k, s, p, d) -> Tensor:
+    """Dense max pool where inactive sites and padding are -inf (max over active inputs)."""
+    x = densify(features, indices, shape, batch_size, fill=-math.inf)
+    x = F.pad(x, [q for pp in reversed(p) for q in (pp, pp)], value=-math.inf)
+    return MAX_POOL[len(shape)](x, k, s, 0, d)
+
+
+def dense_avg_pool(features: Tensor, indices: Tensor, shape, batch_size, k, s, p, d) -> Tensor:
+    """Dense sum over each window / number of active sites in the window."""
+    c = features.shape[1]
+    ones = ones_kernel(k).to(features.dtype)
+    sums = dense_conv(densify(features, indices, shape, batch_size), ones.expand(c, 1, *k),
+                      None, s, p, d, groups=c)
+    count = dense_conv(occupancy(indices, shape, batch_size).to(features.dtype), ones, None,
+                       s, p, d)
+    return sums / count.clamp(min=1)
+
+
+def layer_class(kind: str, ndim: int):
+    """The public module class of a kind ("subm", "conv", "transpose", "inverse", "max",
+    "avg") and dimension."""
+    names = {"subm": "SubMConv{}d", "conv": "SparseConv{}d",
+             "transpose": "SparseConvTranspose{}d", "inverse": "SparseInverseConv{}d",
+             "max": "SparseMaxPool{}d", "avg": "SparseAvgPool{}d"}
+    return getattr(sp, names[kind].format(ndim))
+
+
+def init_layer(layer: torch.nn.Module, gen: torch.Generator, dtype=torch.float64):
+    """Casts a conv layer to ``dtype`` and fills weight (and bias) with seeded values of the
+    size of a default init (so outputs are O(1) whatever the fan-in)."""
+    layer.to(dtype)
+    fan_in = layer.weight[0].numel()
+    with torch.no_grad():
+        layer.weight.copy_(randn(gen, *layer.weight.shape, scale=fan_in ** -0.5))
+        if layer.bias is not None:
+            layer.bias.copy_(randn(gen, *layer.bias.shape))
+    return layer
+
+
+def sparse_tensor(features: Tensor, indices: Tensor, shape, batch_size: int):
+    return sp.SparseConvTensor(features, indices, list(shape), batch_size)
+
+
+def nbr_pairs(nbr: Tensor) -> set[tuple[int, int, int]]:
+    """The pairs ``(in_row, out_row, k)`` of a neighbour table ``nbr [N_out, K]``."""
+    out_rows, ks = (nbr >= 0).nonzero(as_tuple=True)
+    return set(zip(nbr[out_rows, ks].tolist(), out_rows.tolist(), ks.tolist()))
+
+
+def nbr_t_pairs(nbr_t: Tensor) -> set[tuple[int, int, int]]:
+    """The pairs ``(in_row, out_row, k)`` of a transposed table ``nbr_t [N_in, K]``."""
+    in_rows, ks = (nbr_t >= 0).nonzero(as_tuple=True)
+    return set(zip(in_rows.tolist(), nbr_t[in_rows, ks].tolist(), ks.tolist()))
+
+
+@contextlib.contextmanager
+def num_threads(n: int) -> Iterator[None]:
+    """Runs the block with ``torch.set_num_threads(n)`` and restores the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

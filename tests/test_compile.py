@@ -1,0 +1,152 @@
+"""torch.compile(fullgraph=True, backend="aot_eager") of a small sparse network gives the
+eager results: forward in eval and train mode, and the backward pass.
+
+fullgraph=True makes any graph break (in SparseConvTensor, the kernel-map cache, the modules or
+the op wrappers) an error, so these tests also guard traceability of the whole Python layer.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import spconv_lite as sp
+from helpers import make_gen, randn, random_sites, sparse_tensor
+
+SHAPE = (12, 11, 10)
+BATCH = 2
+
+
+class Net(nn.Module):
+    """SubM block (BatchNorm1d + ReLU) -> strided conv (keyed) -> SubM -> max pool branch, and
+    inverse conv back to the input sites -> BatchNorm1d + ReLU -> SubM head.
+
+    BatchNorm1d only runs on tensors whose row count is the input's: see
+    test_batchnorm_after_strided_conv_compiles for why.
+    """
+
+    def __init__(self, norm_after_down: bool = False):
+        super().__init__()
+        self.block = sp.SparseSequential(
+            sp.SubMConv3d(4, 8, 3, bias=False, indice_key="subm1"),
+            nn.BatchNorm1d(8),
+            nn.ReLU(),
+        )
+        down = [sp.SparseConv3d(8, 16, 3, stride=2, padding=1, bias=False, indice_key="down1")]
+        if norm_after_down:
+            down += [nn.BatchNorm1d(16), nn.ReLU()]
+        self.down = sp.SparseSequential(*down, sp.SubMConv3d(16, 16, 3, indice_key="subm2"))
+        self.pool = sp.SparseMaxPool3d(2, stride=2)
+        self.up = sp.SparseSequential(
+            sp.SparseInverseConv3d(16, 8, 3, indice_key="down1", bias=False),
+            nn.BatchNorm1d(8),
+            nn.ReLU(),
+        )
+        self.head = sp.SubMConv3d(8, 3, 3, indice_key="subm1")  # reuses the first map
+
+    def forward(self, x: sp.SparseConvTensor):
+        x = self.block(x)
+        y = self.down(x)
+        pooled = self.pool(y)
+        z = self.up(y)
+        out = self.head(z.replace_feature(z.features + x.features))
+        return out, pooled
+
+
+def make_input(key, count=400):
+    gen = make_gen("compile", key)
+    idx = random_sites(gen, BATCH, SHAPE, count=count)
+    features = randn(gen, count, 4, dtype=torch.float32).requires_grad_()
+    return features, idx
+
+
+def run(net, features, idx):
+    out, pooled = net(sparse_tensor(features, idx, SHAPE, BATCH))
+    return out, pooled
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def assert_same_sparse(a: sp.SparseConvTensor, b: sp.SparseConvTensor):
+    assert torch.equal(a.indices, b.indices)
+    assert a.spatial_shape == b.spatial_shape and a.batch_size == b.batch_size
+    torch.testing.assert_close(a.features, b.features, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_compiled_forward_and_backward_match_eager(mode):
+    torch.manual_seed(0)
+    net = Net()
+    net.train(mode == "train")
+    compiled_net = copy.deepcopy(net)  # BatchNorm running stats must start equal
+    compiled = torch.compile(compiled_net, fullgraph=True, backend="aot_eager")
+
+    features, idx = make_input(mode)
+    eager_out, eager_pool = run(net, features, idx)
+    features_c = features.detach().clone().requires_grad_()
+    comp_out, comp_pool = run(compiled, features_c, idx)
+
+    assert_same_sparse(eager_out, comp_out)
+    assert_same_sparse(eager_pool, comp_pool)
+    assert torch.equal(comp_out.indices, idx)  # the head is a SubM over the input sites
+
+    gen = make_gen("compile_upstream", mode)
+    up_out = randn(gen, *eager_out.features.shape, dtype=torch.float32)
+    up_pool = randn(gen, *eager_pool.features.shape, dtype=torch.float32)
+    ((eager_out.features * up_out).sum() + (eager_pool.features * up_pool).sum()).backward()
+    ((comp_out.features * up_out).sum() + (comp_pool.features * up_pool).sum()).backward()
+    torch.testing.assert_close(features_c.grad, features.grad, rtol=1e-5, atol=1e-5)
+    for (name, p), p_c in zip(net.named_parameters(), compiled_net.parameters()):
+        torch.testing.assert_close(p_c.grad, p.grad, rtol=1e-5, atol=1e-5, msg=name)
+    for b, b_c in zip(net.buffers(), compiled_net.buffers()):
+        torch.testing.assert_close(b_c, b)
+
+
+def test_compiled_net_handles_a_different_number_of_sites():
+    torch.manual_seed(0)
+    net = Net().eval()
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for key, count in (("a", 300), ("b", 450), ("c", 250)):
+            features, idx = make_input(key, count)
+            eager = run(net, features, idx)
+            comp = run(compiled, features, idx)
+            for e, c in zip(eager, comp):
+                assert_same_sparse(e, c)
+
+
+def test_compiled_to_dense_and_global_pool():
+    torch.manual_seed(0)
+    net = sp.SparseSequential(sp.SparseConv3d(4, 6, 2, stride=2), nn.ReLU())
+    features, idx = make_input("dense")
+
+    def fn(f):
+        y = net(sparse_tensor(f, idx, SHAPE, BATCH))
+        return y.dense(), sp.SparseGlobalAvgPool()(y), sp.SparseGlobalMaxPool()(y)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for e, c in zip(fn(features), compiled(features)):
+        torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-6)
+
+
+# The row count after a strided conv is data dependent; SparseSequential promises the tracer a
+# usable count before BatchNorm so that batch_norm's size checks trace.
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_batchnorm_after_strided_conv_compiles(mode):
+    torch.manual_seed(0)
+    net = Net(norm_after_down=True).train(mode == "train")
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    features, idx = make_input("bn_after_down")
+    with torch.no_grad():
+        comp = run(compiled, features, idx)
+        eager = run(net, features, idx)
+    for e, c in zip(eager, comp):
+        assert_same_sparse(e, c)

@@ -1,0 +1,400 @@
+"""Edge cases of the fast path: empty inputs, single sites, batch items sharing coordinates,
+sites on the grid border, non-contiguous inputs, huge grids (packed keys beyond 2^31, 4D) and
+reduced precision.
+
+Where no dense counterpart is practical, the fast result is compared with reference.py (itself
+checked against dense PyTorch in test_reference.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import spconv_lite as sp
+from spconv_lite import ops, reference as ref
+from helpers import (
+    TOL, case_id, conv_support, dense_conv, conv_weight, densify, gather, init_layer,
+    kio_weight, layer_class, make_gen, randn, random_sites, sparse_tensor,
+)
+
+TOL64 = TOL[torch.float64]
+
+
+def make_layer(kind: str, ndim: int, c_in: int = 3, c_out: int = 4, **kwargs):
+    """A layer of each kind with a representative geometry; pools keep ``c_in`` channels."""
+    if kind == "subm":
+        return getattr(sp, f"SubMConv{ndim}d")(c_in, c_out, 3, **kwargs)
+    if kind == "conv":
+        return getattr(sp, f"SparseConv{ndim}d")(c_in, c_out, 3, stride=2, padding=1, **kwargs)
+    if kind == "transpose":
+        return getattr(sp, f"SparseConvTranspose{ndim}d")(c_in, c_out, 3, stride=2, padding=1,
+                                                          output_padding=1, **kwargs)
+    if kind in ("max", "avg"):
+        return layer_class(kind, ndim)(2, stride=2, padding=1)
+    if kind == "global_max":
+        return sp.SparseGlobalMaxPool()
+    if kind == "global_avg":
+        return sp.SparseGlobalAvgPool()
+    raise AssertionError(kind)
+
+
+def run_reference(kind, layer, x: sp.SparseConvTensor):
+    """reference.py's result for the layer, as (features, indices or None, spatial shape)."""
+    f, idx, shape, batch = x.features, x.indices, x.spatial_shape, x.batch_size
+    if kind == "subm":
+        return ref.subm_conv(f, idx, shape, layer.weight, layer.dilation, layer.bias), idx, shape
+    if kind == "conv":
+        return ref.sparse_conv(f, idx, shape, batch, layer.weight, layer.stride, layer.padding,
+                               layer.dilation, layer.bias)
+    if kind == "transpose":
+        return ref.sparse_conv_transpose(f, idx, shape, batch, layer.weight, layer.stride,
+                                         layer.padding, layer.dilation, layer.output_padding,
+                                         layer.bias)
+    if kind in ("max", "avg"):
+        pool = ref.max_pool if kind == "max" else ref.avg_pool
+        return pool(f, idx, shape, batch, layer.kernel_size, layer.stride, layer.padding,
+                    layer.dilation)
+    if kind == "global_max":
+        return ref.global_max_pool(f, idx, batch), None, None
+    return ref.global_avg_pool(f, idx, batch), None, None
+
+
+def assert_matches_reference(kind, layer, x, key):
+    """Forward and feature/parameter gradients of the layer equal reference.py's."""
+    out = layer(x)
+    want, want_idx, want_shape = run_reference(kind, layer, x)
+    fast = out if isinstance(out, torch.Tensor) else out.features
+    if want_idx is not None:
+        assert torch.equal(out.indices, want_idx) and out.spatial_shape == list(want_shape)
+    torch.testing.assert_close(fast, want, **TOL64)
+    leaves = [t for t in (x.features, *layer.parameters()) if t.requires_grad]
+    upstream = randn(make_gen("upstream", key), *fast.shape)
+    got = torch.autograd.grad((fast * upstream).sum(), leaves, allow_unused=True)
+    expected = torch.autograd.grad((want * upstream).sum(), leaves, allow_unused=True)
+    for g, w in zip(got, expected):
+        if w is None:  # reference has no path (e.g. no pairs at all): fast grad must be zero
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, w, **TOL64)
+    return out
+
+
+KINDS = ["subm", "conv", "transpose", "max", "avg", "global_max", "global_avg"]
+
+# ----------------------------------------------------------------------------- empty input
+
+@pytest.mark.parametrize("ndim", [1, 3])
+@pytest.mark.parametrize("kind", KINDS + ["inverse"])
+def test_zero_active_sites(kind, ndim):
+    shape = [5] * ndim
+    features = torch.zeros(0, 3, dtype=torch.float64, requires_grad=True)
+    x = sparse_tensor(features, torch.zeros(0, ndim + 1, dtype=torch.int32), shape, 2)
+    if kind == "inverse":
+        x = make_layer("conv", ndim, 3, 3, indice_key="down").double()(x)
+        layer = getattr(sp, f"SparseInverseConv{ndim}d")(3, 4, 3, indice_key="down").double()
+    else:
+        layer = make_layer(kind, ndim).double()
+    out = layer(x)
+    if kind.startswith("global"):
+        assert out.shape == (2, 3) and not out.any()  # zeros for items without sites
+        loss = out.sum()
+    else:
+        channels = 3 if kind in ("max", "avg") else 4
+        assert out.features.shape == (0, channels) and out.features.dtype == torch.float64
+        assert out.indices.shape == (0, ndim + 1) and out.indices.dtype == torch.int32
+        expected_shape = {"conv": [3] * ndim, "max": [3] * ndim, "avg": [3] * ndim,
+                          "transpose": [10] * ndim}.get(kind, shape)
+        assert out.spatial_shape == expected_shape
+        assert out.dense().shape == (2, channels, *expected_shape)
+        loss = out.features.sum()
+    loss.backward()
+    assert features.grad.shape == (0, 3)
+    for p in layer.parameters():
+        assert p.grad is not None and p.grad.shape == p.shape and not p.grad.any()
+
+
+def test_zero_sites_through_ops():
+    idx = torch.zeros(0, 4, dtype=torch.int32)
+    nbr, nbr_t = ops.build_subm_map(idx, [4, 4, 4], 1, [3, 3, 3], [1, 1, 1])
+    assert nbr.shape == nbr_t.shape == (0, 27)
+    out_idx, nbr, nbr_t = ops.build_conv_map(idx, [4, 4, 4], 1, [2, 2, 2], [2, 2, 2], [2, 2, 2],
+                                             [0, 0, 0], [1, 1, 1])
+    assert out_idx.shape == (0, 4) and nbr.shape == (0, 8) and nbr_t.shape == (0, 8)
+    f = torch.zeros(0, 3, requires_grad=True)
+    w = torch.randn(8, 3, 5, requires_grad=True)
+    out = ops.sparse_conv(f, w, nbr, nbr_t)
+    assert out.shape == (0, 5)
+    out.sum().backward()
+    assert f.grad.shape == (0, 3) and torch.equal(w.grad, torch.zeros_like(w))
+    assert ops.sparse_max_pool(f, nbr, nbr_t).shape == (0, 3)
+    assert ops.sparse_sum_pool(f, nbr, nbr_t).shape == (0, 3)
+
+
+def test_inputs_that_reach_no_output_site():
+    # Stride 2 with a 1-kernel only reads even coordinates: odd-only inputs give no output.
+    idx = torch.tensor([[0, 1], [0, 3], [1, 5]], dtype=torch.int32)
+    f = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    layer = sp.SparseConv1d(2, 3, 1, stride=2).double()
+    out = layer(sparse_tensor(f, idx, [7], 2))
+    assert out.features.shape == (0, 3) and out.indices.shape == (0, 2)
+    assert out.spatial_shape == [4]
+    out.features.sum().backward()
+    assert torch.equal(f.grad, torch.zeros_like(f))
+
+
+# ----------------------------------------------------------------------------- tiny inputs
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_single_site(kind):
+    gen = make_gen("single", kind)
+    idx = torch.tensor([[1, 2, 0, 4]], dtype=torch.int32)
+    x = sparse_tensor(randn(gen, 1, 3).requires_grad_(), idx, [5, 6, 5], 3)
+    layer = make_layer(kind, 3)
+    if list(layer.parameters()):
+        init_layer(layer, gen)
+    out = assert_matches_reference(kind, layer, x, ("single", kind))
+    if kind == "subm":
+        # Only the centre tap sees a neighbour: out = f @ W[:, centre, :].T + b.
+        w = layer.weight.reshape(4, 27, 3)[:, 13, :]
+        torch.testing.assert_close(out.features, x.features @ w.t() + layer.bias, **TOL64)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batch_items_with_the_same_coordinates_are_not_neighbours(kind):
+    # Three batch items hold the same sites; each item alone must give the same rows.
+    gen = make_gen("same_coords", kind)
+    coords = random_sites(gen, 1, (6, 5, 6), count=25)[:, 1:]
+    batch = 3
+    idx = torch.cat([torch.cat([torch.full((25, 1), b, dtype=torch.int32), coords], 1)
+                     for b in range(batch)])
+    features = randn(gen, len(idx), 3)
+    layer = make_layer(kind, 3)
+    if list(layer.parameters()):
+        init_layer(layer, gen)
+    together = layer(sparse_tensor(features, idx, (6, 5, 6), batch))
+    for b in range(batch):
+        rows = slice(25 * b, 25 * (b + 1))
+        alone_idx = idx[rows].clone()
+        alone_idx[:, 0] = 0
+        alone = layer(sparse_tensor(features[rows], alone_idx, (6, 5, 6), 1))
+        if kind.startswith("global"):
+            torch.testing.assert_close(together[b], alone[0], **TOL64)
+            continue
+        mine = together.indices[:, 0] == b
+        got_idx = together.indices[mine].clone()
+        got_idx[:, 0] = 0
+        assert torch.equal(got_idx, alone.indices)
+        torch.testing.assert_close(together.features[mine], alone.features, **TOL64)
+
+
+# (kind, spatial_shape); every corner and edge midpoint of the grid is active.
+BORDER_CASES = [(kind, shape) for kind in KINDS[:5] for shape in [(6, 5, 7), (9,)]]
+
+
+@pytest.mark.parametrize("kind, shape", BORDER_CASES, ids=case_id)
+def test_sites_on_the_grid_border(kind, shape):
+    ndim = len(shape)
+    gen = make_gen("border", kind, shape)
+    coords = sorted(set(itertools.product(*[(0, n // 2, n - 1) for n in shape])))
+    idx = torch.tensor([(b, *c) for b in range(2) for c in coords], dtype=torch.int32)
+    x = sparse_tensor(randn(gen, len(idx), 3).requires_grad_(), idx, shape, 2)
+    layer = make_layer(kind, ndim)
+    if list(layer.parameters()):
+        init_layer(layer, gen)
+    out = assert_matches_reference(kind, layer, x, ("border", kind, shape))
+    if kind == "conv":
+        # The dense support too, as the border is where padding matters.
+        assert torch.equal(out.indices, conv_support(idx, shape, 2, (3,) * ndim, (2,) * ndim,
+                                                     (1,) * ndim, (1,) * ndim))
+
+
+# ----------------------------------------------------------------------------- layouts
+
+def noncontiguous(kind: str, t: torch.Tensor) -> torch.Tensor:
+    """The same values in a non-contiguous layout."""
+    if kind == "column_slice":  # columns of a wider tensor
+        wide = torch.cat([t, t[:, :1], t], 1)
+        out = wide[:, : t.shape[1]]
+    elif kind == "transposed_copy":
+        out = t.t().contiguous().t()
+    elif kind == "row_step":  # every other row of a taller tensor
+        out = torch.stack([t, torch.zeros_like(t)], 1).reshape(-1, t.shape[1])[::2]
+    else:
+        raise AssertionError(kind)
+    assert torch.equal(out, t) and (t.shape[0] < 2 or not out.is_contiguous())
+    return out
+
+
+LAYOUTS = ["column_slice", "transposed_copy", "row_step"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_noncontiguous_indices_and_features(kind, layout):
+    gen = make_gen("layout", kind)
+    idx = random_sites(gen, 2, (7, 6, 8), count=120)
+    features = randn(gen, 120, 3)
+    layer = make_layer(kind, 3)
+    if list(layer.parameters()):
+        init_layer(layer, gen)
+    base = layer(sparse_tensor(features, idx, (7, 6, 8), 2))
+    f_nc = noncontiguous(layout, features).requires_grad_()
+    other = layer(sparse_tensor(f_nc, noncontiguous(layout, idx), (7, 6, 8), 2))
+    if kind.startswith("global"):
+        assert torch.equal(base, other)
+        return
+    assert torch.equal(base.indices, other.indices)
+    assert torch.equal(base.features, other.features)
+    other.features.sum().backward()
+    assert f_nc.grad.shape == f_nc.shape
+
+
+def test_noncontiguous_inputs_to_ops():
+    gen = make_gen("layout_ops")
+    idx = random_sites(gen, 2, (7, 6, 8), count=150)
+    idx_nc = noncontiguous("column_slice", idx)
+    for a, b in zip(ops.build_subm_map(idx, [7, 6, 8], 2, [3, 3, 3], [1, 1, 1]),
+                    ops.build_subm_map(idx_nc, [7, 6, 8], 2, [3, 3, 3], [1, 1, 1])):
+        assert torch.equal(a, b)
+    args = ([7, 6, 8], 2, [4, 3, 4], [3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1])
+    base_map = ops.build_conv_map(idx, *args)
+    for a, b in zip(base_map, ops.build_conv_map(idx_nc, *args)):
+        assert torch.equal(a, b)
+    _, nbr, nbr_t = base_map
+    f = randn(gen, 150, 4)
+    w = randn(gen, 27, 4, 5)
+    want = ops.sparse_conv(f, w, nbr, nbr_t)
+    # Non-contiguous features, weight and tables (a transposed copy of each).
+    got = ops.sparse_conv(noncontiguous("transposed_copy", f), w.transpose(1, 2).contiguous()
+                          .transpose(1, 2), noncontiguous("transposed_copy", nbr),
+                          noncontiguous("column_slice", nbr_t))
+    assert torch.equal(got, want)
+    assert torch.equal(ops.sparse_max_pool(noncontiguous("row_step", f), nbr, nbr_t),
+                       ops.sparse_max_pool(f, nbr, nbr_t))
+    # A broadcast (stride 0) feature tensor.
+    row = randn(gen, 1, 4)
+    torch.testing.assert_close(ops.sparse_sum_pool(row.expand(150, 4), nbr, nbr_t),
+                               ops.sparse_sum_pool(row.repeat(150, 1), nbr, nbr_t), **TOL64)
+
+
+# ----------------------------------------------------------------------------- huge grids
+
+# (kind, batch, spatial_shape): batch * prod(shape) far beyond 2^31 (up to 2^61).
+HUGE_CASES = [
+    ("subm", 2, (2**20, 2**20, 2**20)),
+    ("conv", 2, (2**20, 2**20, 2**20)),
+    ("max", 2, (2**20, 2**20, 2**20)),
+    ("avg", 3, (2**20 - 3, 2**19 + 1, 2**20)),
+    ("transpose", 1, (2**19, 2**20, 2**20)),
+    ("subm", 2, (2**15, 2**15, 2**15, 2**15)),
+    ("conv", 3, (2**15, 2**14 + 5, 2**15, 2**15)),
+    ("subm", 3, (2**31 - 1,)),
+    ("conv", 2, (2**31 - 1,)),
+]
+
+
+def huge_sites(gen, batch, shape, n=80):
+    """Clusters of sites near the origin, near the far corner and at coordinates that differ
+    only in high bits, so that a key overflow would create false neighbours."""
+    ndim = len(shape)
+    anchors = [[0] * ndim, [s - 5 for s in shape], [s // 2 for s in shape],
+               [(s // 2) ^ (1 << 13) for s in shape]]
+    sites = set()
+    n = min(n, batch * len(anchors) * 5**ndim // 2)  # well below the number of candidates
+    while len(sites) < n:
+        b = int(torch.randint(batch, (1,), generator=gen))
+        anchor = anchors[int(torch.randint(len(anchors), (1,), generator=gen))]
+        offset = torch.randint(0, 5, (ndim,), generator=gen).tolist()
+        sites.add((b, *(a + o for a, o in zip(anchor, offset))))
+    idx = torch.tensor(sorted(sites), dtype=torch.int32)
+    return idx[torch.randperm(len(idx), generator=gen)]
+
+
+@pytest.mark.parametrize("kind, batch, shape", HUGE_CASES, ids=case_id)
+def test_huge_spatial_shapes(kind, batch, shape):
+    gen = make_gen("huge", kind, shape)
+    idx = huge_sites(gen, batch, shape)
+    x = sparse_tensor(randn(gen, len(idx), 3).requires_grad_(), idx, shape, batch)
+    ndim = len(shape)
+    if kind == "transpose":
+        layer = getattr(sp, f"SparseConvTranspose{ndim}d")(3, 4, 3, stride=2, padding=1)
+    else:
+        layer = make_layer(kind, ndim)
+    if list(layer.parameters()):
+        init_layer(layer, gen)
+    assert_matches_reference(kind, layer, x, ("huge", kind, shape))
+
+
+def test_huge_grid_with_too_many_sites_is_rejected():
+    # batch * prod(shape) = 2^63 cannot be packed into an int64 key.
+    idx = torch.zeros(1, 4, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"spatial_shape .*2\^62"):
+        ops.build_subm_map(idx, [2**21, 2**21, 2**21], 1, [3, 3, 3], [1, 1, 1])
+
+
+# ----------------------------------------------------------------------------- precision
+
+PRECISION_CASES = [
+    ("subm", torch.bfloat16), ("conv", torch.bfloat16), ("transpose", torch.bfloat16),
+    ("max", torch.bfloat16), ("avg", torch.bfloat16), ("subm", torch.float16),
+    ("conv", torch.float16),
+]
+
+
+@pytest.mark.parametrize("kind, dtype", PRECISION_CASES, ids=case_id)
+def test_reduced_precision_forward_close_to_float32(kind, dtype):
+    gen = make_gen("precision", kind)
+    idx = random_sites(gen, 2, (10, 9, 10), count=600)
+    # The same (representable) values in both runs: only the op's rounding differs.
+    features = randn(gen, 600, 16).to(dtype)
+    layer = make_layer(kind, 3, 16, 16)
+    if list(layer.parameters()):
+        init_layer(layer, gen)
+    low = layer.to(dtype)(sparse_tensor(features, idx, (10, 9, 10), 2))
+    high = layer.float()(sparse_tensor(features.float(), idx, (10, 9, 10), 2))
+    assert low.features.dtype == dtype
+    assert torch.equal(low.indices, high.indices)
+    torch.testing.assert_close(low.features.float(), high.features, rtol=1e-2, atol=2e-2)
+
+
+def test_bfloat16_backward_close_to_float32():
+    gen = make_gen("bf16_backward")
+    idx = random_sites(gen, 2, (10, 9, 10), count=600)
+    features = randn(gen, 600, 8).bfloat16()
+    layer = init_layer(sp.SparseConv3d(8, 8, 3, stride=2, padding=1), gen)
+    grads = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        layer.zero_grad()
+        layer.to(dtype)
+        f = features.detach().to(dtype).clone().requires_grad_()
+        out = layer(sparse_tensor(f, idx, (10, 9, 10), 2))
+        out.features.float().square().sum().backward()
+        grads[dtype] = (f.grad.float(), layer.weight.grad.float())
+    for low, high in zip(grads[torch.bfloat16], grads[torch.float32]):
+        torch.testing.assert_close(low, high, rtol=5e-2, atol=5e-2 * high.abs().max().item())
+
+
+def test_subm_dense_check_on_the_largest_channel_count():
+    # 64 -> 64 channels with a 5^3 kernel: long float32 accumulations stay within 1e-5.
+    gen = make_gen("channels64")
+    idx = random_sites(gen, 1, (6, 6, 6), density=0.5)
+    layer = init_layer(sp.SubMConv3d(64, 64, 5), gen, torch.float32)
+    f = randn(gen, len(idx), 64, dtype=torch.float32)
+    out = layer(sparse_tensor(f, idx, (6, 6, 6), 1))
+    dense = dense_conv(densify(f.double(), idx, (6, 6, 6), 1), conv_weight(layer.weight.double()),
+                       layer.bias.double(), 1, 2, 1)
+    torch.testing.assert_close(out.features, gather(dense, idx).float(), **TOL[torch.float32])
+
+
+def test_sparse_conv_weight_layout_kio():
+    # ops.sparse_conv takes [K, C_in, C_out]; the module permutes [C_out, *k, C_in] to it.
+    gen = make_gen("kio")
+    idx = random_sites(gen, 1, (5, 5, 5), count=30)
+    layer = init_layer(sp.SubMConv3d(3, 2, 3, bias=False), gen)
+    f = randn(gen, 30, 3)
+    nbr, nbr_t = ops.build_subm_map(idx, [5, 5, 5], 1, [3, 3, 3], [1, 1, 1])
+    want = layer(sparse_tensor(f, idx, (5, 5, 5), 1)).features
+    assert torch.equal(ops.sparse_conv(f, kio_weight(layer.weight), nbr, nbr_t), want)

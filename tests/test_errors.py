@@ -1,0 +1,288 @@
+"""Bad input raises ValueError / TypeError whose message names the argument and the values seen.
+
+Each case is one call that must fail; the regex checks both the argument name and the
+offending values, so a message that loses either fails the test.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import spconv_lite as sp
+from spconv_lite import ops
+
+
+def idx(*rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+def tensor(indices: torch.Tensor, shape=(4, 4, 4), batch_size=2, channels=3):
+    return sp.SparseConvTensor(torch.randn(len(indices), channels), indices, list(shape),
+                               batch_size)
+
+
+TWO_SITES = idx([0, 1, 1, 1], [0, 2, 2, 2])
+
+
+def reuse(first, second, through_first=True):
+    """Runs ``first`` then ``second`` with the same indice_key (on first's output, or again on
+    the same input)."""
+    x = tensor(TWO_SITES, (6, 6, 6))
+    y = first(x)
+    second(y if through_first else x)
+
+
+def inverse_after(conv, inverse):
+    inverse(conv(tensor(TWO_SITES, (6, 6, 6))))
+
+
+E = re.escape
+
+# (id, call, exception, regex the message must match)
+CASES = [
+    # indices dtype and width, at the tensor and at the op level
+    ("indices_int64", lambda: tensor(TWO_SITES.long()), TypeError,
+     r"indices must be int32, got torch\.int64"),
+    ("indices_float", lambda: tensor(TWO_SITES.float()), TypeError,
+     r"indices must be int32, got torch\.float32"),
+    ("indices_not_tensor", lambda: sp.SparseConvTensor(torch.ones(1, 3), [[0, 1, 1, 1]],
+                                                       [4, 4, 4], 1),
+     TypeError, r"indices must be a torch\.Tensor, got list"),
+    ("indices_width", lambda: tensor(TWO_SITES[:, :3]), ValueError,
+     r"indices must have shape \[N, 4\].*spatial_shape \[4, 4, 4\].*got \[2, 3\]"),
+    ("indices_width_4d", lambda: tensor(TWO_SITES, (4, 4, 4, 4)), ValueError,
+     r"indices must have shape \[N, 5\].*got \[2, 4\]"),
+    ("op_indices_int64", lambda: ops.build_subm_map(TWO_SITES.long(), [4, 4, 4], 1, [3, 3, 3],
+                                                    [1, 1, 1]),
+     TypeError, r"indices must be int32, got Long"),
+    ("op_indices_float", lambda: ops.build_conv_map(TWO_SITES.float(), [4, 4, 4], 1, [2, 2, 2],
+                                                    [2, 2, 2], [2, 2, 2], [0, 0, 0], [1, 1, 1]),
+     TypeError, r"indices must be int32, got Float"),
+    ("op_indices_width", lambda: ops.build_subm_map(TWO_SITES[:, :3], [4, 4, 4], 1, [3, 3, 3],
+                                                    [1, 1, 1]),
+     ValueError, r"indices must have shape \[N, 4\].*got \[2, 3\]"),
+    # coordinates and batch indices outside the grid
+    ("coordinate_too_large", lambda: sp.SubMConv3d(3, 4, 3)(tensor(idx([0, 1, 1, 1],
+                                                                       [0, 4, 1, 2]))),
+     ValueError, E("indices row 1 = [0, 4, 1, 2] is outside the grid") + r".*"
+     + E("spatial_shape [4, 4, 4]")),
+    ("coordinate_negative", lambda: sp.SparseConv3d(3, 4, 2)(tensor(idx([0, 1, -1, 2]))),
+     ValueError, E("indices row 0 = [0, 1, -1, 2] is outside the grid")),
+    ("coordinate_too_large_pool", lambda: sp.SparseMaxPool2d(2)(
+        tensor(idx([0, 1, 1], [1, 3, 5]), (4, 5))),
+     ValueError, E("indices row 1 = [1, 3, 5] is outside the grid") + r".*"
+     + E("spatial_shape [4, 5]")),
+    ("batch_index_too_large", lambda: sp.SparseConv3d(3, 4, 3)(tensor(idx([0, 1, 1, 1],
+                                                                          [2, 1, 1, 2]))),
+     ValueError, E("indices row 1 = [2, 1, 1, 2]") + r".*" + E("batch index must be in [0, 2)")),
+    ("batch_index_negative", lambda: sp.SparseConvTranspose3d(3, 4, 3)(
+        tensor(idx([-1, 1, 1, 1]))),
+     ValueError, E("indices row 0 = [-1, 1, 1, 1]") + r".*" + E("[0, 2)")),
+    # features
+    ("feature_rows", lambda: sp.SparseConvTensor(torch.randn(3, 3), TWO_SITES, [4, 4, 4], 1),
+     ValueError, r"features has 3 rows but indices has 2"),
+    ("feature_rows_setter", lambda: setattr(tensor(TWO_SITES), "features", torch.randn(5, 3)),
+     ValueError, r"features has 5 rows but indices has 2"),
+    ("features_integer", lambda: sp.SparseConvTensor(torch.ones(2, 3, dtype=torch.int64),
+                                                     TWO_SITES, [4, 4, 4], 1),
+     TypeError, r"features must be a floating-point tensor, got torch\.int64"),
+    ("features_1d", lambda: sp.SparseConvTensor(torch.ones(2), TWO_SITES, [4, 4, 4], 1),
+     ValueError, r"features must be 2-D \[N, C\], got shape \[2\]"),
+    ("channels_subm", lambda: sp.SubMConv3d(5, 4, 3)(tensor(TWO_SITES)), ValueError,
+     r"SubMConv3d expects 5 input channels, but features has shape \[2, 3\]"),
+    ("channels_conv", lambda: sp.SparseConv2d(2, 4, 3)(tensor(idx([0, 1, 1]), (4, 4))),
+     ValueError, r"SparseConv2d expects 2 input channels, but features has shape \[1, 3\]"),
+    ("channels_inverse", lambda: inverse_after(sp.SparseConv3d(3, 4, 3, 2, indice_key="d"),
+                                               sp.SparseInverseConv3d(8, 3, 3, indice_key="d")),
+     ValueError,
+     r"SparseInverseConv3d expects 8 input channels, but features has shape \[\d+, 4\]"),
+    ("not_a_sparse_tensor", lambda: sp.SubMConv3d(3, 4, 3)(torch.randn(2, 3)), TypeError,
+     r"SubMConv3d expects a SparseConvTensor, got Tensor"),
+    ("weight_dtype", lambda: sp.SubMConv3d(3, 4, 3)(sp.SparseConvTensor(
+        torch.randn(1, 3, dtype=torch.float64), idx([0, 1, 1, 1]), [4, 4, 4], 1)),
+     TypeError, r"weight dtype Float must match features dtype Double"),
+    # indice_key reuse
+    ("reuse_key_subm_kernel", lambda: reuse(sp.SubMConv3d(3, 4, 3, indice_key="k"),
+                                            sp.SubMConv3d(4, 4, 5, indice_key="k")),
+     ValueError, r"indice_key 'k' is reused with a different geometry.*'kernel_size': \(3, 3, 3\)"
+     r".*'kernel_size': \(5, 5, 5\)"),
+    ("reuse_key_subm_dilation", lambda: reuse(sp.SubMConv3d(3, 4, 3, indice_key="k"),
+                                              sp.SubMConv3d(4, 4, 3, dilation=2, indice_key="k")),
+     ValueError, r"indice_key 'k' is reused.*'dilation': \(1, 1, 1\).*'dilation': \(2, 2, 2\)"),
+    ("reuse_key_conv_stride", lambda: reuse(sp.SparseConv3d(3, 4, 3, stride=2, indice_key="k"),
+                                            sp.SparseConv3d(4, 4, 3, stride=1, indice_key="k")),
+     ValueError, r"indice_key 'k' is reused.*'stride': \(2, 2, 2\).*'stride': \(1, 1, 1\)"),
+    ("reuse_key_conv_kernel_same_input",
+     lambda: reuse(sp.SparseConv3d(3, 4, 3, stride=2, indice_key="k"),
+                   sp.SparseConv3d(3, 4, 2, stride=2, indice_key="k"), through_first=False),
+     ValueError,
+     r"indice_key 'k' is reused.*'kernel_size': \(3, 3, 3\).*'kernel_size': \(2, 2, 2\)"),
+    ("reuse_key_pool_kernel", lambda: reuse(sp.SparseMaxPool3d(2, indice_key="k"),
+                                            sp.SparseMaxPool3d(3, indice_key="k")),
+     ValueError,
+     r"indice_key 'k' is reused.*'kernel_size': \(2, 2, 2\).*'kernel_size': \(3, 3, 3\)"),
+    ("reuse_subm_key_for_conv", lambda: reuse(sp.SubMConv3d(3, 4, 3, indice_key="k"),
+                                              sp.SparseConv3d(4, 4, 3, indice_key="k")),
+     ValueError, r"indice_key 'k' is reused.*'subm': True.*'subm': False"),
+    ("inverse_kernel_mismatch", lambda: inverse_after(
+        sp.SparseConv3d(3, 4, 3, 2, indice_key="d"), sp.SparseInverseConv3d(4, 3, 2,
+                                                                             indice_key="d")),
+     ValueError, E("indice_key 'd' was built with kernel_size [3, 3, 3]") + r".*"
+     + E("[2, 2, 2]")),
+    ("inverse_of_subm_key", lambda: inverse_after(
+        sp.SubMConv3d(3, 4, 3, indice_key="s"), sp.SparseInverseConv3d(4, 3, 3, indice_key="s")),
+     ValueError, r"indice_key 's' holds a submanifold map"),
+    ("inverse_missing_key", lambda: sp.SparseInverseConv3d(3, 4, 3, indice_key="nope")(
+        tensor(TWO_SITES)),
+     ValueError, r"indice_key 'nope' not found in indice_dict"),
+    ("inverse_key_none", lambda: sp.SparseInverseConv3d(3, 4, 3), ValueError,
+     r"inverse conv needs the indice_key"),
+    # duplicate sites
+    ("duplicate_sites_subm", lambda: sp.SubMConv3d(3, 4, 3)(
+        tensor(idx([0, 1, 1, 1], [0, 2, 2, 2], [1, 1, 1, 1], [0, 1, 1, 1]))),
+     ValueError, E("duplicate sites: rows 0 and 3 are both [0, 1, 1, 1]")),
+    ("duplicate_sites_conv", lambda: sp.SparseConv1d(3, 4, 2)(
+        tensor(idx([1, 3], [0, 3], [1, 3]), (5,))),
+     ValueError, E("duplicate sites: rows 0 and 2 are both [1, 3]")),
+    ("duplicate_sites_pool", lambda: sp.SparseAvgPool2d(2)(
+        tensor(idx([0, 3, 3], [0, 3, 3]), (4, 4))),
+     ValueError, E("duplicate sites: rows 0 and 1 are both [0, 3, 3]")),
+    # kernel geometry
+    ("subm_even_kernel", lambda: sp.SubMConv3d(3, 4, 2), ValueError,
+     E("submanifold conv needs odd kernel sizes, got [2, 2, 2]")),
+    ("subm_even_kernel_tuple", lambda: sp.SubMConv2d(3, 4, (3, 4)), ValueError,
+     E("odd kernel sizes, got [3, 4]")),
+    ("op_subm_even_kernel", lambda: ops.build_subm_map(TWO_SITES, [4, 4, 4], 1, [3, 2, 3],
+                                                       [1, 1, 1]),
+     ValueError, E("odd kernel sizes, got kernel_size [3, 2, 3]")),
+    ("spatial_too_small_conv", lambda: sp.SparseConv3d(3, 4, 5)(tensor(idx([0, 1, 1, 1]))),
+     ValueError, E("spatial_shape [4, 4, 4] is too small for kernel_size [5, 5, 5]")),
+    ("spatial_too_small_dilation", lambda: sp.SparseConv2d(3, 4, 3, dilation=(1, 3))(
+        tensor(idx([0, 1, 1]), (4, 6))),
+     ValueError, E("spatial_shape [4, 6] is too small for kernel_size [3, 3]") + r".*"
+     + E("dilation [1, 3]") + r".*" + E("[2, 0]")),
+    ("spatial_too_small_pool", lambda: sp.SparseMaxPool3d(5)(tensor(idx([0, 1, 1, 1]))),
+     ValueError, E("spatial_shape [4, 4, 4] is too small for kernel_size [5, 5, 5]")),
+    ("spatial_too_small_transpose", lambda: sp.SparseConvTranspose1d(3, 4, 1, padding=2)(
+        tensor(idx([0, 1]), (2,))),
+     ValueError, E("transposed conv of spatial_shape [2] with padding [2]")),
+    ("kernel_zero", lambda: sp.SparseConv3d(3, 4, 0), ValueError,
+     E("kernel_size entries must be >= 1, got [0, 0, 0]")),
+    ("kernel_negative", lambda: sp.SubMConv3d(3, 4, (3, -1, 3)), ValueError,
+     E("kernel_size entries must be >= 1, got [3, -1, 3]")),
+    ("stride_zero", lambda: sp.SparseConv2d(3, 4, 3, stride=(1, 0)), ValueError,
+     E("stride entries must be >= 1, got [1, 0]")),
+    ("stride_negative", lambda: sp.SparseConvTranspose3d(3, 4, 3, stride=-2), ValueError,
+     E("stride entries must be >= 1, got [-2, -2, -2]")),
+    ("padding_negative", lambda: sp.SparseConv3d(3, 4, 3, padding=-1), ValueError,
+     E("padding entries must be >= 0, got [-1, -1, -1]")),
+    ("dilation_zero", lambda: sp.SubMConv1d(3, 4, 3, dilation=0), ValueError,
+     E("dilation entries must be >= 1, got [0]")),
+    ("pool_kernel_zero", lambda: sp.SparseMaxPool3d(0), ValueError,
+     E("kernel_size entries must be >= 1, got [0, 0, 0]")),
+    ("pool_stride_zero", lambda: sp.SparseAvgPool3d(2, stride=(1, 0, 1)), ValueError,
+     E("stride entries must be >= 1, got [1, 0, 1]")),
+    ("op_kernel_zero", lambda: ops.build_subm_map(TWO_SITES, [4, 4, 4], 1, [3, 0, 3],
+                                                  [1, 1, 1]),
+     ValueError, E("kernel_size entries must be >= 1, got [3, 0, 3]")),
+    ("op_stride_zero", lambda: ops.build_conv_map(TWO_SITES, [4, 4, 4], 1, [2, 2, 2], [3, 3, 3],
+                                                  [0, 1, 1], [0, 0, 0], [1, 1, 1]),
+     ValueError, E("stride entries must be >= 1, got [0, 1, 1]")),
+    ("kernel_wrong_length", lambda: sp.SparseConv3d(3, 4, (3, 3)), ValueError,
+     E("kernel_size must have 3 entries, got [3, 3]")),
+    ("kernel_float", lambda: sp.SparseConv3d(3, 4, 2.5), TypeError,
+     E("kernel_size must be an int or a sequence of 3 ints, got 2.5")),
+    ("kernel_float_entry", lambda: sp.SparseConv3d(3, 4, (3, 2.5, 3)), TypeError,
+     E("kernel_size must be an int or a sequence of 3 ints, got (3, 2.5, 3)")),
+    ("stride_string", lambda: sp.SparseMaxPool2d(2, stride="2"), TypeError,
+     E("stride must be an int or a sequence of 2 ints, got '2'")),
+    ("layer_dims_differ_from_input", lambda: sp.SubMConv2d(3, 4, 3)(tensor(TWO_SITES)),
+     ValueError, E("SubMConv2d is 2-D but the input has 3 spatial dimensions (spatial_shape")),
+    ("groups", lambda: sp.SparseConv3d(4, 4, 3, groups=2), ValueError,
+     r"groups must be 1 .*got 2"),
+    ("channels_zero", lambda: sp.SparseConv3d(0, 4, 3), ValueError,
+     r"in_channels must be a positive int, got 0"),
+    # tensor construction
+    ("spatial_shape_zero", lambda: tensor(TWO_SITES, (4, 0, 4)), ValueError,
+     E("spatial_shape must hold 1 to 4 positive sizes, got [4, 0, 4]")),
+    ("spatial_shape_5d", lambda: tensor(idx([0, 1, 1, 1, 1, 1]), (4, 4, 4, 4, 4)), ValueError,
+     E("spatial_shape must hold 1 to 4 positive sizes, got [4, 4, 4, 4, 4]")),
+    ("batch_size_zero", lambda: tensor(TWO_SITES, batch_size=0), ValueError,
+     r"batch_size must be a positive int, got 0"),
+    ("op_batch_size_zero", lambda: ops.build_subm_map(TWO_SITES, [4, 4, 4], 0, [3, 3, 3],
+                                                      [1, 1, 1]),
+     ValueError, r"batch_size must be >= 1, got 0"),
+    # low-level op arguments
+    ("op_conv_weight_dtype", lambda: ops.sparse_conv(
+        torch.randn(2, 3), torch.randn(27, 3, 4, dtype=torch.float64),
+        torch.zeros(1, 27, dtype=torch.int32), torch.zeros(2, 27, dtype=torch.int32)),
+     TypeError, r"weight dtype Double must match features dtype Float"),
+    ("op_conv_channels", lambda: ops.sparse_conv(
+        torch.randn(2, 5), torch.randn(27, 3, 4), torch.zeros(1, 27, dtype=torch.int32),
+        torch.zeros(2, 27, dtype=torch.int32)),
+     ValueError, r"weight expects 3 input channels but features has 5"),
+    ("op_conv_table_entries", lambda: ops.sparse_conv(
+        torch.randn(2, 3), torch.randn(27, 3, 4), torch.full((1, 27), 5, dtype=torch.int32),
+        torch.zeros(2, 27, dtype=torch.int32)),
+     ValueError, E("nbr has entries outside [-1, 2)")),
+    ("op_conv_table_dtype", lambda: ops.sparse_conv(
+        torch.randn(2, 3), torch.randn(27, 3, 4), torch.zeros(1, 27, dtype=torch.int64),
+        torch.zeros(2, 27, dtype=torch.int32)),
+     TypeError, r"nbr must be int32, got Long"),
+    ("op_conv_table_volume", lambda: ops.sparse_conv(
+        torch.randn(2, 3), torch.randn(27, 3, 4), torch.zeros(1, 8, dtype=torch.int32),
+        torch.zeros(2, 8, dtype=torch.int32)),
+     ValueError, r"nbr must have 27 columns .*got \[1, 8\]"),
+    ("op_conv_table_t_rows", lambda: ops.sparse_conv(
+        torch.randn(2, 3), torch.randn(8, 3, 4), torch.zeros(1, 8, dtype=torch.int32),
+        torch.zeros(3, 8, dtype=torch.int32)),
+     ValueError, r"nbr_t must have 2 rows, got \[3, 8\]"),
+    ("op_pool_features_integer", lambda: ops.sparse_sum_pool(
+        torch.ones(2, 3, dtype=torch.int32), torch.zeros(1, 8, dtype=torch.int32),
+        torch.zeros(2, 8, dtype=torch.int32)),
+     TypeError, r"features must be a floating-point tensor, got Int"),
+    ("op_max_pool_table_entries", lambda: ops.sparse_max_pool(
+        torch.randn(2, 3), torch.full((1, 8), -2, dtype=torch.int32),
+        torch.zeros(2, 8, dtype=torch.int32)),
+     ValueError, E("nbr has entries outside [-1, 2)")),
+]
+
+
+@pytest.mark.parametrize("call, error, pattern", [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_bad_input_raises_a_named_error(call, error, pattern):
+    with pytest.raises(error, match=pattern):
+        call()
+
+
+def test_error_cases_have_unique_ids():
+    names = [c[0] for c in CASES]
+    assert len(names) == len(set(names))
+
+
+def test_spatial_shape_and_kernel_accept_integer_types():
+    # Not errors: numpy / torch integers are as good as Python ints.
+    x = sp.SparseConvTensor(torch.randn(1, 3), idx([0, 1, 1, 1]), np.array([4, 4, 4]),
+                            np.int64(1))
+    layer = sp.SparseConv3d(3, 2, np.int64(2), stride=torch.tensor(2), padding=[0, 0, 0])
+    assert layer.kernel_size == (2, 2, 2) and layer.stride == (2, 2, 2)
+    assert layer(x).spatial_shape == [2, 2, 2]
+
+
+# ----------------------------------------------------------------------------- eager-only checks
+
+def test_global_pool_rejects_batch_index_outside_batch_size():
+    x = sp.SparseConvTensor(torch.tensor([[1.0], [100.0]]), idx([0, 1, 1, 1], [-1, 2, 2, 2]),
+                            [4, 4, 4], 2)
+    with pytest.raises(ValueError, match=r"batch"):
+        sp.SparseGlobalMaxPool()(x)
+
+
+def test_dense_rejects_negative_coordinates():
+    x = sp.SparseConvTensor(torch.ones(1, 1), idx([0, 1, -1, 2]), [4, 4, 4], 1)
+    with pytest.raises(ValueError, match=r"indices"):
+        x.dense()

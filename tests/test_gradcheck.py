@@ -1,0 +1,132 @@
+"""float64 torch.autograd.gradcheck of the differentiable ops and of the layers built on them.
+
+Max pooling is only differentiable away from ties, so its inputs are pairwise far apart
+(``distinct_values``), much further than gradcheck's finite-difference step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+from torch.func import functional_call
+
+import spconv_lite as sp
+from spconv_lite import ops
+from helpers import distinct_values, make_gen, randn, random_sites, sparse_tensor
+
+SHAPE = (5, 6, 5)
+BATCH = 2
+
+
+def small_map(kind: str, key):
+    """A seeded site set on a small 3D grid and its kernel map ``(nbr, nbr_t, n_in, n_out)``."""
+    idx = random_sites(make_gen("map", kind, key), BATCH, SHAPE, count=40)
+    if kind == "subm":
+        nbr, nbr_t = ops.build_subm_map(idx, SHAPE, BATCH, (3, 3, 3), (1, 1, 1))
+    elif kind == "conv":
+        _, nbr, nbr_t = ops.build_conv_map(idx, SHAPE, BATCH, (3, 3, 3), (3, 2, 3), (2, 2, 2),
+                                           (1, 0, 1), (1, 1, 1))
+    else:  # transposed
+        _, nbr, nbr_t = ops.build_conv_map(idx, SHAPE, BATCH, (10, 12, 10), (2, 2, 2),
+                                           (2, 2, 2), (0, 0, 0), (1, 1, 1), True)
+    return nbr, nbr_t
+
+
+MAPS = ["subm", "conv", "transposed"]
+
+
+@pytest.mark.parametrize("kind", MAPS)
+def test_gradcheck_sparse_conv(kind):
+    nbr, nbr_t = small_map(kind, "conv")
+    gen = make_gen("gradcheck_conv", kind)
+    features = randn(gen, nbr_t.shape[0], 3).requires_grad_()
+    # A non-contiguous weight view, as the modules pass it.
+    weight = randn(gen, 2, nbr.shape[1], 3).permute(1, 2, 0).requires_grad_()
+    assert gradcheck(lambda f, w: ops.sparse_conv(f, w, nbr, nbr_t), (features, weight))
+
+
+@pytest.mark.parametrize("kind", MAPS)
+def test_gradgradcheck_sparse_conv_features(kind):
+    # The input gradient is itself a sparse_conv, so it is differentiable again (the weight
+    # gradient kernel has no backward, so only the feature path is checked twice).
+    nbr, nbr_t = small_map(kind, "conv2")
+    gen = make_gen("gradgradcheck_conv", kind)
+    features = randn(gen, nbr_t.shape[0], 2).requires_grad_()
+    weight = randn(gen, nbr.shape[1], 2, 3)
+    assert gradgradcheck(lambda f: ops.sparse_conv(f, weight, nbr, nbr_t), (features,))
+
+
+@pytest.mark.parametrize("kind", MAPS)
+def test_gradcheck_sparse_sum_pool(kind):
+    nbr, nbr_t = small_map(kind, "sum")
+    features = randn(make_gen("gradcheck_sum", kind), nbr_t.shape[0], 3).requires_grad_()
+    assert gradcheck(lambda f: ops.sparse_sum_pool(f, nbr, nbr_t), (features,))
+    assert gradgradcheck(lambda f: ops.sparse_sum_pool(f, nbr, nbr_t), (features,))
+
+
+@pytest.mark.parametrize("kind", MAPS)
+def test_gradcheck_sparse_max_pool(kind):
+    nbr, nbr_t = small_map(kind, "max")
+    features = distinct_values(make_gen("gradcheck_max", kind), nbr_t.shape[0], 3)
+    assert gradcheck(lambda f: ops.sparse_max_pool(f, nbr, nbr_t), (features.requires_grad_(),))
+
+
+# ----------------------------------------------------------------------------- through modules
+
+class UNet(torch.nn.Module):
+    """SubM -> strided conv (keyed) -> transposed conv / inverse conv, every layer with bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.subm = sp.SubMConv3d(2, 3, 3, indice_key="subm")
+        self.down = sp.SparseConv3d(3, 2, (3, 2, 3), stride=2, padding=(1, 0, 1),
+                                    indice_key="down")
+        self.subm2 = sp.SubMConv3d(2, 2, 3, indice_key="subm2")
+        self.up = sp.SparseInverseConv3d(2, 2, (3, 2, 3), indice_key="down")
+
+    def forward(self, x):
+        x = self.subm(x)
+        return self.up(self.subm2(self.down(x)))
+
+
+MODULES = {
+    "unet": lambda: UNet(),
+    "transpose": lambda: sp.SparseConvTranspose3d(2, 3, (2, 3, 1), stride=(2, 1, 3),
+                                                  padding=(0, 1, 0), output_padding=(1, 0, 2)),
+    "maxpool": lambda: sp.SparseMaxPool3d(2, stride=1, padding=1),
+    "avgpool": lambda: sp.SparseAvgPool2d(3, stride=2, padding=1),
+    "conv1d": lambda: sp.SparseConv1d(2, 2, 3, stride=2, dilation=2),
+    "global_max": lambda: sp.SparseGlobalMaxPool(),
+    "global_avg": lambda: sp.SparseGlobalAvgPool(),
+}
+
+
+def module_input(name, gen):
+    shape = {"avgpool": (6, 7), "conv1d": (15,)}.get(name, SHAPE)
+    idx = random_sites(gen, BATCH, shape, count=min(40, len(shape) * 12))
+    channels = 2
+    if name in ("maxpool", "global_max"):
+        features = distinct_values(gen, len(idx), channels)
+    else:
+        features = randn(gen, len(idx), channels)
+    return features, idx, shape
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_gradcheck_through_modules(name):
+    gen = make_gen("gradcheck_module", name)
+    torch.manual_seed(0)
+    module = MODULES[name]().double()
+    features, idx, shape = module_input(name, gen)
+    params = dict(module.named_parameters())
+    names = list(params)
+
+    def fn(f, *values):
+        out = functional_call(module, dict(zip(names, values)), (sparse_tensor(f, idx, shape,
+                                                                               BATCH),))
+        return out if isinstance(out, torch.Tensor) else out.features
+
+    inputs = (features.requires_grad_(), *(p.detach().clone().requires_grad_()
+                                           for p in params.values()))
+    assert gradcheck(fn, inputs)

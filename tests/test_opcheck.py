@@ -1,0 +1,101 @@
+"""torch.library.opcheck of every registered operator (torch.ops.spconv_lite.*): schema,
+autograd registration, fake (meta) kernel against the real one, and AOT dispatch with dynamic
+shapes. All four default checks run for every op, including build_conv_map, whose number of
+output rows is data dependent (its fake kernel allocates an unbacked size).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spconv_lite import ops
+from helpers import distinct_values, make_gen, randn, random_sites
+
+OPS = torch.ops.spconv_lite
+SHAPE = [6, 5, 7]
+BATCH = 2
+
+
+def sites(key, count=60):
+    return random_sites(make_gen("opcheck", key), BATCH, SHAPE, count=count)
+
+
+def conv_map_args(idx, transposed=False):
+    if transposed:
+        return (idx, SHAPE, BATCH, [12, 10, 14], [2, 2, 2], [2, 2, 2], [0, 0, 0], [1, 1, 1], True)
+    return (idx, SHAPE, BATCH, [3, 3, 4], [3, 2, 3], [2, 2, 2], [1, 0, 1], [1, 1, 1], False)
+
+
+def a_map(kind):
+    """``(nbr, nbr_t)`` of a subm, regular or transposed conv over seeded sites."""
+    idx = sites(kind)
+    if kind == "subm":
+        return ops.build_subm_map(idx, SHAPE, BATCH, [3, 3, 3], [1, 2, 1])
+    return OPS.build_conv_map(*conv_map_args(idx, kind == "transposed"))[1:]
+
+
+def sample(op_name, variant):
+    """``(op, args)`` for one op and one input variant."""
+    gen = make_gen("opcheck_args", op_name, variant)
+    if op_name == "build_subm_map":
+        idx = sites(variant, count=0 if variant == "empty" else 60)
+        return OPS.build_subm_map, (idx, SHAPE, BATCH, [3, 1, 3], [1, 1, 2])
+    if op_name == "build_conv_map":
+        idx = sites(variant, count=0 if variant == "empty" else 60)
+        return OPS.build_conv_map, conv_map_args(idx, variant == "transposed")
+    map_kind, dtype = variant
+    nbr, nbr_t = a_map(map_kind)
+    n_out, volume = nbr.shape
+    n_in = nbr_t.shape[0]
+    if op_name == "sparse_conv":
+        features = randn(gen, n_in, 3, dtype=dtype).requires_grad_()
+        weight = randn(gen, volume, 3, 4, dtype=dtype).requires_grad_()
+        return OPS.sparse_conv, (features, weight, nbr, nbr_t)
+    if op_name == "sparse_conv_weight_grad":
+        # No autograd of its own (it is a backward kernel): plain inputs.
+        return OPS.sparse_conv_weight_grad, (randn(gen, n_in, 3, dtype=dtype),
+                                             randn(gen, n_out, 4, dtype=dtype), nbr)
+    if op_name == "sparse_sum_pool":
+        return OPS.sparse_sum_pool, (randn(gen, n_in, 5, dtype=dtype).requires_grad_(), nbr,
+                                     nbr_t)
+    if op_name == "sparse_max_pool":
+        features = distinct_values(gen, n_in, 5, dtype=dtype).requires_grad_()
+        return OPS.sparse_max_pool, (features, nbr, nbr_t)
+    if op_name == "sparse_max_pool_backward":
+        _, argmax = OPS.sparse_max_pool(distinct_values(gen, n_in, 5, dtype=dtype), nbr, nbr_t)
+        return OPS.sparse_max_pool_backward, (randn(gen, n_out, 5, dtype=dtype), argmax, nbr_t)
+    raise AssertionError(op_name)
+
+
+FEATURE_VARIANTS = [("subm", torch.float64), ("conv", torch.float32),
+                    ("transposed", torch.float64)]
+CASES = (
+    [("build_subm_map", v) for v in ["full", "empty"]]
+    + [("build_conv_map", v) for v in ["conv", "transposed", "empty"]]
+    + [(name, v) for name in ["sparse_conv", "sparse_conv_weight_grad", "sparse_sum_pool",
+                              "sparse_max_pool", "sparse_max_pool_backward"]
+       for v in FEATURE_VARIANTS]
+)
+
+
+def variant_id(value):
+    if isinstance(value, tuple):
+        return f"{value[0]}-{str(value[1]).replace('torch.', '')}"
+    return str(value)
+
+
+def test_every_registered_op_is_checked():
+    # Every schema the extension defines in the spconv_lite namespace.
+    registered = {schema.name.split("::")[1] for schema in torch._C._jit_get_all_schemas()
+                  if schema.name.startswith("spconv_lite::")}
+    assert registered == {name for name, _ in CASES}
+
+
+@pytest.mark.parametrize("op_name, variant", CASES, ids=variant_id)
+def test_opcheck(op_name, variant):
+    op, args = sample(op_name, variant)
+    results = torch.library.opcheck(op, args)
+    assert set(results) == {"test_schema", "test_autograd_registration", "test_faketensor",
+                            "test_aot_dispatch_dynamic"}
+    assert all(value == "SUCCESS" for value in results.values()), results

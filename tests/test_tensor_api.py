@@ -1,0 +1,222 @@
+"""SparseConvTensor and module API: dense() in both layouts, from_dense round trips,
+replace_feature sharing the kernel-map cache, accepted spatial_shape / batch_size types, bias
+in train and eval mode, state_dict round trips and the spconv weight layout."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import spconv_lite as sp
+from helpers import (
+    case_id, densify, init_layer, layer_class, make_gen, randn, random_sites, sparse_tensor,
+)
+
+SHAPES = [(7,), (5, 6), (4, 5, 6), (3, 4, 3, 5)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=case_id)
+def test_dense_in_both_layouts(shape):
+    gen = make_gen("dense", shape)
+    idx = random_sites(gen, 2, shape, density=0.4)
+    f = randn(gen, len(idx), 3).requires_grad_()
+    x = sparse_tensor(f, idx, shape, 2)
+    first = x.dense()
+    last = x.dense(channels_first=False)
+    assert first.shape == (2, 3, *shape) and last.shape == (2, *shape, 3)
+    assert first.is_contiguous()
+    assert torch.equal(first, densify(f, idx, shape, 2))
+    assert torch.equal(last, first.movedim(1, -1))
+    # Zero away from the active sites; the features themselves at them.
+    assert torch.equal(last[tuple(idx.long().t())], f)
+    assert int((last != 0).any(-1).sum()) == len(idx)
+    (first * torch.arange(first.numel()).reshape(first.shape)).sum().backward()
+    assert f.grad is not None and f.grad.shape == f.shape
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=case_id)
+def test_from_dense_round_trip(shape):
+    gen = make_gen("from_dense", shape)
+    idx = random_sites(gen, 3, shape, density=0.3)
+    f = randn(gen, len(idx), 4)
+    f[0, :3] = 0  # a site with some zero channels stays active
+    dense = densify(f, idx, shape, 3).movedim(1, -1).contiguous()  # channels last
+    x = sp.SparseConvTensor.from_dense(dense)
+    assert x.spatial_shape == list(shape) and isinstance(x.spatial_shape, list)
+    assert x.batch_size == 3 and isinstance(x.batch_size, int)
+    assert x.indices.dtype == torch.int32 and x.indices.shape == (len(idx), len(shape) + 1)
+    # Sites come back sorted; as a set they are the original ones.
+    order = np.lexsort(idx.numpy().T[::-1])
+    assert torch.equal(x.indices, idx[torch.from_numpy(order)])
+    assert torch.equal(x.features, f[torch.from_numpy(order)])
+    assert torch.equal(x.dense(channels_first=False), dense)
+    # ... and it feeds a layer like any other tensor.
+    out = layer_class("subm", len(shape))(4, 2, 3).double()(x)
+    assert out.features.shape == (len(idx), 2)
+
+
+def test_replace_feature_shares_indice_dict():
+    gen = make_gen("replace")
+    idx = random_sites(gen, 2, (6, 6, 6), count=50)
+    x = sparse_tensor(randn(gen, 50, 3), idx, (6, 6, 6), 2)
+    new = randn(gen, 50, 5)
+    y = x.replace_feature(new)
+    assert y is not x and y.features is new and x.features.shape == (50, 3)
+    assert y.indices is x.indices and y.spatial_shape == x.spatial_shape
+    assert y.batch_size == x.batch_size and y.indice_dict is x.indice_dict
+    # A map cached through one is visible (and reused) through the other.
+    out = sp.SubMConv3d(5, 4, 3, indice_key="s").double()(y)
+    assert "s" in x.indice_dict and out.indice_dict is x.indice_dict
+    cached = x.find_indice_pair("s")
+    out2 = sp.SubMConv3d(4, 4, 3, indice_key="s").double()(out)
+    assert out2.find_indice_pair("s") is cached
+    assert x.find_indice_pair("missing") is None and x.find_indice_pair(None) is None
+    with pytest.raises(ValueError, match="features has 7 rows but indices has 50"):
+        x.replace_feature(torch.randn(7, 3))
+
+
+def test_shadow_copy_add_and_spatial_size():
+    gen = make_gen("shadow")
+    idx = random_sites(gen, 1, (4, 5, 6), count=20)
+    x = sparse_tensor(randn(gen, 20, 3), idx, (4, 5, 6), 1)
+    c = x.shadow_copy()
+    assert c.features is x.features and c.indice_dict is x.indice_dict
+    assert x.spatial_size == 120
+    s = x + x
+    assert torch.equal(s.features, 2 * x.features) and s.indices is x.indices
+    assert torch.equal((x + x.features).features, s.features)
+    assert "SparseConvTensor" in repr(x)
+
+
+SPATIAL_SHAPE_FORMS = {
+    "list": [6, 5, 7],
+    "tuple": (6, 5, 7),
+    "numpy": np.array([6, 5, 7]),
+    "numpy_int32": np.array([6, 5, 7], dtype=np.int32),
+    "tensor": torch.tensor([6, 5, 7]),
+    "tensor_int32": torch.tensor([6, 5, 7], dtype=torch.int32),
+}
+BATCH_SIZE_FORMS = {"int": 2, "numpy_int": np.int64(2), "tensor": torch.tensor(2)}
+
+
+@pytest.mark.parametrize("batch_form", list(BATCH_SIZE_FORMS))
+@pytest.mark.parametrize("shape_form", list(SPATIAL_SHAPE_FORMS))
+def test_spatial_shape_and_batch_size_forms(shape_form, batch_form):
+    gen = make_gen("forms")
+    idx = random_sites(gen, 2, (6, 5, 7), count=60)
+    f = randn(gen, 60, 3)
+    x = sp.SparseConvTensor(f, idx, SPATIAL_SHAPE_FORMS[shape_form],
+                            BATCH_SIZE_FORMS[batch_form])
+    assert x.spatial_shape == [6, 5, 7]
+    assert all(type(s) is int for s in x.spatial_shape)
+    assert x.batch_size == 2 and type(x.batch_size) is int
+    torch.manual_seed(0)
+    layer = sp.SparseConv3d(3, 4, 3, stride=2).double()
+    reference = layer(sp.SparseConvTensor(f, idx, [6, 5, 7], 2))
+    out = layer(x)
+    assert out.spatial_shape == reference.spatial_shape == [2, 2, 3]
+    assert torch.equal(out.indices, reference.indices)
+    assert torch.equal(out.features, reference.features)
+    assert x.dense().shape == (2, 3, 6, 5, 7)
+
+
+# (kind, ndim, kernel_size) for the weight layout check
+LAYOUT_CASES = [
+    ("subm", 1, 3), ("subm", 2, (3, 5)), ("subm", 3, (1, 3, 5)), ("subm", 4, 3),
+    ("conv", 1, 2), ("conv", 2, (2, 3)), ("conv", 3, (3, 2, 1)), ("conv", 4, (2, 1, 2, 3)),
+    ("transpose", 1, 4), ("transpose", 2, (2, 3)), ("transpose", 3, (3, 2, 1)),
+    ("inverse", 1, 3), ("inverse", 2, (3, 2)), ("inverse", 3, (2, 3, 4)),
+]
+
+
+@pytest.mark.parametrize("kind, ndim, k", LAYOUT_CASES, ids=case_id)
+def test_weight_layout_is_out_kernel_in(kind, ndim, k):
+    if kind == "inverse":
+        layer = layer_class(kind, ndim)(5, 7, k, indice_key="key")
+    else:
+        layer = layer_class(kind, ndim)(5, 7, k)
+    kernel = (k,) * ndim if isinstance(k, int) else k
+    assert layer.weight.shape == (7, *kernel, 5)
+    assert layer.bias.shape == (7,)
+    assert layer.kernel_size == tuple(kernel)
+    no_bias = (layer_class(kind, ndim)(5, 7, k, indice_key="key", bias=False) if kind == "inverse"
+               else layer_class(kind, ndim)(5, 7, k, bias=False))
+    assert no_bias.bias is None
+    assert [name for name, _ in no_bias.named_parameters()] == ["weight"]
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("kind", ["subm", "conv", "transpose"])
+def test_bias_in_train_and_eval_mode(kind, mode):
+    gen = make_gen("bias", kind)
+    idx = random_sites(gen, 2, (6, 6, 6), count=70)
+    x = sparse_tensor(randn(gen, 70, 3), idx, (6, 6, 6), 2)
+    args = (3, 4, 3) if kind == "subm" else (3, 4, 3, 2)
+    with_bias = init_layer(layer_class(kind, 3)(*args, bias=True), gen).train(mode == "train")
+    without = layer_class(kind, 3)(*args, bias=False).double()
+    with torch.no_grad():
+        without.weight.copy_(with_bias.weight)
+    out = with_bias(x)
+    plain = without(x)
+    assert torch.equal(out.indices, plain.indices)
+    torch.testing.assert_close(out.features, plain.features + with_bias.bias, rtol=0, atol=0)
+    # Train and eval give the same result (no mode-dependent behaviour in a conv).
+    other = with_bias.train(mode != "train")(x)
+    assert torch.equal(other.features, out.features)
+    out.features.sum().backward()
+    assert torch.allclose(with_bias.bias.grad,
+                          torch.full((4,), float(len(out.features)), dtype=torch.float64))
+
+
+def test_state_dict_round_trip():
+    torch.manual_seed(0)
+    def build():
+        return sp.SparseSequential(
+            sp.SubMConv3d(3, 8, 3, indice_key="s"), nn.BatchNorm1d(8), nn.ReLU(),
+            sp.SparseConv3d(8, 8, (3, 2, 3), stride=2, bias=False, indice_key="d"),
+            sp.SparseInverseConv3d(8, 4, (3, 2, 3), indice_key="d"),
+            sp.SparseMaxPool3d(2),
+        )
+    net = build().double()
+    gen = make_gen("state_dict")
+    idx = random_sites(gen, 2, (8, 8, 8), count=150)
+    x = randn(gen, 150, 3)
+    net.train()(sparse_tensor(x, idx, (8, 8, 8), 2))  # move BatchNorm's running stats
+    net.eval()
+    state = net.state_dict()
+    assert state["0.weight"].shape == (8, 3, 3, 3, 3)
+    assert state["3.weight"].shape == (8, 3, 2, 3, 8) and "3.bias" not in state
+    assert state["4.weight"].shape == (4, 3, 2, 3, 8)
+    assert "1.running_mean" in state
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    torch.manual_seed(1)
+    other = build().double().eval()
+    other.load_state_dict(torch.load(buffer))
+    for key, value in other.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    a = net(sparse_tensor(x, idx, (8, 8, 8), 2))
+    b = other(sparse_tensor(x, idx, (8, 8, 8), 2))
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.features, b.features)
+
+
+def test_sparse_sequential_and_small_modules():
+    gen = make_gen("sequential")
+    idx = random_sites(gen, 2, (6, 6, 6), count=40)
+    x = sparse_tensor(randn(gen, 40, 3), idx, (6, 6, 6), 2)
+    net = sp.SparseSequential(sp.SubMConv3d(3, 4, 3, algo=sp.ConvAlgo.Native), nn.ReLU())
+    net.add(sp.Identity())
+    net.add(sp.ToDense(), name="dense")
+    net.double()
+    assert len(net) == 4 and isinstance(net[-1], sp.ToDense) and isinstance(net[1], nn.ReLU)
+    dense = net(x)
+    assert dense.shape == (2, 4, 6, 6, 6) and (dense >= 0).all()
+    with pytest.raises(IndexError):
+        net[4]
+    with pytest.raises(KeyError, match="dense"):
+        net.add(sp.Identity(), name="dense")
