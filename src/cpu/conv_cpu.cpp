@@ -11,39 +11,76 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
+#include "gemm_avx2.h"
 #include "spconv_lite/checks.h"
 
 namespace spconv_lite {
 namespace {
 
+// Portable fallback of avx2::rows_times_matrix_all: acc_rows[p] += x_rows[p] @ w for each pair.
+template <typename scalar_t, typename acc_t>
+void rows_times_matrix_generic(const scalar_t* const* x_rows, acc_t* const* acc_rows,
+                               int64_t count, const scalar_t* w, int64_t c_in, int64_t c_out) {
+  for (int64_t p = 0; p < count; ++p) {
+    const scalar_t* x = x_rows[p];
+    acc_t* acc = acc_rows[p];
+    for (int64_t ci = 0; ci < c_in; ++ci) {
+      const acc_t xv = static_cast<acc_t>(x[ci]);
+      const scalar_t* w_row = w + ci * c_out;
+      for (int64_t co = 0; co < c_out; ++co) acc[co] += xv * static_cast<acc_t>(w_row[co]);
+    }
+  }
+}
+
 // out[o] = sum_k in[nbr[o, k]] @ weight[k]  with weight [K, C_in, C_out].
+// Threads own blocks of output rows and accumulate them in a small buffer; within a block the
+// rows that have a neighbour at offset k form one gathered tile product with weight[k].
 template <typename scalar_t>
 void gather_gemm_scatter(const scalar_t* in, const scalar_t* weight, const int32_t* nbr,
                          scalar_t* out, int64_t rows, int64_t volume, int64_t c_in,
                          int64_t c_out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, volume * c_in * c_out / 64));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(c_out);
-    for (int64_t o = begin; o < end; ++o) {
+  const int64_t block = std::clamp<int64_t>(8192 / std::max<int64_t>(c_out, 1), 16, 256);
+  const int64_t num_blocks = (rows + block - 1) / block;
+#ifdef SPCONV_LITE_HAS_AVX2_KERNELS
+  const bool use_avx2 = std::is_same_v<scalar_t, float> && avx2::supported();
+#endif
+  at::parallel_for(0, num_blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+    std::vector<acc_t> acc(block * c_out);
+    std::vector<const scalar_t*> x_rows(block);
+    std::vector<acc_t*> acc_rows(block);
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      const int64_t o_begin = b * block, o_end = std::min(rows, o_begin + block);
       std::fill(acc.begin(), acc.end(), acc_t(0));
-      const int32_t* row_nbr = nbr + o * volume;
       for (int64_t k = 0; k < volume; ++k) {
-        const int64_t i = row_nbr[k];
-        if (i < 0) continue;
-        const scalar_t* x = in + i * c_in;
-        const scalar_t* w = weight + k * c_in * c_out;
-        for (int64_t ci = 0; ci < c_in; ++ci) {
-          const acc_t xv = static_cast<acc_t>(x[ci]);
-          const scalar_t* w_row = w + ci * c_out;
-          acc_t* a = acc.data();
-          for (int64_t co = 0; co < c_out; ++co) a[co] += xv * static_cast<acc_t>(w_row[co]);
+        int64_t count = 0;
+        for (int64_t o = o_begin; o < o_end; ++o) {
+          const int64_t i = nbr[o * volume + k];
+          if (i < 0) continue;
+          x_rows[count] = in + i * c_in;
+          acc_rows[count] = acc.data() + (o - o_begin) * c_out;
+          ++count;
         }
+        const scalar_t* w = weight + k * c_in * c_out;
+#ifdef SPCONV_LITE_HAS_AVX2_KERNELS
+        if (use_avx2) {
+          avx2::rows_times_matrix_all(reinterpret_cast<const float* const*>(x_rows.data()),
+                                      reinterpret_cast<float* const*>(acc_rows.data()), count,
+                                      reinterpret_cast<const float*>(w), c_in, c_out);
+          continue;
+        }
+#endif
+        rows_times_matrix_generic(x_rows.data(), acc_rows.data(), count, w, c_in, c_out);
       }
-      scalar_t* y = out + o * c_out;
-      for (int64_t co = 0; co < c_out; ++co) y[co] = static_cast<scalar_t>(acc[co]);
+      for (int64_t o = o_begin; o < o_end; ++o) {
+        const acc_t* a = acc.data() + (o - o_begin) * c_out;
+        scalar_t* y = out + o * c_out;
+        for (int64_t co = 0; co < c_out; ++co) y[co] = static_cast<scalar_t>(a[co]);
+      }
     }
   });
 }
@@ -74,30 +111,89 @@ at::Tensor sparse_conv_cpu(const at::Tensor& features, const at::Tensor& weight,
   return out;
 }
 
-// grad_weight[k] = sum over pairs (i, o) of offset k of in[i]^T grad_out[o]. One thread owns
-// each offset k, and pairs are summed in output-row order: deterministic.
+// Pairs (input row, output row) of each kernel offset, in output-row order (CSR over offsets).
+struct PairLists {
+  std::vector<int64_t> begin;  // [K + 1]
+  std::vector<int32_t> in_rows, out_rows;
+};
+
+PairLists pairs_by_offset(const int32_t* nbr, int64_t rows, int64_t volume) {
+  PairLists pairs;
+  pairs.begin.assign(volume + 1, 0);
+  for (int64_t o = 0; o < rows; ++o) {
+    for (int64_t k = 0; k < volume; ++k) pairs.begin[k + 1] += nbr[o * volume + k] >= 0;
+  }
+  for (int64_t k = 0; k < volume; ++k) pairs.begin[k + 1] += pairs.begin[k];
+  pairs.in_rows.resize(pairs.begin[volume]);
+  pairs.out_rows.resize(pairs.begin[volume]);
+  at::parallel_for(0, volume, 1, [&](int64_t k_begin, int64_t k_end) {
+    for (int64_t k = k_begin; k < k_end; ++k) {
+      int64_t at = pairs.begin[k];
+      for (int64_t o = 0; o < rows; ++o) {
+        const int32_t i = nbr[o * volume + k];
+        if (i < 0) continue;
+        pairs.in_rows[at] = i;
+        pairs.out_rows[at] = static_cast<int32_t>(o);
+        ++at;
+      }
+    }
+  });
+  return pairs;
+}
+
+// grad_weight[k, c, :] = sum over the pairs (i, o) of offset k of in[i, c] * grad_out[o, :].
+// Work units are (offset, block of input channels): each writes its own slice of grad_weight and
+// sums the pairs in output-row order, so the result does not depend on the thread count.
 template <typename scalar_t>
 void weight_grad_kernel(const scalar_t* in, const scalar_t* grad_out, const int32_t* nbr,
                         scalar_t* grad_weight, int64_t rows, int64_t volume, int64_t c_in,
                         int64_t c_out) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, volume, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(c_in * c_out);
-    for (int64_t k = begin; k < end; ++k) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t o = 0; o < rows; ++o) {
-        const int64_t i = nbr[o * volume + k];
-        if (i < 0) continue;
-        const scalar_t* x = in + i * c_in;
-        const scalar_t* g = grad_out + o * c_out;
-        for (int64_t ci = 0; ci < c_in; ++ci) {
-          const acc_t xv = static_cast<acc_t>(x[ci]);
-          acc_t* a = acc.data() + ci * c_out;
-          for (int64_t co = 0; co < c_out; ++co) a[co] += xv * static_cast<acc_t>(g[co]);
+  constexpr int64_t kChannelBlock = 4;
+  const PairLists pairs = pairs_by_offset(nbr, rows, volume);
+  const int64_t blocks_per_offset = (c_in + kChannelBlock - 1) / kChannelBlock;
+#ifdef SPCONV_LITE_HAS_AVX2_KERNELS
+  const bool use_avx2 = std::is_same_v<scalar_t, float> && avx2::supported();
+#endif
+  at::parallel_for(0, volume * blocks_per_offset, 1, [&](int64_t u_begin, int64_t u_end) {
+    std::vector<const scalar_t*> x_rows, g_rows;
+    std::vector<acc_t> acc;
+    for (int64_t unit = u_begin; unit < u_end; ++unit) {
+      const int64_t k = unit / blocks_per_offset;
+      const int64_t c0 = (unit % blocks_per_offset) * kChannelBlock;
+      const int64_t channels = std::min(kChannelBlock, c_in - c0);
+      const int64_t first = pairs.begin[k], count = pairs.begin[k + 1] - first;
+      x_rows.resize(count);
+      g_rows.resize(count);
+      for (int64_t p = 0; p < count; ++p) {
+        x_rows[p] = in + int64_t{pairs.in_rows[first + p]} * c_in + c0;
+        g_rows[p] = grad_out + int64_t{pairs.out_rows[first + p]} * c_out;
+      }
+      scalar_t* dw = grad_weight + (k * c_in + c0) * c_out;
+#ifdef SPCONV_LITE_HAS_AVX2_KERNELS
+      if (use_avx2) {
+        auto xs = reinterpret_cast<const float* const*>(x_rows.data());
+        auto gs = reinterpret_cast<const float* const*>(g_rows.data());
+        auto out = reinterpret_cast<float*>(dw);
+        switch (channels) {
+          case 4: avx2::outer_product_sum<4>(xs, gs, count, out, c_out); break;
+          case 3: avx2::outer_product_sum<3>(xs, gs, count, out, c_out); break;
+          case 2: avx2::outer_product_sum<2>(xs, gs, count, out, c_out); break;
+          default: avx2::outer_product_sum<1>(xs, gs, count, out, c_out); break;
+        }
+        continue;
+      }
+#endif
+      acc.assign(channels * c_out, acc_t(0));
+      for (int64_t p = 0; p < count; ++p) {
+        for (int64_t c = 0; c < channels; ++c) {
+          const acc_t xv = static_cast<acc_t>(x_rows[p][c]);
+          for (int64_t co = 0; co < c_out; ++co) {
+            acc[c * c_out + co] += xv * static_cast<acc_t>(g_rows[p][co]);
+          }
         }
       }
-      scalar_t* dst = grad_weight + k * c_in * c_out;
-      for (int64_t j = 0; j < c_in * c_out; ++j) dst[j] = static_cast<scalar_t>(acc[j]);
+      for (int64_t j = 0; j < channels * c_out; ++j) dw[j] = static_cast<scalar_t>(acc[j]);
     }
   });
 }
