@@ -190,6 +190,24 @@ at::Tensor neighbor_table(const std::vector<int64_t>& row_keys, const Grid& row_
   return table;
 }
 
+// The transposed table: out[table[r, k], k] = r. Each (target row, k) is written by exactly one
+// (r, k) (a site reaches one site per offset), so parallel writes never collide.
+at::Tensor transpose_table(const at::Tensor& table, int64_t target_rows) {
+  const int64_t rows = table.size(0), volume = table.size(1);
+  at::Tensor out = at::full({target_rows, volume}, -1, at::dtype(at::kInt));
+  const int32_t* src = table.data_ptr<int32_t>();
+  int32_t* dst = out.data_ptr<int32_t>();
+  at::parallel_for(0, rows, kRowGrain / volume + 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t k = 0; k < volume; ++k) {
+        const int64_t target = src[r * volume + k];
+        if (target >= 0) dst[target * volume + k] = static_cast<int32_t>(r);
+      }
+    }
+  });
+  return out;
+}
+
 // Keys of every output site reached by an input site, sorted (= by batch, then coordinates).
 // The distinct keys are collected in a hash set sized from an estimate that grows on overflow,
 // so memory follows the number of output sites rather than the candidate count.
@@ -271,12 +289,38 @@ std::tuple<at::Tensor, at::Tensor> build_subm_map_cpu(const at::Tensor& indices,
   const at::Tensor contiguous = indices.contiguous();
   const std::vector<int64_t> keys = pack_indices(contiguous, grid, batch_size, spatial_shape);
   OwnedHashTable table = build_site_table(keys, contiguous);
-  at::Tensor nbr = neighbor_table(keys, grid, geometry, /*direct=*/true, grid, table.view());
-  // A centred odd kernel is symmetric: output o reaches input i through offset k exactly when
-  // input i reaches output o through offset K-1-k, so the transposed table is nbr reversed.
+  HashTableView view = table.view();
+  // A centred odd kernel is symmetric: o reaches i through offset k exactly when i reaches o
+  // through offset K-1-k. So look up only the offsets before the centre, set the centre to the
+  // site itself, and mirror the rest. Each mirrored (i, K-1-k) has exactly one writer.
+  const int64_t rows = static_cast<int64_t>(keys.size()), volume = geometry.volume;
+  const int64_t centre = volume / 2;
+  at::Tensor nbr = at::empty({rows, volume}, at::dtype(at::kInt));
+  int32_t* table_out = nbr.data_ptr<int32_t>();
+  at::parallel_for(0, rows, kRowGrain / volume + 1, [&](int64_t begin, int64_t end) {
+    NeighborKeys neighbors(grid, geometry, /*direct=*/true, grid);
+    std::vector<int64_t> neighbor_keys(volume);
+    for (int64_t r = begin; r < end; ++r) {
+      neighbors.compute(keys[r], neighbor_keys.data());
+      int32_t* row = table_out + r * volume;
+      for (int64_t k = 0; k < centre; ++k) {
+        row[k] = neighbor_keys[k] < 0 ? -1 : view.find(neighbor_keys[k]);
+      }
+      row[centre] = static_cast<int32_t>(r);
+      std::fill(row + centre + 1, row + volume, -1);
+    }
+  });
+  at::parallel_for(0, rows, kRowGrain / volume + 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t k = 0; k < centre; ++k) {
+        const int64_t i = table_out[r * volume + k];
+        if (i >= 0) table_out[i * volume + volume - 1 - k] = static_cast<int32_t>(r);
+      }
+    }
+  });
+  // The transposed table is the same table with the offsets reversed.
   at::Tensor nbr_t = at::empty_like(nbr);
-  const int64_t rows = nbr.size(0), volume = geometry.volume;
-  const int32_t* src = nbr.data_ptr<int32_t>();
+  const int32_t* src = table_out;
   int32_t* dst = nbr_t.data_ptr<int32_t>();
   at::parallel_for(0, rows, kRowGrain / volume + 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -317,10 +361,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> build_conv_map_cpu(
                        out_view.insert(out_keys[r], static_cast<int32_t>(r), &slot);
                      }
                    });
-  at::Tensor nbr = neighbor_table(out_keys, out_grid, geometry, !input_to_output_direct, in_grid,
-                                  in_table.view());
+  // Only the few valid (input, offset) candidates need a lookup; nbr follows by transposition.
   at::Tensor nbr_t =
       neighbor_table(in_keys, in_grid, geometry, input_to_output_direct, out_grid, out_view);
+  at::Tensor nbr = transpose_table(nbr_t, static_cast<int64_t>(out_keys.size()));
   return {keys_to_indices(out_keys, out_grid), nbr, nbr_t};
 }
 
