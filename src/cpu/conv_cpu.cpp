@@ -120,9 +120,13 @@ struct PairLists {
 PairLists pairs_by_offset(const int32_t* nbr, int64_t rows, int64_t volume) {
   PairLists pairs;
   pairs.begin.assign(volume + 1, 0);
-  for (int64_t o = 0; o < rows; ++o) {
-    for (int64_t k = 0; k < volume; ++k) pairs.begin[k + 1] += nbr[o * volume + k] >= 0;
-  }
+  at::parallel_for(0, volume, 1, [&](int64_t k_begin, int64_t k_end) {
+    for (int64_t k = k_begin; k < k_end; ++k) {
+      int64_t count = 0;
+      for (int64_t o = 0; o < rows; ++o) count += nbr[o * volume + k] >= 0;
+      pairs.begin[k + 1] = count;
+    }
+  });
   for (int64_t k = 0; k < volume; ++k) pairs.begin[k + 1] += pairs.begin[k];
   pairs.in_rows.resize(pairs.begin[volume]);
   pairs.out_rows.resize(pairs.begin[volume]);
@@ -141,59 +145,52 @@ PairLists pairs_by_offset(const int32_t* nbr, int64_t rows, int64_t volume) {
   return pairs;
 }
 
-// grad_weight[k, c, :] = sum over the pairs (i, o) of offset k of in[i, c] * grad_out[o, :].
-// Work units are (offset, block of input channels): each writes its own slice of grad_weight and
-// sums the pairs in output-row order, so the result does not depend on the thread count.
+// grad_weight[k] = sum over the pairs (i, o) of offset k of in[i]^T grad_out[o]. One thread owns
+// each offset. Its pairs are processed in fixed chunks gathered into contiguous buffers (so the
+// tile products run from L1), and the chunk sums are added in order: the result does not
+// depend on the thread count.
 template <typename scalar_t>
 void weight_grad_kernel(const scalar_t* in, const scalar_t* grad_out, const int32_t* nbr,
                         scalar_t* grad_weight, int64_t rows, int64_t volume, int64_t c_in,
                         int64_t c_out) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int64_t kChannelBlock = 4;
+  const int64_t chunk = std::clamp<int64_t>(4096 / std::max(c_in, c_out), 16, 256);
   const PairLists pairs = pairs_by_offset(nbr, rows, volume);
-  const int64_t blocks_per_offset = (c_in + kChannelBlock - 1) / kChannelBlock;
 #ifdef SPCONV_LITE_HAS_AVX2_KERNELS
   const bool use_avx2 = std::is_same_v<scalar_t, float> && avx2::supported();
 #endif
-  at::parallel_for(0, volume * blocks_per_offset, 1, [&](int64_t u_begin, int64_t u_end) {
-    std::vector<const scalar_t*> x_rows, g_rows;
-    std::vector<acc_t> acc;
-    for (int64_t unit = u_begin; unit < u_end; ++unit) {
-      const int64_t k = unit / blocks_per_offset;
-      const int64_t c0 = (unit % blocks_per_offset) * kChannelBlock;
-      const int64_t channels = std::min(kChannelBlock, c_in - c0);
-      const int64_t first = pairs.begin[k], count = pairs.begin[k + 1] - first;
-      x_rows.resize(count);
-      g_rows.resize(count);
-      for (int64_t p = 0; p < count; ++p) {
-        x_rows[p] = in + int64_t{pairs.in_rows[first + p]} * c_in + c0;
-        g_rows[p] = grad_out + int64_t{pairs.out_rows[first + p]} * c_out;
-      }
-      scalar_t* dw = grad_weight + (k * c_in + c0) * c_out;
-#ifdef SPCONV_LITE_HAS_AVX2_KERNELS
-      if (use_avx2) {
-        auto xs = reinterpret_cast<const float* const*>(x_rows.data());
-        auto gs = reinterpret_cast<const float* const*>(g_rows.data());
-        auto out = reinterpret_cast<float*>(dw);
-        switch (channels) {
-          case 4: avx2::outer_product_sum<4>(xs, gs, count, out, c_out); break;
-          case 3: avx2::outer_product_sum<3>(xs, gs, count, out, c_out); break;
-          case 2: avx2::outer_product_sum<2>(xs, gs, count, out, c_out); break;
-          default: avx2::outer_product_sum<1>(xs, gs, count, out, c_out); break;
+  at::parallel_for(0, volume, 1, [&](int64_t k_begin, int64_t k_end) {
+    std::vector<scalar_t> x_chunk(chunk * c_in), g_chunk(chunk * c_out);
+    std::vector<acc_t> acc(c_in * c_out);
+    for (int64_t k = k_begin; k < k_end; ++k) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t first = pairs.begin[k]; first < pairs.begin[k + 1]; first += chunk) {
+        const int64_t count = std::min(chunk, pairs.begin[k + 1] - first);
+        for (int64_t p = 0; p < count; ++p) {
+          std::copy_n(in + int64_t{pairs.in_rows[first + p]} * c_in, c_in, &x_chunk[p * c_in]);
+          std::copy_n(grad_out + int64_t{pairs.out_rows[first + p]} * c_out, c_out,
+                      &g_chunk[p * c_out]);
         }
-        continue;
-      }
+#ifdef SPCONV_LITE_HAS_AVX2_KERNELS
+        if (use_avx2) {
+          avx2::chunk_outer_product_all(reinterpret_cast<const float*>(x_chunk.data()), c_in,
+                                        reinterpret_cast<const float*>(g_chunk.data()), count,
+                                        reinterpret_cast<float*>(acc.data()), c_out);
+          continue;
+        }
 #endif
-      acc.assign(channels * c_out, acc_t(0));
-      for (int64_t p = 0; p < count; ++p) {
-        for (int64_t c = 0; c < channels; ++c) {
-          const acc_t xv = static_cast<acc_t>(x_rows[p][c]);
-          for (int64_t co = 0; co < c_out; ++co) {
-            acc[c * c_out + co] += xv * static_cast<acc_t>(g_rows[p][co]);
+        for (int64_t c = 0; c < c_in; ++c) {
+          acc_t* a = acc.data() + c * c_out;
+          for (int64_t p = 0; p < count; ++p) {
+            const acc_t xv = static_cast<acc_t>(x_chunk[p * c_in + c]);
+            for (int64_t co = 0; co < c_out; ++co) {
+              a[co] += xv * static_cast<acc_t>(g_chunk[p * c_out + co]);
+            }
           }
         }
       }
-      for (int64_t j = 0; j < channels * c_out; ++j) dw[j] = static_cast<scalar_t>(acc[j]);
+      scalar_t* dw = grad_weight + k * c_in * c_out;
+      for (int64_t j = 0; j < c_in * c_out; ++j) dw[j] = static_cast<scalar_t>(acc[j]);
     }
   });
 }

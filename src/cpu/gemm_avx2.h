@@ -90,27 +90,29 @@ SPCONV_LITE_AVX2 inline void rows_times_matrix_all(const float* const* x_rows,
   }
 }
 
-// dw[c][co] = sum_p x_rows[p][c] * g_rows[p][co] for CI consecutive input channels c (x_rows
-// already offset to the first of them), over all pairs p in order.
+// dw[c][co] += sum_p x[p * x_stride + c] * g[p * c_out + co] for CI consecutive channels c (x
+// already offset to the first of them) over `count` gathered rows: the per-chunk sums stay in
+// registers (CI * 2 accumulators), then are added to dw once.
 template <int CI>
-SPCONV_LITE_AVX2 void outer_product_sum(const float* const* x_rows, const float* const* g_rows,
-                                        int64_t count, float* dw, int64_t c_out) {
+SPCONV_LITE_AVX2 void chunk_outer_product(const float* x, int64_t x_stride, const float* g,
+                                          int64_t count, float* dw, int64_t c_out) {
   int64_t co = 0;
   for (; co + 16 <= c_out; co += 16) {
     __m256 a0[CI], a1[CI];
     for (int c = 0; c < CI; ++c) a0[c] = a1[c] = _mm256_setzero_ps();
     for (int64_t p = 0; p < count; ++p) {
-      const __m256 g0 = _mm256_loadu_ps(g_rows[p] + co);
-      const __m256 g1 = _mm256_loadu_ps(g_rows[p] + co + 8);
+      const __m256 g0 = _mm256_loadu_ps(g + p * c_out + co);
+      const __m256 g1 = _mm256_loadu_ps(g + p * c_out + co + 8);
       for (int c = 0; c < CI; ++c) {
-        const __m256 xv = _mm256_broadcast_ss(x_rows[p] + c);
+        const __m256 xv = _mm256_broadcast_ss(x + p * x_stride + c);
         a0[c] = _mm256_fmadd_ps(xv, g0, a0[c]);
         a1[c] = _mm256_fmadd_ps(xv, g1, a1[c]);
       }
     }
     for (int c = 0; c < CI; ++c) {
-      _mm256_storeu_ps(dw + c * c_out + co, a0[c]);
-      _mm256_storeu_ps(dw + c * c_out + co + 8, a1[c]);
+      float* dst = dw + c * c_out + co;
+      _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), a0[c]));
+      _mm256_storeu_ps(dst + 8, _mm256_add_ps(_mm256_loadu_ps(dst + 8), a1[c]));
     }
   }
   for (; co < c_out; co += 8) {
@@ -118,12 +120,31 @@ SPCONV_LITE_AVX2 void outer_product_sum(const float* const* x_rows, const float*
     __m256 a0[CI];
     for (int c = 0; c < CI; ++c) a0[c] = _mm256_setzero_ps();
     for (int64_t p = 0; p < count; ++p) {
-      const __m256 g0 = _mm256_maskload_ps(g_rows[p] + co, mask);
+      const __m256 g0 = _mm256_maskload_ps(g + p * c_out + co, mask);
       for (int c = 0; c < CI; ++c) {
-        a0[c] = _mm256_fmadd_ps(_mm256_broadcast_ss(x_rows[p] + c), g0, a0[c]);
+        a0[c] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + p * x_stride + c), g0, a0[c]);
       }
     }
-    for (int c = 0; c < CI; ++c) _mm256_maskstore_ps(dw + c * c_out + co, mask, a0[c]);
+    for (int c = 0; c < CI; ++c) {
+      float* dst = dw + c * c_out + co;
+      _mm256_maskstore_ps(dst, mask, _mm256_add_ps(_mm256_maskload_ps(dst, mask), a0[c]));
+    }
+  }
+}
+
+// chunk_outer_product over all c_in channels, in blocks of 6 (12 accumulators).
+SPCONV_LITE_AVX2 inline void chunk_outer_product_all(const float* x, int64_t c_in,
+                                                     const float* g, int64_t count, float* dw,
+                                                     int64_t c_out) {
+  int64_t c = 0;
+  for (; c + 6 <= c_in; c += 6) chunk_outer_product<6>(x + c, c_in, g, count, dw + c * c_out, c_out);
+  switch (c_in - c) {
+    case 5: chunk_outer_product<5>(x + c, c_in, g, count, dw + c * c_out, c_out); break;
+    case 4: chunk_outer_product<4>(x + c, c_in, g, count, dw + c * c_out, c_out); break;
+    case 3: chunk_outer_product<3>(x + c, c_in, g, count, dw + c * c_out, c_out); break;
+    case 2: chunk_outer_product<2>(x + c, c_in, g, count, dw + c * c_out, c_out); break;
+    case 1: chunk_outer_product<1>(x + c, c_in, g, count, dw + c * c_out, c_out); break;
+    default: break;
   }
 }
 
