@@ -150,3 +150,27 @@ def test_batchnorm_after_strided_conv_compiles(mode):
         eager = run(net, features, idx)
     for e, c in zip(eager, comp):
         assert_same_sparse(e, c)
+
+
+class _ExportWrapper(nn.Module):
+    """torch.export needs tensors in and out: build the sparse tensor inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = Net(norm_after_down=True).eval()
+
+    def forward(self, features, indices):
+        out, pooled = self.net(sparse_tensor(features, indices, SHAPE, BATCH))
+        return out.features, out.indices, pooled.features, pooled.indices
+
+
+def test_torch_export_matches_eager():
+    torch.manual_seed(0)
+    model = _ExportWrapper()
+    features, idx = make_input("export")
+    exported = torch.export.export(model, (features, idx))
+    ops_in_graph = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert "spconv_lite.build_conv_map.default" in ops_in_graph
+    with torch.no_grad():
+        for got, want in zip(exported.module()(features, idx), model(features, idx)):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
