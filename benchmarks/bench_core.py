@@ -32,17 +32,25 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import (
+    SPCONV_VERSION,
+    Case,
+    ConvAlgo,
+    cpu_name,
+    fmt,
+    probe,
+    spconv_ops,
+    spconv_torch,
+    time_case,
+)
 
 import spconv_lite
 from spconv_lite import ops
 from spconv_lite.synthetic import voxelize_mean
-
-from common import SPCONV_VERSION, ConvAlgo, cpu_name, fmt, probe, spconv_ops, spconv_torch, time_case
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "lidar" / "kitti_object_training_000000.bin"
@@ -71,17 +79,6 @@ def load_voxels(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
 # ---------------------------------------------------------------------------------------------
 # Cases: each gives a zero-argument callable for ours and (optionally) for spconv, plus a check
 # comparing the two outputs.
-
-
-class Case:
-    """A benchmark case: ``ours()`` and ``theirs()`` run one call; ``check()`` compares them."""
-
-    def __init__(self, name: str, ours: Callable, theirs: Callable | None = None,
-                 check: Callable[[], str] | None = None) -> None:
-        self.name = name
-        self.ours = ours
-        self.theirs = theirs
-        self.check = check
 
 
 def sort_rows(indices: torch.Tensor, shape: list[int]) -> torch.Tensor:

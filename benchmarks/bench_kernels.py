@@ -23,13 +23,12 @@ import time
 from pathlib import Path
 
 import torch
+from bench_networks import BUILDERS, leaf_modules, load_input
+from common import DATA_DIR, cpu_name
 
 import spconv_lite
 from spconv_lite import ops
 from spconv_lite.kernel_map import conv_map, subm_map
-
-from bench_networks import BUILDERS, leaf_modules, load_input
-from common import DATA_DIR, cpu_name
 
 
 def median_seconds(fn, repeats: int) -> float:

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -38,12 +36,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import DATA_DIR, SPCONV_VERSION, cpu_name, spconv_torch, time_alternating
 from torch import nn
 
 import spconv_lite
 from spconv_lite.synthetic import voxelize_mean
-
-from common import DATA_DIR, SPCONV_VERSION, cpu_name, spconv_torch, stats
 
 NETS = {
     "second": dict(
@@ -208,19 +205,6 @@ def compare(ours, theirs) -> str:
     return f"same {len(a)} sites, max rel err {rel:.1e}"
 
 
-def time_alternating(fns: dict, warmup: int, repeats: int) -> dict:
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    samples = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: stats(s) for name, s in samples.items()}
-
-
 def run_net(name: str, args, threads: list[int], peaks: dict) -> dict:
     features, indices, shape = load_input(name, args.data)
     torch.manual_seed(0)
@@ -263,7 +247,8 @@ def run_net(name: str, args, threads: list[int], peaks: dict) -> dict:
         map_seconds = min(profile_forward(ours_net, features, indices, shape)[1] for _ in range(3))
         for label, st in timings.items():
             gflops = gflop / (st["median_ms"] / 1e3)
-            row = {"threads": n, "what": label, **{k: v for k, v in st.items() if k != "samples_ms"},
+            summary = {k: v for k, v in st.items() if k != "samples_ms"}
+            row = {"threads": n, "what": label, **summary,
                    "useful_gflops": gflops, "fraction_of_peak": gflops / peaks[n]}
             result["runs"].append(row)
         ours_ms = timings["ours fwd"]["median_ms"]

@@ -27,6 +27,17 @@ REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO.parent / "shared" / "data" / "lidar"
 
 
+class Case:
+    """A benchmark case: ``ours()`` and ``theirs()`` run one call; ``check()`` compares them."""
+
+    def __init__(self, name: str, ours: Callable, theirs: Callable | None = None,
+                 check: Callable[[], str] | None = None) -> None:
+        self.name = name
+        self.ours = ours
+        self.theirs = theirs
+        self.check = check
+
+
 def probe(fn: Callable) -> str | None:
     """Runs ``fn`` once; returns None if it works, else a one-line reason (spconv's own error
     printing is swallowed)."""
@@ -60,6 +71,12 @@ def time_case(case: Case, warmup: int, repeats: int, with_theirs: bool) -> dict:
             fns["spconv"] = case.theirs
         else:
             errors["spconv"] = reason
+    return {"stats": time_alternating(fns, warmup, repeats), "errors": errors}
+
+
+def time_alternating(fns: dict[str, Callable], warmup: int, repeats: int) -> dict:
+    """Statistics (ms) of each function, run in turn call by call so that they share the
+    machine's state (clock, caches, other load) evenly."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -69,7 +86,7 @@ def time_case(case: Case, warmup: int, repeats: int, with_theirs: bool) -> dict:
             start = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - start) * 1e3)
-    return {"stats": {name: stats(s) for name, s in samples.items()}, "errors": errors}
+    return {name: stats(s) for name, s in samples.items()}
 
 
 def fmt(st: dict | None) -> str:

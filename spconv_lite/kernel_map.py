@@ -30,7 +30,9 @@ def expand_nd(ndim: int, value: IntOrSeq, name: str) -> tuple[int, ...]:
     try:
         values = tuple(operator.index(v) for v in value)
     except TypeError as exc:
-        raise TypeError(f"{name} must be an int or a sequence of {ndim} ints, got {value!r}") from exc
+        raise TypeError(
+            f"{name} must be an int or a sequence of {ndim} ints, got {value!r}"
+        ) from exc
     if len(values) != ndim:
         raise ValueError(f"{name} must have {ndim} entries, got {list(values)}")
     return values
@@ -172,7 +174,9 @@ def conv_map(
     return kmap
 
 
-def inverse_map(x: SparseConvTensor, kernel_size: tuple[int, ...], indice_key: Optional[str]) -> KernelMap:
+def inverse_map(
+    x: SparseConvTensor, kernel_size: tuple[int, ...], indice_key: Optional[str]
+) -> KernelMap:
     """The map of the conv stored under ``indice_key``, to run it backwards on ``x``."""
     if indice_key is None:
         raise ValueError("an inverse conv needs the indice_key of the conv it inverts, got None")

@@ -180,7 +180,9 @@ class SparseConvTensor:
         """Sparse tensor of the sites of a channels-last ``[B, *spatial, C]`` tensor where any
         channel is nonzero."""
         if x.dim() < 3:
-            raise ValueError(f"x must be [B, *spatial, C] with 1 to 4 spatial dims, got {list(x.shape)}")
+            raise ValueError(
+                f"x must be [B, *spatial, C] with 1 to 4 spatial dims, got {list(x.shape)}"
+            )
         sparse = x.to_sparse(x.dim() - 1).coalesce()
         indices = sparse.indices().t().contiguous().int()
         return cls(sparse.values(), indices, list(x.shape[1:-1]), x.shape[0])

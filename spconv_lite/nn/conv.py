@@ -78,7 +78,9 @@ class SparseConvolution(SparseModule):
     ) -> None:
         super().__init__(name=name)
         if groups != 1:
-            raise ValueError(f"groups must be 1 (grouped sparse conv is not supported), got {groups}")
+            raise ValueError(
+                f"groups must be 1 (grouped sparse conv is not supported), got {groups}"
+            )
         for arg, value in (("in_channels", in_channels), ("out_channels", out_channels)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{arg} must be a positive int, got {value!r}")
@@ -98,7 +100,9 @@ class SparseConvolution(SparseModule):
             if any(v < minimum for v in values):
                 raise ValueError(f"{arg} entries must be >= {minimum}, got {list(values)}")
         if subm and any(k % 2 == 0 for k in self.kernel_size):
-            raise ValueError(f"submanifold conv needs odd kernel sizes, got {list(self.kernel_size)}")
+            raise ValueError(
+                f"submanifold conv needs odd kernel sizes, got {list(self.kernel_size)}"
+            )
         if inverse and indice_key is None:
             raise ValueError("an inverse conv needs the indice_key of the conv it inverts")
         self.groups = groups
@@ -196,7 +200,8 @@ def _conv_class(class_name: str, ndim: int, subm=False, transposed=False, invers
                 large_kernel_fast_algo=large_kernel_fast_algo, name=name,
             )
 
-    kind = "submanifold" if subm else "inverse" if inverse else "transposed" if transposed else "regular"
+    kind = ("submanifold" if subm else "inverse" if inverse
+            else "transposed" if transposed else "regular")
     doc = f"{ndim}-D {kind} sparse convolution (spconv's ``{class_name}``)."
     return type(class_name, (SparseConvolution,), {"__init__": __init__, "__doc__": doc})
 

@@ -1,4 +1,4 @@
-"""Containers and small modules: ``SparseModule``, ``SparseSequential``, ``ToDense``, ``Identity``."""
+"""Containers and small modules: SparseModule, SparseSequential, ToDense, Identity."""
 
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ class SparseSequential(SparseModule):
             if isinstance(module, SparseModule) or not isinstance(x, SparseConvTensor):
                 x = module(x)
                 continue
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and torch.compiler.is_compiling():
+            is_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
+            if is_norm and torch.compiler.is_compiling():
                 # The row count after a strided conv is data dependent, and batch_norm branches
                 # on it (numel == 0; one row in training). Promise the tracer a usable count; an
                 # input without enough sites then fails a runtime check instead of a trace.

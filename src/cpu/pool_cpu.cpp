@@ -27,6 +27,28 @@ void check_pool_inputs(const at::Tensor& features, const at::Tensor& nbr,
   check_neighbor_entries_cpu(nbr, "nbr", features.size(0));
 }
 
+// dst[r, c] = sum over k of src[table[r, k], c] where include(r, table[r, k], c) holds, summed in
+// offset order by the thread that owns row r.
+template <typename scalar_t, typename Include>
+void sum_over_neighbors(const scalar_t* src, const int32_t* table, int64_t rows, int64_t volume,
+                        int64_t channels, scalar_t* dst, const Include& include) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, rows, kPoolGrain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(channels);
+    for (int64_t r = begin; r < end; ++r) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t k = 0; k < volume; ++k) {
+        const int64_t n = table[r * volume + k];
+        if (n < 0) continue;
+        for (int64_t c = 0; c < channels; ++c) {
+          if (include(r, n, c)) acc[c] += static_cast<acc_t>(src[n * channels + c]);
+        }
+      }
+      for (int64_t c = 0; c < channels; ++c) dst[r * channels + c] = static_cast<scalar_t>(acc[c]);
+    }
+  });
+}
+
 // out[o] = sum over k of in[nbr[o, k]].
 at::Tensor sparse_sum_pool_cpu(const at::Tensor& features, const at::Tensor& nbr,
                                const at::Tensor& nbr_t) {
@@ -37,22 +59,8 @@ at::Tensor sparse_sum_pool_cpu(const at::Tensor& features, const at::Tensor& nbr
   at::Tensor out = at::empty({rows, channels}, features.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, features.scalar_type(),
                                   "sparse_sum_pool_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* in = x.data_ptr<scalar_t>();
-    const int32_t* t = table.data_ptr<int32_t>();
-    scalar_t* y = out.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, kPoolGrain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(channels);
-      for (int64_t o = begin; o < end; ++o) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t k = 0; k < volume; ++k) {
-          const int64_t i = t[o * volume + k];
-          if (i < 0) continue;
-          for (int64_t c = 0; c < channels; ++c) acc[c] += static_cast<acc_t>(in[i * channels + c]);
-        }
-        for (int64_t c = 0; c < channels; ++c) y[o * channels + c] = static_cast<scalar_t>(acc[c]);
-      }
-    });
+    sum_over_neighbors(x.data_ptr<scalar_t>(), table.data_ptr<int32_t>(), rows, volume, channels,
+                       out.data_ptr<scalar_t>(), [](int64_t, int64_t, int64_t) { return true; });
   });
   return out;
 }
@@ -121,25 +129,11 @@ at::Tensor sparse_max_pool_backward_cpu(const at::Tensor& grad_out, const at::Te
   at::Tensor grad_in = at::empty({rows, channels}, grad_out.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(),
                                   "sparse_max_pool_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* go = g.data_ptr<scalar_t>();
-    const int32_t* a = arg.data_ptr<int32_t>();
-    const int32_t* t = table.data_ptr<int32_t>();
-    scalar_t* gi = grad_in.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, kPoolGrain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(channels);
-      for (int64_t i = begin; i < end; ++i) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t k = 0; k < volume; ++k) {
-          const int64_t o = t[i * volume + k];
-          if (o < 0) continue;
-          for (int64_t c = 0; c < channels; ++c) {
-            if (a[o * channels + c] == i) acc[c] += static_cast<acc_t>(go[o * channels + c]);
-          }
-        }
-        for (int64_t c = 0; c < channels; ++c) gi[i * channels + c] = static_cast<scalar_t>(acc[c]);
-      }
-    });
+    const int32_t* arg_rows = arg.data_ptr<int32_t>();
+    sum_over_neighbors(g.data_ptr<scalar_t>(), table.data_ptr<int32_t>(), rows, volume, channels,
+                       grad_in.data_ptr<scalar_t>(), [&](int64_t i, int64_t o, int64_t c) {
+                         return arg_rows[o * channels + c] == i;
+                       });
   });
   return grad_in;
 }
