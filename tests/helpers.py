@@ -1,8 +1,10 @@
-"""Shared helpers of the fast-path tests: seeded random sparse inputs, dense PyTorch counterparts
-of every sparse op, and conversions between the spconv and torch weight layouts.
+"""Shared helpers of the tests: seeded random sparse inputs, dense PyTorch counterparts of every
+sparse op, conversions between the spconv and torch weight layouts, and the checks of a sparse
+run against its dense counterpart.
 
 Everything here is plain torch so that the dense side of a comparison never goes through
-spconv_lite code.
+spconv_lite code; spconv_lite is only imported by the helpers that build its modules and
+tensors, so the reference tests can use this file even when the C++ extension is not built.
 """
 
 from __future__ import annotations
@@ -10,13 +12,13 @@ from __future__ import annotations
 import contextlib
 import math
 import zlib
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-import spconv_lite as sp
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -62,6 +64,12 @@ def random_sites(gen: torch.Generator, batch_size: int, shape: Sequence[int],
     return torch.stack(coords[::-1], 1).to(torch.int32)
 
 
+def case_sites(batch_size: int, shape: Sequence[int], *key) -> tuple[torch.Generator, Tensor]:
+    """The generator of a case (seeded from ``key``) and the random sites drawn first from it."""
+    gen = make_gen(*key)
+    return gen, random_sites(gen, batch_size, shape)
+
+
 def randn(gen: torch.Generator, *shape, dtype=torch.float64, scale: float = 1.0) -> Tensor:
     """Seeded normal values, drawn in float64 then cast (same values across dtypes)."""
     return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
@@ -99,9 +107,25 @@ def support_sites(count: Tensor) -> Tensor:
     return (count[:, 0] > 0.5).nonzero().to(torch.int32)
 
 
+def skip_if_empty(out_shape: Sequence[int]) -> None:
+    """Skips a case whose dense output would have no cells: there is nothing to compare."""
+    if min(out_shape) < 1:
+        pytest.skip("dense output would be empty")
+
+
 def conv_shape(shape, k, s, p, d) -> list[int]:
     return [(n + 2 * pp - dd * (kk - 1) - 1) // ss + 1
             for n, kk, ss, pp, dd in zip(shape, k, s, p, d)]
+
+
+def conv_geometry(shape, k, s, p, d) -> tuple[tuple[int, ...], ...]:
+    """A case's kernel, stride (None: the kernel, as pools default), padding and dilation as
+    per-dimension tuples; skips the case if the dense output would be empty."""
+    ndim = len(shape)
+    k, p, d = (ntuple(v, ndim) for v in (k, p, d))
+    s = k if s is None else ntuple(s, ndim)
+    skip_if_empty(conv_shape(shape, k, s, p, d))
+    return k, s, p, d
 
 
 def transpose_shape(shape, k, s, p, d, op) -> list[int]:
@@ -153,6 +177,27 @@ def conv_support(indices: Tensor, shape, batch_size, k, s, p, d) -> Tensor:
     return support_sites(count)
 
 
+def transpose_support(indices: Tensor, shape, batch_size, k, s, p, d, op) -> Tensor:
+    """Exact output sites of a transposed conv: the support of occupancy (*)^T ones."""
+    count = CONV_T[len(shape)](occupancy(indices, shape, batch_size), ones_kernel(k), None, s, p,
+                               op, 1, d)
+    return support_sites(count)
+
+
+def dense_inverse_conv(features: Tensor, mid_indices: Tensor, mid_shape, shape, batch_size,
+                       weight: Tensor, bias: Optional[Tensor], k, s, p, d) -> Tensor:
+    """Dense inverse conv, ``[B, C_out, *shape]``: the conv_transpose of ``features`` at the
+    strided conv's output sites ``mid_indices``, landing on the conv's input shape ``shape``
+    (spconv weight layout ``[C_out, *k, C_in]``)."""
+    ndim = len(shape)
+    # output_padding makes the transpose land exactly on the conv's input shape.
+    op = [n - m for n, m in zip(shape, transpose_shape(mid_shape, k, s, p, d, (0,) * ndim))]
+    dense = CONV_T[ndim](densify(features, mid_indices, mid_shape, batch_size),
+                         conv_t_weight(weight), bias, s, p, op, 1, d)
+    assert list(dense.shape[2:]) == list(shape)
+    return dense
+
+
 def dense_max_pool(features: Tensor, indices: Tensor, shape, batch_size, k, s, p, d) -> Tensor:
     """Dense max pool where inactive sites and padding are -inf (max over active inputs)."""
     x = densify(features, indices, shape, batch_size, fill=-math.inf)
@@ -171,9 +216,56 @@ def dense_avg_pool(features: Tensor, indices: Tensor, shape, batch_size, k, s, p
     return sums / count.clamp(min=1)
 
 
+def dense_global_pool(kind: str, features: Tensor, indices: Tensor, shape, batch_size) -> Tensor:
+    """``[B, C]`` per batch item: the max over its active sites (0 for an item without sites)
+    for kind "max", else their mean."""
+    if kind == "max":
+        dense = densify(features, indices, shape, batch_size, fill=-math.inf).flatten(2).amax(2)
+        return torch.where(dense == -math.inf, torch.zeros_like(dense), dense)
+    sums = densify(features, indices, shape, batch_size).flatten(2).sum(2)
+    return sums / occupancy(indices, shape, batch_size).flatten(2).sum(2).clamp(min=1)
+
+
+@dataclass
+class DenseRun:
+    """One sparse op run, and dense torch (float64) evaluated at the expected sites."""
+
+    sparse: Tensor
+    dense: Tensor
+    leaves: list
+    out_indices: Optional[Tensor] = None
+    expected_indices: Optional[Tensor] = None
+    out_shape: Optional[list] = None
+    expected_shape: Optional[list] = None
+
+
+def check_values(run: DenseRun, dtype: torch.dtype = torch.float64) -> None:
+    """Output sites (same rows, sorted), spatial shape, dtype and values of a run."""
+    if run.expected_indices is not None:
+        assert run.out_indices.dtype == torch.int32
+        assert torch.equal(run.out_indices, run.expected_indices)
+    if run.expected_shape is not None:
+        assert isinstance(run.out_shape, list) and run.out_shape == run.expected_shape
+    assert run.sparse.dtype == dtype and run.sparse.shape == run.dense.shape
+    torch.testing.assert_close(run.sparse.detach(), run.dense.detach().to(dtype), **TOL[dtype])
+
+
+def check_gradients(run: DenseRun, dtype: torch.dtype, *key) -> None:
+    """Gradients of every leaf under one random upstream gradient (seeded from ``key``) match
+    dense autograd."""
+    upstream = randn(make_gen(*key), *run.sparse.shape)
+    got = torch.autograd.grad((run.sparse * upstream.to(dtype)).sum(), run.leaves)
+    want = torch.autograd.grad((run.dense * upstream).sum(), run.leaves)
+    for leaf, g, w in zip(run.leaves, got, want):
+        assert g.shape == leaf.shape and g.dtype == dtype
+        torch.testing.assert_close(g, w, **TOL[dtype])
+
+
 def layer_class(kind: str, ndim: int):
     """The public module class of a kind ("subm", "conv", "transpose", "inverse", "max",
     "avg") and dimension."""
+    import spconv_lite as sp
+
     names = {"subm": "SubMConv{}d", "conv": "SparseConv{}d",
              "transpose": "SparseConvTranspose{}d", "inverse": "SparseInverseConv{}d",
              "max": "SparseMaxPool{}d", "avg": "SparseAvgPool{}d"}
@@ -193,6 +285,8 @@ def init_layer(layer: torch.nn.Module, gen: torch.Generator, dtype=torch.float64
 
 
 def sparse_tensor(features: Tensor, indices: Tensor, shape, batch_size: int):
+    import spconv_lite as sp
+
     return sp.SparseConvTensor(features, indices, list(shape), batch_size)
 
 

@@ -11,10 +11,10 @@ import copy
 
 import pytest
 import torch
+from helpers import make_gen, randn, random_sites, sparse_tensor
 from torch import nn
 
 import spconv_lite as sp
-from helpers import make_gen, randn, random_sites, sparse_tensor
 
 SHAPE = (12, 11, 10)
 BATCH = 2

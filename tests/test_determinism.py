@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import distinct_values, kio_weight, make_gen, num_threads, randn, random_sites
 
 from spconv_lite import ops
-from helpers import distinct_values, kio_weight, make_gen, num_threads, randn, random_sites
 
 SHAPE = (40, 40, 40)
 BATCH = 2

@@ -12,13 +12,26 @@ import itertools
 
 import pytest
 import torch
+from helpers import (
+    TOL,
+    case_id,
+    conv_support,
+    conv_weight,
+    dense_conv,
+    densify,
+    gather,
+    init_layer,
+    kio_weight,
+    layer_class,
+    make_gen,
+    randn,
+    random_sites,
+    sparse_tensor,
+)
 
 import spconv_lite as sp
-from spconv_lite import ops, reference as ref
-from helpers import (
-    TOL, case_id, conv_support, dense_conv, conv_weight, densify, gather, init_layer,
-    kio_weight, layer_class, make_gen, randn, random_sites, sparse_tensor,
-)
+from spconv_lite import ops
+from spconv_lite import reference as ref
 
 TOL64 = TOL[torch.float64]
 

@@ -36,6 +36,19 @@ def reuse(first, second, through_first=True):
     second(y if through_first else x)
 
 
+def table(rows: int, cols: int, fill: int = 0) -> torch.Tensor:
+    """An int32 neighbour table ``[rows, cols]`` filled with ``fill``."""
+    return torch.full((rows, cols), fill, dtype=torch.int32)
+
+
+def sparse_conv_with(**bad):
+    """``ops.sparse_conv`` on a valid call (2 input sites with 3 channels, 27 offsets to 4
+    channels, 1 output site) with the given arguments replaced."""
+    args = dict(features=torch.randn(2, 3), weight=torch.randn(27, 3, 4), nbr=table(1, 27),
+                nbr_t=table(2, 27))
+    return ops.sparse_conv(**{**args, **bad})
+
+
 def inverse_after(conv, inverse):
     inverse(conv(tensor(TWO_SITES, (6, 6, 6))))
 
@@ -217,37 +230,24 @@ CASES = [
                                                       [1, 1, 1]),
      ValueError, r"batch_size must be >= 1, got 0"),
     # low-level op arguments
-    ("op_conv_weight_dtype", lambda: ops.sparse_conv(
-        torch.randn(2, 3), torch.randn(27, 3, 4, dtype=torch.float64),
-        torch.zeros(1, 27, dtype=torch.int32), torch.zeros(2, 27, dtype=torch.int32)),
+    ("op_conv_weight_dtype", lambda: sparse_conv_with(weight=torch.randn(27, 3, 4).double()),
      TypeError, r"weight dtype Double must match features dtype Float"),
-    ("op_conv_channels", lambda: ops.sparse_conv(
-        torch.randn(2, 5), torch.randn(27, 3, 4), torch.zeros(1, 27, dtype=torch.int32),
-        torch.zeros(2, 27, dtype=torch.int32)),
+    ("op_conv_channels", lambda: sparse_conv_with(features=torch.randn(2, 5)),
      ValueError, r"weight expects 3 input channels but features has 5"),
-    ("op_conv_table_entries", lambda: ops.sparse_conv(
-        torch.randn(2, 3), torch.randn(27, 3, 4), torch.full((1, 27), 5, dtype=torch.int32),
-        torch.zeros(2, 27, dtype=torch.int32)),
+    ("op_conv_table_entries", lambda: sparse_conv_with(nbr=table(1, 27, fill=5)),
      ValueError, E("nbr has entries outside [-1, 2)")),
-    ("op_conv_table_dtype", lambda: ops.sparse_conv(
-        torch.randn(2, 3), torch.randn(27, 3, 4), torch.zeros(1, 27, dtype=torch.int64),
-        torch.zeros(2, 27, dtype=torch.int32)),
+    ("op_conv_table_dtype", lambda: sparse_conv_with(nbr=table(1, 27).long()),
      TypeError, r"nbr must be int32, got Long"),
-    ("op_conv_table_volume", lambda: ops.sparse_conv(
-        torch.randn(2, 3), torch.randn(27, 3, 4), torch.zeros(1, 8, dtype=torch.int32),
-        torch.zeros(2, 8, dtype=torch.int32)),
+    ("op_conv_table_volume", lambda: sparse_conv_with(nbr=table(1, 8), nbr_t=table(2, 8)),
      ValueError, r"nbr must have 27 columns .*got \[1, 8\]"),
-    ("op_conv_table_t_rows", lambda: ops.sparse_conv(
-        torch.randn(2, 3), torch.randn(8, 3, 4), torch.zeros(1, 8, dtype=torch.int32),
-        torch.zeros(3, 8, dtype=torch.int32)),
+    ("op_conv_table_t_rows", lambda: sparse_conv_with(
+        weight=torch.randn(8, 3, 4), nbr=table(1, 8), nbr_t=table(3, 8)),
      ValueError, r"nbr_t must have 2 rows, got \[3, 8\]"),
     ("op_pool_features_integer", lambda: ops.sparse_sum_pool(
-        torch.ones(2, 3, dtype=torch.int32), torch.zeros(1, 8, dtype=torch.int32),
-        torch.zeros(2, 8, dtype=torch.int32)),
+        torch.ones(2, 3, dtype=torch.int32), table(1, 8), table(2, 8)),
      TypeError, r"features must be a floating-point tensor, got Int"),
     ("op_max_pool_table_entries", lambda: ops.sparse_max_pool(
-        torch.randn(2, 3), torch.full((1, 8), -2, dtype=torch.int32),
-        torch.zeros(2, 8, dtype=torch.int32)),
+        torch.randn(2, 3), table(1, 8, fill=-2), table(2, 8)),
      ValueError, E("nbr has entries outside [-1, 2)")),
 ]
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import distinct_values, make_gen, randn, random_sites, sparse_tensor
 from torch.autograd import gradcheck, gradgradcheck
 from torch.func import functional_call
 
 import spconv_lite as sp
 from spconv_lite import ops
-from helpers import distinct_values, make_gen, randn, random_sites, sparse_tensor
 
 SHAPE = (5, 6, 5)
 BATCH = 2

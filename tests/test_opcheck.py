@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import distinct_values, make_gen, randn, random_sites
 
 from spconv_lite import ops
-from helpers import distinct_values, make_gen, randn, random_sites
 
 OPS = torch.ops.spconv_lite
 SHAPE = [6, 5, 7]

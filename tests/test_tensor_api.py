@@ -9,12 +9,19 @@ import io
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    case_id,
+    densify,
+    init_layer,
+    layer_class,
+    make_gen,
+    randn,
+    random_sites,
+    sparse_tensor,
+)
 from torch import nn
 
 import spconv_lite as sp
-from helpers import (
-    case_id, densify, init_layer, layer_class, make_gen, randn, random_sites, sparse_tensor,
-)
 
 SHAPES = [(7,), (5, 6), (4, 5, 6), (3, 4, 3, 5)]
 

@@ -11,13 +11,24 @@ import math
 
 import pytest
 import torch
+from helpers import (
+    TOL,
+    case_id,
+    distinct_values,
+    init_layer,
+    layer_class,
+    make_gen,
+    nbr_pairs,
+    nbr_t_pairs,
+    ntuple,
+    randn,
+    random_sites,
+    sparse_tensor,
+)
 
 import spconv_lite as sp
-from spconv_lite import ops, reference as ref
-from helpers import (
-    TOL, case_id, distinct_values, init_layer, layer_class, make_gen, nbr_pairs, nbr_t_pairs,
-    ntuple, randn, random_sites, sparse_tensor,
-)
+from spconv_lite import ops
+from spconv_lite import reference as ref
 
 TOL64 = TOL[torch.float64]
 
