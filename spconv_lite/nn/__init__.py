@@ -20,7 +20,17 @@ from .conv import (
     SubMConv3d,
     SubMConv4d,
 )
-from .modules import Identity, SparseModule, SparseSequential, ToDense
+from .modules import (
+    Identity,
+    RemoveGrid,
+    SparseBatchNorm,
+    SparseIdentity,
+    SparseModule,
+    SparseReLU,
+    SparseSequential,
+    ToDense,
+    assign_name_for_sparse_modules,
+)
 from .pool import (
     SparseAvgPool1d,
     SparseAvgPool2d,
@@ -33,5 +43,6 @@ from .pool import (
     SparseMaxPool4d,
     SparsePool,
 )
+from .tables import AddTable, ConcatTable, JoinTable
 
 __all__ = [name for name in dir() if not name.startswith("_")]
