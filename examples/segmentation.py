@@ -1,18 +1,25 @@
 """Semantic segmentation: train a sparse U-Net on one SemanticKITTI frame until it fits it.
 
 Steps: read the frame and its labels (``../shared/data/lidar/semantickitti_000000.*``), map
-the raw labels to the 19 SemanticKITTI training classes, voxelize (0.2 m, mean of the points;
+the raw labels to the 19 SemanticKITTI training classes, voxelize (0.3 m, mean of the points;
 each voxel takes the majority label of its points), train ``spconv_lite.models.UNetV2`` plus a
-linear classifier with Adam, then predict every point (the prediction of its voxel) and print
-the per-point accuracy and the mean IoU next to what chance would give. Finally save a
-checkpoint, load it into a fresh model and check that the predictions are identical.
+linear classifier with Adam until the loss is below 0.3, then predict every point (the
+prediction of its voxel) and print the per-point accuracy and the mean IoU next to what chance
+would give. Finally save a checkpoint, load it into a fresh model and check that the
+predictions are identical.
+
+A run with the defaults: the loss falls from 3.12 to 0.29 in 72 iterations; per-point accuracy
+0.917 (random guessing 0.215, always the majority class 0.264), mean IoU 0.397 over the 13
+classes present (random guessing 0.043; the rarest classes, with 20 to 500 points, are not
+learnt in that time). That took 7 CPU-minutes (14 minutes of wall time on 2 cores shared with
+other jobs).
 
 Fitting one frame is a smoke test of the whole training path (sparse convs, inverse convs,
 kernel-map reuse, backward), not a benchmark result.
 
-Run from the repository root (about 5 minutes on 2 cores with the defaults):
+Run from the repository root:
 
-    python examples/segmentation.py [--iters 40] [--voxel-size 0.2] [--threads 2]
+    python examples/segmentation.py [--target-loss 0.3] [--iters 150] [--voxel-size 0.3]
 """
 
 from __future__ import annotations
