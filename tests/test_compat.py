@@ -82,6 +82,7 @@ def test_version_and_constants():
     assert isinstance(c.CPU_ONLY_BUILD, bool)
 
 
+@pytest.mark.parity
 def test_every_spconv_name_is_provided():
     reference = require_spconv()
     public = {n for n in dir(reference) if not n.startswith("_")}
@@ -89,6 +90,7 @@ def test_every_spconv_name_is_provided():
     assert missing == []
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("path", sorted(MODULE_PATHS))
 def test_module_paths_exist_in_spconv_too(path):
     # Guards the table above: each path is a real spconv.pytorch module with these names.
@@ -287,6 +289,7 @@ def test_sparse_add(case):
         assert out.indice_dict is tensors[0].indice_dict
 
 
+@pytest.mark.parity
 def test_sparse_add_matches_spconv():
     reference = require_spconv()
     features, indices, shape, batch = _input(density=0.3)
