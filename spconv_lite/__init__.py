@@ -9,7 +9,7 @@ Example:
     torch.Size([2, 16])
 """
 
-from . import ops, reference
+from . import checkpoint, functional, ops, reference
 from .kernel_map import KernelMap
 from .nn import *  # noqa: F401,F403
 from .nn import __all__ as _nn_all
@@ -17,4 +17,5 @@ from .tensor import SparseConvTensor
 
 __version__ = "0.1.0"
 
-__all__ = ["SparseConvTensor", "KernelMap", "ops", "reference", *_nn_all]
+__all__ = ["SparseConvTensor", "KernelMap", "checkpoint", "functional", "ops", "reference",
+           *_nn_all]

@@ -11,8 +11,10 @@ torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.set_float32_matmul_precision("highest")
 
-# `import helpers` from any test file, whatever pytest's import mode.
+# `import helpers` from any test file, whatever pytest's import mode, and the examples'
+# modules (their tests run the examples' core paths).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 
 @pytest.fixture(autouse=True)

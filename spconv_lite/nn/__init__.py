@@ -20,7 +20,17 @@ from .conv import (
     SubMConv3d,
     SubMConv4d,
 )
-from .modules import Identity, SparseModule, SparseSequential, ToDense
+from .modules import (
+    Identity,
+    RemoveGrid,
+    SparseBatchNorm,
+    SparseIdentity,
+    SparseModule,
+    SparseReLU,
+    SparseSequential,
+    ToDense,
+    assign_name_for_sparse_modules,
+)
 from .pool import (
     SparseAvgPool1d,
     SparseAvgPool2d,
@@ -33,13 +43,19 @@ from .pool import (
     SparseMaxPool4d,
     SparsePool,
 )
+from .tables import AddTable, ConcatTable, JoinTable
 
 __all__ = [
+    "AddTable",
+    "ConcatTable",
     "ConvAlgo",
     "Identity",
+    "JoinTable",
+    "RemoveGrid",
     "SparseAvgPool1d",
     "SparseAvgPool2d",
     "SparseAvgPool3d",
+    "SparseBatchNorm",
     "SparseConv1d",
     "SparseConv2d",
     "SparseConv3d",
@@ -51,6 +67,7 @@ __all__ = [
     "SparseConvolution",
     "SparseGlobalAvgPool",
     "SparseGlobalMaxPool",
+    "SparseIdentity",
     "SparseInverseConv1d",
     "SparseInverseConv2d",
     "SparseInverseConv3d",
@@ -61,10 +78,12 @@ __all__ = [
     "SparseMaxPool4d",
     "SparseModule",
     "SparsePool",
+    "SparseReLU",
     "SparseSequential",
     "SubMConv1d",
     "SubMConv2d",
     "SubMConv3d",
     "SubMConv4d",
     "ToDense",
+    "assign_name_for_sparse_modules",
 ]

@@ -45,8 +45,11 @@ class SparseConvolution(SparseModule):
     """Common base of every sparse conv layer.
 
     The weight is stored as ``[out_channels, *kernel_size, in_channels]`` (spconv >= 2.2), so
-    spconv checkpoints load as they are. ``groups`` must be 1; ``algo``, ``fp32_accum``,
-    ``record_voxel_count``, ``act_*`` and ``large_kernel_fast_algo`` are accepted and ignored.
+    spconv checkpoints load as they are (older layouts: ``spconv_lite.checkpoint``).
+    ``groups`` must be 1; ``algo``, ``fp32_accum``, ``act_alpha``, ``act_beta`` and
+    ``large_kernel_fast_algo`` are accepted and ignored; a fused activation (``act_type``) is
+    refused. ``record_voxel_count`` registers spconv's ``max_num_voxels_during_training``
+    buffer (the largest output site count seen in training).
     """
 
     def __init__(
@@ -103,6 +106,13 @@ class SparseConvolution(SparseModule):
             raise ValueError(
                 f"submanifold conv needs odd kernel sizes, got {list(self.kernel_size)}"
             )
+        if act_type is not None and getattr(act_type, "name", act_type) not in ("None_", "None"):
+            # spconv fuses this activation into its GEMM; ignoring it would silently change
+            # the results, so refuse it. Apply the activation as a separate module instead.
+            raise ValueError(
+                f"act_type={act_type!r} (a fused activation) is not supported: add the "
+                "activation as a module after the conv"
+            )
         if inverse and indice_key is None:
             raise ValueError("an inverse conv needs the indice_key of the conv it inverts")
         self.groups = groups
@@ -122,6 +132,12 @@ class SparseConvolution(SparseModule):
             torch.empty(out_channels, *self.kernel_size, in_channels, **factory)
         )
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        if record_voxel_count and not subm and not inverse:
+            # spconv keeps the largest output site count seen in this buffer; registering it
+            # lets such checkpoints load with strict=True.
+            self.register_buffer(
+                "max_num_voxels_during_training", torch.zeros(1, dtype=torch.int32, device=device)
+            )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -143,7 +159,22 @@ class SparseConvolution(SparseModule):
             text += f", indice_key={self.indice_key!r}"
         return text
 
-    def forward(self, x: SparseConvTensor) -> SparseConvTensor:
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        key = prefix + "weight"
+        saved = state_dict.get(key)
+        if isinstance(saved, torch.Tensor) and saved.shape != self.weight.shape:
+            # torch reports the size mismatch too; add which spconv layout the shape fits.
+            from ..checkpoint import describe_mismatch
+
+            error_msgs.append(describe_mismatch(key, saved.shape, self))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def forward(self, x: SparseConvTensor,
+                add_input: Optional[SparseConvTensor] = None) -> SparseConvTensor:
+        """Runs the conv; ``add_input`` (a tensor on the output sites, as in spconv) is added
+        to the result."""
         check_input(x, self.in_channels, self)
         if self.inverse:
             kmap = inverse_map(x, self.kernel_size, self.indice_key)
@@ -166,6 +197,16 @@ class SparseConvolution(SparseModule):
         features = ops.sparse_conv(x.features, weight, nbr, nbr_t)
         if self.bias is not None:
             features = features + self.bias
+        if add_input is not None:
+            if add_input.features.shape != features.shape:
+                raise ValueError(
+                    f"add_input has features of shape {list(add_input.features.shape)}, the "
+                    f"conv output has {list(features.shape)}: they must live on the same sites"
+                )
+            features = features + add_input.features
+        buffer = getattr(self, "max_num_voxels_during_training", None)
+        if buffer is not None and self.training and not torch.compiler.is_compiling():
+            buffer.fill_(max(int(buffer), out_indices.shape[0]))
         out = x.shadow_copy()
         out.indices = out_indices
         out.spatial_shape = list(out_shape)

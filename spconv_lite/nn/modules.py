@@ -1,4 +1,6 @@
-"""Containers and small modules: SparseModule, SparseSequential, ToDense, Identity."""
+"""Containers and small modules: ``SparseModule``, ``SparseSequential``, ``ToDense``,
+``Identity``, ``RemoveGrid`` and spconv's feature-wise wrappers ``SparseBatchNorm``,
+``SparseReLU``, ``SparseIdentity``."""
 
 from __future__ import annotations
 
@@ -86,3 +88,47 @@ class Identity(SparseModule):
 
     def forward(self, x):
         return x
+
+
+class RemoveGrid(SparseModule):
+    """Drops the ``grid`` buffer of a ``SparseConvTensor`` (spconv API; spconv_lite keeps no
+    grid buffer, so this only clears the field)."""
+
+    def forward(self, x: SparseConvTensor) -> SparseConvTensor:
+        x.grid = None
+        return x
+
+
+class _FeatureWise:
+    """Mixin: a torch module that also accepts a ``SparseConvTensor`` and applies itself to
+    ``.features``. ``SparseSequential`` hands these modules the features directly, which gives
+    the same result."""
+
+    def forward(self, input):
+        if isinstance(input, SparseConvTensor):
+            return input.replace_feature(super().forward(input.features))
+        return super().forward(input)
+
+
+class SparseBatchNorm(_FeatureWise, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` that also takes a ``SparseConvTensor`` (spconv's name).
+
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` turns it into a plain ``nn.SyncBatchNorm``,
+    which ``SparseSequential`` applies to the features like any other torch module.
+    """
+
+
+class SparseReLU(_FeatureWise, nn.ReLU):
+    """``nn.ReLU`` that also takes a ``SparseConvTensor`` (spconv's name)."""
+
+
+class SparseIdentity(_FeatureWise, nn.Identity):
+    """``nn.Identity`` that also takes a ``SparseConvTensor`` (spconv's name)."""
+
+
+def assign_name_for_sparse_modules(module: nn.Module) -> None:
+    """Stores each ``SparseModule``'s qualified name in ``_sparse_unique_name`` (spconv API,
+    used by its debugging and quantization tools)."""
+    for name, child in module.named_modules():
+        if isinstance(child, SparseModule):
+            child._sparse_unique_name = name

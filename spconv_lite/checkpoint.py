@@ -1,0 +1,149 @@
+"""Loading spconv checkpoints: weight layouts of spconv 1.x, 2.0/2.1 and 2.2+.
+
+spconv_lite stores a sparse conv weight as ``[C_out, *kernel_size, C_in]``, the layout of
+spconv >= 2.2, so a state dict saved by spconv 2.2 or later (2.3.x included) loads as it is
+with ``model.load_state_dict``. Older spconv versions saved other layouts:
+
+=========  ==========================  ====================
+source     weight layout               spconv versions
+=========  ==========================  ====================
+spconv2.2  ``[C_out, *k, C_in]``       2.2 and later (KRSC)
+spconv2.0  ``[*k, C_out, C_in]``       2.0, 2.1 (RSKC)
+spconv1    ``[*k, C_in, C_out]``       1.x (RSCK)
+=========  ==========================  ====================
+
+Their shapes alone cannot tell spconv 1.x from 2.0/2.1 when a layer has as many input as
+output channels (``[3, 3, 3, 16, 16]`` fits both), so :func:`convert_state_dict` takes the
+source version explicitly; nothing is converted behind your back at load time.
+
+Example:
+    >>> import torch
+    >>> from spconv_lite.pytorch import SubMConv3d, SparseSequential
+    >>> model = SparseSequential(SubMConv3d(4, 16, 3, bias=False))
+    >>> old = {"0.weight": torch.randn(3, 3, 3, 4, 16)}  # saved by spconv 1.x
+    >>> new = convert_state_dict(old, model, source="spconv1")
+    >>> new["0.weight"].shape
+    torch.Size([16, 3, 3, 3, 4])
+    >>> model.load_state_dict(new)
+    <All keys matched successfully>
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+# Source name -> (layout code, description). Codes use spconv's letters: K = C_out,
+# C = C_in, R/S/... = the kernel axes.
+LAYOUTS: dict[str, tuple[str, str]] = {
+    "spconv2.2": ("KRSC", "[C_out, *kernel_size, C_in] (spconv >= 2.2)"),
+    "spconv2.0": ("RSKC", "[*kernel_size, C_out, C_in] (spconv 2.0 / 2.1)"),
+    "spconv1": ("RSCK", "[*kernel_size, C_in, C_out] (spconv 1.x)"),
+}
+_ALIASES = {code: name for name, (code, _) in LAYOUTS.items()}
+_ALIASES.update({"spconv2.1": "spconv2.0", "spconv2.3": "spconv2.2"})
+
+
+def _source_name(source: str) -> str:
+    name = _ALIASES.get(source, source)
+    if name not in LAYOUTS:
+        raise ValueError(
+            f"source must be one of {sorted(LAYOUTS)} (or a layout code "
+            f"{sorted(code for code, _ in LAYOUTS.values())}), got {source!r}"
+        )
+    return name
+
+
+def saved_shape(source: str, out_channels: int, kernel_size, in_channels: int) -> list[int]:
+    """The shape a conv weight has in the checkpoint layout of ``source``."""
+    code = LAYOUTS[_source_name(source)][0]
+    k = list(kernel_size)
+    return {"KRSC": [out_channels, *k, in_channels], "RSKC": [*k, out_channels, in_channels],
+            "RSCK": [*k, in_channels, out_channels]}[code]
+
+
+def to_current_layout(weight: torch.Tensor, source: str) -> torch.Tensor:
+    """Permutes a conv weight saved in the layout of ``source`` to ``[C_out, *k, C_in]``."""
+    code = LAYOUTS[_source_name(source)][0]
+    ndim = weight.dim() - 2
+    if ndim < 1:
+        raise ValueError(
+            f"a sparse conv weight has at least 3 dimensions, got {list(weight.shape)}"
+        )
+    kernel_axes = list(range(ndim))
+    if code == "KRSC":
+        return weight
+    if code == "RSKC":  # [*k, C_out, C_in]
+        return weight.permute(ndim, *kernel_axes, ndim + 1).contiguous()
+    return weight.permute(ndim + 1, *kernel_axes, ndim).contiguous()  # RSCK: [*k, C_in, C_out]
+
+
+def fitting_sources(shape, layer: nn.Module) -> list[str]:
+    """The sources whose layout gives a weight of this ``shape`` for ``layer``."""
+    return [name for name in LAYOUTS
+            if list(shape) == saved_shape(name, layer.out_channels, layer.kernel_size,
+                                          layer.in_channels)]
+
+
+def describe_mismatch(key: str, shape, layer: nn.Module) -> str:
+    """Error text for a checkpoint weight whose shape differs from the layer's."""
+    expected = list(layer.weight.shape)
+    fits = fitting_sources(shape, layer)
+    text = (f"{key}: the checkpoint weight has shape {list(shape)}, the layer expects "
+            f"{expected} = [C_out, *kernel_size, C_in]")
+    if fits:
+        return (text + f"; the checkpoint shape fits the {' / '.join(fits)} layout: convert it "
+                "with spconv_lite.checkpoint.convert_state_dict(state_dict, model, "
+                f"source={fits[0]!r})")
+    known = ", ".join(
+        f"{name} {saved_shape(name, layer.out_channels, layer.kernel_size, layer.in_channels)}"
+        for name in LAYOUTS)
+    return text + f"; it fits no known spconv layout ({known})"
+
+
+def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
+                       source: str) -> dict[str, torch.Tensor]:
+    """Converts the sparse conv weights of an older spconv checkpoint to spconv_lite's layout.
+
+    Every ``SparseConvolution`` of ``model`` names one weight (``<module path>.weight``); those
+    entries of ``state_dict`` are permuted from the layout of ``source`` to
+    ``[C_out, *kernel_size, C_in]``. All other entries (biases, BatchNorm, dense layers) are
+    returned unchanged, as are the weights of layers missing from ``state_dict``.
+
+    Args:
+        state_dict: a flat state dict whose keys match ``model.state_dict()`` (unwrap
+            containers such as OpenPCDet's ``checkpoint["model_state"]`` first).
+        model: the spconv_lite model the checkpoint is for.
+        source: the spconv version that saved it: ``"spconv1"`` (1.x), ``"spconv2.0"``
+            (2.0 and 2.1) or ``"spconv2.2"`` (2.2 and later: only checks the shapes); the
+            layout codes ``"RSCK"``, ``"RSKC"``, ``"KRSC"`` are accepted too.
+
+    Returns:
+        A new dict, ready for ``model.load_state_dict``.
+
+    Raises:
+        ValueError: a weight whose shape does not fit ``source``'s layout for its layer. The
+            message names the parameter, its shape, the expected shape, and the layouts the
+            shape does fit, if any.
+    """
+    from .nn.conv import SparseConvolution
+
+    source = _source_name(source)
+    out = dict(state_dict)
+    for name, layer in model.named_modules():
+        if not isinstance(layer, SparseConvolution):
+            continue
+        key = f"{name}.weight" if name else "weight"
+        if key not in out:
+            continue
+        weight = out[key]
+        wanted = saved_shape(source, layer.out_channels, layer.kernel_size, layer.in_channels)
+        if list(weight.shape) != wanted:
+            raise ValueError(
+                describe_mismatch(key, weight.shape, layer)
+                + f" (source={source!r} means {LAYOUTS[source][1]}, here {wanted})"
+            )
+        out[key] = to_current_layout(weight, source)
+    return out

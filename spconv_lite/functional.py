@@ -1,0 +1,58 @@
+"""Functions on whole sparse tensors (spconv's ``spconv.pytorch.functional`` user API)."""
+
+from __future__ import annotations
+
+import torch
+
+from .tensor import SparseConvTensor
+
+
+def sparse_add(*tensors: SparseConvTensor) -> SparseConvTensor:
+    """Sum of sparse tensors whose sites may differ: the result lives on the union of their
+    sites, and a site's features are the sum over the tensors that have it.
+
+    When the union equals the sites of one operand (for example adding a tensor to a subset
+    of itself), the result keeps that operand's row order and its ``indice_dict``, so later
+    layers can still reuse its kernel maps. Otherwise rows are sorted by (batch, z, y, x) and
+    ``indice_dict`` starts empty, as in spconv.
+
+    Args:
+        *tensors: at least one ``SparseConvTensor``, all with the same ``spatial_shape``,
+            ``batch_size`` and channel count.
+
+    Example:
+        >>> sites = torch.tensor([[0, 1], [0, 3]], dtype=torch.int32)  # (batch, x), 1-D grid
+        >>> a = SparseConvTensor(torch.ones(1, 2), sites[:1], [4], batch_size=1)
+        >>> b = SparseConvTensor(torch.ones(2, 2), sites, [4], batch_size=1)
+        >>> sparse_add(a, b).features.tolist()
+        [[2.0, 2.0], [1.0, 1.0]]
+    """
+    if not tensors:
+        raise ValueError("sparse_add needs at least one SparseConvTensor")
+    first = tensors[0]
+    for i, x in enumerate(tensors):
+        if not isinstance(x, SparseConvTensor):
+            raise TypeError(
+                f"sparse_add argument {i} is {type(x).__name__}, not a SparseConvTensor"
+            )
+        if (x.spatial_shape != first.spatial_shape or x.batch_size != first.batch_size
+                or x.features.shape[1] != first.features.shape[1]):
+            raise ValueError(
+                f"sparse_add argument {i} has spatial_shape {x.spatial_shape}, batch_size "
+                f"{x.batch_size}, {x.features.shape[1]} channels; argument 0 has "
+                f"{first.spatial_shape}, {first.batch_size}, {first.features.shape[1]}"
+            )
+    indices = torch.cat([x.indices for x in tensors])
+    features = torch.cat([x.features for x in tensors])
+    # unique(dim=0) sorts rows lexicographically, i.e. by (batch, z, y, x).
+    sites, row_of = torch.unique(indices, dim=0, return_inverse=True)
+    summed = features.new_zeros(sites.shape[0], features.shape[1]).index_add(0, row_of, features)
+    start = 0
+    for x in tensors:
+        n = x.indices.shape[0]
+        if n == sites.shape[0]:
+            # This operand already holds every site: return its rows in its own order.
+            out = x.replace_feature(summed[row_of[start:start + n]])
+            return out
+        start += n
+    return SparseConvTensor(summed, sites.to(torch.int32), first.spatial_shape, first.batch_size)

@@ -1,0 +1,69 @@
+"""spconv's table modules: combine a list of sparse tensors that share their sites."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..tensor import SparseConvTensor
+from .modules import SparseModule
+
+
+def _check_aligned(inputs: Sequence[SparseConvTensor], name: str, same_channels: bool) -> None:
+    if len(inputs) == 0:
+        raise ValueError(f"{name} needs at least one SparseConvTensor, got an empty list")
+    first = inputs[0]
+    for i, x in enumerate(inputs):
+        if not isinstance(x, SparseConvTensor):
+            raise TypeError(f"{name} input {i} is {type(x).__name__}, not a SparseConvTensor")
+        # Same site count is what spconv checks too; the rows must be the same sites in the
+        # same order, which holds for tensors derived from one input by submanifold layers.
+        if (x.spatial_shape != first.spatial_shape or x.batch_size != first.batch_size
+                or x.indices.shape[0] != first.indices.shape[0]):
+            raise ValueError(
+                f"{name} needs tensors with the same sites: input {i} has {x.indices.shape[0]} "
+                f"sites, spatial_shape {x.spatial_shape}, batch_size {x.batch_size}; input 0 has "
+                f"{first.indices.shape[0]}, {first.spatial_shape}, {first.batch_size}"
+            )
+        if same_channels and x.features.shape[1] != first.features.shape[1]:
+            raise ValueError(
+                f"{name} needs the same channel count: input {i} has {x.features.shape[1]}, "
+                f"input 0 has {first.features.shape[1]}"
+            )
+
+
+class JoinTable(SparseModule):
+    """Concatenates the features of tensors with the same sites along the channels."""
+
+    def forward(self, inputs: Sequence[SparseConvTensor]) -> SparseConvTensor:
+        _check_aligned(inputs, "JoinTable", same_channels=False)
+        return inputs[0].replace_feature(torch.cat([x.features for x in inputs], dim=1))
+
+
+class AddTable(SparseModule):
+    """Sums the features of tensors with the same sites."""
+
+    def forward(self, inputs: Sequence[SparseConvTensor]) -> SparseConvTensor:
+        _check_aligned(inputs, "AddTable", same_channels=True)
+        total = inputs[0].features
+        for x in inputs[1:]:
+            total = total + x.features
+        return inputs[0].replace_feature(total)
+
+
+class ConcatTable(SparseModule):
+    """Applies each child module to the same input and returns the list of results."""
+
+    def __init__(self, *modules) -> None:
+        super().__init__()
+        for i, module in enumerate(modules):
+            self.add_module(str(i), module)
+
+    def add(self, module) -> "ConcatTable":
+        self.add_module(str(len(self._modules)), module)
+        return self
+
+    def forward(self, x):
+        return [module(x) for module in self._modules.values()]
+

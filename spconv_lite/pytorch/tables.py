@@ -1,0 +1,9 @@
+"""``spconv.pytorch.tables``: ``AddTable``, ``ConcatTable``, ``JoinTable``."""
+
+from ..nn.tables import AddTable, ConcatTable, JoinTable
+
+__all__ = [
+    "AddTable",
+    "ConcatTable",
+    "JoinTable",
+]

@@ -1,0 +1,40 @@
+"""``spconv.pytorch.utils``: ``PointToVoxel`` and ``gather_features_by_pc_voxel_id``."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+
+def gather_features_by_pc_voxel_id(seg_res_features: torch.Tensor, pc_voxel_id: torch.Tensor,
+                                   invalid_value: Union[int, float] = 0) -> torch.Tensor:
+    """Per-point rows of per-voxel results: row ``i`` is ``seg_res_features[pc_voxel_id[i]]``,
+    or ``invalid_value`` where ``pc_voxel_id[i] == -1`` (a point that was dropped).
+
+    Example:
+        >>> gather_features_by_pc_voxel_id(torch.tensor([[1.0], [2.0]]), torch.tensor([1, -1, 0]))
+        tensor([[2.],
+                [0.],
+                [1.]])
+    """
+    ids = pc_voxel_id.to(seg_res_features.device).long()
+    valid = ids >= 0
+    gathered = seg_res_features[ids.clamp(min=0)]
+    mask = valid.view(-1, *([1] * (seg_res_features.dim() - 1)))
+    return torch.where(mask, gathered, gathered.new_tensor(invalid_value))
+
+
+def __getattr__(name: str):
+    # PointToVoxel lives in spconv_lite.voxelize, which lands separately; import it on first
+    # use so that this module works without it and picks it up once it exists.
+    if name == "PointToVoxel":
+        try:
+            from ..voxelize import PointToVoxel
+        except ImportError as exc:
+            raise ImportError(
+                "spconv_lite.pytorch.utils.PointToVoxel needs spconv_lite.voxelize, which is not "
+                "in this build yet; spconv_lite.synthetic.voxelize_mean is an interim voxelizer"
+            ) from exc
+        return PointToVoxel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

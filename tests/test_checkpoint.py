@@ -1,0 +1,136 @@
+"""Checkpoints: spconv weight layouts, the explicit converter, and its errors."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from helpers import make_gen, randn, random_sites
+
+import spconv_lite.pytorch as spconv
+from spconv_lite.checkpoint import (
+    LAYOUTS,
+    convert_state_dict,
+    saved_shape,
+    to_current_layout,
+)
+
+
+def _old_layout(weight: torch.Tensor, source: str) -> torch.Tensor:
+    """A ``[C_out, *k, C_in]`` weight as the given spconv version saved it (the inverse of
+    the converter, written independently from the layout table)."""
+    ndim = weight.dim() - 2
+    k = list(range(1, ndim + 1))
+    if source == "spconv2.0":  # [*k, C_out, C_in]
+        return weight.permute(*k, 0, ndim + 1).contiguous()
+    if source == "spconv1":  # [*k, C_in, C_out]
+        return weight.permute(*k, ndim + 1, 0).contiguous()
+    return weight
+
+
+def _small_net(seed: int = 0):
+    torch.manual_seed(seed)
+    return spconv.SparseSequential(
+        spconv.SubMConv3d(4, 16, 3, indice_key="s1"),  # C_in != C_out
+        torch.nn.BatchNorm1d(16),
+        spconv.SparseConv3d(16, 16, (3, 1, 1), stride=(2, 1, 1), bias=False),  # square
+    )
+
+
+@pytest.mark.parametrize("source", ["spconv1", "spconv2.0", "spconv2.2", "RSCK", "RSKC", "KRSC",
+                                    "spconv2.1", "spconv2.3"])
+def test_convert_round_trip(source):
+    net = _small_net()
+    reference = net.state_dict()
+    canonical = {"RSCK": "spconv1", "RSKC": "spconv2.0", "KRSC": "spconv2.2",
+                 "spconv2.1": "spconv2.0", "spconv2.3": "spconv2.2"}.get(source, source)
+    old = {k: (_old_layout(v, canonical) if v.dim() == 5 else v)
+           for k, v in reference.items()}
+    converted = convert_state_dict(old, net, source=source)
+    assert converted.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(converted[key], reference[key]), key
+    net.load_state_dict(converted)
+
+
+def test_square_layer_needs_the_right_source():
+    # [3, 3, 3, 16, 16] is both a spconv 1.x and a 2.0 shape; only the stated source is right.
+    torch.manual_seed(0)
+    net = spconv.SparseSequential(spconv.SubMConv3d(16, 16, 3, bias=False))
+    weight = net[0].weight.detach().clone()
+    saved = {"0.weight": _old_layout(weight, "spconv1")}
+    assert torch.equal(convert_state_dict(saved, net, "spconv1")["0.weight"], weight)
+    assert not torch.equal(convert_state_dict(saved, net, "spconv2.0")["0.weight"], weight)
+
+
+def test_converted_model_gives_the_same_outputs():
+    gen = make_gen("ckpt-model")
+    indices = random_sites(gen, 2, (9, 8, 7), 0.2)
+    features = randn(gen, len(indices), 4, dtype=torch.float32)
+    model = _small_net().eval()
+    buffer = io.BytesIO()
+    torch.save({k: _old_layout(v, "spconv1") if v.dim() == 5 else v
+                for k, v in model.state_dict().items()}, buffer)
+    buffer.seek(0)
+    old = torch.load(buffer, weights_only=True)
+    restored = _small_net(seed=1).eval()  # other initial weights, all replaced by the checkpoint
+    restored.load_state_dict(convert_state_dict(old, restored, source="spconv1"))
+    x = spconv.SparseConvTensor(features, indices, [9, 8, 7], 2)
+    with torch.no_grad():
+        assert torch.equal(model(x).features, restored(x).features)
+
+
+def test_shape_fitting_no_layout_names_parameter_and_shapes():
+    net = _small_net()
+    bad = dict(net.state_dict())
+    bad["0.weight"] = torch.zeros(16, 3, 3, 3, 5)
+    with pytest.raises(ValueError) as info:
+        convert_state_dict(bad, net, source="spconv2.2")
+    message = str(info.value)
+    assert "0.weight" in message
+    assert "[16, 3, 3, 3, 5]" in message  # the checkpoint's shape
+    assert "[16, 3, 3, 3, 4]" in message  # the expected shape
+    assert "fits no known spconv layout" in message
+
+
+def test_shape_of_another_layout_is_named():
+    net = _small_net()
+    old = dict(net.state_dict())
+    old["0.weight"] = _old_layout(old["0.weight"], "spconv1")
+    with pytest.raises(ValueError, match=r"0\.weight.*\[3, 3, 3, 4, 16\].*fits the spconv1 layout"):
+        convert_state_dict(old, net, source="spconv2.0")
+
+
+def test_load_state_dict_error_hints_at_the_converter():
+    net = _small_net()
+    old = dict(net.state_dict())
+    old["0.weight"] = _old_layout(old["0.weight"], "spconv2.0")
+    hint = r"0\.weight.*fits the spconv2\.0 layout.*convert_state_dict"
+    with pytest.raises(RuntimeError, match=hint):
+        net.load_state_dict(old)
+    old["0.weight"] = torch.zeros(7, 7)
+    with pytest.raises(RuntimeError, match=r"\[7, 7\].*\[16, 3, 3, 3, 4\].*fits no known"):
+        net.load_state_dict(old)
+
+
+def test_unknown_source():
+    with pytest.raises(ValueError, match="source must be one of"):
+        convert_state_dict({}, _small_net(), source="spconv3")
+
+
+def test_other_entries_untouched():
+    net = _small_net()
+    state = dict(net.state_dict())
+    state["head.weight"] = torch.ones(2, 3)
+    out = convert_state_dict(state, net, source="spconv2.2")
+    assert out["head.weight"] is state["head.weight"]
+    assert out["0.bias"] is state["0.bias"]
+
+
+@pytest.mark.parametrize("source", sorted(LAYOUTS))
+def test_saved_shape_table(source):
+    weight = torch.zeros(7, 3, 5, 2)  # C_out 7, kernel (3, 5), C_in 2
+    old = _old_layout(weight, source)
+    assert list(old.shape) == saved_shape(source, 7, (3, 5), 2)
+    assert to_current_layout(old, source).shape == weight.shape

@@ -1,0 +1,326 @@
+"""spconv drop-in layer: ``spconv_lite.pytorch`` names and module paths, and client-code
+patterns (in-place index edits, numpy / tensor spatial shapes, OrderedDict containers,
+dense BEV maps) that must keep working."""
+
+from __future__ import annotations
+
+import importlib
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_gen, randn, random_sites, require, require_spconv
+from torch import nn
+
+import spconv_lite
+import spconv_lite.pytorch as spconv
+
+# Every public name the design notes promise (and spconv.pytorch exports).
+DESIGN_NAMES = [
+    "SparseConvTensor", "SubMConv1d", "SubMConv2d", "SubMConv3d", "SparseConv1d", "SparseConv2d",
+    "SparseConv3d", "SparseConvTranspose2d", "SparseConvTranspose3d", "SparseInverseConv2d",
+    "SparseInverseConv3d", "SparseMaxPool2d", "SparseMaxPool3d", "SparseAvgPool2d",
+    "SparseAvgPool3d", "SparseGlobalMaxPool", "SparseGlobalAvgPool", "SparseSequential",
+    "SparseModule", "ToDense", "Identity", "ConvAlgo",
+]
+
+# spconv module path -> names that live there (spconv.pytorch.<path>.<name>).
+MODULE_PATHS = {
+    "conv": ["SparseConvolution", "SubMConv3d", "SparseConv3d", "SparseInverseConv3d",
+             "SparseConvTranspose3d"],
+    "modules": ["SparseModule", "SparseSequential", "SparseBatchNorm", "SparseReLU",
+                "SparseIdentity", "assign_name_for_sparse_modules", "is_spconv_module"],
+    "core": ["SparseConvTensor", "expand_nd"],
+    "pool": ["SparseMaxPool3d", "SparseAvgPool3d", "SparseGlobalMaxPool"],
+    "tables": ["AddTable", "ConcatTable", "JoinTable"],
+    "functional": ["sparse_add"],
+    "ops": ["ConvAlgo", "get_conv_output_size", "get_deconv_output_size"],
+    "utils": ["gather_features_by_pc_voxel_id"],
+    "constants": ["PYTORCH_VERSION", "TORCH_HAS_AMP", "is_amp_enabled", "SAVED_WEIGHT_LAYOUT",
+                  "ALL_WEIGHT_IS_KRSC", "FILTER_HWIO", "CPU_ONLY_BUILD",
+                  "SPCONV_VERSION_NUMBERS"],
+}
+
+# Public names of spconv.pytorch that spconv_lite.pytorch leaves out on purpose (see the
+# README's "Differences from spconv"): its C++ bindings and hash table, the identity module
+# path, and names it merely imported (Path, np, ...).
+NOT_PROVIDED = {"cppcore", "hash", "identity", "Path", "Union", "np", "platform", "torch"}
+
+
+@pytest.mark.parametrize("name", DESIGN_NAMES)
+def test_design_names_exported(name):
+    assert getattr(spconv, name) is getattr(spconv_lite, name)
+
+
+@pytest.mark.parametrize("path,name", [(p, n) for p, names in MODULE_PATHS.items()
+                                       for n in names])
+def test_spconv_module_paths(path, name):
+    module = importlib.import_module(f"spconv_lite.pytorch.{path}")
+    assert hasattr(module, name)
+    assert getattr(spconv, path) is module
+
+
+@pytest.mark.parametrize("name", [n for n in dir(spconv_lite) if n.startswith(("SubMConv",
+                                  "SparseConv", "SparseInverseConv"))
+                                  and n not in ("SparseConvTensor", "SparseConvolution")])
+def test_conv_layers_share_spconv_base_class(name):
+    # OpenPCDet's find_all_spconv_keys looks for isinstance(m, spconv.conv.SparseConvolution).
+    assert issubclass(getattr(spconv, name), spconv.conv.SparseConvolution)
+    assert issubclass(getattr(spconv, name), spconv.modules.SparseModule)
+
+
+def test_version_and_constants():
+    assert spconv.__version__ == "2.3.8"
+    assert spconv.SPCONV_VERSION_NUMBERS == [2, 3, 8]
+    assert spconv.__version__ >= "2.0.0"  # mmdetection3d's test for the spconv 2 API
+    assert spconv_lite.__version__ != spconv.__version__  # our own version stays separate
+    c = spconv.constants
+    assert c.ALL_WEIGHT_IS_KRSC and not c.FILTER_HWIO and c.SAVED_WEIGHT_LAYOUT == ""
+    assert c.PYTORCH_VERSION[:2] == [int(v) for v in torch.__version__.split(".")[:2]]
+    assert c.is_amp_enabled() is False
+    assert isinstance(c.CPU_ONLY_BUILD, bool)
+
+
+@pytest.mark.parity
+def test_every_spconv_name_is_provided():
+    reference = require_spconv()
+    public = {n for n in dir(reference) if not n.startswith("_")}
+    missing = sorted(public - NOT_PROVIDED - set(dir(spconv)))
+    assert missing == []
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("path", sorted(MODULE_PATHS))
+def test_module_paths_exist_in_spconv_too(path):
+    # Guards the table above: each path is a real spconv.pytorch module with these names.
+    require_spconv()
+    module = importlib.import_module(f"spconv.pytorch.{path}")
+    ours_only = {"ops": {"get_conv_output_size", "get_deconv_output_size", "ConvAlgo"},
+                 "constants": set(MODULE_PATHS["constants"]) - {"PYTORCH_VERSION",
+                                                                "TORCH_HAS_AMP",
+                                                                "is_amp_enabled"}}
+    for name in MODULE_PATHS[path]:
+        if name in ours_only.get(path, ()):
+            continue
+        assert hasattr(module, name), f"spconv.pytorch.{path} has no {name}"
+
+
+def test_point_to_voxel_path():
+    try:
+        importlib.import_module("spconv_lite.voxelize")
+    except ImportError:
+        with pytest.raises(ImportError, match="voxelize"):
+            from spconv_lite.pytorch.utils import PointToVoxel  # noqa: F401
+    else:
+        from spconv_lite.voxelize import PointToVoxel as direct
+
+        from spconv_lite.pytorch.utils import PointToVoxel
+
+        assert PointToVoxel is direct
+
+
+def _input(seed=0, shape=(12, 10, 8), batch=2, channels=3, density=0.2):
+    gen = make_gen("compat", seed)
+    indices = random_sites(gen, batch, shape, density)
+    features = randn(gen, len(indices), channels, dtype=torch.float32)
+    return features, indices, list(shape), batch
+
+
+@pytest.mark.parametrize("kind", ["list", "tuple", "numpy", "numpy_int32", "tensor"])
+def test_spatial_shape_types(kind):
+    features, indices, shape, batch = _input()
+    value = {"list": list(shape), "tuple": tuple(shape), "numpy": np.array(shape),
+             "numpy_int32": np.array(shape, dtype=np.int32), "tensor": torch.tensor(shape)}[kind]
+    x = spconv.SparseConvTensor(features, indices, value, batch)
+    assert x.spatial_shape == shape and all(type(s) is int for s in x.spatial_shape)
+    torch.manual_seed(0)
+    y = spconv.SparseConv3d(3, 4, 3, stride=2, padding=1)(x)
+    assert y.spatial_shape == [6, 5, 4]
+
+
+def test_openpcdet_sparse_shape_expression():
+    # OpenPCDet: sparse_shape = grid_size[::-1] + [1, 0, 0] on a numpy int64 grid_size.
+    grid_size = np.array([1408, 1600, 40])
+    indices = torch.tensor([[0, 40, 1599, 1407], [1, 0, 0, 0]], dtype=torch.int32)
+    x = spconv.SparseConvTensor(torch.ones(2, 4), indices, grid_size[::-1] + [1, 0, 0], 2)
+    assert x.spatial_shape == [41, 1600, 1408]
+
+
+def test_sequential_from_ordered_dict():
+    torch.manual_seed(0)
+    net = spconv.SparseSequential(OrderedDict([
+        ("conv1", spconv.SubMConv3d(3, 8, 3, indice_key="subm1")),
+        ("bn1", nn.BatchNorm1d(8)),
+        ("relu1", nn.ReLU()),
+        ("down", spconv.SparseConv3d(8, 16, 3, stride=2, padding=1)),
+    ]))
+    assert [name for name, _ in net.named_children()] == ["conv1", "bn1", "relu1", "down"]
+    assert list(net.state_dict())[:2] == ["conv1.weight", "conv1.bias"]
+    x = spconv.SparseConvTensor(*_input())
+    assert net(x).features.shape[1] == 16
+    assert net[1] is net.bn1
+
+
+def test_dense_then_bev_reshape():
+    features, indices, shape, batch = _input(shape=(2, 6, 5), channels=4, density=0.4)
+    x = spconv.SparseConvTensor(features, indices, shape, batch)
+    dense = x.dense()
+    n, c, d, h, w = dense.shape
+    bev = dense.view(n, c * d, h, w)  # OpenPCDet's HeightCompression
+    for row, (b, z, y, xx) in enumerate(indices.tolist()):
+        torch.testing.assert_close(bev[b, z::d, y, xx], features[row])
+    cl = x.dense(channels_first=False)
+    assert cl.shape == (n, d, h, w, c)
+
+
+def test_indices_edited_in_place():
+    """VoxelNeXt scales coarse tensors back to the fine grid in place
+    (``x_conv5.indices[:, 1:] *= 2``) and runs further layers on them; the results must equal
+    the same layers applied to a freshly built tensor with the edited indices."""
+    torch.manual_seed(0)
+    features, indices, shape, batch = _input(shape=(16, 16, 16), density=0.1)
+    down = spconv.SparseConv3d(3, 3, 3, stride=2, padding=1, indice_key="down")
+    layers = spconv.SparseSequential(
+        spconv.SubMConv3d(3, 5, 3, indice_key="subm_after"),
+        spconv.SparseConv3d(5, 4, 3, stride=2, padding=1, indice_key="down_after"),
+    )
+    x = spconv.SparseConvTensor(features, indices, shape, batch)
+    low = down(x)  # 8^3 grid; low.indices is also the output of the map cached as "down"
+    low.indices[:, 1:] *= 2  # in place, back on the 16^3 grid
+    low.spatial_shape = shape
+    out = layers(low)
+    fresh = spconv.SparseConvTensor(low.features.detach().clone(), low.indices.clone(), shape,
+                                    batch)
+    ref = layers(fresh)
+    assert torch.equal(out.indices, ref.indices)
+    torch.testing.assert_close(out.features, ref.features)
+
+
+def test_indices_edited_in_place_before_network():
+    # Shifting batch indices in place on the input (e.g. re-batching) before any layer ran.
+    torch.manual_seed(0)
+    features, indices, shape, _ = _input(batch=1)
+    x = spconv.SparseConvTensor(features, indices, shape, batch_size=2)
+    x.indices[:, 0] = 1
+    conv = spconv.SparseConv3d(3, 4, 3, stride=2, padding=1)
+    y = conv(x)
+    assert (y.indices[:, 0] == 1).all()
+    ref = conv(spconv.SparseConvTensor(features, indices.clone(), shape, batch_size=2))
+    torch.testing.assert_close(y.features, ref.features)
+
+
+def test_sparse_batchnorm_relu_wrappers():
+    features, indices, shape, batch = _input()
+    x = spconv.SparseConvTensor(features, indices, shape, batch)
+    bn = spconv.SparseBatchNorm(3).eval()
+    with torch.no_grad():
+        bn.running_mean.fill_(0.5)
+    direct = bn(x)
+    assert isinstance(direct, spconv.SparseConvTensor)
+    torch.testing.assert_close(direct.features, nn.functional.batch_norm(
+        features, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
+    seq = spconv.SparseSequential(bn, spconv.SparseReLU(), spconv.SparseIdentity())
+    torch.testing.assert_close(seq(x).features, direct.features.relu())
+    torch.testing.assert_close(bn(features), direct.features)  # plain tensors work too
+
+
+def test_tables():
+    features, indices, shape, batch = _input()
+    x = spconv.SparseConvTensor(features, indices, shape, batch)
+    torch.manual_seed(0)
+    branches = spconv.ConcatTable(spconv.SubMConv3d(3, 4, 3, indice_key="a"), spconv.Identity())
+    a, b = branches(x)
+    joined = spconv.JoinTable()([a, b])
+    assert joined.features.shape == (len(indices), 7)
+    torch.testing.assert_close(joined.features[:, 4:], features)
+    added = spconv.AddTable()([x, x])
+    torch.testing.assert_close(added.features, 2 * features)
+    with pytest.raises(ValueError, match="same sites"):
+        spconv.AddTable()([x, spconv.SparseConvTensor(features[:3], indices[:3], shape, batch)])
+
+
+def test_conv_add_input():
+    torch.manual_seed(0)
+    features, indices, shape, batch = _input()
+    x = spconv.SparseConvTensor(features, indices, shape, batch)
+    conv = spconv.SubMConv3d(3, 3, 3)
+    torch.testing.assert_close(conv(x, add_input=x).features, conv(x).features + features)
+    with pytest.raises(ValueError, match="add_input"):
+        conv(x, add_input=spconv.SparseConvTensor(features[:2], indices[:2], shape, batch))
+
+
+def test_fused_activation_refused():
+    with pytest.raises(ValueError, match="act_type"):
+        spconv.conv.SparseConvolution(3, 4, 4, 3, act_type="ReLU")
+
+
+def test_record_voxel_count_buffer():
+    torch.manual_seed(0)
+    conv = spconv.SparseConv3d(3, 4, 3, stride=2, padding=1, record_voxel_count=True)
+    assert "max_num_voxels_during_training" in conv.state_dict()
+    y = conv(spconv.SparseConvTensor(*_input()))
+    assert int(conv.max_num_voxels_during_training) == y.indices.shape[0]
+    subm = spconv.SubMConv3d(3, 4, 3, record_voxel_count=True)
+    assert "max_num_voxels_during_training" not in subm.state_dict()
+
+
+def _dense_sum(*tensors):
+    return sum(t.dense() for t in tensors)
+
+
+@pytest.mark.parametrize("case", ["disjoint", "overlap", "subset", "same"])
+def test_sparse_add(case):
+    features, indices, shape, batch = _input(density=0.3)
+    n = len(indices)
+    parts = {"disjoint": (slice(0, n // 2), slice(n // 2, n)),
+             "overlap": (slice(0, 2 * n // 3), slice(n // 3, n)),
+             "subset": (slice(0, n), slice(n // 4, n // 2)),
+             "same": (slice(0, n), slice(0, n))}[case]
+    gen = make_gen("sparse_add", case)
+    tensors = [spconv.SparseConvTensor(randn(gen, len(indices[p]), 3, dtype=torch.float32),
+                                       indices[p], shape, batch) for p in parts]
+    out = spconv.functional.sparse_add(*tensors)
+    torch.testing.assert_close(out.dense(), _dense_sum(*tensors))
+    assert len(torch.unique(out.indices, dim=0)) == len(out.indices)
+    if case in ("subset", "same"):
+        # The union is the first operand's sites: its rows, order and kernel maps are kept.
+        assert torch.equal(out.indices, tensors[0].indices)
+        assert out.indice_dict is tensors[0].indice_dict
+
+
+@pytest.mark.parity
+def test_sparse_add_matches_spconv():
+    reference = require_spconv()
+    features, indices, shape, batch = _input(density=0.3)
+    n = len(indices)
+    a = (features[: 2 * n // 3], indices[: 2 * n // 3])
+    b = (features[n // 3:] * 2, indices[n // 3:])
+    ours = spconv.functional.sparse_add(*(spconv.SparseConvTensor(f, i, shape, batch)
+                                          for f, i in (a, b)))
+    ref = reference.functional.sparse_add(*(reference.SparseConvTensor(f, i, shape, batch)
+                                            for f, i in (a, b)))
+    torch.testing.assert_close(ours.dense(), ref.dense())
+
+
+def test_gather_features_by_pc_voxel_id():
+    feats = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    ids = torch.tensor([1, -1, 0, 1])
+    out = spconv.utils.gather_features_by_pc_voxel_id(feats, ids, invalid_value=-7)
+    assert out.tolist() == [[3.0, 4.0], [-7.0, -7.0], [1.0, 2.0], [3.0, 4.0]]
+
+
+def test_output_size_helpers():
+    assert spconv.ops.get_conv_output_size([41, 1600, 1408], 3, 2, 1, 1) == [21, 800, 704]
+    out = spconv.ops.get_conv_output_size([5, 200, 176], (3, 1, 1), (2, 1, 1), 0, 1)
+    assert out == [2, 200, 176]
+    assert spconv.ops.get_deconv_output_size([4, 4], 3, 2, 1, 1, 1) == [8, 8]
+
+
+def test_require_fails_under_ci(monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception):
+        require(False, "needed")
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception):
+        require(False, "optional")

@@ -1,0 +1,165 @@
+"""spconv_lite.models: OpenPCDet structure and parameter names, shapes, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_gen, randn, random_sites
+from torch import nn
+
+import spconv_lite.pytorch as spconv
+from spconv_lite.models import (
+    HeightCompression,
+    SparseBasicBlock,
+    UNetV2,
+    VoxelBackBone8x,
+    VoxelResBackBone8x,
+)
+
+KITTI_GRID = [1408, 1600, 40]  # (x, y, z) at 0.05 x 0.05 x 0.1 m
+
+
+def _input(model, count=300, seed=0, batch=2):
+    """Random sites on the model's grid, clustered in a small corner so that they have
+    neighbours at every scale."""
+    gen = make_gen("models", seed)
+    z, y, x = model.sparse_shape
+    sites = random_sites(gen, batch, (min(z, 41), min(y, 24), min(x, 24)), count=count)
+    features = randn(gen, len(sites), 4, dtype=torch.float32)
+    return model.input_tensor(features, sites, batch)
+
+
+# Parameter names and shapes of OpenPCDet's checkpoints (backbone_3d.<name>): a sample of
+# each kind of layer, with shapes in spconv's [C_out, *k, C_in] layout.
+OPENPCDET_KEYS = {
+    VoxelBackBone8x: {
+        "conv_input.0.weight": [16, 3, 3, 3, 4],
+        "conv_input.1.running_var": [16],
+        "conv1.0.0.weight": [16, 3, 3, 3, 16],
+        "conv2.0.0.weight": [32, 3, 3, 3, 16],
+        "conv2.2.1.bias": [32],
+        "conv4.0.0.weight": [64, 3, 3, 3, 64],
+        "conv4.2.0.weight": [64, 3, 3, 3, 64],
+        "conv_out.0.weight": [128, 3, 1, 1, 64],
+        "conv_out.1.num_batches_tracked": [],
+    },
+    VoxelResBackBone8x: {
+        "conv_input.0.weight": [16, 3, 3, 3, 4],
+        "conv1.0.conv1.weight": [16, 3, 3, 3, 16],
+        "conv1.0.conv1.bias": [16],
+        "conv1.1.bn2.running_mean": [16],
+        "conv2.0.0.weight": [32, 3, 3, 3, 16],
+        "conv2.1.conv2.weight": [32, 3, 3, 3, 32],
+        "conv4.0.0.weight": [128, 3, 3, 3, 64],
+        "conv4.2.conv2.bias": [128],
+        "conv_out.0.weight": [128, 3, 1, 1, 128],
+    },
+    UNetV2: {
+        "conv_input.0.weight": [16, 3, 3, 3, 4],
+        "conv4.0.0.weight": [64, 3, 3, 3, 64],
+        "conv_out.0.weight": [128, 3, 1, 1, 64],
+        "conv_up_t4.conv1.weight": [64, 3, 3, 3, 64],
+        "conv_up_m4.0.weight": [64, 3, 3, 3, 128],
+        "inv_conv4.0.weight": [64, 3, 3, 3, 64],
+        "inv_conv3.0.weight": [32, 3, 3, 3, 64],
+        "conv_up_t2.bn2.weight": [32],
+        "inv_conv2.0.weight": [16, 3, 3, 3, 32],
+        "conv_up_m1.0.weight": [16, 3, 3, 3, 32],
+        "conv5.0.0.weight": [16, 3, 3, 3, 16],
+        "conv5.0.1.bias": [16],
+    },
+}
+# State dict sizes: per conv its weight and 5 BatchNorm entries (weight, bias, mean, var,
+# count), plus the 16 residual-block conv biases of VoxelResBackBone8x.
+STATE_SIZES = {VoxelBackBone8x: 12 * 6, VoxelResBackBone8x: 21 * 6 + 16, UNetV2: 28 * 6}
+
+
+@pytest.mark.parametrize("cls", list(OPENPCDET_KEYS), ids=lambda c: c.__name__)
+def test_openpcdet_parameter_names(cls):
+    state = cls(4, KITTI_GRID).state_dict()
+    for key, shape in OPENPCDET_KEYS[cls].items():
+        assert list(state[key].shape) == shape, key
+    assert len(state) == STATE_SIZES[cls]
+
+
+def test_resbackbone_bias_switch():
+    no_bias = VoxelResBackBone8x(4, KITTI_GRID, use_bias=False).state_dict()
+    assert "conv1.0.conv1.bias" not in no_bias
+    unet = UNetV2(4, KITTI_GRID).state_dict()
+    assert "conv_up_t4.conv1.bias" not in unet  # OpenPCDet's U-Net blocks have no bias
+
+
+@pytest.mark.parametrize("cls", [VoxelBackBone8x, VoxelResBackBone8x], ids=lambda c: c.__name__)
+def test_backbone_shapes_and_bev(cls):
+    torch.manual_seed(0)
+    model = cls(4, KITTI_GRID).eval()
+    assert model.sparse_shape == [41, 1600, 1408]
+    with torch.no_grad():
+        out = model(_input(model))
+    enc = out["encoded_spconv_tensor"]
+    assert enc.spatial_shape == [2, 200, 176] and enc.features.shape[1] == 128
+    assert out["encoded_spconv_tensor_stride"] == 8
+    scales = out["multi_scale_3d_features"]
+    assert [t.spatial_shape for t in scales.values()] == [
+        [41, 1600, 1408], [21, 800, 704], [11, 400, 352], [5, 200, 176]]
+    assert [t.features.shape[1] for t in scales.values()] == list(model.backbone_channels.values())
+    bev = HeightCompression(256)(enc)
+    assert bev.shape == (2, 256, 200, 176)
+
+
+def test_height_compression_is_dense_view():
+    gen = make_gen("bev")
+    sites = random_sites(gen, 2, (2, 6, 5), 0.4)
+    x = spconv.SparseConvTensor(randn(gen, len(sites), 3, dtype=torch.float32), sites,
+                                [2, 6, 5], 2)
+    torch.testing.assert_close(HeightCompression(6)(x), x.dense().view(2, 6, 6, 5))
+
+
+def test_height_compression_wrong_channels():
+    model = VoxelBackBone8x(4, KITTI_GRID).eval()
+    with torch.no_grad():
+        enc = model(_input(model))["encoded_spconv_tensor"]
+    with pytest.raises(ValueError, match="expects 512 BEV channels.*128 channels x 2"):
+        HeightCompression(512)(enc)
+
+
+def test_unet_rows_and_gradients():
+    torch.manual_seed(0)
+    model = UNetV2(4, [64, 64, 40], return_encoded_tensor=False)
+    x = _input(model, count=400)
+    out = model(x)
+    assert out["point_tensor"].indices is x.indices or torch.equal(out["point_tensor"].indices,
+                                                                   x.indices)
+    assert out["point_features"].shape == (400, 16)
+    out["point_features"].square().sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert missing == []
+
+
+def test_unet_encoded_tensor():
+    model = UNetV2(4, KITTI_GRID).eval()
+    with torch.no_grad():
+        out = model(_input(model))
+    assert out["encoded_spconv_tensor"].spatial_shape == [2, 200, 176]
+
+
+def test_sparse_basic_block_downsample():
+    torch.manual_seed(0)
+    down = spconv.SparseSequential(spconv.SubMConv3d(8, 16, 1, bias=False), nn.BatchNorm1d(16))
+    block = SparseBasicBlock(8, 16, downsample=down, indice_key="r").eval()
+    gen = make_gen("block")
+    sites = random_sites(gen, 1, (6, 6, 6), 0.3)
+    x = spconv.SparseConvTensor(randn(gen, len(sites), 8, dtype=torch.float32), sites,
+                                [6, 6, 6], 1)
+    with torch.no_grad():
+        y = block(x)
+        main = block.bn2(block.conv2(block.conv1(x).replace_feature(
+            block.relu(block.bn1(block.conv1(x).features)))).features)
+        expected = torch.relu(main + down(x).features)
+    torch.testing.assert_close(y.features, expected)
+    assert isinstance(block, spconv.SparseModule)
+
+
+def test_grid_size_validation():
+    with pytest.raises(ValueError, match="grid_size"):
+        VoxelBackBone8x(4, [10, 10])
