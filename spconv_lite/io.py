@@ -185,5 +185,9 @@ def _read_open3d(path: Path) -> tuple[np.ndarray, list[str]]:
             continue  # positions, a field open3d does not load, or a group already taken
         values = attributes.pop(attribute).reshape(len(columns[0]), -1)
         columns.append(values.astype(np.float32))
-        names += [field] if values.shape[1] == 1 else [f"{attribute}_{j}" for j in range(values.shape[1])]
+        names += (
+            [field]
+            if values.shape[1] == 1
+            else [f"{attribute}_{j}" for j in range(values.shape[1])]
+        )
     return np.concatenate(columns, axis=1), names
