@@ -144,10 +144,11 @@ def _read_npz(path: Path) -> np.ndarray:
     )
 
 
-def _header_fields(path: Path) -> list[str]:
-    """Per-point field names in file order, from a PCD ``FIELDS`` line or the PLY vertex
-    element's ``property`` lines."""
+def _read_header(path: Path) -> tuple[list[str], int]:
+    """Per-point field names in file order and the point count, from a PCD header (``FIELDS``,
+    ``POINTS``) or a PLY header (the vertex element and its ``property`` lines)."""
     fields: list[str] = []
+    count = -1
     in_vertex = False
     with open(path, "rb") as f:
         for raw in f:
@@ -155,14 +156,18 @@ def _header_fields(path: Path) -> list[str]:
             if not words:
                 continue
             if words[0] == "FIELDS":  # PCD
-                return words[1:]
-            if words[0] == "element":  # PLY
-                in_vertex = len(words) > 1 and words[1] == "vertex"
+                fields = words[1:]
+            elif words[0] == "POINTS" and len(words) > 1:
+                count = int(words[1])
+            elif words[0] == "element":  # PLY
+                in_vertex = len(words) > 2 and words[1] == "vertex"
+                if in_vertex:
+                    count = int(words[2])
             elif words[0] == "property" and in_vertex and words[1] != "list":
                 fields.append(words[-1])
             if words[0] in ("DATA", "end_header"):
                 break
-    return fields
+    return fields, count
 
 
 def _read_open3d(path: Path) -> tuple[np.ndarray, list[str]]:
@@ -173,17 +178,24 @@ def _read_open3d(path: Path) -> tuple[np.ndarray, list[str]]:
             f"reading {path.suffix} files needs open3d: pip install 'spconv_lite[io]' "
             "(or open3d-cpu)"
         ) from exc
+    o3d.utility.set_verbosity_level(o3d.utility.VerbosityLevel.Error)
+    fields, count = _read_header(path)
     cloud = o3d.t.io.read_point_cloud(str(path))
     attributes = {name: cloud.point[name].numpy() for name in cloud.point}
     if "positions" not in attributes:
-        raise ValueError(f"{str(path)!r} has no x, y, z point positions")
+        if count == 0 and all(axis in fields for axis in _XYZ):  # open3d rejects empty files
+            names = [*_XYZ, *(f for f in fields if f not in _XYZ)]
+            return np.zeros((0, len(names)), dtype=np.float32), names
+        raise ValueError(f"{str(path)!r} could not be read as a point cloud with x, y, z")
     columns = [attributes.pop("positions").reshape(-1, 3)]
     names = list(_XYZ)
-    for field in _header_fields(path):
+    # open3d's attributes come in name order: put them back in the file's order.
+    for field in fields:
         attribute = _OPEN3D_GROUPS.get(field, field)
         if field in _XYZ or attribute not in attributes:
             continue  # positions, a field open3d does not load, or a group already taken
-        values = attributes.pop(attribute).reshape(len(columns[0]), -1)
+        values = attributes.pop(attribute)
+        values = values if values.ndim == 2 else values.reshape(-1, 1)
         columns.append(values.astype(np.float32))
         names += (
             [field]
