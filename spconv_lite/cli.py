@@ -53,8 +53,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (argparse prints the whole usage block by default)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="spconv_lite command-line tools.")
+    parser = _Parser(prog=PROG, description="spconv_lite command-line tools.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     vox = commands.add_parser(
@@ -354,9 +361,9 @@ def _run_voxelize(args: argparse.Namespace) -> int:
     if bar:
         bar.draw(len(jobs))
         sys.stderr.write("\n")
-    if failures:
+    if failures and len(jobs) > 1:
         raise CommandError(f"{failures} of {len(jobs)} inputs failed")
-    return 0
+    return 1 if failures else 0
 
 
 def _one_line(exc: BaseException) -> str:

@@ -157,7 +157,7 @@ class PointToVoxel:
         num_point_features: int,
         max_num_voxels: int,
         max_num_points_per_voxel: int,
-        device: Union[torch.device, str] = torch.device("cpu:0"),
+        device: Union[torch.device, str] = "cpu",
     ) -> None:
         self.geometry = GridGeometry.from_spconv_args(vsize_xyz, coors_range_xyz)
         self.ndim = len(self.geometry.voxel_size)
