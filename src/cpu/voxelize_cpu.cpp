@@ -13,7 +13,7 @@
 //   2. serial, in input order: voxel numbers in order of first points, and each point's
 //      position among its voxel's points. This is the only order-dependent step and it only
 //      reads and writes small arrays;
-//   3. parallel: coordinates, then the voxel contents.
+//   3. parallel: the voxel contents and coordinates.
 // Every value written depends only on the input order, so results are bitwise independent of
 // the number of threads.
 #include <ATen/Parallel.h>
@@ -138,9 +138,9 @@ void with_load_width(int64_t columns, const F& f) {
 
 // Which voxel every point falls in.
 struct VoxelAssignment {
-  at::Tensor coordinates;       // int32 [M, ndim], z, y, x
   at::Tensor point_voxel_id;    // int64 [N], voxel number or -1
   std::unique_ptr<int32_t[]> rank;  // [N] position of a point among its voxel's points
+  std::vector<int32_t> first_point;  // [M] first point of each voxel
   std::vector<int32_t> count;   // [M] number of points of each voxel
   int64_t num_voxels = 0;       // M
 };
@@ -177,7 +177,9 @@ VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
   // Pass 1b: insert the keys; key_or_slot becomes each kept point's table slot. The table has
   // room for every kept point being its own voxel, so it cannot fill up.
   const int64_t capacity = hash_capacity_for(valid);
-  at::Tensor table_keys = at::full({capacity}, kEmptyKey, at::dtype(at::kLong));
+  // Filled here rather than with at::full: each parallel region costs a thread wake-up.
+  at::Tensor table_keys = at::empty({capacity}, at::dtype(at::kLong));
+  std::fill_n(table_keys.data_ptr<int64_t>(), capacity, kEmptyKey);
   at::Tensor table_values = at::empty({capacity}, at::dtype(at::kInt));
   const HashTableView table{table_keys.data_ptr<int64_t>(), table_values.data_ptr<int32_t>(),
                             capacity};
@@ -205,8 +207,9 @@ VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
   // Pass 2 (serial): number the voxels in order of first points; voxels past max_voxels get
   // the number max_voxels, i.e. dropped.
   VoxelAssignment a;
-  a.point_voxel_id = at::full({n}, -1, at::dtype(at::kLong));
+  a.point_voxel_id = at::empty({n}, at::dtype(at::kLong));
   int64_t* ids = a.point_voxel_id.data_ptr<int64_t>();
+  std::fill_n(ids, n, -1);
   a.rank.reset(new int32_t[n]);  // read only for points with a voxel
   std::vector<int32_t> first_point;
   first_point.reserve(std::min(valid, max_voxels));
@@ -233,20 +236,21 @@ VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
   }
   a.num_voxels = static_cast<int64_t>(first_point.size());
 
-  // Pass 3: coordinates, from each voxel's first point (z, y, x: the lanes reversed).
-  const int ndim = quantizer.ndim();
-  a.coordinates = at::empty({a.num_voxels, ndim}, at::dtype(at::kInt));
-  int32_t* coords = a.coordinates.data_ptr<int32_t>();
-  with_load_width(columns, [&]<int kLoad>() {
-    at::parallel_for(0, a.num_voxels, kVoxelGrain, [&](int64_t begin, int64_t end) {
-      Int4 c;
-      for (int64_t v = begin; v < end; ++v) {
-        quantizer.template quantize<kLoad>(points + first_point[v] * columns, columns, &c);
-        for (int d = 0; d < ndim; ++d) coords[v * ndim + d] = c[ndim - 1 - d];
-      }
-    });
-  });
+  a.first_point = std::move(first_point);
   return a;
+}
+
+// Coordinates (z, y, x: the lanes reversed) of voxels [begin, end), from their first points.
+template <int kLoad>
+void write_coordinates(const VoxelAssignment& a, const float* points, int64_t columns,
+                       const PointQuantizer& quantizer, int64_t begin, int64_t end,
+                       int32_t* coords) {
+  const int ndim = quantizer.ndim();
+  Int4 c;
+  for (int64_t v = begin; v < end; ++v) {
+    quantizer.template quantize<kLoad>(points + a.first_point[v] * columns, columns, &c);
+    for (int d = 0; d < ndim; ++d) coords[v * ndim + d] = c[ndim - 1 - d];
+  }
 }
 
 void check_points(const at::Tensor& points, int64_t ndim) {
@@ -257,6 +261,22 @@ void check_points(const at::Tensor& points, int64_t ndim) {
                     points.sizes());
   TORCH_CHECK_VALUE(points.size(0) < std::numeric_limits<int32_t>::max(), "points has ",
                     points.size(0), " rows; at most 2^31 - 2 are supported");
+}
+
+// Runs f(begin, end, coords) over ranges of the voxels in parallel after writing the
+// coordinates of those voxels into coords [M, ndim].
+template <typename F>
+at::Tensor for_voxel_ranges(const VoxelAssignment& a, const float* points, int64_t columns,
+                            const PointQuantizer& quantizer, const F& f) {
+  at::Tensor coordinates = at::empty({a.num_voxels, quantizer.ndim()}, at::dtype(at::kInt));
+  int32_t* coords = coordinates.data_ptr<int32_t>();
+  with_load_width(columns, [&]<int kLoad>() {
+    at::parallel_for(0, a.num_voxels, kVoxelGrain, [&](int64_t begin, int64_t end) {
+      write_coordinates<kLoad>(a, points, columns, quantizer, begin, end, coords);
+      f(begin, end);
+    });
+  });
+  return coordinates;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
@@ -289,7 +309,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
   });
   // Free slots: zeros, or with empty_mean the mean of the voxel's points (a voxel with a free
   // slot stores all its points), summed in double in slot order.
-  at::parallel_for(0, a.num_voxels, kVoxelGrain, [&](int64_t begin, int64_t end) {
+  at::Tensor coordinates = for_voxel_ranges(a, data, columns, quantizer, [&](int64_t begin,
+                                                                             int64_t end) {
     std::vector<double> mean(columns);
     for (int64_t v = begin; v < end; ++v) {
       num[v] = std::min<int32_t>(a.count[v], static_cast<int32_t>(slots));
@@ -298,7 +319,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
         for (int64_t j = num[v] * columns; j < row; ++j) voxel[j] = 0.f;
         continue;
       }
-      if (num[v] == slots) continue;
       std::fill(mean.begin(), mean.end(), 0.0);
       for (int64_t s = 0; s < num[v]; ++s) {
         for (int64_t c = 0; c < columns; ++c) mean[c] += voxel[s * columns + c];
@@ -308,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
       }
     }
   });
-  return {voxels, a.coordinates, counts, a.point_voxel_id};
+  return {voxels, coordinates, counts, a.point_voxel_id};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_mean_cpu(
@@ -329,7 +349,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_mean_cpu(
   const int64_t* ids = a.point_voxel_id.data_ptr<int64_t>();
   // Sums in double, in input order. Each task owns a range of voxels and scans all points, so
   // every voxel is summed in the same order whatever the split.
-  at::parallel_for(0, a.num_voxels, kVoxelGrain, [&](int64_t v0, int64_t v1) {
+  at::Tensor coordinates = for_voxel_ranges(a, data, columns, quantizer, [&](int64_t v0,
+                                                                             int64_t v1) {
     std::vector<double> sum((v1 - v0) * columns, 0.0);
     for (int64_t i = 0; i < n; ++i) {
       if (ids[i] < v0 || ids[i] >= v1) continue;
@@ -343,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_mean_cpu(
       }
     }
   });
-  return {features, a.coordinates, counts, a.point_voxel_id};
+  return {features, coordinates, counts, a.point_voxel_id};
 }
 
 }  // namespace
