@@ -145,6 +145,52 @@ struct VoxelAssignment {
   int64_t num_voxels = 0;       // M
 };
 
+// Pass 2: numbers the voxels in order of their first point, given the kept points in input
+// order with their table slots. Voxels past max_voxels get the number max_voxels (dropped).
+class VoxelNumbering {
+ public:
+  VoxelNumbering(int64_t n, int64_t expected_voxels, int64_t max_voxels)
+      : max_voxels_(max_voxels) {
+    a_.point_voxel_id = at::empty({n}, at::dtype(at::kLong));
+    ids_ = a_.point_voxel_id.data_ptr<int64_t>();
+    std::fill_n(ids_, n, -1);
+    a_.rank.reset(new int32_t[n]);  // read only for points with a voxel
+    a_.first_point.reserve(expected_voxels);
+    a_.count.reserve(expected_voxels);
+  }
+
+  // The number the next new voxel gets (max_voxels once they are used up).
+  int32_t next_number() const { return static_cast<int32_t>(std::min(total_, max_voxels_)); }
+
+  // A new voxel whose first point is `point`; returns its number.
+  int64_t open(int32_t point) {
+    const int64_t v = std::min(total_++, max_voxels_);
+    if (v < max_voxels_) {
+      a_.first_point.push_back(point);
+      a_.count.push_back(0);
+    }
+    return v;
+  }
+
+  // `point` belongs to voxel v.
+  void add(int32_t point, int64_t v) {
+    if (v == max_voxels_) return;
+    ids_[point] = v;
+    a_.rank[point] = a_.count[v]++;
+  }
+
+  VoxelAssignment finish() {
+    a_.num_voxels = static_cast<int64_t>(a_.first_point.size());
+    return std::move(a_);
+  }
+
+ private:
+  VoxelAssignment a_;
+  int64_t max_voxels_;
+  int64_t* ids_;
+  int64_t total_ = 0;
+};
+
 VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
                               const PointQuantizer& quantizer, int64_t max_voxels) {
   // Pass 1a: quantize. Block b of kPointGrain points lists its kept points, in order, at the
@@ -174,8 +220,8 @@ VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
   int64_t valid = 0;
   for (int64_t b = 0; b < blocks; ++b) valid += kept_in_block[b];
 
-  // Pass 1b: insert the keys; key_or_slot becomes each kept point's table slot. The table has
-  // room for every kept point being its own voxel, so it cannot fill up.
+  // Pass 1b: insert the keys (parallel); key_or_slot becomes each kept point's table slot. The
+  // table has room for every kept point being its own voxel, so it cannot fill up.
   const int64_t capacity = hash_capacity_for(valid);
   // Filled here rather than with at::full: each parallel region costs a thread wake-up.
   at::Tensor table_keys = at::empty({capacity}, at::dtype(at::kLong));
@@ -183,61 +229,55 @@ VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
   at::Tensor table_values = at::empty({capacity}, at::dtype(at::kInt));
   const HashTableView table{table_keys.data_ptr<int64_t>(), table_values.data_ptr<int32_t>(),
                             capacity};
+  VoxelNumbering numbering(n, std::min(valid, max_voxels), max_voxels);
   const uint64_t mask = static_cast<uint64_t>(capacity - 1);
-  constexpr int64_t kAhead = 8;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t begin = b * kPointGrain, end = begin + kept_in_block[b];
-      int64_t last_key = kEmptyKey, last_slot = kNoSlot;
-      for (int64_t j = begin; j < end; ++j) {
-        if (j + kAhead < end) {
-          const int64_t home = static_cast<int64_t>(hash_key(key_or_slot[j + kAhead]) & mask);
-          __builtin_prefetch(table.keys + home);
+  // With one thread, pass 2 runs inside pass 1b: the same numbering, in the same order, and a
+  // new voxel's number is stored by the insertion itself.
+  const bool fused = at::get_num_threads() == 1 || blocks == 1;
+  const auto insert_block = [&](int64_t b) {
+    constexpr int64_t kAhead = 16;  // prefetch the home slot of the key this far ahead
+    const int64_t begin = b * kPointGrain, end = begin + kept_in_block[b];
+    int64_t last_key = kEmptyKey, last_slot = kNoSlot, last_voxel = -1;
+    for (int64_t j = begin; j < end; ++j) {
+      if (j + kAhead < end) {
+        const int64_t home = static_cast<int64_t>(hash_key(key_or_slot[j + kAhead]) & mask);
+        __builtin_prefetch(table.keys + home);
+        __builtin_prefetch(table.values + home);
+      }
+      const int64_t key = key_or_slot[j];
+      if (key != last_key) {
+        const int32_t value = fused ? numbering.next_number() : kUnnumbered;
+        const InsertResult r = table.insert(key, value, &last_slot);
+        if (fused) {
+          last_voxel = r == InsertResult::kInserted ? numbering.open(kept[j])
+                                                    : table.values[last_slot];
         }
-        const int64_t key = key_or_slot[j];
-        if (key != last_key) {
-          table.insert(key, kUnnumbered, &last_slot);
-          last_key = key;
-        }
+        last_key = key;
+      }
+      if (fused) {
+        numbering.add(kept[j], last_voxel);
+      } else {
         key_or_slot[j] = last_slot;
       }
     }
-  });
-
-  // Pass 2 (serial): number the voxels in order of first points; voxels past max_voxels get
-  // the number max_voxels, i.e. dropped.
-  VoxelAssignment a;
-  a.point_voxel_id = at::empty({n}, at::dtype(at::kLong));
-  int64_t* ids = a.point_voxel_id.data_ptr<int64_t>();
-  std::fill_n(ids, n, -1);
-  a.rank.reset(new int32_t[n]);  // read only for points with a voxel
-  std::vector<int32_t> first_point;
-  first_point.reserve(std::min(valid, max_voxels));
-  a.count.reserve(std::min(valid, max_voxels));
-  int32_t* values = table.values;
-  int64_t total = 0;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t begin = b * kPointGrain, end = begin + kept_in_block[b];
-    for (int64_t j = begin; j < end; ++j) {
-      const int64_t slot = key_or_slot[j];
-      int64_t v = values[slot];
-      if (v == kUnnumbered) {
-        v = std::min(total++, max_voxels);
-        values[slot] = static_cast<int32_t>(v);
-        if (v < max_voxels) {
-          first_point.push_back(kept[j]);
-          a.count.push_back(0);
-        }
+  };
+  if (fused) {
+    for (int64_t b = 0; b < blocks; ++b) insert_block(b);
+  } else {
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) insert_block(b);
+    });
+    // Pass 2 (serial).
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t begin = b * kPointGrain, end = begin + kept_in_block[b];
+      for (int64_t j = begin; j < end; ++j) {
+        int32_t& value = table.values[key_or_slot[j]];
+        if (value == kUnnumbered) value = static_cast<int32_t>(numbering.open(kept[j]));
+        numbering.add(kept[j], value);
       }
-      if (v == max_voxels) continue;
-      ids[kept[j]] = v;
-      a.rank[kept[j]] = a.count[v]++;
     }
   }
-  a.num_voxels = static_cast<int64_t>(first_point.size());
-
-  a.first_point = std::move(first_point);
-  return a;
+  return numbering.finish();
 }
 
 // Coordinates (z, y, x: the lanes reversed) of voxels [begin, end), from their first points.
@@ -299,6 +339,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
   int32_t* num = counts.data_ptr<int32_t>();
   const int64_t* ids = a.point_voxel_id.data_ptr<int64_t>();
   const int64_t row = slots * columns;
+  // One memset beats a small one per voxel.
+  if (!empty_mean) std::memset(out, 0, voxels.numel() * sizeof(float));
   // Each (voxel, slot) is written by exactly one point, so the points can be split freely.
   at::parallel_for(0, n, kPointGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -307,18 +349,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
       for (int64_t c = 0; c < columns; ++c) dst[c] = data[i * columns + c];
     }
   });
-  // Free slots: zeros, or with empty_mean the mean of the voxel's points (a voxel with a free
-  // slot stores all its points), summed in double in slot order.
+  // With empty_mean, free slots get the mean of the voxel's points (a voxel with a free slot
+  // stores all its points), summed in double in slot order.
   at::Tensor coordinates = for_voxel_ranges(a, data, columns, quantizer, [&](int64_t begin,
                                                                              int64_t end) {
     std::vector<double> mean(columns);
     for (int64_t v = begin; v < end; ++v) {
       num[v] = std::min<int32_t>(a.count[v], static_cast<int32_t>(slots));
+      if (!empty_mean) continue;
       float* voxel = out + v * row;
-      if (!empty_mean) {
-        for (int64_t j = num[v] * columns; j < row; ++j) voxel[j] = 0.f;
-        continue;
-      }
       std::fill(mean.begin(), mean.end(), 0.0);
       for (int64_t s = 0; s < num[v]; ++s) {
         for (int64_t c = 0; c < columns; ++c) mean[c] += voxel[s * columns + c];
