@@ -43,9 +43,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import spconv_lite  # noqa: E402
 
-DEFAULT_DATA = Path(
-    os.environ.get("SPCONV_LITE_DATA") or REPO.parent / "shared" / "data" / "lidar"
-) / "kitti_object_training_000000.bin"
+DEFAULT_DATA = (
+    Path(os.environ.get("SPCONV_LITE_DATA") or REPO.parent / "shared" / "data" / "lidar")
+    / "kitti_object_training_000000.bin"
+)
 RANGE = [0.0, -40.0, -3.0, 70.4, 40.0, 1.0]
 GRIDS = {  # name: voxel size; spconv runs on the first two only
     "kitti": [0.05, 0.05, 0.1],
@@ -162,10 +163,18 @@ def main() -> None:
     points = load_points(args.data)
     report = {
         "input": f"{args.data.name}: {len(points):,} points",
-        "config": {"voxel_size": GRIDS["kitti"], "range": RANGE, "max_points": MAX_POINTS,
-                   "max_voxels": MAX_VOXELS},  # fmt: skip
-        "versions": {"spconv_lite": spconv_lite.__version__, "spconv": spconv.__version__,
-                     "torch": torch.__version__, "python": platform.python_version()},  # fmt: skip
+        "config": {
+            "voxel_size": GRIDS["kitti"],
+            "range": RANGE,
+            "max_points": MAX_POINTS,
+            "max_voxels": MAX_VOXELS,
+        },  # fmt: skip
+        "versions": {
+            "spconv_lite": spconv_lite.__version__,
+            "spconv": spconv.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },  # fmt: skip
         "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs",
         "timing": [],
         "memory": [],
