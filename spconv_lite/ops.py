@@ -161,9 +161,7 @@ def voxelize(
     """
     return _ops.voxelize(
         points,
-        [float(v) for v in voxel_size],
-        [float(v) for v in range_min],
-        [int(g) for g in grid_size],
+        *_grid_args(voxel_size, range_min, grid_size),
         int(max_points_per_voxel),
         int(max_voxels),
         bool(empty_mean),
@@ -185,11 +183,15 @@ def voxelize_mean(
         point_voxel_id [N] int64)``.
     """
     return _ops.voxelize_mean(
-        points,
+        points, *_grid_args(voxel_size, range_min, grid_size), int(max_voxels)
+    )
+
+
+def _grid_args(voxel_size, range_min, grid_size) -> tuple[list[float], list[float], list[int]]:
+    return (
         [float(v) for v in voxel_size],
         [float(v) for v in range_min],
         [int(g) for g in grid_size],
-        int(max_voxels),
     )
 
 

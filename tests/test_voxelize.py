@@ -428,16 +428,16 @@ def test_batch_point_clouds(dynamic):
     assert x.batch_size == 3 and x.spatial_shape == [4, 4, 4]
     start = 0
     for b, cloud in enumerate(clouds):
-        if dynamic:
-            features, coords, _, ids = gen.generate_voxel_mean(cloud)
-        else:
-            voxels, coords, num, ids = gen.generate_voxel_with_id(cloud)
-            features = voxels.sum(1) / num.unsqueeze(1)
+        voxels, coords, num, ids, means = reference_voxelize(
+            cloud, [0.5] * 3, [0, 0, 0, 2, 2, 2], 2, 1000
+        )
+        expected = means if dynamic else (voxels.sum(axis=1) / num[:, None]).astype(np.float32)
         rows = slice(start, start + len(coords))
         assert (x.indices[rows, 0] == b).all()
-        assert torch.equal(x.indices[rows, 1:], coords)
-        assert torch.allclose(x.features[rows], features)
-        assert torch.equal(point_rows[b], torch.where(ids >= 0, ids + start, ids))
+        assert torch.equal(x.indices[rows, 1:], torch.from_numpy(coords))
+        torch.testing.assert_close(x.features[rows], torch.from_numpy(expected))
+        expected_rows = np.where(ids >= 0, ids + start, ids)
+        assert torch.equal(point_rows[b], torch.from_numpy(expected_rows))
         start += len(coords)
     assert x.indices.shape[0] == start
     with pytest.raises(ValueError, match="at least one"):
