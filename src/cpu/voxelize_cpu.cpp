@@ -340,7 +340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
   const int64_t* ids = a.point_voxel_id.data_ptr<int64_t>();
   const int64_t row = slots * columns;
   // One memset beats a small one per voxel.
-  if (!empty_mean) std::memset(out, 0, voxels.numel() * sizeof(float));
+  if (!empty_mean && voxels.numel() > 0) std::memset(out, 0, voxels.numel() * sizeof(float));
   // Each (voxel, slot) is written by exactly one point, so the points can be split freely.
   at::parallel_for(0, n, kPointGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
