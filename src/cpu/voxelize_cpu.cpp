@@ -7,23 +7,24 @@
 //
 // Memory follows the number of points, never the grid volume: the distinct voxels are found
 // with the shared open-addressing hash table (include/spconv_lite/hash_table.h) instead of a
-// dense grid. Three passes:
-//   1. parallel over points: voxel key of each point, inserted into the table (all threads
-//      store the same "no voxel number yet" value, so insertion order does not matter);
-//   2. serial, in input order: voxel numbers in order of first points, and each point's
-//      position among its voxel's points. This is the only order-dependent step and it only
-//      reads and writes small arrays;
-//   3. parallel: the voxel contents and coordinates.
+// dense grid. Passes:
+//   1a. parallel over blocks of points: quantize; each block lists its kept points and keys;
+//   1b. parallel over the same blocks: insert the keys into the table (every thread stores the
+//       same "no number yet" value, so the insertion order does not matter);
+//   2.  serial, in input order: number the voxels in order of their first points, and give
+//       each point its position among its voxel's points. The only order-dependent step; it
+//       reads and writes small arrays. With one thread it runs inside 1b, while the table
+//       slot is still in cache;
+//   3.  parallel: copy the points into their slots, then per voxel range the coordinates
+//       (re-quantized from the voxel's first point) and the free slots.
 // Every value written depends only on the input order, so results are bitwise independent of
 // the number of threads.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
