@@ -251,10 +251,11 @@ def frame_outputs():
     return get
 
 
-@pytest.mark.parametrize("frame", FRAMES, ids=FRAME_IDS)
+README_FRAMES = [f for f in FRAMES if f.voxels is not None]  # the .ply is not in its table
+
+
+@pytest.mark.parametrize("frame", README_FRAMES, ids=[f.id for f in README_FRAMES])
 def test_frame_counts_and_hash_as_readme(frame, frame_outputs):
-    if frame.voxels is None:
-        pytest.skip("no README reference for this frame (checked against spconv)")
     _, (voxels, coords, num, _) = frame_outputs(frame)
     assert len(coords) == frame.voxels
     assert int(num.sum()) == frame.points_kept
