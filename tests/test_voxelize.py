@@ -282,18 +282,36 @@ def test_exact_voxels(frame_index, row, coordinates, stored, file_rows, frame_ou
     assert (ids[list(file_rows)] == row).all()
 
 
-@pytest.mark.parametrize("frame", [FRAMES[0], FRAMES[4]], ids=[FRAMES[0].id, FRAMES[4].id])
-def test_results_do_not_depend_on_thread_count(frame, threads):
-    pts = torch.from_numpy(frame.points())
-    gen = PointToVoxel(frame.vsize, frame.coors_range, pts.shape[1], frame.max_voxels, 5)
+@pytest.fixture(scope="module")
+def large_cloud() -> np.ndarray:
+    """Three shifted copies of the KITTI frame (346k points): large enough for the op's
+    multi-threaded path (clouds under 2^18 points run on one thread)."""
+    pts = FRAMES[0].points()
+    copies = [pts + np.float32([0.0173 * k, -0.0311 * k, 0.007 * k, 0.0]) for k in range(3)]
+    return np.concatenate(copies).astype(np.float32)
+
+
+@pytest.mark.parametrize("mode", ["static", "empty_mean", "dynamic"])
+def test_results_do_not_depend_on_thread_count(mode, large_cloud, threads):
+    pts = torch.from_numpy(large_cloud)
+    gen = PointToVoxel(FRAMES[0].vsize, FRAMES[0].coors_range, 4, 150000, 5)
+    run = {
+        "static": lambda: gen.generate_voxel_with_id(pts),
+        "empty_mean": lambda: gen.generate_voxel_with_id(pts, empty_mean=True),
+        "dynamic": lambda: gen.generate_voxel_mean(pts),
+    }[mode]
     results = []
     for count in (1, 2):
         threads(count)
-        results.append(
-            (*gen.generate_voxel_with_id(pts, empty_mean=True), *gen.generate_voxel_mean(pts))
-        )
+        results.append(run())
     for a, b in zip(*results):
         assert a.dtype == b.dtype and torch.equal(a, b)
+    if mode == "static":  # and the multi-threaded result is spconv's
+        reference = spconv_point_to_voxel()(
+            list(FRAMES[0].vsize), list(FRAMES[0].coors_range), 4, 150000, 5
+        )
+        threads(1)
+        assert_outputs_equal(results[1], reference.generate_voxel_with_id(pts))
 
 
 def test_memory_does_not_grow_with_grid_volume():

@@ -13,12 +13,12 @@
 //       same "no number yet" value, so the insertion order does not matter);
 //   2.  serial, in input order: number the voxels in order of their first points, and give
 //       each point its position among its voxel's points. The only order-dependent step; it
-//       reads and writes small arrays. With one thread it runs inside 1b, while the table
-//       slot is still in cache;
+//       reads and writes small arrays. On one thread it runs inside 1b, while the table slot
+//       is still in cache;
 //   3.  parallel: copy the points into their slots, then per voxel range the coordinates
 //       (re-quantized from the voxel's first point) and the free slots.
-// Every value written depends only on the input order, so results are bitwise independent of
-// the number of threads.
+// Clouds under kParallelPoints points run on one thread. Every value written depends only on
+// the input order, so results are bitwise independent of the number of threads.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -41,6 +41,22 @@ namespace {
 
 constexpr int64_t kPointGrain = 8192;  // points per task of the parallel point passes
 constexpr int64_t kVoxelGrain = 4096;  // voxels per task of the parallel voxel passes
+// Smaller clouds run on one thread. A LiDAR frame (35k-200k points) takes 1-3 ms on one core,
+// split over four parallel regions; each region waits until every thread has been scheduled,
+// which on a busy machine costs more than the region's work (measured on the 2-core dev
+// machine: KITTI at 2 threads 20x slower than at 1 while other jobs ran).
+constexpr int64_t kParallelPoints = int64_t{1} << 18;
+
+// Runs f(begin, end) over [0, count): split over threads with at::parallel_for when `parallel`,
+// else one call on this thread.
+template <typename F>
+void for_range(bool parallel, int64_t count, int64_t grain, const F& f) {
+  if (parallel) {
+    at::parallel_for(0, count, grain, f);
+  } else if (count > 0) {
+    f(0, count);
+  }
+}
 constexpr int64_t kNoSlot = -1;        // table slot of a dropped point
 constexpr int32_t kUnnumbered = -1;    // table value of a voxel before pass 2 numbers it
 
@@ -142,6 +158,7 @@ struct VoxelAssignment {
   at::Tensor point_voxel_id;    // int64 [N], voxel number or -1
   std::unique_ptr<int32_t[]> rank;  // [N] position of a point among its voxel's points
   std::vector<int32_t> first_point;  // [M] first point of each voxel
+  bool parallel = false;             // whether the passes use several threads
   std::vector<int32_t> count;   // [M] number of points of each voxel
   int64_t num_voxels = 0;       // M
 };
@@ -197,11 +214,12 @@ VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
   // Pass 1a: quantize. Block b of kPointGrain points lists its kept points, in order, at the
   // start of its own range of `kept` / `key_or_slot`; kept_in_block[b] counts them.
   const int64_t blocks = (n + kPointGrain - 1) / kPointGrain;
+  const bool parallel = at::get_num_threads() > 1 && n >= kParallelPoints;
   std::unique_ptr<int32_t[]> kept(new int32_t[n]);
   std::unique_ptr<int64_t[]> key_or_slot(new int64_t[n]);
   std::vector<int64_t> kept_in_block(blocks);
   with_load_width(columns, [&]<int kLoad>() {
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for_range(parallel, blocks, 1, [&](int64_t b0, int64_t b1) {
       const PointQuantizer local = quantizer;  // stores below cannot alias a local copy
       Int4 coord = {0, 0, 0, 0};
       for (int64_t b = b0; b < b1; ++b) {
@@ -232,9 +250,9 @@ VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
                             capacity};
   VoxelNumbering numbering(n, std::min(valid, max_voxels), max_voxels);
   const uint64_t mask = static_cast<uint64_t>(capacity - 1);
-  // With one thread, pass 2 runs inside pass 1b: the same numbering, in the same order, and a
+  // On one thread, pass 2 runs inside pass 1b: the same numbering, in the same order, and a
   // new voxel's number is stored by the insertion itself.
-  const bool fused = at::get_num_threads() == 1 || blocks == 1;
+  const bool fused = !parallel;
   const auto insert_block = [&](int64_t b) {
     constexpr int64_t kAhead = 16;  // prefetch the home slot of the key this far ahead
     const int64_t begin = b * kPointGrain, end = begin + kept_in_block[b];
@@ -265,7 +283,7 @@ VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
   if (fused) {
     for (int64_t b = 0; b < blocks; ++b) insert_block(b);
   } else {
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for_range(parallel, blocks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) insert_block(b);
     });
     // Pass 2 (serial).
@@ -278,7 +296,9 @@ VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
       }
     }
   }
-  return numbering.finish();
+  VoxelAssignment a = numbering.finish();
+  a.parallel = parallel;
+  return a;
 }
 
 // Coordinates (z, y, x: the lanes reversed) of voxels [begin, end), from their first points.
@@ -312,7 +332,7 @@ at::Tensor for_voxel_ranges(const VoxelAssignment& a, const float* points, int64
   at::Tensor coordinates = at::empty({a.num_voxels, quantizer.ndim()}, at::dtype(at::kInt));
   int32_t* coords = coordinates.data_ptr<int32_t>();
   with_load_width(columns, [&]<int kLoad>() {
-    at::parallel_for(0, a.num_voxels, kVoxelGrain, [&](int64_t begin, int64_t end) {
+    for_range(a.parallel, a.num_voxels, kVoxelGrain, [&](int64_t begin, int64_t end) {
       write_coordinates<kLoad>(a, points, columns, quantizer, begin, end, coords);
       f(begin, end);
     });
@@ -343,7 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
   // One memset beats a small one per voxel.
   if (!empty_mean && voxels.numel() > 0) std::memset(out, 0, voxels.numel() * sizeof(float));
   // Each (voxel, slot) is written by exactly one point, so the points can be split freely.
-  at::parallel_for(0, n, kPointGrain, [&](int64_t begin, int64_t end) {
+  for_range(a.parallel, n, kPointGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       if (ids[i] < 0 || a.rank[i] >= slots) continue;
       float* dst = out + ids[i] * row + a.rank[i] * columns;
