@@ -8,7 +8,8 @@ Time: both implementations run in the same process on the same tensor, alternati
 call, after ``--warmup`` calls each; the median and the spread (min, max, interquartile range)
 of ``--repeats`` calls are reported in milliseconds, with the ratio of the medians. spconv always
 runs with one thread (its CPU code is only correct that way, and its voxelizer is serial); ours
-is timed at each thread count of ``--threads``. The outputs are checked to be identical. The
+is timed at each thread count of ``--threads``, on the frame and on 4 shifted copies of it
+(461k points, enough for the op's multi-threaded path). The outputs are checked to be identical. The
 CPU time of each call (``time.process_time``: all threads of the process) is reported too: on
 a shared machine it shows the work done, which wall time mixes with waiting for a core.
 
@@ -27,6 +28,7 @@ Usage (from the repository root):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -183,14 +185,23 @@ def main() -> None:
           f"{report['cpu']}")  # fmt: skip
     print(f"{'threads':>7}  {'ours ms (min-max, iqr)':>28}  {'spconv ms (min-max, iqr)':>28}"
           f"  {'ratio':>6}  {'CPU ms ours / spconv (ratio)':>30}  identical")  # fmt: skip
-    for threads in (int(t) for t in args.threads.split(",")):
-        r = time_alternating(points, threads, args.repeats, args.warmup)
+    # The frame itself, then 4 shifted copies of it (461k points): clouds of 2^18 points or
+    # more take the op's multi-threaded path.
+    copies = [points + torch.tensor([0.0173 * k, -0.0311 * k, 0.007 * k, 0.0]) for k in range(4)]
+    inputs = {"frame": points, "frame x4": torch.cat(copies)}
+    for (name, cloud), threads in itertools.product(inputs.items(), args.threads.split(",")):
+        threads = int(threads)
+        r = time_alternating(cloud, threads, args.repeats, args.warmup)
+        r["input"] = f"{name} ({len(cloud):,} points)"
         report["timing"].append(r)
         o, s = r["ours_ms"], r["spconv_ms"]
+        if threads == int(args.threads.split(",")[0]):
+            print(r["input"])
         print(f"{threads:>7}  {o['median']:7.3f} ({o['min']:.2f}-{o['max']:.2f}, {o['iqr']:.2f})"
               f"{'':>4}  {s['median']:7.3f} ({s['min']:.2f}-{s['max']:.2f}, {s['iqr']:.2f})"
               f"{'':>3}  {r['ratio']:6.3f}  {r['ours_cpu_ms']['median']:10.3f} / "
-              f"{r['spconv_cpu_ms']['median']:6.3f} ({r['cpu_ratio']:.3f})  {r['identical']}")  # fmt: skip
+              f"{r['spconv_cpu_ms']['median']:6.3f} ({r['cpu_ratio']:.3f})  "
+              f"{r['identical']}")  # fmt: skip
     if not args.no_memory:
         print("peak RSS growth (fresh process, 1 thread): building the voxelizer + voxelizing")
         for grid in GRIDS:
