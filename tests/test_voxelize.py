@@ -105,8 +105,9 @@ def synthetic_cloud(case: str, vsize, coors_range, columns: int, n: int = 2500) 
     pts = pts.astype(np.float32)
     pts[rng.integers(0, n, 5), 0] = np.nan
     pts[rng.integers(0, n, 3), 1] = np.inf
-    if columns > ndim:
-        pts[rng.integers(0, n, 3), ndim] = -np.inf  # a non-finite feature drops the point too
+    if columns > ndim:  # a non-finite feature drops the point too (first and last feature)
+        pts[rng.integers(0, n, 3), ndim] = -np.inf
+        pts[rng.integers(0, n, 3), columns - 1] = np.nan
     return pts
 
 
