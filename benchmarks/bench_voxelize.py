@@ -8,10 +8,11 @@ Time: both implementations run in the same process on the same tensor, alternati
 call, after ``--warmup`` calls each; the median and the spread (min, max, interquartile range)
 of ``--repeats`` calls are reported in milliseconds, with the ratio of the medians. spconv always
 runs with one thread (its CPU code is only correct that way, and its voxelizer is serial); ours
-is timed at each thread count of ``--threads``, on the frame and on 4 shifted copies of it
-(461k points, enough for the op's multi-threaded path). The outputs are checked to be identical. The
-CPU time of each call (``time.process_time``: all threads of the process) is reported too: on
-a shared machine it shows the work done, which wall time mixes with waiting for a core.
+is timed at each thread count of ``--threads``, on the frame and on 10 shifted copies of it
+(1.15M points, enough for the op's multi-threaded passes). The outputs are checked to be
+identical. The CPU time of each call (``time.process_time``: all threads of the process) is
+reported too: on a shared machine it shows the work done, which wall time mixes with waiting
+for a core.
 
 Memory: for each implementation and grid, a fresh subprocess loads the points and imports the
 implementation, then measures how much its peak resident set size grows (``VmHWM`` reset through
@@ -185,10 +186,10 @@ def main() -> None:
           f"{report['cpu']}")  # fmt: skip
     print(f"{'threads':>7}  {'ours ms (min-max, iqr)':>28}  {'spconv ms (min-max, iqr)':>28}"
           f"  {'ratio':>6}  {'CPU ms ours / spconv (ratio)':>30}  identical")  # fmt: skip
-    # The frame itself, then 4 shifted copies of it (461k points): clouds of 2^18 points or
-    # more take the op's multi-threaded path.
-    copies = [points + torch.tensor([0.0173 * k, -0.0311 * k, 0.007 * k, 0.0]) for k in range(4)]
-    inputs = {"frame": points, "frame x4": torch.cat(copies)}
+    # The frame itself, then 10 shifted copies of it (1.15M points): clouds of 2^20 points or
+    # more take the op's multi-threaded passes.
+    copies = [points + torch.tensor([0.0173 * k, -0.0311 * k, 0.007 * k, 0.0]) for k in range(10)]
+    inputs = {"frame": points, "frame x10": torch.cat(copies)}
     for (name, cloud), threads in itertools.product(inputs.items(), args.threads.split(",")):
         threads = int(threads)
         r = time_alternating(cloud, threads, args.repeats, args.warmup)

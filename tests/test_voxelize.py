@@ -285,10 +285,10 @@ def test_exact_voxels(frame_index, row, coordinates, stored, file_rows, frame_ou
 
 @pytest.fixture(scope="module")
 def large_cloud() -> np.ndarray:
-    """Three shifted copies of the KITTI frame (346k points): large enough for the op's
-    multi-threaded path (clouds under 2^18 points run on one thread)."""
+    """Ten shifted copies of the KITTI frame (1.15M points): large enough for the op's
+    multi-threaded passes (clouds under 2^20 points run on one thread)."""
     pts = FRAMES[0].points()
-    copies = [pts + np.float32([0.0173 * k, -0.0311 * k, 0.007 * k, 0.0]) for k in range(3)]
+    copies = [pts + np.float32([0.0173 * k, -0.0311 * k, 0.007 * k, 0.0]) for k in range(10)]
     return np.concatenate(copies).astype(np.float32)
 
 

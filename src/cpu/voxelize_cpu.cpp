@@ -8,15 +8,14 @@
 // Memory follows the number of points, never the grid volume: the distinct voxels are found
 // with the shared open-addressing hash table (include/spconv_lite/hash_table.h) instead of a
 // dense grid. Passes:
-//   1a. parallel over blocks of points: quantize; each block lists its kept points and keys;
-//   1b. parallel over the same blocks: insert the keys into the table (every thread stores the
-//       same "no number yet" value, so the insertion order does not matter);
-//   2.  serial, in input order: number the voxels in order of their first points, and give
-//       each point its position among its voxel's points. The only order-dependent step; it
-//       reads and writes small arrays. On one thread it runs inside 1b, while the table slot
-//       is still in cache;
-//   3.  parallel: copy the points into their slots, then per voxel range the coordinates
-//       (re-quantized from the voxel's first point) and the free slots.
+//   1. quantize (parallel over blocks of points): each block lists its kept points and keys;
+//   2. number the voxels (serial, in input order): insert each key into the table, which
+//      stores a new voxel's number, and give each point its position among its voxel's
+//      points. The insertions are serial because parallel ones were slower here: threads
+//      contend for the same table lines (consecutive sweeps cover the same space) and the
+//      numbering then needs a second pass over the table;
+//   3. copy the points into their slots (parallel over points), then per voxel range the
+//      coordinates (re-quantized from the voxel's first point) and the free slots.
 // Clouds under kParallelPoints points run on one thread. Every value written depends only on
 // the input order, so results are bitwise independent of the number of threads.
 #include <ATen/Parallel.h>
@@ -42,10 +41,9 @@ namespace {
 constexpr int64_t kPointGrain = 8192;  // points per task of the parallel point passes
 constexpr int64_t kVoxelGrain = 4096;  // voxels per task of the parallel voxel passes
 // Smaller clouds run on one thread. A LiDAR frame (35k-200k points) takes 1-3 ms on one core,
-// split over four parallel regions; each region waits until every thread has been scheduled,
-// which on a busy machine costs more than the region's work (measured on the 2-core dev
-// machine: KITTI at 2 threads 20x slower than at 1 while other jobs ran).
-constexpr int64_t kParallelPoints = int64_t{1} << 18;
+// and each parallel region waits until every thread has been scheduled: on the busy 2-core
+// dev machine that wait cost more than the work saved, even for 4 frames (461k points).
+constexpr int64_t kParallelPoints = int64_t{1} << 20;
 
 // Runs f(begin, end) over [0, count): split over threads with at::parallel_for when `parallel`,
 // else one call on this thread.
@@ -58,7 +56,6 @@ void for_range(bool parallel, int64_t count, int64_t grain, const F& f) {
   }
 }
 constexpr int64_t kNoSlot = -1;        // table slot of a dropped point
-constexpr int32_t kUnnumbered = -1;    // table value of a voxel before pass 2 numbers it
 
 // Four float or int32 lanes (GCC/Clang vector extensions: SSE on x86, NEON on ARM): one point's
 // x, y, z (and a 4th axis) are quantized together with one vector division.
@@ -158,13 +155,14 @@ struct VoxelAssignment {
   at::Tensor point_voxel_id;    // int64 [N], voxel number or -1
   std::unique_ptr<int32_t[]> rank;  // [N] position of a point among its voxel's points
   std::vector<int32_t> first_point;  // [M] first point of each voxel
-  bool parallel = false;             // whether the passes use several threads
+  bool parallel = false;             // whether passes 1 and 3 use several threads
   std::vector<int32_t> count;   // [M] number of points of each voxel
   int64_t num_voxels = 0;       // M
 };
 
-// Pass 2: numbers the voxels in order of their first point, given the kept points in input
-// order with their table slots. Voxels past max_voxels get the number max_voxels (dropped).
+// Pass 2's bookkeeping: voxel numbers in order of first points (voxels past max_voxels get the
+// number max_voxels, i.e. dropped), each point's voxel and its position among the voxel's
+// points, and each voxel's first point and point count.
 class VoxelNumbering {
  public:
   VoxelNumbering(int64_t n, int64_t expected_voxels, int64_t max_voxels)
@@ -211,7 +209,7 @@ class VoxelNumbering {
 
 VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
                               const PointQuantizer& quantizer, int64_t max_voxels) {
-  // Pass 1a: quantize. Block b of kPointGrain points lists its kept points, in order, at the
+  // Pass 1: quantize. Block b of kPointGrain points lists its kept points, in order, at the
   // start of its own range of `kept` / `key_or_slot`; kept_in_block[b] counts them.
   const int64_t blocks = (n + kPointGrain - 1) / kPointGrain;
   const bool parallel = at::get_num_threads() > 1 && n >= kParallelPoints;
@@ -239,8 +237,7 @@ VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
   int64_t valid = 0;
   for (int64_t b = 0; b < blocks; ++b) valid += kept_in_block[b];
 
-  // Pass 1b: insert the keys (parallel); key_or_slot becomes each kept point's table slot. The
-  // table has room for every kept point being its own voxel, so it cannot fill up.
+  // Pass 2. The table has room for every kept point being its own voxel: it cannot fill up.
   const int64_t capacity = hash_capacity_for(valid);
   // Filled here rather than with at::full: each parallel region costs a thread wake-up.
   at::Tensor table_keys = at::empty({capacity}, at::dtype(at::kLong));
@@ -250,11 +247,8 @@ VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
                             capacity};
   VoxelNumbering numbering(n, std::min(valid, max_voxels), max_voxels);
   const uint64_t mask = static_cast<uint64_t>(capacity - 1);
-  // On one thread, pass 2 runs inside pass 1b: the same numbering, in the same order, and a
-  // new voxel's number is stored by the insertion itself.
-  const bool fused = !parallel;
-  const auto insert_block = [&](int64_t b) {
-    constexpr int64_t kAhead = 16;  // prefetch the home slot of the key this far ahead
+  constexpr int64_t kAhead = 16;  // prefetch the home slot of the key this far ahead
+  for (int64_t b = 0; b < blocks; ++b) {
     const int64_t begin = b * kPointGrain, end = begin + kept_in_block[b];
     int64_t last_key = kEmptyKey, last_slot = kNoSlot, last_voxel = -1;
     for (int64_t j = begin; j < end; ++j) {
@@ -265,35 +259,12 @@ VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
       }
       const int64_t key = key_or_slot[j];
       if (key != last_key) {
-        const int32_t value = fused ? numbering.next_number() : kUnnumbered;
-        const InsertResult r = table.insert(key, value, &last_slot);
-        if (fused) {
-          last_voxel = r == InsertResult::kInserted ? numbering.open(kept[j])
-                                                    : table.values[last_slot];
-        }
+        const InsertResult r = table.insert(key, numbering.next_number(), &last_slot);
+        last_voxel =
+            r == InsertResult::kInserted ? numbering.open(kept[j]) : table.values[last_slot];
         last_key = key;
       }
-      if (fused) {
-        numbering.add(kept[j], last_voxel);
-      } else {
-        key_or_slot[j] = last_slot;
-      }
-    }
-  };
-  if (fused) {
-    for (int64_t b = 0; b < blocks; ++b) insert_block(b);
-  } else {
-    for_range(parallel, blocks, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) insert_block(b);
-    });
-    // Pass 2 (serial).
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t begin = b * kPointGrain, end = begin + kept_in_block[b];
-      for (int64_t j = begin; j < end; ++j) {
-        int32_t& value = table.values[key_or_slot[j]];
-        if (value == kUnnumbered) value = static_cast<int32_t>(numbering.open(kept[j]));
-        numbering.add(kept[j], value);
-      }
+      numbering.add(kept[j], last_voxel);
     }
   }
   VoxelAssignment a = numbering.finish();
