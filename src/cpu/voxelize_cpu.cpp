@@ -55,7 +55,6 @@ void for_range(bool parallel, int64_t count, int64_t grain, const F& f) {
     f(0, count);
   }
 }
-constexpr int64_t kNoSlot = -1;        // table slot of a dropped point
 
 // Four float or int32 lanes (GCC/Clang vector extensions: SSE on x86, NEON on ARM): one point's
 // x, y, z (and a 4th axis) are quantized together with one vector division.
@@ -152,12 +151,12 @@ void with_load_width(int64_t columns, const F& f) {
 
 // Which voxel every point falls in.
 struct VoxelAssignment {
-  at::Tensor point_voxel_id;    // int64 [N], voxel number or -1
-  std::unique_ptr<int32_t[]> rank;  // [N] position of a point among its voxel's points
+  at::Tensor point_voxel_id;         // int64 [N], voxel number or -1
+  std::unique_ptr<int32_t[]> rank;   // [N] position of a point among its voxel's points
   std::vector<int32_t> first_point;  // [M] first point of each voxel
+  std::vector<int32_t> count;        // [M] number of points of each voxel
+  int64_t num_voxels = 0;            // M
   bool parallel = false;             // whether passes 1 and 3 use several threads
-  std::vector<int32_t> count;   // [M] number of points of each voxel
-  int64_t num_voxels = 0;       // M
 };
 
 // Pass 2's bookkeeping: voxel numbers in order of first points (voxels past max_voxels get the
@@ -210,11 +209,11 @@ class VoxelNumbering {
 VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
                               const PointQuantizer& quantizer, int64_t max_voxels) {
   // Pass 1: quantize. Block b of kPointGrain points lists its kept points, in order, at the
-  // start of its own range of `kept` / `key_or_slot`; kept_in_block[b] counts them.
+  // start of its own range of `kept` / `keys`; kept_in_block[b] counts them.
   const int64_t blocks = (n + kPointGrain - 1) / kPointGrain;
   const bool parallel = at::get_num_threads() > 1 && n >= kParallelPoints;
   std::unique_ptr<int32_t[]> kept(new int32_t[n]);
-  std::unique_ptr<int64_t[]> key_or_slot(new int64_t[n]);
+  std::unique_ptr<int64_t[]> keys(new int64_t[n]);
   std::vector<int64_t> kept_in_block(blocks);
   with_load_width(columns, [&]<int kLoad>() {
     for_range(parallel, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -227,7 +226,7 @@ VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
           // Branch-free: always write, advance only for a kept point.
           const bool keep = local.template quantize<kLoad>(points + i * columns, columns, &coord);
           kept[next] = static_cast<int32_t>(i);
-          key_or_slot[next] = local.key(coord);
+          keys[next] = local.key(coord);
           next += keep;
         }
         kept_in_block[b] = next - begin;
@@ -237,7 +236,8 @@ VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
   int64_t valid = 0;
   for (int64_t b = 0; b < blocks; ++b) valid += kept_in_block[b];
 
-  // Pass 2. The table has room for every kept point being its own voxel: it cannot fill up.
+  // Pass 2, serial in input order. The table has room for every kept point being its own
+  // voxel, so it cannot fill up.
   const int64_t capacity = hash_capacity_for(valid);
   // Filled here rather than with at::full: each parallel region costs a thread wake-up.
   at::Tensor table_keys = at::empty({capacity}, at::dtype(at::kLong));
@@ -250,14 +250,15 @@ VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
   constexpr int64_t kAhead = 16;  // prefetch the home slot of the key this far ahead
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t begin = b * kPointGrain, end = begin + kept_in_block[b];
-    int64_t last_key = kEmptyKey, last_slot = kNoSlot, last_voxel = -1;
+    // Consecutive LiDAR points often share a voxel: those skip the table.
+    int64_t last_key = kEmptyKey, last_slot = 0, last_voxel = -1;
     for (int64_t j = begin; j < end; ++j) {
       if (j + kAhead < end) {
-        const int64_t home = static_cast<int64_t>(hash_key(key_or_slot[j + kAhead]) & mask);
+        const int64_t home = static_cast<int64_t>(hash_key(keys[j + kAhead]) & mask);
         __builtin_prefetch(table.keys + home);
         __builtin_prefetch(table.values + home);
       }
-      const int64_t key = key_or_slot[j];
+      const int64_t key = keys[j];
       if (key != last_key) {
         const InsertResult r = table.insert(key, numbering.next_number(), &last_slot);
         last_voxel =
