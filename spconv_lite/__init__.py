@@ -9,13 +9,25 @@ Example:
     torch.Size([2, 16])
 """
 
-from . import checkpoint, functional, ops, reference
+from . import checkpoint, functional, io, ops, reference
 from .kernel_map import KernelMap
 from .nn import *  # noqa: F401,F403
 from .nn import __all__ as _nn_all
 from .tensor import SparseConvTensor
+from .voxelize import PointToVoxel, batch_point_clouds, voxel_to_point
 
 __version__ = "0.1.0"
 
-__all__ = ["SparseConvTensor", "KernelMap", "checkpoint", "functional", "ops", "reference",
-           *_nn_all]
+__all__ = [
+    "SparseConvTensor",
+    "KernelMap",
+    "PointToVoxel",
+    "batch_point_clouds",
+    "voxel_to_point",
+    "checkpoint",
+    "functional",
+    "io",
+    "ops",
+    "reference",
+    *_nn_all,
+]

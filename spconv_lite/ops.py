@@ -32,6 +32,8 @@ __all__ = [
     "sparse_conv",
     "sparse_sum_pool",
     "sparse_max_pool",
+    "voxelize",
+    "voxelize_mean",
 ]
 
 
@@ -124,6 +126,75 @@ def sparse_max_pool(features: Tensor, nbr: Tensor, nbr_t: Tensor) -> Tensor:
     return _ops.sparse_max_pool(features, nbr, nbr_t)[0]
 
 
+def voxelize(
+    points: Tensor,
+    voxel_size: Sequence[float],
+    range_min: Sequence[float],
+    grid_size: Sequence[int],
+    max_points_per_voxel: int,
+    max_voxels: int,
+    empty_mean: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Groups points into voxels (spconv's ``PointToVoxel``; use ``spconv_lite.PointToVoxel``).
+
+    A point's voxel along axis ``d`` is ``floor((p[d] - range_min[d]) / voxel_size[d])``
+    computed in float32; points outside ``[0, grid_size)`` or with a non-finite value are
+    dropped. Voxels are numbered in order of their first point; voxels past ``max_voxels`` are
+    dropped.
+
+    Args:
+        points: float32 ``[N, C]``, coordinates (x, y, z) first.
+        voxel_size, range_min, grid_size: per axis, in x, y, z order.
+        max_points_per_voxel: slots per voxel; a voxel keeps its first points in input order.
+        max_voxels: at most this many voxels.
+        empty_mean: fill free slots with the mean of the voxel's points instead of zeros.
+
+    Returns:
+        ``(voxels [M, max_points_per_voxel, C] float32, coordinates [M, D] int32 (z, y, x),
+        num_points_per_voxel [M] int32, point_voxel_id [N] int64, -1 for dropped points)``.
+
+    Example:
+        >>> pts = torch.tensor([[0.1, 0.1, 0.1], [0.2, 0.1, 0.1], [1.5, 0.1, 0.1]])
+        >>> v, c, n, ids = voxelize(pts, [1, 1, 1], [0, 0, 0], [2, 2, 2], 4, 10)
+        >>> c.tolist(), n.tolist(), ids.tolist()
+        ([[0, 0, 0], [0, 0, 1]], [2, 1], [0, 0, 1])
+    """
+    return _ops.voxelize(
+        points,
+        *_grid_args(voxel_size, range_min, grid_size),
+        int(max_points_per_voxel),
+        int(max_voxels),
+        bool(empty_mean),
+    )
+
+
+def voxelize_mean(
+    points: Tensor,
+    voxel_size: Sequence[float],
+    range_min: Sequence[float],
+    grid_size: Sequence[int],
+    max_voxels: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Dynamic voxelization: like :func:`voxelize`, but each voxel gets the mean of all its
+    points (no cap on points per voxel).
+
+    Returns:
+        ``(features [M, C] float32, coordinates [M, D] int32, num_points_per_voxel [M] int32,
+        point_voxel_id [N] int64)``.
+    """
+    return _ops.voxelize_mean(
+        points, *_grid_args(voxel_size, range_min, grid_size), int(max_voxels)
+    )
+
+
+def _grid_args(voxel_size, range_min, grid_size) -> tuple[list[float], list[float], list[int]]:
+    return (
+        [float(v) for v in voxel_size],
+        [float(v) for v in range_min],
+        [int(g) for g in grid_size],
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Fake kernels: output shapes and dtypes only.
 
@@ -179,6 +250,31 @@ def _sparse_max_pool_fake(features, nbr, nbr_t):
 @torch.library.register_fake("spconv_lite::sparse_max_pool_backward")
 def _sparse_max_pool_backward_fake(grad_out, argmax, nbr_t):
     return grad_out.new_empty((nbr_t.shape[0], grad_out.shape[1]))
+
+
+def _voxel_outputs_fake(points, slot_shape, ndim):
+    """Fake outputs of the voxelize ops: [M, *slot_shape], [M, ndim], [M], [N]."""
+    num = torch.library.get_ctx().new_dynamic_size()
+    return (
+        points.new_empty((num, *slot_shape)),
+        points.new_empty((num, ndim), dtype=torch.int32),
+        points.new_empty((num,), dtype=torch.int32),
+        points.new_empty((points.shape[0],), dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake("spconv_lite::voxelize")
+def _voxelize_fake(
+    points, voxel_size, range_min, grid_size, max_points_per_voxel, max_voxels, empty_mean
+):
+    torch._check(points.dim() == 2 and points.shape[1] >= len(voxel_size))
+    return _voxel_outputs_fake(points, (max_points_per_voxel, points.shape[1]), len(voxel_size))
+
+
+@torch.library.register_fake("spconv_lite::voxelize_mean")
+def _voxelize_mean_fake(points, voxel_size, range_min, grid_size, max_voxels):
+    torch._check(points.dim() == 2 and points.shape[1] >= len(voxel_size))
+    return _voxel_outputs_fake(points, (points.shape[1],), len(voxel_size))
 
 
 # ---------------------------------------------------------------------------------------------

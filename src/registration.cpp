@@ -30,4 +30,23 @@ TORCH_LIBRARY(spconv_lite, m) {
   m.def("sparse_sum_pool(Tensor features, Tensor nbr, Tensor nbr_t) -> Tensor");
   m.def("sparse_max_pool(Tensor features, Tensor nbr, Tensor nbr_t) -> (Tensor, Tensor)");
   m.def("sparse_max_pool_backward(Tensor grad_out, Tensor argmax, Tensor nbr_t) -> Tensor");
+  // Voxelization of points [N, C] (columns x, y, z, ... first). A point's voxel along axis d is
+  // floor((p[d] - range_min[d]) / voxel_size[d]) in float32; it is dropped when that is outside
+  // [0, grid_size[d]) or any of its values is not finite. voxel_size, range_min and grid_size
+  // are in x, y, z order; coordinates come out as z, y, x. Voxels are numbered in order of their
+  // first point and those past max_voxels are dropped. point_voxel_id [N] int64: a point's voxel
+  // or -1.
+  // voxelize: spconv's PointToVoxel. voxels [M, max_points_per_voxel, C] keep the first points
+  // of each voxel in input order; free slots are zero, or the mean of the voxel's points with
+  // empty_mean. num_points_per_voxel [M] counts the stored points.
+  m.def(
+      "voxelize(Tensor points, float[] voxel_size, float[] range_min, int[] grid_size, "
+      "int max_points_per_voxel, int max_voxels, bool empty_mean) -> (Tensor voxels, "
+      "Tensor coordinates, Tensor num_points_per_voxel, Tensor point_voxel_id)");
+  // voxelize_mean: dynamic voxelization. features [M, C] is the mean of all the voxel's points
+  // (no cap), num_points_per_voxel [M] their count.
+  m.def(
+      "voxelize_mean(Tensor points, float[] voxel_size, float[] range_min, int[] grid_size, "
+      "int max_voxels) -> (Tensor features, Tensor coordinates, Tensor num_points_per_voxel, "
+      "Tensor point_voxel_id)");
 }

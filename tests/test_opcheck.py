@@ -44,6 +44,14 @@ def sample(op_name, variant):
     if op_name == "build_conv_map":
         idx = sites(variant, count=0 if variant == "empty" else 60)
         return OPS.build_conv_map, conv_map_args(idx, variant == "transposed")
+    if op_name in ("voxelize", "voxelize_mean"):
+        # Points in a 4 x 3 x 2 m box with 1 m voxels; "empty" has no point in range.
+        count = 0 if variant == "empty" else 50
+        points = torch.rand(count, 4, generator=gen) * torch.tensor([4.0, 3.0, 2.0, 1.0])
+        grid = ([1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [4, 3, 2])
+        if op_name == "voxelize":
+            return OPS.voxelize, (points, *grid, 3, 10, variant == "empty_mean")
+        return OPS.voxelize_mean, (points, *grid, 10)
     map_kind, dtype = variant
     nbr, nbr_t = a_map(map_kind)
     n_out, volume = nbr.shape
@@ -76,6 +84,8 @@ CASES = (
     + [(name, v) for name in ["sparse_conv", "sparse_conv_weight_grad", "sparse_sum_pool",
                               "sparse_max_pool", "sparse_max_pool_backward"]
        for v in FEATURE_VARIANTS]
+    + [("voxelize", v) for v in ["points", "empty_mean", "empty"]]
+    + [("voxelize_mean", v) for v in ["points", "empty"]]
 )
 
 

@@ -1,0 +1,7 @@
+"""``python -m spconv_lite``: the ``spconv-lite`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,205 @@
+"""Point-cloud file readers: every format comes back as a float32 ``[N, C]`` numpy array with
+x, y, z first.
+
+======================  ====================================================================
+suffix                  layout
+======================  ====================================================================
+``.bin``                KITTI / Waymo raw little-endian float32, ``point_dims`` columns (4)
+``.pcd.bin``            nuScenes raw float32, 5 columns (x, y, z, intensity, ring)
+``.npy``                a 2-D array
+``.npz``                its only array, or the one named ``points``, ``pc``, ``point_cloud``,
+                        ``lidar`` or ``xyz``
+``.pcd``, ``.ply``      read with open3d (``pip install spconv_lite[io]``): x, y, z, then the
+                        file's other per-point fields (intensity, ...) in file order
+======================  ====================================================================
+
+For ``.bin`` files ``point_dims`` is the number of columns in the file; for the other formats
+it keeps the first ``point_dims`` columns. Values are returned as stored: NaN or infinite points
+are kept (the voxelizer drops them).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+__all__ = ["SUPPORTED_SUFFIXES", "read_points", "read_points_with_fields", "is_point_file"]
+
+PathLike = Union[str, os.PathLike]
+SUPPORTED_SUFFIXES = (".pcd.bin", ".bin", ".npy", ".npz", ".pcd", ".ply")
+_NPZ_KEYS = ("points", "pc", "point_cloud", "lidar", "xyz")
+_XYZ = ("x", "y", "z")
+# File field names that open3d gathers into one multi-column attribute.
+_OPEN3D_GROUPS = {
+    "normal_x": "normals", "normal_y": "normals", "normal_z": "normals",
+    "nx": "normals", "ny": "normals", "nz": "normals",
+    "rgb": "colors", "rgba": "colors", "red": "colors", "green": "colors", "blue": "colors",
+}  # fmt: skip
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in SUPPORTED_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return ""
+
+
+def is_point_file(path: PathLike) -> bool:
+    """Whether ``path`` has a suffix that :func:`read_points` reads."""
+    return _suffix(Path(path)) != ""
+
+
+def read_points(path: PathLike, point_dims: Optional[int] = None) -> np.ndarray:
+    """Reads a point cloud file as float32 ``[N, C]`` (see the module docstring for formats).
+
+    Args:
+        path: the file.
+        point_dims: columns of a raw ``.bin`` file (default 4, 5 for ``.pcd.bin``); for the
+            other formats, how many leading columns to keep (default all).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: naming the argument, for an unknown suffix, a ``.bin`` size that is not a
+            multiple of ``4 * point_dims``, a ``point_dims`` larger than the file's columns, or
+            content that is not a 2-D array with at least 3 columns.
+        ImportError: ``.pcd`` / ``.ply`` without open3d.
+
+    Example:
+        >>> pts = read_points("000000.bin")  # doctest: +SKIP
+        >>> pts.shape, pts.dtype  # doctest: +SKIP
+        ((115384, 4), dtype('float32'))
+    """
+    return read_points_with_fields(path, point_dims)[0]
+
+
+def read_points_with_fields(
+    path: PathLike, point_dims: Optional[int] = None
+) -> tuple[np.ndarray, list[str]]:
+    """Like :func:`read_points`, also returning a name per column (``x, y, z, ...``; ``c3``,
+    ``c4``... where the format has no names)."""
+    path = Path(path)
+    suffix = _suffix(path)
+    if not suffix:
+        raise ValueError(
+            f"path {str(path)!r} has an unsupported suffix; supported: "
+            + ", ".join(SUPPORTED_SUFFIXES)
+        )
+    if point_dims is not None and (isinstance(point_dims, bool) or int(point_dims) < 3):
+        raise ValueError(f"point_dims must be an int >= 3, got {point_dims!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"no such point cloud file: {str(path)!r}")
+    names: Optional[list[str]] = None
+    if suffix in (".bin", ".pcd.bin"):
+        columns = int(point_dims) if point_dims is not None else (5 if suffix == ".pcd.bin" else 4)
+        size = path.stat().st_size
+        if size % (4 * columns):
+            raise ValueError(
+                f"{str(path)!r} has {size} bytes, not a multiple of 4 * point_dims = "
+                f"{4 * columns}: is point_dims={columns} the file's number of float32 columns?"
+            )
+        points = np.fromfile(path, dtype="<f4").reshape(-1, columns)
+        point_dims = None  # already applied
+    elif suffix == ".npy":
+        points = np.load(path, allow_pickle=False)
+    elif suffix == ".npz":
+        points = _read_npz(path)
+    else:
+        points, names = _read_open3d(path)
+    points = _as_points(points, path)
+    if point_dims is not None:
+        if int(point_dims) > points.shape[1]:
+            raise ValueError(
+                f"point_dims={point_dims} but {str(path)!r} has {points.shape[1]} columns"
+            )
+        points = points[:, : int(point_dims)]
+    if names is None:
+        names = [*_XYZ, *(f"c{j}" for j in range(3, points.shape[1]))]
+    return np.ascontiguousarray(points, dtype=np.float32), names[: points.shape[1]]
+
+
+def _as_points(array: np.ndarray, path: Path) -> np.ndarray:
+    if array.ndim != 2 or array.shape[1] < 3 or not np.issubdtype(array.dtype, np.number):
+        raise ValueError(
+            f"{str(path)!r} must hold a numeric [N, C] array with C >= 3 (x, y, z first), got "
+            f"shape {list(array.shape)} of {array.dtype}"
+        )
+    return array
+
+
+def _read_npz(path: Path) -> np.ndarray:
+    with np.load(path, allow_pickle=False) as archive:
+        keys = list(archive.keys())
+        if len(keys) == 1:
+            return archive[keys[0]]
+        for key in _NPZ_KEYS:
+            if key in archive:
+                return archive[key]
+    raise ValueError(
+        f"{str(path)!r} holds arrays {keys}; expected one array or one named "
+        + " / ".join(_NPZ_KEYS)
+    )
+
+
+def _read_header(path: Path) -> tuple[list[str], int]:
+    """Per-point field names in file order and the point count, from a PCD header (``FIELDS``,
+    ``POINTS``) or a PLY header (the vertex element and its ``property`` lines)."""
+    fields: list[str] = []
+    count = -1
+    in_vertex = False
+    with open(path, "rb") as f:
+        for raw in f:
+            words = raw.decode("ascii", errors="replace").split()
+            if not words:
+                continue
+            if words[0] == "FIELDS":  # PCD
+                fields = words[1:]
+            elif words[0] == "POINTS" and len(words) > 1:
+                count = int(words[1])
+            elif words[0] == "element":  # PLY
+                in_vertex = len(words) > 2 and words[1] == "vertex"
+                if in_vertex:
+                    count = int(words[2])
+            elif words[0] == "property" and in_vertex and words[1] != "list":
+                fields.append(words[-1])
+            if words[0] in ("DATA", "end_header"):
+                break
+    return fields, count
+
+
+def _read_open3d(path: Path) -> tuple[np.ndarray, list[str]]:
+    try:
+        import open3d as o3d
+    except ImportError as exc:
+        raise ImportError(
+            f"reading {path.suffix} files needs open3d: pip install 'spconv_lite[io]' "
+            "(or open3d-cpu)"
+        ) from exc
+    o3d.utility.set_verbosity_level(o3d.utility.VerbosityLevel.Error)
+    fields, count = _read_header(path)
+    cloud = o3d.t.io.read_point_cloud(str(path))
+    attributes = {name: cloud.point[name].numpy() for name in cloud.point}
+    if "positions" not in attributes:
+        if count == 0 and all(axis in fields for axis in _XYZ):  # open3d rejects empty files
+            names = [*_XYZ, *(f for f in fields if f not in _XYZ)]
+            return np.zeros((0, len(names)), dtype=np.float32), names
+        raise ValueError(f"{str(path)!r} could not be read as a point cloud with x, y, z")
+    columns = [attributes.pop("positions").reshape(-1, 3)]
+    names = list(_XYZ)
+    # open3d's attributes come in name order: put them back in the file's order.
+    for field in fields:
+        attribute = _OPEN3D_GROUPS.get(field, field)
+        if field in _XYZ or attribute not in attributes:
+            continue  # positions, a field open3d does not load, or a group already taken
+        values = attributes.pop(attribute)
+        values = values if values.ndim == 2 else values.reshape(-1, 1)
+        columns.append(values.astype(np.float32))
+        names += (
+            [field]
+            if values.shape[1] == 1
+            else [f"{attribute}_{j}" for j in range(values.shape[1])]
+        )
+    return np.concatenate(columns, axis=1), names

@@ -1,0 +1,409 @@
+// Voxelization (points -> voxels) on the CPU, spconv 2.x `PointToVoxel` semantics.
+//
+// A point's voxel along axis d is floor((p[d] - range_min[d]) / voxel_size[d]) computed in
+// float32 (as spconv does; float64 puts ~1.5% of a KITTI frame's points in another voxel). The
+// point is dropped when that lies outside [0, grid_size[d]) or when any of its values is not
+// finite. Voxels are numbered in order of their first point; voxels past max_voxels are dropped.
+//
+// Memory follows the number of points, never the grid volume: the distinct voxels are found
+// with the shared open-addressing hash table (include/spconv_lite/hash_table.h) instead of a
+// dense grid. Passes:
+//   1. quantize (parallel over blocks of points): each block lists its kept points and keys;
+//   2. number the voxels (serial, in input order): insert each key into the table, which
+//      stores a new voxel's number, and give each point its position among its voxel's
+//      points. The insertions are serial because parallel ones were slower here: threads
+//      contend for the same table lines (consecutive sweeps cover the same space) and the
+//      numbering then needs a second pass over the table;
+//   3. copy the points into their slots (parallel over points), then per voxel range the
+//      coordinates (re-quantized from the voxel's first point) and the free slots.
+// Clouds under kParallelPoints points run on one thread. Every value written depends only on
+// the input order, so results are bitwise independent of the number of threads.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <tuple>
+#include <vector>
+
+#include "spconv_lite/checks.h"
+#include "spconv_lite/coords.h"
+#include "spconv_lite/hash_table.h"
+
+namespace spconv_lite {
+namespace {
+
+constexpr int64_t kPointGrain = 8192;  // points per task of the parallel point passes
+constexpr int64_t kVoxelGrain = 4096;  // voxels per task of the parallel voxel passes
+// Smaller clouds run on one thread. A LiDAR frame (35k-200k points) takes 1-3 ms on one core,
+// and each parallel region waits until every thread has been scheduled: on the busy 2-core
+// dev machine that wait cost more than the work saved, even for 4 frames (461k points).
+constexpr int64_t kParallelPoints = int64_t{1} << 20;
+
+// Runs f(begin, end) over [0, count): split over threads with at::parallel_for when `parallel`,
+// else one call on this thread.
+template <typename F>
+void for_range(bool parallel, int64_t count, int64_t grain, const F& f) {
+  if (parallel) {
+    at::parallel_for(0, count, grain, f);
+  } else if (count > 0) {
+    f(0, count);
+  }
+}
+
+// Four float or int32 lanes (GCC/Clang vector extensions: SSE on x86, NEON on ARM): one point's
+// x, y, z (and a 4th axis) are quantized together with one vector division.
+using Float4 = float __attribute__((vector_size(16)));
+using Int4 = int32_t __attribute__((vector_size(16)));
+static_assert(kMaxDims == 4, "one vector lane per axis");
+
+// Checked voxel grid, and the exact float32 quantization of points on it.
+class PointQuantizer {
+ public:
+  PointQuantizer(c10::ArrayRef<double> voxel_size, c10::ArrayRef<double> range_min,
+                 c10::IntArrayRef grid_size) {
+    ndim_ = static_cast<int>(voxel_size.size());
+    TORCH_CHECK_VALUE(ndim_ >= 1 && ndim_ <= kMaxDims, "voxel_size must have 1 to ", kMaxDims,
+                      " entries, got ", voxel_size);
+    TORCH_CHECK_VALUE(static_cast<int>(range_min.size()) == ndim_ &&
+                          static_cast<int>(grid_size.size()) == ndim_,
+                      "voxel_size ", voxel_size, ", range_min ", range_min, " and grid_size ",
+                      grid_size, " must have the same length");
+    // Keys are row-major over (z, y, x); make_grid checks sizes >= 1 and the volume < 2^62.
+    std::vector<int64_t> shape_zyx(grid_size.rbegin(), grid_size.rend());
+    grid_ = make_grid(shape_zyx, 1, "grid_size (z, y, x)");
+    int64_t stride = 1;
+    for (int d = 0; d < kMaxDims; ++d) {
+      // Lanes past ndim quantize a zeroed value to coordinate 0 with key stride 0.
+      const bool axis = d < ndim_;
+      const float size = axis ? static_cast<float>(voxel_size[d]) : 1.f;
+      const float low = axis ? static_cast<float>(range_min[d]) : 0.f;
+      TORCH_CHECK_VALUE(std::isfinite(size) && size > 0.f,
+                        "voxel_size must be finite and positive in float32, got ", voxel_size);
+      TORCH_CHECK_VALUE(std::isfinite(low), "range_min must be finite, got ", range_min);
+      const int64_t cells = axis ? grid_size[d] : 1;
+      TORCH_CHECK_VALUE(cells <= std::numeric_limits<int32_t>::max(), "grid_size ", grid_size,
+                        " does not fit the int32 output coordinates");
+      size_[d] = size;
+      low_[d] = low;
+      // floor(q) < cells <=> q < cells <=> q < the smallest float >= cells (exact for any size).
+      float limit = static_cast<float>(cells);
+      if (static_cast<double>(limit) < static_cast<double>(cells)) {
+        limit = std::nextafter(limit, std::numeric_limits<float>::infinity());
+      }
+      limit_[d] = limit;
+      lane_mask_[d] = axis ? -1 : 0;
+      stride_[d] = axis ? stride : 0;
+      stride *= cells;
+    }
+  }
+
+  int ndim() const { return ndim_; }
+  const Grid& grid() const { return grid_; }
+
+  // Voxel coordinates (x, y, z, ... lanes) of the point of `columns` values at p, whose first
+  // kLoad = min(columns, 4) values are read as a vector. Returns false when the point is
+  // dropped. floor(q) is in [0, cells) exactly when q is, so q is tested, then truncated (equal
+  // to floor for q >= 0); NaN fails the test.
+  template <int kLoad>
+  bool quantize(const float* p, int64_t columns, Int4* coord) const {
+    Float4 raw = {0.f, 0.f, 0.f, 0.f};
+    std::memcpy(&raw, p, kLoad * sizeof(float));
+    // Every loaded value must be finite (x - x is 0 only for finite x); then the axes.
+    Int4 ok = (raw - raw) == Float4{0.f, 0.f, 0.f, 0.f};
+    const Float4 value = reinterpret_cast<Float4>(reinterpret_cast<Int4>(raw) & lane_mask_);
+    const Float4 q = (value - low_) / size_;
+    ok &= (q >= Float4{0.f, 0.f, 0.f, 0.f}) & (q < limit_);
+    bool keep = (ok[0] & ok[1] & ok[2] & ok[3]) != 0;
+    for (int64_t j = kLoad; j < columns; ++j) keep = keep && std::isfinite(p[j]);
+    if (!keep) return false;
+    *coord = __builtin_convertvector(q, Int4);
+    return true;
+  }
+
+  int64_t key(const Int4& c) const {
+    return c[0] * stride_[0] + c[1] * stride_[1] + c[2] * stride_[2] + c[3] * stride_[3];
+  }
+
+ private:
+  int ndim_;
+  Grid grid_;
+  Float4 size_, low_, limit_;
+  Int4 lane_mask_;
+  int64_t stride_[kMaxDims];
+};
+
+// Calls f.template operator()<kLoad>() with kLoad = min(columns, 4) as a compile-time constant.
+template <typename F>
+void with_load_width(int64_t columns, const F& f) {
+  switch (std::min<int64_t>(columns, 4)) {
+    case 1: return f.template operator()<1>();
+    case 2: return f.template operator()<2>();
+    case 3: return f.template operator()<3>();
+    default: return f.template operator()<4>();
+  }
+}
+
+// Which voxel every point falls in.
+struct VoxelAssignment {
+  at::Tensor point_voxel_id;         // int64 [N], voxel number or -1
+  std::unique_ptr<int32_t[]> rank;   // [N] position of a point among its voxel's points
+  std::vector<int32_t> first_point;  // [M] first point of each voxel
+  std::vector<int32_t> count;        // [M] number of points of each voxel
+  int64_t num_voxels = 0;            // M
+  bool parallel = false;             // whether passes 1 and 3 use several threads
+};
+
+// Pass 2's bookkeeping: voxel numbers in order of first points (voxels past max_voxels get the
+// number max_voxels, i.e. dropped), each point's voxel and its position among the voxel's
+// points, and each voxel's first point and point count.
+class VoxelNumbering {
+ public:
+  VoxelNumbering(int64_t n, int64_t expected_voxels, int64_t max_voxels)
+      : max_voxels_(max_voxels) {
+    a_.point_voxel_id = at::empty({n}, at::dtype(at::kLong));
+    ids_ = a_.point_voxel_id.data_ptr<int64_t>();
+    std::fill_n(ids_, n, -1);
+    a_.rank.reset(new int32_t[n]);  // read only for points with a voxel
+    a_.first_point.reserve(expected_voxels);
+    a_.count.reserve(expected_voxels);
+  }
+
+  // The number the next new voxel gets (max_voxels once they are used up).
+  int32_t next_number() const { return static_cast<int32_t>(std::min(total_, max_voxels_)); }
+
+  // A new voxel whose first point is `point`; returns its number.
+  int64_t open(int32_t point) {
+    const int64_t v = std::min(total_++, max_voxels_);
+    if (v < max_voxels_) {
+      a_.first_point.push_back(point);
+      a_.count.push_back(0);
+    }
+    return v;
+  }
+
+  // `point` belongs to voxel v.
+  void add(int32_t point, int64_t v) {
+    if (v == max_voxels_) return;
+    ids_[point] = v;
+    a_.rank[point] = a_.count[v]++;
+  }
+
+  VoxelAssignment finish() {
+    a_.num_voxels = static_cast<int64_t>(a_.first_point.size());
+    return std::move(a_);
+  }
+
+ private:
+  VoxelAssignment a_;
+  int64_t max_voxels_;
+  int64_t* ids_;
+  int64_t total_ = 0;
+};
+
+VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
+                              const PointQuantizer& quantizer, int64_t max_voxels) {
+  // Pass 1: quantize. Block b of kPointGrain points lists its kept points, in order, at the
+  // start of its own range of `kept` / `keys`; kept_in_block[b] counts them.
+  const int64_t blocks = (n + kPointGrain - 1) / kPointGrain;
+  const bool parallel = at::get_num_threads() > 1 && n >= kParallelPoints;
+  std::unique_ptr<int32_t[]> kept(new int32_t[n]);
+  std::unique_ptr<int64_t[]> keys(new int64_t[n]);
+  std::vector<int64_t> kept_in_block(blocks);
+  with_load_width(columns, [&]<int kLoad>() {
+    for_range(parallel, blocks, 1, [&](int64_t b0, int64_t b1) {
+      const PointQuantizer local = quantizer;  // stores below cannot alias a local copy
+      Int4 coord = {0, 0, 0, 0};
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t begin = b * kPointGrain, end = std::min(n, begin + kPointGrain);
+        int64_t next = begin;
+        for (int64_t i = begin; i < end; ++i) {
+          // Branch-free: always write, advance only for a kept point.
+          const bool keep = local.template quantize<kLoad>(points + i * columns, columns, &coord);
+          kept[next] = static_cast<int32_t>(i);
+          keys[next] = local.key(coord);
+          next += keep;
+        }
+        kept_in_block[b] = next - begin;
+      }
+    });
+  });
+  int64_t valid = 0;
+  for (int64_t b = 0; b < blocks; ++b) valid += kept_in_block[b];
+
+  // Pass 2, serial in input order. The table has room for every kept point being its own
+  // voxel, so it cannot fill up.
+  const int64_t capacity = hash_capacity_for(valid);
+  // Filled here rather than with at::full: each parallel region costs a thread wake-up.
+  at::Tensor table_keys = at::empty({capacity}, at::dtype(at::kLong));
+  std::fill_n(table_keys.data_ptr<int64_t>(), capacity, kEmptyKey);
+  at::Tensor table_values = at::empty({capacity}, at::dtype(at::kInt));
+  const HashTableView table{table_keys.data_ptr<int64_t>(), table_values.data_ptr<int32_t>(),
+                            capacity};
+  VoxelNumbering numbering(n, std::min(valid, max_voxels), max_voxels);
+  const uint64_t mask = static_cast<uint64_t>(capacity - 1);
+  constexpr int64_t kAhead = 16;  // prefetch the home slot of the key this far ahead
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t begin = b * kPointGrain, end = begin + kept_in_block[b];
+    // Consecutive LiDAR points often share a voxel: those skip the table.
+    int64_t last_key = kEmptyKey, last_slot = 0, last_voxel = -1;
+    for (int64_t j = begin; j < end; ++j) {
+      if (j + kAhead < end) {
+        const int64_t home = static_cast<int64_t>(hash_key(keys[j + kAhead]) & mask);
+        __builtin_prefetch(table.keys + home);
+        __builtin_prefetch(table.values + home);
+      }
+      const int64_t key = keys[j];
+      if (key != last_key) {
+        const InsertResult r = table.insert(key, numbering.next_number(), &last_slot);
+        last_voxel =
+            r == InsertResult::kInserted ? numbering.open(kept[j]) : table.values[last_slot];
+        last_key = key;
+      }
+      numbering.add(kept[j], last_voxel);
+    }
+  }
+  VoxelAssignment a = numbering.finish();
+  a.parallel = parallel;
+  return a;
+}
+
+// Coordinates (z, y, x: the lanes reversed) of voxels [begin, end), from their first points.
+template <int kLoad>
+void write_coordinates(const VoxelAssignment& a, const float* points, int64_t columns,
+                       const PointQuantizer& quantizer, int64_t begin, int64_t end,
+                       int32_t* coords) {
+  const int ndim = quantizer.ndim();
+  Int4 c;
+  for (int64_t v = begin; v < end; ++v) {
+    quantizer.template quantize<kLoad>(points + a.first_point[v] * columns, columns, &c);
+    for (int d = 0; d < ndim; ++d) coords[v * ndim + d] = c[ndim - 1 - d];
+  }
+}
+
+void check_points(const at::Tensor& points, int64_t ndim) {
+  TORCH_CHECK_TYPE(points.scalar_type() == at::kFloat, "points must be float32, got ",
+                   points.scalar_type());
+  TORCH_CHECK_VALUE(points.dim() == 2 && points.size(1) >= ndim,
+                    "points must be [N, C] with C >= ", ndim, " (coordinates first), got ",
+                    points.sizes());
+  TORCH_CHECK_VALUE(points.size(0) < std::numeric_limits<int32_t>::max(), "points has ",
+                    points.size(0), " rows; at most 2^31 - 2 are supported");
+}
+
+// Runs f(begin, end, coords) over ranges of the voxels in parallel after writing the
+// coordinates of those voxels into coords [M, ndim].
+template <typename F>
+at::Tensor for_voxel_ranges(const VoxelAssignment& a, const float* points, int64_t columns,
+                            const PointQuantizer& quantizer, const F& f) {
+  at::Tensor coordinates = at::empty({a.num_voxels, quantizer.ndim()}, at::dtype(at::kInt));
+  int32_t* coords = coordinates.data_ptr<int32_t>();
+  with_load_width(columns, [&]<int kLoad>() {
+    for_range(a.parallel, a.num_voxels, kVoxelGrain, [&](int64_t begin, int64_t end) {
+      write_coordinates<kLoad>(a, points, columns, quantizer, begin, end, coords);
+      f(begin, end);
+    });
+  });
+  return coordinates;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
+    const at::Tensor& points, c10::ArrayRef<double> voxel_size, c10::ArrayRef<double> range_min,
+    c10::IntArrayRef grid_size, int64_t max_points_per_voxel, int64_t max_voxels,
+    bool empty_mean) {
+  const PointQuantizer quantizer(voxel_size, range_min, grid_size);
+  check_points(points, quantizer.ndim());
+  TORCH_CHECK_VALUE(max_points_per_voxel >= 1, "max_points_per_voxel must be >= 1, got ",
+                    max_points_per_voxel);
+  TORCH_CHECK_VALUE(max_voxels >= 0, "max_voxels must be >= 0, got ", max_voxels);
+  const at::Tensor input = points.contiguous();
+  const float* data = input.data_ptr<float>();
+  const int64_t n = input.size(0), columns = input.size(1), slots = max_points_per_voxel;
+  const VoxelAssignment a = assign_voxels(data, n, columns, quantizer, max_voxels);
+
+  at::Tensor voxels = at::empty({a.num_voxels, slots, columns}, at::dtype(at::kFloat));
+  at::Tensor counts = at::empty({a.num_voxels}, at::dtype(at::kInt));
+  float* out = voxels.data_ptr<float>();
+  int32_t* num = counts.data_ptr<int32_t>();
+  const int64_t* ids = a.point_voxel_id.data_ptr<int64_t>();
+  const int64_t row = slots * columns;
+  // One memset beats a small one per voxel.
+  if (!empty_mean && voxels.numel() > 0) std::memset(out, 0, voxels.numel() * sizeof(float));
+  // Each (voxel, slot) is written by exactly one point, so the points can be split freely.
+  for_range(a.parallel, n, kPointGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (ids[i] < 0 || a.rank[i] >= slots) continue;
+      float* dst = out + ids[i] * row + a.rank[i] * columns;
+      for (int64_t c = 0; c < columns; ++c) dst[c] = data[i * columns + c];
+    }
+  });
+  // With empty_mean, free slots get the mean of the voxel's points (a voxel with a free slot
+  // stores all its points), summed in double in slot order.
+  at::Tensor coordinates = for_voxel_ranges(a, data, columns, quantizer, [&](int64_t begin,
+                                                                             int64_t end) {
+    std::vector<double> mean(columns);
+    for (int64_t v = begin; v < end; ++v) {
+      num[v] = std::min<int32_t>(a.count[v], static_cast<int32_t>(slots));
+      if (!empty_mean) continue;
+      float* voxel = out + v * row;
+      std::fill(mean.begin(), mean.end(), 0.0);
+      for (int64_t s = 0; s < num[v]; ++s) {
+        for (int64_t c = 0; c < columns; ++c) mean[c] += voxel[s * columns + c];
+      }
+      for (int64_t j = num[v] * columns; j < row; ++j) {
+        voxel[j] = static_cast<float>(mean[j % columns] / num[v]);
+      }
+    }
+  });
+  return {voxels, coordinates, counts, a.point_voxel_id};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_mean_cpu(
+    const at::Tensor& points, c10::ArrayRef<double> voxel_size, c10::ArrayRef<double> range_min,
+    c10::IntArrayRef grid_size, int64_t max_voxels) {
+  const PointQuantizer quantizer(voxel_size, range_min, grid_size);
+  check_points(points, quantizer.ndim());
+  TORCH_CHECK_VALUE(max_voxels >= 0, "max_voxels must be >= 0, got ", max_voxels);
+  const at::Tensor input = points.contiguous();
+  const float* data = input.data_ptr<float>();
+  const int64_t n = input.size(0), columns = input.size(1);
+  const VoxelAssignment a = assign_voxels(data, n, columns, quantizer, max_voxels);
+
+  at::Tensor features = at::empty({a.num_voxels, columns}, at::dtype(at::kFloat));
+  at::Tensor counts = at::empty({a.num_voxels}, at::dtype(at::kInt));
+  float* out = features.data_ptr<float>();
+  int32_t* num = counts.data_ptr<int32_t>();
+  const int64_t* ids = a.point_voxel_id.data_ptr<int64_t>();
+  // Sums in double, in input order. Each task owns a range of voxels and scans all points, so
+  // every voxel is summed in the same order whatever the split.
+  at::Tensor coordinates = for_voxel_ranges(a, data, columns, quantizer, [&](int64_t v0,
+                                                                             int64_t v1) {
+    std::vector<double> sum((v1 - v0) * columns, 0.0);
+    for (int64_t i = 0; i < n; ++i) {
+      if (ids[i] < v0 || ids[i] >= v1) continue;
+      double* acc = sum.data() + (ids[i] - v0) * columns;
+      for (int64_t c = 0; c < columns; ++c) acc[c] += data[i * columns + c];
+    }
+    for (int64_t v = v0; v < v1; ++v) {
+      num[v] = a.count[v];
+      for (int64_t c = 0; c < columns; ++c) {
+        out[v * columns + c] = static_cast<float>(sum[(v - v0) * columns + c] / num[v]);
+      }
+    }
+  });
+  return {features, coordinates, counts, a.point_voxel_id};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(spconv_lite, CPU, m) {
+  m.impl("voxelize", &voxelize_cpu);
+  m.impl("voxelize_mean", &voxelize_mean_cpu);
+}
+
+}  // namespace spconv_lite

@@ -1,0 +1,162 @@
+"""Point-cloud readers (spconv_lite.io): the real frames of every format, files written here
+byte by byte (so the expected values are known exactly), and bad files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from lidar_frames import data_file, require_open3d
+
+from spconv_lite import io
+
+# file, point_dims, points, columns, first value of each column (from the data README and the
+# raw bytes), column names
+REAL_FILES = [
+    ("kitti_object_training_000000.bin", None, 115384, 4, ["x", "y", "z", "c3"]),
+    ("kitti_000008_reduced_mmdet3d_demo.bin", None, 17238, 4, ["x", "y", "z", "c3"]),
+    ("nuscenes_LIDAR_TOP_1532402927647951.pcd.bin", None, 34688, 5, ["x", "y", "z", "c3", "c4"]),
+    ("semantickitti_000000.bin", None, 123389, 4, ["x", "y", "z", "c3"]),
+    ("waymo_mmdet3d_test_1000000.bin", 6, 800, 6, ["x", "y", "z", "c3", "c4", "c5"]),
+    ("spconv_benchmark-pc.npz", None, 198130, 3, ["x", "y", "z"]),
+    ("fast_gicp_251370668.pcd", None, 69088, 4, ["x", "y", "z", "intensity"]),
+    ("small_gicp_source.ply", None, 69792, 4, ["x", "y", "z", "scalar_intensity"]),
+]
+HEADER_BYTES = {"fast_gicp_251370668.pcd": 188, "small_gicp_source.ply": 268}
+
+
+def raw_points(path, columns: int) -> np.ndarray:
+    """The file's float32 payload, read without spconv_lite."""
+    if path.suffix == ".npz":
+        return np.load(path)["pc"]
+    offset = HEADER_BYTES.get(path.name, 0)
+    return np.frombuffer(path.read_bytes()[offset:], "<f4").reshape(-1, columns)
+
+
+@pytest.mark.parametrize(
+    "name, point_dims, count, columns, names", REAL_FILES, ids=[f[0] for f in REAL_FILES]
+)
+def test_real_files(name, point_dims, count, columns, names):
+    path = data_file(name)
+    if path.suffix in (".pcd", ".ply"):
+        require_open3d()
+    points, fields = io.read_points_with_fields(path, point_dims)
+    assert points.shape == (count, columns) and points.dtype == np.float32
+    assert points.flags.c_contiguous
+    assert fields == names
+    np.testing.assert_array_equal(points, raw_points(path, columns))
+
+
+def write_pcd(path, fields: list[str], points: np.ndarray) -> None:
+    n, c = points.shape
+    header = (
+        "# .PCD v0.7 - Point Cloud Data file format\nVERSION 0.7\n"
+        f"FIELDS {' '.join(fields)}\nSIZE {' '.join(['4'] * c)}\nTYPE {' '.join(['F'] * c)}\n"
+        f"COUNT {' '.join(['1'] * c)}\nWIDTH {n}\nHEIGHT 1\nVIEWPOINT 0 0 0 1 0 0 0\n"
+        f"POINTS {n}\nDATA binary\n"
+    )
+    path.write_bytes(header.encode() + points.astype("<f4").tobytes())
+
+
+def write_ply(path, fields: list[str], points: np.ndarray) -> None:
+    header = "ply\nformat binary_little_endian 1.0\ncomment written by the test\n"
+    header += f"element vertex {len(points)}\n"
+    header += "".join(f"property float {f}\n" for f in fields) + "end_header\n"
+    path.write_bytes(header.encode() + points.astype("<f4").tobytes())
+
+
+@pytest.mark.parametrize("writer, suffix", [(write_pcd, ".pcd"), (write_ply, ".ply")])
+@pytest.mark.parametrize("count", [7, 0])
+def test_pcd_ply_fields_in_file_order(tmp_path, writer, suffix, count):
+    """open3d hands the fields back sorted by name; the reader restores the file's order."""
+    require_open3d()
+    fields = ["x", "y", "z", "zeta", "intensity", "alpha"]
+    points = np.random.default_rng(count).normal(size=(count, 6)).astype(np.float32)
+    writer(tmp_path / f"cloud{suffix}", fields, points)
+    read, names = io.read_points_with_fields(tmp_path / f"cloud{suffix}")
+    assert names == fields
+    np.testing.assert_array_equal(read, points)
+    np.testing.assert_array_equal(io.read_points(tmp_path / f"cloud{suffix}", 4), points[:, :4])
+
+
+@pytest.mark.parametrize(
+    "filename, columns, point_dims",
+    [("a.bin", 4, None), ("b.bin", 6, 6), ("c.pcd.bin", 5, None), ("d.BIN", 3, 3)],
+)
+def test_raw_bin(tmp_path, filename, columns, point_dims):
+    points = np.arange(10 * columns, dtype=np.float32).reshape(10, columns) / 7
+    points[3, 0] = np.nan  # kept as stored: the voxelizer drops it
+    points.astype("<f4").tofile(tmp_path / filename)
+    np.testing.assert_array_equal(io.read_points(tmp_path / filename, point_dims), points)
+
+
+def test_empty_bin(tmp_path):
+    (tmp_path / "empty.bin").write_bytes(b"")
+    assert io.read_points(tmp_path / "empty.bin").shape == (0, 4)
+
+
+@pytest.mark.parametrize(
+    "arrays, expected_key",
+    [({"anything": 0}, "anything"), ({"points": 0, "labels": 1}, "points"), ({"pc": 0}, "pc")],
+)
+def test_npz(tmp_path, arrays, expected_key):
+    stored = {key: np.full((5, 4), value, dtype=np.float64) for key, value in arrays.items()}
+    np.savez(tmp_path / "cloud.npz", **stored)
+    read = io.read_points(tmp_path / "cloud.npz")
+    assert read.dtype == np.float32
+    np.testing.assert_array_equal(read, stored[expected_key])
+
+
+def test_npy_keeps_leading_columns(tmp_path):
+    points = np.random.default_rng(0).normal(size=(9, 5))
+    np.save(tmp_path / "cloud.npy", points)
+    np.testing.assert_array_equal(
+        io.read_points(tmp_path / "cloud.npy", 3), points[:, :3].astype(np.float32)
+    )
+
+
+def make_bad_file(tmp_path, kind: str):
+    if kind == "bin-size":
+        (tmp_path / "bad.bin").write_bytes(b"\0" * 20)  # 5 floats: not a multiple of 4 columns
+        return tmp_path / "bad.bin"
+    if kind == "npz-ambiguous":
+        np.savez(tmp_path / "bad.npz", a=np.zeros((2, 3)), b=np.zeros((2, 3)))
+        return tmp_path / "bad.npz"
+    if kind == "npy-1d":
+        np.save(tmp_path / "bad.npy", np.zeros(6))
+        return tmp_path / "bad.npy"
+    if kind == "suffix":
+        (tmp_path / "cloud.xyz").write_text("0 0 0\n")
+        return tmp_path / "cloud.xyz"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind, point_dims, match",
+    [
+        ("bin-size", None, "not a multiple of 4 \\* point_dims = 16"),
+        ("npz-ambiguous", None, "expected one array"),
+        ("npy-1d", None, "C >= 3"),
+        ("suffix", None, "unsupported suffix"),
+    ],
+)
+def test_bad_files_raise_value_error(tmp_path, kind, point_dims, match):
+    with pytest.raises(ValueError, match=match):
+        io.read_points(make_bad_file(tmp_path, kind), point_dims)
+
+
+@pytest.mark.parametrize("point_dims, match", [(2, "point_dims must be"), (9, "point_dims=9")])
+def test_bad_point_dims(tmp_path, point_dims, match):
+    np.zeros((4, 3), dtype=np.float32).tofile(tmp_path / "c.bin")
+    np.save(tmp_path / "c.npy", np.zeros((4, 3)))
+    with pytest.raises(ValueError, match=match):
+        io.read_points(tmp_path / "c.npy", point_dims)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.bin"):
+        io.read_points(tmp_path / "missing.bin")
+
+
+def test_is_point_file():
+    assert io.is_point_file("a/b/000000.bin") and io.is_point_file("x.PCD")
+    assert io.is_point_file("scan.pcd.bin") and not io.is_point_file("notes.txt")

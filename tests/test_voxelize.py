@@ -1,0 +1,464 @@
+"""PointToVoxel, dynamic voxelization and the batching helpers.
+
+Layered oracles: a plain Python loop (``reference_voxelize``, written from the rules in the data
+README) checks the op on synthetic clouds built to hit voxel and range borders; spconv 2.3.8
+checks it on the same clouds and on every real frame; the README's counts and coordinate hashes
+and a few voxels written down from spconv check it even where spconv is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lidar_frames import (
+    EXACT_VOXELS,
+    FRAME_IDS,
+    FRAMES,
+    Frame,
+    SpconvCache,
+    sorted_coords_sha16,
+    spconv_point_to_voxel,
+)
+
+import spconv_lite
+from spconv_lite import PointToVoxel, batch_point_clouds, ops, voxel_to_point
+from spconv_lite.voxelize import GridGeometry
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- oracle
+
+
+def reference_voxelize(points: np.ndarray, vsize, coors_range, max_points: int, max_voxels: int):
+    """One point at a time, in input order, as the README describes spconv's rules. Returns
+    (voxels, coordinates, num_points_per_voxel, point_voxel_id, means of all points)."""
+    geometry = GridGeometry.from_spconv_args(vsize, coors_range)
+    ndim = len(vsize)
+    low = np.asarray(geometry.range_min, dtype=np.float32)
+    size = np.asarray(geometry.voxel_size, dtype=np.float32)
+    pts = np.asarray(points, dtype=np.float32)
+    rows: dict[tuple, int] = {}
+    members: list[list[np.ndarray]] = []
+    ids = np.full(len(pts), -1, dtype=np.int64)
+    for i, p in enumerate(pts):
+        if not np.isfinite(p).all():
+            continue
+        with np.errstate(over="ignore"):
+            cell = np.floor((p[:ndim] - low) / size)  # float32 arithmetic
+        if (cell < 0).any() or (cell >= np.asarray(geometry.grid_size)).any():
+            continue
+        key = tuple(int(c) for c in cell[::-1])
+        if key not in rows:
+            if len(rows) == max_voxels:
+                continue
+            rows[key] = len(rows)
+            members.append([])
+        ids[i] = rows[key]
+        members[rows[key]].append(p)
+    count = len(rows)
+    voxels = np.zeros((count, max_points, pts.shape[1]), dtype=np.float32)
+    num = np.zeros(count, dtype=np.int32)
+    means = np.zeros((count, pts.shape[1]), dtype=np.float32)
+    for v, group in enumerate(members):
+        kept = group[:max_points]
+        voxels[v, : len(kept)] = kept
+        num[v] = len(kept)
+        total = np.zeros(pts.shape[1], dtype=np.float64)
+        for p in group:  # float64, input order, like the op
+            total += p
+        means[v] = total / len(group)
+    coords = np.asarray(list(rows), dtype=np.int32).reshape(count, ndim)
+    return voxels, coords, num, ids, means
+
+
+def fill_empty_with_mean(voxels: np.ndarray, num: np.ndarray) -> np.ndarray:
+    out = voxels.copy()
+    for v in range(len(out)):
+        mean = out[v, : num[v]].astype(np.float64).sum(axis=0) / num[v]
+        out[v, num[v] :] = mean.astype(np.float32)
+    return out
+
+
+def synthetic_cloud(case: str, vsize, coors_range, columns: int, n: int = 2500) -> np.ndarray:
+    """Points in and around the range, a third of them exactly on voxel borders, some repeated,
+    a few past either end, plus NaN / infinite rows."""
+    rng = np.random.default_rng(zlib.crc32(case.encode()))
+    ndim = len(vsize)
+    low, high = np.array(coors_range[:ndim]), np.array(coors_range[ndim:])
+    span = high - low
+    pts = rng.uniform(-0.1, 1.1, size=(n, columns)) * np.concatenate(
+        [span, np.ones(columns - ndim)]
+    )
+    pts[:, :ndim] += low
+    border = rng.random(n) < 0.3
+    steps = np.round((pts[:, :ndim] - low) / vsize)
+    pts[border, :ndim] = (low + steps * np.asarray(vsize))[border]
+    pts[rng.integers(0, n, n // 10)] = pts[rng.integers(0, n, n // 10)]  # same voxel, later
+    pts = pts.astype(np.float32)
+    pts[rng.integers(0, n, 5), 0] = np.nan
+    pts[rng.integers(0, n, 3), 1] = np.inf
+    if columns > ndim:  # a non-finite feature drops the point too (first and last feature)
+        pts[rng.integers(0, n, 3), ndim] = -np.inf
+        pts[rng.integers(0, n, 3), columns - 1] = np.nan
+    return pts
+
+
+CONFIGS = {
+    # name: (vsize, coors_range, columns, max_points, max_voxels)
+    "kitti": ((0.05, 0.05, 0.1), (0, -40, -3, 70.4, 40, 1), 4, 5, 40000),
+    "grid-rounded-up": ((0.4, 0.4, 0.4), (0, 0, 0, 1, 1, 1), 4, 2, 100),
+    "grid-rounded-down": ((0.3, 0.3, 0.3), (0, 0, 0, 1, 1, 1), 3, 3, 100),
+    "voxel-cap": ((0.5, 0.5, 0.5), (-2, -2, -2, 2, 2, 2), 5, 1, 7),
+    "one-slot": ((0.2, 0.1, 0.3), (-1.5, -0.7, -0.1, 1.3, 0.9, 0.7), 3, 1, 100000),
+    "2d": ((0.25, 0.5), (0, 0, 4, 4), 3, 3, 1000),
+}
+
+
+@pytest.fixture
+def threads():
+    """Restores the thread count a test changes."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def assert_outputs_equal(ours, expected) -> None:
+    for name, a, b in zip(("voxels", "coordinates", "num", "point_voxel_id"), ours, expected):
+        b = torch.as_tensor(b)
+        assert a.dtype == b.dtype, name
+        assert a.shape == b.shape, name
+        assert torch.equal(a, b), name
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+@pytest.mark.parametrize("case", list(CONFIGS))
+def test_matches_reference_loop(case):
+    vsize, coors_range, columns, max_points, max_voxels = CONFIGS[case]
+    pts = synthetic_cloud(case, vsize, coors_range, columns)
+    gen = PointToVoxel(vsize, coors_range, columns, max_voxels, max_points)
+    voxels, coords, num, ids, means = reference_voxelize(
+        pts, vsize, coors_range, max_points, max_voxels
+    )
+    assert_outputs_equal(
+        gen.generate_voxel_with_id(torch.from_numpy(pts)), (voxels, coords, num, ids)
+    )
+    mean_out = gen.generate_voxel_mean(torch.from_numpy(pts))
+    counts = np.bincount(ids[ids >= 0], minlength=len(coords)).astype(np.int32)
+    assert_outputs_equal(mean_out, (means, coords, counts, ids))
+    filled = gen.generate_voxel_with_id(torch.from_numpy(pts), empty_mean=True)[0]
+    assert torch.equal(filled, torch.from_numpy(fill_empty_with_mean(voxels, num)))
+
+
+@pytest.mark.parametrize("case", [c for c in CONFIGS if len(CONFIGS[c][0]) == 3])
+def test_matches_spconv_on_borders(case, threads):
+    vsize, coors_range, columns, max_points, max_voxels = CONFIGS[case]
+    pts = synthetic_cloud(case, vsize, coors_range, columns)
+    finite = np.isfinite(pts).all(axis=1)  # spconv 2.3.8 keeps non-finite points: compare the rest
+    pts = pts[finite]
+    reference = spconv_point_to_voxel()(
+        list(vsize), list(coors_range), columns, max_voxels, max_points
+    )
+    gen = PointToVoxel(vsize, coors_range, columns, max_voxels, max_points)
+    assert gen.grid_size == list(reference.grid_size)
+    assert gen.grid_stride == list(reference.grid_stride)
+    threads(1)  # spconv 2.3.8's CPU code is only correct on one thread
+    expected = reference.generate_voxel_with_id(torch.from_numpy(pts))
+    assert_outputs_equal(gen.generate_voxel_with_id(torch.from_numpy(pts)), expected)
+
+
+@pytest.mark.parametrize(
+    "vsize, coors_range",
+    [
+        ((0.05, 0.05, 0.1), (0, -40, -3, 70.4, 40, 1)),
+        ((0.4, 0.25, 0.16), (0, 0, 0, 1, 1, 1)),  # 2.5 voxels: the half rounds up
+        ((0.075, 0.075, 0.2), (-54, -54, -5, 54, 54, 3)),
+        ((0.024, 0.3, 0.7), (-1.1, 2.0, -3.0, 7.3, 9.5, 4.1)),
+    ],
+)
+def test_grid_size_as_spconv(vsize, coors_range):
+    reference = spconv_point_to_voxel()(list(vsize), list(coors_range), 3, 1, 1)
+    gen = PointToVoxel(vsize, coors_range, 3, 1, 1)
+    assert gen.grid_size == list(reference.grid_size)
+    assert gen.vsize == list(reference.vsize)
+    assert gen.coors_range == list(reference.coors_range)
+
+
+def test_empty_cloud():
+    gen = PointToVoxel((0.1, 0.1, 0.1), (0, 0, 0, 1, 1, 1), 4, 10, 3)
+    voxels, coords, num, ids = gen.generate_voxel_with_id(torch.zeros(0, 4))
+    assert voxels.shape == (0, 3, 4) and coords.shape == (0, 3) and num.shape == (0,)
+    assert ids.shape == (0,) and ids.dtype == torch.int64
+    features, coords, num, ids = gen.generate_voxel_mean(torch.zeros(0, 4))
+    assert features.shape == (0, 4) and coords.shape == (0, 3)
+
+
+def test_non_finite_points_are_dropped():
+    gen = PointToVoxel((1, 1, 1), (0, 0, 0, 4, 4, 4), 4, 10, 3)
+    pts = torch.tensor(
+        [[0.5, 0.5, 0.5, 1], [np.nan, 0.5, 0.5, 1], [0.5, np.inf, 0.5, 1], [0.6, 0.5, 0.5, np.nan],
+         [0.7, 0.5, 0.5, 2], [-np.inf, 0, 0, 0]]
+    )  # fmt: skip
+    voxels, coords, num, ids = gen.generate_voxel_with_id(pts)
+    assert ids.tolist() == [0, -1, -1, -1, 0, -1]
+    assert num.tolist() == [2] and torch.isfinite(voxels).all()
+
+
+def test_non_contiguous_and_float64_input():
+    pts = synthetic_cloud("strided", (0.3, 0.3, 0.3), (0, 0, 0, 2, 2, 2), 4)
+    gen = PointToVoxel((0.3, 0.3, 0.3), (0, 0, 0, 2, 2, 2), 4, 1000, 4)
+    expected = gen.generate_voxel_with_id(torch.from_numpy(pts))
+    wide = torch.zeros(len(pts), 8)
+    wide[:, ::2] = torch.from_numpy(pts)
+    assert_outputs_equal(gen.generate_voxel_with_id(wide[:, ::2]), expected)
+    assert_outputs_equal(gen.generate_voxel_with_id(pts.astype(np.float64)), expected)
+
+
+def test_points_past_a_full_voxel_keep_their_id():
+    gen = PointToVoxel((1, 1, 1), (0, 0, 0, 2, 2, 2), 3, 10, 2)
+    pts = torch.tensor([[0.1, 0.1, 0.1], [0.2, 0.1, 0.1], [1.5, 0.1, 0.1], [0.3, 0.1, 0.1]])
+    voxels, coords, num, ids = gen.generate_voxel_with_id(pts)
+    assert ids.tolist() == [0, 0, 1, 0] and num.tolist() == [2, 1]
+    assert coords.tolist() == [[0, 0, 0], [0, 0, 1]]
+    assert torch.equal(voxels[0], pts[:2])
+
+
+# ----------------------------------------------------------------------------- real frames
+
+
+@pytest.fixture(scope="module")
+def frame_outputs():
+    """Our PointToVoxel output per frame (computed once)."""
+    cache: dict[str, tuple] = {}
+
+    def get(frame: Frame):
+        if frame.id not in cache:
+            pts = frame.points()
+            gen = PointToVoxel(
+                frame.vsize, frame.coors_range, pts.shape[1], frame.max_voxels, frame.max_points
+            )
+            cache[frame.id] = (pts, gen.generate_voxel_with_id(torch.from_numpy(pts)))
+        return cache[frame.id]
+
+    return get
+
+
+README_FRAMES = [f for f in FRAMES if f.voxels is not None]  # the .ply is not in its table
+
+
+@pytest.mark.parametrize("frame", README_FRAMES, ids=[f.id for f in README_FRAMES])
+def test_frame_counts_and_hash_as_readme(frame, frame_outputs):
+    _, (voxels, coords, num, _) = frame_outputs(frame)
+    assert len(coords) == frame.voxels
+    assert int(num.sum()) == frame.points_kept
+    assert sorted_coords_sha16(coords) == frame.coords_sha16
+
+
+@pytest.mark.parametrize("frame", FRAMES, ids=FRAME_IDS)
+def test_frame_matches_spconv(frame, frame_outputs):
+    pts, ours = frame_outputs(frame)
+    assert_outputs_equal(ours, SpconvCache.voxelize(frame, pts))
+
+
+@pytest.mark.parametrize(
+    "frame_index, row, coordinates, stored, file_rows",
+    EXACT_VOXELS,
+    ids=[f"{FRAMES[e[0]].id}-voxel{e[1]}" for e in EXACT_VOXELS],
+)
+def test_exact_voxels(frame_index, row, coordinates, stored, file_rows, frame_outputs):
+    pts, (voxels, coords, num, ids) = frame_outputs(FRAMES[frame_index])
+    assert tuple(coords[row].tolist()) == coordinates
+    assert int(num[row]) == stored
+    assert torch.equal(voxels[row, :stored], torch.from_numpy(pts[list(file_rows)]))
+    assert not voxels[row, stored:].any()
+    assert (ids[list(file_rows)] == row).all()
+
+
+@pytest.fixture(scope="module")
+def large_cloud() -> np.ndarray:
+    """Ten shifted copies of the KITTI frame (1.15M points): large enough for the op's
+    multi-threaded passes (clouds under 2^20 points run on one thread)."""
+    pts = FRAMES[0].points()
+    copies = [pts + np.float32([0.0173 * k, -0.0311 * k, 0.007 * k, 0.0]) for k in range(10)]
+    return np.concatenate(copies).astype(np.float32)
+
+
+@pytest.mark.parametrize("mode", ["static", "empty_mean", "dynamic"])
+def test_results_do_not_depend_on_thread_count(mode, large_cloud, threads):
+    pts = torch.from_numpy(large_cloud)
+    gen = PointToVoxel(FRAMES[0].vsize, FRAMES[0].coors_range, 4, 150000, 5)
+    run = {
+        "static": lambda: gen.generate_voxel_with_id(pts),
+        "empty_mean": lambda: gen.generate_voxel_with_id(pts, empty_mean=True),
+        "dynamic": lambda: gen.generate_voxel_mean(pts),
+    }[mode]
+    results = []
+    for count in (1, 2):
+        threads(count)
+        results.append(run())
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    if mode == "static":  # and the multi-threaded result is spconv's
+        reference = spconv_point_to_voxel()(
+            list(FRAMES[0].vsize), list(FRAMES[0].coors_range), 4, 150000, 5
+        )
+        threads(1)
+        assert_outputs_equal(results[1], reference.generate_voxel_with_id(pts))
+
+
+def test_memory_does_not_grow_with_grid_volume():
+    """A 2e6 x 2e6 x 2e5 grid (8e17 voxels; spconv would allocate its volume in int32) takes
+    about as much memory as a small one: measured in a fresh process."""
+    script = """
+import json, resource, sys, torch
+import spconv_lite
+scale = torch.tensor([200.0, 200.0, 20.0, 1.0])
+pts = (torch.rand(200000, 4) - torch.tensor([0.5, 0.5, 0.5, 0.0])) * scale
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+spconv_lite.PointToVoxel([0.1, 0.1, 0.1], [-100, -100, -10, 100, 100, 10], 4, 10**6, 5)(pts)
+small = peak_mb()
+out = spconv_lite.PointToVoxel([1e-4] * 3, [-100, -100, -10, 100, 100, 10], 4, 10**6, 5)(pts)
+print(json.dumps({"small": small, "huge": peak_mb(), "voxels": out[1].shape[0]}))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    stats = json.loads(result.stdout.strip().splitlines()[-1])
+    assert stats["voxels"] == 200000
+    assert stats["huge"] - stats["small"] < 64, stats  # MB
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(vsize_xyz=[0.1, 0.0, 0.1]), "vsize_xyz"),
+        (dict(vsize_xyz=[0.1, -0.1, 0.1]), "vsize_xyz"),
+        (dict(vsize_xyz=[0.1, float("nan"), 0.1]), "vsize_xyz"),
+        (dict(vsize_xyz=[0.1, 0.1]), "coors_range_xyz"),
+        (dict(coors_range_xyz=[0, 0, 0, 1, -1, 1]), "coors_range_xyz"),
+        (dict(coors_range_xyz=[0, 0, 0, 0.01, 1, 1]), "coors_range_xyz"),
+        (dict(vsize_xyz=[1e-9, 1e-9, 1e-9]), "vsize_xyz"),  # 2^31 or more voxels on an axis
+        (dict(vsize_xyz=[1e-5, 1e-5, 1e-5], coors_range_xyz=[0, 0, 0, 2e4, 2e4, 2e4]), "grid"),
+        (dict(num_point_features=2), "num_point_features"),
+        (dict(max_num_voxels=0), "max_num_voxels"),
+        (dict(max_num_points_per_voxel=-1), "max_num_points_per_voxel"),
+    ],
+)
+def test_bad_configuration_raises_value_error(kwargs, name):
+    args = dict(
+        vsize_xyz=[0.1, 0.1, 0.1], coors_range_xyz=[0, 0, 0, 1, 1, 1], num_point_features=4,
+        max_num_voxels=10, max_num_points_per_voxel=5,
+    )  # fmt: skip
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=name):
+        PointToVoxel(**args)
+
+
+@pytest.mark.parametrize(
+    "points, error, name",
+    [
+        (torch.zeros(5, 3), ValueError, "num_point_features"),
+        (torch.zeros(5), ValueError, "num_point_features"),
+        (torch.zeros(5, 4, dtype=torch.int32), TypeError, "floating"),
+        ([[0.0, 0.0, 0.0, 0.0]], TypeError, "pc must be"),
+    ],
+)
+def test_bad_points_raise(points, error, name):
+    gen = PointToVoxel([0.1, 0.1, 0.1], [0, 0, 0, 1, 1, 1], 4, 10, 5)
+    with pytest.raises(error, match=name):
+        gen(points)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(voxel_size=[0.1, 0.0, 0.1]), "voxel_size"),
+        (dict(range_min=[0.0, float("inf"), 0.0]), "range_min"),
+        (dict(grid_size=[10, 0, 10]), "grid_size"),
+        (dict(grid_size=[2**31, 1, 1]), "grid_size"),
+        (dict(grid_size=[2**30, 2**30, 2**30]), "grid_size"),
+        (dict(grid_size=[10, 10]), "same length"),
+        (dict(max_points_per_voxel=0), "max_points_per_voxel"),
+        (dict(max_voxels=-1), "max_voxels"),
+        (dict(points=torch.zeros(4, 2)), "points"),
+    ],
+)
+def test_op_checks_its_arguments(kwargs, name):
+    args = dict(
+        points=torch.zeros(4, 3), voxel_size=[0.1] * 3, range_min=[0.0] * 3, grid_size=[10] * 3,
+        max_points_per_voxel=5, max_voxels=10,
+    )  # fmt: skip
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=name):
+        ops.voxelize(**args)
+
+
+def test_op_rejects_non_float32_points():
+    with pytest.raises(TypeError, match="points must be float32"):
+        ops.voxelize(torch.zeros(4, 3, dtype=torch.float64), [1.0] * 3, [0.0] * 3, [2] * 3, 1, 1)
+
+
+# ----------------------------------------------------------------------------- dispatcher
+
+
+@pytest.mark.parametrize("op", ["voxelize", "voxelize_mean"])
+def test_opcheck(op):
+    pts = torch.from_numpy(synthetic_cloud("opcheck", (0.5,) * 3, (0, 0, 0, 2, 2, 2), 4, n=200))
+    geometry = ([0.5] * 3, [0.0] * 3, [4] * 3)
+    args = (pts, *geometry, 3, 100, False) if op == "voxelize" else (pts, *geometry, 100)
+    torch.library.opcheck(getattr(torch.ops.spconv_lite, op).default, args)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def test_voxel_to_point_maps_results_back():
+    pts = torch.from_numpy(synthetic_cloud("seg", (0.5,) * 3, (0, 0, 0, 2, 2, 2), 4))
+    gen = PointToVoxel([0.5] * 3, [0, 0, 0, 2, 2, 2], 4, 1000, 5)
+    features, coords, _, ids = gen.generate_voxel_mean(pts)
+    per_point = voxel_to_point(coords.float(), ids, fill_value=-1)
+    kept = ids >= 0
+    assert torch.equal(per_point[kept], coords[ids[kept]].float())
+    assert (per_point[~kept] == -1).all()
+    with pytest.raises(ValueError, match="voxel_values has"):
+        voxel_to_point(coords[:1].float(), ids)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["mean-of-kept", "dynamic"])
+def test_batch_point_clouds(dynamic):
+    gen = PointToVoxel([0.5] * 3, [0, 0, 0, 2, 2, 2], 4, 1000, 2)
+    clouds = [
+        synthetic_cloud(f"batch{b}", (0.5,) * 3, (0, 0, 0, 2, 2, 2), 4, n=300) for b in range(3)
+    ]
+    x, point_rows = batch_point_clouds(clouds, gen, dynamic=dynamic, return_point_ids=True)
+    assert isinstance(x, spconv_lite.SparseConvTensor)
+    assert x.batch_size == 3 and x.spatial_shape == [4, 4, 4]
+    start = 0
+    for b, cloud in enumerate(clouds):
+        voxels, coords, num, ids, means = reference_voxelize(
+            cloud, [0.5] * 3, [0, 0, 0, 2, 2, 2], 2, 1000
+        )
+        expected = means if dynamic else (voxels.sum(axis=1) / num[:, None]).astype(np.float32)
+        rows = slice(start, start + len(coords))
+        assert (x.indices[rows, 0] == b).all()
+        assert torch.equal(x.indices[rows, 1:], torch.from_numpy(coords))
+        torch.testing.assert_close(x.features[rows], torch.from_numpy(expected))
+        expected_rows = np.where(ids >= 0, ids + start, ids)
+        assert torch.equal(point_rows[b], torch.from_numpy(expected_rows))
+        start += len(coords)
+    assert x.indices.shape[0] == start
+    with pytest.raises(ValueError, match="at least one"):
+        batch_point_clouds([], gen)
