@@ -8,6 +8,7 @@ spconv_lite code.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import zlib
 from typing import Iterator, Optional, Sequence
@@ -17,6 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import spconv_lite as sp
+
+# Devices the fast path is tested on: the CPU always, CUDA when a GPU is present.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -192,8 +196,26 @@ def init_layer(layer: torch.nn.Module, gen: torch.Generator, dtype=torch.float64
     return layer
 
 
-def sparse_tensor(features: Tensor, indices: Tensor, shape, batch_size: int):
+def sparse_tensor(features: Tensor, indices: Tensor, shape, batch_size: int,
+                  device: Optional[str] = None):
+    """A SparseConvTensor; with ``device``, features (differentiably) and indices moved there."""
+    if device is not None:
+        features, indices = features.to(device), indices.to(device)
     return sp.SparseConvTensor(features, indices, list(shape), batch_size)
+
+
+def run_on(device: str, layer: torch.nn.Module, x):
+    """``layer(x)`` with the layer's parameters and buffers used on ``device``.
+
+    The layer itself stays on the CPU: on another device it runs with differentiable copies of
+    its tensors (``torch.func.functional_call``), so gradients reach the same CPU leaves on
+    every device and can be compared with a dense CPU computation.
+    """
+    if torch.device(device).type == "cpu":
+        return layer(x)
+    tensors = {name: t.to(device)
+               for name, t in itertools.chain(layer.named_parameters(), layer.named_buffers())}
+    return torch.func.functional_call(layer, tensors, (x,))
 
 
 def nbr_pairs(nbr: Tensor) -> set[tuple[int, int, int]]:

@@ -9,6 +9,8 @@ sum / dense active count for average pooling):
 * the values at those sites match (float64: rtol 1e-10; float32: rtol/atol 1e-5, against the
   dense result computed in float64 from the same float32 values);
 * the gradients of features, weight and bias match dense autograd.
+
+Every test runs on each device of helpers.DEVICES; the dense side always runs on the CPU.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from torch import Tensor
 
 import spconv_lite as sp
 from helpers import (
-    CONV_T, TOL, case_id, conv_shape, conv_support, conv_t_weight, conv_weight, dense_avg_pool,
+    CONV_T, DEVICES, TOL, case_id, conv_shape, conv_support, conv_t_weight, conv_weight, dense_avg_pool,
     dense_conv, dense_max_pool, densify, distinct_values, gather, init_layer, layer_class,
-    make_gen, ntuple, occupancy, ones_kernel, randn, random_sites, sparse_tensor, support_sites,
-    transpose_shape,
+    make_gen, ntuple, occupancy, ones_kernel, randn, random_sites, run_on, sparse_tensor,
+    support_sites, transpose_shape,
 )
 
 DTYPES = [torch.float64, torch.float32]
@@ -47,9 +49,10 @@ class Run:
 
 def check(run: Run, dtype: torch.dtype, key) -> None:
     """Sites, shape, values and (when there are leaves) gradients of a run."""
+    run.sparse = run.sparse.cpu()
     if run.expected_indices is not None:
         assert run.out_indices.dtype == torch.int32
-        assert torch.equal(run.out_indices, run.expected_indices)
+        assert torch.equal(run.out_indices.cpu(), run.expected_indices)
     if run.expected_shape is not None:
         assert isinstance(run.out_shape, list) and run.out_shape == run.expected_shape
     assert run.sparse.dtype == dtype and run.sparse.shape == run.dense.shape
@@ -73,7 +76,7 @@ def as_double(t: Optional[Tensor]) -> Optional[Tensor]:
 
 # ----------------------------------------------------------------------------- runners
 
-def run_conv(case, dtype) -> Run:
+def run_conv(case, dtype, device) -> Run:
     batch, c_in, c_out, shape, k, s, p, d = case
     ndim = len(shape)
     kk, ss, pp, dd = (ntuple(v, ndim) for v in (k, s, p, d))
@@ -82,7 +85,7 @@ def run_conv(case, dtype) -> Run:
     # The layer gets the case's ints or tuples as they are, like user code would pass them.
     layer = init_layer(layer_class("conv", ndim)(c_in, c_out, k, s, p, d), gen, dtype)
     f = randn(gen, len(idx), c_in, dtype=dtype).requires_grad_()
-    out = layer(sparse_tensor(f, idx, shape, batch))
+    out = run_on(device, layer, sparse_tensor(f, idx, shape, batch, device))
     dense = dense_conv(densify(f.double(), idx, shape, batch), conv_weight(layer.weight.double()),
                        as_double(layer.bias), ss, pp, dd)
     expected = conv_support(idx, shape, batch, kk, ss, pp, dd)
@@ -90,7 +93,7 @@ def run_conv(case, dtype) -> Run:
                out.spatial_shape, list(dense.shape[2:]))
 
 
-def run_subm(case, dtype) -> Run:
+def run_subm(case, dtype, device) -> Run:
     batch, c_in, c_out, shape, k, d = case
     ndim = len(shape)
     kk, dd = ntuple(k, ndim), ntuple(d, ndim)
@@ -98,7 +101,7 @@ def run_subm(case, dtype) -> Run:
     idx = random_sites(gen, batch, shape)
     layer = init_layer(layer_class("subm", ndim)(c_in, c_out, k, dilation=d), gen, dtype)
     f = randn(gen, len(idx), c_in, dtype=dtype).requires_grad_()
-    out = layer(sparse_tensor(f, idx, shape, batch))
+    out = run_on(device, layer, sparse_tensor(f, idx, shape, batch, device))
     pad = [d_ * (k_ - 1) // 2 for k_, d_ in zip(kk, dd)]
     dense = dense_conv(densify(f.double(), idx, shape, batch), conv_weight(layer.weight.double()),
                        as_double(layer.bias), 1, pad, dd)
@@ -107,7 +110,7 @@ def run_subm(case, dtype) -> Run:
                out.spatial_shape, list(shape))
 
 
-def run_transpose(case, dtype) -> Run:
+def run_transpose(case, dtype, device) -> Run:
     batch, c_in, c_out, shape, k, s, p, d, op = case
     ndim = len(shape)
     kk, ss, pp, dd, oo = (ntuple(v, ndim) for v in (k, s, p, d, op))
@@ -116,7 +119,7 @@ def run_transpose(case, dtype) -> Run:
     layer = init_layer(
         layer_class("transpose", ndim)(c_in, c_out, k, s, p, d, output_padding=op), gen, dtype)
     f = randn(gen, len(idx), c_in, dtype=dtype).requires_grad_()
-    out = layer(sparse_tensor(f, idx, shape, batch))
+    out = run_on(device, layer, sparse_tensor(f, idx, shape, batch, device))
     dense = CONV_T[ndim](densify(f.double(), idx, shape, batch),
                          conv_t_weight(layer.weight.double()), as_double(layer.bias), ss, pp, oo,
                          1, dd)
@@ -140,45 +143,45 @@ def inverse_expected(g: Tensor, mid_idx: Tensor, mid_shape, idx: Tensor, shape, 
     return gather(dense, idx)
 
 
-def run_inverse(case, dtype) -> Run:
+def run_inverse(case, dtype, device) -> Run:
     batch, c_in, c_out, shape, k, s, p, d = case
     ndim = len(shape)
     kk, ss, pp, dd = (ntuple(v, ndim) for v in (k, s, p, d))
     gen = make_gen("inverse", case)
     idx = random_sites(gen, batch, shape)
     down = layer_class("conv", ndim)(3, c_in, k, s, p, d, indice_key="down").to(dtype)
-    x = sparse_tensor(randn(gen, len(idx), 3, dtype=dtype), idx, shape, batch)
-    mid = down(x)
+    x = sparse_tensor(randn(gen, len(idx), 3, dtype=dtype), idx, shape, batch, device)
+    mid = run_on(device, down, x)
     # Fresh leaf features on the strided conv's output sites, so only the inverse is tested.
     g = randn(gen, *mid.features.shape, dtype=dtype).requires_grad_()
     layer = init_layer(layer_class("inverse", ndim)(c_in, c_out, k, indice_key="down"), gen,
                        dtype)
-    out = layer(mid.replace_feature(g))
-    want = inverse_expected(g, mid.indices, mid.spatial_shape, idx, shape, batch, layer, kk, ss,
+    out = run_on(device, layer, mid.replace_feature(g.to(device)))
+    want = inverse_expected(g, mid.indices.cpu(), mid.spatial_shape, idx, shape, batch, layer, kk, ss,
                             pp, dd)
     return Run(out.features, want, leaves_of(g, layer), out.indices, idx, out.spatial_shape,
                list(shape))
 
 
-def run_pool_inverse(case, dtype) -> Run:
+def run_pool_inverse(case, dtype, device) -> Run:
     """Inverse conv keyed on a max pool (stride = kernel, the pool's default)."""
     batch, c_in, c_out, shape, k = case
     ndim = len(shape)
     kk = ntuple(k, ndim)
     gen = make_gen("pool_inverse", case)
     idx = random_sites(gen, batch, shape)
-    x = sparse_tensor(randn(gen, len(idx), c_in, dtype=dtype), idx, shape, batch)
+    x = sparse_tensor(randn(gen, len(idx), c_in, dtype=dtype), idx, shape, batch, device)
     mid = layer_class("max", ndim)(k, indice_key="pool")(x)
     g = randn(gen, *mid.features.shape, dtype=dtype).requires_grad_()
     layer = init_layer(layer_class("inverse", ndim)(c_in, c_out, k, indice_key="pool"), gen, dtype)
-    out = layer(mid.replace_feature(g))
-    want = inverse_expected(g, mid.indices, mid.spatial_shape, idx, shape, batch, layer, kk, kk,
+    out = run_on(device, layer, mid.replace_feature(g.to(device)))
+    want = inverse_expected(g, mid.indices.cpu(), mid.spatial_shape, idx, shape, batch, layer, kk, kk,
                             (0,) * ndim, (1,) * ndim)
     return Run(out.features, want, leaves_of(g, layer), out.indices, idx, out.spatial_shape,
                list(shape))
 
 
-def run_pool(kind, case, dtype) -> Run:
+def run_pool(kind, case, dtype, device) -> Run:
     batch, c, shape, k, s, p, d = case
     ndim = len(shape)
     kk, pp, dd = ntuple(k, ndim), ntuple(p, ndim), ntuple(d, ndim)
@@ -188,7 +191,7 @@ def run_pool(kind, case, dtype) -> Run:
     # Distinct values: no ties, so the max pool gradient is well defined.
     f = distinct_values(gen, len(idx), c, dtype=dtype).requires_grad_()
     layer = layer_class(kind, ndim)(k, s, p, d)
-    out = layer(sparse_tensor(f, idx, shape, batch))
+    out = layer(sparse_tensor(f, idx, shape, batch, device))
     dense_pool = dense_max_pool if kind == "max" else dense_avg_pool
     dense = dense_pool(f.double(), idx, shape, batch, kk, ss, pp, dd)
     expected = conv_support(idx, shape, batch, kk, ss, pp, dd)
@@ -197,7 +200,7 @@ def run_pool(kind, case, dtype) -> Run:
                out.spatial_shape, list(dense.shape[2:]))
 
 
-def run_global(kind, case, dtype) -> Run:
+def run_global(kind, case, dtype, device) -> Run:
     batch, c, shape, empty_item = case
     gen = make_gen("global", kind, case)
     idx = random_sites(gen, batch, shape)
@@ -205,7 +208,7 @@ def run_global(kind, case, dtype) -> Run:
         idx = idx[idx[:, 0] != empty_item]
     f = distinct_values(gen, len(idx), c, dtype=dtype).requires_grad_()
     layer = sp.SparseGlobalMaxPool() if kind == "max" else sp.SparseGlobalAvgPool()
-    out = layer(sparse_tensor(f, idx, shape, batch))
+    out = layer(sparse_tensor(f, idx, shape, batch, device))
     fd = f.double()
     if kind == "max":
         dense = densify(fd, idx, shape, batch, fill=-math.inf).flatten(2).amax(2)
@@ -323,45 +326,52 @@ GLOBAL_CASES = [
 
 # ----------------------------------------------------------------------------- tests
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
 @pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
-def test_sparse_conv_matches_dense(case, dtype):
-    check(run_conv(case, dtype), dtype, ("conv", case))
+def test_sparse_conv_matches_dense(case, dtype, device):
+    check(run_conv(case, dtype, device), dtype, ("conv", case))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
 @pytest.mark.parametrize("case", SUBM_CASES, ids=case_id)
-def test_subm_conv_matches_dense(case, dtype):
-    check(run_subm(case, dtype), dtype, ("subm", case))
+def test_subm_conv_matches_dense(case, dtype, device):
+    check(run_subm(case, dtype, device), dtype, ("subm", case))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
 @pytest.mark.parametrize("case", TRANSPOSE_CASES, ids=case_id)
-def test_conv_transpose_matches_dense(case, dtype):
-    check(run_transpose(case, dtype), dtype, ("transpose", case))
+def test_conv_transpose_matches_dense(case, dtype, device):
+    check(run_transpose(case, dtype, device), dtype, ("transpose", case))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
 @pytest.mark.parametrize("case", INVERSE_CASES, ids=case_id)
-def test_inverse_conv_matches_dense_transpose(case, dtype):
-    check(run_inverse(case, dtype), dtype, ("inverse", case))
+def test_inverse_conv_matches_dense_transpose(case, dtype, device):
+    check(run_inverse(case, dtype, device), dtype, ("inverse", case))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
 @pytest.mark.parametrize("case", POOL_INVERSE_CASES, ids=case_id)
-def test_inverse_conv_of_max_pool_matches_dense_transpose(case, dtype):
-    check(run_pool_inverse(case, dtype), dtype, ("pool_inverse", case))
+def test_inverse_conv_of_max_pool_matches_dense_transpose(case, dtype, device):
+    check(run_pool_inverse(case, dtype, device), dtype, ("pool_inverse", case))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
 @pytest.mark.parametrize("kind", ["max", "avg"])
 @pytest.mark.parametrize("case", POOL_CASES, ids=case_id)
-def test_pool_matches_dense(case, kind, dtype):
-    check(run_pool(kind, case, dtype), dtype, (kind, case))
+def test_pool_matches_dense(case, kind, dtype, device):
+    check(run_pool(kind, case, dtype, device), dtype, (kind, case))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
 @pytest.mark.parametrize("kind", ["max", "avg"])
 @pytest.mark.parametrize("case", GLOBAL_CASES, ids=case_id)
-def test_global_pool_matches_dense(case, kind, dtype):
-    check(run_global(kind, case, dtype), dtype, ("global", kind, case))
+def test_global_pool_matches_dense(case, kind, dtype, device):
+    check(run_global(kind, case, dtype, device), dtype, ("global", kind, case))
