@@ -96,6 +96,7 @@ static __global__ void find_bad_entries_kernel(const int32_t* __restrict__ table
 // SPCONV_LITE_CUDA_CHECK_TABLES is on. Off by default: it costs a host synchronisation per op.
 inline void check_neighbor_entries_cuda(const at::Tensor& nbr, const char* name, int64_t limit) {
   if (!env_enabled("SPCONV_LITE_CUDA_CHECK_TABLES") || nbr.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(nbr.device());
   const at::Tensor table = nbr.contiguous();
   at::Tensor bad = at::zeros({1}, table.options());
   find_bad_entries_kernel<<<blocks_for(table.numel()), kThreads, 0, current_stream()>>>(
