@@ -216,7 +216,8 @@ def main() -> None:
     ]
     results = []
     algos = [a for a in args.algos.split(",") if a]
-    header = f"{'network':<8} {'input':<13} {'dtype':<8} {'pass':<8} {'algo':<6} {'median ms':>10} {'min':>8} {'max':>8} {'peak MiB':>9}"
+    header = (f"{'network':<8} {'input':<13} {'dtype':<8} {'pass':<8} {'algo':<6} "
+              f"{'median ms':>10} {'min':>8} {'max':>8} {'peak MiB':>9}")
     print(header)
     print("-" * len(header))
     for net_name, input_name, dtypes in plan:
@@ -245,13 +246,13 @@ def main() -> None:
     os.environ.pop("SPCONV_LITE_CUDA_CONV_ALGO", None)
 
     # Kernel maps alone (auto algorithm is irrelevant): the first SubM map and a strided map.
-    for input_name in inputs:
-        _, indices, shape = inputs[input_name]
+    for input_name, (_, indices, shape) in inputs.items():
         out = [(n + 2 - 2 - 1) // 2 + 1 for n in shape]
         for name, fn in (
-            ("kmap subm k3", lambda: sp.ops.build_subm_map(indices, shape, 1, [3] * 3, [1] * 3)),
-            ("kmap conv k3s2", lambda: sp.ops.build_conv_map(indices, shape, 1, out, [3] * 3,
-                                                             [2] * 3, [1] * 3, [1] * 3)),
+            ("kmap subm k3", lambda i=indices, s=shape: sp.ops.build_subm_map(
+                i, s, 1, [3] * 3, [1] * 3)),
+            ("kmap conv k3s2", lambda i=indices, s=shape, o=out: sp.ops.build_conv_map(
+                i, s, 1, o, [3] * 3, [2] * 3, [1] * 3, [1] * 3)),
         ):
             stats = time_call(fn, args.warmup, args.repeats)
             results.append({"network": name, "input": input_name, "dtype": "-", "pass": "-",

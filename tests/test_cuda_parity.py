@@ -23,10 +23,11 @@ CUDA = torch.device("cuda")
 OPS = torch.ops.spconv_lite
 
 # CUDA against CPU in the same dtype: the sums run in another order (and with FMA).
-PARITY_TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10),
-              torch.float32: dict(rtol=1e-5, atol=1e-5)}
+PARITY_TOL = {torch.float64: {"rtol": 1e-10, "atol": 1e-10},
+              torch.float32: {"rtol": 1e-5, "atol": 1e-5}}
 # Half types against float32 on the same (representable) inputs, relative to max |value|.
-HALF_TOL = {torch.float16: dict(rtol=1e-2, atol=1e-2), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+HALF_TOL = {torch.float16: {"rtol": 1e-2, "atol": 1e-2},
+            torch.bfloat16: {"rtol": 3e-2, "atol": 3e-2}}
 
 
 def both(fn, *tensors):
@@ -75,12 +76,13 @@ def map_args(case):
         out = [(n + 2 * pp - dd * (kk - 1) - 1) // ss + 1
                for n, kk, ss, pp, dd in zip(shape, k, s, p, d)]
     else:
-        out = [(n - 1) * ss - 2 * pp + dd * (kk - 1) + 1 for n, kk, ss, pp, dd in zip(shape, k, s, p, d)]
+        out = [(n - 1) * ss - 2 * pp + dd * (kk - 1) + 1
+               for n, kk, ss, pp, dd in zip(shape, k, s, p, d)]
     return (list(shape), batch, out, k, s, p, d, mode == "transpose")
 
 
 def sites_for(case):
-    mode, batch, shape, n = case[:4]
+    _, batch, shape, n = case[:4]
     if min(shape) > 2**16:  # huge grid: clustered sites (randperm over the grid is too big)
         gen = make_gen("huge_sites", case)
         coords = torch.randint(0, 64, (n, len(shape)), generator=gen) * (shape[0] // 64)

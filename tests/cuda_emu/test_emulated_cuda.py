@@ -22,24 +22,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/helpers.py
 
-from helpers import case_id, distinct_values, make_gen, randn, random_sites  # noqa: E402
+from helpers import case_id, distinct_values, make_gen, randn, random_sites
 
 if os.environ.get("SPCONV_LITE_CUDA_EMULATION", "0") in ("", "0"):
     pytest.skip("CUDA emulation tests run with SPCONV_LITE_CUDA_EMULATION=1",
                 allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import build  # noqa: E402
+import build
 
 build.load_library()
 EMU = torch.ops.spconv_lite_emu
 CPU = torch.ops.spconv_lite
 
 TOL = {
-    torch.float64: dict(rtol=1e-10, atol=1e-10),
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.float16: dict(rtol=1e-2, atol=1e-2),
-    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+    torch.float64: {"rtol": 1e-10, "atol": 1e-10},
+    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+    torch.float16: {"rtol": 1e-2, "atol": 1e-2},
+    torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2},
 }
 
 
@@ -89,13 +89,15 @@ CONV_CASES = [
 
 
 def conv_args(case):
-    transposed, batch, shape, n, k, s, p, d = case
+    transposed, batch, shape, _, k, s, p, d = case
     ndim = len(shape)
     k, s, p, d = (list(ntuple(v, ndim)) for v in (k, s, p, d))
     if transposed:
-        out = [(n_ - 1) * s_ - 2 * p_ + d_ * (k_ - 1) + 1 for n_, k_, s_, p_, d_ in zip(shape, k, s, p, d)]
+        out = [(n_ - 1) * s_ - 2 * p_ + d_ * (k_ - 1) + 1
+               for n_, k_, s_, p_, d_ in zip(shape, k, s, p, d)]
     else:
-        out = [(n_ + 2 * p_ - d_ * (k_ - 1) - 1) // s_ + 1 for n_, k_, s_, p_, d_ in zip(shape, k, s, p, d)]
+        out = [(n_ + 2 * p_ - d_ * (k_ - 1) - 1) // s_ + 1
+               for n_, k_, s_, p_, d_ in zip(shape, k, s, p, d)]
     return list(shape), batch, out, k, s, p, d, transposed
 
 
