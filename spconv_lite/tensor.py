@@ -115,6 +115,11 @@ class SparseConvTensor:
             raise TypeError(f"features must be a floating-point tensor, got {features.dtype}")
         if features.dim() != 2:
             raise ValueError(f"features must be 2-D [N, C], got shape {list(features.shape)}")
+        if features.device != self.indices.device:
+            raise ValueError(
+                f"features is on {features.device} but indices is on {self.indices.device}: "
+                "they must be on the same device"
+            )
         if features.shape[0] != self.indices.shape[0]:
             raise ValueError(
                 f"features has {features.shape[0]} rows but indices has "

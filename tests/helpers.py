@@ -10,6 +10,7 @@ tensors, so the reference tests can use this file even when the C++ extension is
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import zlib
@@ -21,6 +22,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+# Devices the fast path is tested on: the CPU always, CUDA when a GPU is present.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -245,18 +249,20 @@ def check_values(run: DenseRun, dtype: torch.dtype = torch.float64) -> None:
     """Output sites (same rows, sorted), spatial shape, dtype and values of a run."""
     if run.expected_indices is not None:
         assert run.out_indices.dtype == torch.int32
-        assert torch.equal(run.out_indices, run.expected_indices)
+        assert torch.equal(run.out_indices.cpu(), run.expected_indices)
     if run.expected_shape is not None:
         assert isinstance(run.out_shape, list) and run.out_shape == run.expected_shape
     assert run.sparse.dtype == dtype and run.sparse.shape == run.dense.shape
-    torch.testing.assert_close(run.sparse.detach(), run.dense.detach().to(dtype), **TOL[dtype])
+    torch.testing.assert_close(run.sparse.detach().cpu(), run.dense.detach().to(dtype),
+                               **TOL[dtype])
 
 
 def check_gradients(run: DenseRun, dtype: torch.dtype, *key) -> None:
     """Gradients of every leaf under one random upstream gradient (seeded from ``key``) match
     dense autograd."""
     upstream = randn(make_gen(*key), *run.sparse.shape)
-    got = torch.autograd.grad((run.sparse * upstream.to(dtype)).sum(), run.leaves)
+    got = torch.autograd.grad((run.sparse * upstream.to(run.sparse.device, dtype)).sum(),
+                              run.leaves)
     want = torch.autograd.grad((run.dense * upstream).sum(), run.leaves)
     for leaf, g, w in zip(run.leaves, got, want):
         assert g.shape == leaf.shape and g.dtype == dtype
@@ -286,10 +292,28 @@ def init_layer(layer: torch.nn.Module, gen: torch.Generator, dtype=torch.float64
     return layer
 
 
-def sparse_tensor(features: Tensor, indices: Tensor, shape, batch_size: int):
+def sparse_tensor(features: Tensor, indices: Tensor, shape, batch_size: int,
+                  device: Optional[str] = None):
+    """A SparseConvTensor; with ``device``, features (differentiably) and indices moved there."""
+    if device is not None:
+        features, indices = features.to(device), indices.to(device)
     import spconv_lite as sp
 
     return sp.SparseConvTensor(features, indices, list(shape), batch_size)
+
+
+def run_on(device: str, layer: torch.nn.Module, x):
+    """``layer(x)`` with the layer's parameters and buffers used on ``device``.
+
+    The layer itself stays on the CPU: on another device it runs with differentiable copies of
+    its tensors (``torch.func.functional_call``), so gradients reach the same CPU leaves on
+    every device and can be compared with a dense CPU computation.
+    """
+    if torch.device(device).type == "cpu":
+        return layer(x)
+    tensors = {name: t.to(device)
+               for name, t in itertools.chain(layer.named_parameters(), layer.named_buffers())}
+    return torch.func.functional_call(layer, tensors, (x,))
 
 
 def nbr_pairs(nbr: Tensor) -> set[tuple[int, int, int]]:

@@ -1,6 +1,8 @@
 """torch.compile(fullgraph=True, backend="aot_eager") of a small sparse network gives the
 eager results: forward in eval and train mode, and the backward pass.
 
+The main cases run on each device of helpers.DEVICES.
+
 fullgraph=True makes any graph break (in SparseConvTensor, the kernel-map cache, the modules or
 the op wrappers) an error, so these tests also guard traceability of the whole Python layer.
 """
@@ -11,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from helpers import make_gen, randn, random_sites, sparse_tensor
+from helpers import DEVICES, make_gen, randn, random_sites, sparse_tensor
 from torch import nn
 
 import spconv_lite as sp
@@ -56,10 +58,10 @@ class Net(nn.Module):
         return out, pooled
 
 
-def make_input(key, count=400):
+def make_input(key, count=400, device="cpu"):
     gen = make_gen("compile", key)
-    idx = random_sites(gen, BATCH, SHAPE, count=count)
-    features = randn(gen, count, 4, dtype=torch.float32).requires_grad_()
+    idx = random_sites(gen, BATCH, SHAPE, count=count).to(device)
+    features = randn(gen, count, 4, dtype=torch.float32).to(device).requires_grad_()
     return features, idx
 
 
@@ -81,15 +83,16 @@ def assert_same_sparse(a: sp.SparseConvTensor, b: sp.SparseConvTensor):
     torch.testing.assert_close(a.features, b.features, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_compiled_forward_and_backward_match_eager(mode):
+def test_compiled_forward_and_backward_match_eager(mode, device):
     torch.manual_seed(0)
-    net = Net()
+    net = Net().to(device)
     net.train(mode == "train")
     compiled_net = copy.deepcopy(net)  # BatchNorm running stats must start equal
     compiled = torch.compile(compiled_net, fullgraph=True, backend="aot_eager")
 
-    features, idx = make_input(mode)
+    features, idx = make_input(mode, device=device)
     eager_out, eager_pool = run(net, features, idx)
     features_c = features.detach().clone().requires_grad_()
     comp_out, comp_pool = run(compiled, features_c, idx)
@@ -99,8 +102,8 @@ def test_compiled_forward_and_backward_match_eager(mode):
     assert torch.equal(comp_out.indices, idx)  # the head is a SubM over the input sites
 
     gen = make_gen("compile_upstream", mode)
-    up_out = randn(gen, *eager_out.features.shape, dtype=torch.float32)
-    up_pool = randn(gen, *eager_pool.features.shape, dtype=torch.float32)
+    up_out = randn(gen, *eager_out.features.shape, dtype=torch.float32).to(device)
+    up_pool = randn(gen, *eager_pool.features.shape, dtype=torch.float32).to(device)
     ((eager_out.features * up_out).sum() + (eager_pool.features * up_pool).sum()).backward()
     ((comp_out.features * up_out).sum() + (comp_pool.features * up_pool).sum()).backward()
     torch.testing.assert_close(features_c.grad, features.grad, rtol=1e-5, atol=1e-5)
@@ -139,12 +142,13 @@ def test_compiled_to_dense_and_global_pool():
 
 # The row count after a strided conv is data dependent; SparseSequential promises the tracer a
 # usable count before BatchNorm so that batch_norm's size checks trace.
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_batchnorm_after_strided_conv_compiles(mode):
+def test_batchnorm_after_strided_conv_compiles(mode, device):
     torch.manual_seed(0)
-    net = Net(norm_after_down=True).train(mode == "train")
+    net = Net(norm_after_down=True).to(device).train(mode == "train")
     compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
-    features, idx = make_input("bn_after_down")
+    features, idx = make_input("bn_after_down", device=device)
     with torch.no_grad():
         comp = run(compiled, features, idx)
         eager = run(net, features, idx)

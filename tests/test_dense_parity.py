@@ -9,6 +9,8 @@ sum / dense active count for average pooling):
 * the values at those sites match (float64: rtol 1e-10; float32: rtol/atol 1e-5, against the
   dense result computed in float64 from the same float32 values);
 * the gradients of features, weight and bias match dense autograd.
+
+Every test runs on each device of helpers.DEVICES; the dense side always runs on the CPU.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from cases import DENSE_CASES, POOL_INVERSE_CASES, op_cases
 from helpers import (
     CONV_T,
+    DEVICES,
     DenseRun,
     case_id,
     case_sites,
@@ -43,6 +46,7 @@ from helpers import (
     layer_class,
     ntuple,
     randn,
+    run_on,
     skip_if_empty,
     sparse_tensor,
     transpose_shape,
@@ -59,13 +63,17 @@ def leaves_of(features: Tensor, layer) -> list:
     return [features] + [p for p in (layer.weight, layer.bias) if p is not None]
 
 
+def g_device(x) -> str:
+    return str(x.indices.device)
+
+
 def as_double(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.double()
 
 
 # ----------------------------------------------------------------------------- runners
 
-def run_conv(case, dtype) -> DenseRun:
+def run_conv(case, dtype, device) -> DenseRun:
     batch, c_in, c_out, shape, k, s, p, d = case
     ndim = len(shape)
     kk, ss, pp, dd = conv_geometry(shape, k, s, p, d)
@@ -73,7 +81,7 @@ def run_conv(case, dtype) -> DenseRun:
     # The layer gets the case's ints or tuples as they are, like user code would pass them.
     layer = init_layer(layer_class("conv", ndim)(c_in, c_out, k, s, p, d), gen, dtype)
     f = randn(gen, len(idx), c_in, dtype=dtype).requires_grad_()
-    out = layer(sparse_tensor(f, idx, shape, batch))
+    out = run_on(device, layer, sparse_tensor(f, idx, shape, batch, device))
     dense = dense_conv(densify(f.double(), idx, shape, batch), conv_weight(layer.weight.double()),
                        as_double(layer.bias), ss, pp, dd)
     expected = conv_support(idx, shape, batch, kk, ss, pp, dd)
@@ -81,14 +89,14 @@ def run_conv(case, dtype) -> DenseRun:
                     expected, out.spatial_shape, list(dense.shape[2:]))
 
 
-def run_subm(case, dtype) -> DenseRun:
+def run_subm(case, dtype, device) -> DenseRun:
     batch, c_in, c_out, shape, k, d = case
     ndim = len(shape)
     kk, dd = ntuple(k, ndim), ntuple(d, ndim)
     gen, idx = case_sites(batch, shape, "subm", case)
     layer = init_layer(layer_class("subm", ndim)(c_in, c_out, k, dilation=d), gen, dtype)
     f = randn(gen, len(idx), c_in, dtype=dtype).requires_grad_()
-    out = layer(sparse_tensor(f, idx, shape, batch))
+    out = run_on(device, layer, sparse_tensor(f, idx, shape, batch, device))
     pad = [d_ * (k_ - 1) // 2 for k_, d_ in zip(kk, dd)]
     dense = dense_conv(densify(f.double(), idx, shape, batch), conv_weight(layer.weight.double()),
                        as_double(layer.bias), 1, pad, dd)
@@ -97,7 +105,7 @@ def run_subm(case, dtype) -> DenseRun:
                     out.spatial_shape, list(shape))
 
 
-def run_transpose(case, dtype) -> DenseRun:
+def run_transpose(case, dtype, device) -> DenseRun:
     batch, c_in, c_out, shape, k, s, p, d, op = case
     ndim = len(shape)
     kk, ss, pp, dd, oo = (ntuple(v, ndim) for v in (k, s, p, d, op))
@@ -106,7 +114,7 @@ def run_transpose(case, dtype) -> DenseRun:
     layer = init_layer(
         layer_class("transpose", ndim)(c_in, c_out, k, s, p, d, output_padding=op), gen, dtype)
     f = randn(gen, len(idx), c_in, dtype=dtype).requires_grad_()
-    out = layer(sparse_tensor(f, idx, shape, batch))
+    out = run_on(device, layer, sparse_tensor(f, idx, shape, batch, device))
     dense = CONV_T[ndim](densify(f.double(), idx, shape, batch),
                          conv_t_weight(layer.weight.double()), as_double(layer.bias), ss, pp, oo,
                          1, dd)
@@ -119,21 +127,21 @@ def run_transpose(case, dtype) -> DenseRun:
 def inverse_run(g: Tensor, mid, idx: Tensor, shape, batch, layer, k, s, p, d) -> DenseRun:
     """The inverse layer on leaf features ``g`` at the sites of ``mid`` (the strided layer's
     output), against the dense conv_transpose at the strided layer's input sites."""
-    out = layer(mid.replace_feature(g))
+    out = run_on(g_device(mid), layer, mid.replace_feature(g.to(mid.indices.device)))
     dense = dense_inverse_conv(g.double(), mid.indices, mid.spatial_shape, shape, batch,
                                layer.weight.double(), as_double(layer.bias), k, s, p, d)
     return DenseRun(out.features, gather(dense, idx), leaves_of(g, layer), out.indices, idx,
                     out.spatial_shape, list(shape))
 
 
-def run_inverse(case, dtype) -> DenseRun:
+def run_inverse(case, dtype, device) -> DenseRun:
     batch, c_in, c_out, shape, k, s, p, d = case
     ndim = len(shape)
     kk, ss, pp, dd = conv_geometry(shape, k, s, p, d)
     gen, idx = case_sites(batch, shape, "inverse", case)
     down = layer_class("conv", ndim)(3, c_in, k, s, p, d, indice_key="down").to(dtype)
-    x = sparse_tensor(randn(gen, len(idx), 3, dtype=dtype), idx, shape, batch)
-    mid = down(x)
+    x = sparse_tensor(randn(gen, len(idx), 3, dtype=dtype), idx, shape, batch, device)
+    mid = run_on(device, down, x)
     # Fresh leaf features on the strided conv's output sites, so only the inverse is tested.
     g = randn(gen, *mid.features.shape, dtype=dtype).requires_grad_()
     layer = init_layer(layer_class("inverse", ndim)(c_in, c_out, k, indice_key="down"), gen,
@@ -141,27 +149,27 @@ def run_inverse(case, dtype) -> DenseRun:
     return inverse_run(g, mid, idx, shape, batch, layer, kk, ss, pp, dd)
 
 
-def run_pool_inverse(case, dtype) -> DenseRun:
+def run_pool_inverse(case, dtype, device) -> DenseRun:
     """Inverse conv keyed on a max pool (stride = kernel, the pool's default)."""
     batch, c_in, c_out, shape, k = case
     ndim = len(shape)
     kk = ntuple(k, ndim)
     gen, idx = case_sites(batch, shape, "pool_inverse", case)
-    x = sparse_tensor(randn(gen, len(idx), c_in, dtype=dtype), idx, shape, batch)
+    x = sparse_tensor(randn(gen, len(idx), c_in, dtype=dtype), idx, shape, batch, device)
     mid = layer_class("max", ndim)(k, indice_key="pool")(x)
     g = randn(gen, *mid.features.shape, dtype=dtype).requires_grad_()
     layer = init_layer(layer_class("inverse", ndim)(c_in, c_out, k, indice_key="pool"), gen, dtype)
     return inverse_run(g, mid, idx, shape, batch, layer, kk, kk, (0,) * ndim, (1,) * ndim)
 
 
-def run_pool(kind, case, dtype) -> DenseRun:
+def run_pool(kind, case, dtype, device) -> DenseRun:
     batch, c, shape, k, s, p, d = case
     kk, ss, pp, dd = conv_geometry(shape, k, s, p, d)
     gen, idx = case_sites(batch, shape, kind, case)
     # Distinct values: no ties, so the max pool gradient is well defined.
     f = distinct_values(gen, len(idx), c, dtype=dtype).requires_grad_()
     layer = layer_class(kind, len(shape))(k, s, p, d)
-    out = layer(sparse_tensor(f, idx, shape, batch))
+    out = layer(sparse_tensor(f, idx, shape, batch, device))
     dense_pool = dense_max_pool if kind == "max" else dense_avg_pool
     dense = dense_pool(f.double(), idx, shape, batch, kk, ss, pp, dd)
     expected = conv_support(idx, shape, batch, kk, ss, pp, dd)
@@ -170,14 +178,14 @@ def run_pool(kind, case, dtype) -> DenseRun:
                     out.spatial_shape, list(dense.shape[2:]))
 
 
-def run_global(kind, case, dtype) -> DenseRun:
+def run_global(kind, case, dtype, device) -> DenseRun:
     batch, c, shape, empty_item = case
     gen, idx = case_sites(batch, shape, "global", kind, case)
     if empty_item is not None:
         idx = idx[idx[:, 0] != empty_item]
     f = distinct_values(gen, len(idx), c, dtype=dtype).requires_grad_()
     layer = sp.SparseGlobalMaxPool() if kind == "max" else sp.SparseGlobalAvgPool()
-    out = layer(sparse_tensor(f, idx, shape, batch))
+    out = layer(sparse_tensor(f, idx, shape, batch, device))
     return DenseRun(out, dense_global_pool(kind, f.double(), idx, shape, batch), [f])
 
 
@@ -199,9 +207,10 @@ RUNNERS = {
 CASES = op_cases({**DENSE_CASES, "pool_inverse": POOL_INVERSE_CASES})
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
 @pytest.mark.parametrize("op, case", CASES)
-def test_matches_dense(op, case, dtype):
-    run = RUNNERS[op](case, dtype)
+def test_matches_dense(op, case, dtype, device):
+    run = RUNNERS[op](case, dtype, device)
     check_values(run, dtype)
     check_gradients(run, dtype, "upstream", (op, case))

@@ -3,7 +3,8 @@ sites on the grid border, non-contiguous inputs, huge grids (packed keys beyond 
 reduced precision.
 
 Where no dense counterpart is practical, the fast result is compared with reference.py (itself
-checked against dense PyTorch in test_reference.py).
+checked against dense PyTorch in test_reference.py). The tests run on each device of
+helpers.DEVICES (reference and dense results on the CPU).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import itertools
 import pytest
 import torch
 from helpers import (
+    DEVICES,
     TOL,
     case_id,
     conv_support,
@@ -26,6 +28,7 @@ from helpers import (
     make_gen,
     randn,
     random_sites,
+    run_on,
     sparse_tensor,
 )
 
@@ -56,7 +59,7 @@ def make_layer(kind: str, ndim: int, c_in: int = 3, c_out: int = 4, **kwargs):
 
 def run_reference(kind, layer, x: sp.SparseConvTensor):
     """reference.py's result for the layer, as (features, indices or None, spatial shape)."""
-    f, idx, shape, batch = x.features, x.indices, x.spatial_shape, x.batch_size
+    f, idx, shape, batch = x.features.cpu(), x.indices.cpu(), x.spatial_shape, x.batch_size
     if kind == "subm":
         return ref.subm_conv(f, idx, shape, layer.weight, layer.dilation, layer.bias), idx, shape
     if kind == "conv":
@@ -75,13 +78,16 @@ def run_reference(kind, layer, x: sp.SparseConvTensor):
     return ref.global_avg_pool(f, idx, batch), None, None
 
 
-def assert_matches_reference(kind, layer, x, key):
-    """Forward and feature/parameter gradients of the layer equal reference.py's."""
-    out = layer(x)
+def assert_matches_reference(kind, layer, x, key, device="cpu"):
+    """Forward and feature/parameter gradients of the layer run on ``device`` with the (CPU)
+    sparse tensor ``x`` equal reference.py's (on the CPU)."""
+    x_dev = x if device == "cpu" else sparse_tensor(x.features, x.indices, x.spatial_shape,
+                                                    x.batch_size, device)
+    out = run_on(device, layer, x_dev)
     want, want_idx, want_shape = run_reference(kind, layer, x)
-    fast = out if isinstance(out, torch.Tensor) else out.features
+    fast = (out if isinstance(out, torch.Tensor) else out.features).cpu()
     if want_idx is not None:
-        assert torch.equal(out.indices, want_idx) and out.spatial_shape == list(want_shape)
+        assert torch.equal(out.indices.cpu(), want_idx) and out.spatial_shape == list(want_shape)
     torch.testing.assert_close(fast, want, **TOL64)
     leaves = [t for t in (x.features, *layer.parameters()) if t.requires_grad]
     upstream = randn(make_gen("upstream", key), *fast.shape)
@@ -99,17 +105,19 @@ KINDS = ["subm", "conv", "transpose", "max", "avg", "global_max", "global_avg"]
 
 # ----------------------------------------------------------------------------- empty input
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("ndim", [1, 3])
 @pytest.mark.parametrize("kind", KINDS + ["inverse"])
-def test_zero_active_sites(kind, ndim):
+def test_zero_active_sites(kind, ndim, device):
     shape = [5] * ndim
     features = torch.zeros(0, 3, dtype=torch.float64, requires_grad=True)
-    x = sparse_tensor(features, torch.zeros(0, ndim + 1, dtype=torch.int32), shape, 2)
+    x = sparse_tensor(features, torch.zeros(0, ndim + 1, dtype=torch.int32), shape, 2, device)
     if kind == "inverse":
-        x = make_layer("conv", ndim, 3, 3, indice_key="down").double()(x)
+        x = make_layer("conv", ndim, 3, 3, indice_key="down").double().to(device)(x)
         layer = getattr(sp, f"SparseInverseConv{ndim}d")(3, 4, 3, indice_key="down").double()
     else:
         layer = make_layer(kind, ndim).double()
+    layer.to(device)
     out = layer(x)
     if kind.startswith("global"):
         assert out.shape == (2, 3) and not out.any()  # zeros for items without sites
@@ -129,15 +137,16 @@ def test_zero_active_sites(kind, ndim):
         assert p.grad is not None and p.grad.shape == p.shape and not p.grad.any()
 
 
-def test_zero_sites_through_ops():
-    idx = torch.zeros(0, 4, dtype=torch.int32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_sites_through_ops(device):
+    idx = torch.zeros(0, 4, dtype=torch.int32, device=device)
     nbr, nbr_t = ops.build_subm_map(idx, [4, 4, 4], 1, [3, 3, 3], [1, 1, 1])
     assert nbr.shape == nbr_t.shape == (0, 27)
     out_idx, nbr, nbr_t = ops.build_conv_map(idx, [4, 4, 4], 1, [2, 2, 2], [2, 2, 2], [2, 2, 2],
                                              [0, 0, 0], [1, 1, 1])
     assert out_idx.shape == (0, 4) and nbr.shape == (0, 8) and nbr_t.shape == (0, 8)
-    f = torch.zeros(0, 3, requires_grad=True)
-    w = torch.randn(8, 3, 5, requires_grad=True)
+    f = torch.zeros(0, 3, device=device, requires_grad=True)
+    w = torch.randn(8, 3, 5, device=device, requires_grad=True)
     out = ops.sparse_conv(f, w, nbr, nbr_t)
     assert out.shape == (0, 5)
     out.sum().backward()
@@ -146,12 +155,13 @@ def test_zero_sites_through_ops():
     assert ops.sparse_sum_pool(f, nbr, nbr_t).shape == (0, 3)
 
 
-def test_inputs_that_reach_no_output_site():
+@pytest.mark.parametrize("device", DEVICES)
+def test_inputs_that_reach_no_output_site(device):
     # Stride 2 with a 1-kernel only reads even coordinates: odd-only inputs give no output.
     idx = torch.tensor([[0, 1], [0, 3], [1, 5]], dtype=torch.int32)
     f = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
-    layer = sp.SparseConv1d(2, 3, 1, stride=2).double()
-    out = layer(sparse_tensor(f, idx, [7], 2))
+    layer = sp.SparseConv1d(2, 3, 1, stride=2).double().to(device)
+    out = layer(sparse_tensor(f, idx, [7], 2, device))
     assert out.features.shape == (0, 3) and out.indices.shape == (0, 2)
     assert out.spatial_shape == [4]
     out.features.sum().backward()
@@ -160,23 +170,25 @@ def test_inputs_that_reach_no_output_site():
 
 # ----------------------------------------------------------------------------- tiny inputs
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_single_site(kind):
+def test_single_site(kind, device):
     gen = make_gen("single", kind)
     idx = torch.tensor([[1, 2, 0, 4]], dtype=torch.int32)
     x = sparse_tensor(randn(gen, 1, 3).requires_grad_(), idx, [5, 6, 5], 3)
     layer = make_layer(kind, 3)
     if list(layer.parameters()):
         init_layer(layer, gen)
-    out = assert_matches_reference(kind, layer, x, ("single", kind))
+    out = assert_matches_reference(kind, layer, x, ("single", kind), device)
     if kind == "subm":
         # Only the centre tap sees a neighbour: out = f @ W[:, centre, :].T + b.
         w = layer.weight.reshape(4, 27, 3)[:, 13, :]
-        torch.testing.assert_close(out.features, x.features @ w.t() + layer.bias, **TOL64)
+        torch.testing.assert_close(out.features.cpu(), x.features @ w.t() + layer.bias, **TOL64)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_batch_items_with_the_same_coordinates_are_not_neighbours(kind):
+def test_batch_items_with_the_same_coordinates_are_not_neighbours(kind, device):
     # Three batch items hold the same sites; each item alone must give the same rows.
     gen = make_gen("same_coords", kind)
     coords = random_sites(gen, 1, (6, 5, 6), count=25)[:, 1:]
@@ -187,12 +199,13 @@ def test_batch_items_with_the_same_coordinates_are_not_neighbours(kind):
     layer = make_layer(kind, 3)
     if list(layer.parameters()):
         init_layer(layer, gen)
-    together = layer(sparse_tensor(features, idx, (6, 5, 6), batch))
+    together = run_on(device, layer, sparse_tensor(features, idx, (6, 5, 6), batch, device))
     for b in range(batch):
         rows = slice(25 * b, 25 * (b + 1))
         alone_idx = idx[rows].clone()
         alone_idx[:, 0] = 0
-        alone = layer(sparse_tensor(features[rows], alone_idx, (6, 5, 6), 1))
+        alone = run_on(device, layer,
+                       sparse_tensor(features[rows], alone_idx, (6, 5, 6), 1, device))
         if kind.startswith("global"):
             torch.testing.assert_close(together[b], alone[0], **TOL64)
             continue
@@ -207,8 +220,9 @@ def test_batch_items_with_the_same_coordinates_are_not_neighbours(kind):
 BORDER_CASES = [(kind, shape) for kind in KINDS[:5] for shape in [(6, 5, 7), (9,)]]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind, shape", BORDER_CASES, ids=case_id)
-def test_sites_on_the_grid_border(kind, shape):
+def test_sites_on_the_grid_border(kind, shape, device):
     ndim = len(shape)
     gen = make_gen("border", kind, shape)
     coords = sorted(set(itertools.product(*[(0, n // 2, n - 1) for n in shape])))
@@ -217,10 +231,10 @@ def test_sites_on_the_grid_border(kind, shape):
     layer = make_layer(kind, ndim)
     if list(layer.parameters()):
         init_layer(layer, gen)
-    out = assert_matches_reference(kind, layer, x, ("border", kind, shape))
+    out = assert_matches_reference(kind, layer, x, ("border", kind, shape), device)
     if kind == "conv":
         # The dense support too, as the border is where padding matters.
-        assert torch.equal(out.indices, conv_support(idx, shape, 2, (3,) * ndim, (2,) * ndim,
+        assert torch.equal(out.indices.cpu(), conv_support(idx, shape, 2, (3,) * ndim, (2,) * ndim,
                                                      (1,) * ndim, (1,) * ndim))
 
 
@@ -244,15 +258,17 @@ def noncontiguous(kind: str, t: torch.Tensor) -> torch.Tensor:
 LAYOUTS = ["column_slice", "transposed_copy", "row_step"]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_noncontiguous_indices_and_features(kind, layout):
+def test_noncontiguous_indices_and_features(kind, layout, device):
     gen = make_gen("layout", kind)
-    idx = random_sites(gen, 2, (7, 6, 8), count=120)
-    features = randn(gen, 120, 3)
+    idx = random_sites(gen, 2, (7, 6, 8), count=120).to(device)
+    features = randn(gen, 120, 3).to(device)
     layer = make_layer(kind, 3)
     if list(layer.parameters()):
         init_layer(layer, gen)
+    layer.to(device)
     base = layer(sparse_tensor(features, idx, (7, 6, 8), 2))
     f_nc = noncontiguous(layout, features).requires_grad_()
     other = layer(sparse_tensor(f_nc, noncontiguous(layout, idx), (7, 6, 8), 2))
@@ -265,9 +281,10 @@ def test_noncontiguous_indices_and_features(kind, layout):
     assert f_nc.grad.shape == f_nc.shape
 
 
-def test_noncontiguous_inputs_to_ops():
+@pytest.mark.parametrize("device", DEVICES)
+def test_noncontiguous_inputs_to_ops(device):
     gen = make_gen("layout_ops")
-    idx = random_sites(gen, 2, (7, 6, 8), count=150)
+    idx = random_sites(gen, 2, (7, 6, 8), count=150).to(device)
     idx_nc = noncontiguous("column_slice", idx)
     for a, b in zip(ops.build_subm_map(idx, [7, 6, 8], 2, [3, 3, 3], [1, 1, 1]),
                     ops.build_subm_map(idx_nc, [7, 6, 8], 2, [3, 3, 3], [1, 1, 1])):
@@ -277,8 +294,8 @@ def test_noncontiguous_inputs_to_ops():
     for a, b in zip(base_map, ops.build_conv_map(idx_nc, *args)):
         assert torch.equal(a, b)
     _, nbr, nbr_t = base_map
-    f = randn(gen, 150, 4)
-    w = randn(gen, 27, 4, 5)
+    f = randn(gen, 150, 4).to(device)
+    w = randn(gen, 27, 4, 5).to(device)
     want = ops.sparse_conv(f, w, nbr, nbr_t)
     # Non-contiguous features, weight and tables (a transposed copy of each).
     got = ops.sparse_conv(noncontiguous("transposed_copy", f), w.transpose(1, 2).contiguous()
@@ -288,7 +305,7 @@ def test_noncontiguous_inputs_to_ops():
     assert torch.equal(ops.sparse_max_pool(noncontiguous("row_step", f), nbr, nbr_t),
                        ops.sparse_max_pool(f, nbr, nbr_t))
     # A broadcast (stride 0) feature tensor.
-    row = randn(gen, 1, 4)
+    row = randn(gen, 1, 4).to(device)
     torch.testing.assert_close(ops.sparse_sum_pool(row.expand(150, 4), nbr, nbr_t),
                                ops.sparse_sum_pool(row.repeat(150, 1), nbr, nbr_t), **TOL64)
 
@@ -326,8 +343,9 @@ def huge_sites(gen, batch, shape, n=80):
     return idx[torch.randperm(len(idx), generator=gen)]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind, batch, shape", HUGE_CASES, ids=case_id)
-def test_huge_spatial_shapes(kind, batch, shape):
+def test_huge_spatial_shapes(kind, batch, shape, device):
     gen = make_gen("huge", kind, shape)
     idx = huge_sites(gen, batch, shape)
     x = sparse_tensor(randn(gen, len(idx), 3).requires_grad_(), idx, shape, batch)
@@ -338,12 +356,13 @@ def test_huge_spatial_shapes(kind, batch, shape):
         layer = make_layer(kind, ndim)
     if list(layer.parameters()):
         init_layer(layer, gen)
-    assert_matches_reference(kind, layer, x, ("huge", kind, shape))
+    assert_matches_reference(kind, layer, x, ("huge", kind, shape), device)
 
 
-def test_huge_grid_with_too_many_sites_is_rejected():
+@pytest.mark.parametrize("device", DEVICES)
+def test_huge_grid_with_too_many_sites_is_rejected(device):
     # batch * prod(shape) = 2^63 cannot be packed into an int64 key.
-    idx = torch.zeros(1, 4, dtype=torch.int32)
+    idx = torch.zeros(1, 4, dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match=r"spatial_shape .*2\^62"):
         ops.build_subm_map(idx, [2**21, 2**21, 2**21], 1, [3, 3, 3], [1, 1, 1])
 
@@ -357,15 +376,17 @@ PRECISION_CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind, dtype", PRECISION_CASES, ids=case_id)
-def test_reduced_precision_forward_close_to_float32(kind, dtype):
+def test_reduced_precision_forward_close_to_float32(kind, dtype, device):
     gen = make_gen("precision", kind)
-    idx = random_sites(gen, 2, (10, 9, 10), count=600)
+    idx = random_sites(gen, 2, (10, 9, 10), count=600).to(device)
     # The same (representable) values in both runs: only the op's rounding differs.
-    features = randn(gen, 600, 16).to(dtype)
+    features = randn(gen, 600, 16).to(device, dtype)
     layer = make_layer(kind, 3, 16, 16)
     if list(layer.parameters()):
         init_layer(layer, gen)
+    layer.to(device)
     low = layer.to(dtype)(sparse_tensor(features, idx, (10, 9, 10), 2))
     high = layer.float()(sparse_tensor(features.float(), idx, (10, 9, 10), 2))
     assert low.features.dtype == dtype
@@ -373,11 +394,12 @@ def test_reduced_precision_forward_close_to_float32(kind, dtype):
     torch.testing.assert_close(low.features.float(), high.features, rtol=1e-2, atol=2e-2)
 
 
-def test_bfloat16_backward_close_to_float32():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_backward_close_to_float32(device):
     gen = make_gen("bf16_backward")
-    idx = random_sites(gen, 2, (10, 9, 10), count=600)
-    features = randn(gen, 600, 8).bfloat16()
-    layer = init_layer(sp.SparseConv3d(8, 8, 3, stride=2, padding=1), gen)
+    idx = random_sites(gen, 2, (10, 9, 10), count=600).to(device)
+    features = randn(gen, 600, 8).bfloat16().to(device)
+    layer = init_layer(sp.SparseConv3d(8, 8, 3, stride=2, padding=1), gen).to(device)
     grads = {}
     for dtype in (torch.bfloat16, torch.float32):
         layer.zero_grad()
@@ -390,24 +412,27 @@ def test_bfloat16_backward_close_to_float32():
         torch.testing.assert_close(low, high, rtol=5e-2, atol=5e-2 * high.abs().max().item())
 
 
-def test_subm_dense_check_on_the_largest_channel_count():
+@pytest.mark.parametrize("device", DEVICES)
+def test_subm_dense_check_on_the_largest_channel_count(device):
     # 64 -> 64 channels with a 5^3 kernel: long float32 accumulations stay within 1e-5.
     gen = make_gen("channels64")
     idx = random_sites(gen, 1, (6, 6, 6), density=0.5)
     layer = init_layer(sp.SubMConv3d(64, 64, 5), gen, torch.float32)
     f = randn(gen, len(idx), 64, dtype=torch.float32)
-    out = layer(sparse_tensor(f, idx, (6, 6, 6), 1))
+    out = run_on(device, layer, sparse_tensor(f, idx, (6, 6, 6), 1, device))
     dense = dense_conv(densify(f.double(), idx, (6, 6, 6), 1), conv_weight(layer.weight.double()),
                        layer.bias.double(), 1, 2, 1)
-    torch.testing.assert_close(out.features, gather(dense, idx).float(), **TOL[torch.float32])
+    torch.testing.assert_close(out.features.cpu(), gather(dense, idx).float(),
+                               **TOL[torch.float32])
 
 
-def test_sparse_conv_weight_layout_kio():
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_conv_weight_layout_kio(device):
     # ops.sparse_conv takes [K, C_in, C_out]; the module permutes [C_out, *k, C_in] to it.
     gen = make_gen("kio")
-    idx = random_sites(gen, 1, (5, 5, 5), count=30)
-    layer = init_layer(sp.SubMConv3d(3, 2, 3, bias=False), gen)
-    f = randn(gen, 30, 3)
+    idx = random_sites(gen, 1, (5, 5, 5), count=30).to(device)
+    layer = init_layer(sp.SubMConv3d(3, 2, 3, bias=False), gen).to(device)
+    f = randn(gen, 30, 3).to(device)
     nbr, nbr_t = ops.build_subm_map(idx, [5, 5, 5], 1, [3, 3, 3], [1, 1, 1])
     want = layer(sparse_tensor(f, idx, (5, 5, 5), 1)).features
     assert torch.equal(ops.sparse_conv(f, kio_weight(layer.weight), nbr, nbr_t), want)

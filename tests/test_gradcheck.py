@@ -1,14 +1,15 @@
 """float64 torch.autograd.gradcheck of the differentiable ops and of the layers built on them.
 
 Max pooling is only differentiable away from ties, so its inputs are pairwise far apart
-(``distinct_values``), much further than gradcheck's finite-difference step.
+(``distinct_values``), much further than gradcheck's finite-difference step. Every check runs on
+each device of helpers.DEVICES.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import distinct_values, make_gen, randn, random_sites, sparse_tensor
+from helpers import DEVICES, distinct_values, make_gen, randn, random_sites, sparse_tensor
 from torch.autograd import gradcheck, gradgradcheck
 from torch.func import functional_call
 
@@ -19,9 +20,9 @@ SHAPE = (5, 6, 5)
 BATCH = 2
 
 
-def small_map(kind: str, key):
-    """A seeded site set on a small 3D grid and its kernel map ``(nbr, nbr_t, n_in, n_out)``."""
-    idx = random_sites(make_gen("map", kind, key), BATCH, SHAPE, count=40)
+def small_map(kind: str, key, device="cpu"):
+    """A seeded site set on a small 3D grid and its kernel map ``(nbr, nbr_t)``."""
+    idx = random_sites(make_gen("map", kind, key), BATCH, SHAPE, count=40).to(device)
     if kind == "subm":
         nbr, nbr_t = ops.build_subm_map(idx, SHAPE, BATCH, (3, 3, 3), (1, 1, 1))
     elif kind == "conv":
@@ -36,39 +37,44 @@ def small_map(kind: str, key):
 MAPS = ["subm", "conv", "transposed"]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", MAPS)
-def test_gradcheck_sparse_conv(kind):
-    nbr, nbr_t = small_map(kind, "conv")
+def test_gradcheck_sparse_conv(kind, device):
+    nbr, nbr_t = small_map(kind, "conv", device)
     gen = make_gen("gradcheck_conv", kind)
-    features = randn(gen, nbr_t.shape[0], 3).requires_grad_()
+    features = randn(gen, nbr_t.shape[0], 3).to(device).requires_grad_()
     # A non-contiguous weight view, as the modules pass it.
-    weight = randn(gen, 2, nbr.shape[1], 3).permute(1, 2, 0).requires_grad_()
+    weight = randn(gen, 2, nbr.shape[1], 3).to(device).permute(1, 2, 0).requires_grad_()
     assert gradcheck(lambda f, w: ops.sparse_conv(f, w, nbr, nbr_t), (features, weight))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", MAPS)
-def test_gradgradcheck_sparse_conv_features(kind):
+def test_gradgradcheck_sparse_conv_features(kind, device):
     # The input gradient is itself a sparse_conv, so it is differentiable again (the weight
     # gradient kernel has no backward, so only the feature path is checked twice).
-    nbr, nbr_t = small_map(kind, "conv2")
+    nbr, nbr_t = small_map(kind, "conv2", device)
     gen = make_gen("gradgradcheck_conv", kind)
-    features = randn(gen, nbr_t.shape[0], 2).requires_grad_()
-    weight = randn(gen, nbr.shape[1], 2, 3)
+    features = randn(gen, nbr_t.shape[0], 2).to(device).requires_grad_()
+    weight = randn(gen, nbr.shape[1], 2, 3).to(device)
     assert gradgradcheck(lambda f: ops.sparse_conv(f, weight, nbr, nbr_t), (features,))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", MAPS)
-def test_gradcheck_sparse_sum_pool(kind):
-    nbr, nbr_t = small_map(kind, "sum")
-    features = randn(make_gen("gradcheck_sum", kind), nbr_t.shape[0], 3).requires_grad_()
+def test_gradcheck_sparse_sum_pool(kind, device):
+    nbr, nbr_t = small_map(kind, "sum", device)
+    features = randn(make_gen("gradcheck_sum", kind), nbr_t.shape[0], 3).to(device)
+    features.requires_grad_()
     assert gradcheck(lambda f: ops.sparse_sum_pool(f, nbr, nbr_t), (features,))
     assert gradgradcheck(lambda f: ops.sparse_sum_pool(f, nbr, nbr_t), (features,))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", MAPS)
-def test_gradcheck_sparse_max_pool(kind):
-    nbr, nbr_t = small_map(kind, "max")
-    features = distinct_values(make_gen("gradcheck_max", kind), nbr_t.shape[0], 3)
+def test_gradcheck_sparse_max_pool(kind, device):
+    nbr, nbr_t = small_map(kind, "max", device)
+    features = distinct_values(make_gen("gradcheck_max", kind), nbr_t.shape[0], 3).to(device)
     assert gradcheck(lambda f: ops.sparse_max_pool(f, nbr, nbr_t), (features.requires_grad_(),))
 
 
@@ -113,12 +119,14 @@ def module_input(name, gen):
     return features, idx, shape
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(MODULES))
-def test_gradcheck_through_modules(name):
+def test_gradcheck_through_modules(name, device):
     gen = make_gen("gradcheck_module", name)
     torch.manual_seed(0)
-    module = MODULES[name]().double()
+    module = MODULES[name]().double().to(device)
     features, idx, shape = module_input(name, gen)
+    features, idx = features.to(device), idx.to(device)
     params = dict(module.named_parameters())
     names = list(params)
 

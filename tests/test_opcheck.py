@@ -1,14 +1,15 @@
 """torch.library.opcheck of every registered operator (torch.ops.spconv_lite.*): schema,
 autograd registration, fake (meta) kernel against the real one, and AOT dispatch with dynamic
 shapes. All four default checks run for every op, including build_conv_map, whose number of
-output rows is data dependent (its fake kernel allocates an unbacked size).
+output rows is data dependent (its fake kernel allocates an unbacked size). Every op is checked
+on each device of helpers.DEVICES.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import distinct_values, make_gen, randn, random_sites
+from helpers import DEVICES, distinct_values, make_gen, randn, random_sites
 
 from spconv_lite import ops
 
@@ -35,8 +36,16 @@ def a_map(kind):
     return OPS.build_conv_map(*conv_map_args(idx, kind == "transposed"))[1:]
 
 
-def sample(op_name, variant):
-    """``(op, args)`` for one op and one input variant."""
+def sample(op_name, variant, device="cpu"):
+    """``(op, args)`` for one op and one input variant, its tensors on ``device``."""
+    op, args = _sample(op_name, variant)
+    if device == "cpu":
+        return op, args
+    return op, tuple(a.detach().to(device).requires_grad_(a.requires_grad)
+                     if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _sample(op_name, variant):
     gen = make_gen("opcheck_args", op_name, variant)
     if op_name == "build_subm_map":
         idx = sites(variant, count=0 if variant == "empty" else 60)
@@ -102,9 +111,10 @@ def test_every_registered_op_is_checked():
     assert registered == {name for name, _ in CASES}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op_name, variant", CASES, ids=variant_id)
-def test_opcheck(op_name, variant):
-    op, args = sample(op_name, variant)
+def test_opcheck(op_name, variant, device):
+    op, args = sample(op_name, variant, device)
     results = torch.library.opcheck(op, args)
     assert set(results) == {"test_schema", "test_autograd_registration", "test_faketensor",
                             "test_aot_dispatch_dynamic"}

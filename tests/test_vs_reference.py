@@ -2,7 +2,8 @@
 comparisons get expensive: a few hundred to a few thousand sites, 1D to 4D, float64.
 
 Output sites must be identical (same rows, same order), values and the gradients of features,
-weight and bias equal to 1e-10, and the kernel maps hold exactly the reference's pairs.
+weight and bias equal to 1e-10, and the kernel maps hold exactly the reference's pairs. Every
+test runs on each device of helpers.DEVICES (the reference always on the CPU).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import pytest
 import torch
 from helpers import (
+    DEVICES,
     TOL,
     case_id,
     distinct_values,
@@ -23,6 +25,7 @@ from helpers import (
     ntuple,
     randn,
     random_sites,
+    run_on,
     sparse_tensor,
 )
 
@@ -35,6 +38,7 @@ TOL64 = TOL[torch.float64]
 
 def compare(fast, want, leaves, key) -> None:
     """Values, then the gradients of every leaf under one random upstream gradient."""
+    fast = fast.cpu()
     assert fast.shape == want.shape
     torch.testing.assert_close(fast.detach(), want.detach(), **TOL64)
     upstream = randn(make_gen("upstream", key), *fast.shape)
@@ -61,14 +65,15 @@ SUBM_CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", SUBM_CASES, ids=case_id)
-def test_subm_conv_matches_reference(case):
+def test_subm_conv_matches_reference(case, device):
     batch, c_in, c_out, shape, n, k, d = case
     gen, idx, f = inputs(("subm", case), batch, shape, n, c_in)
     layer = init_layer(layer_class("subm", len(shape))(c_in, c_out, k, dilation=d), gen)
-    out = layer(sparse_tensor(f, idx, shape, batch))
+    out = run_on(device, layer, sparse_tensor(f, idx, shape, batch, device))
     want = ref.subm_conv(f, idx, list(shape), layer.weight, d, layer.bias)
-    assert torch.equal(out.indices, idx)
+    assert torch.equal(out.indices.cpu(), idx)
     compare(out.features, want, [f, layer.weight, layer.bias], case)
 
 
@@ -83,15 +88,16 @@ CONV_CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
-def test_sparse_conv_matches_reference(case):
+def test_sparse_conv_matches_reference(case, device):
     batch, c_in, c_out, shape, n, k, s, p, d = case
     gen, idx, f = inputs(("conv", case), batch, shape, n, c_in)
     layer = init_layer(layer_class("conv", len(shape))(c_in, c_out, k, s, p, d), gen)
-    out = layer(sparse_tensor(f, idx, shape, batch))
+    out = run_on(device, layer, sparse_tensor(f, idx, shape, batch, device))
     want, want_idx, want_shape = ref.sparse_conv(f, idx, list(shape), batch, layer.weight, s, p,
                                                  d, layer.bias)
-    assert torch.equal(out.indices, want_idx) and out.spatial_shape == want_shape
+    assert torch.equal(out.indices.cpu(), want_idx) and out.spatial_shape == want_shape
     compare(out.features, want, [f, layer.weight, layer.bias], case)
 
 
@@ -103,16 +109,17 @@ TRANSPOSE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", TRANSPOSE_CASES, ids=case_id)
-def test_conv_transpose_matches_reference(case):
+def test_conv_transpose_matches_reference(case, device):
     batch, c_in, c_out, shape, n, k, s, p, d, op = case
     gen, idx, f = inputs(("transpose", case), batch, shape, n, c_in)
     layer = init_layer(
         layer_class("transpose", len(shape))(c_in, c_out, k, s, p, d, output_padding=op), gen)
-    out = layer(sparse_tensor(f, idx, shape, batch))
+    out = run_on(device, layer, sparse_tensor(f, idx, shape, batch, device))
     want, want_idx, want_shape = ref.sparse_conv_transpose(
         f, idx, list(shape), batch, layer.weight, s, p, d, op, layer.bias)
-    assert torch.equal(out.indices, want_idx) and out.spatial_shape == want_shape
+    assert torch.equal(out.indices.cpu(), want_idx) and out.spatial_shape == want_shape
     compare(out.features, want, [f, layer.weight, layer.bias], case)
 
 
@@ -124,19 +131,20 @@ INVERSE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", INVERSE_CASES, ids=case_id)
-def test_inverse_conv_matches_reference(case):
+def test_inverse_conv_matches_reference(case, device):
     batch, c_in, c_out, shape, n, k, s, p, d = case
     ndim = len(shape)
     gen, idx, f = inputs(("inverse", case), batch, shape, n, 2)
     down = layer_class("conv", ndim)(2, c_in, k, s, p, d, indice_key="down").double()
-    mid = down(sparse_tensor(f.detach(), idx, shape, batch))
+    mid = run_on(device, down, sparse_tensor(f.detach(), idx, shape, batch, device))
     g = randn(gen, *mid.features.shape).requires_grad_()
     layer = init_layer(layer_class("inverse", ndim)(c_in, c_out, k, indice_key="down"), gen)
-    out = layer(mid.replace_feature(g))
-    want = ref.sparse_inverse_conv(g, mid.indices, mid.spatial_shape, batch, layer.weight, idx,
-                                   list(shape), s, p, d, layer.bias)
-    assert torch.equal(out.indices, idx) and out.spatial_shape == list(shape)
+    out = run_on(device, layer, mid.replace_feature(g.to(device)))
+    want = ref.sparse_inverse_conv(g, mid.indices.cpu(), mid.spatial_shape, batch, layer.weight,
+                                   idx, list(shape), s, p, d, layer.bias)
+    assert torch.equal(out.indices.cpu(), idx) and out.spatial_shape == list(shape)
     compare(out.features, want, [g, layer.weight, layer.bias], case)
 
 
@@ -151,27 +159,29 @@ POOL_CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", POOL_CASES, ids=case_id)
-def test_pool_matches_reference(case):
+def test_pool_matches_reference(case, device):
     kind, batch, c, shape, n, k, s, p, d = case
     gen = make_gen("pool", case)
     idx = random_sites(gen, batch, shape, count=n)
     f = distinct_values(gen, n, c).requires_grad_()  # no ties: unique max gradients
     layer_cls = getattr(sp, f"Sparse{kind.capitalize()}Pool{len(shape)}d")
-    out = layer_cls(k, s, p, d)(sparse_tensor(f, idx, shape, batch))
+    out = layer_cls(k, s, p, d)(sparse_tensor(f, idx, shape, batch, device))
     ref_pool = ref.max_pool if kind == "max" else ref.avg_pool
     want, want_idx, want_shape = ref_pool(f, idx, list(shape), batch, k, s, p, d)
-    assert torch.equal(out.indices, want_idx) and out.spatial_shape == want_shape
+    assert torch.equal(out.indices.cpu(), want_idx) and out.spatial_shape == want_shape
     compare(out.features, want, [f], case)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["max", "avg"])
-def test_global_pool_matches_reference(kind):
+def test_global_pool_matches_reference(kind, device):
     gen = make_gen("global", kind)
     idx = random_sites(gen, 4, (20, 20, 20), count=3000)
     idx = idx[idx[:, 0] != 2]  # one batch item without sites
     f = distinct_values(gen, len(idx), 8).requires_grad_()
-    x = sparse_tensor(f, idx, (20, 20, 20), 4)
+    x = sparse_tensor(f, idx, (20, 20, 20), 4, device)
     if kind == "max":
         out, want = sp.SparseGlobalMaxPool()(x), ref.global_max_pool(f, idx, 4)
     else:
@@ -189,14 +199,15 @@ MAP_CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", MAP_CASES, ids=case_id)
-def test_kernel_maps_hold_the_reference_pairs(case):
+def test_kernel_maps_hold_the_reference_pairs(case, device):
     mode, batch, shape, n, k, s, p, d = case
     ndim = len(shape)
     k, s, p, d = (ntuple(v, ndim) for v in (k, s, p, d))
     idx = random_sites(make_gen("map", case), batch, shape, count=n)
     if mode == "subm":
-        nbr, nbr_t = ops.build_subm_map(idx, shape, batch, k, d)
+        nbr, nbr_t = (t.cpu() for t in ops.build_subm_map(idx.to(device), shape, batch, k, d))
         out_idx = idx
         want_idx, pairs = ref.kernel_pairs(idx, shape, k, 1, 0, d, "subm")
     else:
@@ -204,8 +215,8 @@ def test_kernel_maps_hold_the_reference_pairs(case):
             out_shape = ref.conv_output_shape(shape, k, s, p, d)
         else:
             out_shape = ref.conv_transpose_output_shape(shape, k, s, p, d, 0)
-        out_idx, nbr, nbr_t = ops.build_conv_map(idx, shape, batch, out_shape, k, s, p, d,
-                                                 mode == "transpose")
+        out_idx, nbr, nbr_t = (t.cpu() for t in ops.build_conv_map(
+            idx.to(device), shape, batch, out_shape, k, s, p, d, mode == "transpose"))
         want_idx, pairs = ref.kernel_pairs(idx, out_shape, k, s, p, d, mode)
     assert torch.equal(out_idx, want_idx)
     volume = math.prod(k)

@@ -102,6 +102,13 @@ inline void check_neighbor_entries_cpu(const at::Tensor& nbr, const char* name, 
                     "): it does not index the given features");
 }
 
+// A device op gets every tensor on the device it runs on (the dispatcher picks the CUDA kernel
+// as soon as one argument is a CUDA tensor, so a CPU table next to CUDA features lands here).
+inline void check_device(const at::Tensor& t, const char* name, const c10::Device& device) {
+  TORCH_CHECK_VALUE(t.device() == device, name, " is on ", t.device(), " but the op runs on ",
+                    device, ": move every input to the same device");
+}
+
 inline void check_features(const at::Tensor& features, const char* name) {
   TORCH_CHECK_TYPE(at::isFloatingType(features.scalar_type()), name,
                    " must be a floating-point tensor, got ", features.scalar_type());

@@ -73,4 +73,51 @@ C10_HOST_DEVICE inline int64_t axis_neighbor(int64_t base, int64_t j, int d, con
   return (c >= 0 && c < target.shape[d]) ? c : -1;
 }
 
+// Key in `target` of the site that the site (batch, base) reaches through kernel offset k
+// (row-major over g.kernel), or -1 when it falls outside `target` or between sites. The
+// one-offset-at-a-time form of the rule above, as a GPU thread per (site, offset) uses it.
+C10_HOST_DEVICE inline int64_t neighbor_key(int64_t batch, const int64_t* base, int64_t k,
+                                            const ConvGeometry& g, bool direct,
+                                            const Grid& target) {
+  int64_t j[kMaxDims];
+  for (int d = g.ndim - 1; d >= 0; --d) {
+    j[d] = k % g.kernel[d];
+    k /= g.kernel[d];
+  }
+  int64_t key = batch;
+  for (int d = 0; d < g.ndim; ++d) {
+    const int64_t c = axis_neighbor(base[d], j[d], d, g, direct, target);
+    if (c < 0) return -1;
+    key = key * target.shape[d] + c;
+  }
+  return key;
+}
+
+C10_HOST_DEVICE inline int64_t gcd_int64(int64_t a, int64_t b) {
+  while (b != 0) {
+    const int64_t t = a % b;
+    a = b;
+    b = t;
+  }
+  return a;
+}
+
+// Most sites of the target grid that one site can reach through the kernel: every offset in
+// the direct direction; in the inverse direction, per dimension only the offsets j with
+// j * dilation == base + padding (mod stride), one residue class modulo
+// stride / gcd(stride, dilation). Bounds the number of distinct output sites of a conv by
+// (number of input sites) * fanout, which sizes the GPU's output-site set.
+C10_HOST_DEVICE inline int64_t kernel_fanout(const ConvGeometry& g, bool direct) {
+  int64_t fanout = 1;
+  for (int d = 0; d < g.ndim; ++d) {
+    int64_t reach = g.kernel[d];
+    if (!direct) {
+      const int64_t period = g.stride[d] / gcd_int64(g.stride[d], g.dilation[d]);
+      reach = (g.kernel[d] + period - 1) / period;
+    }
+    fanout *= reach;
+  }
+  return fanout;
+}
+
 }  // namespace spconv_lite

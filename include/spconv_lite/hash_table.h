@@ -62,11 +62,11 @@ C10_HOST_DEVICE inline int64_t load_key(const int64_t* slot) {
 
 struct HashTableView {
   int64_t* keys;
-  int32_t* values;
+  int32_t* values;  // nullptr for a key set
   int64_t capacity;  // power of two
 
   // Inserts key -> value. On kExisting the stored value is left unchanged and *slot_out names
-  // the slot holding the key.
+  // the slot holding the key. A set (values == nullptr) stores keys only.
   C10_HOST_DEVICE InsertResult insert(int64_t key, int32_t value, int64_t* slot_out) const {
     const int64_t mask = capacity - 1;
     int64_t slot = static_cast<int64_t>(hash_key(key) & static_cast<uint64_t>(mask));
@@ -75,7 +75,7 @@ struct HashTableView {
       int64_t previous = load_key(&keys[slot]);
       if (previous == kEmptyKey) previous = atomic_cas_key(&keys[slot], kEmptyKey, key);
       if (previous == kEmptyKey) {
-        values[slot] = value;
+        if (values != nullptr) values[slot] = value;
         *slot_out = slot;
         return InsertResult::kInserted;
       }

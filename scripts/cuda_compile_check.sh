@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Compile check of every CUDA source (src/cuda/*.cu) with nvcc for sm_80 and sm_90, against the
+# installed torch's headers and with the flags the extension build uses (setup.py plus
+# torch.utils.cpp_extension's nvcc flags). Needs nvcc, not a GPU, and works with a CPU-only
+# torch wheel: such a wheel lacks one generated header, c10/cuda/impl/cuda_cmake_macros.h,
+# which is supplied from a temporary folder when missing.
+#
+# Usage: scripts/cuda_compile_check.sh [file.cu ...]    (default: every src/cuda/*.cu)
+# Environment: NVCC (default: nvcc on PATH, else /usr/local/cuda/bin/nvcc),
+#              CUDA_CHECK_ARCHS (default "80 90").
+# Exits non-zero when any file fails for any architecture, naming each failure.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+NVCC=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
+ARCHS=${CUDA_CHECK_ARCHS:-"80 90"}
+if [ ! -x "$NVCC" ]; then
+    echo "cuda_compile_check: nvcc not found (set NVCC)" >&2
+    exit 2
+fi
+if [ $# -gt 0 ]; then
+    SOURCES=("$@")
+else
+    SOURCES=(src/cuda/*.cu)
+fi
+if [ ! -e "${SOURCES[0]}" ]; then
+    echo "cuda_compile_check: no CUDA sources found" >&2
+    exit 2
+fi
+
+# Torch's include folders and Python's, as the extension build passes them.
+mapfile -t INCLUDES < <(python - <<'PY'
+import sysconfig
+from torch.utils.cpp_extension import include_paths
+for path in include_paths() + [sysconfig.get_paths()["include"]]:
+    print(path)
+PY
+)
+if [ ${#INCLUDES[@]} -eq 0 ]; then
+    echo "cuda_compile_check: could not import torch to find its headers" >&2
+    exit 2
+fi
+
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+EXTRA_INCLUDE=()
+if [ ! -f "${INCLUDES[0]}/c10/cuda/impl/cuda_cmake_macros.h" ]; then
+    mkdir -p "$TMP/include/c10/cuda/impl"
+    cat > "$TMP/include/c10/cuda/impl/cuda_cmake_macros.h" <<'H'
+#pragma once
+#define C10_CUDA_BUILD_SHARED_LIBS
+H
+    EXTRA_INCLUDE=(-I "$TMP/include")
+fi
+
+# Flags of the CUDAExtension in setup.py: torch's COMMON_NVCC_FLAGS, -fPIC, our -O3 -std=c++20
+# and macros, the extension-name macros.
+FLAGS=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
+       -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
+       --expt-relaxed-constexpr --compiler-options -fPIC -O3 -std=c++20
+       -DSPCONV_LITE_WITH_CUDA=1 -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C
+       -I include "${EXTRA_INCLUDE[@]}")
+for inc in "${INCLUDES[@]}"; do FLAGS+=(-I "$inc"); done
+
+echo "cuda_compile_check: $("$NVCC" --version | tail -1), archs: $ARCHS"
+GENCODE=()
+for arch in $ARCHS; do GENCODE+=(-gencode "arch=compute_$arch,code=sm_$arch"); done
+failures=()
+start_all=$SECONDS
+for src in "${SOURCES[@]}"; do
+    # One nvcc call for all architectures (the host side is compiled once); on failure, one
+    # call per architecture to name the ones that fail.
+    start=$SECONDS
+    log="$TMP/$(basename "$src").log"
+    if "$NVCC" "${FLAGS[@]}" "${GENCODE[@]}" -c "$src" -o "$TMP/out.o" > "$log" 2>&1; then
+        echo "  ok    $src [sm_${ARCHS// /, sm_}] ($((SECONDS - start)) s)"
+        grep -i "warning" "$log" | head -20  # worth reading even when the file compiles
+        continue
+    fi
+    for arch in $ARCHS; do
+        log="$TMP/$(basename "$src").sm_$arch.log"
+        if "$NVCC" "${FLAGS[@]}" -gencode "arch=compute_$arch,code=sm_$arch" -c "$src" \
+            -o "$TMP/out.o" > "$log" 2>&1; then
+            echo "  ok    $src sm_$arch"
+        else
+            echo "  FAIL  $src sm_$arch"
+            head -60 "$log"
+            failures+=("$src:sm_$arch")
+        fi
+    done
+done
+echo "cuda_compile_check: ${#SOURCES[@]} files in $((SECONDS - start_all)) s"
+if [ ${#failures[@]} -gt 0 ]; then
+    echo "cuda_compile_check: FAILED: ${failures[*]}" >&2
+    exit 1
+fi
+echo "cuda_compile_check: all CUDA sources compile"

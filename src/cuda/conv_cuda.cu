@@ -1,0 +1,790 @@
+// Sparse convolution compute on the GPU, driven by the neighbour tables of the kernel map.
+//
+// Two algorithms with the same results up to float rounding:
+//
+// * fused gather-GEMM-scatter ("implicit GEMM"): a block owns a tile of output rows x output
+//   channels and loops over the kernel offsets and chunks of input channels. For each offset it
+//   gathers the input rows named by nbr into shared memory (zeros where there is no
+//   neighbour), multiplies them with that offset's weight slice and accumulates in registers:
+//   float32 for float16 / bfloat16, on tensor cores (WMMA) on sm_80 and newer. A tile skips the
+//   offsets where none of its rows has a neighbour. Each output element is written once: no
+//   atomics, no host synchronisation, and the offsets are summed in order (deterministic).
+// * per-offset ATen GEMMs ("gemm"): the pairs of each offset (CSR over offsets, from one scan
+//   of the table), then per offset a gather (index_select), a GEMM (at::mm, cuBLAS) and an add
+//   into a float32 accumulator. An output row appears at most once per offset, so the add
+//   needs no atomics. One host synchronisation per call: the pair counts size the GEMMs.
+//
+// The input gradient is the forward op over nbr_t with transposed weights (ops.py). The weight
+// gradient sums, per offset, in[i]^T grad_out[o] over its pairs: the fused kernel writes one
+// partial sum per chunk of rows, which ATen adds up in a fixed order; the gemm path runs one
+// GEMM per offset. There are no float atomics anywhere, so forward and backward are
+// deterministic run to run without a special mode.
+//
+// SPCONV_LITE_CUDA_CONV_ALGO=fused|gemm forces an algorithm; auto picks per call (see
+// use_fused).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/cumsum.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "spconv_lite/checks.h"
+#include "spconv_lite/cuda_utils.cuh"
+
+namespace spconv_lite {
+namespace {
+
+using cuda::blocks_for;
+using cuda::current_stream;
+using cuda::kThreads;
+using cuda::table_entry;
+
+// ------------------------------------------------------------------------ SIMT fused kernels
+// Any dtype, accumulating in at::opmath_type (float for half types, double for double).
+// 256 threads, each computing a 4 x 4 sub-tile of a BM x BN tile with BM * BN = 4096; BN (16,
+// 32 or 64) follows the number of output channels so that narrow layers waste little.
+
+constexpr int kSimtBK = 16;  // reduction step: input channels (forward) or rows (weight grad)
+
+template <typename acc_t, int BM, int BN>
+struct SimtTile {
+  static constexpr int kTM = 4;
+  static constexpr int kTN = 4;
+  static constexpr int kThreadsN = BN / kTN;
+  static_assert((BM / kTM) * (BN / kTN) == kThreads, "one 4x4 sub-tile per thread");
+
+  // acc[i][j] += sum over kk of A[kk][ty*4 + i] * B[kk][tx*4 + j]; A is padded by one column
+  // so that the transposed stores that fill it do not conflict on shared-memory banks.
+  __device__ static void multiply(const acc_t (*A)[BM + 1], const acc_t (*B)[BN],
+                                  acc_t (&acc)[kTM][kTN], int tx, int ty) {
+#pragma unroll
+    for (int kk = 0; kk < kSimtBK; ++kk) {
+      acc_t a[kTM];
+      acc_t b[kTN];
+#pragma unroll
+      for (int i = 0; i < kTM; ++i) a[i] = A[kk][ty * kTM + i];
+#pragma unroll
+      for (int j = 0; j < kTN; ++j) b[j] = B[kk][tx * kTN + j];
+#pragma unroll
+      for (int i = 0; i < kTM; ++i) {
+#pragma unroll
+        for (int j = 0; j < kTN; ++j) acc[i][j] += a[i] * b[j];
+      }
+    }
+  }
+};
+
+// out[o] = sum_k in[nbr[o, k]] @ weight[k], weight [K, C_in, C_out]; grid (row tiles,
+// channel tiles).
+template <typename scalar_t, int BN>
+__global__ void __launch_bounds__(kThreads)
+    conv_simt_kernel(const scalar_t* __restrict__ in, const scalar_t* __restrict__ weight,
+                     const int32_t* __restrict__ nbr, scalar_t* __restrict__ out, int64_t rows,
+                     int64_t in_rows, int volume, int c_in, int c_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int BM = 4096 / BN;
+  using Tile = SimtTile<acc_t, BM, BN>;
+  __shared__ acc_t A[kSimtBK][BM + 1];  // A[kk][m] = in[row of tile row m][c0 + kk]
+  __shared__ acc_t B[kSimtBK][BN];      // B[kk][n] = weight[k][c0 + kk][col0 + n]
+  __shared__ int32_t source[BM];        // input row of each tile row for the current offset
+  const int tid = threadIdx.x;
+  const int tx = tid % Tile::kThreadsN;
+  const int ty = tid / Tile::kThreadsN;
+  const int64_t row0 = int64_t{blockIdx.x} * BM;
+  const int col0 = blockIdx.y * BN;
+  acc_t acc[Tile::kTM][Tile::kTN] = {};
+  for (int k = 0; k < volume; ++k) {
+    int any = 0;
+    for (int m = tid; m < BM; m += kThreads) {
+      const int64_t o = row0 + m;
+      const int32_t i = o < rows ? table_entry(nbr, o * volume + k, in_rows) : -1;
+      source[m] = i;
+      any |= i >= 0;
+    }
+    if (!__syncthreads_or(any)) continue;  // no row of the tile has this neighbour
+    const scalar_t* w = weight + int64_t{k} * c_in * c_out;
+    for (int c0 = 0; c0 < c_in; c0 += kSimtBK) {
+      for (int e = tid; e < BM * kSimtBK; e += kThreads) {
+        const int m = e / kSimtBK, kk = e % kSimtBK, c = c0 + kk;
+        const int32_t i = source[m];
+        A[kk][m] = (i >= 0 && c < c_in) ? static_cast<acc_t>(in[int64_t{i} * c_in + c])
+                                        : acc_t(0);
+      }
+      for (int e = tid; e < kSimtBK * BN; e += kThreads) {
+        const int kk = e / BN, n = e % BN, c = c0 + kk, co = col0 + n;
+        B[kk][n] = (c < c_in && co < c_out) ? static_cast<acc_t>(w[int64_t{c} * c_out + co])
+                                            : acc_t(0);
+      }
+      __syncthreads();
+      Tile::multiply(A, B, acc, tx, ty);
+      __syncthreads();
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < Tile::kTM; ++i) {
+    const int64_t o = row0 + ty * Tile::kTM + i;
+    if (o >= rows) continue;
+#pragma unroll
+    for (int j = 0; j < Tile::kTN; ++j) {
+      const int co = col0 + tx * Tile::kTN + j;
+      if (co < c_out) out[o * c_out + co] = static_cast<scalar_t>(acc[i][j]);
+    }
+  }
+}
+
+// partial[chunk, k] = sum over the chunk's rows o of in[nbr[o, k]]^T grad_out[o]
+// ([C_in, C_out]); grid (row chunks, offsets, C_in tiles x C_out tiles).
+template <typename scalar_t, int BN>
+__global__ void __launch_bounds__(kThreads)
+    weight_grad_simt_kernel(const scalar_t* __restrict__ in,
+                            const scalar_t* __restrict__ grad_out,
+                            const int32_t* __restrict__ nbr,
+                            at::opmath_type<scalar_t>* __restrict__ partial, int64_t rows,
+                            int64_t in_rows, int volume, int c_in, int c_out,
+                            int64_t rows_per_chunk, int tiles_n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int BM = 4096 / BN;
+  using Tile = SimtTile<acc_t, BM, BN>;
+  __shared__ acc_t A[kSimtBK][BM + 1];  // A[kk][m] = in[row of step row kk][ci0 + m]
+  __shared__ acc_t B[kSimtBK][BN];      // B[kk][n] = grad_out[step row kk][co0 + n]
+  __shared__ int32_t source[kSimtBK];
+  const int tid = threadIdx.x;
+  const int tx = tid % Tile::kThreadsN;
+  const int ty = tid / Tile::kThreadsN;
+  const int64_t chunk = blockIdx.x;
+  const int k = blockIdx.y;
+  const int ci0 = (blockIdx.z / tiles_n) * BM;
+  const int co0 = (blockIdx.z % tiles_n) * BN;
+  const int64_t begin = chunk * rows_per_chunk;
+  const int64_t end = std::min(rows, begin + rows_per_chunk);
+  acc_t acc[Tile::kTM][Tile::kTN] = {};
+  for (int64_t r0 = begin; r0 < end; r0 += kSimtBK) {
+    int any = 0;
+    if (tid < kSimtBK) {
+      const int64_t o = r0 + tid;
+      const int32_t i = o < end ? table_entry(nbr, o * volume + k, in_rows) : -1;
+      source[tid] = i;
+      any = i >= 0;
+    }
+    if (!__syncthreads_or(any)) continue;
+    for (int e = tid; e < kSimtBK * BM; e += kThreads) {
+      const int kk = e / BM, m = e % BM, c = ci0 + m;
+      const int32_t i = source[kk];
+      A[kk][m] = (i >= 0 && c < c_in) ? static_cast<acc_t>(in[int64_t{i} * c_in + c]) : acc_t(0);
+    }
+    for (int e = tid; e < kSimtBK * BN; e += kThreads) {
+      const int kk = e / BN, n = e % BN, co = co0 + n;
+      B[kk][n] = (source[kk] >= 0 && co < c_out)
+                     ? static_cast<acc_t>(grad_out[(r0 + kk) * c_out + co])
+                     : acc_t(0);
+    }
+    __syncthreads();
+    Tile::multiply(A, B, acc, tx, ty);
+    __syncthreads();
+  }
+  acc_t* dst = partial + (chunk * volume + k) * int64_t{c_in} * c_out;
+#pragma unroll
+  for (int i = 0; i < Tile::kTM; ++i) {
+    const int ci = ci0 + ty * Tile::kTM + i;
+    if (ci >= c_in) continue;
+#pragma unroll
+    for (int j = 0; j < Tile::kTN; ++j) {
+      const int co = co0 + tx * Tile::kTN + j;
+      if (co < c_out) dst[int64_t{ci} * c_out + co] = acc[i][j];
+    }
+  }
+}
+
+// ------------------------------------------------------------------ tensor-core fused kernels
+// float16 / bfloat16 on sm_80+: 64 x 64 tiles, 4 warps of 32 x 32 (2 x 2 WMMA 16x16x16
+// fragments), reduction steps of 32, float32 accumulators. Shared-memory rows are padded by 8
+// elements (16 bytes) against bank conflicts, keeping the 32-byte alignment WMMA needs.
+// kVec: 16-byte loads, when the channel counts are multiples of 8 and the pointers aligned.
+
+template <typename scalar_t>
+struct WmmaType;
+template <>
+struct WmmaType<c10::Half> {
+  using type = __half;
+};
+template <>
+struct WmmaType<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+constexpr int kWmmaThreads = 128;
+constexpr int kWmmaTile = 64;  // rows and columns of a block's tile
+constexpr int kWmmaBK = 32;    // reduction step
+constexpr int kWmmaPad = 8;
+
+// Loads 8 consecutive elements (16 bytes) or zeros.
+template <typename scalar_t>
+__device__ __forceinline__ void copy8(scalar_t* dst, const scalar_t* src, bool valid) {
+  uint4 v = make_uint4(0u, 0u, 0u, 0u);
+  if (valid) v = *reinterpret_cast<const uint4*>(src);
+  *reinterpret_cast<uint4*>(dst) = v;
+}
+
+// out[o] = sum_k in[nbr[o, k]] @ weight[k]; grid (row tiles, channel tiles).
+template <typename scalar_t, bool kVec>
+__global__ void __launch_bounds__(kWmmaThreads)
+    conv_wmma_kernel(const scalar_t* __restrict__ in, const scalar_t* __restrict__ weight,
+                     const int32_t* __restrict__ nbr, scalar_t* __restrict__ out, int64_t rows,
+                     int64_t in_rows, int volume, int c_in, int c_out) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  using T = typename WmmaType<scalar_t>::type;
+  constexpr int BM = kWmmaTile, BN = kWmmaTile, BK = kWmmaBK;
+  constexpr int LDA = BK + kWmmaPad, LDB = BN + kWmmaPad, LDC = BN + 4;
+  __shared__ __align__(32) scalar_t A[BM * LDA];  // A[m][kk]: gathered input rows
+  __shared__ __align__(32) scalar_t B[BK * LDB];  // B[kk][n]: weight[k][c0 + kk][col0 + n]
+  __shared__ __align__(32) float C[BM * LDC];
+  __shared__ int32_t source[BM];
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
+  const int64_t row0 = int64_t{blockIdx.x} * BM;
+  const int col0 = blockIdx.y * BN;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+  }
+  const scalar_t zero(0.0f);
+  for (int k = 0; k < volume; ++k) {
+    int any = 0;
+    if (tid < BM) {
+      const int64_t o = row0 + tid;
+      const int32_t i = o < rows ? table_entry(nbr, o * volume + k, in_rows) : -1;
+      source[tid] = i;
+      any = i >= 0;
+    }
+    if (!__syncthreads_or(any)) continue;
+    const scalar_t* w = weight + int64_t{k} * c_in * c_out;
+    for (int c0 = 0; c0 < c_in; c0 += BK) {
+      if constexpr (kVec) {
+        for (int e = tid; e < BM * (BK / 8); e += kWmmaThreads) {
+          const int m = e / (BK / 8), c = c0 + (e % (BK / 8)) * 8;
+          const int32_t i = source[m];
+          copy8(A + m * LDA + (c - c0), in + int64_t{i} * c_in + c, i >= 0 && c < c_in);
+        }
+        for (int e = tid; e < BK * (BN / 8); e += kWmmaThreads) {
+          const int kk = e / (BN / 8), n = (e % (BN / 8)) * 8, c = c0 + kk, co = col0 + n;
+          copy8(B + kk * LDB + n, w + int64_t{c} * c_out + co, c < c_in && co < c_out);
+        }
+      } else {
+        for (int e = tid; e < BM * BK; e += kWmmaThreads) {
+          const int m = e / BK, kk = e % BK, c = c0 + kk;
+          const int32_t i = source[m];
+          A[m * LDA + kk] = (i >= 0 && c < c_in) ? in[int64_t{i} * c_in + c] : zero;
+        }
+        for (int e = tid; e < BK * BN; e += kWmmaThreads) {
+          const int kk = e / BN, n = e % BN, c = c0 + kk, co = col0 + n;
+          B[kk * LDB + n] = (c < c_in && co < c_out) ? w[int64_t{c} * c_out + co] : zero;
+        }
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < BK; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          wmma::load_matrix_sync(a[i], reinterpret_cast<const T*>(A + (wm + i * 16) * LDA + kk),
+                                 LDA);
+        }
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          wmma::load_matrix_sync(b[j], reinterpret_cast<const T*>(B + kk * LDB + wn + j * 16),
+                                 LDB);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+        }
+      }
+      __syncthreads();
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      wmma::store_matrix_sync(C + (wm + i * 16) * LDC + wn + j * 16, acc[i][j], LDC,
+                              wmma::mem_row_major);
+    }
+  }
+  __syncthreads();
+  for (int e = tid; e < BM * BN; e += kWmmaThreads) {
+    const int m = e / BN, n = e % BN;
+    const int64_t o = row0 + m;
+    const int co = col0 + n;
+    if (o < rows && co < c_out) out[o * c_out + co] = static_cast<scalar_t>(C[m * LDC + n]);
+  }
+#else
+  CUDA_KERNEL_ASSERT_MSG(false, "spconv_lite: tensor-core kernel launched below sm_80");
+#endif
+}
+
+// partial[chunk, k] = sum over the chunk's rows o of in[nbr[o, k]]^T grad_out[o]; grid (row
+// chunks, offsets, C_in tiles x C_out tiles). The gathered input rows X [rows, C_in] sit in
+// shared memory row-major, which is X^T (the A operand) column-major.
+template <typename scalar_t, bool kVec>
+__global__ void __launch_bounds__(kWmmaThreads)
+    weight_grad_wmma_kernel(const scalar_t* __restrict__ in,
+                            const scalar_t* __restrict__ grad_out,
+                            const int32_t* __restrict__ nbr, float* __restrict__ partial,
+                            int64_t rows, int64_t in_rows, int volume, int c_in, int c_out,
+                            int64_t rows_per_chunk, int tiles_n) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  using T = typename WmmaType<scalar_t>::type;
+  constexpr int BM = kWmmaTile, BN = kWmmaTile, BK = kWmmaBK;
+  constexpr int LDX = BM + kWmmaPad, LDG = BN + kWmmaPad, LDC = BN + 4;
+  __shared__ __align__(32) scalar_t X[BK * LDX];  // X[kk][m] = in[row of step row kk][ci0 + m]
+  __shared__ __align__(32) scalar_t G[BK * LDG];  // G[kk][n] = grad_out[step row kk][co0 + n]
+  __shared__ __align__(32) float C[BM * LDC];
+  __shared__ int32_t source[BK];
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
+  const int64_t chunk = blockIdx.x;
+  const int k = blockIdx.y;
+  const int ci0 = (blockIdx.z / tiles_n) * BM;
+  const int co0 = (blockIdx.z % tiles_n) * BN;
+  const int64_t begin = chunk * rows_per_chunk;
+  const int64_t end = std::min(rows, begin + rows_per_chunk);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+  }
+  const scalar_t zero(0.0f);
+  for (int64_t r0 = begin; r0 < end; r0 += BK) {
+    int any = 0;
+    if (tid < BK) {
+      const int64_t o = r0 + tid;
+      const int32_t i = o < end ? table_entry(nbr, o * volume + k, in_rows) : -1;
+      source[tid] = i;
+      any = i >= 0;
+    }
+    if (!__syncthreads_or(any)) continue;
+    if constexpr (kVec) {
+      for (int e = tid; e < BK * (BM / 8); e += kWmmaThreads) {
+        const int kk = e / (BM / 8), m = (e % (BM / 8)) * 8, c = ci0 + m;
+        const int32_t i = source[kk];
+        copy8(X + kk * LDX + m, in + int64_t{i} * c_in + c, i >= 0 && c < c_in);
+      }
+      for (int e = tid; e < BK * (BN / 8); e += kWmmaThreads) {
+        const int kk = e / (BN / 8), n = (e % (BN / 8)) * 8, co = co0 + n;
+        copy8(G + kk * LDG + n, grad_out + (r0 + kk) * c_out + co, source[kk] >= 0 && co < c_out);
+      }
+    } else {
+      for (int e = tid; e < BK * BM; e += kWmmaThreads) {
+        const int kk = e / BM, m = e % BM, c = ci0 + m;
+        const int32_t i = source[kk];
+        X[kk * LDX + m] = (i >= 0 && c < c_in) ? in[int64_t{i} * c_in + c] : zero;
+      }
+      for (int e = tid; e < BK * BN; e += kWmmaThreads) {
+        const int kk = e / BN, n = e % BN, co = co0 + n;
+        G[kk * LDG + n] = (source[kk] >= 0 && co < c_out) ? grad_out[(r0 + kk) * c_out + co]
+                                                           : zero;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        wmma::load_matrix_sync(a[i], reinterpret_cast<const T*>(X + kk * LDX + wm + i * 16),
+                               LDX);
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        wmma::load_matrix_sync(b[j], reinterpret_cast<const T*>(G + kk * LDG + wn + j * 16),
+                               LDG);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      wmma::store_matrix_sync(C + (wm + i * 16) * LDC + wn + j * 16, acc[i][j], LDC,
+                              wmma::mem_row_major);
+    }
+  }
+  __syncthreads();
+  float* dst = partial + (chunk * volume + k) * int64_t{c_in} * c_out;
+  for (int e = tid; e < BM * BN; e += kWmmaThreads) {
+    const int m = e / BN, n = e % BN, ci = ci0 + m, co = co0 + n;
+    if (ci < c_in && co < c_out) dst[int64_t{ci} * c_out + co] = C[m * LDC + n];
+  }
+#else
+  CUDA_KERNEL_ASSERT_MSG(false, "spconv_lite: tensor-core kernel launched below sm_80");
+#endif
+}
+
+// ------------------------------------------------------------------------ per-offset GEMMs
+
+// The pairs of a neighbour table grouped by offset (CSR over offsets), each group in row order:
+// for offset k, entries offsets[k] .. offsets[k+1] of (source, row) with table[row, k] = source.
+struct PairLists {
+  at::Tensor source;  // int32: the table's entries
+  at::Tensor row;     // int32: the table's rows
+  std::vector<int64_t> offsets;
+};
+
+// flags[k * rows + o] = 1 when table[o, k] is a pair (offset-major, so a running sum numbers
+// the pairs by offset, then row).
+__global__ void pair_flags_kernel(const int32_t* __restrict__ table, int64_t rows,
+                                  int64_t volume, int64_t limit, int64_t* __restrict__ flags) {
+  const int64_t total = rows * volume;
+  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total;
+       e += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t k = e / rows;
+    const int64_t o = e - k * rows;
+    flags[e] = table_entry(table, o * volume + k, limit) >= 0 ? 1 : 0;
+  }
+}
+
+__global__ void pair_fill_kernel(const int32_t* __restrict__ table, const int64_t* __restrict__ position,
+                                 int64_t rows, int64_t volume, int32_t* __restrict__ source,
+                                 int32_t* __restrict__ row) {
+  const int64_t total = rows * volume;
+  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total;
+       e += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t k = e / rows;
+    const int64_t o = e - k * rows;
+    const int32_t value = table[o * volume + k];
+    if (value >= 0) {
+      const int64_t p = position[e] - 1;  // inclusive running sum
+      source[p] = value;
+      row[p] = static_cast<int32_t>(o);
+    }
+  }
+}
+
+PairLists pair_lists(const at::Tensor& table, int64_t limit) {
+  const int64_t rows = table.size(0), volume = table.size(1);
+  PairLists pairs;
+  pairs.offsets.assign(volume + 1, 0);
+  const auto options = table.options();
+  if (rows == 0) {
+    pairs.source = at::empty({0}, options);
+    pairs.row = at::empty({0}, options);
+    return pairs;
+  }
+  const cudaStream_t stream = current_stream();
+  at::Tensor flags = at::empty({rows * volume}, options.dtype(at::kLong));
+  pair_flags_kernel<<<blocks_for(rows * volume), kThreads, 0, stream>>>(
+      table.data_ptr<int32_t>(), rows, volume, limit, flags.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor position = at::cumsum(flags, 0);
+  // Host sync: the running sum at the end of each offset's run gives the pair counts, which
+  // size the per-offset GEMMs.
+  const at::Tensor ends = position.view({volume, rows}).select(1, rows - 1).contiguous().cpu();
+  const int64_t* end_data = ends.data_ptr<int64_t>();
+  for (int64_t k = 0; k < volume; ++k) pairs.offsets[k + 1] = end_data[k];
+  const int64_t total = pairs.offsets[volume];
+  pairs.source = at::empty({total}, options);
+  pairs.row = at::empty({total}, options);
+  if (total > 0) {
+    pair_fill_kernel<<<blocks_for(rows * volume), kThreads, 0, stream>>>(
+        table.data_ptr<int32_t>(), position.data_ptr<int64_t>(), rows, volume,
+        pairs.source.data_ptr<int32_t>(), pairs.row.data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return pairs;
+}
+
+// dst[rows[j]] += src[j] for rows distinct within one call (one kernel offset): no atomics.
+template <typename scalar_t, typename acc_t>
+__global__ void add_rows_kernel(const scalar_t* __restrict__ src,
+                                const int32_t* __restrict__ rows, int64_t count,
+                                int64_t channels, acc_t* __restrict__ dst) {
+  const int64_t total = count * channels;
+  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total;
+       e += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t j = e / channels;
+    const int64_t c = e - j * channels;
+    dst[int64_t{rows[j]} * channels + c] += static_cast<acc_t>(src[e]);
+  }
+}
+
+at::ScalarType accumulate_type(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& table,
+                     at::Tensor out) {
+  const PairLists pairs = pair_lists(table, x.size(0));
+  const int64_t c_out = w.size(2);
+  at::Tensor acc = at::zeros({table.size(0), c_out}, x.options().dtype(accumulate_type(x.scalar_type())));
+  for (int64_t k = 0; k < table.size(1); ++k) {
+    const int64_t begin = pairs.offsets[k], count = pairs.offsets[k + 1] - begin;
+    if (count == 0) continue;
+    const at::Tensor gathered = at::index_select(x, 0, pairs.source.narrow(0, begin, count));
+    const at::Tensor product = at::mm(gathered, w.select(0, k));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_gemm", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      add_rows_kernel<scalar_t, acc_t>
+          <<<blocks_for(count * c_out), kThreads, 0, current_stream()>>>(
+              product.data_ptr<scalar_t>(), pairs.row.data_ptr<int32_t>() + begin, count,
+              c_out, acc.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  out.copy_(acc);
+  return out;
+}
+
+at::Tensor weight_grad_gemm(const at::Tensor& x, const at::Tensor& g, const at::Tensor& table) {
+  const PairLists pairs = pair_lists(table, x.size(0));
+  const int64_t volume = table.size(1);
+  at::Tensor grad_weight = at::zeros({volume, x.size(1), g.size(1)}, x.options());
+  for (int64_t k = 0; k < volume; ++k) {
+    const int64_t begin = pairs.offsets[k], count = pairs.offsets[k + 1] - begin;
+    if (count == 0) continue;
+    const at::Tensor xs = at::index_select(x, 0, pairs.source.narrow(0, begin, count));
+    const at::Tensor gs = at::index_select(g, 0, pairs.row.narrow(0, begin, count));
+    at::Tensor slice = grad_weight.select(0, k);
+    at::mm_out(slice, xs.t(), gs);
+  }
+  return grad_weight;
+}
+
+// ------------------------------------------------------------------------ dispatch
+
+bool is_half_type(at::ScalarType dtype) { return dtype == at::kHalf || dtype == at::kBFloat16; }
+
+bool tensor_cores(at::ScalarType dtype, int device) {
+  return is_half_type(dtype) && cuda::compute_capability_major(device) >= 8;
+}
+
+// Whether the fused kernel runs. auto: always for float16 / bfloat16 (tensor cores, float32
+// accumulation) and float64; for float32 while the channel product is small, where cuBLAS GEMMs
+// per offset pay more for their gathers, scatters and launches than they gain.
+bool use_fused(at::ScalarType dtype, int64_t c_in, int64_t c_out) {
+  switch (cuda::conv_algo_from_env()) {
+    case cuda::ConvAlgo::kFused:
+      return true;
+    case cuda::ConvAlgo::kGemm:
+      return false;
+    case cuda::ConvAlgo::kAuto:
+      break;
+  }
+  if (dtype != at::kFloat) return true;
+  return c_in * c_out <= 32 * 64;
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename scalar_t>
+void launch_conv_fused(const at::Tensor& x, const at::Tensor& w, const at::Tensor& table,
+                       at::Tensor& out) {
+  const int64_t rows = table.size(0);
+  const int volume = static_cast<int>(table.size(1));
+  const int c_in = static_cast<int>(w.size(1)), c_out = static_cast<int>(w.size(2));
+  const scalar_t* in = x.data_ptr<scalar_t>();
+  const scalar_t* weight = w.data_ptr<scalar_t>();
+  const int32_t* nbr = table.data_ptr<int32_t>();
+  scalar_t* dst = out.data_ptr<scalar_t>();
+  const cudaStream_t stream = current_stream();
+  if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (tensor_cores(x.scalar_type(), x.get_device())) {
+      const dim3 grid((rows + kWmmaTile - 1) / kWmmaTile, (c_out + kWmmaTile - 1) / kWmmaTile);
+      if (c_in % 8 == 0 && c_out % 8 == 0 && aligned16(in) && aligned16(weight)) {
+        conv_wmma_kernel<scalar_t, true><<<grid, kWmmaThreads, 0, stream>>>(
+            in, weight, nbr, dst, rows, x.size(0), volume, c_in, c_out);
+      } else {
+        conv_wmma_kernel<scalar_t, false><<<grid, kWmmaThreads, 0, stream>>>(
+            in, weight, nbr, dst, rows, x.size(0), volume, c_in, c_out);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
+  auto launch = [&](auto bn) {
+    constexpr int BN = decltype(bn)::value;
+    constexpr int BM = 4096 / BN;
+    const dim3 grid((rows + BM - 1) / BM, (c_out + BN - 1) / BN);
+    conv_simt_kernel<scalar_t, BN><<<grid, kThreads, 0, stream>>>(in, weight, nbr, dst, rows,
+                                                                  x.size(0), volume, c_in, c_out);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (c_out <= 16) {
+    launch(std::integral_constant<int, 16>{});
+  } else if (c_out <= 32) {
+    launch(std::integral_constant<int, 32>{});
+  } else {
+    launch(std::integral_constant<int, 64>{});
+  }
+}
+
+// Chunks of rows for the fused weight gradient: about 1024 blocks in all whatever the GPU, so
+// that the partial sums (and the rounding of their total) do not depend on the device.
+int64_t rows_per_chunk(int64_t rows, int64_t blocks_per_chunk) {
+  constexpr int64_t kStep = 32;  // a multiple of both kernels' reduction steps
+  const int64_t steps = (rows + kStep - 1) / kStep;
+  const int64_t chunks =
+      std::clamp<int64_t>((1024 + blocks_per_chunk - 1) / blocks_per_chunk, 1, steps);
+  return (steps + chunks - 1) / chunks * kStep;
+}
+
+template <typename scalar_t>
+at::Tensor weight_grad_fused(const at::Tensor& x, const at::Tensor& g, const at::Tensor& table) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t rows = table.size(0);
+  const int volume = static_cast<int>(table.size(1));
+  const int c_in = static_cast<int>(x.size(1)), c_out = static_cast<int>(g.size(1));
+  const scalar_t* in = x.data_ptr<scalar_t>();
+  const scalar_t* grad = g.data_ptr<scalar_t>();
+  const int32_t* nbr = table.data_ptr<int32_t>();
+  const cudaStream_t stream = current_stream();
+  auto partial_for = [&](int64_t tiles, int64_t* chunk_rows) {
+    *chunk_rows = rows_per_chunk(rows, volume * tiles);
+    const int64_t chunks = (rows + *chunk_rows - 1) / *chunk_rows;
+    return at::empty({chunks, volume, c_in, c_out}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  };
+  at::Tensor partial;
+  bool launched = false;
+  if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (tensor_cores(x.scalar_type(), x.get_device())) {
+      const int tiles_m = (c_in + kWmmaTile - 1) / kWmmaTile;
+      const int tiles_n = (c_out + kWmmaTile - 1) / kWmmaTile;
+      int64_t chunk_rows;
+      partial = partial_for(int64_t{tiles_m} * tiles_n, &chunk_rows);
+      const dim3 grid(partial.size(0), volume, tiles_m * tiles_n);
+      if (c_in % 8 == 0 && c_out % 8 == 0 && aligned16(in) && aligned16(grad)) {
+        weight_grad_wmma_kernel<scalar_t, true><<<grid, kWmmaThreads, 0, stream>>>(
+            in, grad, nbr, partial.data_ptr<float>(), rows, x.size(0), volume, c_in, c_out,
+            chunk_rows, tiles_n);
+      } else {
+        weight_grad_wmma_kernel<scalar_t, false><<<grid, kWmmaThreads, 0, stream>>>(
+            in, grad, nbr, partial.data_ptr<float>(), rows, x.size(0), volume, c_in, c_out,
+            chunk_rows, tiles_n);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launched = true;
+    }
+  }
+  if (!launched) {
+    auto launch = [&](auto bn) {
+      constexpr int BN = decltype(bn)::value;
+      constexpr int BM = 4096 / BN;
+      const int tiles_m = (c_in + BM - 1) / BM;
+      const int tiles_n = (c_out + BN - 1) / BN;
+      int64_t chunk_rows;
+      partial = partial_for(int64_t{tiles_m} * tiles_n, &chunk_rows);
+      const dim3 grid(partial.size(0), volume, tiles_m * tiles_n);
+      weight_grad_simt_kernel<scalar_t, BN><<<grid, kThreads, 0, stream>>>(
+          in, grad, nbr, partial.data_ptr<acc_t>(), rows, x.size(0), volume, c_in, c_out,
+          chunk_rows, tiles_n);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (c_out <= 16) {
+      launch(std::integral_constant<int, 16>{});
+    } else if (c_out <= 32) {
+      launch(std::integral_constant<int, 32>{});
+    } else {
+      launch(std::integral_constant<int, 64>{});
+    }
+  }
+  // Partial sums added in a fixed order (ATen's reduction): deterministic.
+  const at::Tensor total = partial.size(0) == 1 ? partial.select(0, 0) : partial.sum(0);
+  return total.to(x.scalar_type());
+}
+
+// ------------------------------------------------------------------------ ops
+
+at::Tensor sparse_conv_cuda(const at::Tensor& features, const at::Tensor& weight,
+                            const at::Tensor& nbr, const at::Tensor& nbr_t) {
+  check_features(features, "features");
+  check_device(weight, "weight", features.device());
+  check_device(nbr, "nbr", features.device());
+  check_device(nbr_t, "nbr_t", features.device());
+  TORCH_CHECK_VALUE(weight.dim() == 3, "weight must be [K, C_in, C_out], got ", weight.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == features.scalar_type(), "weight dtype ",
+                   weight.scalar_type(), " must match features dtype ", features.scalar_type());
+  TORCH_CHECK_VALUE(weight.size(1) == features.size(1), "weight expects ", weight.size(1),
+                    " input channels but features has ", features.size(1));
+  const int64_t volume = weight.size(0);
+  check_neighbor_table(nbr, "nbr", -1, volume);
+  check_neighbor_table(nbr_t, "nbr_t", features.size(0), volume);
+  TORCH_CHECK_VALUE(volume <= std::numeric_limits<int32_t>::max() &&
+                        weight.size(1) <= std::numeric_limits<int32_t>::max() &&
+                        weight.size(2) <= std::numeric_limits<int32_t>::max(),
+                    "weight ", weight.sizes(), " is too large for the CUDA kernels");
+  cuda::check_neighbor_entries_cuda(nbr, "nbr", features.size(0));
+  const c10::cuda::CUDAGuard guard(features.device());
+  const at::Tensor x = features.contiguous();
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor table = nbr.contiguous();
+  at::Tensor out = at::empty({nbr.size(0), weight.size(2)}, features.options());
+  if (out.numel() == 0) return out;
+  if (!use_fused(x.scalar_type(), w.size(1), w.size(2))) return conv_gemm(x, w, table, out);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sparse_conv_cuda",
+                                  [&] { launch_conv_fused<scalar_t>(x, w, table, out); });
+  return out;
+}
+
+at::Tensor sparse_conv_weight_grad_cuda(const at::Tensor& features, const at::Tensor& grad_out,
+                                        const at::Tensor& nbr) {
+  check_features(features, "features");
+  check_features(grad_out, "grad_out");
+  check_device(grad_out, "grad_out", features.device());
+  check_device(nbr, "nbr", features.device());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == features.scalar_type(), "grad_out dtype ",
+                   grad_out.scalar_type(), " must match features dtype ",
+                   features.scalar_type());
+  check_neighbor_table(nbr, "nbr", grad_out.size(0), -1);
+  TORCH_CHECK_VALUE(nbr.size(1) <= 65535, "kernel volume ", nbr.size(1),
+                    " is above the CUDA kernels' limit of 65535 offsets");
+  cuda::check_neighbor_entries_cuda(nbr, "nbr", features.size(0));
+  const c10::cuda::CUDAGuard guard(features.device());
+  const at::Tensor x = features.contiguous();
+  const at::Tensor g = grad_out.contiguous();
+  const at::Tensor table = nbr.contiguous();
+  const int64_t volume = nbr.size(1);
+  if (table.size(0) == 0 || x.size(1) == 0 || g.size(1) == 0) {
+    return at::zeros({volume, x.size(1), g.size(1)}, x.options());
+  }
+  if (!use_fused(x.scalar_type(), x.size(1), g.size(1))) return weight_grad_gemm(x, g, table);
+  at::Tensor grad_weight;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
+                                  "sparse_conv_weight_grad_cuda",
+                                  [&] { grad_weight = weight_grad_fused<scalar_t>(x, g, table); });
+  return grad_weight;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(spconv_lite, CUDA, m) {
+  m.impl("sparse_conv", &sparse_conv_cuda);
+  m.impl("sparse_conv_weight_grad", &sparse_conv_weight_grad_cuda);
+}
+
+}  // namespace spconv_lite

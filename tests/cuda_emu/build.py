@@ -1,0 +1,124 @@
+"""Builds the CUDA sources of spconv_lite (src/cuda/*.cu) as a CPU library that emulates CUDA.
+
+The sources are rewritten (kernel launches -> emu::launch, registrations -> a separate
+``spconv_lite_emu`` op namespace on the CPU key), compiled with g++ against the stub headers in
+``include/`` and the shim ``emu.h``, and loaded with ``torch.ops.load_library``. The emulated
+ops are then ``torch.ops.spconv_lite_emu.*`` with the schemas of ``torch.ops.spconv_lite.*``.
+
+Usage: ``python tests/cuda_emu/build.py`` builds (cached by torch.utils.cpp_extension in
+``build/cuda_emu``) and prints the library path; tests call :func:`load`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch.utils.cpp_extension import load
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+NAME = "spconv_lite_emu"
+
+
+def _closing(text: str, start: int, open_ch: str, close_ch: str) -> int:
+    """Index just past the bracket that closes the one at ``start``."""
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] == open_ch:
+            depth += 1
+        elif text[i] == close_ch:
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    raise ValueError(f"unbalanced {open_ch}{close_ch} at {start}")
+
+
+def _kernel_name_start(text: str, end: int) -> int:
+    """Start of the kernel expression (name with template arguments) ending at ``end``."""
+    i = end
+    while i > 0 and text[i - 1].isspace():
+        i -= 1
+    if text[i - 1] == ">":  # template arguments: walk back to the matching '<'
+        depth = 0
+        while True:
+            i -= 1
+            if text[i] == ">":
+                depth += 1
+            elif text[i] == "<":
+                depth -= 1
+                if depth == 0:
+                    break
+    while i > 0 and (text[i - 1].isalnum() or text[i - 1] in "_:"):
+        i -= 1
+    return i
+
+
+def rewrite_launches(text: str) -> str:
+    """``kernel<<<config>>>(args)`` -> ``::emu::launch(kernel, config)(args)``."""
+    while (pos := text.find("<<<")) >= 0:
+        close = text.index(">>>", pos)
+        config = text[pos + 3:close]
+        paren = close + 3
+        while text[paren].isspace():
+            paren += 1
+        assert text[paren] == "(", text[pos - 80:paren + 20]
+        args_end = _closing(text, paren, "(", ")")
+        start = _kernel_name_start(text, pos)
+        kernel = text[start:pos].strip()
+        text = (text[:start] + f"::emu::launch({kernel}, {config})" + text[paren:args_end]
+                + text[args_end:])
+    return text
+
+
+def rewrite(source: Path) -> str:
+    text = source.read_text()
+    text = rewrite_launches(text)
+    text = re.sub(r"TORCH_LIBRARY_IMPL\(spconv_lite,\s*CUDA,", f"TORCH_LIBRARY_IMPL({NAME}, CPU,",
+                  text)
+    text = text.replace("TORCH_LIBRARY(spconv_lite,", f"TORCH_LIBRARY({NAME},")
+    text = text.replace("PyInit__C", f"PyInit__{NAME}")
+    return f'#line 1 "{source}"\n' + text
+
+
+def load_library() -> str:
+    """Builds (or reuses) the emulation library and loads it; returns its path."""
+    import spconv_lite  # noqa: F401  (the CPU ops, which the error paths re-run)
+
+    sanitize = os.environ.get("SPCONV_LITE_EMU_SANITIZE", "")  # e.g. "address"
+    out = REPO / "build" / ("cuda_emu" + (f"_{sanitize}" if sanitize else ""))
+    sources_dir = out / "sources"
+    headers_dir = out / "include"  # rewritten CUDA headers, searched before include/
+    sources = []
+    rewritten = [(s, sources_dir / (s.stem + ".cpp"))
+                 for s in [REPO / "src" / "registration.cpp",
+                           *sorted((REPO / "src" / "cuda").glob("*.cu"))]]
+    rewritten += [(h, headers_dir / h.relative_to(REPO / "include"))
+                  for h in sorted((REPO / "include").rglob("*.cuh"))]
+    for source, target in rewritten:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        text = rewrite(source)
+        if not target.exists() or target.read_text() != text:  # keep ninja's cache valid
+            target.write_text(text)
+        if target.suffix == ".cpp":
+            sources.append(str(target))
+    path = load(
+        name=NAME,
+        sources=sources,
+        extra_include_paths=[str(headers_dir), str(HERE / "include"), str(REPO / "include")],
+        extra_cflags=["-O1", "-g", "-std=c++20", "-include", str(HERE / "emu.h"),
+                      "-DSPCONV_LITE_CUDA_EMULATION=1", "-Wno-unused-variable"]
+        + ([f"-fsanitize={sanitize}"] if sanitize else []),
+        extra_ldflags=[f"-fsanitize={sanitize}"] if sanitize else [],
+        build_directory=str(out),
+        is_python_module=False,
+        verbose=False,
+    )
+    return path
+
+
+if __name__ == "__main__":
+    load_library()
+    print("loaded", [name for name in dir(torch.ops.spconv_lite_emu)][:20])

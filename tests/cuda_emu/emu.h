@@ -1,0 +1,164 @@
+// CUDA execution emulated on the CPU, to run the kernels of src/cuda without a GPU.
+//
+// Force-included (g++ -include) before a CUDA source that has been rewritten by build.py
+// (kernel<<<grid, block, smem, stream>>>(args) -> ::emu::launch(kernel, grid, block, smem,
+// stream)(args)). Every CUDA thread of a block is a std::thread, blocks run one after another,
+// so function-local statics stand in for __shared__ memory. __syncthreads* are block
+// barriers, the *_sync warp intrinsics warp barriers, atomics std::atomic_ref. The stub
+// headers in include/ replace cuda_runtime.h, the c10/cuda stream, guard and exception
+// headers and WMMA. What this cannot show: races and memory-ordering bugs of real hardware,
+// performance, and anything about the real compiler for the device.
+#pragma once
+
+#include <atomic>
+#include <barrier>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "cuda_runtime.h"
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+
+namespace emu {
+
+struct Warp {
+  std::barrier<> barrier{32};
+  unsigned int bits[32];
+  unsigned long long values[32];
+};
+
+struct Block {
+  explicit Block(int threads) : barrier(threads) {
+    for (int w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<Warp>());
+  }
+  std::barrier<> barrier;
+  std::atomic<int> reduction{0};
+  std::vector<std::unique_ptr<Warp>> warps;
+};
+
+inline dim3 grid_dim, block_dim, block_idx;
+inline thread_local dim3 thread_idx;
+inline thread_local Block* block = nullptr;
+inline thread_local int linear_id = 0;
+
+inline int lane_id() { return linear_id % 32; }
+
+inline int block_reduce(int value, bool is_or) {
+  block->barrier.arrive_and_wait();  // what every thread did before is visible after
+  if (is_or) {
+    block->reduction.fetch_or(value != 0 ? 1 : 0);
+  } else {
+    block->reduction.fetch_add(value != 0 ? 1 : 0);
+  }
+  block->barrier.arrive_and_wait();
+  const int result = block->reduction.load();
+  block->barrier.arrive_and_wait();
+  // Thread 0 clears before it reaches the next reduction's first barrier, which every other
+  // thread must pass before adding.
+  if (linear_id == 0) block->reduction.store(0);
+  return result;
+}
+
+template <typename... Params>
+struct Launch {
+  void (*kernel)(Params...);
+  dim3 grid;
+  dim3 threads;
+
+  template <typename... Args>
+  void operator()(Args&&... args) const {
+    const std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
+    const int count = static_cast<int>(threads.x * threads.y * threads.z);
+    if (count % 32 != 0) std::abort();  // the kernels use whole warps
+    grid_dim = grid;
+    block_dim = threads;
+    // One std::thread per CUDA thread for the whole launch; the blocks run one after another,
+    // separated by block barriers (so the function-local statics act as shared memory).
+    Block state(count);
+    std::vector<std::thread> pool;
+    pool.reserve(count);
+    for (int t = 0; t < count; ++t) {
+      pool.emplace_back([&, t] {
+        block = &state;
+        linear_id = t;
+        thread_idx = dim3(t % threads.x, (t / threads.x) % threads.y, t / (threads.x * threads.y));
+        for (unsigned int z = 0; z < grid.z; ++z) {
+          for (unsigned int y = 0; y < grid.y; ++y) {
+            for (unsigned int x = 0; x < grid.x; ++x) {
+              if (t == 0) block_idx = dim3(x, y, z);
+              state.barrier.arrive_and_wait();  // block_idx set, the previous block done
+              std::apply(kernel, params);
+              state.barrier.arrive_and_wait();
+            }
+          }
+        }
+      });
+    }
+    for (std::thread& thread : pool) thread.join();
+  }
+};
+
+template <typename... Params>
+Launch<Params...> launch(void (*kernel)(Params...), dim3 grid, dim3 threads, std::size_t = 0,
+                         cudaStream_t = nullptr) {
+  return {kernel, grid, threads};
+}
+
+}  // namespace emu
+
+#define threadIdx (::emu::thread_idx)
+#define blockIdx (::emu::block_idx)
+#define blockDim (::emu::block_dim)
+#define gridDim (::emu::grid_dim)
+
+inline void __syncthreads() { ::emu::block->barrier.arrive_and_wait(); }
+inline int __syncthreads_or(int predicate) { return ::emu::block_reduce(predicate, true); }
+inline int __syncthreads_count(int predicate) { return ::emu::block_reduce(predicate, false); }
+
+inline unsigned int __ballot_sync(unsigned int, int predicate) {
+  ::emu::Warp& warp = *::emu::block->warps[::emu::linear_id / 32];
+  warp.bits[::emu::lane_id()] = predicate != 0;
+  warp.barrier.arrive_and_wait();
+  unsigned int result = 0;
+  for (int lane = 0; lane < 32; ++lane) result |= warp.bits[lane] << lane;
+  warp.barrier.arrive_and_wait();
+  return result;
+}
+
+template <typename T>
+T __shfl_sync(unsigned int, T value, int source) {
+  static_assert(sizeof(T) <= sizeof(unsigned long long));
+  ::emu::Warp& warp = *::emu::block->warps[::emu::linear_id / 32];
+  std::memcpy(&warp.values[::emu::lane_id()], &value, sizeof(T));
+  warp.barrier.arrive_and_wait();
+  T result;
+  std::memcpy(&result, &warp.values[source], sizeof(T));
+  warp.barrier.arrive_and_wait();
+  return result;
+}
+
+inline int __popc(unsigned int x) { return __builtin_popcount(x); }
+
+inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long value) {
+  return std::atomic_ref<unsigned long long>(*address).fetch_add(value);
+}
+
+inline unsigned long long atomicMax(unsigned long long* address, unsigned long long value) {
+  std::atomic_ref<unsigned long long> target(*address);
+  unsigned long long seen = target.load();
+  while (seen < value && !target.compare_exchange_weak(seen, value)) {
+  }
+  return seen;
+}

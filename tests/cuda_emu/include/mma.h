@@ -1,0 +1,88 @@
+// WMMA emulated for the CPU emulation of src/cuda (see ../emu.h). On the GPU a fragment is
+// spread over the 32 threads of a warp; here every thread holds the whole 16 x 16 tile and
+// does the warp's work redundantly (only lane 0 stores). Operands are widened to float and the
+// products summed in float, as the tensor cores do (in another order).
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <type_traits>
+
+#include "../emu.h"
+#include "cuda_bf16.h"
+#include "cuda_fp16.h"
+
+namespace nvcuda::wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "the emulation knows 16x16x16 only");
+  float v[16][16];
+};
+
+inline float to_float(const __half& h) {
+  return static_cast<float>(c10::Half(h.x, c10::Half::from_bits()));
+}
+inline float to_float(const __nv_bfloat16& h) {
+  return static_cast<float>(c10::BFloat16(h.x, c10::BFloat16::from_bits()));
+}
+
+// A: element (m, k) at p[m * ldm + k] (row_major) or p[m + k * ldm] (col_major).
+template <typename T, typename Layout>
+void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  for (int m = 0; m < 16; ++m) {
+    for (int k = 0; k < 16; ++k) {
+      f.v[m][k] = to_float(std::is_same_v<Layout, row_major> ? p[m * ldm + k] : p[m + k * ldm]);
+    }
+  }
+}
+
+// B: element (k, n) at p[k * ldm + n] (row_major) or p[k + n * ldm] (col_major).
+template <typename T, typename Layout>
+void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  for (int k = 0; k < 16; ++k) {
+    for (int n = 0; n < 16; ++n) {
+      f.v[k][n] = to_float(std::is_same_v<Layout, row_major> ? p[k * ldm + n] : p[k + n * ldm]);
+    }
+  }
+}
+
+inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float value) {
+  for (auto& row : f.v) {
+    for (float& x : row) x = value;
+  }
+}
+
+template <typename A, typename B>
+void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const A& a, const B& b,
+              const fragment<accumulator, 16, 16, 16, float>& c) {
+  fragment<accumulator, 16, 16, 16, float> out;
+  for (int m = 0; m < 16; ++m) {
+    for (int n = 0; n < 16; ++n) {
+      float sum = c.v[m][n];
+      for (int k = 0; k < 16; ++k) sum += a.v[m][k] * b.v[k][n];
+      out.v[m][n] = sum;
+    }
+  }
+  d = out;
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
+                              unsigned ldm, layout_t layout) {
+  if (emu::lane_id() != 0) return;
+  for (int m = 0; m < 16; ++m) {
+    for (int n = 0; n < 16; ++n) {
+      p[layout == mem_row_major ? m * ldm + n : m + n * ldm] = f.v[m][n];
+    }
+  }
+}
+
+}  // namespace nvcuda::wmma

@@ -1,0 +1,302 @@
+"""The CUDA kernels of src/cuda, run on the CPU under emulation (emu.h), against the CPU ops.
+
+This runs the code of every CUDA kernel and of its host-side launch logic (tile loops, bounds,
+offsets, chunking, the hash table's atomics, compaction, sorting, both conv algorithms, the
+tensor-core kernels through an emulated WMMA) without a GPU. It cannot show races or memory
+ordering bugs of real hardware, nor anything about performance: tests/test_cuda_parity.py
+does that on a GPU.
+
+Skipped unless SPCONV_LITE_CUDA_EMULATION=1 (building the emulation takes a minute or two):
+    SPCONV_LITE_CUDA_EMULATION=1 python -m pytest tests/cuda_emu -q
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/helpers.py
+
+from helpers import case_id, distinct_values, make_gen, randn, random_sites
+
+if os.environ.get("SPCONV_LITE_CUDA_EMULATION", "0") in ("", "0"):
+    pytest.skip("CUDA emulation tests run with SPCONV_LITE_CUDA_EMULATION=1",
+                allow_module_level=True)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import build
+
+build.load_library()
+EMU = torch.ops.spconv_lite_emu
+CPU = torch.ops.spconv_lite
+
+TOL = {
+    torch.float64: {"rtol": 1e-10, "atol": 1e-10},
+    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+    torch.float16: {"rtol": 1e-2, "atol": 1e-2},
+    torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2},
+}
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert torch.equal(x, y)
+
+
+def ntuple(v, n):
+    return (v,) * n if isinstance(v, int) else tuple(v)
+
+
+# ----------------------------------------------------------------------------- kernel maps
+
+# (batch, spatial_shape, sites, kernel, dilation)
+SUBM_CASES = [
+    (2, (9, 8, 10), 300, 3, 1),
+    (1, (12, 10, 9), 250, (3, 5, 1), (1, 2, 1)),
+    (3, (30, 25), 200, 5, 2),
+    (2, (200,), 120, 3, 1),
+    (2, (6, 6, 6, 6), 250, 3, 1),
+]
+
+
+@pytest.mark.parametrize("case", SUBM_CASES, ids=case_id)
+def test_subm_map(case):
+    batch, shape, n, k, d = case
+    idx = random_sites(make_gen("subm", case), batch, shape, count=n)
+    args = (list(shape), batch, list(ntuple(k, len(shape))), list(ntuple(d, len(shape))))
+    assert_same(EMU.build_subm_map(idx, *args), CPU.build_subm_map(idx, *args))
+
+
+# (transposed, batch, spatial_shape, sites, kernel, stride, padding, dilation)
+CONV_CASES = [
+    (False, 2, (12, 12, 12), 400, 3, 2, 1, 1),
+    (False, 1, (20, 15, 8), 300, (2, 3, 1), (2, 1, 3), (0, 1, 0), (1, 2, 1)),
+    (False, 2, (40, 30), 250, 5, 3, 2, 2),
+    (False, 2, (16, 16, 16), 500, 2, 2, 0, 1),  # pooling-like: one output per input
+    (False, 3, (300,), 150, 3, 2, 1, 1),
+    (False, 2, (7, 8, 7, 8), 250, (3, 1, 2, 3), (1, 2, 2, 1), (1, 0, 1, 1), (2, 1, 1, 1)),
+    (True, 2, (8, 8, 8), 200, 3, 2, 1, 1),
+    (True, 1, (15, 10), 120, (2, 3), (3, 1), (0, 1), (1, 2)),
+    (True, 2, (4, 5, 4, 5), 100, 2, 2, 0, 1),
+]
+
+
+def conv_args(case):
+    transposed, batch, shape, _, k, s, p, d = case
+    ndim = len(shape)
+    k, s, p, d = (list(ntuple(v, ndim)) for v in (k, s, p, d))
+    if transposed:
+        out = [(n_ - 1) * s_ - 2 * p_ + d_ * (k_ - 1) + 1
+               for n_, k_, s_, p_, d_ in zip(shape, k, s, p, d)]
+    else:
+        out = [(n_ + 2 * p_ - d_ * (k_ - 1) - 1) // s_ + 1
+               for n_, k_, s_, p_, d_ in zip(shape, k, s, p, d)]
+    return list(shape), batch, out, k, s, p, d, transposed
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
+def test_conv_map(case):
+    idx = random_sites(make_gen("conv", case), case[1], case[2], count=case[3])
+    args = conv_args(case)
+    assert_same(EMU.build_conv_map(idx, *args), CPU.build_conv_map(idx, *args))
+
+
+def test_maps_of_zero_sites():
+    idx = torch.zeros(0, 4, dtype=torch.int32)
+    args = ([4, 4, 4], 1, [3, 3, 3], [1, 1, 1])
+    assert_same(EMU.build_subm_map(idx, *args), CPU.build_subm_map(idx, *args))
+    args = ([4, 4, 4], 1, [2, 2, 2], [2, 2, 2], [2, 2, 2], [0, 0, 0], [1, 1, 1], False)
+    assert_same(EMU.build_conv_map(idx, *args), CPU.build_conv_map(idx, *args))
+
+
+def test_maps_of_noncontiguous_indices():
+    idx = random_sites(make_gen("nc"), 2, (7, 6, 8), count=150)
+    wide = torch.cat([idx, idx[:, :1]], 1)[:, :4]
+    assert not wide.is_contiguous()
+    args = ([7, 6, 8], 2, [4, 3, 4], [3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1], False)
+    assert_same(EMU.build_conv_map(wide, *args), CPU.build_conv_map(idx, *args))
+
+
+@pytest.mark.parametrize("mode", ["subm", "conv", "transposed"])
+def test_maps_on_huge_grids(mode):
+    # Packed keys far beyond 2^31, sites that differ only in high bits.
+    shape = [2**19, 2**19, 2**18] if mode == "transposed" else [2**20, 2**20, 2**19]
+    gen = make_gen("huge", mode)
+    size = torch.tensor(shape)
+    base = torch.stack([size * 0, size - 6, size // 2, (size // 2) ^ 2**13])
+    sites = {(int(b), *(int(c) for c in base[a] + torch.randint(0, 5, (3,), generator=gen)))
+             for b, a in zip(torch.randint(0, 2, (200,), generator=gen),
+                             torch.randint(0, 4, (200,), generator=gen))}
+    idx = torch.tensor(sorted(sites), dtype=torch.int32)
+    if mode == "subm":
+        args = (shape, 2, [3, 3, 3], [1, 1, 1])
+        assert_same(EMU.build_subm_map(idx, *args), CPU.build_subm_map(idx, *args))
+        return
+    transposed = mode == "transposed"
+    out = [2 * n - 1 for n in shape] if transposed else [(n - 1) // 2 + 1 for n in shape]
+    args = (shape, 2, out, [3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1], transposed)
+    assert_same(EMU.build_conv_map(idx, *args), CPU.build_conv_map(idx, *args))
+
+
+@pytest.mark.parametrize("problem", ["outside", "negative_batch", "duplicate"])
+@pytest.mark.parametrize("op", ["subm", "conv"])
+def test_bad_indices_raise_the_cpu_error(op, problem):
+    idx = random_sites(make_gen("bad", op), 2, (6, 6, 6), count=40)
+    if problem == "outside":
+        idx[17, 2] = 6
+    elif problem == "negative_batch":
+        idx[5, 0] = -1
+    else:
+        idx[30] = idx[11]
+    if op == "subm":
+        args = ([6, 6, 6], 2, [3, 3, 3], [1, 1, 1])
+        calls = [lambda t: EMU.build_subm_map(t, *args), lambda t: CPU.build_subm_map(t, *args)]
+    else:
+        args = ([6, 6, 6], 2, [3, 3, 3], [3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1], False)
+        calls = [lambda t: EMU.build_conv_map(t, *args), lambda t: CPU.build_conv_map(t, *args)]
+    messages = []
+    for call in calls:
+        with pytest.raises(ValueError) as info:
+            call(idx)
+        messages.append(str(info.value).splitlines()[0])
+    assert messages[0] == messages[1]
+
+
+# ----------------------------------------------------------------------------- convolution
+
+def a_map(kind, n=300, seed="map"):
+    """(nbr, nbr_t) of a subm, strided or transposed conv over seeded 3D sites."""
+    idx = random_sites(make_gen(seed, kind), 2, (10, 11, 12), count=n)
+    if kind == "subm":
+        return CPU.build_subm_map(idx, [10, 11, 12], 2, [3, 3, 3], [1, 1, 1])
+    if kind == "strided":
+        return CPU.build_conv_map(idx, [10, 11, 12], 2, [5, 6, 6], [3, 3, 3], [2, 2, 2],
+                                  [1, 1, 1], [1, 1, 1], False)[1:]
+    return CPU.build_conv_map(idx, [10, 11, 12], 2, [20, 22, 24], [2, 2, 2], [2, 2, 2],
+                              [0, 0, 0], [1, 1, 1], True)[1:]
+
+
+# (map kind, c_in, c_out): narrow and wide, multiples of 8 (16-byte loads) and odd counts,
+# c_in above one reduction step, c_out above one 64-column tile.
+CONV_SHAPES = [("subm", 4, 16), ("subm", 16, 32), ("strided", 64, 64), ("transposed", 13, 70),
+               ("subm", 40, 24), ("strided", 3, 5)]
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("sm_major", ["9", "7"])  # tensor-core kernels, then SIMT fallbacks
+@pytest.mark.parametrize("algo", ["fused", "gemm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=case_id)
+def test_conv_forward_and_gradients(shape, dtype, algo, sm_major, monkeypatch):
+    if sm_major == "7" and dtype not in (torch.float16, torch.bfloat16):
+        pytest.skip("the compute capability only changes the half-precision kernels")
+    monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", algo)
+    monkeypatch.setenv("SPCONV_LITE_EMU_SM_MAJOR", sm_major)
+    kind, c_in, c_out = shape
+    nbr, nbr_t = a_map(kind)
+    volume = nbr.shape[1]
+    gen = make_gen("conv", shape, dtype)
+    x = randn(gen, nbr_t.shape[0], c_in, dtype=dtype)
+    w = randn(gen, volume, c_in, c_out, dtype=dtype, scale=(c_in * volume) ** -0.5)
+    g = randn(gen, nbr.shape[0], c_out, dtype=dtype)
+    wt = w.transpose(1, 2)  # the input gradient's weight, non-contiguous as ops.py passes it
+    results = [
+        (EMU.sparse_conv(x, w, nbr, nbr_t), CPU.sparse_conv(x, w, nbr, nbr_t)),
+        (EMU.sparse_conv(g, wt, nbr_t, nbr), CPU.sparse_conv(g, wt, nbr_t, nbr)),
+        (EMU.sparse_conv_weight_grad(x, g, nbr), CPU.sparse_conv_weight_grad(x, g, nbr)),
+    ]
+    for got, want in results:
+        assert got.dtype == dtype and got.shape == want.shape
+        # Relative to the largest value: weight gradients are long sums, added in another order.
+        scale = max(want.abs().max().item(), 1.0)
+        torch.testing.assert_close(got.double() / scale, want.double() / scale, **TOL[dtype])
+
+
+@pytest.mark.parametrize("algo", ["fused", "gemm"])
+def test_conv_is_deterministic(algo, monkeypatch):
+    monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", algo)
+    nbr, nbr_t = a_map("subm", n=400, seed="det")
+    gen = make_gen("det")
+    x = randn(gen, nbr_t.shape[0], 16, dtype=torch.float32)
+    w = randn(gen, 27, 16, 16, dtype=torch.float32, scale=0.05)
+    g = randn(gen, nbr.shape[0], 16, dtype=torch.float32)
+    first = [EMU.sparse_conv(x, w, nbr, nbr_t), EMU.sparse_conv_weight_grad(x, g, nbr)]
+    second = [EMU.sparse_conv(x, w, nbr, nbr_t), EMU.sparse_conv_weight_grad(x, g, nbr)]
+    assert_same(first, second)
+
+
+@pytest.mark.parametrize("algo", ["fused", "gemm"])
+def test_conv_edge_shapes(algo, monkeypatch):
+    monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", algo)
+    empty = torch.zeros(0, 8, dtype=torch.int32)
+    x0 = torch.zeros(0, 3)
+    w = torch.randn(8, 3, 5)
+    assert EMU.sparse_conv(x0, w, empty, empty).shape == (0, 5)
+    assert torch.equal(EMU.sparse_conv_weight_grad(x0, torch.zeros(0, 5), empty),
+                       torch.zeros(8, 3, 5))
+    # Output rows without any neighbour are zero.
+    nbr = torch.full((4, 8), -1, dtype=torch.int32)
+    nbr[1, 3] = 0
+    x = torch.randn(1, 3)
+    nbr_t = torch.full((1, 8), -1, dtype=torch.int32)
+    nbr_t[0, 3] = 1
+    torch.testing.assert_close(EMU.sparse_conv(x, w, nbr, nbr_t), CPU.sparse_conv(x, w, nbr, nbr_t))
+    torch.testing.assert_close(EMU.sparse_conv_weight_grad(x, torch.ones(4, 5), nbr),
+                               CPU.sparse_conv_weight_grad(x, torch.ones(4, 5), nbr))
+
+
+def test_bad_tables_raise_with_eager_checks(monkeypatch):
+    monkeypatch.setenv("SPCONV_LITE_CUDA_CHECK_TABLES", "1")
+    nbr, nbr_t = a_map("subm", n=50, seed="badtable")
+    bad = nbr.clone()
+    bad[3, 4] = nbr_t.shape[0]
+    x = torch.randn(nbr_t.shape[0], 3)
+    w = torch.randn(27, 3, 2)
+    for op in (EMU, CPU):
+        with pytest.raises(ValueError, match=r"nbr has entries outside \[-1, 50\)"):
+            op.sparse_conv(x, w, bad, nbr_t)
+        with pytest.raises(ValueError, match=r"nbr has entries outside"):
+            op.sparse_max_pool(x, bad, nbr_t)
+
+
+# ----------------------------------------------------------------------------- pooling
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
+@pytest.mark.parametrize("kind", ["strided", "transposed"])
+def test_pooling(kind, dtype):
+    nbr, nbr_t = a_map(kind, n=250, seed="pool")
+    gen = make_gen("pool", kind, dtype)
+    x = distinct_values(gen, nbr_t.shape[0], 5, dtype=dtype)
+    assert_same([EMU.sparse_sum_pool(x, nbr, nbr_t)], [CPU.sparse_sum_pool(x, nbr, nbr_t)])
+    got, want = EMU.sparse_max_pool(x, nbr, nbr_t), CPU.sparse_max_pool(x, nbr, nbr_t)
+    assert_same(got, want)
+    g = randn(gen, nbr.shape[0], 5, dtype=dtype)
+    assert_same([EMU.sparse_max_pool_backward(g, got[1], nbr_t)],
+                [CPU.sparse_max_pool_backward(g, want[1], nbr_t)])
+
+
+def test_max_pool_ties_and_nan():
+    nbr, nbr_t = a_map("strided", n=250, seed="ties")
+    x = torch.randint(0, 3, (nbr_t.shape[0], 4)).float()
+    x[::7, 1] = math.nan
+    (got, got_arg), (want, want_arg) = (EMU.sparse_max_pool(x, nbr, nbr_t),
+                                        CPU.sparse_max_pool(x, nbr, nbr_t))
+    assert torch.isnan(want).any()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(got_arg, want_arg)
+
+
+def test_pooling_of_zero_rows():
+    empty = torch.zeros(0, 8, dtype=torch.int32)
+    x = torch.zeros(0, 3)
+    assert EMU.sparse_sum_pool(x, empty, empty).shape == (0, 3)
+    out, arg = EMU.sparse_max_pool(x, empty, empty)
+    assert out.shape == arg.shape == (0, 3)
+    assert EMU.sparse_max_pool_backward(out, arg, empty).shape == (0, 3)
