@@ -6,8 +6,10 @@ Networks (the same modules built from either library, same weights):
            64->128 stride (2,1,1); BatchNorm1d + ReLU after each conv, no bias. KITTI frame
            000000, voxel 0.05 x 0.05 x 0.1 m over 0 -40 -3 70.4 40 1, mean voxel features,
            grid (z, y, x) [41, 1600, 1408].
-  spconv   spconv's benchmark network: SubM 3->64, 64->64, then five stages of [max pool 2/2,
-           SubM to 96/128/160/192/224/256, SubM same width]; no norm, no bias.
+  spconv   spconv's benchmark network: SubM 3->64, 64->64, then a stage of [max pool 2/2,
+           SubM to the width, SubM same width] for each width 96/128/160/192/224/256 (the
+           widths the performance issue lists; benchmarks/bench_cuda.py builds the same net);
+           no norm, no bias.
            spconv_benchmark-pc.npz voxelized at 0.1 m over -80 -80 -2 80 80 6.
 
 Each pass builds fresh kernel maps (a new SparseConvTensor per pass), as in real use. Reported:
@@ -85,8 +87,6 @@ def spconv_benchmark_net(ns) -> nn.Module:
               ns.SubMConv3d(64, 64, 3, bias=False, indice_key="c0")]
     width = 64
     for stage, out in enumerate([96, 128, 160, 192, 224, 256]):
-        if stage == 5:
-            break
         layers += [ns.SparseMaxPool3d(2, 2),
                    ns.SubMConv3d(width, out, 3, bias=False, indice_key=f"c{stage + 1}"),
                    ns.SubMConv3d(out, out, 3, bias=False, indice_key=f"c{stage + 1}")]
