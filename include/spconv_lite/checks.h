@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "spconv_lite/coords.h"
 
@@ -70,6 +71,45 @@ inline ConvGeometry make_geometry(int64_t ndim, c10::IntArrayRef kernel_size,
   g.volume = 1;
   for (int64_t d = 0; d < ndim; ++d) g.volume *= g.kernel[d];
   return g;
+}
+
+// Checked geometry of a submanifold conv: stride 1, odd kernel sizes, the kernel centred on
+// each site (neighbour = site + (k - (K-1)/2) * dilation, i.e. padding (K-1)/2 * dilation).
+inline ConvGeometry subm_geometry(const at::Tensor& indices, const Grid& grid,
+                                  c10::IntArrayRef kernel_size, c10::IntArrayRef dilation) {
+  check_indices_layout(indices, grid.ndim);
+  const std::vector<int64_t> ones(grid.ndim, 1);
+  const std::vector<int64_t> zeros(grid.ndim, 0);
+  ConvGeometry geometry = make_geometry(grid.ndim, kernel_size, ones, zeros, dilation);
+  for (int d = 0; d < grid.ndim; ++d) {
+    TORCH_CHECK_VALUE(geometry.kernel[d] % 2 == 1,
+                      "submanifold convolution needs odd kernel sizes, got kernel_size ",
+                      kernel_size);
+    geometry.padding[d] = (geometry.kernel[d] - 1) / 2 * geometry.dilation[d];
+  }
+  return geometry;
+}
+
+// Checked arguments of build_conv_map, shared by its CPU and CUDA implementations.
+struct ConvMapArgs {
+  Grid in_grid;
+  Grid out_grid;
+  ConvGeometry geometry;
+};
+
+inline ConvMapArgs conv_map_args(const at::Tensor& indices, c10::IntArrayRef spatial_shape,
+                                 int64_t batch_size, c10::IntArrayRef out_spatial_shape,
+                                 c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                                 c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  ConvMapArgs args{};
+  args.in_grid = make_grid(spatial_shape, batch_size, "spatial_shape");
+  args.out_grid = make_grid(out_spatial_shape, batch_size, "out_spatial_shape");
+  TORCH_CHECK_VALUE(args.in_grid.ndim == args.out_grid.ndim, "out_spatial_shape ",
+                    out_spatial_shape, " must have as many dimensions as spatial_shape ",
+                    spatial_shape);
+  check_indices_layout(indices, args.in_grid.ndim);
+  args.geometry = make_geometry(args.in_grid.ndim, kernel_size, stride, padding, dilation);
+  return args;
 }
 
 // Checks a neighbour table: int32 [rows, kernel_volume].

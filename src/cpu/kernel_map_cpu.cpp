@@ -275,17 +275,7 @@ std::tuple<at::Tensor, at::Tensor> build_subm_map_cpu(const at::Tensor& indices,
                                                       c10::IntArrayRef kernel_size,
                                                       c10::IntArrayRef dilation) {
   const Grid grid = make_grid(spatial_shape, batch_size, "spatial_shape");
-  check_indices_layout(indices, grid.ndim);
-  const std::vector<int64_t> ones(grid.ndim, 1);
-  std::vector<int64_t> padding(grid.ndim, 0);
-  ConvGeometry geometry = make_geometry(grid.ndim, kernel_size, ones, padding, dilation);
-  for (int d = 0; d < grid.ndim; ++d) {
-    TORCH_CHECK_VALUE(geometry.kernel[d] % 2 == 1,
-                      "submanifold convolution needs odd kernel sizes, got kernel_size ",
-                      kernel_size);
-    // Centre the kernel on the output site: neighbour = site + (k - (K-1)/2) * dilation.
-    geometry.padding[d] = (geometry.kernel[d] - 1) / 2 * geometry.dilation[d];
-  }
+  const ConvGeometry geometry = subm_geometry(indices, grid, kernel_size, dilation);
   const at::Tensor contiguous = indices.contiguous();
   const std::vector<int64_t> keys = pack_indices(contiguous, grid, batch_size, spatial_shape);
   OwnedHashTable table = build_site_table(keys, contiguous);
@@ -334,12 +324,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> build_conv_map_cpu(
     const at::Tensor& indices, c10::IntArrayRef spatial_shape, int64_t batch_size,
     c10::IntArrayRef out_spatial_shape, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
     c10::IntArrayRef padding, c10::IntArrayRef dilation, bool transposed) {
-  const Grid in_grid = make_grid(spatial_shape, batch_size, "spatial_shape");
-  const Grid out_grid = make_grid(out_spatial_shape, batch_size, "out_spatial_shape");
-  TORCH_CHECK_VALUE(in_grid.ndim == out_grid.ndim, "out_spatial_shape ", out_spatial_shape,
-                    " must have as many dimensions as spatial_shape ", spatial_shape);
-  check_indices_layout(indices, in_grid.ndim);
-  const ConvGeometry geometry = make_geometry(in_grid.ndim, kernel_size, stride, padding, dilation);
+  const ConvMapArgs args = conv_map_args(indices, spatial_shape, batch_size, out_spatial_shape,
+                                         kernel_size, stride, padding, dilation);
+  const Grid& in_grid = args.in_grid;
+  const Grid& out_grid = args.out_grid;
+  const ConvGeometry& geometry = args.geometry;
   const at::Tensor contiguous = indices.contiguous();
   const std::vector<int64_t> in_keys = pack_indices(contiguous, in_grid, batch_size, spatial_shape);
   OwnedHashTable in_table = build_site_table(in_keys, contiguous);
