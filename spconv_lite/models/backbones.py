@@ -47,6 +47,37 @@ def post_act_block(in_channels: int, out_channels: int, kernel_size,
     return sp.SparseSequential(conv, default_norm(norm_fn)(out_channels), nn.ReLU())
 
 
+def plain_encoder_stages(sp: ModuleType, input_channels: int, norm_fn: NormFn) -> tuple:
+    """``conv_input, conv1 ... conv4`` of OpenPCDet's VoxelBackBone8x, which its UNetV2 repeats
+    layer for layer (same names, so checkpoints of either map over)."""
+
+    def block(*args, **kwargs):
+        return post_act_block(*args, norm_fn=norm_fn, spconv=sp, **kwargs)
+
+    conv_input = sp.SparseSequential(
+        sp.SubMConv3d(input_channels, 16, 3, padding=1, bias=False, indice_key="subm1"),
+        norm_fn(16),
+        nn.ReLU(),
+    )
+    conv1 = sp.SparseSequential(block(16, 16, 3, padding=1, indice_key="subm1"))
+    conv2 = sp.SparseSequential(
+        block(16, 32, 3, stride=2, padding=1, indice_key="spconv2", conv_type="spconv"),
+        block(32, 32, 3, padding=1, indice_key="subm2"),
+        block(32, 32, 3, padding=1, indice_key="subm2"),
+    )
+    conv3 = sp.SparseSequential(
+        block(32, 64, 3, stride=2, padding=1, indice_key="spconv3", conv_type="spconv"),
+        block(64, 64, 3, padding=1, indice_key="subm3"),
+        block(64, 64, 3, padding=1, indice_key="subm3"),
+    )
+    conv4 = sp.SparseSequential(
+        block(64, 64, 3, stride=2, padding=(0, 1, 1), indice_key="spconv4", conv_type="spconv"),
+        block(64, 64, 3, padding=1, indice_key="subm4"),
+        block(64, 64, 3, padding=1, indice_key="subm4"),
+    )
+    return conv_input, conv1, conv2, conv3, conv4
+
+
 class SparseBasicBlock(SparseModule):
     """Residual block: subm conv, norm, ReLU, subm conv, norm, plus the input, ReLU.
 
@@ -176,31 +207,8 @@ class VoxelBackBone8x(_Backbone8x):
         sp = namespace(spconv)
         norm_fn = default_norm(norm_fn)
 
-        def block(*args, **kwargs):
-            return post_act_block(*args, norm_fn=norm_fn, spconv=sp, **kwargs)
-
-        self.conv_input = sp.SparseSequential(
-            sp.SubMConv3d(input_channels, 16, 3, padding=1, bias=False, indice_key="subm1"),
-            norm_fn(16),
-            nn.ReLU(),
-        )
-        self.conv1 = sp.SparseSequential(block(16, 16, 3, padding=1, indice_key="subm1"))
-        self.conv2 = sp.SparseSequential(
-            block(16, 32, 3, stride=2, padding=1, indice_key="spconv2", conv_type="spconv"),
-            block(32, 32, 3, padding=1, indice_key="subm2"),
-            block(32, 32, 3, padding=1, indice_key="subm2"),
-        )
-        self.conv3 = sp.SparseSequential(
-            block(32, 64, 3, stride=2, padding=1, indice_key="spconv3", conv_type="spconv"),
-            block(64, 64, 3, padding=1, indice_key="subm3"),
-            block(64, 64, 3, padding=1, indice_key="subm3"),
-        )
-        self.conv4 = sp.SparseSequential(
-            block(64, 64, 3, stride=2, padding=(0, 1, 1), indice_key="spconv4",
-                  conv_type="spconv"),
-            block(64, 64, 3, padding=1, indice_key="subm4"),
-            block(64, 64, 3, padding=1, indice_key="subm4"),
-        )
+        (self.conv_input, self.conv1, self.conv2, self.conv3,
+         self.conv4) = plain_encoder_stages(sp, input_channels, norm_fn)
         self.conv_out = sp.SparseSequential(
             sp.SparseConv3d(64, 128, (3, 1, 1), stride=(2, 1, 1), padding=last_pad, bias=False,
                             indice_key="spconv_down2"),

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ._common import NormFn, default_norm, namespace, sparse_shape
-from .backbones import SparseBasicBlock, post_act_block
+from .backbones import SparseBasicBlock, plain_encoder_stages, post_act_block
 
 
 class UNetV2(nn.Module):
@@ -54,28 +54,8 @@ class UNetV2(nn.Module):
             return SparseBasicBlock(channels, channels, bias=False, norm_fn=norm_fn,
                                     indice_key=key, spconv=sp)
 
-        self.conv_input = sp.SparseSequential(
-            sp.SubMConv3d(input_channels, 16, 3, padding=1, bias=False, indice_key="subm1"),
-            norm_fn(16),
-            nn.ReLU(),
-        )
-        self.conv1 = sp.SparseSequential(block(16, 16, 3, padding=1, indice_key="subm1"))
-        self.conv2 = sp.SparseSequential(
-            block(16, 32, 3, stride=2, padding=1, indice_key="spconv2", conv_type="spconv"),
-            block(32, 32, 3, padding=1, indice_key="subm2"),
-            block(32, 32, 3, padding=1, indice_key="subm2"),
-        )
-        self.conv3 = sp.SparseSequential(
-            block(32, 64, 3, stride=2, padding=1, indice_key="spconv3", conv_type="spconv"),
-            block(64, 64, 3, padding=1, indice_key="subm3"),
-            block(64, 64, 3, padding=1, indice_key="subm3"),
-        )
-        self.conv4 = sp.SparseSequential(
-            block(64, 64, 3, stride=2, padding=(0, 1, 1), indice_key="spconv4",
-                  conv_type="spconv"),
-            block(64, 64, 3, padding=1, indice_key="subm4"),
-            block(64, 64, 3, padding=1, indice_key="subm4"),
-        )
+        (self.conv_input, self.conv1, self.conv2, self.conv3,
+         self.conv4) = plain_encoder_stages(sp, input_channels, norm_fn)
         if return_encoded_tensor:
             self.conv_out = sp.SparseSequential(
                 sp.SparseConv3d(64, 128, (3, 1, 1), stride=(2, 1, 1), padding=last_pad,
