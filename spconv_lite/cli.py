@@ -4,6 +4,8 @@
 point-cloud files (or directories of them) exactly as spconv's ``PointToVoxel`` would and writes
 one ``.npz`` per input with ``voxels``, ``coordinates`` (z, y, x) and ``num_points_per_voxel``.
 ``spconv-lite info`` prints the version, build, registered ops, threads and CUDA status.
+``spconv-lite bench NAME [ARGS...]`` runs a benchmark script of a source checkout
+(``benchmarks/bench_NAME.py ARGS``; ``--help`` after the name lists its options).
 
 Errors end the command with a one-line message and a non-zero status (2 for bad arguments, 1
 when an input fails); outputs are written under a temporary name and renamed when complete,
@@ -130,6 +132,18 @@ def _parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="version, build, ops, threads and CUDA")
     info.set_defaults(run=_run_info)
+
+    bench = commands.add_parser(
+        "bench",
+        help="run a benchmark of the source checkout (benchmarks/bench_NAME.py)",
+        description="Run benchmarks/bench_NAME.py of the source checkout with the remaining "
+        "arguments, e.g. 'spconv-lite bench networks --threads 1,2 --json out.json'. "
+        "'all' runs every CPU benchmark with its defaults. Benchmarks: "
+        + "; ".join(f"{name}: {what}" for name, what in BENCHMARKS.items()),
+    )
+    bench.add_argument("name", choices=(*BENCHMARKS, "all"), help="which benchmark")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    bench.set_defaults(run=_run_bench)
     return parser
 
 
@@ -410,6 +424,47 @@ def _run_info(args: argparse.Namespace) -> int:
         f"ops         {', '.join(ops)}",
     ]
     print("\n".join(lines))
+    return 0
+
+
+# ----------------------------------------------------------------------------- bench
+
+# Benchmark scripts under benchmarks/: name -> what it measures.
+BENCHMARKS = {
+    "networks": "VoxelBackBone8x and spconv's benchmark net, forward and training step",
+    "kernels": "per-layer kernel maps, gather / GEMM / scatter and fused conv",
+    "core": "single ops on a KITTI frame: maps, convolutions, pooling",
+    "voxelize": "PointToVoxel on a KITTI frame, time and peak memory",
+    "cuda": "the networks on a GPU, fp32 / fp16 (needs CUDA)",
+}
+_CPU_BENCHMARKS = ("core", "kernels", "networks", "voxelize")
+
+
+def benchmark_dir() -> Path:
+    """The ``benchmarks/`` folder of the checkout this package was imported from."""
+    import spconv_lite
+
+    return Path(spconv_lite.__file__).resolve().parent.parent / "benchmarks"
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import subprocess
+
+    folder = benchmark_dir()
+    names = _CPU_BENCHMARKS if args.name == "all" else (args.name,)
+    if args.name == "all" and args.args:
+        raise CommandError("'bench all' takes no script arguments; name one benchmark", 2)
+    scripts = [folder / f"bench_{name}.py" for name in names]
+    missing = [str(path) for path in scripts if not path.is_file()]
+    if missing:
+        raise CommandError(
+            f"benchmark script not found: {', '.join(missing)} (the benchmarks ship with the "
+            "source checkout, not with an installed wheel)"
+        )
+    for script in scripts:
+        status = subprocess.call([sys.executable, str(script), *args.args])
+        if status != 0:
+            raise CommandError(f"{script.name} exited with status {status}", status)
     return 0
 
 

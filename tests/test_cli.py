@@ -6,6 +6,7 @@ Most cases call ``cli.main`` in-process (fast); two run ``python -m spconv_lite`
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import struct
@@ -212,3 +213,28 @@ def test_module_entry_point_runs(tmp_path):
     )
     assert missing.returncode == 1
     assert missing.stderr.strip().count("\n") == 0 and "nope.bin" in missing.stderr
+
+
+def test_bench_runs_a_checkout_benchmark(tmp_path):
+    """``spconv-lite bench voxelize ...`` runs benchmarks/bench_voxelize.py with the arguments."""
+    if not DATA_DIR.is_dir():
+        unavailable(f"LiDAR test data {DATA_DIR} not found")
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "spconv_lite", "bench", "voxelize", "--repeats", "2",
+         "--warmup", "1", "--threads", "1", "--no-memory", "--json", str(out)],
+        capture_output=True, text=True, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "frame (115,384 points)" in done.stdout
+    assert json.loads(out.read_text())["timing"]
+
+
+def test_bench_without_scripts_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "benchmark_dir", lambda: tmp_path)
+    status, _, err = run(capsys, "bench", "networks")
+    assert status == 1 and err.count("\n") == 1
+    assert "bench_networks.py" in err and "source checkout" in err
+    status, _, err = run(capsys, "bench", "all", "--repeats", "1")
+    assert status == 2 and "takes no script arguments" in err
