@@ -232,6 +232,22 @@ def test_points_past_a_full_voxel_keep_their_id():
     assert torch.equal(voxels[0], pts[:2])
 
 
+
+def test_calls_do_not_leak_into_each_other():
+    """The op keeps per-thread buffers between calls: a call after a larger, a smaller and a
+    huge cloud (whose buffers are released) gives the same result as the first."""
+    vsize, coors_range, columns, max_points, max_voxels = CONFIGS["kitti"]
+    gen = PointToVoxel(vsize, coors_range, columns, max_voxels, max_points)
+    cloud = torch.from_numpy(synthetic_cloud("kitti", vsize, coors_range, columns))
+    first = gen.generate_voxel_with_id(cloud)
+    rng = np.random.default_rng(7)
+    for n in (len(cloud) * 3, 50, (1 << 22) + 1):
+        other = rng.uniform(-5, 20, size=(n, columns)).astype(np.float32)
+        gen.generate_voxel_with_id(torch.from_numpy(other))
+        gen.generate_voxel_mean(torch.from_numpy(other))
+        assert_outputs_equal(gen.generate_voxel_with_id(cloud), first)
+
+
 # ----------------------------------------------------------------------------- real frames
 
 

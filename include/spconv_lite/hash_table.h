@@ -66,14 +66,23 @@ struct HashTableView {
   int64_t capacity;  // power of two
 
   // Inserts key -> value. On kExisting the stored value is left unchanged and *slot_out names
-  // the slot holding the key. A set (values == nullptr) stores keys only.
+  // the slot holding the key. A set (values == nullptr) stores keys only. kConcurrent = false
+  // uses plain loads and stores, for a table that one thread fills (a compare-and-swap costs
+  // more than the rest of a probe).
+  template <bool kConcurrent = true>
   C10_HOST_DEVICE InsertResult insert(int64_t key, int32_t value, int64_t* slot_out) const {
     const int64_t mask = capacity - 1;
     int64_t slot = static_cast<int64_t>(hash_key(key) & static_cast<uint64_t>(mask));
     for (int64_t probe = 0; probe < capacity; ++probe) {
       // Cheap read first: most probes of a set-building pass find the key already there.
-      int64_t previous = load_key(&keys[slot]);
-      if (previous == kEmptyKey) previous = atomic_cas_key(&keys[slot], kEmptyKey, key);
+      int64_t previous = kConcurrent ? load_key(&keys[slot]) : keys[slot];
+      if (previous == kEmptyKey) {
+        if constexpr (kConcurrent) {
+          previous = atomic_cas_key(&keys[slot], kEmptyKey, key);
+        } else {
+          keys[slot] = key;
+        }
+      }
       if (previous == kEmptyKey) {
         if (values != nullptr) values[slot] = value;
         *slot_out = slot;

@@ -11,7 +11,8 @@
 //   1. quantize (parallel over blocks of points): each block lists its kept points and keys;
 //   2. number the voxels (serial, in input order): insert each key into the table, which
 //      stores a new voxel's number, and give each point its position among its voxel's
-//      points. The insertions are serial because parallel ones were slower here: threads
+//      points. Once max_voxels voxels exist, keys are only looked up, so the table holds at
+//      most max_voxels keys. The insertions are serial because parallel ones were slower here: threads
 //      contend for the same table lines (consecutive sweeps cover the same space) and the
 //      numbering then needs a second pass over the table;
 //   3. copy the points into their slots (parallel over points), then per voxel range the
@@ -27,7 +28,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -108,8 +108,8 @@ class PointQuantizer {
 
   // Voxel coordinates (x, y, z, ... lanes) of the point of `columns` values at p, whose first
   // kLoad = min(columns, 4) values are read as a vector. Returns false when the point is
-  // dropped. floor(q) is in [0, cells) exactly when q is, so q is tested, then truncated (equal
-  // to floor for q >= 0); NaN fails the test.
+  // dropped (*coord is then meaningless). floor(q) is in [0, cells) exactly when q is, so q
+  // is tested, then truncated (equal to floor for q >= 0); NaN fails the test.
   template <int kLoad>
   bool quantize(const float* p, int64_t columns, Int4* coord) const {
     Float4 raw = {0.f, 0.f, 0.f, 0.f};
@@ -121,9 +121,11 @@ class PointQuantizer {
     ok &= (q >= Float4{0.f, 0.f, 0.f, 0.f}) & (q < limit_);
     bool keep = (ok[0] & ok[1] & ok[2] & ok[3]) != 0;
     for (int64_t j = kLoad; j < columns; ++j) keep = keep && std::isfinite(p[j]);
-    if (!keep) return false;
-    *coord = __builtin_convertvector(q, Int4);
-    return true;
+    // Converted whether kept or not (no branch); failing lanes are zeroed so that the
+    // conversion stays in range.
+    const Float4 in_range = reinterpret_cast<Float4>(reinterpret_cast<Int4>(q) & ok);
+    *coord = __builtin_convertvector(in_range, Int4);
+    return keep;
   }
 
   int64_t key(const Int4& c) const {
@@ -149,71 +151,104 @@ void with_load_width(int64_t columns, const F& f) {
   }
 }
 
-// Which voxel every point falls in.
-struct VoxelAssignment {
-  at::Tensor point_voxel_id;         // int64 [N], voxel number or -1
-  std::unique_ptr<int32_t[]> rank;   // [N] position of a point among its voxel's points
+// Per-thread buffers of the voxelizer, kept from call to call: fresh multi-megabyte buffers
+// are often handed back to the system on free, and faulting their pages in again took up to
+// half the time of a KITTI frame. Buffers for clouds over kKeepPoints points are released.
+struct Scratch {
+  std::vector<int32_t> kept;         // [N] kept points, per block of pass 1
+  std::vector<int64_t> keys;         // [N] their voxel keys
+  std::vector<int32_t> rank;         // [N] position of a point among its voxel's points
+  std::vector<int64_t> table_keys;   // hash table of the voxels
+  std::vector<int32_t> table_values;
   std::vector<int32_t> first_point;  // [M] first point of each voxel
   std::vector<int32_t> count;        // [M] number of points of each voxel
-  int64_t num_voxels = 0;            // M
-  bool parallel = false;             // whether passes 1 and 3 use several threads
+
+  static constexpr int64_t kKeepPoints = int64_t{1} << 22;
+
+  void release_if_large() {
+    if (static_cast<int64_t>(kept.size()) > kKeepPoints) *this = Scratch();
+  }
 };
 
-// Pass 2's bookkeeping: voxel numbers in order of first points (voxels past max_voxels get the
-// number max_voxels, i.e. dropped), each point's voxel and its position among the voxel's
-// points, and each voxel's first point and point count.
+Scratch& thread_scratch() {
+  thread_local Scratch scratch;
+  return scratch;
+}
+
+// v.data() with room for n elements (growing only, so reused elements are not re-filled).
+template <typename T>
+T* room_for(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  return v.data();
+}
+
+// Which voxel every point falls in.
+struct VoxelAssignment {
+  at::Tensor point_voxel_id;   // int64 [N], voxel number or -1
+  const int32_t* rank;         // [N] position of a point among its voxel's points
+  const int32_t* first_point;  // [M] first point of each voxel
+  const int32_t* count;        // [M] number of points of each voxel
+  int64_t num_voxels = 0;      // M
+  bool parallel = false;       // whether passes 1 and 3 use several threads
+};
+
+// Pass 2's bookkeeping: voxel numbers in order of first points (up to max_voxels), each
+// point's voxel and its position among the voxel's points, and each voxel's first point and
+// point count.
 class VoxelNumbering {
  public:
-  VoxelNumbering(int64_t n, int64_t expected_voxels, int64_t max_voxels)
-      : max_voxels_(max_voxels) {
-    a_.point_voxel_id = at::empty({n}, at::dtype(at::kLong));
-    ids_ = a_.point_voxel_id.data_ptr<int64_t>();
+  VoxelNumbering(int64_t n, int64_t max_voxels, Scratch* scratch)
+      : max_voxels_(max_voxels), s_(*scratch) {
+    ids_tensor_ = at::empty({n}, at::dtype(at::kLong));
+    ids_ = ids_tensor_.data_ptr<int64_t>();
     std::fill_n(ids_, n, -1);
-    a_.rank.reset(new int32_t[n]);  // read only for points with a voxel
-    a_.first_point.reserve(expected_voxels);
-    a_.count.reserve(expected_voxels);
+    rank_ = room_for(s_.rank, n);  // read only for points with a voxel
+    s_.first_point.clear();
+    s_.count.clear();
   }
 
-  // The number the next new voxel gets (max_voxels once they are used up).
-  int32_t next_number() const { return static_cast<int32_t>(std::min(total_, max_voxels_)); }
+  // Whether max_voxels voxels exist, so that new ones are dropped.
+  bool full() const { return static_cast<int64_t>(s_.first_point.size()) == max_voxels_; }
 
-  // A new voxel whose first point is `point`; returns its number.
+  // The number the next new voxel gets.
+  int32_t next_number() const { return static_cast<int32_t>(s_.first_point.size()); }
+
+  // A new voxel whose first point is `point` (not full()); returns its number.
   int64_t open(int32_t point) {
-    const int64_t v = std::min(total_++, max_voxels_);
-    if (v < max_voxels_) {
-      a_.first_point.push_back(point);
-      a_.count.push_back(0);
-    }
-    return v;
+    s_.first_point.push_back(point);
+    s_.count.push_back(0);
+    return next_number() - 1;
   }
 
-  // `point` belongs to voxel v.
+  // `point` belongs to voxel v (-1: a dropped voxel).
   void add(int32_t point, int64_t v) {
-    if (v == max_voxels_) return;
+    if (v < 0) return;
     ids_[point] = v;
-    a_.rank[point] = a_.count[v]++;
+    rank_[point] = s_.count[v]++;
   }
 
-  VoxelAssignment finish() {
-    a_.num_voxels = static_cast<int64_t>(a_.first_point.size());
-    return std::move(a_);
+  VoxelAssignment finish(bool parallel) {
+    return {ids_tensor_, rank_, s_.first_point.data(), s_.count.data(),
+            static_cast<int64_t>(s_.first_point.size()), parallel};
   }
 
  private:
-  VoxelAssignment a_;
   int64_t max_voxels_;
+  Scratch& s_;
+  at::Tensor ids_tensor_;
   int64_t* ids_;
-  int64_t total_ = 0;
+  int32_t* rank_;
 };
 
 VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
-                              const PointQuantizer& quantizer, int64_t max_voxels) {
+                              const PointQuantizer& quantizer, int64_t max_voxels,
+                              Scratch* scratch) {
   // Pass 1: quantize. Block b of kPointGrain points lists its kept points, in order, at the
   // start of its own range of `kept` / `keys`; kept_in_block[b] counts them.
   const int64_t blocks = (n + kPointGrain - 1) / kPointGrain;
   const bool parallel = at::get_num_threads() > 1 && n >= kParallelPoints;
-  std::unique_ptr<int32_t[]> kept(new int32_t[n]);
-  std::unique_ptr<int64_t[]> keys(new int64_t[n]);
+  int32_t* kept = room_for(scratch->kept, n);
+  int64_t* keys = room_for(scratch->keys, n);
   std::vector<int64_t> kept_in_block(blocks);
   with_load_width(columns, [&]<int kLoad>() {
     for_range(parallel, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -236,16 +271,14 @@ VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
   int64_t valid = 0;
   for (int64_t b = 0; b < blocks; ++b) valid += kept_in_block[b];
 
-  // Pass 2, serial in input order. The table has room for every kept point being its own
-  // voxel, so it cannot fill up.
-  const int64_t capacity = hash_capacity_for(valid);
-  // Filled here rather than with at::full: each parallel region costs a thread wake-up.
-  at::Tensor table_keys = at::empty({capacity}, at::dtype(at::kLong));
-  std::fill_n(table_keys.data_ptr<int64_t>(), capacity, kEmptyKey);
-  at::Tensor table_values = at::empty({capacity}, at::dtype(at::kInt));
-  const HashTableView table{table_keys.data_ptr<int64_t>(), table_values.data_ptr<int32_t>(),
-                            capacity};
-  VoxelNumbering numbering(n, std::min(valid, max_voxels), max_voxels);
+  // Pass 2, serial in input order. Only kept voxels enter the table (once max_voxels exist,
+  // points of other voxels are dropped), so it cannot fill up and stays small.
+  const int64_t expected_voxels = std::min(valid, max_voxels);
+  const int64_t capacity = hash_capacity_for(expected_voxels);
+  int64_t* table_keys = room_for(scratch->table_keys, capacity);
+  std::fill_n(table_keys, capacity, kEmptyKey);
+  const HashTableView table{table_keys, room_for(scratch->table_values, capacity), capacity};
+  VoxelNumbering numbering(n, max_voxels, scratch);
   const uint64_t mask = static_cast<uint64_t>(capacity - 1);
   constexpr int64_t kAhead = 16;  // prefetch the home slot of the key this far ahead
   for (int64_t b = 0; b < blocks; ++b) {
@@ -255,22 +288,24 @@ VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
     for (int64_t j = begin; j < end; ++j) {
       if (j + kAhead < end) {
         const int64_t home = static_cast<int64_t>(hash_key(keys[j + kAhead]) & mask);
-        __builtin_prefetch(table.keys + home);
-        __builtin_prefetch(table.values + home);
+        __builtin_prefetch(table.keys + home);  // values are mostly written: no prefetch
       }
       const int64_t key = keys[j];
       if (key != last_key) {
-        const InsertResult r = table.insert(key, numbering.next_number(), &last_slot);
-        last_voxel =
-            r == InsertResult::kInserted ? numbering.open(kept[j]) : table.values[last_slot];
+        if (numbering.full()) {
+          last_voxel = table.find(key);
+        } else {
+          const InsertResult r =
+              table.insert<false>(key, numbering.next_number(), &last_slot);
+          last_voxel =
+              r == InsertResult::kInserted ? numbering.open(kept[j]) : table.values[last_slot];
+        }
         last_key = key;
       }
       numbering.add(kept[j], last_voxel);
     }
   }
-  VoxelAssignment a = numbering.finish();
-  a.parallel = parallel;
-  return a;
+  return numbering.finish(parallel);
 }
 
 // Coordinates (z, y, x: the lanes reversed) of voxels [begin, end), from their first points.
@@ -324,7 +359,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
   const at::Tensor input = points.contiguous();
   const float* data = input.data_ptr<float>();
   const int64_t n = input.size(0), columns = input.size(1), slots = max_points_per_voxel;
-  const VoxelAssignment a = assign_voxels(data, n, columns, quantizer, max_voxels);
+  Scratch& scratch = thread_scratch();
+  const VoxelAssignment a = assign_voxels(data, n, columns, quantizer, max_voxels, &scratch);
 
   at::Tensor voxels = at::empty({a.num_voxels, slots, columns}, at::dtype(at::kFloat));
   at::Tensor counts = at::empty({a.num_voxels}, at::dtype(at::kInt));
@@ -360,6 +396,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
       }
     }
   });
+  scratch.release_if_large();
   return {voxels, coordinates, counts, a.point_voxel_id};
 }
 
@@ -372,7 +409,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_mean_cpu(
   const at::Tensor input = points.contiguous();
   const float* data = input.data_ptr<float>();
   const int64_t n = input.size(0), columns = input.size(1);
-  const VoxelAssignment a = assign_voxels(data, n, columns, quantizer, max_voxels);
+  Scratch& scratch = thread_scratch();
+  const VoxelAssignment a = assign_voxels(data, n, columns, quantizer, max_voxels, &scratch);
 
   at::Tensor features = at::empty({a.num_voxels, columns}, at::dtype(at::kFloat));
   at::Tensor counts = at::empty({a.num_voxels}, at::dtype(at::kInt));
@@ -396,6 +434,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_mean_cpu(
       }
     }
   });
+  scratch.release_if_large();
   return {features, coordinates, counts, a.point_voxel_id};
 }
 
