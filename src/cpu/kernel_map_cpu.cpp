@@ -14,6 +14,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
+#include <limits>
 #include <sstream>
 #include <tuple>
 #include <vector>
@@ -68,6 +70,13 @@ std::vector<int64_t> pack_indices(const at::Tensor& indices, const Grid& grid,
   return keys;
 }
 
+[[noreturn]] void duplicate_sites_error(int64_t first, int64_t second, const at::Tensor& indices) {
+  const int64_t width = indices.size(1);
+  TORCH_CHECK_VALUE(false, "indices contains duplicate sites: rows ", first, " and ", second,
+                    " are both ", describe_row(indices.data_ptr<int32_t>() + second * width, width));
+  __builtin_unreachable();
+}
+
 struct OwnedHashTable {
   at::Tensor keys;
   at::Tensor values;
@@ -100,158 +109,171 @@ OwnedHashTable build_site_table(const std::vector<int64_t>& keys, const at::Tens
               " is full after inserting ", n, " sites");
   if (duplicate.load()) {
     // Rare error path: find the first row whose site is owned by another row, for the message.
-    const int64_t width = indices.size(1);
-    const int32_t* data = indices.data_ptr<int32_t>();
     for (int64_t r = 0; r < n; ++r) {
       const int32_t owner = view.find(keys[r]);
-      if (owner != r) {
-        TORCH_CHECK_VALUE(false, "indices contains duplicate sites: rows ", std::min<int64_t>(r, owner),
-                          " and ", std::max<int64_t>(r, owner), " are both ",
-                          describe_row(data + r * width, width));
-      }
+      if (owner != r) duplicate_sites_error(std::min<int64_t>(r, owner), std::max<int64_t>(r, owner), indices);
     }
   }
   return table;
 }
 
-// Enumerates, in kernel-offset order, the key of the site that a row site reaches through each
-// kernel offset, or -1. Per-dimension coordinates are computed once per row (sum of kernel sizes
-// divisions instead of kernel volume times dimensions), then combined odometer-style.
-class NeighborKeys {
+// Enumerates the sites that a site reaches through the kernel offsets, in kernel-offset order:
+// per axis, only the kernel indices landing on a site of the target grid are listed (one or
+// two of three for a stride-2 kernel), and only their combinations are visited, so a strided
+// conv costs its few valid offsets rather than the kernel volume.
+class SiteReach {
  public:
-  NeighborKeys(const Grid& row_grid, const ConvGeometry& geometry, bool direct,
-               const Grid& target)
-      : row_grid_(row_grid), geometry_(geometry), direct_(direct), target_(target) {
-    batch_stride_ = key_strides(target, strides_);
+  SiteReach(const ConvGeometry& geometry, bool direct, const Grid& target)
+      : geometry_(geometry), direct_(direct), target_(target) {
+    batch_stride_ = key_strides(target, key_stride_);
+    int64_t offset_stride = 1;
+    for (int d = geometry.ndim - 1; d >= 0; --d) {
+      offset_stride_[d] = offset_stride;
+      offset_stride *= geometry.kernel[d];
+    }
     int64_t total = 0;
     for (int d = 0; d < geometry.ndim; ++d) {
       axis_begin_[d] = total;
       total += geometry.kernel[d];
     }
-    contributions_.resize(total);
+    offset_part_.resize(total);
+    key_part_.resize(total);
   }
 
-  void compute(int64_t row_key, int64_t* keys_out) {
-    int64_t base[kMaxDims];
-    const int64_t batch = unpack_key(row_key, base, row_grid_);
+  // Calls f(k, key) for each kernel offset k (ascending) through which the site (batch,
+  // coord) reaches a site of the target grid, whose key is `key`.
+  template <typename F>
+  void for_each(int64_t batch, const int32_t* coord, const F& f) {
     const int ndim = geometry_.ndim;
+    int64_t count[kMaxDims];
     for (int d = 0; d < ndim; ++d) {
+      count[d] = 0;
       for (int64_t j = 0; j < geometry_.kernel[d]; ++j) {
-        const int64_t c = axis_neighbor(base[d], j, d, geometry_, direct_, target_);
-        contributions_[axis_begin_[d] + j] = c < 0 ? -1 : c * strides_[d];
+        const int64_t c = axis_neighbor(coord[d], j, d, geometry_, direct_, target_);
+        if (c < 0) continue;
+        offset_part_[axis_begin_[d] + count[d]] = j * offset_stride_[d];
+        key_part_[axis_begin_[d] + count[d]] = c * key_stride_[d];
+        ++count[d];
       }
+      if (count[d] == 0) return;
     }
     int64_t index[kMaxDims] = {0, 0, 0, 0};
     const int64_t batch_key = batch * batch_stride_;
-    for (int64_t k = 0; k < geometry_.volume; ++k) {
-      int64_t key = batch_key;
-      bool inside = true;
+    while (true) {
+      int64_t k = 0, key = batch_key;
       for (int d = 0; d < ndim; ++d) {
-        const int64_t part = contributions_[axis_begin_[d] + index[d]];
-        inside = inside && part >= 0;
-        key += part;
+        k += offset_part_[axis_begin_[d] + index[d]];
+        key += key_part_[axis_begin_[d] + index[d]];
       }
-      keys_out[k] = inside ? key : -1;
-      for (int d = ndim - 1; d >= 0; --d) {  // next offset in row-major order
-        if (++index[d] < geometry_.kernel[d]) break;
+      f(k, key);
+      int d = ndim - 1;  // next combination, last axis fastest
+      for (; d >= 0; --d) {
+        if (++index[d] < count[d]) break;
         index[d] = 0;
       }
+      if (d < 0) return;
     }
   }
 
  private:
-  Grid row_grid_;
   ConvGeometry geometry_;
   bool direct_;
   Grid target_;
-  int64_t strides_[kMaxDims];
+  int64_t key_stride_[kMaxDims];
+  int64_t offset_stride_[kMaxDims];
   int64_t batch_stride_;
   int64_t axis_begin_[kMaxDims];
-  std::vector<int64_t> contributions_;
+  std::vector<int64_t> offset_part_;  // per axis: kernel-offset contribution of each valid index
+  std::vector<int64_t> key_part_;     // per axis: key contribution of the site it reaches
 };
 
-// Fills table[row, k] = target row reached from `row_keys[row]` through offset k, or -1.
-at::Tensor neighbor_table(const std::vector<int64_t>& row_keys, const Grid& row_grid,
-                          const ConvGeometry& geometry, bool direct, const Grid& target_grid,
-                          HashTableView target) {
-  const int64_t rows = static_cast<int64_t>(row_keys.size());
-  const int64_t volume = geometry.volume;
-  at::Tensor table = at::empty({rows, volume}, at::dtype(at::kInt));
-  int32_t* out = table.data_ptr<int32_t>();
-  at::parallel_for(0, rows, kRowGrain / volume + 1, [&](int64_t begin, int64_t end) {
-    NeighborKeys neighbors(row_grid, geometry, direct, target_grid);
-    std::vector<int64_t> keys(volume);
-    for (int64_t r = begin; r < end; ++r) {
-      neighbors.compute(row_keys[r], keys.data());
-      int32_t* row_out = out + r * volume;
-      for (int64_t k = 0; k < volume; ++k) row_out[k] = keys[k] < 0 ? -1 : target.find(keys[k]);
-    }
-  });
-  return table;
-}
+// One entry of a regular conv map: input `row` reaches the output site `key` through kernel
+// offset `offset`.
+struct Reach {
+  int64_t key;
+  int32_t row;
+  int32_t offset;
+};
 
-// The transposed table: out[table[r, k], k] = r. Each (target row, k) is written by exactly one
-// (r, k) (a site reaches one site per offset), so parallel writes never collide.
-at::Tensor transpose_table(const at::Tensor& table, int64_t target_rows) {
-  const int64_t rows = table.size(0), volume = table.size(1);
-  at::Tensor out = at::full({target_rows, volume}, -1, at::dtype(at::kInt));
-  const int32_t* src = table.data_ptr<int32_t>();
-  int32_t* dst = out.data_ptr<int32_t>();
-  at::parallel_for(0, rows, kRowGrain / volume + 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      for (int64_t k = 0; k < volume; ++k) {
-        const int64_t target = src[r * volume + k];
-        if (target >= 0) dst[target * volume + k] = static_cast<int32_t>(r);
-      }
+// Stable LSD radix sort of items by their `key` member, for keys in [0, 2^key_bits).
+template <typename T>
+void radix_sort_by_key(std::vector<T>* items, int key_bits) {
+  const int64_t n = static_cast<int64_t>(items->size());
+  if (n < 2 || key_bits <= 0) return;
+  const int passes = (key_bits + 10) / 11;  // digits of at most 11 bits (2048 buckets)
+  const int digit_bits = (key_bits + passes - 1) / passes;
+  const uint64_t digit_mask = (uint64_t{1} << digit_bits) - 1;
+  std::vector<T> buffer(n);
+  std::vector<int64_t> start(digit_mask + 1);
+  for (int pass = 0; pass < passes; ++pass) {
+    const int shift = pass * digit_bits;
+    std::fill(start.begin(), start.end(), 0);
+    for (const T& item : *items) ++start[(static_cast<uint64_t>(item.key) >> shift) & digit_mask];
+    if (*std::max_element(start.begin(), start.end()) == n) continue;  // one digit: no-op pass
+    int64_t total = 0;
+    for (int64_t& count : start) {
+      const int64_t here = count;
+      count = total;
+      total += here;
     }
-  });
-  return out;
-}
-
-// Keys of every output site reached by an input site, sorted (= by batch, then coordinates).
-// The distinct keys are collected in a hash set sized from an estimate that grows on overflow,
-// so memory follows the number of output sites rather than the candidate count.
-std::vector<int64_t> collect_output_keys(const std::vector<int64_t>& in_keys, const Grid& in_grid,
-                                         const ConvGeometry& geometry, bool direct,
-                                         const Grid& out_grid) {
-  const int64_t n = static_cast<int64_t>(in_keys.size());
-  const int64_t volume = geometry.volume;
-  int64_t capacity = hash_capacity_for(2 * n);
-  while (true) {
-    OwnedHashTable set = make_table(capacity);
-    HashTableView view = set.view();
-    const int64_t max_count = capacity / 2;
-    std::atomic<int64_t> count{0};
-    std::atomic<bool> overflow{false};
-    at::parallel_for(0, n, kRowGrain / volume + 1, [&](int64_t begin, int64_t end) {
-      NeighborKeys neighbors(in_grid, geometry, direct, out_grid);
-      std::vector<int64_t> keys(volume);
-      int64_t slot;
-      for (int64_t r = begin; r < end && !overflow.load(std::memory_order_relaxed); ++r) {
-        neighbors.compute(in_keys[r], keys.data());
-        for (int64_t k = 0; k < volume; ++k) {
-          if (keys[k] < 0) continue;
-          const InsertResult result = view.insert(keys[k], 0, &slot);
-          if (result == InsertResult::kExisting) continue;
-          if (result == InsertResult::kFull || count.fetch_add(1) + 1 > max_count) {
-            overflow = true;
-            break;
-          }
-        }
-      }
-    });
-    if (!overflow.load()) {
-      const int64_t* keys = view.keys;
-      std::vector<int64_t> out;
-      out.reserve(count.load());
-      for (int64_t s = 0; s < capacity; ++s) {
-        if (keys[s] != kEmptyKey) out.push_back(keys[s]);
-      }
-      std::sort(out.begin(), out.end());
-      return out;
+    for (const T& item : *items) {
+      buffer[start[(static_cast<uint64_t>(item.key) >> shift) & digit_mask]++] = item;
     }
-    capacity *= 4;  // load factor exceeded 1/2: retry with a larger set
+    items->swap(buffer);
   }
+}
+
+// Number of bits of the largest key of `grid` with batch_size batches.
+int key_bits(const Grid& grid, int64_t batch_size) {
+  int64_t strides[kMaxDims];
+  const uint64_t largest = static_cast<uint64_t>(key_strides(grid, strides) * batch_size - 1);
+  return largest == 0 ? 0 : 64 - __builtin_clzll(largest);
+}
+
+// Raises when two rows of `indices` are the same site. Keys in ascending order (the output of
+// a conv) need no sort.
+void check_unique_sites(const std::vector<int64_t>& keys, const at::Tensor& indices, int bits) {
+  if (std::adjacent_find(keys.begin(), keys.end(), std::greater_equal<int64_t>()) == keys.end()) {
+    return;
+  }
+  std::vector<Reach> sorted(keys.size());
+  for (size_t r = 0; r < keys.size(); ++r) sorted[r] = {keys[r], static_cast<int32_t>(r), 0};
+  radix_sort_by_key(&sorted, bits);
+  for (size_t i = 1; i < sorted.size(); ++i) {
+    if (sorted[i].key == sorted[i - 1].key) {
+      duplicate_sites_error(sorted[i - 1].row, sorted[i].row, indices);
+    }
+  }
+}
+
+// Every (input row, offset) -> output site reach, in row order then offset order. Rows are
+// split into fixed chunks, each listed by one task and joined in order, so the list does not
+// depend on the number of threads.
+std::vector<Reach> input_reaches(const at::Tensor& indices, const ConvGeometry& geometry,
+                                 bool direct, const Grid& out_grid) {
+  constexpr int64_t kChunkRows = 4096;
+  const int64_t rows = indices.size(0), width = indices.size(1);
+  const int32_t* sites = indices.data_ptr<int32_t>();
+  const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
+  std::vector<std::vector<Reach>> chunk_reaches(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    SiteReach reach(geometry, direct, out_grid);
+    for (int64_t c = c0; c < c1; ++c) {
+      std::vector<Reach>& list = chunk_reaches[c];
+      for (int64_t r = c * kChunkRows; r < std::min(rows, (c + 1) * kChunkRows); ++r) {
+        const int32_t* site = sites + r * width;
+        reach.for_each(site[0], site + 1, [&](int64_t k, int64_t key) {
+          list.push_back({key, static_cast<int32_t>(r), static_cast<int32_t>(k)});
+        });
+      }
+    }
+  });
+  size_t total = 0;
+  for (const auto& list : chunk_reaches) total += list.size();
+  std::vector<Reach> reaches;
+  reaches.reserve(total);
+  for (const auto& list : chunk_reaches) reaches.insert(reaches.end(), list.begin(), list.end());
+  return reaches;
 }
 
 at::Tensor keys_to_indices(const std::vector<int64_t>& keys, const Grid& grid) {
@@ -287,17 +309,18 @@ std::tuple<at::Tensor, at::Tensor> build_subm_map_cpu(const at::Tensor& indices,
   const int64_t centre = volume / 2;
   at::Tensor nbr = at::empty({rows, volume}, at::dtype(at::kInt));
   int32_t* table_out = nbr.data_ptr<int32_t>();
+  const int32_t* sites = contiguous.data_ptr<int32_t>();
+  const int64_t width = contiguous.size(1);
   at::parallel_for(0, rows, kRowGrain / volume + 1, [&](int64_t begin, int64_t end) {
-    NeighborKeys neighbors(grid, geometry, /*direct=*/true, grid);
-    std::vector<int64_t> neighbor_keys(volume);
+    SiteReach reach(geometry, /*direct=*/true, grid);
     for (int64_t r = begin; r < end; ++r) {
-      neighbors.compute(keys[r], neighbor_keys.data());
       int32_t* row = table_out + r * volume;
-      for (int64_t k = 0; k < centre; ++k) {
-        row[k] = neighbor_keys[k] < 0 ? -1 : view.find(neighbor_keys[k]);
-      }
+      std::fill(row, row + volume, -1);
+      const int32_t* site = sites + r * width;
+      reach.for_each(site[0], site + 1, [&](int64_t k, int64_t key) {
+        if (k < centre) row[k] = view.find(key);
+      });
       row[centre] = static_cast<int32_t>(r);
-      std::fill(row + centre + 1, row + volume, -1);
     }
   });
   at::parallel_for(0, rows, kRowGrain / volume + 1, [&](int64_t begin, int64_t end) {
@@ -331,29 +354,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> build_conv_map_cpu(
   const ConvGeometry& geometry = args.geometry;
   const at::Tensor contiguous = indices.contiguous();
   const std::vector<int64_t> in_keys = pack_indices(contiguous, in_grid, batch_size, spatial_shape);
-  OwnedHashTable in_table = build_site_table(in_keys, contiguous);
+  check_unique_sites(in_keys, contiguous, key_bits(in_grid, batch_size));
 
   // Regular conv: output o reads input o*s - p + k*d (direct); an input reaches outputs by the
   // inverse. A transposed conv swaps the two directions.
   const bool input_to_output_direct = transposed;
-  const std::vector<int64_t> out_keys =
-      collect_output_keys(in_keys, in_grid, geometry, input_to_output_direct, out_grid);
-  TORCH_CHECK_VALUE(static_cast<int64_t>(out_keys.size()) <= std::numeric_limits<int32_t>::max(),
-                    "convolution would produce ", out_keys.size(),
-                    " output sites; at most 2^31 - 1 are supported");
-  OwnedHashTable out_table = make_table(hash_capacity_for(static_cast<int64_t>(out_keys.size())));
-  HashTableView out_view = out_table.view();
-  at::parallel_for(0, static_cast<int64_t>(out_keys.size()), kRowGrain,
-                   [&](int64_t begin, int64_t end) {
-                     int64_t slot;
-                     for (int64_t r = begin; r < end; ++r) {
-                       out_view.insert(out_keys[r], static_cast<int32_t>(r), &slot);
-                     }
-                   });
-  // Only the few valid (input, offset) candidates need a lookup; nbr follows by transposition.
-  at::Tensor nbr_t =
-      neighbor_table(in_keys, in_grid, geometry, input_to_output_direct, out_grid, out_view);
-  at::Tensor nbr = transpose_table(nbr_t, static_cast<int64_t>(out_keys.size()));
+  std::vector<Reach> reaches = input_reaches(contiguous, geometry, input_to_output_direct, out_grid);
+  // Sorted by output key (stable, so each output's entries stay in input-row order): the
+  // output sites come out sorted, and both tables follow in one pass without a hash table.
+  radix_sort_by_key(&reaches, key_bits(out_grid, batch_size));
+  std::vector<int64_t> out_keys;
+  for (size_t i = 0; i < reaches.size(); ++i) {
+    if (i == 0 || reaches[i].key != reaches[i - 1].key) out_keys.push_back(reaches[i].key);
+  }
+  const int64_t n_out = static_cast<int64_t>(out_keys.size()), volume = geometry.volume;
+  TORCH_CHECK_VALUE(n_out <= std::numeric_limits<int32_t>::max(), "convolution would produce ",
+                    n_out, " output sites; at most 2^31 - 1 are supported");
+  at::Tensor nbr = at::full({n_out, volume}, -1, at::dtype(at::kInt));
+  at::Tensor nbr_t = at::full({contiguous.size(0), volume}, -1, at::dtype(at::kInt));
+  int32_t* nbr_data = nbr.data_ptr<int32_t>();
+  int32_t* nbr_t_data = nbr_t.data_ptr<int32_t>();
+  int64_t out_row = -1;
+  for (size_t i = 0; i < reaches.size(); ++i) {
+    const Reach& r = reaches[i];
+    if (i == 0 || r.key != reaches[i - 1].key) ++out_row;
+    nbr_data[out_row * volume + r.offset] = r.row;
+    nbr_t_data[r.row * volume + r.offset] = static_cast<int32_t>(out_row);
+  }
   return {keys_to_indices(out_keys, out_grid), nbr, nbr_t};
 }
 
