@@ -13,8 +13,9 @@ Networks:
            per voxel: its xyz), and on the same cloud with 7 copies shifted by +1..+7 m in y
            (913,903 voxels).
 
-Voxelization is plain torch here (floor((p - low) / voxel) in float32, unique), not the
-PointToVoxel op. Every call builds its kernel maps (a new SparseConvTensor per call), as in
+Voxelization of the networks' inputs is plain torch here (floor((p - low) / voxel) in float32,
+unique), not the PointToVoxel op; the op itself is timed last, on the GPU against the CPU, on
+the KITTI frame. Every call builds its kernel maps (a new SparseConvTensor per call), as in
 inference. Each case runs --warmup times, then --repeats times with torch.cuda.synchronize()
 around each call; the median, min, max and the peak memory are reported. With --algos, the
 conv layers run with each CUDA algorithm (SPCONV_LITE_CUDA_CONV_ALGO) in turn.
@@ -160,6 +161,18 @@ def time_call(fn, warmup: int, repeats: int) -> dict:
             "peak_mem_mib": torch.cuda.max_memory_allocated() / 2**20}
 
 
+def time_cpu(fn, warmup: int, repeats: int) -> float:
+    """Median ms of a CPU call."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
 def make_case(net: nn.Module, features, indices, shape, backward: bool):
     def run():
         x = features.detach().requires_grad_(backward)
@@ -258,6 +271,25 @@ def main() -> None:
             results.append({"network": name, "input": input_name, "dtype": "-", "pass": "-",
                             "algo": "-", **stats})
             print(f"{name:<22} {input_name:<13} {stats['median_ms']:>10.2f} ms")
+
+    # Voxelization of the KITTI frame (PointToVoxel, OpenPCDet's KITTI settings): the points
+    # already on the GPU, against the CPU op on the same points (results must be identical).
+    points = np.fromfile(data / "kitti_object_training_000000.bin", dtype=np.float32)
+    points = torch.from_numpy(points.reshape(-1, 4))
+    config = ([0.05, 0.05, 0.1], [0, -40, -3, 70.4, 40, 1], 4, 40000, 5)
+    voxelizers = {d: sp.PointToVoxel(*config, device=d) for d in ("cpu", "cuda")}
+    clouds = {"cpu": points, "cuda": points.to(device)}
+    for name, method in (("voxelize", "generate_voxel_with_id"),
+                         ("voxelize_mean", "generate_voxel_mean")):
+        calls = {d: (lambda d=d: getattr(voxelizers[d], method)(clouds[d])) for d in clouds}
+        identical = all(torch.equal(a, b.cpu()) for a, b in zip(calls["cpu"](), calls["cuda"]()))
+        stats = time_call(calls["cuda"], args.warmup, args.repeats)
+        cpu_ms = time_cpu(calls["cpu"], args.warmup, args.repeats)
+        results.append({"network": name, "input": "kitti", "dtype": "float32", "pass": "-",
+                        "algo": "-", "cpu_median_ms": cpu_ms, "identical_to_cpu": identical,
+                        **stats})
+        print(f"{name:<22} {'kitti':<13} {stats['median_ms']:>10.2f} ms (CPU {cpu_ms:.2f} ms, "
+              f"{torch.get_num_threads()} threads; identical: {identical})")
 
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,8 @@ if [ $BUILD_RC -eq 0 ]; then
     python - <<'PY'
 import torch, spconv_lite
 ops = ["build_subm_map", "build_conv_map", "sparse_conv", "sparse_conv_weight_grad",
-       "sparse_sum_pool", "sparse_max_pool", "sparse_max_pool_backward"]
+       "sparse_sum_pool", "sparse_max_pool", "sparse_max_pool_backward", "voxelize",
+       "voxelize_mean"]
 missing = [op for op in ops
            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"spconv_lite::{op}", "CUDA")]
 print("spconv_lite from", spconv_lite.__file__)

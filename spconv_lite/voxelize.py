@@ -137,7 +137,8 @@ class PointToVoxel:
         num_point_features: columns of the point clouds (x, y, z first).
         max_num_voxels: at most this many voxels per cloud.
         max_num_points_per_voxel: slots per voxel, ``P``.
-        device: device of the point clouds.
+        device: device of the point clouds and of the outputs (``"cpu"`` or a CUDA device;
+            numpy clouds are copied there). Both give identical results.
 
     Attributes (as spconv, in z, y, x order): ``vsize``, ``grid_size``, ``grid_stride``,
     ``coors_range``; ``spatial_shape`` is ``grid_size`` as a list for ``SparseConvTensor``.
@@ -183,8 +184,8 @@ class PointToVoxel:
         return list(self.grid_size)
 
     def _points(self, pc: PointsLike) -> Tensor:
-        if isinstance(pc, np.ndarray):
-            pc = torch.from_numpy(pc)
+        if isinstance(pc, np.ndarray):  # host memory: goes to this voxelizer's device
+            pc = torch.from_numpy(pc).to(self.device)
         if not isinstance(pc, Tensor):
             raise TypeError(f"pc must be a torch.Tensor or numpy array, got {type(pc).__name__}")
         if not pc.is_floating_point():

@@ -89,6 +89,33 @@ def distinct_values(gen: torch.Generator, *shape, dtype=torch.float64) -> Tensor
     return values.reshape(shape).to(dtype)
 
 
+def voxel_cloud(gen: torch.Generator, n: int, columns: int, voxel_size: Sequence[float],
+                range_min: Sequence[float], grid_size: Sequence[int]) -> Tensor:
+    """float32 ``[n, columns]`` points for the voxelize ops: spread over the range and a margin
+    past both ends, a third snapped onto voxel borders, many repeated voxels (copied rows, some
+    then moved by up to 1e-3), and NaN / infinite values in coordinate and feature
+    columns."""
+    ndim = len(voxel_size)
+    size = torch.tensor(voxel_size, dtype=torch.float64)
+    low = torch.tensor(range_min, dtype=torch.float64)
+    span = size * torch.tensor(grid_size, dtype=torch.float64)
+    pts = torch.rand(n, columns, generator=gen, dtype=torch.float64) * 4 - 1
+    spread = torch.rand(n, ndim, generator=gen, dtype=torch.float64) * 1.2 - 0.1
+    pts[:, :ndim] = low + spread * span
+    border = torch.rand(n, generator=gen) < 0.3
+    snapped = low + torch.round((pts[:, :ndim] - low) / size) * size
+    pts[border, :ndim] = snapped[border]
+    copies = torch.randint(0, n, (n // 3,), generator=gen)
+    pts[torch.randint(0, n, (n // 3,), generator=gen)] = pts[copies]
+    moved = torch.randint(0, n, (n // 4,), generator=gen)
+    pts[moved, :ndim] += torch.rand(len(moved), ndim, generator=gen, dtype=torch.float64) * 1e-3
+    pts = pts.float()
+    for column, value in [(0, math.nan), (ndim - 1, math.inf), (columns - 1, -math.inf),
+                          (columns - 1, math.nan)]:
+        pts[torch.randint(0, n, (max(1, n // 100),), generator=gen), column] = value
+    return pts
+
+
 def densify(features: Tensor, indices: Tensor, shape: Sequence[int], batch_size: int,
             fill: float = 0.0) -> Tensor:
     """Differentiable scatter of ``[N, C]`` features to dense ``[B, C, *shape]``."""

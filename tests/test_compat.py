@@ -113,9 +113,8 @@ def test_point_to_voxel_path():
         with pytest.raises(ImportError, match="voxelize"):
             from spconv_lite.pytorch.utils import PointToVoxel  # noqa: F401
     else:
-        from spconv_lite.voxelize import PointToVoxel as direct
-
         from spconv_lite.pytorch.utils import PointToVoxel
+        from spconv_lite.voxelize import PointToVoxel as direct
 
         assert PointToVoxel is direct
 

@@ -1,6 +1,7 @@
 """CUDA against CPU on identical inputs: kernel maps (bitwise), convolution forward and
 gradients with both CUDA algorithms, pooling, whole networks, float16 / bfloat16 against
-float32, determinism, errors, and inputs with more than 2^31 neighbour-table entries.
+float32, voxelization (bitwise), determinism, errors, and inputs with more than 2^31
+neighbour-table entries.
 
 Skipped without a GPU. The rest of the suite also runs on CUDA through helpers.DEVICES; this
 file holds what only makes sense with two devices.
@@ -10,7 +11,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import case_id, distinct_values, kio_weight, make_gen, randn, random_sites
+from helpers import (
+    case_id,
+    distinct_values,
+    kio_weight,
+    make_gen,
+    randn,
+    random_sites,
+    voxel_cloud,
+)
 from torch import nn
 
 import spconv_lite as sp
@@ -362,3 +371,60 @@ def test_kio_weight_layout_on_cuda():
     nbr, nbr_t = ops.build_subm_map(idx.to(CUDA), [5, 5, 5], 1, [3, 3, 3], [1, 1, 1])
     got = ops.sparse_conv(f.to(CUDA), kio_weight(layer.weight).to(CUDA), nbr, nbr_t)
     torch.testing.assert_close(got.cpu(), want, **PARITY_TOL[torch.float64])
+
+
+# ----------------------------------------------------------------------------- voxelization
+
+# (voxel_size, range_min, grid_size, columns, points, max_points_per_voxel, max_voxels)
+VOXEL_CASES = [
+    ((0.05, 0.05, 0.1), (0.0, -40.0, -3.0), (1408, 1600, 40), 4, 200_000, 5, 40_000),
+    ((0.5, 0.5, 0.5), (-2.0, -2.0, -2.0), (8, 8, 8), 3, 20_000, 1, 1000),
+    ((0.25, 0.25, 0.25), (0.0, 0.0, 0.0), (8, 8, 8), 5, 20_000, 35, 50),
+    ((0.25, 0.5), (0.0, 0.0), (16, 8), 3, 5000, 3, 1000),
+    ((0.5, 0.5, 0.5, 1.0), (0.0, 0.0, 0.0, -2.0), (4, 4, 4, 4), 5, 5000, 5, 1000),
+]
+
+
+@pytest.mark.parametrize("case", VOXEL_CASES, ids=case_id)
+def test_voxelize_is_identical(case):
+    size, low, grid, columns, n, max_points, max_voxels = case
+    points = voxel_cloud(make_gen("parity_voxelize", case), n, columns, size, low, grid)
+    geometry = (list(size), list(low), list(grid))
+    for empty_mean in (False, True):
+        assert_equal_lists(*both(lambda p: OPS.voxelize(p, *geometry, max_points, max_voxels,
+                                                        empty_mean), points))
+    assert_equal_lists(*both(lambda p: OPS.voxelize_mean(p, *geometry, max_voxels), points))
+
+
+def test_point_to_voxel_on_cuda_matches_cpu_on_a_lidar_frame():
+    from lidar_frames import FRAMES
+
+    frame = FRAMES[0]  # KITTI object frame 000000
+    points = frame.points()
+    cpu, gpu = (sp.PointToVoxel(frame.vsize, frame.coors_range, points.shape[1],
+                                frame.max_voxels, frame.max_points, device=device)
+                for device in ("cpu", CUDA))
+    want = cpu.generate_voxel_with_id(points)
+    got = gpu.generate_voxel_with_id(points)  # a numpy cloud goes to the voxelizer's device
+    assert all(t.device.type == "cuda" for t in got)
+    assert_equal_lists(list(want), [t.cpu() for t in got])
+    assert_equal_lists(list(cpu.generate_voxel_mean(points)),
+                       [t.cpu() for t in gpu.generate_voxel_mean(points)])
+
+
+def test_voxelize_is_deterministic():
+    points = voxel_cloud(make_gen("parity_voxel_det"), 300_000, 4, (0.1, 0.1, 0.2),
+                         (0.0, 0.0, 0.0), (500, 500, 20)).to(CUDA)
+    geometry = ([0.1, 0.1, 0.2], [0.0, 0.0, 0.0], [500, 500, 20])
+    first = OPS.voxelize(points, *geometry, 5, 100_000, True)
+    assert_equal_lists(list(first), list(OPS.voxelize(points, *geometry, 5, 100_000, True)))
+
+
+def test_voxelize_bad_arguments_raise_like_cpu():
+    points = torch.zeros(4, 3, device=CUDA)
+    with pytest.raises(ValueError, match="voxel_size must be finite and positive"):
+        OPS.voxelize(points, [0.1, 0.0, 0.1], [0.0] * 3, [10] * 3, 5, 10, False)
+    with pytest.raises(ValueError, match="points must be"):
+        OPS.voxelize_mean(points[:, :2], [0.1] * 3, [0.0] * 3, [10] * 3, 10)
+    with pytest.raises(TypeError, match="points must be float32"):
+        OPS.voxelize_mean(points.double(), [0.1] * 3, [0.0] * 3, [10] * 3, 10)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import DEVICES
 from lidar_frames import (
     EXACT_VOXELS,
     FRAME_IDS,
@@ -132,30 +133,36 @@ def threads():
 
 def assert_outputs_equal(ours, expected) -> None:
     for name, a, b in zip(("voxels", "coordinates", "num", "point_voxel_id"), ours, expected):
-        b = torch.as_tensor(b)
+        a, b = a.cpu(), torch.as_tensor(b)
         assert a.dtype == b.dtype, name
         assert a.shape == b.shape, name
         assert torch.equal(a, b), name
 
 
+def on(device: str, outputs: tuple) -> tuple:
+    """Checks that every output is on ``device`` and returns CPU copies."""
+    assert all(t.device.type == device for t in outputs)
+    return tuple(t.cpu() for t in outputs)
+
+
 # ----------------------------------------------------------------------------- synthetic
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(CONFIGS))
-def test_matches_reference_loop(case):
+def test_matches_reference_loop(case, device):
     vsize, coors_range, columns, max_points, max_voxels = CONFIGS[case]
     pts = synthetic_cloud(case, vsize, coors_range, columns)
-    gen = PointToVoxel(vsize, coors_range, columns, max_voxels, max_points)
+    gen = PointToVoxel(vsize, coors_range, columns, max_voxels, max_points, device=device)
     voxels, coords, num, ids, means = reference_voxelize(
         pts, vsize, coors_range, max_points, max_voxels
     )
-    assert_outputs_equal(
-        gen.generate_voxel_with_id(torch.from_numpy(pts)), (voxels, coords, num, ids)
-    )
-    mean_out = gen.generate_voxel_mean(torch.from_numpy(pts))
+    pc = torch.from_numpy(pts).to(device)
+    assert_outputs_equal(on(device, gen.generate_voxel_with_id(pc)), (voxels, coords, num, ids))
+    mean_out = on(device, gen.generate_voxel_mean(pc))
     counts = np.bincount(ids[ids >= 0], minlength=len(coords)).astype(np.int32)
     assert_outputs_equal(mean_out, (means, coords, counts, ids))
-    filled = gen.generate_voxel_with_id(torch.from_numpy(pts), empty_mean=True)[0]
+    filled = on(device, gen.generate_voxel_with_id(pc, empty_mean=True))[0]
     assert torch.equal(filled, torch.from_numpy(fill_empty_with_mean(voxels, num)))
 
 
@@ -193,40 +200,48 @@ def test_grid_size_as_spconv(vsize, coors_range):
     assert gen.coors_range == list(reference.coors_range)
 
 
-def test_empty_cloud():
-    gen = PointToVoxel((0.1, 0.1, 0.1), (0, 0, 0, 1, 1, 1), 4, 10, 3)
-    voxels, coords, num, ids = gen.generate_voxel_with_id(torch.zeros(0, 4))
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_cloud(device):
+    gen = PointToVoxel((0.1, 0.1, 0.1), (0, 0, 0, 1, 1, 1), 4, 10, 3, device=device)
+    empty = torch.zeros(0, 4, device=device)
+    voxels, coords, num, ids = on(device, gen.generate_voxel_with_id(empty))
     assert voxels.shape == (0, 3, 4) and coords.shape == (0, 3) and num.shape == (0,)
     assert ids.shape == (0,) and ids.dtype == torch.int64
-    features, coords, num, ids = gen.generate_voxel_mean(torch.zeros(0, 4))
+    features, coords, num, ids = on(device, gen.generate_voxel_mean(empty))
     assert features.shape == (0, 4) and coords.shape == (0, 3)
 
 
-def test_non_finite_points_are_dropped():
-    gen = PointToVoxel((1, 1, 1), (0, 0, 0, 4, 4, 4), 4, 10, 3)
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_finite_points_are_dropped(device):
+    gen = PointToVoxel((1, 1, 1), (0, 0, 0, 4, 4, 4), 4, 10, 3, device=device)
     pts = torch.tensor(
         [[0.5, 0.5, 0.5, 1], [np.nan, 0.5, 0.5, 1], [0.5, np.inf, 0.5, 1], [0.6, 0.5, 0.5, np.nan],
          [0.7, 0.5, 0.5, 2], [-np.inf, 0, 0, 0]]
     )  # fmt: skip
-    voxels, coords, num, ids = gen.generate_voxel_with_id(pts)
+    voxels, coords, num, ids = on(device, gen.generate_voxel_with_id(pts.to(device)))
     assert ids.tolist() == [0, -1, -1, -1, 0, -1]
     assert num.tolist() == [2] and torch.isfinite(voxels).all()
 
 
-def test_non_contiguous_and_float64_input():
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_and_float64_input(device):
     pts = synthetic_cloud("strided", (0.3, 0.3, 0.3), (0, 0, 0, 2, 2, 2), 4)
-    gen = PointToVoxel((0.3, 0.3, 0.3), (0, 0, 0, 2, 2, 2), 4, 1000, 4)
-    expected = gen.generate_voxel_with_id(torch.from_numpy(pts))
-    wide = torch.zeros(len(pts), 8)
-    wide[:, ::2] = torch.from_numpy(pts)
-    assert_outputs_equal(gen.generate_voxel_with_id(wide[:, ::2]), expected)
-    assert_outputs_equal(gen.generate_voxel_with_id(pts.astype(np.float64)), expected)
+    expected = PointToVoxel((0.3, 0.3, 0.3), (0, 0, 0, 2, 2, 2), 4, 1000, 4)(
+        torch.from_numpy(pts)
+    )
+    gen = PointToVoxel((0.3, 0.3, 0.3), (0, 0, 0, 2, 2, 2), 4, 1000, 4, device=device)
+    wide = torch.zeros(len(pts), 8, device=device)
+    wide[:, ::2] = torch.from_numpy(pts).to(device)
+    assert_outputs_equal(on(device, gen(wide[:, ::2])), expected)
+    float64 = torch.from_numpy(pts.astype(np.float64)).to(device)
+    assert_outputs_equal(on(device, gen(float64)), expected)
 
 
-def test_points_past_a_full_voxel_keep_their_id():
-    gen = PointToVoxel((1, 1, 1), (0, 0, 0, 2, 2, 2), 3, 10, 2)
+@pytest.mark.parametrize("device", DEVICES)
+def test_points_past_a_full_voxel_keep_their_id(device):
+    gen = PointToVoxel((1, 1, 1), (0, 0, 0, 2, 2, 2), 3, 10, 2, device=device)
     pts = torch.tensor([[0.1, 0.1, 0.1], [0.2, 0.1, 0.1], [1.5, 0.1, 0.1], [0.3, 0.1, 0.1]])
-    voxels, coords, num, ids = gen.generate_voxel_with_id(pts)
+    voxels, coords, num, ids = on(device, gen.generate_voxel_with_id(pts.to(device)))
     assert ids.tolist() == [0, 0, 1, 0] and num.tolist() == [2, 1]
     assert coords.tolist() == [[0, 0, 0], [0, 0, 1]]
     assert torch.equal(voxels[0], pts[:2])
@@ -253,17 +268,19 @@ def test_calls_do_not_leak_into_each_other():
 
 @pytest.fixture(scope="module")
 def frame_outputs():
-    """Our PointToVoxel output per frame (computed once)."""
-    cache: dict[str, tuple] = {}
+    """Our PointToVoxel output per frame and device (computed once), as CPU tensors."""
+    cache: dict[tuple[str, str], tuple] = {}
 
-    def get(frame: Frame):
-        if frame.id not in cache:
+    def get(frame: Frame, device: str = "cpu"):
+        if (frame.id, device) not in cache:
             pts = frame.points()
             gen = PointToVoxel(
-                frame.vsize, frame.coors_range, pts.shape[1], frame.max_voxels, frame.max_points
+                frame.vsize, frame.coors_range, pts.shape[1], frame.max_voxels, frame.max_points,
+                device=device,
             )
-            cache[frame.id] = (pts, gen.generate_voxel_with_id(torch.from_numpy(pts)))
-        return cache[frame.id]
+            outputs = gen.generate_voxel_with_id(torch.from_numpy(pts).to(device))
+            cache[frame.id, device] = (pts, on(device, outputs))
+        return cache[frame.id, device]
 
     return get
 
@@ -271,17 +288,19 @@ def frame_outputs():
 README_FRAMES = [f for f in FRAMES if f.voxels is not None]  # the .ply is not in its table
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("frame", README_FRAMES, ids=[f.id for f in README_FRAMES])
-def test_frame_counts_and_hash_as_readme(frame, frame_outputs):
-    _, (voxels, coords, num, _) = frame_outputs(frame)
+def test_frame_counts_and_hash_as_readme(frame, device, frame_outputs):
+    _, (voxels, coords, num, _) = frame_outputs(frame, device)
     assert len(coords) == frame.voxels
     assert int(num.sum()) == frame.points_kept
     assert sorted_coords_sha16(coords) == frame.coords_sha16
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("frame", FRAMES, ids=FRAME_IDS)
-def test_frame_matches_spconv(frame, frame_outputs):
-    pts, ours = frame_outputs(frame)
+def test_frame_matches_spconv(frame, device, frame_outputs):
+    pts, ours = frame_outputs(frame, device)
     assert_outputs_equal(ours, SpconvCache.voxelize(frame, pts))
 
 
@@ -290,8 +309,9 @@ def test_frame_matches_spconv(frame, frame_outputs):
     EXACT_VOXELS,
     ids=[f"{FRAMES[e[0]].id}-voxel{e[1]}" for e in EXACT_VOXELS],
 )
-def test_exact_voxels(frame_index, row, coordinates, stored, file_rows, frame_outputs):
-    pts, (voxels, coords, num, ids) = frame_outputs(FRAMES[frame_index])
+@pytest.mark.parametrize("device", DEVICES)
+def test_exact_voxels(frame_index, row, coordinates, stored, file_rows, device, frame_outputs):
+    pts, (voxels, coords, num, ids) = frame_outputs(FRAMES[frame_index], device)
     assert tuple(coords[row].tolist()) == coordinates
     assert int(num[row]) == stored
     assert torch.equal(voxels[row, :stored], torch.from_numpy(pts[list(file_rows)]))
@@ -412,19 +432,23 @@ def test_bad_points_raise(points, error, name):
         (dict(points=torch.zeros(4, 2)), "points"),
     ],
 )
-def test_op_checks_its_arguments(kwargs, name):
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_checks_its_arguments(kwargs, name, device):
     args = dict(
         points=torch.zeros(4, 3), voxel_size=[0.1] * 3, range_min=[0.0] * 3, grid_size=[10] * 3,
         max_points_per_voxel=5, max_voxels=10,
     )  # fmt: skip
     args.update(kwargs)
+    args["points"] = args["points"].to(device)
     with pytest.raises(ValueError, match=name):
         ops.voxelize(**args)
 
 
-def test_op_rejects_non_float32_points():
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_rejects_non_float32_points(device):
+    points = torch.zeros(4, 3, dtype=torch.float64, device=device)
     with pytest.raises(TypeError, match="points must be float32"):
-        ops.voxelize(torch.zeros(4, 3, dtype=torch.float64), [1.0] * 3, [0.0] * 3, [2] * 3, 1, 1)
+        ops.voxelize(points, [1.0] * 3, [0.0] * 3, [2] * 3, 1, 1)
 
 
 # ----------------------------------------------------------------------------- dispatcher
@@ -453,14 +477,21 @@ def test_voxel_to_point_maps_results_back():
         voxel_to_point(coords[:1].float(), ids)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dynamic", [False, True], ids=["mean-of-kept", "dynamic"])
-def test_batch_point_clouds(dynamic):
-    gen = PointToVoxel([0.5] * 3, [0, 0, 0, 2, 2, 2], 4, 1000, 2)
+def test_batch_point_clouds(dynamic, device):
+    gen = PointToVoxel([0.5] * 3, [0, 0, 0, 2, 2, 2], 4, 1000, 2, device=device)
     clouds = [
-        synthetic_cloud(f"batch{b}", (0.5,) * 3, (0, 0, 0, 2, 2, 2), 4, n=300) for b in range(3)
+        torch.from_numpy(synthetic_cloud(f"batch{b}", (0.5,) * 3, (0, 0, 0, 2, 2, 2), 4, n=300))
+        for b in range(3)
     ]
-    x, point_rows = batch_point_clouds(clouds, gen, dynamic=dynamic, return_point_ids=True)
+    x, point_rows = batch_point_clouds(
+        [c.to(device) for c in clouds], gen, dynamic=dynamic, return_point_ids=True
+    )
     assert isinstance(x, spconv_lite.SparseConvTensor)
+    assert x.features.device.type == device and x.indices.device.type == device
+    x = spconv_lite.SparseConvTensor(x.features.cpu(), x.indices.cpu(), x.spatial_shape, 3)
+    point_rows = [rows.cpu() for rows in point_rows]
     assert x.batch_size == 3 and x.spatial_shape == [4, 4, 4]
     start = 0
     for b, cloud in enumerate(clouds):

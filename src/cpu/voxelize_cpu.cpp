@@ -5,6 +5,8 @@
 // point is dropped when that lies outside [0, grid_size[d]) or when any of its values is not
 // finite. Voxels are numbered in order of their first point; voxels past max_voxels are dropped.
 //
+// The grid and its checks are shared with the CUDA op (include/spconv_lite/voxel_grid.h).
+//
 // Memory follows the number of points, never the grid volume: the distinct voxels are found
 // with the shared open-addressing hash table (include/spconv_lite/hash_table.h) instead of a
 // dense grid. Passes:
@@ -27,13 +29,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <limits>
 #include <tuple>
 #include <vector>
 
 #include "spconv_lite/checks.h"
 #include "spconv_lite/coords.h"
 #include "spconv_lite/hash_table.h"
+#include "spconv_lite/voxel_grid.h"
 
 namespace spconv_lite {
 namespace {
@@ -62,49 +64,22 @@ using Float4 = float __attribute__((vector_size(16)));
 using Int4 = int32_t __attribute__((vector_size(16)));
 static_assert(kMaxDims == 4, "one vector lane per axis");
 
-// Checked voxel grid, and the exact float32 quantization of points on it.
+// The exact float32 quantization of points on a checked grid (voxel_grid.h), four lanes at a
+// time: the same operations as quantize_point there.
 class PointQuantizer {
  public:
-  PointQuantizer(c10::ArrayRef<double> voxel_size, c10::ArrayRef<double> range_min,
-                 c10::IntArrayRef grid_size) {
-    ndim_ = static_cast<int>(voxel_size.size());
-    TORCH_CHECK_VALUE(ndim_ >= 1 && ndim_ <= kMaxDims, "voxel_size must have 1 to ", kMaxDims,
-                      " entries, got ", voxel_size);
-    TORCH_CHECK_VALUE(static_cast<int>(range_min.size()) == ndim_ &&
-                          static_cast<int>(grid_size.size()) == ndim_,
-                      "voxel_size ", voxel_size, ", range_min ", range_min, " and grid_size ",
-                      grid_size, " must have the same length");
-    // Keys are row-major over (z, y, x); make_grid checks sizes >= 1 and the volume < 2^62.
-    std::vector<int64_t> shape_zyx(grid_size.rbegin(), grid_size.rend());
-    grid_ = make_grid(shape_zyx, 1, "grid_size (z, y, x)");
-    int64_t stride = 1;
+  explicit PointQuantizer(const VoxelGrid& g) : ndim_(g.ndim) {
     for (int d = 0; d < kMaxDims; ++d) {
       // Lanes past ndim quantize a zeroed value to coordinate 0 with key stride 0.
-      const bool axis = d < ndim_;
-      const float size = axis ? static_cast<float>(voxel_size[d]) : 1.f;
-      const float low = axis ? static_cast<float>(range_min[d]) : 0.f;
-      TORCH_CHECK_VALUE(std::isfinite(size) && size > 0.f,
-                        "voxel_size must be finite and positive in float32, got ", voxel_size);
-      TORCH_CHECK_VALUE(std::isfinite(low), "range_min must be finite, got ", range_min);
-      const int64_t cells = axis ? grid_size[d] : 1;
-      TORCH_CHECK_VALUE(cells <= std::numeric_limits<int32_t>::max(), "grid_size ", grid_size,
-                        " does not fit the int32 output coordinates");
-      size_[d] = size;
-      low_[d] = low;
-      // floor(q) < cells <=> q < cells <=> q < the smallest float >= cells (exact for any size).
-      float limit = static_cast<float>(cells);
-      if (static_cast<double>(limit) < static_cast<double>(cells)) {
-        limit = std::nextafter(limit, std::numeric_limits<float>::infinity());
-      }
-      limit_[d] = limit;
-      lane_mask_[d] = axis ? -1 : 0;
-      stride_[d] = axis ? stride : 0;
-      stride *= cells;
+      size_[d] = g.size[d];
+      low_[d] = g.low[d];
+      limit_[d] = g.limit[d];
+      lane_mask_[d] = d < ndim_ ? -1 : 0;
+      stride_[d] = g.stride[d];
     }
   }
 
   int ndim() const { return ndim_; }
-  const Grid& grid() const { return grid_; }
 
   // Voxel coordinates (x, y, z, ... lanes) of the point of `columns` values at p, whose first
   // kLoad = min(columns, 4) values are read as a vector. Returns false when the point is
@@ -134,7 +109,6 @@ class PointQuantizer {
 
  private:
   int ndim_;
-  Grid grid_;
   Float4 size_, low_, limit_;
   Int4 lane_mask_;
   int64_t stride_[kMaxDims];
@@ -321,16 +295,6 @@ void write_coordinates(const VoxelAssignment& a, const float* points, int64_t co
   }
 }
 
-void check_points(const at::Tensor& points, int64_t ndim) {
-  TORCH_CHECK_TYPE(points.scalar_type() == at::kFloat, "points must be float32, got ",
-                   points.scalar_type());
-  TORCH_CHECK_VALUE(points.dim() == 2 && points.size(1) >= ndim,
-                    "points must be [N, C] with C >= ", ndim, " (coordinates first), got ",
-                    points.sizes());
-  TORCH_CHECK_VALUE(points.size(0) < std::numeric_limits<int32_t>::max(), "points has ",
-                    points.size(0), " rows; at most 2^31 - 2 are supported");
-}
-
 // Runs f(begin, end, coords) over ranges of the voxels in parallel after writing the
 // coordinates of those voxels into coords [M, ndim].
 template <typename F>
@@ -351,11 +315,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
     const at::Tensor& points, c10::ArrayRef<double> voxel_size, c10::ArrayRef<double> range_min,
     c10::IntArrayRef grid_size, int64_t max_points_per_voxel, int64_t max_voxels,
     bool empty_mean) {
-  const PointQuantizer quantizer(voxel_size, range_min, grid_size);
-  check_points(points, quantizer.ndim());
-  TORCH_CHECK_VALUE(max_points_per_voxel >= 1, "max_points_per_voxel must be >= 1, got ",
-                    max_points_per_voxel);
-  TORCH_CHECK_VALUE(max_voxels >= 0, "max_voxels must be >= 0, got ", max_voxels);
+  const PointQuantizer quantizer(check_voxelize_args(points, voxel_size, range_min, grid_size,
+                                                     max_points_per_voxel, max_voxels));
   const at::Tensor input = points.contiguous();
   const float* data = input.data_ptr<float>();
   const int64_t n = input.size(0), columns = input.size(1), slots = max_points_per_voxel;
@@ -403,9 +364,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_mean_cpu(
     const at::Tensor& points, c10::ArrayRef<double> voxel_size, c10::ArrayRef<double> range_min,
     c10::IntArrayRef grid_size, int64_t max_voxels) {
-  const PointQuantizer quantizer(voxel_size, range_min, grid_size);
-  check_points(points, quantizer.ndim());
-  TORCH_CHECK_VALUE(max_voxels >= 0, "max_voxels must be >= 0, got ", max_voxels);
+  const PointQuantizer quantizer(check_voxelize_args(points, voxel_size, range_min, grid_size,
+                                                     std::nullopt, max_voxels));
   const at::Tensor input = points.contiguous();
   const float* data = input.data_ptr<float>();
   const int64_t n = input.size(0), columns = input.size(1);

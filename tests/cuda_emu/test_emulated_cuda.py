@@ -22,7 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/helpers.py
 
-from helpers import case_id, distinct_values, make_gen, randn, random_sites
+from helpers import case_id, distinct_values, make_gen, randn, random_sites, voxel_cloud
+
+from spconv_lite.voxelize import GridGeometry
 
 if os.environ.get("SPCONV_LITE_CUDA_EMULATION", "0") in ("", "0"):
     pytest.skip("CUDA emulation tests run with SPCONV_LITE_CUDA_EMULATION=1",
@@ -300,3 +302,106 @@ def test_pooling_of_zero_rows():
     out, arg = EMU.sparse_max_pool(x, empty, empty)
     assert out.shape == arg.shape == (0, 3)
     assert EMU.sparse_max_pool_backward(out, arg, empty).shape == (0, 3)
+
+
+# ----------------------------------------------------------------------------- voxelization
+
+# (name, voxel_size, range_min, grid_size, columns, points, max_points_per_voxel, max_voxels)
+VOXEL_CASES = [
+    ("kitti-like", (0.05, 0.05, 0.1), (0.0, -40.0, -3.0), (1408, 1600, 40), 4, 3000, 5, 40000),
+    ("coarse-p1", (0.5, 0.5, 0.5), (-2.0, -2.0, -2.0), (8, 8, 8), 3, 2000, 1, 1000),
+    ("voxel-cap", (0.25, 0.25, 0.25), (0.0, 0.0, 0.0), (8, 8, 8), 5, 2000, 5, 37),
+    ("no-voxels", (0.5, 0.5, 0.5), (0.0, 0.0, 0.0), (4, 4, 4), 4, 300, 5, 0),
+    ("odd-sizes", (0.3, 0.07, 0.9), (-1.1, 2.0, -3.0), (7, 31, 3), 4, 2500, 5, 100000),
+    ("1d", (0.1,), (-1.0,), (40,), 3, 1000, 5, 1000),
+    ("2d", (0.25, 0.5), (0.0, 0.0), (16, 8), 3, 1500, 1, 1000),
+    ("4d", (0.5, 0.5, 0.5, 1.0), (0.0, 0.0, 0.0, -2.0), (4, 4, 4, 4), 5, 2000, 5, 1000),
+    ("huge-grid", (1e-4, 1e-4, 1e-4), (-1.0, -1.0, -1.0), (20000, 20000, 20000), 4, 1500, 5,
+     1000),
+]
+
+
+def voxel_case_args(case):
+    _, size, low, grid, columns, n, max_points, max_voxels = case
+    points = voxel_cloud(make_gen("voxelize", case), n, columns, size, low, grid)
+    return points, (list(size), list(low), list(grid)), max_points, max_voxels
+
+
+@pytest.mark.parametrize("empty_mean", [False, True], ids=["zeros", "empty_mean"])
+@pytest.mark.parametrize("case", VOXEL_CASES, ids=lambda c: c[0])
+def test_voxelize(case, empty_mean):
+    points, grid, max_points, max_voxels = voxel_case_args(case)
+    args = (*grid, max_points, max_voxels, empty_mean)
+    want = CPU.voxelize(points, *args)
+    assert_same(EMU.voxelize(points, *args), want)
+    if case[0] != "no-voxels":  # the cloud has dropped points and voxels of several points
+        assert (want[3] == -1).any() and int(want[2].max()) > 1 or max_points == 1
+
+
+@pytest.mark.parametrize("case", VOXEL_CASES, ids=lambda c: c[0])
+def test_voxelize_mean(case):
+    points, grid, _, max_voxels = voxel_case_args(case)
+    want = CPU.voxelize_mean(points, *grid, max_voxels)
+    assert_same(EMU.voxelize_mean(points, *grid, max_voxels), want)
+
+
+def test_voxelize_empty_and_non_contiguous_clouds():
+    grid = ([0.5] * 3, [0.0] * 3, [4] * 3)
+    empty = torch.zeros(0, 4)
+    assert_same(EMU.voxelize(empty, *grid, 5, 10, False), CPU.voxelize(empty, *grid, 5, 10, False))
+    assert_same(EMU.voxelize_mean(empty, *grid, 10), CPU.voxelize_mean(empty, *grid, 10))
+    points = voxel_cloud(make_gen("strided"), 500, 4, *grid)
+    wide = torch.zeros(500, 8)
+    wide[:, ::2] = points
+    assert_same(EMU.voxelize(wide[:, ::2], *grid, 3, 100, True),
+                CPU.voxelize(points, *grid, 3, 100, True))
+
+
+def test_voxelize_lidar_frame():
+    from lidar_frames import FRAMES
+
+    frame = FRAMES[0]  # KITTI object frame 000000
+    points = torch.from_numpy(frame.points())
+    g = GridGeometry.from_spconv_args(frame.vsize, frame.coors_range)
+    args = (g.voxel_size, g.range_min, g.grid_size)
+    want = CPU.voxelize(points, *args, frame.max_points, frame.max_voxels, False)
+    assert len(want[1]) == frame.voxels
+    assert_same(EMU.voxelize(points, *args, frame.max_points, frame.max_voxels, False), want)
+    assert_same(EMU.voxelize_mean(points, *args, 1000), CPU.voxelize_mean(points, *args, 1000))
+
+
+# (argument overrides, exception type): each raised with the CPU op's message.
+BAD_VOXELIZE_ARGS = [
+    (dict(voxel_size=[0.1, 0.0, 0.1]), ValueError),
+    (dict(voxel_size=[0.1, 1e-50, 0.1]), ValueError),  # zero in float32
+    (dict(voxel_size=[0.1] * 5, range_min=[0.0] * 5, grid_size=[10] * 5), ValueError),
+    (dict(range_min=[0.0, math.inf, 0.0]), ValueError),
+    (dict(grid_size=[10, 0, 10]), ValueError),
+    (dict(grid_size=[2**31, 1, 1]), ValueError),
+    (dict(grid_size=[2**30, 2**30, 2**30]), ValueError),
+    (dict(grid_size=[10, 10]), ValueError),
+    (dict(max_points_per_voxel=0), ValueError),
+    (dict(max_voxels=-1), ValueError),
+    (dict(points=torch.zeros(4, 2)), ValueError),
+    (dict(points=torch.zeros(4)), ValueError),
+    (dict(points=torch.zeros(4, 3, dtype=torch.float64)), TypeError),
+]
+
+
+@pytest.mark.parametrize("op", ["voxelize", "voxelize_mean"])
+@pytest.mark.parametrize("bad", BAD_VOXELIZE_ARGS, ids=case_id)
+def test_voxelize_bad_arguments_raise_the_cpu_error(bad, op):
+    overrides, error = bad
+    if op == "voxelize_mean" and "max_points_per_voxel" in overrides:
+        pytest.skip("voxelize_mean has no max_points_per_voxel")
+    args = dict(points=torch.zeros(4, 3), voxel_size=[0.1] * 3, range_min=[0.0] * 3,
+                grid_size=[10] * 3, max_points_per_voxel=5, max_voxels=10, empty_mean=False)
+    args.update(overrides)
+    if op == "voxelize_mean":
+        del args["max_points_per_voxel"], args["empty_mean"]
+    messages = []
+    for ops in (EMU, CPU):
+        with pytest.raises(error) as info:
+            getattr(ops, op)(*args.values())
+        messages.append(str(info.value).splitlines()[0])
+    assert messages[0] == messages[1]
