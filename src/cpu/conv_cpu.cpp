@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "gemm_avx2.h"
@@ -117,28 +118,51 @@ struct PairLists {
   std::vector<int32_t> in_rows, out_rows;
 };
 
+// Two row-major passes over the table (count, then fill) in fixed chunks of rows: a pass per
+// offset down the table's columns would read the whole table once per offset.
 PairLists pairs_by_offset(const int32_t* nbr, int64_t rows, int64_t volume) {
-  PairLists pairs;
-  pairs.begin.assign(volume + 1, 0);
-  at::parallel_for(0, volume, 1, [&](int64_t k_begin, int64_t k_end) {
-    for (int64_t k = k_begin; k < k_end; ++k) {
-      int64_t count = 0;
-      for (int64_t o = 0; o < rows; ++o) count += nbr[o * volume + k] >= 0;
-      pairs.begin[k + 1] = count;
+  constexpr int64_t kChunkRows = 4096;
+  const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
+  // start[c * volume + k]: first slot of chunk c's pairs of offset k (after counting: counts).
+  std::vector<int64_t> start(chunks * volume, 0);
+  auto rows_of = [&](int64_t c) {
+    return std::make_pair(c * kChunkRows, std::min(rows, (c + 1) * kChunkRows));
+  };
+  at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      int64_t* count = start.data() + c * volume;
+      const auto [o_begin, o_end] = rows_of(c);
+      for (int64_t o = o_begin; o < o_end; ++o) {
+        for (int64_t k = 0; k < volume; ++k) count[k] += nbr[o * volume + k] >= 0;
+      }
     }
   });
-  for (int64_t k = 0; k < volume; ++k) pairs.begin[k + 1] += pairs.begin[k];
-  pairs.in_rows.resize(pairs.begin[volume]);
-  pairs.out_rows.resize(pairs.begin[volume]);
-  at::parallel_for(0, volume, 1, [&](int64_t k_begin, int64_t k_end) {
-    for (int64_t k = k_begin; k < k_end; ++k) {
-      int64_t at = pairs.begin[k];
-      for (int64_t o = 0; o < rows; ++o) {
-        const int32_t i = nbr[o * volume + k];
-        if (i < 0) continue;
-        pairs.in_rows[at] = i;
-        pairs.out_rows[at] = static_cast<int32_t>(o);
-        ++at;
+  PairLists pairs;
+  pairs.begin.assign(volume + 1, 0);
+  int64_t total = 0;
+  for (int64_t k = 0; k < volume; ++k) {  // offset-major, chunks in order within an offset
+    pairs.begin[k] = total;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t count = start[c * volume + k];
+      start[c * volume + k] = total;
+      total += count;
+    }
+  }
+  pairs.begin[volume] = total;
+  pairs.in_rows.resize(total);
+  pairs.out_rows.resize(total);
+  at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      int64_t* next = start.data() + c * volume;
+      const auto [o_begin, o_end] = rows_of(c);
+      for (int64_t o = o_begin; o < o_end; ++o) {
+        for (int64_t k = 0; k < volume; ++k) {
+          const int32_t i = nbr[o * volume + k];
+          if (i < 0) continue;
+          pairs.in_rows[next[k]] = i;
+          pairs.out_rows[next[k]] = static_cast<int32_t>(o);
+          ++next[k];
+        }
       }
     }
   });
