@@ -276,9 +276,9 @@ std::tuple<at::Tensor, at::Tensor> build_subm_map_cpu(const at::Tensor& indices,
   at::Tensor nbr = at::full({rows, volume}, -1, at::dtype(at::kInt));
   int32_t* table_out = nbr.data_ptr<int32_t>();
   // The lookups are merge joins over the sorted keys rather than hash-table probes: for a fixed
-  // offset the neighbour key is key + delta, ascending with key, so one forward scan per offset
-  // finds every neighbour. Sites whose neighbour lies outside the grid are skipped (key + delta
-  // would wrap onto another row of the grid).
+  // offset the neighbour key is key + delta, ascending with key, so forward scans find every
+  // neighbour. Sites whose neighbour lies outside the grid are skipped (key + delta would wrap
+  // onto another row of the grid).
   const int ndim = grid.ndim;
   const int32_t* sites = contiguous.data_ptr<int32_t>();
   const int64_t width = contiguous.size(1);
@@ -289,33 +289,46 @@ std::tuple<at::Tensor, at::Tensor> build_subm_map_cpu(const at::Tensor& indices,
       table_out[i * volume + centre] = static_cast<int32_t>(i);  // row i reaches itself
     }
   });
+  // Offsets are scanned in groups that share all but the last axis: their neighbour keys lie
+  // in [mid - pad, mid + pad] around mid = key + the group's shift, next to each other in the
+  // sorted keys, so one scan per group (5 for a 3x3x3 kernel, not 13) finds them all.
   int64_t key_stride[kMaxDims];
   key_strides(grid, key_stride);
+  const int last = ndim - 1;
+  const int64_t last_kernel = geometry.kernel[last], last_pad = geometry.padding[last];
+  const int64_t last_dilation = geometry.dilation[last];
   at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t k = 0; k < centre; ++k) {
+    for (int64_t group = 0; group <= centre / last_kernel; ++group) {
       int64_t delta[kMaxDims], key_delta = 0;
-      for (int d = ndim - 1, rest = k; d >= 0; --d) {
+      for (int d = last - 1, rest = group; d >= 0; --d) {
         delta[d] = rest % geometry.kernel[d] * geometry.dilation[d] - geometry.padding[d];
         rest /= geometry.kernel[d];
         key_delta += delta[d] * key_stride[d];
       }
-      // Scan position: the first site whose key is not below this range's first target.
-      const int64_t first_target = sorted[begin].key + key_delta;
-      int64_t j = std::lower_bound(sorted.begin(), sorted.end(), first_target,
+      // Scan position: the first site whose key is not below this range's first window.
+      const int64_t first_low = sorted[begin].key + key_delta - last_pad;
+      int64_t j = std::lower_bound(sorted.begin(), sorted.end(), first_low,
                                    [](const Reach& a, int64_t key) { return a.key < key; }) -
                   sorted.begin();
       for (int64_t i = begin; i < end; ++i) {
         const int32_t* coord = sorted_coords.data() + i * ndim;
         bool inside = true;
-        for (int d = 0; d < ndim; ++d) {
+        for (int d = 0; d < last; ++d) {
           const int64_t c = coord[d] + delta[d];
           inside = inside && c >= 0 && c < grid.shape[d];
         }
         if (!inside) continue;
-        const int64_t target = sorted[i].key + key_delta;
-        while (j < rows && sorted[j].key < target) ++j;
-        if (j < rows && sorted[j].key == target) {
-          table_out[sorted[i].row * volume + k] = sorted[j].row;
+        const int64_t mid = sorted[i].key + key_delta;
+        while (j < rows && sorted[j].key < mid - last_pad) ++j;
+        for (int64_t q = j; q < rows && sorted[q].key <= mid + last_pad; ++q) {
+          // A key in the window is a neighbour when it stays in the row (no wrap onto the
+          // next or previous one) and sits on a dilated kernel position.
+          const int64_t step = sorted[q].key - mid + last_pad;  // in [0, 2 * pad]
+          const int64_t x = coord[last] + step - last_pad;
+          if (x < 0 || x >= grid.shape[last]) continue;
+          if (last_dilation > 1 && step % last_dilation != 0) continue;
+          const int64_t k = group * last_kernel + step / last_dilation;
+          if (k < centre) table_out[sorted[i].row * volume + k] = sorted[q].row;
         }
       }
     }
