@@ -5,7 +5,7 @@
 //   nbr_t [N_in,  K]: for input row i and kernel offset k, the output row it feeds, or -1.
 // Built from sorted site keys rather than with the hash table that the CUDA builder uses: on the
 // CPU a sort plus sequential scans is several times faster than random hash probes (a KITTI
-// frame's subm map: 6 ms instead of 14). Submanifold maps are merge joins of the sorted keys
+// frame's subm map: 4 ms instead of 14). Submanifold maps are merge joins of the sorted keys
 // with themselves shifted by each offset; regular conv maps sort the (input, offset) -> output
 // reaches by output key. Every parallel loop writes entries that only it owns, and the sorts
 // are stable, so the result does not depend on the number of threads.
