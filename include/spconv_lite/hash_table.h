@@ -66,23 +66,14 @@ struct HashTableView {
   int64_t capacity;  // power of two
 
   // Inserts key -> value. On kExisting the stored value is left unchanged and *slot_out names
-  // the slot holding the key. A set (values == nullptr) stores keys only. kConcurrent = false
-  // uses plain loads and stores, for a table that one thread fills (a compare-and-swap costs
-  // more than the rest of a probe).
-  template <bool kConcurrent = true>
+  // the slot holding the key. A set (values == nullptr) stores keys only.
   C10_HOST_DEVICE InsertResult insert(int64_t key, int32_t value, int64_t* slot_out) const {
     const int64_t mask = capacity - 1;
     int64_t slot = static_cast<int64_t>(hash_key(key) & static_cast<uint64_t>(mask));
     for (int64_t probe = 0; probe < capacity; ++probe) {
       // Cheap read first: most probes of a set-building pass find the key already there.
-      int64_t previous = kConcurrent ? load_key(&keys[slot]) : keys[slot];
-      if (previous == kEmptyKey) {
-        if constexpr (kConcurrent) {
-          previous = atomic_cas_key(&keys[slot], kEmptyKey, key);
-        } else {
-          keys[slot] = key;
-        }
-      }
+      int64_t previous = load_key(&keys[slot]);
+      if (previous == kEmptyKey) previous = atomic_cas_key(&keys[slot], kEmptyKey, key);
       if (previous == kEmptyKey) {
         if (values != nullptr) values[slot] = value;
         *slot_out = slot;
@@ -97,17 +88,23 @@ struct HashTableView {
     return InsertResult::kFull;
   }
 
-  // Returns the value stored for key, or -1 when absent.
-  C10_HOST_DEVICE int32_t find(int64_t key) const {
+  // The slot holding key, or else the empty slot where inserting it would put it; -1 when the
+  // key is absent and the table is full. Not safe while other threads insert.
+  C10_HOST_DEVICE int64_t slot_for(int64_t key) const {
     const int64_t mask = capacity - 1;
     int64_t slot = static_cast<int64_t>(hash_key(key) & static_cast<uint64_t>(mask));
     for (int64_t probe = 0; probe < capacity; ++probe) {
       const int64_t stored = keys[slot];
-      if (stored == key) return values[slot];
-      if (stored == kEmptyKey) return -1;
+      if (stored == key || stored == kEmptyKey) return slot;
       slot = (slot + 1) & mask;
     }
     return -1;
+  }
+
+  // Returns the value stored for key, or -1 when absent.
+  C10_HOST_DEVICE int32_t find(int64_t key) const {
+    const int64_t slot = slot_for(key);
+    return slot >= 0 && keys[slot] == key ? values[slot] : -1;
   }
 };
 

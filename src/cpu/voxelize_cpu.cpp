@@ -14,9 +14,9 @@
 //   2. number the voxels (serial, in input order): insert each key into the table, which
 //      stores a new voxel's number, and give each point its position among its voxel's
 //      points. Once max_voxels voxels exist, keys are only looked up, so the table holds at
-//      most max_voxels keys. The insertions are serial because parallel ones were slower here: threads
-//      contend for the same table lines (consecutive sweeps cover the same space) and the
-//      numbering then needs a second pass over the table;
+//      most max_voxels keys. The insertions are serial because parallel ones were slower
+//      here: threads contend for the same table lines (consecutive sweeps cover the same
+//      space) and the numbering then needs a second pass over the table;
 //   3. copy the points into their slots (parallel over points), then per voxel range the
 //      coordinates (re-quantized from the voxel's first point) and the free slots.
 // Clouds under kParallelPoints points run on one thread. Every value written depends only on
@@ -134,8 +134,8 @@ struct Scratch {
   std::vector<int32_t> rank;         // [N] position of a point among its voxel's points
   std::vector<int64_t> table_keys;   // hash table of the voxels
   std::vector<int32_t> table_values;
-  std::vector<int32_t> first_point;  // [M] first point of each voxel
-  std::vector<int32_t> count;        // [M] number of points of each voxel
+  std::vector<int32_t> first_point;  // [M + 1] first point of each voxel (+ a spare slot)
+  std::vector<int32_t> count;        // [M + 1] number of points of each voxel (+ a spare slot)
 
   static constexpr int64_t kKeepPoints = int64_t{1} << 22;
 
@@ -164,54 +164,6 @@ struct VoxelAssignment {
   const int32_t* count;        // [M] number of points of each voxel
   int64_t num_voxels = 0;      // M
   bool parallel = false;       // whether passes 1 and 3 use several threads
-};
-
-// Pass 2's bookkeeping: voxel numbers in order of first points (up to max_voxels), each
-// point's voxel and its position among the voxel's points, and each voxel's first point and
-// point count.
-class VoxelNumbering {
- public:
-  VoxelNumbering(int64_t n, int64_t max_voxels, Scratch* scratch)
-      : max_voxels_(max_voxels), s_(*scratch) {
-    ids_tensor_ = at::empty({n}, at::dtype(at::kLong));
-    ids_ = ids_tensor_.data_ptr<int64_t>();
-    std::fill_n(ids_, n, -1);
-    rank_ = room_for(s_.rank, n);  // read only for points with a voxel
-    s_.first_point.clear();
-    s_.count.clear();
-  }
-
-  // Whether max_voxels voxels exist, so that new ones are dropped.
-  bool full() const { return static_cast<int64_t>(s_.first_point.size()) == max_voxels_; }
-
-  // The number the next new voxel gets.
-  int32_t next_number() const { return static_cast<int32_t>(s_.first_point.size()); }
-
-  // A new voxel whose first point is `point` (not full()); returns its number.
-  int64_t open(int32_t point) {
-    s_.first_point.push_back(point);
-    s_.count.push_back(0);
-    return next_number() - 1;
-  }
-
-  // `point` belongs to voxel v (-1: a dropped voxel).
-  void add(int32_t point, int64_t v) {
-    if (v < 0) return;
-    ids_[point] = v;
-    rank_[point] = s_.count[v]++;
-  }
-
-  VoxelAssignment finish(bool parallel) {
-    return {ids_tensor_, rank_, s_.first_point.data(), s_.count.data(),
-            static_cast<int64_t>(s_.first_point.size()), parallel};
-  }
-
- private:
-  int64_t max_voxels_;
-  Scratch& s_;
-  at::Tensor ids_tensor_;
-  int64_t* ids_;
-  int32_t* rank_;
 };
 
 VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
@@ -246,40 +198,42 @@ VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
   for (int64_t b = 0; b < blocks; ++b) valid += kept_in_block[b];
 
   // Pass 2, serial in input order. Only kept voxels enter the table (once max_voxels exist,
-  // points of other voxels are dropped), so it cannot fill up and stays small.
-  const int64_t expected_voxels = std::min(valid, max_voxels);
-  const int64_t capacity = hash_capacity_for(expected_voxels);
+  // points of other voxels are dropped), so it cannot fill up and stays small. The loop is
+  // branch-free but for the probe: whether a point opens a voxel follows no pattern, and the
+  // mispredicted branches cost more than the table lookups. Dropped points write their rank
+  // into the spare last slot of `count`, and first points of no voxel into that of
+  // `first_point`.
+  const int64_t expected = std::min(valid, max_voxels);
+  const int64_t capacity = hash_capacity_for(expected);
   int64_t* table_keys = room_for(scratch->table_keys, capacity);
   std::fill_n(table_keys, capacity, kEmptyKey);
   const HashTableView table{table_keys, room_for(scratch->table_values, capacity), capacity};
-  VoxelNumbering numbering(n, max_voxels, scratch);
-  const uint64_t mask = static_cast<uint64_t>(capacity - 1);
-  constexpr int64_t kAhead = 16;  // prefetch the home slot of the key this far ahead
+  int32_t* first_point = room_for(scratch->first_point, expected + 1);
+  int32_t* count = room_for(scratch->count, expected + 1);
+  std::fill_n(count, expected + 1, 0);
+  int32_t* rank = room_for(scratch->rank, n);  // read only for points with a voxel
+  at::Tensor point_voxel_id = at::empty({n}, at::dtype(at::kLong));
+  int64_t* ids = point_voxel_id.data_ptr<int64_t>();
+  std::fill_n(ids, n, -1);
+  int64_t voxels = 0;
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t begin = b * kPointGrain, end = begin + kept_in_block[b];
-    // Consecutive LiDAR points often share a voxel: those skip the table.
-    int64_t last_key = kEmptyKey, last_slot = 0, last_voxel = -1;
     for (int64_t j = begin; j < end; ++j) {
-      if (j + kAhead < end) {
-        const int64_t home = static_cast<int64_t>(hash_key(keys[j + kAhead]) & mask);
-        __builtin_prefetch(table.keys + home);  // values are mostly written: no prefetch
-      }
       const int64_t key = keys[j];
-      if (key != last_key) {
-        if (numbering.full()) {
-          last_voxel = table.find(key);
-        } else {
-          const InsertResult r =
-              table.insert<false>(key, numbering.next_number(), &last_slot);
-          last_voxel =
-              r == InsertResult::kInserted ? numbering.open(kept[j]) : table.values[last_slot];
-        }
-        last_key = key;
-      }
-      numbering.add(kept[j], last_voxel);
+      const int32_t point = kept[j];
+      const int64_t slot = table.slot_for(key);  // the table always has an empty slot
+      const bool found = table.keys[slot] == key;
+      const bool open = !found && voxels < max_voxels;
+      const int64_t v = found ? table.values[slot] : (open ? voxels : -1);
+      table.keys[slot] = open ? key : table.keys[slot];
+      table.values[slot] = open ? static_cast<int32_t>(voxels) : table.values[slot];
+      first_point[open ? voxels : expected] = point;
+      rank[point] = count[v >= 0 ? v : expected]++;
+      ids[point] = v;
+      voxels += open;
     }
   }
-  return numbering.finish(parallel);
+  return {point_voxel_id, rank, first_point, count, voxels, parallel};
 }
 
 // Coordinates (z, y, x: the lanes reversed) of voxels [begin, end), from their first points.
