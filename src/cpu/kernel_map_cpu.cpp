@@ -194,8 +194,9 @@ int key_bits(const Grid& grid, int64_t batch_size) {
   return largest == 0 ? 0 : 64 - __builtin_clzll(largest);
 }
 
-// The sites sorted by key (rows in `row`), raising when two rows of `indices` are the same
-// site. Keys already ascending (the output of a conv) need no sort.
+// The sites sorted by key (as Reach entries: row = the site's row, offset 0), raising when two
+// rows of `indices` are the same site. Keys already ascending (the output of a conv) need no
+// sort.
 std::vector<Reach> sorted_unique_sites(const std::vector<int64_t>& keys,
                                        const at::Tensor& indices, int bits) {
   std::vector<Reach> sorted(keys.size());
