@@ -58,13 +58,14 @@ void gather_gemm_scatter(const scalar_t* in, const scalar_t* weight, const int32
       const int64_t o_begin = b * block, o_end = std::min(rows, o_begin + block);
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t k = 0; k < volume; ++k) {
+        // Branch-free: whether an entry is -1 follows no pattern. A missing neighbour's slot
+        // is written (with row 0) and then overwritten by the next pair.
         int64_t count = 0;
         for (int64_t o = o_begin; o < o_end; ++o) {
           const int64_t i = nbr[o * volume + k];
-          if (i < 0) continue;
-          x_rows[count] = in + i * c_in;
+          x_rows[count] = in + std::max<int64_t>(i, 0) * c_in;
           acc_rows[count] = acc.data() + (o - o_begin) * c_out;
-          ++count;
+          count += i >= 0;
         }
         const scalar_t* w = weight + k * c_in * c_out;
 #ifdef SPCONV_LITE_HAS_AVX2_KERNELS
