@@ -13,7 +13,6 @@
 
 #include <algorithm>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
 #include "gemm_avx2.h"
@@ -113,110 +112,56 @@ at::Tensor sparse_conv_cpu(const at::Tensor& features, const at::Tensor& weight,
   return out;
 }
 
-// Pairs (input row, output row) of each kernel offset, in output-row order (CSR over offsets).
-struct PairLists {
-  std::vector<int64_t> begin;  // [K + 1]
-  std::vector<int32_t> in_rows, out_rows;
-};
-
-// Two row-major passes over the table (count, then fill) in fixed chunks of rows: a pass per
-// offset down the table's columns would read the whole table once per offset.
-PairLists pairs_by_offset(const int32_t* nbr, int64_t rows, int64_t volume) {
-  constexpr int64_t kChunkRows = 4096;
-  const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
-  // start[c * volume + k]: first slot of chunk c's pairs of offset k (after counting: counts).
-  std::vector<int64_t> start(chunks * volume, 0);
-  auto rows_of = [&](int64_t c) {
-    return std::make_pair(c * kChunkRows, std::min(rows, (c + 1) * kChunkRows));
-  };
-  at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      int64_t* count = start.data() + c * volume;
-      const auto [o_begin, o_end] = rows_of(c);
-      for (int64_t o = o_begin; o < o_end; ++o) {
-        for (int64_t k = 0; k < volume; ++k) count[k] += nbr[o * volume + k] >= 0;
-      }
-    }
-  });
-  PairLists pairs;
-  pairs.begin.assign(volume + 1, 0);
-  int64_t total = 0;
-  for (int64_t k = 0; k < volume; ++k) {  // offset-major, chunks in order within an offset
-    pairs.begin[k] = total;
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t count = start[c * volume + k];
-      start[c * volume + k] = total;
-      total += count;
-    }
-  }
-  pairs.begin[volume] = total;
-  pairs.in_rows.resize(total);
-  pairs.out_rows.resize(total);
-  at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      int64_t* next = start.data() + c * volume;
-      const auto [o_begin, o_end] = rows_of(c);
-      for (int64_t o = o_begin; o < o_end; ++o) {
-        for (int64_t k = 0; k < volume; ++k) {
-          const int32_t i = nbr[o * volume + k];
-          if (i < 0) continue;
-          pairs.in_rows[next[k]] = i;
-          pairs.out_rows[next[k]] = static_cast<int32_t>(o);
-          ++next[k];
-        }
-      }
-    }
-  });
-  return pairs;
-}
-
-// grad_weight[k] = sum over the pairs (i, o) of offset k of in[i]^T grad_out[o]. One thread owns
-// each offset. Its pairs are processed in fixed chunks gathered into contiguous buffers (so the
-// tile products run from L1), and the chunk sums are added in order: the result does not
-// depend on the thread count.
+// grad_weight[k] = sum over the pairs (i, o) of offset k of in[i]^T grad_out[o]. Threads own
+// offsets; each walks the output rows in blocks, gathers the block's pairs of its offsets (the
+// grad_out rows of a block stay in cache across its offsets) and adds their outer products.
+// Every offset sums its blocks in row order, so the result does not depend on the thread count.
 template <typename scalar_t>
 void weight_grad_kernel(const scalar_t* in, const scalar_t* grad_out, const int32_t* nbr,
                         scalar_t* grad_weight, int64_t rows, int64_t volume, int64_t c_in,
                         int64_t c_out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t chunk = std::clamp<int64_t>(4096 / std::max(c_in, c_out), 16, 256);
-  const PairLists pairs = pairs_by_offset(nbr, rows, volume);
+  const int64_t block = std::clamp<int64_t>(8192 / std::max(c_in, c_out), 16, 256);
 #ifdef SPCONV_LITE_HAS_AVX2_KERNELS
   const bool use_avx2 = std::is_same_v<scalar_t, float> && avx2::supported();
 #endif
   at::parallel_for(0, volume, 1, [&](int64_t k_begin, int64_t k_end) {
-    std::vector<scalar_t> x_chunk(chunk * c_in), g_chunk(chunk * c_out);
-    std::vector<acc_t> acc(c_in * c_out);
-    for (int64_t k = k_begin; k < k_end; ++k) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t first = pairs.begin[k]; first < pairs.begin[k + 1]; first += chunk) {
-        const int64_t count = std::min(chunk, pairs.begin[k + 1] - first);
-        for (int64_t p = 0; p < count; ++p) {
-          std::copy_n(in + int64_t{pairs.in_rows[first + p]} * c_in, c_in, &x_chunk[p * c_in]);
-          std::copy_n(grad_out + int64_t{pairs.out_rows[first + p]} * c_out, c_out,
-                      &g_chunk[p * c_out]);
+    std::vector<acc_t> acc((k_end - k_begin) * c_in * c_out, acc_t(0));
+    std::vector<const scalar_t*> x_rows(block), g_rows(block);
+    for (int64_t o_begin = 0; o_begin < rows; o_begin += block) {
+      const int64_t o_end = std::min(rows, o_begin + block);
+      for (int64_t k = k_begin; k < k_end; ++k) {
+        // Branch-free, as in gather_gemm_scatter.
+        int64_t count = 0;
+        for (int64_t o = o_begin; o < o_end; ++o) {
+          const int64_t i = nbr[o * volume + k];
+          x_rows[count] = in + std::max<int64_t>(i, 0) * c_in;
+          g_rows[count] = grad_out + o * c_out;
+          count += i >= 0;
         }
+        acc_t* dw = acc.data() + (k - k_begin) * c_in * c_out;
 #ifdef SPCONV_LITE_HAS_AVX2_KERNELS
         if (use_avx2) {
-          avx2::chunk_outer_product_all(reinterpret_cast<const float*>(x_chunk.data()), c_in,
-                                        reinterpret_cast<const float*>(g_chunk.data()), count,
-                                        reinterpret_cast<float*>(acc.data()), c_out);
+          avx2::pairs_outer_product_all(reinterpret_cast<const float* const*>(x_rows.data()),
+                                        c_in,
+                                        reinterpret_cast<const float* const*>(g_rows.data()),
+                                        count, reinterpret_cast<float*>(dw), c_out);
           continue;
         }
 #endif
-        for (int64_t c = 0; c < c_in; ++c) {
-          acc_t* a = acc.data() + c * c_out;
-          for (int64_t p = 0; p < count; ++p) {
-            const acc_t xv = static_cast<acc_t>(x_chunk[p * c_in + c]);
+        for (int64_t p = 0; p < count; ++p) {
+          for (int64_t c = 0; c < c_in; ++c) {
+            const acc_t xv = static_cast<acc_t>(x_rows[p][c]);
+            acc_t* a = dw + c * c_out;
             for (int64_t co = 0; co < c_out; ++co) {
-              a[co] += xv * static_cast<acc_t>(g_chunk[p * c_out + co]);
+              a[co] += xv * static_cast<acc_t>(g_rows[p][co]);
             }
           }
         }
       }
-      scalar_t* dw = grad_weight + k * c_in * c_out;
-      for (int64_t j = 0; j < c_in * c_out; ++j) dw[j] = static_cast<scalar_t>(acc[j]);
     }
+    scalar_t* dw = grad_weight + k_begin * c_in * c_out;
+    for (size_t j = 0; j < acc.size(); ++j) dw[j] = static_cast<scalar_t>(acc[j]);
   });
 }
 

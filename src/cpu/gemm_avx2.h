@@ -90,21 +90,23 @@ SPCONV_LITE_AVX2 inline void rows_times_matrix_all(const float* const* x_rows,
   }
 }
 
-// dw[c][co] += sum_p x[p * x_stride + c] * g[p * c_out + co] for CI consecutive channels c (x
-// already offset to the first of them) over `count` gathered rows: the per-chunk sums stay in
-// registers (CI * 2 accumulators), then are added to dw once.
+// dw[c][co] += sum_p x_rows[p][c0 + c] * g_rows[p][co] for CI consecutive channels c from c0
+// over `count` pairs of rows: the sums stay in registers (CI * 2 accumulators), then are added
+// to dw (already offset to channel c0) once.
 template <int CI>
-SPCONV_LITE_AVX2 void chunk_outer_product(const float* x, int64_t x_stride, const float* g,
-                                          int64_t count, float* dw, int64_t c_out) {
+SPCONV_LITE_AVX2 void pairs_outer_product(const float* const* x_rows, int64_t c0,
+                                          const float* const* g_rows, int64_t count, float* dw,
+                                          int64_t c_out) {
   int64_t co = 0;
   for (; co + 16 <= c_out; co += 16) {
     __m256 a0[CI], a1[CI];
     for (int c = 0; c < CI; ++c) a0[c] = a1[c] = _mm256_setzero_ps();
     for (int64_t p = 0; p < count; ++p) {
-      const __m256 g0 = _mm256_loadu_ps(g + p * c_out + co);
-      const __m256 g1 = _mm256_loadu_ps(g + p * c_out + co + 8);
+      const __m256 g0 = _mm256_loadu_ps(g_rows[p] + co);
+      const __m256 g1 = _mm256_loadu_ps(g_rows[p] + co + 8);
+      const float* x = x_rows[p] + c0;
       for (int c = 0; c < CI; ++c) {
-        const __m256 xv = _mm256_broadcast_ss(x + p * x_stride + c);
+        const __m256 xv = _mm256_broadcast_ss(x + c);
         a0[c] = _mm256_fmadd_ps(xv, g0, a0[c]);
         a1[c] = _mm256_fmadd_ps(xv, g1, a1[c]);
       }
@@ -120,9 +122,10 @@ SPCONV_LITE_AVX2 void chunk_outer_product(const float* x, int64_t x_stride, cons
     __m256 a0[CI];
     for (int c = 0; c < CI; ++c) a0[c] = _mm256_setzero_ps();
     for (int64_t p = 0; p < count; ++p) {
-      const __m256 g0 = _mm256_maskload_ps(g + p * c_out + co, mask);
+      const __m256 g0 = _mm256_maskload_ps(g_rows[p] + co, mask);
+      const float* x = x_rows[p] + c0;
       for (int c = 0; c < CI; ++c) {
-        a0[c] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + p * x_stride + c), g0, a0[c]);
+        a0[c] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + c), g0, a0[c]);
       }
     }
     for (int c = 0; c < CI; ++c) {
@@ -132,18 +135,21 @@ SPCONV_LITE_AVX2 void chunk_outer_product(const float* x, int64_t x_stride, cons
   }
 }
 
-// chunk_outer_product over all c_in channels, in blocks of 6 (12 accumulators).
-SPCONV_LITE_AVX2 inline void chunk_outer_product_all(const float* x, int64_t c_in,
-                                                     const float* g, int64_t count, float* dw,
-                                                     int64_t c_out) {
+// pairs_outer_product over all c_in channels, in blocks of 6 (12 accumulators).
+SPCONV_LITE_AVX2 inline void pairs_outer_product_all(const float* const* x_rows, int64_t c_in,
+                                                     const float* const* g_rows, int64_t count,
+                                                     float* dw, int64_t c_out) {
   int64_t c = 0;
-  for (; c + 6 <= c_in; c += 6) chunk_outer_product<6>(x + c, c_in, g, count, dw + c * c_out, c_out);
+  for (; c + 6 <= c_in; c += 6) {
+    pairs_outer_product<6>(x_rows, c, g_rows, count, dw + c * c_out, c_out);
+  }
+  float* tail = dw + c * c_out;
   switch (c_in - c) {
-    case 5: chunk_outer_product<5>(x + c, c_in, g, count, dw + c * c_out, c_out); break;
-    case 4: chunk_outer_product<4>(x + c, c_in, g, count, dw + c * c_out, c_out); break;
-    case 3: chunk_outer_product<3>(x + c, c_in, g, count, dw + c * c_out, c_out); break;
-    case 2: chunk_outer_product<2>(x + c, c_in, g, count, dw + c * c_out, c_out); break;
-    case 1: chunk_outer_product<1>(x + c, c_in, g, count, dw + c * c_out, c_out); break;
+    case 5: pairs_outer_product<5>(x_rows, c, g_rows, count, tail, c_out); break;
+    case 4: pairs_outer_product<4>(x_rows, c, g_rows, count, tail, c_out); break;
+    case 3: pairs_outer_product<3>(x_rows, c, g_rows, count, tail, c_out); break;
+    case 2: pairs_outer_product<2>(x_rows, c, g_rows, count, tail, c_out); break;
+    case 1: pairs_outer_product<1>(x_rows, c, g_rows, count, tail, c_out); break;
     default: break;
   }
 }
