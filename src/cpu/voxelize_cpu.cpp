@@ -10,7 +10,7 @@
 // Memory follows the number of points, never the grid volume: the distinct voxels are found
 // with the shared open-addressing hash table (include/spconv_lite/hash_table.h) instead of a
 // dense grid. Passes:
-//   1. quantize (parallel over blocks of points): each block lists its kept points and keys;
+//   1. quantize (parallel over blocks of points): each point's voxel key, or none;
 //   2. number the voxels (serial, in input order): insert each key into the table, which
 //      stores a new voxel's number, and give each point its position among its voxel's
 //      points. Once max_voxels voxels exist, keys are only looked up, so the table holds at
@@ -129,8 +129,7 @@ void with_load_width(int64_t columns, const F& f) {
 // are often handed back to the system on free, and faulting their pages in again took up to
 // half the time of a KITTI frame. Buffers for clouds over kKeepPoints points are released.
 struct Scratch {
-  std::vector<int32_t> kept;         // [N] kept points, per block of pass 1
-  std::vector<int64_t> keys;         // [N] their voxel keys
+  std::vector<int64_t> keys;         // [N] voxel key of each point, or kEmptyKey
   std::vector<int32_t> rank;         // [N] position of a point among its voxel's points
   std::vector<int64_t> table_keys;   // hash table of the voxels
   std::vector<int32_t> table_values;
@@ -140,7 +139,7 @@ struct Scratch {
   static constexpr int64_t kKeepPoints = int64_t{1} << 22;
 
   void release_if_large() {
-    if (static_cast<int64_t>(kept.size()) > kKeepPoints) *this = Scratch();
+    if (static_cast<int64_t>(keys.size()) > kKeepPoints) *this = Scratch();
   }
 };
 
@@ -169,38 +168,35 @@ struct VoxelAssignment {
 VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
                               const PointQuantizer& quantizer, int64_t max_voxels,
                               Scratch* scratch) {
-  // Pass 1: quantize. Block b of kPointGrain points lists its kept points, in order, at the
-  // start of its own range of `kept` / `keys`; kept_in_block[b] counts them.
+  // Pass 1: quantize. keys[i] is point i's voxel key, or kEmptyKey when it is dropped;
+  // valid_in_block[b] counts the kept points of block b (of kPointGrain points).
   const int64_t blocks = (n + kPointGrain - 1) / kPointGrain;
   const bool parallel = at::get_num_threads() > 1 && n >= kParallelPoints;
-  int32_t* kept = room_for(scratch->kept, n);
   int64_t* keys = room_for(scratch->keys, n);
-  std::vector<int64_t> kept_in_block(blocks);
+  std::vector<int64_t> valid_in_block(blocks);
   with_load_width(columns, [&]<int kLoad>() {
     for_range(parallel, blocks, 1, [&](int64_t b0, int64_t b1) {
       const PointQuantizer local = quantizer;  // stores below cannot alias a local copy
       Int4 coord = {0, 0, 0, 0};
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t begin = b * kPointGrain, end = std::min(n, begin + kPointGrain);
-        int64_t next = begin;
+        int64_t valid = 0;
         for (int64_t i = begin; i < end; ++i) {
-          // Branch-free: always write, advance only for a kept point.
           const bool keep = local.template quantize<kLoad>(points + i * columns, columns, &coord);
-          kept[next] = static_cast<int32_t>(i);
-          keys[next] = local.key(coord);
-          next += keep;
+          keys[i] = keep ? local.key(coord) : kEmptyKey;
+          valid += keep;
         }
-        kept_in_block[b] = next - begin;
+        valid_in_block[b] = valid;
       }
     });
   });
   int64_t valid = 0;
-  for (int64_t b = 0; b < blocks; ++b) valid += kept_in_block[b];
+  for (int64_t b = 0; b < blocks; ++b) valid += valid_in_block[b];
 
   // Pass 2, serial in input order. Only kept voxels enter the table (once max_voxels exist,
   // points of other voxels are dropped), so it cannot fill up and stays small. The loop is
-  // branch-free but for the probe: whether a point opens a voxel follows no pattern, and the
-  // mispredicted branches cost more than the table lookups. Dropped points write their rank
+  // branch-free but for the probe and the skip of dropped points: whether a point opens a voxel
+  // follows no pattern, and the mispredicted branches cost more than the table lookups. Dropped points write their rank
   // into the spare last slot of `count`, and first points of no voxel into that of
   // `first_point`.
   const int64_t expected = std::min(valid, max_voxels);
@@ -216,22 +212,19 @@ VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
   int64_t* ids = point_voxel_id.data_ptr<int64_t>();
   std::fill_n(ids, n, -1);
   int64_t voxels = 0;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t begin = b * kPointGrain, end = begin + kept_in_block[b];
-    for (int64_t j = begin; j < end; ++j) {
-      const int64_t key = keys[j];
-      const int32_t point = kept[j];
-      const int64_t slot = table.slot_for(key);  // the table always has an empty slot
-      const bool found = table.keys[slot] == key;
-      const bool open = !found && voxels < max_voxels;
-      const int64_t v = found ? table.values[slot] : (open ? voxels : -1);
-      table.keys[slot] = open ? key : table.keys[slot];
-      table.values[slot] = open ? static_cast<int32_t>(voxels) : table.values[slot];
-      first_point[open ? voxels : expected] = point;
-      rank[point] = count[v >= 0 ? v : expected]++;
-      ids[point] = v;
-      voxels += open;
-    }
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t key = keys[i];
+    if (key == kEmptyKey) continue;  // dropped points come in runs: a predictable branch
+    const int64_t slot = table.slot_for(key);  // the table always has an empty slot
+    const bool found = table.keys[slot] == key;
+    const bool open = !found && voxels < max_voxels;
+    const int64_t v = found ? table.values[slot] : (open ? voxels : -1);
+    table.keys[slot] = open ? key : table.keys[slot];
+    table.values[slot] = open ? static_cast<int32_t>(voxels) : table.values[slot];
+    first_point[open ? voxels : expected] = static_cast<int32_t>(i);
+    rank[i] = count[v >= 0 ? v : expected]++;
+    ids[i] = v;
+    voxels += open;
   }
   return {point_voxel_id, rank, first_point, count, voxels, parallel};
 }
