@@ -36,6 +36,24 @@ void rows_times_matrix_generic(const scalar_t* const* x_rows, acc_t* const* acc_
   }
 }
 
+// The pairs of offset k among output rows [o_begin, o_end): for each row o with a neighbour i,
+// in order, x_rows[p] = in + i * c_in and o_rows[p] = o_first + (o - o_begin) * o_stride.
+// Returns their count. Branch-free, since whether an entry is -1 follows no pattern: a missing
+// neighbour's slot is written (with row 0) and then overwritten by the next pair.
+template <typename scalar_t, typename row_t>
+int64_t gather_pairs(const int32_t* nbr, int64_t volume, int64_t k, int64_t o_begin,
+                     int64_t o_end, const scalar_t* in, int64_t c_in, row_t* o_first,
+                     int64_t o_stride, const scalar_t** x_rows, row_t** o_rows) {
+  int64_t count = 0;
+  for (int64_t o = o_begin; o < o_end; ++o) {
+    const int64_t i = nbr[o * volume + k];
+    x_rows[count] = in + std::max<int64_t>(i, 0) * c_in;
+    o_rows[count] = o_first + (o - o_begin) * o_stride;
+    count += i >= 0;
+  }
+  return count;
+}
+
 // out[o] = sum_k in[nbr[o, k]] @ weight[k]  with weight [K, C_in, C_out].
 // Threads own blocks of output rows and accumulate them in a small buffer; within a block the
 // rows that have a neighbour at offset k form one gathered tile product with weight[k].
@@ -57,15 +75,8 @@ void gather_gemm_scatter(const scalar_t* in, const scalar_t* weight, const int32
       const int64_t o_begin = b * block, o_end = std::min(rows, o_begin + block);
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t k = 0; k < volume; ++k) {
-        // Branch-free: whether an entry is -1 follows no pattern. A missing neighbour's slot
-        // is written (with row 0) and then overwritten by the next pair.
-        int64_t count = 0;
-        for (int64_t o = o_begin; o < o_end; ++o) {
-          const int64_t i = nbr[o * volume + k];
-          x_rows[count] = in + std::max<int64_t>(i, 0) * c_in;
-          acc_rows[count] = acc.data() + (o - o_begin) * c_out;
-          count += i >= 0;
-        }
+        const int64_t count = gather_pairs(nbr, volume, k, o_begin, o_end, in, c_in, acc.data(),
+                                           c_out, x_rows.data(), acc_rows.data());
         const scalar_t* w = weight + k * c_in * c_out;
 #ifdef SPCONV_LITE_HAS_AVX2_KERNELS
         if (use_avx2) {
@@ -131,14 +142,9 @@ void weight_grad_kernel(const scalar_t* in, const scalar_t* grad_out, const int3
     for (int64_t o_begin = 0; o_begin < rows; o_begin += block) {
       const int64_t o_end = std::min(rows, o_begin + block);
       for (int64_t k = k_begin; k < k_end; ++k) {
-        // Branch-free, as in gather_gemm_scatter.
-        int64_t count = 0;
-        for (int64_t o = o_begin; o < o_end; ++o) {
-          const int64_t i = nbr[o * volume + k];
-          x_rows[count] = in + std::max<int64_t>(i, 0) * c_in;
-          g_rows[count] = grad_out + o * c_out;
-          count += i >= 0;
-        }
+        const int64_t count =
+            gather_pairs(nbr, volume, k, o_begin, o_end, in, c_in, grad_out + o_begin * c_out,
+                         c_out, x_rows.data(), g_rows.data());
         acc_t* dw = acc.data() + (k - k_begin) * c_in * c_out;
 #ifdef SPCONV_LITE_HAS_AVX2_KERNELS
         if (use_avx2) {
