@@ -8,17 +8,18 @@
 // The grid and its checks are shared with the CUDA op (include/spconv_lite/voxel_grid.h).
 //
 // Memory follows the number of points, never the grid volume: the distinct voxels are found
-// with the shared open-addressing hash table (include/spconv_lite/hash_table.h) instead of a
-// dense grid. Passes:
-//   1. quantize (parallel over blocks of points): each point's voxel key, or none;
+// with an open-addressing hash table (the hash of include/spconv_lite/hash_table.h) instead
+// of a dense grid. Passes:
+//   1. quantize (parallel over blocks of points, eight points per AVX2 step where the CPU
+//      has it): the list of kept points and their voxel keys;
 //   2. number the voxels (serial, in input order): insert each key into the table, which
-//      stores a new voxel's number, and give each point its position among its voxel's
-//      points. Once max_voxels voxels exist, keys are only looked up, so the table holds at
-//      most max_voxels keys. The insertions are serial because parallel ones were slower
-//      here: threads contend for the same table lines (consecutive sweeps cover the same
-//      space) and the numbering then needs a second pass over the table;
-//   3. copy the points into their slots (parallel over points), then per voxel range the
-//      coordinates (re-quantized from the voxel's first point) and the free slots.
+//      stores a new voxel's number and point count, and give each point its position among
+//      its voxel's points. Once max_voxels voxels exist, keys are only looked up, so the
+//      table holds at most max_voxels keys. The insertions are serial because parallel ones
+//      were slower here: threads contend for the same table lines (consecutive sweeps cover
+//      the same space) and the numbering then needs a second pass over the table;
+//   3. copy the kept points into their slots (parallel over points), then per voxel range
+//      the coordinates (re-quantized from the voxel's first point) and the free slots.
 // Clouds under kParallelPoints points run on one thread. Every value written depends only on
 // the input order, so results are bitwise independent of the number of threads.
 #include <ATen/Parallel.h>
@@ -29,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -36,6 +38,7 @@
 #include "spconv_lite/coords.h"
 #include "spconv_lite/hash_table.h"
 #include "spconv_lite/voxel_grid.h"
+#include "gemm_avx2.h"
 
 namespace spconv_lite {
 namespace {
@@ -77,6 +80,7 @@ class PointQuantizer {
       lane_mask_[d] = d < ndim_ ? -1 : 0;
       stride_[d] = g.stride[d];
     }
+    keys_fit_int32_ = g.key_count <= std::numeric_limits<int32_t>::max();
   }
 
   int ndim() const { return ndim_; }
@@ -107,11 +111,116 @@ class PointQuantizer {
     return c[0] * stride_[0] + c[1] * stride_[1] + c[2] * stride_[2] + c[3] * stride_[3];
   }
 
+  // The kept points of points [0, count), which are points [first, first + count) of the
+  // cloud: their keys and point numbers, in order, go to kept_keys and kept_points. Returns
+  // how many are kept.
+  template <int kLoad>
+  int64_t keep(const float* points, int64_t columns, int64_t first, int64_t count,
+               int64_t* kept_keys, int32_t* kept_points) const {
+    int64_t kept = 0, i = 0;
+#if defined(SPCONV_LITE_HAS_AVX2_KERNELS)
+    if (keys_fit_int32_ && avx2::supported()) {
+      i = count - count % 8;
+      kept = keep_avx2<kLoad>(points, columns, first, i, kept_keys, kept_points);
+    }
+#endif
+    for (; i < count; ++i) {
+      kept += keep_one<kLoad>(points, columns, first, i, kept_keys + kept, kept_points + kept);
+    }
+    return kept;
+  }
+
  private:
+  // Writes point i's key and number (then counted as kept only when it is kept).
+  template <int kLoad>
+  bool keep_one(const float* points, int64_t columns, int64_t first, int64_t i,
+                int64_t* kept_key, int32_t* kept_point) const {
+    Int4 coord;
+    const bool kept = quantize<kLoad>(points + i * columns, columns, &coord);
+    *kept_key = key(coord);
+    *kept_point = static_cast<int32_t>(first + i);
+    return kept;
+  }
+
+#if defined(SPCONV_LITE_HAS_AVX2_KERNELS)
+  // keep() for count (a multiple of 8) points, eight at a time with one point per lane: the
+  // same float32 operations, with the key in int32 (so only for grids of < 2^31 cells). A
+  // group of eight holding any non-finite value goes through keep_one() instead.
+  template <int kLoad>
+  SPCONV_LITE_AVX2 int64_t keep_avx2(const float* points, int64_t columns, int64_t first,
+                                     int64_t count, int64_t* kept_keys,
+                                     int32_t* kept_points) const {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i row_start =
+        _mm256_mullo_epi32(lane, _mm256_set1_epi32(static_cast<int>(columns)));
+    const __m256 zero = _mm256_setzero_ps();
+    int64_t kept = 0;
+    for (int64_t i = 0; i < count; i += 8) {
+      const float* p = points + i * columns;
+      __m256 not_finite = zero;  // x - x is +0 (all bits clear) only for finite x
+      for (int64_t j = 0; j < 8 * columns; j += 8) {
+        const __m256 x = _mm256_loadu_ps(p + j);
+        not_finite = _mm256_or_ps(not_finite, _mm256_sub_ps(x, x));
+      }
+      if (!_mm256_testz_si256(_mm256_castps_si256(not_finite),
+                              _mm256_castps_si256(not_finite))) {
+        for (int64_t j = i; j < i + 8; ++j) {
+          kept += keep_one<kLoad>(points, columns, first, j, kept_keys + kept, kept_points + kept);
+        }
+        continue;
+      }
+      __m256i inside = _mm256_set1_epi32(-1);
+      __m256i key = _mm256_setzero_si256();
+      for (int d = 0; d < ndim_; ++d) {
+        const __m256 value = _mm256_i32gather_ps(p + d, row_start, sizeof(float));
+        const __m256 q = _mm256_div_ps(_mm256_sub_ps(value, _mm256_set1_ps(low_[d])),
+                                       _mm256_set1_ps(size_[d]));
+        const __m256 in_axis = _mm256_and_ps(_mm256_cmp_ps(q, zero, _CMP_GE_OQ),
+                                             _mm256_cmp_ps(q, _mm256_set1_ps(limit_[d]),
+                                                           _CMP_LT_OQ));
+        inside = _mm256_and_si256(inside, _mm256_castps_si256(in_axis));
+        // Lanes outside the grid convert to garbage; they are not kept.
+        const __m256i stride = _mm256_set1_epi32(static_cast<int>(stride_[d]));
+        key = _mm256_add_epi32(key, _mm256_mullo_epi32(_mm256_cvttps_epi32(q), stride));
+      }
+      // Left-pack the kept lanes (AVX2 has no compress instruction).
+      const int lanes_kept = _mm256_movemask_ps(_mm256_castsi256_ps(inside));
+      const __m256i order = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(kLeftPack.lanes[lanes_kept]));
+      const __m256i packed_key = _mm256_permutevar8x32_epi32(key, order);
+      const __m256i point =
+          _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int>(first + i)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(kept_keys + kept),
+                          _mm256_cvtepi32_epi64(_mm256_castsi256_si128(packed_key)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(kept_keys + kept + 4),
+                          _mm256_cvtepi32_epi64(_mm256_extracti128_si256(packed_key, 1)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(kept_points + kept),
+                          _mm256_permutevar8x32_epi32(point, order));
+      kept += __builtin_popcount(lanes_kept);
+    }
+    return kept;
+  }
+
+  // lanes[m]: the numbers of the set lanes of the 8-lane mask m, first to last, one per byte.
+  struct LeftPackTable {
+    uint64_t lanes[256];
+    LeftPackTable() {
+      for (int m = 0; m < 256; ++m) {
+        uint64_t order = 0;
+        for (int l = 0, k = 0; l < 8; ++l) {
+          if (m >> l & 1) order |= static_cast<uint64_t>(l) << (8 * k++);
+        }
+        lanes[m] = order;
+      }
+    }
+  };
+  static inline const LeftPackTable kLeftPack{};
+#endif
+
   int ndim_;
   Float4 size_, low_, limit_;
   Int4 lane_mask_;
   int64_t stride_[kMaxDims];
+  bool keys_fit_int32_;
 };
 
 // Calls f.template operator()<kLoad>() with kLoad = min(columns, 4) as a compile-time constant.
@@ -125,21 +234,36 @@ void with_load_width(int64_t columns, const F& f) {
   }
 }
 
+// The voxelizer's hash table (open addressing, linear probing, the shared hash_key). One
+// 16-byte entry holds a voxel's key, number and point count, so numbering a point touches one
+// cache line, which is prefetched a few points ahead: the table (~2 MB for 40k voxels) is
+// usually out of cache, and those misses were most of the voxelizer's time.
+struct VoxelEntry {
+  int64_t key;
+  int32_t voxel;
+  int32_t count;
+};
+
 // Per-thread buffers of the voxelizer, kept from call to call: fresh multi-megabyte buffers
 // are often handed back to the system on free, and faulting their pages in again took up to
 // half the time of a KITTI frame. Buffers for clouds over kKeepPoints points are released.
 struct Scratch {
-  std::vector<int64_t> keys;         // [N] voxel key of each point, or kEmptyKey
-  std::vector<int32_t> rank;         // [N] position of a point among its voxel's points
-  std::vector<int64_t> table_keys;   // hash table of the voxels
-  std::vector<int32_t> table_values;
+  std::vector<int64_t> kept_keys;    // [K] voxel key of each kept point, in input order
+  std::vector<int32_t> kept_points;  // [K] point number of each kept point
+  std::vector<int32_t> rank;         // [K] position of a kept point among its voxel's points
+  std::vector<VoxelEntry> table;     // all entries empty between calls (see table_empty)
   std::vector<int32_t> first_point;  // [M + 1] first point of each voxel (+ a spare slot)
-  std::vector<int32_t> count;        // [M + 1] number of points of each voxel (+ a spare slot)
+  std::vector<int64_t> voxel_slot;   // [M + 1] table slot of each voxel (+ a spare slot)
+  std::vector<int32_t> count;        // [M] number of points of each voxel
+  // Whether every table entry is empty. Each numbering empties the entries it used, which is
+  // cheaper than clearing the whole table; a call that stopped part-way (an exception) leaves
+  // this false, and the next call clears it all.
+  bool table_empty = true;
 
   static constexpr int64_t kKeepPoints = int64_t{1} << 22;
 
   void release_if_large() {
-    if (static_cast<int64_t>(keys.size()) > kKeepPoints) *this = Scratch();
+    if (static_cast<int64_t>(kept_keys.size()) > kKeepPoints) *this = Scratch();
   }
 };
 
@@ -150,15 +274,17 @@ Scratch& thread_scratch() {
 
 // v.data() with room for n elements (growing only, so reused elements are not re-filled).
 template <typename T>
-T* room_for(std::vector<T>& v, int64_t n) {
-  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+T* room_for(std::vector<T>& v, int64_t n, const T& fill = T()) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n, fill);
   return v.data();
 }
 
 // Which voxel every point falls in.
 struct VoxelAssignment {
   at::Tensor point_voxel_id;   // int64 [N], voxel number or -1
-  const int32_t* rank;         // [N] position of a point among its voxel's points
+  const int32_t* kept_points;  // [K] the points inside the grid, in input order
+  const int32_t* rank;         // [K] position of a kept point among its voxel's points
+  int64_t num_kept = 0;        // K
   const int32_t* first_point;  // [M] first point of each voxel
   const int32_t* count;        // [M] number of points of each voxel
   int64_t num_voxels = 0;      // M
@@ -168,65 +294,81 @@ struct VoxelAssignment {
 VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
                               const PointQuantizer& quantizer, int64_t max_voxels,
                               Scratch* scratch) {
-  // Pass 1: quantize. keys[i] is point i's voxel key, or kEmptyKey when it is dropped;
-  // valid_in_block[b] counts the kept points of block b (of kPointGrain points).
+  // Pass 1: quantize. The kept points of block b (of kPointGrain points) are listed from
+  // entry b * kPointGrain of kept_keys / kept_points on; then the lists are joined.
   const int64_t blocks = (n + kPointGrain - 1) / kPointGrain;
   const bool parallel = at::get_num_threads() > 1 && n >= kParallelPoints;
-  int64_t* keys = room_for(scratch->keys, n);
-  std::vector<int64_t> valid_in_block(blocks);
+  int64_t* kept_keys = room_for(scratch->kept_keys, n);
+  int32_t* kept_points = room_for(scratch->kept_points, n);
+  std::vector<int64_t> kept_in_block(blocks);
   with_load_width(columns, [&]<int kLoad>() {
     for_range(parallel, blocks, 1, [&](int64_t b0, int64_t b1) {
       const PointQuantizer local = quantizer;  // stores below cannot alias a local copy
-      Int4 coord = {0, 0, 0, 0};
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t begin = b * kPointGrain, end = std::min(n, begin + kPointGrain);
-        int64_t valid = 0;
-        for (int64_t i = begin; i < end; ++i) {
-          const bool keep = local.template quantize<kLoad>(points + i * columns, columns, &coord);
-          keys[i] = keep ? local.key(coord) : kEmptyKey;
-          valid += keep;
-        }
-        valid_in_block[b] = valid;
+        kept_in_block[b] = local.template keep<kLoad>(points + begin * columns, columns, begin,
+                                                      end - begin, kept_keys + begin,
+                                                      kept_points + begin);
       }
     });
   });
   int64_t valid = 0;
-  for (int64_t b = 0; b < blocks; ++b) valid += valid_in_block[b];
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t from = b * kPointGrain, kept = kept_in_block[b];
+    std::memmove(kept_keys + valid, kept_keys + from, kept * sizeof(int64_t));
+    std::memmove(kept_points + valid, kept_points + from, kept * sizeof(int32_t));
+    valid += kept;
+  }
 
   // Pass 2, serial in input order. Only kept voxels enter the table (once max_voxels exist,
-  // points of other voxels are dropped), so it cannot fill up and stays small. The loop is
-  // branch-free but for the probe and the skip of dropped points: whether a point opens a voxel
-  // follows no pattern, and the mispredicted branches cost more than the table lookups. Dropped points write their rank
-  // into the spare last slot of `count`, and first points of no voxel into that of
-  // `first_point`.
+  // points of other voxels are dropped), so it cannot fill up and stays small. A point whose
+  // voxel is dropped counts itself in a free entry, which stays free (its key is not set);
+  // first points and slots of no voxel go to the spare last slots.
   const int64_t expected = std::min(valid, max_voxels);
   const int64_t capacity = hash_capacity_for(expected);
-  int64_t* table_keys = room_for(scratch->table_keys, capacity);
-  std::fill_n(table_keys, capacity, kEmptyKey);
-  const HashTableView table{table_keys, room_for(scratch->table_values, capacity), capacity};
+  const int64_t mask = capacity - 1;
+  const VoxelEntry empty{kEmptyKey, -1, 0};
+  VoxelEntry* table = room_for(scratch->table, capacity, empty);
+  if (!scratch->table_empty) std::fill(scratch->table.begin(), scratch->table.end(), empty);
+  scratch->table_empty = false;
   int32_t* first_point = room_for(scratch->first_point, expected + 1);
-  int32_t* count = room_for(scratch->count, expected + 1);
-  std::fill_n(count, expected + 1, 0);
-  int32_t* rank = room_for(scratch->rank, n);  // read only for points with a voxel
+  int64_t* voxel_slot = room_for(scratch->voxel_slot, expected + 1);
+  int32_t* rank = room_for(scratch->rank, valid);
   at::Tensor point_voxel_id = at::empty({n}, at::dtype(at::kLong));
   int64_t* ids = point_voxel_id.data_ptr<int64_t>();
   std::fill_n(ids, n, -1);
+  constexpr int64_t kPrefetchAhead = 16;  // kept points
   int64_t voxels = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t key = keys[i];
-    if (key == kEmptyKey) continue;  // dropped points come in runs: a predictable branch
-    const int64_t slot = table.slot_for(key);  // the table always has an empty slot
-    const bool found = table.keys[slot] == key;
+  for (int64_t k = 0; k < valid; ++k) {
+    __builtin_prefetch(&table[hash_key(kept_keys[std::min(k + kPrefetchAhead, valid - 1)]) & mask]);
+    const int64_t key = kept_keys[k];
+    const int32_t i = kept_points[k];
+    int64_t slot = hash_key(key) & mask;
+    // One branch for both ends of the probe (found, or an empty entry): which end is reached
+    // follows no pattern.
+    while ((table[slot].key != key) & (table[slot].key != kEmptyKey)) slot = (slot + 1) & mask;
+    VoxelEntry& entry = table[slot];
+    const bool found = entry.key == key;
     const bool open = !found && voxels < max_voxels;
-    const int64_t v = found ? table.values[slot] : (open ? voxels : -1);
-    table.keys[slot] = open ? key : table.keys[slot];
-    table.values[slot] = open ? static_cast<int32_t>(voxels) : table.values[slot];
-    first_point[open ? voxels : expected] = static_cast<int32_t>(i);
-    rank[i] = count[v >= 0 ? v : expected]++;
-    ids[i] = v;
+    entry.key = open ? key : entry.key;
+    entry.voxel = open ? static_cast<int32_t>(voxels) : entry.voxel;
+    entry.count = open ? 0 : entry.count;
+    rank[k] = entry.count++;
+    ids[i] = entry.voxel;  // -1 in a free entry
+    first_point[open ? voxels : expected] = i;
+    voxel_slot[open ? voxels : expected] = slot;
     voxels += open;
   }
-  return {point_voxel_id, rank, first_point, count, voxels, parallel};
+  // Each voxel's count, and its entry emptied for the next call.
+  int32_t* count = room_for(scratch->count, voxels);
+  for (int64_t v = 0; v < voxels; ++v) {
+    __builtin_prefetch(&table[voxel_slot[std::min(v + kPrefetchAhead, voxels - 1)]]);
+    VoxelEntry& entry = table[voxel_slot[v]];
+    count[v] = entry.count;
+    entry = empty;
+  }
+  scratch->table_empty = true;
+  return {point_voxel_id, kept_points, rank, valid, first_point, count, voxels, parallel};
 }
 
 // Coordinates (z, y, x: the lanes reversed) of voxels [begin, end), from their first points.
@@ -279,10 +421,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
   // One memset beats a small one per voxel.
   if (!empty_mean && voxels.numel() > 0) std::memset(out, 0, voxels.numel() * sizeof(float));
   // Each (voxel, slot) is written by exactly one point, so the points can be split freely.
-  for_range(a.parallel, n, kPointGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      if (ids[i] < 0 || a.rank[i] >= slots) continue;
-      float* dst = out + ids[i] * row + a.rank[i] * columns;
+  for_range(a.parallel, a.num_kept, kPointGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t i = a.kept_points[k];
+      if (ids[i] < 0 || a.rank[k] >= slots) continue;
+      float* dst = out + ids[i] * row + a.rank[k] * columns;
       for (int64_t c = 0; c < columns; ++c) dst[c] = data[i * columns + c];
     }
   });
