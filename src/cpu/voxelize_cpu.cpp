@@ -67,6 +67,36 @@ using Float4 = float __attribute__((vector_size(16)));
 using Int4 = int32_t __attribute__((vector_size(16)));
 static_assert(kMaxDims == 4, "one vector lane per axis");
 
+// Hash of a voxel key for the voxelizer's table, computed with the key in pass 1 (eight
+// at a time there), so the serial numbering pass only masks it. Like hash_key in
+// hash_table.h, kGroupBits low bits of the key stay (neighbours along z share a cache line)
+// and the rest goes through a mixer, here murmur3's 32-bit finaliser: AVX2 multiplies 32-bit
+// lanes only. 32 bits address any table of this op (at most 2 * 2^31 entries).
+inline uint32_t voxel_hash(int64_t key) {
+  const uint64_t group = static_cast<uint64_t>(key) >> kGroupBits;
+  uint32_t h = static_cast<uint32_t>(group ^ (group >> 32));
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  h ^= h >> 16;
+  return (h << kGroupBits) | (static_cast<uint32_t>(key) & ((1u << kGroupBits) - 1));
+}
+
+// The kept points of a cloud, in input order: point number, voxel key and its voxel_hash.
+struct KeptList {
+  int32_t* points;
+  int64_t* keys;
+  uint32_t* hashes;
+
+  KeptList from(int64_t k) const { return {points + k, keys + k, hashes + k}; }
+  void set(int64_t k, int64_t point, int64_t key) const {
+    points[k] = static_cast<int32_t>(point);
+    keys[k] = key;
+    hashes[k] = voxel_hash(key);
+  }
+};
+
 // The exact float32 quantization of points on a checked grid (voxel_grid.h), four lanes at a
 // time: the same operations as quantize_point there.
 class PointQuantizer {
@@ -111,34 +141,30 @@ class PointQuantizer {
     return c[0] * stride_[0] + c[1] * stride_[1] + c[2] * stride_[2] + c[3] * stride_[3];
   }
 
-  // The kept points of points [0, count), which are points [first, first + count) of the
-  // cloud: their keys and point numbers, in order, go to kept_keys and kept_points. Returns
-  // how many are kept.
+  // Lists the kept points of points [0, count), which are points [first, first + count) of
+  // the cloud, in `out`; returns how many are kept.
   template <int kLoad>
   int64_t keep(const float* points, int64_t columns, int64_t first, int64_t count,
-               int64_t* kept_keys, int32_t* kept_points) const {
+               const KeptList& out) const {
     int64_t kept = 0, i = 0;
 #if defined(SPCONV_LITE_HAS_AVX2_KERNELS)
     if (keys_fit_int32_ && avx2::supported()) {
       i = count - count % 8;
-      kept = keep_avx2<kLoad>(points, columns, first, i, kept_keys, kept_points);
+      kept = keep_avx2<kLoad>(points, columns, first, i, out);
     }
 #endif
-    for (; i < count; ++i) {
-      kept += keep_one<kLoad>(points, columns, first, i, kept_keys + kept, kept_points + kept);
-    }
+    for (; i < count; ++i) kept += keep_one<kLoad>(points, columns, first, i, out.from(kept));
     return kept;
   }
 
  private:
-  // Writes point i's key and number (then counted as kept only when it is kept).
+  // Lists point i first in `out` (which counts it only when it is kept).
   template <int kLoad>
   bool keep_one(const float* points, int64_t columns, int64_t first, int64_t i,
-                int64_t* kept_key, int32_t* kept_point) const {
+                const KeptList& out) const {
     Int4 coord;
     const bool kept = quantize<kLoad>(points + i * columns, columns, &coord);
-    *kept_key = key(coord);
-    *kept_point = static_cast<int32_t>(first + i);
+    out.set(0, first + i, key(coord));
     return kept;
   }
 
@@ -148,8 +174,7 @@ class PointQuantizer {
   // group of eight holding any non-finite value goes through keep_one() instead.
   template <int kLoad>
   SPCONV_LITE_AVX2 int64_t keep_avx2(const float* points, int64_t columns, int64_t first,
-                                     int64_t count, int64_t* kept_keys,
-                                     int32_t* kept_points) const {
+                                     int64_t count, const KeptList& out) const {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i row_start =
         _mm256_mullo_epi32(lane, _mm256_set1_epi32(static_cast<int>(columns)));
@@ -158,21 +183,40 @@ class PointQuantizer {
     for (int64_t i = 0; i < count; i += 8) {
       const float* p = points + i * columns;
       __m256 not_finite = zero;  // x - x is +0 (all bits clear) only for finite x
+      __m256 rows[4];            // with 4 columns: points (0, 1), (2, 3), (4, 5), (6, 7)
       for (int64_t j = 0; j < 8 * columns; j += 8) {
         const __m256 x = _mm256_loadu_ps(p + j);
         not_finite = _mm256_or_ps(not_finite, _mm256_sub_ps(x, x));
+        if (columns == 4) rows[j / 8] = x;
       }
       if (!_mm256_testz_si256(_mm256_castps_si256(not_finite),
                               _mm256_castps_si256(not_finite))) {
         for (int64_t j = i; j < i + 8; ++j) {
-          kept += keep_one<kLoad>(points, columns, first, j, kept_keys + kept, kept_points + kept);
+          kept += keep_one<kLoad>(points, columns, first, j, out.from(kept));
         }
         continue;
+      }
+      // Axis values of the eight points, one point per lane; with 4 columns by a transpose
+      // of the rows, in the lane order of points 0 2 4 6 1 3 5 7 (restored below).
+      __m256 axis[4];
+      if (columns == 4) {
+        const __m256 xy02_13 = _mm256_unpacklo_ps(rows[0], rows[1]);
+        const __m256 zw02_13 = _mm256_unpackhi_ps(rows[0], rows[1]);
+        const __m256 xy46_57 = _mm256_unpacklo_ps(rows[2], rows[3]);
+        const __m256 zw46_57 = _mm256_unpackhi_ps(rows[2], rows[3]);
+        axis[0] = _mm256_shuffle_ps(xy02_13, xy46_57, 0x44);
+        axis[1] = _mm256_shuffle_ps(xy02_13, xy46_57, 0xEE);
+        axis[2] = _mm256_shuffle_ps(zw02_13, zw46_57, 0x44);
+        axis[3] = _mm256_shuffle_ps(zw02_13, zw46_57, 0xEE);
+      } else {
+        for (int d = 0; d < ndim_; ++d) {
+          axis[d] = _mm256_i32gather_ps(p + d, row_start, sizeof(float));
+        }
       }
       __m256i inside = _mm256_set1_epi32(-1);
       __m256i key = _mm256_setzero_si256();
       for (int d = 0; d < ndim_; ++d) {
-        const __m256 value = _mm256_i32gather_ps(p + d, row_start, sizeof(float));
+        const __m256 value = axis[d];
         const __m256 q = _mm256_div_ps(_mm256_sub_ps(value, _mm256_set1_ps(low_[d])),
                                        _mm256_set1_ps(size_[d]));
         const __m256 in_axis = _mm256_and_ps(_mm256_cmp_ps(q, zero, _CMP_GE_OQ),
@@ -183,21 +227,40 @@ class PointQuantizer {
         const __m256i stride = _mm256_set1_epi32(static_cast<int>(stride_[d]));
         key = _mm256_add_epi32(key, _mm256_mullo_epi32(_mm256_cvttps_epi32(q), stride));
       }
+      if (columns == 4) {  // back to point order
+        const __m256i point_lane = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        key = _mm256_permutevar8x32_epi32(key, point_lane);
+        inside = _mm256_permutevar8x32_epi32(inside, point_lane);
+      }
       // Left-pack the kept lanes (AVX2 has no compress instruction).
       const int lanes_kept = _mm256_movemask_ps(_mm256_castsi256_ps(inside));
       const __m256i order = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(kLeftPack.lanes[lanes_kept]));
       const __m256i packed_key = _mm256_permutevar8x32_epi32(key, order);
       const __m256i point =
           _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int>(first + i)));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(kept_keys + kept),
-                          _mm256_cvtepi32_epi64(_mm256_castsi256_si128(packed_key)));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(kept_keys + kept + 4),
-                          _mm256_cvtepi32_epi64(_mm256_extracti128_si256(packed_key, 1)));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(kept_points + kept),
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.points + kept),
                           _mm256_permutevar8x32_epi32(point, order));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.keys + kept),
+                          _mm256_cvtepi32_epi64(_mm256_castsi256_si128(packed_key)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.keys + kept + 4),
+                          _mm256_cvtepi32_epi64(_mm256_extracti128_si256(packed_key, 1)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.hashes + kept),
+                          voxel_hash_avx2(packed_key));
       kept += __builtin_popcount(lanes_kept);
     }
     return kept;
+  }
+
+  // voxel_hash of eight keys in [0, 2^31).
+  static SPCONV_LITE_AVX2 __m256i voxel_hash_avx2(__m256i key) {
+    __m256i h = _mm256_srli_epi32(key, kGroupBits);
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0x85ebca6bu)));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0xc2b2ae35u)));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    const __m256i in_group = _mm256_set1_epi32((1 << kGroupBits) - 1);
+    return _mm256_or_si256(_mm256_slli_epi32(h, kGroupBits), _mm256_and_si256(key, in_group));
   }
 
   // lanes[m]: the numbers of the set lanes of the 8-lane mask m, first to last, one per byte.
@@ -234,7 +297,7 @@ void with_load_width(int64_t columns, const F& f) {
   }
 }
 
-// The voxelizer's hash table (open addressing, linear probing, the shared hash_key). One
+// The voxelizer's hash table (open addressing, linear probing, voxel_hash). One
 // 16-byte entry holds a voxel's key, number and point count, so numbering a point touches one
 // cache line, which is prefetched a few points ahead: the table (~2 MB for 40k voxels) is
 // usually out of cache, and those misses were most of the voxelizer's time.
@@ -248,8 +311,9 @@ struct VoxelEntry {
 // are often handed back to the system on free, and faulting their pages in again took up to
 // half the time of a KITTI frame. Buffers for clouds over kKeepPoints points are released.
 struct Scratch {
-  std::vector<int64_t> kept_keys;    // [K] voxel key of each kept point, in input order
-  std::vector<int32_t> kept_points;  // [K] point number of each kept point
+  std::vector<int32_t> kept_points;  // [K] the KeptList
+  std::vector<int64_t> kept_keys;
+  std::vector<uint32_t> kept_hashes;
   std::vector<int32_t> rank;         // [K] position of a kept point among its voxel's points
   std::vector<VoxelEntry> table;     // all entries empty between calls (see table_empty)
   std::vector<int32_t> first_point;  // [M + 1] first point of each voxel (+ a spare slot)
@@ -294,31 +358,35 @@ struct VoxelAssignment {
 VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
                               const PointQuantizer& quantizer, int64_t max_voxels,
                               Scratch* scratch) {
-  // Pass 1: quantize. The kept points of block b (of kPointGrain points) are listed from
-  // entry b * kPointGrain of kept_keys / kept_points on; then the lists are joined.
-  const int64_t blocks = (n + kPointGrain - 1) / kPointGrain;
+  // Pass 1: quantize. On several threads, the kept points of block b (of kPointGrain points)
+  // are listed from entry b * kPointGrain on, then the lists are joined.
   const bool parallel = at::get_num_threads() > 1 && n >= kParallelPoints;
-  int64_t* kept_keys = room_for(scratch->kept_keys, n);
-  int32_t* kept_points = room_for(scratch->kept_points, n);
-  std::vector<int64_t> kept_in_block(blocks);
+  const KeptList kept{room_for(scratch->kept_points, n), room_for(scratch->kept_keys, n),
+                      room_for(scratch->kept_hashes, n)};
+  int64_t valid = 0;
   with_load_width(columns, [&]<int kLoad>() {
-    for_range(parallel, blocks, 1, [&](int64_t b0, int64_t b1) {
+    if (!parallel) {
+      valid = quantizer.template keep<kLoad>(points, columns, 0, n, kept);
+      return;
+    }
+    const int64_t blocks = (n + kPointGrain - 1) / kPointGrain;
+    std::vector<int64_t> kept_in_block(blocks);
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       const PointQuantizer local = quantizer;  // stores below cannot alias a local copy
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t begin = b * kPointGrain, end = std::min(n, begin + kPointGrain);
         kept_in_block[b] = local.template keep<kLoad>(points + begin * columns, columns, begin,
-                                                      end - begin, kept_keys + begin,
-                                                      kept_points + begin);
+                                                      end - begin, kept.from(begin));
       }
     });
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t from = b * kPointGrain, count = kept_in_block[b];
+      std::memmove(kept.points + valid, kept.points + from, count * sizeof(int32_t));
+      std::memmove(kept.keys + valid, kept.keys + from, count * sizeof(int64_t));
+      std::memmove(kept.hashes + valid, kept.hashes + from, count * sizeof(uint32_t));
+      valid += count;
+    }
   });
-  int64_t valid = 0;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t from = b * kPointGrain, kept = kept_in_block[b];
-    std::memmove(kept_keys + valid, kept_keys + from, kept * sizeof(int64_t));
-    std::memmove(kept_points + valid, kept_points + from, kept * sizeof(int32_t));
-    valid += kept;
-  }
 
   // Pass 2, serial in input order. Only kept voxels enter the table (once max_voxels exist,
   // points of other voxels are dropped), so it cannot fill up and stays small. A point whose
@@ -340,10 +408,10 @@ VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
   constexpr int64_t kPrefetchAhead = 16;  // kept points
   int64_t voxels = 0;
   for (int64_t k = 0; k < valid; ++k) {
-    __builtin_prefetch(&table[hash_key(kept_keys[std::min(k + kPrefetchAhead, valid - 1)]) & mask]);
-    const int64_t key = kept_keys[k];
-    const int32_t i = kept_points[k];
-    int64_t slot = hash_key(key) & mask;
+    __builtin_prefetch(&table[kept.hashes[std::min(k + kPrefetchAhead, valid - 1)] & mask]);
+    const int64_t key = kept.keys[k];
+    const int32_t i = kept.points[k];
+    int64_t slot = kept.hashes[k] & mask;
     // One branch for both ends of the probe (found, or an empty entry): which end is reached
     // follows no pattern.
     while ((table[slot].key != key) & (table[slot].key != kEmptyKey)) slot = (slot + 1) & mask;
@@ -368,7 +436,7 @@ VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
     entry = empty;
   }
   scratch->table_empty = true;
-  return {point_voxel_id, kept_points, rank, valid, first_point, count, voxels, parallel};
+  return {point_voxel_id, kept.points, rank, valid, first_point, count, voxels, parallel};
 }
 
 // Coordinates (z, y, x: the lanes reversed) of voxels [begin, end), from their first points.
