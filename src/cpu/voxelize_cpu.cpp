@@ -8,8 +8,7 @@
 // The grid and its checks are shared with the CUDA op (include/spconv_lite/voxel_grid.h).
 //
 // Memory follows the number of points, never the grid volume: the distinct voxels are found
-// with an open-addressing hash table (the hash of include/spconv_lite/hash_table.h) instead
-// of a dense grid. Passes:
+// with an open-addressing hash table (voxel_hash below) instead of a dense grid. Passes:
 //   1. quantize (parallel over blocks of points, eight points per AVX2 step where the CPU
 //      has it): the list of kept points and their voxel keys;
 //   2. number the voxels (serial, in input order): insert each key into the table, which
@@ -68,19 +67,20 @@ using Int4 = int32_t __attribute__((vector_size(16)));
 static_assert(kMaxDims == 4, "one vector lane per axis");
 
 // Hash of a voxel key for the voxelizer's table, computed with the key in pass 1 (eight
-// at a time there), so the serial numbering pass only masks it. Like hash_key in
-// hash_table.h, kGroupBits low bits of the key stay (neighbours along z share a cache line)
-// and the rest goes through a mixer, here murmur3's 32-bit finaliser: AVX2 multiplies 32-bit
-// lanes only. 32 bits address any table of this op (at most 2 * 2^31 entries).
+// at a time there), so the serial numbering pass only masks it: murmur3's 32-bit finaliser
+// (AVX2 multiplies 32-bit lanes only) of the key folded to 32 bits. Unlike hash_key in
+// hash_table.h, neighbouring keys are not kept together: the voxelizer looks up no
+// neighbours, and z-neighbours sharing a run of slots lengthened the probes (~5% of the
+// time). 32 bits address any table of this op (at most 2 * 2^31 entries).
 inline uint32_t voxel_hash(int64_t key) {
-  const uint64_t group = static_cast<uint64_t>(key) >> kGroupBits;
-  uint32_t h = static_cast<uint32_t>(group ^ (group >> 32));
+  const uint64_t bits = static_cast<uint64_t>(key);
+  uint32_t h = static_cast<uint32_t>(bits ^ (bits >> 32));
   h ^= h >> 16;
   h *= 0x85ebca6bu;
   h ^= h >> 13;
   h *= 0xc2b2ae35u;
   h ^= h >> 16;
-  return (h << kGroupBits) | (static_cast<uint32_t>(key) & ((1u << kGroupBits) - 1));
+  return h;
 }
 
 // The kept points of a cloud, in input order: point number, voxel key and its voxel_hash.
@@ -253,14 +253,12 @@ class PointQuantizer {
 
   // voxel_hash of eight keys in [0, 2^31).
   static SPCONV_LITE_AVX2 __m256i voxel_hash_avx2(__m256i key) {
-    __m256i h = _mm256_srli_epi32(key, kGroupBits);
-    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    __m256i h = _mm256_xor_si256(key, _mm256_srli_epi32(key, 16));
     h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0x85ebca6bu)));
     h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
     h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0xc2b2ae35u)));
     h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-    const __m256i in_group = _mm256_set1_epi32((1 << kGroupBits) - 1);
-    return _mm256_or_si256(_mm256_slli_epi32(h, kGroupBits), _mm256_and_si256(key, in_group));
+    return h;
   }
 
   // lanes[m]: the numbers of the set lanes of the 8-lane mask m, first to last, one per byte.
