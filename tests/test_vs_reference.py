@@ -196,6 +196,8 @@ MAP_CASES = [
     ("conv", 1, (40, 30), 800, (4, 3), (3, 2), (2, 0), (1, 2)),
     ("transpose", 2, (10, 10, 10), 600, 3, 2, 1, 1),
     ("transpose", 1, (7, 6, 7, 6), 400, (2, 3, 1, 2), (2, 1, 3, 2), (0, 1, 0, 1), 1),
+    # ~150k pairs: the CPU sort and map walk split them into several chunks
+    ("conv", 1, (40, 40, 40), 6000, 3, 1, 1, 1),
 ]
 
 
