@@ -295,16 +295,15 @@ void with_load_width(int64_t columns, const F& f) {
   }
 }
 
-// The voxelizer's hash table (open addressing, linear probing, voxel_hash). One
-// 16-byte entry holds a voxel's key, number and point count, so numbering a point touches one
-// cache line, which is prefetched a few points ahead: the table (~2 MB for 40k voxels) is
+// An entry of the voxelizer's hash table (open addressing, linear probing, voxel_hash): a
+// voxel's key and number, valid only in the call whose `epoch` it holds. The table is kept
+// between calls and never cleared: a new call's epoch makes every entry free. A lookup touches
+// one cache line, which is prefetched a few points ahead: the table (~2 MB for 40k voxels) is
 // usually out of cache, and before the prefetch those misses were half the voxelizer's time.
-// Free entries count the points of dropped voxels (see the numbering), so the count is
-// unsigned: it may wrap over many calls.
 struct VoxelEntry {
   int64_t key;
   int32_t voxel;
-  uint32_t count;
+  uint32_t epoch;
 };
 
 // Per-thread buffers of the voxelizer, kept from call to call: fresh multi-megabyte buffers
@@ -315,14 +314,10 @@ struct Scratch {
   std::vector<int64_t> kept_keys;
   std::vector<uint32_t> kept_hashes;
   std::vector<int32_t> rank;         // [K] position of a kept point among its voxel's points
-  std::vector<VoxelEntry> table;     // all entries empty between calls (see table_empty)
+  std::vector<VoxelEntry> table;     // entries of epochs before `epoch` are free
+  uint32_t epoch = 0;                // of the last call (0: no entry is valid)
   std::vector<int32_t> first_point;  // [M + 1] first point of each voxel (+ a spare slot)
-  std::vector<int64_t> voxel_slot;   // [M + 1] table slot of each voxel (+ a spare slot)
-  std::vector<int32_t> count;        // [M] number of points of each voxel
-  // Whether every table entry is empty. Each numbering empties the entries it used, which is
-  // cheaper than clearing the whole table; a call that stopped part-way (an exception) leaves
-  // this false, and the next call clears it all.
-  bool table_empty = true;
+  std::vector<int32_t> count;        // [M + 1] number of points of each voxel (+ a spare slot)
 
   static constexpr int64_t kKeepPoints = int64_t{1} << 22;
 
@@ -389,18 +384,20 @@ VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
   });
 
   // Pass 2, serial in input order. Only kept voxels enter the table (once max_voxels exist,
-  // points of other voxels are dropped), so it cannot fill up and stays small. A point whose
-  // voxel is dropped counts itself in a free entry, which stays free (its key is not set);
-  // first points and slots of no voxel go to the spare last slots.
+  // points of other voxels are dropped), so it cannot fill up and stays small. Points of no
+  // voxel count themselves, and first points of no voxel go, in the spare last slots.
   const int64_t expected = std::min(valid, max_voxels);
   const int64_t capacity = hash_capacity_for(expected);
   const int64_t mask = capacity - 1;
-  const VoxelEntry empty{kEmptyKey, -1, 0u};
-  VoxelEntry* table = room_for(scratch->table, capacity, empty);
-  if (!scratch->table_empty) std::fill(scratch->table.begin(), scratch->table.end(), empty);
-  scratch->table_empty = false;
+  VoxelEntry* table = room_for(scratch->table, capacity, VoxelEntry{kEmptyKey, -1, 0u});
+  if (++scratch->epoch == 0) {  // wrapped: entries of old epochs could look current
+    std::fill(scratch->table.begin(), scratch->table.end(), VoxelEntry{kEmptyKey, -1, 0u});
+    scratch->epoch = 1;
+  }
+  const uint32_t epoch = scratch->epoch;
   int32_t* first_point = room_for(scratch->first_point, expected + 1);
-  int64_t* voxel_slot = room_for(scratch->voxel_slot, expected + 1);
+  int32_t* count = room_for(scratch->count, expected + 1);
+  std::fill_n(count, expected + 1, 0);
   int32_t* rank = room_for(scratch->rank, valid);
   at::Tensor point_voxel_id = at::empty({n}, at::dtype(at::kLong));
   int64_t* ids = point_voxel_id.data_ptr<int64_t>();
@@ -412,29 +409,20 @@ VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
     const int64_t key = kept.keys[k];
     const int32_t i = kept.points[k];
     int64_t slot = kept.hashes[k] & mask;
-    // The probe ends at the key or at an empty entry (the table always has one).
-    while ((table[slot].key != key) & (table[slot].key != kEmptyKey)) slot = (slot + 1) & mask;
+    // The probe ends at the key or at a free entry (the table always has one).
+    while ((table[slot].epoch == epoch) & (table[slot].key != key)) slot = (slot + 1) & mask;
     VoxelEntry& entry = table[slot];
-    const bool found = entry.key == key;
+    const bool found = entry.epoch == epoch;
     const bool open = !found && voxels < max_voxels;
+    const int64_t v = found ? entry.voxel : (open ? voxels : -1);
     entry.key = open ? key : entry.key;
-    entry.voxel = open ? static_cast<int32_t>(voxels) : entry.voxel;
-    entry.count = open ? 0 : entry.count;
-    rank[k] = static_cast<int32_t>(entry.count++);
-    ids[i] = entry.voxel;  // -1 in a free entry
+    entry.voxel = static_cast<int32_t>(open ? voxels : entry.voxel);
+    entry.epoch = open ? epoch : entry.epoch;
+    rank[k] = count[v >= 0 ? v : expected]++;
+    ids[i] = v;
     first_point[open ? voxels : expected] = i;
-    voxel_slot[open ? voxels : expected] = slot;
     voxels += open;
   }
-  // Each voxel's count, and its entry emptied for the next call.
-  int32_t* count = room_for(scratch->count, voxels);
-  for (int64_t v = 0; v < voxels; ++v) {
-    __builtin_prefetch(&table[voxel_slot[std::min(v + kPrefetchAhead, voxels - 1)]]);
-    VoxelEntry& entry = table[voxel_slot[v]];
-    count[v] = static_cast<int32_t>(entry.count);
-    entry = empty;
-  }
-  scratch->table_empty = true;
   return {point_voxel_id, kept.points, rank, valid, first_point, count, voxels, parallel};
 }
 
