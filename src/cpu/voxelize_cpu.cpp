@@ -12,9 +12,9 @@
 //   1. quantize (parallel over blocks of points, eight points per AVX2 step where the CPU
 //      has it): the list of kept points and their voxel keys;
 //   2. number the voxels (serial, in input order): insert each key into the table, which
-//      stores a new voxel's number and point count, and give each point its position among
-//      its voxel's points. Once max_voxels voxels exist, keys are only looked up, so the
-//      table holds at most max_voxels keys. The insertions are serial because parallel ones
+//      stores a new voxel's number, count each voxel's points and give each point its slot
+//      in its voxel. Once max_voxels voxels exist, keys are only looked up, so the table
+//      holds at most max_voxels keys. The insertions are serial because parallel ones
 //      were slower here: threads contend for the same table lines (consecutive sweeps cover
 //      the same space) and the numbering then needs a second pass over the table;
 //   3. copy the kept points into their slots (parallel over points), then per voxel range
@@ -313,7 +313,7 @@ struct Scratch {
   std::vector<int32_t> kept_points;  // [K] the KeptList
   std::vector<int64_t> kept_keys;
   std::vector<uint32_t> kept_hashes;
-  std::vector<int32_t> rank;         // [K] position of a kept point among its voxel's points
+  std::vector<int64_t> slot;         // [K] voxel slot of each kept point (VoxelAssignment)
   std::vector<VoxelEntry> table;     // entries of epochs before `epoch` are free
   uint32_t epoch = 0;                // of the last call (0: no entry is valid)
   std::vector<int32_t> first_point;  // [M + 1] first point of each voxel (+ a spare slot)
@@ -342,7 +342,9 @@ T* room_for(std::vector<T>& v, int64_t n, const T& fill = T()) {
 struct VoxelAssignment {
   at::Tensor point_voxel_id;   // int64 [N], voxel number or -1
   const int32_t* kept_points;  // [K] the points inside the grid, in input order
-  const int32_t* rank;         // [K] position of a kept point among its voxel's points
+  // [K] v * P + r for a kept point that is the r-th point of voxel v, with r < P (the
+  // `slots` of assign_voxels); else -1.
+  const int64_t* slot;
   int64_t num_kept = 0;        // K
   const int32_t* first_point;  // [M] first point of each voxel
   const int32_t* count;        // [M] number of points of each voxel
@@ -350,9 +352,10 @@ struct VoxelAssignment {
   bool parallel = false;       // whether passes 1 and 3 use several threads
 };
 
+// Passes 1 and 2, for voxels of `slots` points (0 when the slots are not wanted).
 VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
                               const PointQuantizer& quantizer, int64_t max_voxels,
-                              Scratch* scratch) {
+                              int64_t slots, Scratch* scratch) {
   // Pass 1: quantize. On several threads, the kept points of block b (of kPointGrain points)
   // are listed from entry b * kPointGrain on, then the lists are joined.
   const bool parallel = at::get_num_threads() > 1 && n >= kParallelPoints;
@@ -398,7 +401,7 @@ VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
   int32_t* first_point = room_for(scratch->first_point, expected + 1);
   int32_t* count = room_for(scratch->count, expected + 1);
   std::fill_n(count, expected + 1, 0);
-  int32_t* rank = room_for(scratch->rank, valid);
+  int64_t* voxel_slot = room_for(scratch->slot, valid);
   at::Tensor point_voxel_id = at::empty({n}, at::dtype(at::kLong));
   int64_t* ids = point_voxel_id.data_ptr<int64_t>();
   std::fill_n(ids, n, -1);
@@ -418,12 +421,13 @@ VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
     entry.key = open ? key : entry.key;
     entry.voxel = static_cast<int32_t>(open ? voxels : entry.voxel);
     entry.epoch = open ? epoch : entry.epoch;
-    rank[k] = count[v >= 0 ? v : expected]++;
+    const int32_t rank = count[v >= 0 ? v : expected]++;
+    voxel_slot[k] = v >= 0 && rank < slots ? v * slots + rank : -1;
     ids[i] = v;
     first_point[open ? voxels : expected] = i;
     voxels += open;
   }
-  return {point_voxel_id, kept.points, rank, valid, first_point, count, voxels, parallel};
+  return {point_voxel_id, kept.points, voxel_slot, valid, first_point, count, voxels, parallel};
 }
 
 // Coordinates (z, y, x: the lanes reversed) of voxels [begin, end), from their first points.
@@ -465,23 +469,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
   const float* data = input.data_ptr<float>();
   const int64_t n = input.size(0), columns = input.size(1), slots = max_points_per_voxel;
   Scratch& scratch = thread_scratch();
-  const VoxelAssignment a = assign_voxels(data, n, columns, quantizer, max_voxels, &scratch);
+  const VoxelAssignment a =
+      assign_voxels(data, n, columns, quantizer, max_voxels, slots, &scratch);
 
   at::Tensor voxels = at::empty({a.num_voxels, slots, columns}, at::dtype(at::kFloat));
   at::Tensor counts = at::empty({a.num_voxels}, at::dtype(at::kInt));
   float* out = voxels.data_ptr<float>();
   int32_t* num = counts.data_ptr<int32_t>();
-  const int64_t* ids = a.point_voxel_id.data_ptr<int64_t>();
   const int64_t row = slots * columns;
   // One memset beats a small one per voxel.
   if (!empty_mean && voxels.numel() > 0) std::memset(out, 0, voxels.numel() * sizeof(float));
   // Each (voxel, slot) is written by exactly one point, so the points can be split freely.
   for_range(a.parallel, a.num_kept, kPointGrain, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
-      const int64_t i = a.kept_points[k];
-      if (ids[i] < 0 || a.rank[k] >= slots) continue;
-      float* dst = out + ids[i] * row + a.rank[k] * columns;
-      for (int64_t c = 0; c < columns; ++c) dst[c] = data[i * columns + c];
+      if (a.slot[k] < 0) continue;
+      const float* src = data + int64_t{a.kept_points[k]} * columns;
+      float* dst = out + a.slot[k] * columns;
+      for (int64_t c = 0; c < columns; ++c) dst[c] = src[c];
     }
   });
   // With empty_mean, free slots get the mean of the voxel's points (a voxel with a free slot
@@ -515,7 +519,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_mean_cpu(
   const float* data = input.data_ptr<float>();
   const int64_t n = input.size(0), columns = input.size(1);
   Scratch& scratch = thread_scratch();
-  const VoxelAssignment a = assign_voxels(data, n, columns, quantizer, max_voxels, &scratch);
+  const VoxelAssignment a = assign_voxels(data, n, columns, quantizer, max_voxels, 0, &scratch);
 
   at::Tensor features = at::empty({a.num_voxels, columns}, at::dtype(at::kFloat));
   at::Tensor counts = at::empty({a.num_voxels}, at::dtype(at::kInt));
