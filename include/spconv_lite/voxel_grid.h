@@ -30,7 +30,6 @@ struct VoxelGrid {
   float low[kMaxDims];     // range_min (float32)
   float limit[kMaxDims];   // smallest float >= grid_size[d]: q is inside the grid iff q < limit
   int64_t stride[kMaxDims];  // key stride (z fastest; 0 past ndim)
-  int64_t key_count;         // number of cells: keys are in [0, key_count)
 };
 
 inline VoxelGrid make_voxel_grid(c10::ArrayRef<double> voxel_size,
@@ -71,7 +70,6 @@ inline VoxelGrid make_voxel_grid(c10::ArrayRef<double> voxel_size,
     g.stride[d] = stride;
     stride *= grid_size[d];
   }
-  g.key_count = stride;
   return g;
 }
 

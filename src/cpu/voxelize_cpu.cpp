@@ -12,13 +12,13 @@
 //   1. quantize (parallel over blocks of points, eight points per AVX2 step where the CPU
 //      has it): the list of kept points and their voxel keys;
 //   2. number the voxels (serial, in input order): insert each key into the table, which
-//      stores a new voxel's number, count each voxel's points and give each point its slot
-//      in its voxel. Once max_voxels voxels exist, keys are only looked up, so the table
-//      holds at most max_voxels keys. The insertions are serial because parallel ones
+//      stores a new voxel's number; then count each voxel's points, which gives each point
+//      its slot in its voxel. Once max_voxels voxels exist, keys are only looked up, so the
+//      table holds at most max_voxels keys. The insertions are serial because parallel ones
 //      were slower here: threads contend for the same table lines (consecutive sweeps cover
 //      the same space) and the numbering then needs a second pass over the table;
 //   3. copy the kept points into their slots (parallel over points), then per voxel range
-//      the coordinates (re-quantized from the voxel's first point) and the free slots.
+//      the coordinates (decoded from the voxel's key) and the free slots.
 // Clouds under kParallelPoints points run on one thread. Every value written depends only on
 // the input order, so results are bitwise independent of the number of threads.
 #include <ATen/Parallel.h>
@@ -101,19 +101,41 @@ struct KeptList {
 // time: the same operations as quantize_point there.
 class PointQuantizer {
  public:
-  explicit PointQuantizer(const VoxelGrid& g) : ndim_(g.ndim) {
+  // Keys are row-major over the grid padded to a power of two cells along each axis, so that
+  // a voxel's coordinates decode from its key with shifts. A grid whose padded keys would pass
+  // 2^62 keeps the exact row-major keys (voxel_grid.h), decoded with divisions.
+  PointQuantizer(const VoxelGrid& g, c10::IntArrayRef grid_size) : ndim_(g.ndim) {
+    int bits = 0;  // of the padded keys; the last axis (z) in the lowest bits
+    for (int d = ndim_ - 1; d >= 0; --d) {
+      int axis_bits = 0;
+      while ((int64_t{1} << axis_bits) < grid_size[d]) ++axis_bits;  // grid sizes are < 2^31
+      shift_[d] = bits;
+      mask_[d] = (int64_t{1} << axis_bits) - 1;
+      bits += axis_bits;
+    }
+    padded_ = bits <= 62;
     for (int d = 0; d < kMaxDims; ++d) {
       // Lanes past ndim quantize a zeroed value to coordinate 0 with key stride 0.
+      const bool axis = d < ndim_;
       size_[d] = g.size[d];
       low_[d] = g.low[d];
       limit_[d] = g.limit[d];
-      lane_mask_[d] = d < ndim_ ? -1 : 0;
-      stride_[d] = g.stride[d];
+      lane_mask_[d] = axis ? -1 : 0;
+      cells_[d] = axis ? grid_size[d] : 1;
+      stride_[d] = axis && padded_ ? int64_t{1} << shift_[d] : g.stride[d];
     }
-    keys_fit_int32_ = g.key_count <= std::numeric_limits<int32_t>::max();
+    const int64_t key_end = padded_ ? int64_t{1} << bits : g.stride[0] * cells_[0];
+    keys_fit_int32_ = key_end - 1 <= std::numeric_limits<int32_t>::max();
   }
 
   int ndim() const { return ndim_; }
+  bool keys_fit_int32() const { return keys_fit_int32_; }
+
+  // Coordinate along axis d of the voxel of `key`.
+  int32_t coordinate(int64_t key, int d) const {
+    return static_cast<int32_t>(padded_ ? key >> shift_[d] & mask_[d]
+                                        : key / stride_[d] % cells_[d]);
+  }
 
   // Voxel coordinates (x, y, z, ... lanes) of the point of `columns` values at p, whose first
   // kLoad = min(columns, 4) values are read as a vector. Returns false when the point is
@@ -170,7 +192,7 @@ class PointQuantizer {
 
 #if defined(SPCONV_LITE_HAS_AVX2_KERNELS)
   // keep() for count (a multiple of 8) points, eight at a time with one point per lane: the
-  // same float32 operations, with the key in int32 (so only for grids of < 2^31 cells). A
+  // same float32 operations, with the key in int32 (so only for grids whose keys fit). A
   // group of eight holding any non-finite value goes through keep_one() instead.
   template <int kLoad>
   SPCONV_LITE_AVX2 int64_t keep_avx2(const float* points, int64_t columns, int64_t first,
@@ -280,14 +302,19 @@ class PointQuantizer {
   int ndim_;
   Float4 size_, low_, limit_;
   Int4 lane_mask_;
-  int64_t stride_[kMaxDims];
+  int64_t stride_[kMaxDims];  // key strides (0 past ndim)
+  int64_t cells_[kMaxDims];   // grid size (1 past ndim)
+  int shift_[kMaxDims];       // with padded keys: bit offset and mask of each axis
+  int64_t mask_[kMaxDims];
+  bool padded_;
   bool keys_fit_int32_;
 };
 
-// Calls f.template operator()<kLoad>() with kLoad = min(columns, 4) as a compile-time constant.
+// Calls f.template operator()<kValue>() with kValue = value (1 to 4) as a compile-time
+// constant.
 template <typename F>
-void with_load_width(int64_t columns, const F& f) {
-  switch (std::min<int64_t>(columns, 4)) {
+void with_constant_1_to_4(int64_t value, const F& f) {
+  switch (value) {
     case 1: return f.template operator()<1>();
     case 2: return f.template operator()<2>();
     case 3: return f.template operator()<3>();
@@ -295,15 +322,20 @@ void with_load_width(int64_t columns, const F& f) {
   }
 }
 
+// Calls f.template operator()<kLoad>() with kLoad = min(columns, 4).
+template <typename F>
+void with_load_width(int64_t columns, const F& f) {
+  with_constant_1_to_4(std::min<int64_t>(columns, 4), f);
+}
+
 // An entry of the voxelizer's hash table (open addressing, linear probing, voxel_hash): a
-// voxel's key and number, valid only in the call whose `epoch` it holds. The table is kept
-// between calls and never cleared: a new call's epoch makes every entry free. A lookup touches
-// one cache line, which is prefetched a few points ahead: the table (~2 MB for 40k voxels) is
-// usually out of cache, and before the prefetch those misses were half the voxelizer's time.
+// voxel's key (kEmptyKey when free) and number. Keys are int32 where the grid's keys fit
+// (8-byte entries, ~1 MB for 40k voxels), so the table spans half the cache lines: it is
+// usually out of cache, and fetching its lines is most of the numbering's time.
+template <typename Key>
 struct VoxelEntry {
-  int64_t key;
+  Key key;
   int32_t voxel;
-  uint32_t epoch;
 };
 
 // Per-thread buffers of the voxelizer, kept from call to call: fresh multi-megabyte buffers
@@ -313,10 +345,10 @@ struct Scratch {
   std::vector<int32_t> kept_points;  // [K] the KeptList
   std::vector<int64_t> kept_keys;
   std::vector<uint32_t> kept_hashes;
-  std::vector<int64_t> slot;         // [K] voxel slot of each kept point (VoxelAssignment)
-  std::vector<VoxelEntry> table;     // entries of epochs before `epoch` are free
-  uint32_t epoch = 0;                // of the last call (0: no entry is valid)
-  std::vector<int32_t> first_point;  // [M + 1] first point of each voxel (+ a spare slot)
+  std::vector<int64_t> slot;         // [K] voxel, then slot, of each kept point
+  std::vector<VoxelEntry<int32_t>> table32;  // the table, with int32 or int64 keys
+  std::vector<VoxelEntry<int64_t>> table64;
+  std::vector<int64_t> voxel_key;    // [M] key of each voxel
   std::vector<int32_t> count;        // [M + 1] number of points of each voxel (+ a spare slot)
 
   static constexpr int64_t kKeepPoints = int64_t{1} << 22;
@@ -346,11 +378,44 @@ struct VoxelAssignment {
   // `slots` of assign_voxels); else -1.
   const int64_t* slot;
   int64_t num_kept = 0;        // K
-  const int32_t* first_point;  // [M] first point of each voxel
+  const int64_t* voxel_key;    // [M] key of each voxel
   const int32_t* count;        // [M] number of points of each voxel
   int64_t num_voxels = 0;      // M
   bool parallel = false;       // whether passes 1 and 3 use several threads
 };
+
+// Numbers the voxels of the kept points [0, valid) in order of their first point, at most
+// max_voxels of them: voxel[k] is kept point k's voxel number (-1 past max_voxels) and
+// voxel_key[v] the key of voxel v. Returns the number of voxels.
+template <typename Key>
+int64_t number_voxels(const KeptList& kept, int64_t valid, int64_t max_voxels,
+                      std::vector<VoxelEntry<Key>>* storage, int64_t* voxel, int64_t* voxel_key) {
+  const int64_t capacity = hash_capacity_for(std::min(valid, max_voxels));
+  const int64_t mask = capacity - 1;
+  VoxelEntry<Key>* table = room_for(*storage, capacity);
+  // All bits set: every key is kEmptyKey. Emptying the table each call also brings it into
+  // cache in sequence, which costs less than the scattered misses it saves.
+  std::memset(table, 0xff, capacity * sizeof(VoxelEntry<Key>));
+  constexpr int64_t kPrefetchAhead = 16;  // kept points
+  int64_t voxels = 0;
+  for (int64_t k = 0; k < valid; ++k) {
+    __builtin_prefetch(&table[kept.hashes[std::min(k + kPrefetchAhead, valid - 1)] & mask]);
+    const Key key = static_cast<Key>(kept.keys[k]);
+    int64_t slot = kept.hashes[k] & mask;
+    // The probe ends at the key or at a free entry (the table always has one).
+    while ((table[slot].key != kEmptyKey) & (table[slot].key != key)) slot = (slot + 1) & mask;
+    VoxelEntry<Key>& entry = table[slot];
+    const bool found = entry.key != kEmptyKey;
+    const bool open = !found && voxels < max_voxels;
+    if (open) {
+      entry = {key, static_cast<int32_t>(voxels)};
+      voxel_key[voxels] = key;
+    }
+    voxel[k] = found ? entry.voxel : (open ? voxels : -1);
+    voxels += open;
+  }
+  return voxels;
+}
 
 // Passes 1 and 2, for voxels of `slots` points (0 when the slots are not wanted).
 VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
@@ -388,73 +453,47 @@ VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
 
   // Pass 2, serial in input order. Only kept voxels enter the table (once max_voxels exist,
   // points of other voxels are dropped), so it cannot fill up and stays small. Points of no
-  // voxel count themselves, and first points of no voxel go, in the spare last slots.
+  // voxel count themselves in the spare last slot.
   const int64_t expected = std::min(valid, max_voxels);
-  const int64_t capacity = hash_capacity_for(expected);
-  const int64_t mask = capacity - 1;
-  VoxelEntry* table = room_for(scratch->table, capacity, VoxelEntry{kEmptyKey, -1, 0u});
-  if (++scratch->epoch == 0) {  // wrapped: entries of old epochs could look current
-    std::fill(scratch->table.begin(), scratch->table.end(), VoxelEntry{kEmptyKey, -1, 0u});
-    scratch->epoch = 1;
-  }
-  const uint32_t epoch = scratch->epoch;
-  int32_t* first_point = room_for(scratch->first_point, expected + 1);
+  int64_t* voxel_key = room_for(scratch->voxel_key, expected);
+  int64_t* voxel_slot = room_for(scratch->slot, valid);
+  const int64_t voxels =
+      quantizer.keys_fit_int32()
+          ? number_voxels(kept, valid, max_voxels, &scratch->table32, voxel_slot, voxel_key)
+          : number_voxels(kept, valid, max_voxels, &scratch->table64, voxel_slot, voxel_key);
+  // Each point's rank in its voxel gives its slot there.
   int32_t* count = room_for(scratch->count, expected + 1);
   std::fill_n(count, expected + 1, 0);
-  int64_t* voxel_slot = room_for(scratch->slot, valid);
   at::Tensor point_voxel_id = at::empty({n}, at::dtype(at::kLong));
   int64_t* ids = point_voxel_id.data_ptr<int64_t>();
   std::fill_n(ids, n, -1);
-  constexpr int64_t kPrefetchAhead = 16;  // kept points
-  int64_t voxels = 0;
   for (int64_t k = 0; k < valid; ++k) {
-    __builtin_prefetch(&table[kept.hashes[std::min(k + kPrefetchAhead, valid - 1)] & mask]);
-    const int64_t key = kept.keys[k];
-    const int32_t i = kept.points[k];
-    int64_t slot = kept.hashes[k] & mask;
-    // The probe ends at the key or at a free entry (the table always has one).
-    while ((table[slot].epoch == epoch) & (table[slot].key != key)) slot = (slot + 1) & mask;
-    VoxelEntry& entry = table[slot];
-    const bool found = entry.epoch == epoch;
-    const bool open = !found && voxels < max_voxels;
-    const int64_t v = found ? entry.voxel : (open ? voxels : -1);
-    entry.key = open ? key : entry.key;
-    entry.voxel = static_cast<int32_t>(open ? voxels : entry.voxel);
-    entry.epoch = open ? epoch : entry.epoch;
+    const int64_t v = voxel_slot[k];
     const int32_t rank = count[v >= 0 ? v : expected]++;
     voxel_slot[k] = v >= 0 && rank < slots ? v * slots + rank : -1;
-    ids[i] = v;
-    first_point[open ? voxels : expected] = i;
-    voxels += open;
+    ids[kept.points[k]] = v;
   }
-  return {point_voxel_id, kept.points, voxel_slot, valid, first_point, count, voxels, parallel};
+  return {point_voxel_id, kept.points, voxel_slot, valid, voxel_key, count, voxels, parallel};
 }
 
-// Coordinates (z, y, x: the lanes reversed) of voxels [begin, end), from their first points.
-template <int kLoad>
-void write_coordinates(const VoxelAssignment& a, const float* points, int64_t columns,
-                       const PointQuantizer& quantizer, int64_t begin, int64_t end,
-                       int32_t* coords) {
-  const int ndim = quantizer.ndim();
-  Int4 c;
-  for (int64_t v = begin; v < end; ++v) {
-    quantizer.template quantize<kLoad>(points + a.first_point[v] * columns, columns, &c);
-    for (int d = 0; d < ndim; ++d) coords[v * ndim + d] = c[ndim - 1 - d];
-  }
-}
-
-// Runs f(begin, end, coords) over ranges of the voxels in parallel after writing the
-// coordinates of those voxels into coords [M, ndim].
+// Runs f(begin, end) over ranges of the voxels in parallel after writing the coordinates of
+// those voxels, decoded from their keys, into coords [M, ndim] (z, y, x: the axes reversed).
 template <typename F>
-at::Tensor for_voxel_ranges(const VoxelAssignment& a, const float* points, int64_t columns,
-                            const PointQuantizer& quantizer, const F& f) {
-  at::Tensor coordinates = at::empty({a.num_voxels, quantizer.ndim()}, at::dtype(at::kInt));
+at::Tensor for_voxel_ranges(const VoxelAssignment& a, const PointQuantizer& quantizer,
+                            const F& f) {
+  const int ndim = quantizer.ndim();
+  at::Tensor coordinates = at::empty({a.num_voxels, ndim}, at::dtype(at::kInt));
   int32_t* coords = coordinates.data_ptr<int32_t>();
-  with_load_width(columns, [&]<int kLoad>() {
-    for_range(a.parallel, a.num_voxels, kVoxelGrain, [&](int64_t begin, int64_t end) {
-      write_coordinates<kLoad>(a, points, columns, quantizer, begin, end, coords);
-      f(begin, end);
+  for_range(a.parallel, a.num_voxels, kVoxelGrain, [&](int64_t begin, int64_t end) {
+    with_constant_1_to_4(ndim, [&]<int kDims>() {
+      for (int64_t v = begin; v < end; ++v) {
+        const int64_t key = a.voxel_key[v];
+        for (int d = 0; d < kDims; ++d) {
+          coords[v * kDims + d] = quantizer.coordinate(key, kDims - 1 - d);
+        }
+      }
     });
+    f(begin, end);
   });
   return coordinates;
 }
@@ -464,7 +503,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
     c10::IntArrayRef grid_size, int64_t max_points_per_voxel, int64_t max_voxels,
     bool empty_mean) {
   const PointQuantizer quantizer(check_voxelize_args(points, voxel_size, range_min, grid_size,
-                                                     max_points_per_voxel, max_voxels));
+                                                     max_points_per_voxel, max_voxels),
+                                 grid_size);
   const at::Tensor input = points.contiguous();
   const float* data = input.data_ptr<float>();
   const int64_t n = input.size(0), columns = input.size(1), slots = max_points_per_voxel;
@@ -490,8 +530,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
   });
   // With empty_mean, free slots get the mean of the voxel's points (a voxel with a free slot
   // stores all its points), summed in double in slot order.
-  at::Tensor coordinates = for_voxel_ranges(a, data, columns, quantizer, [&](int64_t begin,
-                                                                             int64_t end) {
+  at::Tensor coordinates = for_voxel_ranges(a, quantizer, [&](int64_t begin, int64_t end) {
     std::vector<double> mean(columns);
     for (int64_t v = begin; v < end; ++v) {
       num[v] = std::min<int32_t>(a.count[v], static_cast<int32_t>(slots));
@@ -514,7 +553,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_mean_cpu(
     const at::Tensor& points, c10::ArrayRef<double> voxel_size, c10::ArrayRef<double> range_min,
     c10::IntArrayRef grid_size, int64_t max_voxels) {
   const PointQuantizer quantizer(check_voxelize_args(points, voxel_size, range_min, grid_size,
-                                                     std::nullopt, max_voxels));
+                                                     std::nullopt, max_voxels),
+                                 grid_size);
   const at::Tensor input = points.contiguous();
   const float* data = input.data_ptr<float>();
   const int64_t n = input.size(0), columns = input.size(1);
@@ -528,8 +568,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_mean_cpu(
   const int64_t* ids = a.point_voxel_id.data_ptr<int64_t>();
   // Sums in double, in input order. Each task owns a range of voxels and scans all points, so
   // every voxel is summed in the same order whatever the split.
-  at::Tensor coordinates = for_voxel_ranges(a, data, columns, quantizer, [&](int64_t v0,
-                                                                             int64_t v1) {
+  at::Tensor coordinates = for_voxel_ranges(a, quantizer, [&](int64_t v0, int64_t v1) {
     std::vector<double> sum((v1 - v0) * columns, 0.0);
     for (int64_t i = 0; i < n; ++i) {
       if (ids[i] < v0 || ids[i] >= v1) continue;
