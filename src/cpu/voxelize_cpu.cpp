@@ -124,8 +124,7 @@ class PointQuantizer {
       cells_[d] = axis ? grid_size[d] : 1;
       stride_[d] = axis && padded_ ? int64_t{1} << shift_[d] : g.stride[d];
     }
-    const int64_t key_end = padded_ ? int64_t{1} << bits : g.stride[0] * cells_[0];
-    keys_fit_int32_ = key_end - 1 <= std::numeric_limits<int32_t>::max();
+    keys_fit_int32_ = bits <= 31;  // (so only padded keys fit)
   }
 
   int ndim() const { return ndim_; }
@@ -201,6 +200,16 @@ class PointQuantizer {
     const __m256i row_start =
         _mm256_mullo_epi32(lane, _mm256_set1_epi32(static_cast<int>(columns)));
     const __m256 zero = _mm256_setzero_ps();
+    // Per-axis constants in registers: the stores below may alias this object's members, so
+    // the compiler would reload them for every group.
+    __m256 low[kMaxDims], size[kMaxDims], limit[kMaxDims];
+    __m128i shift[kMaxDims];  // keys that fit int32 are padded: strides are powers of two
+    for (int d = 0; d < ndim_; ++d) {
+      low[d] = _mm256_set1_ps(low_[d]);
+      size[d] = _mm256_set1_ps(size_[d]);
+      limit[d] = _mm256_set1_ps(limit_[d]);
+      shift[d] = _mm_cvtsi32_si128(shift_[d]);
+    }
     int64_t kept = 0;
     for (int64_t i = 0; i < count; i += 8) {
       const float* p = points + i * columns;
@@ -239,15 +248,12 @@ class PointQuantizer {
       __m256i key = _mm256_setzero_si256();
       for (int d = 0; d < ndim_; ++d) {
         const __m256 value = axis[d];
-        const __m256 q = _mm256_div_ps(_mm256_sub_ps(value, _mm256_set1_ps(low_[d])),
-                                       _mm256_set1_ps(size_[d]));
+        const __m256 q = _mm256_div_ps(_mm256_sub_ps(value, low[d]), size[d]);
         const __m256 in_axis = _mm256_and_ps(_mm256_cmp_ps(q, zero, _CMP_GE_OQ),
-                                             _mm256_cmp_ps(q, _mm256_set1_ps(limit_[d]),
-                                                           _CMP_LT_OQ));
+                                             _mm256_cmp_ps(q, limit[d], _CMP_LT_OQ));
         inside = _mm256_and_si256(inside, _mm256_castps_si256(in_axis));
         // Lanes outside the grid convert to garbage; they are not kept.
-        const __m256i stride = _mm256_set1_epi32(static_cast<int>(stride_[d]));
-        key = _mm256_add_epi32(key, _mm256_mullo_epi32(_mm256_cvttps_epi32(q), stride));
+        key = _mm256_or_si256(key, _mm256_sll_epi32(_mm256_cvttps_epi32(q), shift[d]));
       }
       if (columns == 4) {  // back to point order
         const __m256i point_lane = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
