@@ -8,6 +8,7 @@ and a few voxels written down from spconv check it even where spconv is not inst
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -267,6 +268,29 @@ def test_calls_do_not_leak_into_each_other():
         gen.generate_voxel_with_id(torch.from_numpy(other))
         gen.generate_voxel_mean(torch.from_numpy(other))
         assert_outputs_equal(gen.generate_voxel_with_id(cloud), first)
+
+
+def test_outputs_stay_valid_while_later_calls_reuse_freed_storage():
+    """The op's outputs come from blocks that freed outputs hand back (unlike spconv, whose
+    outputs are views of buffers the next call overwrites): live outputs never change, blocks
+    move between threads, and an output can still grow with resize_."""
+    vsize, coors_range, columns, max_points, max_voxels = CONFIGS["kitti"]
+    gen = PointToVoxel(vsize, coors_range, columns, max_voxels, max_points)
+    clouds = [
+        torch.from_numpy(synthetic_cloud("kitti", vsize, coors_range, columns)[k:])
+        for k in range(0, 4000, 500)
+    ]
+    expected = [tuple(t.clone() for t in gen.generate_voxel_with_id(c)) for c in clouds]
+    kept = [gen.generate_voxel_with_id(c) for c in clouds[::2]]  # alive through the rest
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # allocated there, freed here
+        for _ in range(3):
+            for out, want in zip(pool.map(gen.generate_voxel_with_id, clouds), expected):
+                assert_outputs_equal(out, want)
+    for out, want in zip(kept, expected[::2]):
+        assert_outputs_equal(out, want)
+    voxels = kept[0][0]
+    voxels.resize_(voxels.shape[0] * 3, *voxels.shape[1:])
+    assert torch.equal(voxels[: len(expected[0][0])], expected[0][0])
 
 
 # ----------------------------------------------------------------------------- real frames
