@@ -271,9 +271,8 @@ def test_calls_do_not_leak_into_each_other():
 
 
 def test_outputs_stay_valid_while_later_calls_reuse_freed_storage():
-    """The op's outputs come from blocks that freed outputs hand back (unlike spconv, whose
-    outputs are views of buffers the next call overwrites): live outputs never change, blocks
-    move between threads, and an output can still grow with resize_."""
+    """The op's outputs come from blocks that freed outputs hand back: live outputs never
+    change, blocks move between threads, and an output can still grow with resize_."""
     vsize, coors_range, columns, max_points, max_voxels = CONFIGS["kitti"]
     gen = PointToVoxel(vsize, coors_range, columns, max_voxels, max_points)
     clouds = [
