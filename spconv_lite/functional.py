@@ -35,6 +35,7 @@ def sparse_add(*tensors: SparseConvTensor) -> SparseConvTensor:
             raise TypeError(
                 f"sparse_add argument {i} is {type(x).__name__}, not a SparseConvTensor"
             )
+        x.check_rows()
         if (x.spatial_shape != first.spatial_shape or x.batch_size != first.batch_size
                 or x.features.shape[1] != first.features.shape[1]):
             raise ValueError(

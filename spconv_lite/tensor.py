@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -13,13 +14,14 @@ SpatialShape = Union[Sequence[int], np.ndarray, Tensor]
 
 
 def _as_shape(spatial_shape: SpatialShape) -> list[int]:
-    """Converts a list, tuple, numpy array or tensor of sizes into a list of Python ints."""
+    """Converts a list, tuple, numpy array or tensor of integer sizes into a list of Python
+    ints; floats are refused rather than truncated."""
     if isinstance(spatial_shape, Tensor):
-        spatial_shape = spatial_shape.tolist()
+        spatial_shape = spatial_shape.reshape(-1).tolist()
     elif isinstance(spatial_shape, np.ndarray):
         spatial_shape = spatial_shape.reshape(-1).tolist()
     try:
-        shape = [int(s) for s in spatial_shape]
+        shape = [_as_int(s) for s in spatial_shape]
     except TypeError as exc:
         raise TypeError(
             f"spatial_shape must be a sequence of ints, got {spatial_shape!r}"
@@ -29,8 +31,27 @@ def _as_shape(spatial_shape: SpatialShape) -> list[int]:
     return shape
 
 
-def check_sites_in_grid(indices: Tensor, spatial_shape: Sequence[int], batch_size: int) -> None:
-    """Raises ValueError naming the first row of ``indices`` outside the batch and grid.
+def _as_int(value: Any) -> int:
+    """A Python, numpy or 0-d tensor integer as an int; TypeError for floats and bools."""
+    if isinstance(value, (Tensor, np.ndarray)) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"expected an int, got the bool {value!r}")
+    return operator.index(value)
+
+
+def site_keys(indices: Tensor, spatial_shape: Sequence[int]) -> Tensor:
+    """One int64 key per row, row-major over (batch, *spatial_shape) as the C++ ops pack
+    sites: equal keys are equal sites, and key order is (batch, z, y, x) order."""
+    keys = indices[:, 0].long()
+    for d, size in enumerate(spatial_shape):
+        keys = keys * size + indices[:, d + 1].long()
+    return keys
+
+
+def check_sites(indices: Tensor, spatial_shape: Sequence[int], batch_size: int) -> None:
+    """Raises ValueError naming the first row of ``indices`` outside the batch and grid, or two
+    rows that are the same site.
 
     The C++ kernel-map builders check this in every mode; this eager-only check guards the
     pure-PyTorch paths (``dense()``, global pools). It reads data, so it is skipped while
@@ -45,6 +66,15 @@ def check_sites_in_grid(indices: Tensor, spatial_shape: Sequence[int], batch_siz
         raise ValueError(
             f"indices row {row} = {indices[row].tolist()} is outside the grid: batch index must "
             f"be in [0, {batch_size}) and coordinates inside spatial_shape {list(spatial_shape)}"
+        )
+    sorted_keys, order = site_keys(indices, spatial_shape).sort(stable=True)
+    repeated = (sorted_keys[1:] == sorted_keys[:-1]).nonzero()
+    if repeated.shape[0]:
+        j = int(repeated[0, 0])
+        first, second = int(order[j]), int(order[j + 1])
+        raise ValueError(
+            f"indices contains duplicate sites: rows {first} and {second} are both "
+            f"{indices[second].tolist()}"
         )
 
 
@@ -83,12 +113,8 @@ class SparseConvTensor:
         enable_timer: bool = False,
         force_algo: Any = None,
     ) -> None:
-        self.spatial_shape = _as_shape(spatial_shape)
-        if isinstance(batch_size, (Tensor, np.ndarray)):
-            batch_size = int(batch_size)
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        self.batch_size = int(batch_size)
+        self.spatial_shape = spatial_shape
+        self.batch_size = batch_size
         if not isinstance(indices, Tensor):
             raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
         if indices.dtype != torch.int32:
@@ -101,6 +127,7 @@ class SparseConvTensor:
             )
         self.indices = indices
         self._features = self._checked_features(features)
+        self.check_rows()
         self.indice_dict: dict = {} if indice_dict is None else indice_dict
         self.grid = grid
         self.voxel_num = voxel_num
@@ -120,12 +147,21 @@ class SparseConvTensor:
                 f"features is on {features.device} but indices is on {self.indices.device}: "
                 "they must be on the same device"
             )
-        if features.shape[0] != self.indices.shape[0]:
+        return features
+
+    def check_rows(self) -> None:
+        """Raises ValueError unless ``features`` has one row per row of ``indices``.
+
+        Checked by the constructor and wherever the tensor is used (every layer, ``dense()``),
+        not when ``features`` or ``indices`` is assigned: client code assigns the two one after
+        the other (OpenPCDet's VoxelNeXt sets features of a new row count with
+        ``replace_feature``, then the matching ``indices``), as spconv allows.
+        """
+        if self._features.shape[0] != self.indices.shape[0]:
             raise ValueError(
-                f"features has {features.shape[0]} rows but indices has "
+                f"features has {self._features.shape[0]} rows but indices has "
                 f"{self.indices.shape[0]}: they must match"
             )
-        return features
 
     @property
     def features(self) -> Tensor:
@@ -135,6 +171,28 @@ class SparseConvTensor:
     def features(self, value: Tensor) -> None:
         # spconv 2.x forbids this; spconv 1.x code relies on it, so allow it with the same checks.
         self._features = self._checked_features(value)
+
+    @property
+    def spatial_shape(self) -> list[int]:
+        return self._spatial_shape
+
+    @spatial_shape.setter
+    def spatial_shape(self, value: SpatialShape) -> None:
+        self._spatial_shape = _as_shape(value)
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        try:
+            batch_size = _as_int(value)
+        except TypeError:
+            batch_size = 0
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {value!r}")
+        self._batch_size = batch_size
 
     def __repr__(self) -> str:
         return (
@@ -170,7 +228,8 @@ class SparseConvTensor:
 
     def dense(self, channels_first: bool = True) -> Tensor:
         """Dense tensor ``[B, C, *spatial]`` (or ``[B, *spatial, C]``), zero at inactive sites."""
-        check_sites_in_grid(self.indices, self.spatial_shape, self.batch_size)
+        self.check_rows()
+        check_sites(self.indices, self.spatial_shape, self.batch_size)
         channels = self._features.shape[1]
         out = self._features.new_zeros([self.batch_size, *self.spatial_shape, channels])
         index = self.indices.to(self._features.device).long()

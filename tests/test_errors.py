@@ -98,8 +98,16 @@ CASES = [
     # features
     ("feature_rows", lambda: sp.SparseConvTensor(torch.randn(3, 3), TWO_SITES, [4, 4, 4], 1),
      ValueError, r"features has 3 rows but indices has 2"),
-    ("feature_rows_setter", lambda: setattr(tensor(TWO_SITES), "features", torch.randn(5, 3)),
+    # A row-count mismatch left by assigning features (or indices) is caught where the tensor
+    # is used, not at the assignment (client code assigns the two one after the other).
+    ("feature_rows_conv", lambda: sp.SubMConv3d(3, 4, 3)(
+        tensor(TWO_SITES).replace_feature(torch.randn(5, 3))),
      ValueError, r"features has 5 rows but indices has 2"),
+    ("feature_rows_dense", lambda: tensor(TWO_SITES).replace_feature(torch.randn(1, 3)).dense(),
+     ValueError, r"features has 1 rows but indices has 2"),
+    ("feature_rows_pool", lambda: sp.SparseGlobalMaxPool()(
+        tensor(TWO_SITES).replace_feature(torch.randn(3, 3))),
+     ValueError, r"features has 3 rows but indices has 2"),
     ("features_integer", lambda: sp.SparseConvTensor(torch.ones(2, 3, dtype=torch.int64),
                                                      TWO_SITES, [4, 4, 4], 1),
      TypeError, r"features must be a floating-point tensor, got torch\.int64"),
@@ -226,6 +234,22 @@ CASES = [
      E("spatial_shape must hold 1 to 4 positive sizes, got [4, 4, 4, 4, 4]")),
     ("batch_size_zero", lambda: tensor(TWO_SITES, batch_size=0), ValueError,
      r"batch_size must be a positive int, got 0"),
+    # floats and bools are refused, not truncated to ints
+    ("spatial_shape_float_list", lambda: tensor(TWO_SITES, (3.7, 3, 3)), TypeError,
+     E("spatial_shape must be a sequence of ints, got [3.7, 3, 3]")),
+    ("spatial_shape_float_numpy", lambda: sp.SparseConvTensor(
+        torch.ones(2, 3), TWO_SITES, np.array([3.7, 3, 3]), 1), TypeError,
+     E("spatial_shape must be a sequence of ints, got [3.7, 3.0, 3.0]")),
+    ("spatial_shape_float_tensor", lambda: sp.SparseConvTensor(
+        torch.ones(2, 3), TWO_SITES, torch.tensor([4.0, 4.0, 4.0]), 1),
+     TypeError, E("spatial_shape must be a sequence of ints, got [4.0, 4.0, 4.0]")),
+    ("spatial_shape_float_assigned", lambda: setattr(tensor(TWO_SITES), "spatial_shape",
+                                                     [4, 4.5, 4]),
+     TypeError, E("spatial_shape must be a sequence of ints, got [4, 4.5, 4]")),
+    ("batch_size_bool", lambda: tensor(TWO_SITES, batch_size=True), ValueError,
+     r"batch_size must be a positive int, got True"),
+    ("batch_size_float_tensor", lambda: tensor(TWO_SITES, batch_size=torch.tensor(2.5)),
+     ValueError, r"batch_size must be a positive int, got tensor\(2\.5000\)"),
     ("op_batch_size_zero", lambda: ops.build_subm_map(TWO_SITES, [4, 4, 4], 0, [3, 3, 3],
                                                       [1, 1, 1]),
      ValueError, r"batch_size must be >= 1, got 0"),
@@ -280,6 +304,20 @@ def test_global_pool_rejects_batch_index_outside_batch_size():
                             [4, 4, 4], 2)
     with pytest.raises(ValueError, match=r"batch"):
         sp.SparseGlobalMaxPool()(x)
+
+
+@pytest.mark.parametrize("use", [
+    lambda x: x.dense(),
+    lambda x: sp.SparseGlobalMaxPool()(x),
+    lambda x: sp.SparseGlobalAvgPool()(x),
+], ids=["dense", "global_max", "global_avg"])
+def test_dense_and_global_pools_reject_duplicate_sites(use):
+    # Every conv and pool rejects duplicates; dense() would keep one row and the global mean
+    # would count the site twice.
+    x = sp.SparseConvTensor(torch.ones(3, 2), idx([0, 1, 1, 1], [1, 2, 2, 2], [0, 1, 1, 1]),
+                            [4, 4, 4], 2)
+    with pytest.raises(ValueError, match=E("duplicate sites: rows 0 and 2 are both [0, 1, 1, 1]")):
+        use(x)
 
 
 def test_dense_rejects_negative_coordinates():

@@ -82,8 +82,10 @@ def test_replace_feature_shares_indice_dict():
     out2 = sp.SubMConv3d(4, 4, 3, indice_key="s").double()(out)
     assert out2.find_indice_pair("s") is cached
     assert x.find_indice_pair("missing") is None and x.find_indice_pair(None) is None
+    # Another row count is accepted until the tensor is used (indices may be assigned next).
+    wrong = x.replace_feature(torch.randn(7, 3))
     with pytest.raises(ValueError, match="features has 7 rows but indices has 50"):
-        x.replace_feature(torch.randn(7, 3))
+        sp.SubMConv3d(3, 4, 3)(wrong)
 
 
 def test_shadow_copy_add_and_spatial_size():

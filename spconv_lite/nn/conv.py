@@ -28,6 +28,7 @@ def check_input(x, channels: Optional[int], layer: nn.Module) -> None:
     name = type(layer).__name__
     if not isinstance(x, SparseConvTensor):
         raise TypeError(f"{name} expects a SparseConvTensor, got {type(x).__name__}")
+    x.check_rows()
     ndim = getattr(layer, "ndim", None)
     if ndim is not None and len(x.spatial_shape) != ndim:
         raise ValueError(

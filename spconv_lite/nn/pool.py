@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import ops
 from ..kernel_map import conv_map, expand_nd
-from ..tensor import SparseConvTensor, check_sites_in_grid
+from ..tensor import SparseConvTensor, check_sites
 from .conv import check_input
 from .modules import SparseModule
 
@@ -87,7 +87,7 @@ SparseAvgPool3d = _pool_class("SparseAvgPool3d", 3, False)
 def global_pool(x: SparseConvTensor, is_max: bool) -> Tensor:
     """Max or mean of each batch item's features: dense ``[batch_size, C]``, zero for an item
     without active sites."""
-    check_sites_in_grid(x.indices, x.spatial_shape, x.batch_size)
+    check_sites(x.indices, x.spatial_shape, x.batch_size)
     batch = x.indices[:, 0].long()
     order = torch.argsort(batch, stable=True)
     items = torch.arange(x.batch_size, device=batch.device)

@@ -17,6 +17,7 @@ def _check_aligned(inputs: Sequence[SparseConvTensor], name: str, same_channels:
     for i, x in enumerate(inputs):
         if not isinstance(x, SparseConvTensor):
             raise TypeError(f"{name} input {i} is {type(x).__name__}, not a SparseConvTensor")
+        x.check_rows()
         # Same site count is what spconv checks too; the rows must be the same sites in the
         # same order, which holds for tensors derived from one input by submanifold layers.
         if (x.spatial_shape != first.spatial_shape or x.batch_size != first.batch_size
