@@ -11,10 +11,11 @@ import operator
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
+import torch
 from torch import Tensor
 
 from . import ops
-from .tensor import SparseConvTensor
+from .tensor import SparseConvTensor, site_keys
 
 IntOrSeq = Union[int, Sequence[int]]
 
@@ -38,6 +39,18 @@ def expand_nd(ndim: int, value: IntOrSeq, name: str) -> tuple[int, ...]:
     return values
 
 
+# Sites have int32 coordinates, so an output grid may not have more cells per axis.
+MAX_GRID_SIZE = 2**31
+
+
+def _check_fits_int32(shape: list[int], layer: str) -> None:
+    if any(n > MAX_GRID_SIZE for n in shape):
+        raise ValueError(
+            f"{layer} gives an output spatial_shape {shape} with sizes above 2**31: its "
+            "coordinates would not fit the int32 indices"
+        )
+
+
 def conv_output_shape(
     spatial_shape: Sequence[int], kernel_size, stride, padding, dilation
 ) -> list[int]:
@@ -51,13 +64,26 @@ def conv_output_shape(
             f"spatial_shape {list(spatial_shape)} is too small for kernel_size {list(kernel_size)}"
             f", padding {list(padding)}, dilation {list(dilation)}: output shape would be {shape}"
         )
+    _check_fits_int32(shape, f"a conv of spatial_shape {list(spatial_shape)} with stride "
+                             f"{list(stride)} and padding {list(padding)}")
     return shape
+
+
+def check_output_padding(output_padding, stride, dilation) -> None:
+    """Raises ValueError unless each output padding is below its stride or its dilation, as
+    torch's transposed convs require."""
+    if any(op >= max(s, d) for op, s, d in zip(output_padding, stride, dilation)):
+        raise ValueError(
+            f"output_padding {list(output_padding)} must be smaller than either stride "
+            f"{list(stride)} or dilation {list(dilation)} in each dimension"
+        )
 
 
 def conv_transpose_output_shape(
     spatial_shape: Sequence[int], kernel_size, stride, padding, dilation, output_padding
 ) -> list[int]:
     """Output grid of a transposed conv, as ``torch.nn.functional.conv_transpose3d``."""
+    check_output_padding(output_padding, stride, dilation)
     shape = [
         (n - 1) * s - 2 * p + d * (k - 1) + 1 + op
         for n, k, s, p, d, op in zip(
@@ -69,12 +95,20 @@ def conv_transpose_output_shape(
             f"transposed conv of spatial_shape {list(spatial_shape)} with padding "
             f"{list(padding)} gives an empty output shape {shape}"
         )
+    _check_fits_int32(shape, f"a transposed conv of spatial_shape {list(spatial_shape)} with "
+                             f"kernel_size {list(kernel_size)} and stride {list(stride)}")
     return shape
 
 
 @dataclass
 class KernelMap:
-    """A kernel map between the sites of two grids, as cached in ``indice_dict``."""
+    """A kernel map between the sites of two grids, as cached in ``indice_dict``.
+
+    The map is a promise about sites: it may serve only the very ``in_indices`` it was built
+    for (same tensor at the same version, or equal contents), on the same grid and batch size.
+    ``in_version`` / ``out_version`` are the tensors' versions when the map was built, so an
+    in-place edit of either (``x.indices[:, 1:] *= 2``) is detected.
+    """
 
     in_indices: Tensor
     out_indices: Tensor
@@ -88,13 +122,68 @@ class KernelMap:
     dilation: tuple[int, ...]
     subm: bool
     transposed: bool
+    batch_size: int = 1
+    output_padding: tuple[int, ...] = ()
+    in_version: int = 0
+    out_version: int = 0
 
     @property
     def kernel_volume(self) -> int:
         return math.prod(self.kernel_size)
 
 
-def _check_reuse(key: str, cached, geometry: dict) -> None:
+def _version(t: Tensor) -> int:
+    # torch.compile treats a tensor's version as data: while tracing, identity stands for it.
+    return 0 if torch.compiler.is_compiling() else t._version
+
+
+def _edited_in_place(t: Tensor, version: int) -> bool:
+    """Whether ``t`` was modified in place since it had ``version`` (never known while
+    tracing)."""
+    return not torch.compiler.is_compiling() and t._version != version
+
+
+def _describe_difference(built: Tensor, given: Tensor, spatial_shape: Sequence[int]) -> str:
+    """How the sites of ``given`` differ from those of ``built`` (for error messages only)."""
+    if built.shape != given.shape:
+        return f"the map is over {built.shape[0]} sites, this input has {given.shape[0]}"
+    built_keys, given_keys = site_keys(built, spatial_shape), site_keys(given, spatial_shape)
+    missing = int((~torch.isin(given_keys, built_keys)).sum())
+    if missing:
+        return f"{missing} of this input's {given.shape[0]} sites are not sites of the map"
+    return f"this input has the map's {given.shape[0]} sites in another row order"
+
+
+def _check_sites(key: str, role: str, built: Tensor, version: int, given: Tensor,
+                 spatial_shape: Sequence[int]) -> None:
+    """Raises ValueError unless ``given`` holds exactly the sites (rows in order) ``built`` held
+    when the map cached under ``key`` was made; ``role`` names them in the message."""
+    if torch.compiler.is_compiling():
+        # Identity is a trace-time fact; other tensors are compared when the graph runs.
+        if given is not built:
+            torch._check(given.shape[0] == built.shape[0])
+            torch._assert_async(
+                (given == built).all(), f"indice_key {key!r}: the input's sites differ from the "
+                f"{role} the cached kernel map was built for")
+        return
+    if _edited_in_place(built, version):
+        raise ValueError(
+            f"indice_key {key!r}: the {role} the cached kernel map was built for were modified "
+            "in place after it was built, so the map may no longer fit them; edit a copy "
+            "(indices = indices.clone()) or use a new indice_key"
+        )
+    if given is built or (given.shape == built.shape and torch.equal(given, built)):
+        return
+    raise ValueError(
+        f"indice_key {key!r} caches the kernel map of other sites: "
+        f"{_describe_difference(built, given, spatial_shape)}. A key must only be reused on the "
+        "sites it was built for (in the same row order); use another indice_key"
+    )
+
+
+def _check_reuse(key: str, cached, geometry: dict, x: SparseConvTensor) -> None:
+    """Raises ValueError unless the map cached under ``key`` is the map of ``x``'s sites with
+    this layer's geometry."""
     if not isinstance(cached, KernelMap):
         raise ValueError(f"indice_key {key!r} holds {type(cached).__name__}, not a kernel map")
     seen = {name: getattr(cached, name) for name in geometry}
@@ -103,6 +192,15 @@ def _check_reuse(key: str, cached, geometry: dict) -> None:
             f"indice_key {key!r} is reused with a different geometry: the cached map has "
             f"{seen}, this layer asks for {geometry}"
         )
+    grid = (list(cached.in_spatial_shape), cached.batch_size)
+    if grid != (list(x.spatial_shape), x.batch_size):
+        raise ValueError(
+            f"indice_key {key!r} caches a map over spatial_shape {grid[0]} with batch_size "
+            f"{grid[1]}, but this input has spatial_shape {list(x.spatial_shape)} and "
+            f"batch_size {x.batch_size}"
+        )
+    _check_sites(key, "input sites", cached.in_indices, cached.in_version, x.indices,
+                 x.spatial_shape)
 
 
 def subm_map(
@@ -113,19 +211,16 @@ def subm_map(
     geometry = {"kernel_size": kernel_size, "dilation": dilation, "subm": True}
     cached = x.find_indice_pair(indice_key)
     if cached is not None:
-        _check_reuse(indice_key, cached, geometry)
-        if cached.in_indices.shape[0] != x.indices.shape[0]:
-            raise ValueError(
-                f"indice_key {indice_key!r} caches a map over {cached.in_indices.shape[0]} sites "
-                f"but this input has {x.indices.shape[0]}"
-            )
+        _check_reuse(indice_key, cached, geometry, x)
         return cached
     nbr, nbr_t = ops.build_subm_map(x.indices, x.spatial_shape, x.batch_size, kernel_size, dilation)
     ndim = len(kernel_size)
+    version = _version(x.indices)
     kmap = KernelMap(
         x.indices, x.indices, nbr, nbr_t, x.spatial_shape, x.spatial_shape, kernel_size,
         (1,) * ndim, tuple((k - 1) // 2 * d for k, d in zip(kernel_size, dilation)), dilation,
-        subm=True, transposed=False,
+        subm=True, transposed=False, batch_size=x.batch_size, in_version=version,
+        out_version=version,
     )
     if indice_key is not None:
         x.indice_dict[indice_key] = kmap
@@ -143,21 +238,28 @@ def conv_map(
     output_padding: Optional[tuple[int, ...]] = None,
 ) -> KernelMap:
     """The map of a regular or transposed conv (or pool) over ``x``; cached under
-    ``indice_key`` so that an inverse conv can undo it. A cached map is reused when it was built
-    for these very indices."""
+    ``indice_key`` so that an inverse conv can undo it, and reused by a layer with the same key
+    and geometry on the same sites."""
+    ndim = len(kernel_size)
+    output_padding = output_padding if transposed and output_padding else (0,) * ndim
     geometry = {
         "kernel_size": kernel_size, "stride": stride, "padding": padding,
         "dilation": dilation, "subm": False, "transposed": transposed,
+        "output_padding": output_padding,
     }
     cached = x.find_indice_pair(indice_key)
     if cached is not None:
-        _check_reuse(indice_key, cached, geometry)
-        if cached.in_indices is x.indices:
-            return cached
+        _check_reuse(indice_key, cached, geometry, x)
+        if _edited_in_place(cached.out_indices, cached.out_version):
+            raise ValueError(
+                f"indice_key {indice_key!r}: the output indices of the cached kernel map were "
+                "modified in place, so reusing the map would return the edited sites; edit a "
+                "copy (indices = indices.clone()) or use a new indice_key"
+            )
+        return cached
     if transposed:
         out_shape = conv_transpose_output_shape(
-            x.spatial_shape, kernel_size, stride, padding, dilation,
-            output_padding or (0,) * len(kernel_size),
+            x.spatial_shape, kernel_size, stride, padding, dilation, output_padding
         )
     else:
         out_shape = conv_output_shape(x.spatial_shape, kernel_size, stride, padding, dilation)
@@ -167,7 +269,9 @@ def conv_map(
     )
     kmap = KernelMap(
         x.indices, out_indices, nbr, nbr_t, x.spatial_shape, out_shape, kernel_size, stride,
-        padding, dilation, subm=False, transposed=transposed,
+        padding, dilation, subm=False, transposed=transposed, batch_size=x.batch_size,
+        output_padding=output_padding, in_version=_version(x.indices),
+        out_version=_version(out_indices),
     )
     if indice_key is not None:
         x.indice_dict[indice_key] = kmap
@@ -176,8 +280,13 @@ def conv_map(
 
 def inverse_map(
     x: SparseConvTensor, kernel_size: tuple[int, ...], indice_key: Optional[str]
-) -> KernelMap:
-    """The map of the conv stored under ``indice_key``, to run it backwards on ``x``."""
+) -> tuple[KernelMap, Optional[Tensor]]:
+    """The map of the conv stored under ``indice_key``, to run it backwards on ``x``.
+
+    ``x`` must hold the output sites of that conv, in any row order. Returns the map and
+    ``None`` when ``x``'s rows are the map's output rows in order, else the row index that
+    puts ``x``'s rows in the map's order (``x.features[index]``).
+    """
     if indice_key is None:
         raise ValueError("an inverse conv needs the indice_key of the conv it inverts, got None")
     cached = x.find_indice_pair(indice_key)
@@ -194,9 +303,55 @@ def inverse_map(
             f"indice_key {indice_key!r} was built with kernel_size {list(cached.kernel_size)}, "
             f"the inverse conv has {list(kernel_size)}"
         )
-    if cached.out_indices.shape[0] != x.indices.shape[0]:
+    grid = (list(cached.out_spatial_shape), cached.batch_size)
+    if grid != (list(x.spatial_shape), x.batch_size):
         raise ValueError(
-            f"the input has {x.indices.shape[0]} sites but the conv cached under {indice_key!r} "
-            f"produced {cached.out_indices.shape[0]}"
+            f"the conv cached under {indice_key!r} produced spatial_shape {grid[0]} with "
+            f"batch_size {grid[1]}, but the inverse conv's input has spatial_shape "
+            f"{list(x.spatial_shape)} and batch_size {x.batch_size}"
         )
-    return cached
+    if _edited_in_place(cached.in_indices, cached.in_version):
+        raise ValueError(
+            f"indice_key {indice_key!r}: the input indices of the conv cached under it were "
+            "modified in place, so the inverse conv cannot return them; edit a copy "
+            "(indices = indices.clone())"
+        )
+    if _edited_in_place(cached.out_indices, cached.out_version):
+        raise ValueError(
+            f"indice_key {indice_key!r}: the output indices of the conv cached under it were "
+            "modified in place, so its output sites are no longer known; edit a copy "
+            "(indices = indices.clone())"
+        )
+    if x.indices is cached.out_indices:
+        return cached, None
+    return cached, _rows_in_map_order(indice_key, cached, x)
+
+
+def _rows_in_map_order(key: str, kmap: KernelMap, x: SparseConvTensor) -> Optional[Tensor]:
+    """``None`` when ``x.indices`` equals ``kmap.out_indices``, else the index ``r`` with
+    ``x.indices[r]`` equal to it (the same sites in another row order); raises ValueError
+    naming the key when ``x`` has other sites."""
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        torch._check(x.indices.shape[0] == kmap.out_indices.shape[0])
+    elif x.indices.shape[0] != kmap.out_indices.shape[0]:
+        raise ValueError(
+            f"the input has {x.indices.shape[0]} sites but the conv cached under {key!r} "
+            f"produced {kmap.out_indices.shape[0]}"
+        )
+    elif torch.equal(x.indices, kmap.out_indices):
+        return None
+    given, x_order = site_keys(x.indices, x.spatial_shape).sort()
+    produced, map_order = site_keys(kmap.out_indices, kmap.out_spatial_shape).sort()
+    if compiling:
+        torch._assert_async((given == produced).all(), "the inverse conv's input has other "
+                            f"sites than the conv cached under {key!r} produced")
+    elif not torch.equal(given, produced):
+        missing = int((~torch.isin(given, produced)).sum())
+        raise ValueError(
+            f"the inverse conv's input has other sites than the conv cached under {key!r} "
+            f"produced: {missing} of its {x.indices.shape[0]} sites are not among them"
+            + ("" if missing else " (it has duplicate sites)")
+        )
+    # Row map_order[j] of the conv's outputs is row x_order[j] of x.
+    return torch.empty_like(x_order).index_put_((map_order,), x_order)

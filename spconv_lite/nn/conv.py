@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..kernel_map import conv_map, expand_nd, inverse_map, subm_map
+from ..kernel_map import check_output_padding, conv_map, expand_nd, inverse_map, subm_map
 from ..tensor import SparseConvTensor
 from .modules import SparseModule
 
@@ -103,6 +103,8 @@ class SparseConvolution(SparseModule):
         ):
             if any(v < minimum for v in values):
                 raise ValueError(f"{arg} entries must be >= {minimum}, got {list(values)}")
+        if transposed:
+            check_output_padding(self.output_padding, self.stride, self.dilation)
         if subm and any(k % 2 == 0 for k in self.kernel_size):
             raise ValueError(
                 f"submanifold conv needs odd kernel sizes, got {list(self.kernel_size)}"
@@ -172,13 +174,34 @@ class SparseConvolution(SparseModule):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
+    def _check_weight_shape(self) -> None:
+        # A weight assigned after construction (torch's [C_out, C_in, *k] layout, say) would be
+        # reshaped silently below; refuse it, as load_state_dict does.
+        shape = list(self.weight.shape)
+        expected = [self.out_channels, *self.kernel_size, self.in_channels]
+        if shape == expected:
+            return
+        hint = ""
+        if shape == [self.out_channels, self.in_channels, *self.kernel_size]:
+            axes = ", ".join(str(d) for d in (0, *range(2, self.ndim + 2), 1))
+            hint = (f"; that is torch's nn.Conv{self.ndim}d layout [C_out, C_in, *kernel_size]: "
+                    f"assign weight.permute({axes}) instead")
+        raise ValueError(
+            f"{type(self).__name__}.weight has shape {shape}, the layer expects {expected} = "
+            f"[C_out, *kernel_size, C_in]{hint}"
+        )
+
     def forward(self, x: SparseConvTensor,
                 add_input: Optional[SparseConvTensor] = None) -> SparseConvTensor:
         """Runs the conv; ``add_input`` (a tensor on the output sites, as in spconv) is added
         to the result."""
         check_input(x, self.in_channels, self)
+        self._check_weight_shape()
+        in_features = x.features
         if self.inverse:
-            kmap = inverse_map(x, self.kernel_size, self.indice_key)
+            kmap, rows = inverse_map(x, self.kernel_size, self.indice_key)
+            if rows is not None:  # x holds the conv's output sites in another row order
+                in_features = in_features[rows]
             # Run the stored map backwards: its inputs become our outputs.
             nbr, nbr_t = kmap.nbr_t, kmap.nbr
             out_indices, out_shape = kmap.in_indices, kmap.in_spatial_shape
@@ -195,7 +218,7 @@ class SparseConvolution(SparseModule):
         volume = math.prod(self.kernel_size)
         # [C_out, *k, C_in] -> [K, C_in, C_out], the layout of the gather-GEMM-scatter kernel.
         weight = self.weight.reshape(self.out_channels, volume, self.in_channels).permute(1, 2, 0)
-        features = ops.sparse_conv(x.features, weight, nbr, nbr_t)
+        features = ops.sparse_conv(in_features, weight, nbr, nbr_t)
         if self.bias is not None:
             features = features + self.bias
         if add_input is not None:

@@ -1,0 +1,319 @@
+"""Kernel maps cached under an ``indice_key`` serve only the sites they were built for.
+
+A cached map is reused when the input holds the very sites it was built from (the same tensor
+at the same version, or equal contents) on the same grid; other sites under the key, or an
+in-place edit of the indices since the map was built, raise a ValueError naming the key. An
+inverse conv matches its input rows to the strided conv's output sites, in any row order.
+
+The hand-made cases below are the ways this went wrong before; the property test drives random
+sequences of keyed layers with random edits of the sites in between and requires every layer
+either to raise ValueError or to give the pure-PyTorch reference's answer for the sites at hand.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import spconv_lite as sp
+from spconv_lite import reference
+
+SHAPE = [6, 6, 6]
+
+
+def sites(*rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+def tensor(indices, indice_dict=None, shape=SHAPE, batch_size=1, channels=2):
+    gen = torch.Generator().manual_seed(len(indices))
+    features = torch.randn(len(indices), channels, generator=gen, dtype=torch.float64)
+    return sp.SparseConvTensor(features, indices, shape, batch_size, indice_dict=indice_dict)
+
+
+def layer(cls, *args, **kwargs):
+    torch.manual_seed(0)
+    return cls(*args, **kwargs).double()
+
+
+A = sites([0, 1, 1, 1], [0, 2, 2, 2], [0, 2, 2, 3], [0, 4, 5, 3])
+B = sites([0, 3, 3, 3], [0, 2, 2, 2], [0, 5, 4, 4], [0, 1, 1, 1])  # A's count, other sites
+
+
+def test_subm_key_refuses_other_sites_with_the_same_count():
+    subm = layer(sp.SubMConv3d, 2, 2, 3, indice_key="s")
+    x = tensor(A)
+    subm(x)
+    with pytest.raises(ValueError, match=r"indice_key 's' caches the kernel map of other sites: "
+                                         r"2 of this input's 4 sites are not sites of the map"):
+        subm(tensor(B, x.indice_dict))
+
+
+def test_subm_key_refuses_another_grid():
+    subm = layer(sp.SubMConv3d, 2, 2, 3, indice_key="s")
+    y = subm(tensor(A))
+    y.spatial_shape = [1, 1, 1]
+    with pytest.raises(ValueError, match=r"indice_key 's' caches a map over spatial_shape "
+                                         r"\[6, 6, 6\].*this input has spatial_shape \[1, 1, 1\]"):
+        subm(y)
+
+
+def test_subm_key_reused_for_equal_sites_in_another_tensor():
+    subm = layer(sp.SubMConv3d, 2, 2, 3, indice_key="s")
+    x = tensor(A)
+    subm(x)
+    cached = x.indice_dict["s"]
+    copy = tensor(A.clone(), x.indice_dict)
+    out = subm(copy)
+    assert x.indice_dict["s"] is cached
+    expected = reference.subm_conv(copy.features, copy.indices, SHAPE, subm.weight,
+                                   bias=subm.bias)
+    torch.testing.assert_close(out.features, expected)
+
+
+def test_subm_key_refuses_rows_reordered_in_place():
+    subm = layer(sp.SubMConv3d, 2, 2, 3, indice_key="s")
+    x = tensor(A.clone())
+    subm(x)
+    order = torch.tensor([2, 0, 3, 1])
+    x.indices[:] = x.indices[order].clone()  # client code reordering rows in place
+    x = x.replace_feature(x.features[order])
+    with pytest.raises(ValueError, match=r"indice_key 's'.*modified in place"):
+        subm(x)
+
+
+def test_subm_key_refuses_rows_in_another_order():
+    subm = layer(sp.SubMConv3d, 2, 2, 3, indice_key="s")
+    x = tensor(A)
+    subm(x)
+    with pytest.raises(ValueError, match=r"indice_key 's'.*the map's 4 sites in another row "
+                                         r"order"):
+        subm(tensor(A[[1, 0, 2, 3]], x.indice_dict))
+
+
+def test_conv_key_refuses_indices_edited_in_place():
+    down = layer(sp.SparseConv3d, 2, 2, 3, stride=2, indice_key="d")
+    x = tensor(A.clone())
+    down(x)
+    x.indices[:, 1:] += 1
+    with pytest.raises(ValueError, match=r"indice_key 'd'.*modified in place"):
+        down(x)
+
+
+def test_conv_key_refuses_its_output_edited_in_place():
+    # VoxelNeXt-style `y.indices[:, 1:] *= 2` on a conv's output: reusing that conv's map would
+    # return the edited sites as its output.
+    down = layer(sp.SparseConv3d, 2, 2, 3, stride=2, padding=1, indice_key="d")
+    x = tensor(A)
+    y = down(x)
+    y.indices[:, 1:] *= 2
+    with pytest.raises(ValueError, match=r"indice_key 'd': the output indices.*modified in "
+                                         r"place"):
+        down(x)
+    with pytest.raises(ValueError, match=r"indice_key 'd': the output indices.*modified in "
+                                         r"place"):
+        layer(sp.SparseInverseConv3d, 2, 2, 3, indice_key="d")(y)
+
+
+def test_conv_key_reused_on_the_same_sites():
+    down = layer(sp.SparseConv3d, 2, 2, 3, stride=2, indice_key="d")
+    x = tensor(A)
+    first = down(x)
+    second = down(tensor(A.clone(), x.indice_dict))
+    assert second.indices is first.indices
+    torch.testing.assert_close(second.features, first.features)
+
+
+@pytest.mark.parametrize("order", ["same", "reversed", "shuffled"])
+def test_inverse_conv_matches_rows_by_site(order):
+    down = layer(sp.SparseConv3d, 2, 3, 3, stride=2, indice_key="d")
+    inverse = layer(sp.SparseInverseConv3d, 3, 2, 3, indice_key="d")
+    x = tensor(A)
+    y = down(x)
+    n = y.indices.shape[0]
+    rows = {"same": torch.arange(n), "reversed": torch.arange(n).flip(0),
+            "shuffled": torch.randperm(n, generator=torch.Generator().manual_seed(3))}[order]
+    moved = sp.SparseConvTensor(y.features[rows], y.indices[rows], y.spatial_shape, 1,
+                                indice_dict=y.indice_dict)
+    out = inverse(moved)
+    assert out.indices is x.indices
+    expected = reference.sparse_inverse_conv(
+        moved.features, moved.indices, moved.spatial_shape, 1, inverse.weight, x.indices, SHAPE,
+        2, 0, 1, bias=inverse.bias)
+    torch.testing.assert_close(out.features, expected)
+
+
+def test_inverse_conv_refuses_other_sites_with_the_same_count():
+    down = layer(sp.SparseConv3d, 2, 3, 3, stride=2, padding=1, indice_key="d")
+    y = down(tensor(A))
+    free = next(site for site in ([0, z, 0, 0] for z in range(3))
+                if site not in y.indices.tolist())
+    other = y.indices.clone()
+    other[0] = torch.tensor(free)
+    moved = sp.SparseConvTensor(y.features, other, y.spatial_shape, 1, indice_dict=y.indice_dict)
+    with pytest.raises(ValueError, match=r"other sites than the conv cached under 'd' produced: "
+                                         r"1 of its \d+ sites are not among them"):
+        layer(sp.SparseInverseConv3d, 3, 2, 3, indice_key="d")(moved)
+
+
+def test_transposed_key_refuses_another_output_padding():
+    x = tensor(sites([0, 1, 1, 1], [0, 2, 2, 2]), shape=[4, 4, 4])
+    first = layer(sp.SparseConvTranspose3d, 2, 2, 3, stride=2, padding=1, indice_key="u")
+    second = layer(sp.SparseConvTranspose3d, 2, 2, 3, stride=2, padding=1, output_padding=1,
+                   indice_key="u")
+    assert first(x).spatial_shape == [7, 7, 7]
+    with pytest.raises(ValueError, match=r"indice_key 'u' is reused with a different geometry.*"
+                                         r"'output_padding': \(0, 0, 0\).*"
+                                         r"'output_padding': \(1, 1, 1\)"):
+        second(x)
+    assert second(tensor(x.indices, shape=[4, 4, 4])).spatial_shape == [8, 8, 8]
+
+
+@pytest.mark.parametrize("make_layer, message", [
+    (lambda: sp.SparseConvTranspose3d(2, 2, (1, 1, 3), stride=(1, 1, 3)),
+     r"a transposed conv of spatial_shape \[1, 1, 2147483647\].*output spatial_shape "
+     r"\[1, 1, 6442450941\] with sizes above 2\*\*31"),
+    (lambda: sp.SparseConv3d(2, 2, 1, padding=(0, 0, 2**31)),
+     r"a conv of spatial_shape \[1, 1, 2147483647\].*output spatial_shape \[1, 1, 6442450943\] "
+     r"with sizes above 2\*\*31"),
+], ids=["transposed", "padding"])
+def test_output_coordinates_beyond_int32_raise_where_they_arise(make_layer, message):
+    x = sp.SparseConvTensor(torch.ones(1, 2), sites([0, 0, 0, 2**30]), [1, 1, 2**31 - 1], 1)
+    with pytest.raises(ValueError, match=message):
+        make_layer()(x)
+
+
+# ----------------------------------------------------------------------------- property test
+
+EDITS = ["none", "clone", "permute", "permute_in_place", "shift_in_place", "other_sites",
+         "regrid"]
+KEYS = {"subm_a": "a", "subm_b": "b", "down": "d", "inverse": "d", "pool": "p",
+        "transpose": "t"}
+
+
+class Program:
+    """Runs keyed layers on one sparse tensor and its descendants (all sharing one
+    ``indice_dict``), with edits of the sites in between, and checks each layer against the
+    reference. Tracks the sites each key was built for, to know when a layer must not refuse."""
+
+    def __init__(self, data: st.DataObject):
+        self.data = data
+        torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+        self.layers = {
+            "subm_a": sp.SubMConv3d(2, 2, 3, indice_key="a"),
+            "subm_b": sp.SubMConv3d(2, 2, (1, 3, 3), indice_key="b"),
+            "down": sp.SparseConv3d(2, 2, 3, stride=2, padding=1, indice_key="d"),
+            "inverse": sp.SparseInverseConv3d(2, 2, 3, indice_key="d"),
+            "pool": sp.SparseMaxPool3d(2, indice_key="p"),
+            "transpose": sp.SparseConvTranspose3d(2, 2, 2, stride=2, indice_key="t"),
+        }
+        for module in self.layers.values():
+            module.double()
+        self.built = {}  # key -> (input indices, spatial_shape, batch_size) it was built for
+        self.down_output = None  # (indices, spatial_shape) the strided conv produced
+        self.edited = False  # whether any edit happened yet
+
+    def random_sites(self, count: int, shape, batch_size: int) -> torch.Tensor:
+        cells = batch_size * shape[0] * shape[1] * shape[2]
+        seed = self.data.draw(st.integers(0, 2**16), label="sites seed")
+        flat = torch.randperm(cells, generator=torch.Generator().manual_seed(seed))[:count]
+        coords = []
+        for size in reversed((batch_size, *shape)):
+            coords.append(flat % size)
+            flat = flat // size
+        return torch.stack(coords[::-1], 1).to(torch.int32)
+
+    def edit(self, x: sp.SparseConvTensor, kind: str) -> sp.SparseConvTensor:
+        """``x`` with its sites edited as client code might; shares ``indice_dict``."""
+        n = x.indices.shape[0]
+        rows = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+        self.edited |= kind not in ("none", "clone")
+        if kind == "clone":
+            return sp.SparseConvTensor(x.features, x.indices.clone(), x.spatial_shape,
+                                       x.batch_size, indice_dict=x.indice_dict)
+        if kind == "permute":
+            return sp.SparseConvTensor(x.features[rows], x.indices[rows], x.spatial_shape,
+                                       x.batch_size, indice_dict=x.indice_dict)
+        if kind == "permute_in_place":
+            x.indices[:] = x.indices[rows].clone()
+            return x.replace_feature(x.features[rows])
+        if kind == "shift_in_place":
+            grid = torch.tensor(x.spatial_shape, dtype=torch.int32)
+            x.indices[:, 1:] = (x.indices[:, 1:] + 1) % grid
+            return x
+        if kind == "other_sites":
+            other = self.random_sites(n, x.spatial_shape, x.batch_size)
+            return sp.SparseConvTensor(x.features, other, x.spatial_shape, x.batch_size,
+                                       indice_dict=x.indice_dict)
+        if kind == "regrid":
+            x.spatial_shape = [s + 1 for s in x.spatial_shape]
+        return x
+
+    def must_accept(self, step: str, x: sp.SparseConvTensor) -> bool:
+        """Whether no edit happened and ``x`` holds what the step's key was built for."""
+        if self.edited:
+            return False
+        if step == "inverse":
+            indices, shape = self.down_output
+            return (shape == x.spatial_shape
+                    and sorted(map(tuple, indices.tolist())) == sorted(map(tuple,
+                                                                           x.indices.tolist())))
+        built = self.built.get(KEYS[step])
+        return built is None or (built[1:] == (x.spatial_shape, x.batch_size)
+                                 and torch.equal(built[0], x.indices))
+
+    def expected(self, step: str, x: sp.SparseConvTensor):
+        """The reference's (features, indices, spatial_shape) of the step on ``x``."""
+        module = self.layers[step]
+        f, idx, shape, bs = x.features, x.indices, x.spatial_shape, x.batch_size
+        if step.startswith("subm"):
+            return reference.subm_conv(f, idx, shape, module.weight, bias=module.bias), idx, shape
+        if step == "down":
+            return reference.sparse_conv(f, idx, shape, bs, module.weight, 2, 1, 1,
+                                         bias=module.bias)
+        if step == "transpose":
+            return reference.sparse_conv_transpose(f, idx, shape, bs, module.weight, 2,
+                                                   bias=module.bias)
+        if step == "pool":
+            return reference.max_pool(f, idx, shape, bs, 2, 2, 0, 1)
+        in_idx, in_shape, _ = self.built["d"]
+        return (reference.sparse_inverse_conv(f, idx, shape, bs, module.weight, in_idx,
+                                              in_shape, 2, 1, 1, bias=module.bias),
+                in_idx, in_shape)
+
+    def run(self, step: str, x: sp.SparseConvTensor) -> sp.SparseConvTensor:
+        if step == "inverse" and self.down_output is None:
+            return x
+        accept = self.must_accept(step, x)
+        key = KEYS[step]
+        snapshot = (x.indices.clone(), list(x.spatial_shape), x.batch_size)
+        try:
+            out = self.layers[step](x)
+        except ValueError as error:
+            assert not accept or "too small" in str(error), f"{step} refused: {error}"
+            return x
+        features, indices, shape = self.expected(step, x)
+        assert out.spatial_shape == list(shape)
+        assert torch.equal(out.indices, indices)
+        torch.testing.assert_close(out.features, features, rtol=1e-10, atol=1e-10)
+        if step != "inverse":
+            self.built.setdefault(key, snapshot)
+        if step == "down" and self.down_output is None:
+            self.down_output = (out.indices.clone(), list(out.spatial_shape))
+        return out
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_keyed_layers_raise_or_match_the_reference_after_any_edit(data):
+    program = Program(data)
+    batch_size = data.draw(st.integers(1, 2), label="batch_size")
+    count = data.draw(st.integers(1, 24), label="sites")
+    x = tensor(program.random_sites(count, SHAPE, batch_size), batch_size=batch_size)
+    for _ in range(data.draw(st.integers(2, 7), label="steps")):
+        step = data.draw(st.sampled_from(list(KEYS)), label="step")
+        x = program.edit(x, data.draw(st.sampled_from(EDITS), label="edit"))
+        x = program.run(step, x)
