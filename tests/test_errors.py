@@ -14,6 +14,7 @@ import torch
 
 import spconv_lite as sp
 from spconv_lite import ops
+from spconv_lite.pytorch import ops as spconv_ops
 
 
 def idx(*rows) -> torch.Tensor:
@@ -47,6 +48,13 @@ def sparse_conv_with(**bad):
     args = dict(features=torch.randn(2, 3), weight=torch.randn(27, 3, 4), nbr=table(1, 27),
                 nbr_t=table(2, 27))
     return ops.sparse_conv(**{**args, **bad})
+
+
+def assign_weight(layer, weight):
+    layer.weight = torch.nn.Parameter(weight)
+    ndim = layer.ndim
+    x = sp.SparseConvTensor(torch.randn(1, 2), idx([0] + [1] * ndim), [4] * ndim, 1)
+    layer(x)
 
 
 def inverse_after(conv, inverse):
@@ -191,6 +199,53 @@ CASES = [
     ("spatial_too_small_transpose", lambda: sp.SparseConvTranspose1d(3, 4, 1, padding=2)(
         tensor(idx([0, 1]), (2,))),
      ValueError, E("transposed conv of spatial_shape [2] with padding [2]")),
+    # sizes whose products would overflow, and kernels larger than their grid (once a segfault
+    # and a 17 GB allocation)
+    ("op_kernel_volume_overflow", lambda: ops.build_conv_map(
+        idx([0, 1, 1, 1]), [3, 3, 3], 1, [3, 3, 3], [2**21, 2**21, 2**22], [1, 1, 1],
+        [0, 0, 0], [1, 1, 1]),
+     ValueError, E("kernel_size [2097152, 2097152, 4194304] has more than 2^31 - 1 offsets")),
+    ("op_kernel_entry_too_large", lambda: ops.build_subm_map(
+        idx([0, 1, 1, 1]), [4, 4, 4], 1, [2**31 + 1, 1, 1], [1, 1, 1]),
+     ValueError, E("kernel_size entries must be at most 2^31 - 1, got [2147483649, 1, 1]")),
+    ("op_subm_kernel_larger_than_grid", lambda: ops.build_subm_map(
+        idx([0, 1, 1, 1]), [4, 4, 4], 1, [11, 1, 1], [1, 1, 1]),
+     ValueError, E("kernel_size [11, 1, 1] with dilation [1, 1, 1] is larger than the grid it "
+                   "slides over: it reaches 5 cells to each side along dimension 0, where "
+                   "spatial_shape has 4")),
+    ("op_conv_kernel_larger_than_grid", lambda: ops.build_conv_map(
+        idx([0, 1, 1, 1]), [3, 3, 3], 1, [1, 1, 1], [5, 3, 3], [1, 1, 1], [0, 0, 0], [1, 1, 1]),
+     ValueError, E("kernel_size [5, 3, 3] with dilation [1, 1, 1] is larger than the grid it "
+                   "slides over: spatial_shape [3, 3, 3] padded by [0, 0, 0]")),
+    ("op_transposed_kernel_larger_than_grid", lambda: ops.build_conv_map(
+        idx([0, 1, 1, 1]), [3, 3, 3], 1, [2, 2, 2], [3, 3, 3], [1, 1, 1], [0, 0, 0], [1, 1, 1],
+        True),
+     ValueError, E("larger than the grid it slides over: out_spatial_shape [2, 2, 2]")),
+    ("op_stride_too_large", lambda: ops.build_conv_map(
+        idx([0, 1, 1, 1]), [3, 3, 3], 1, [1, 3, 3], [3, 3, 3], [2**40, 1, 1], [0, 0, 0],
+        [1, 1, 1]),
+     ValueError, E("stride entries must be at most 2^31 - 1, got [1099511627776, 1, 1]")),
+    ("op_out_grid_beyond_int32", lambda: ops.build_conv_map(
+        idx([0, 1, 1, 1]), [3, 3, 3], 1, [3, 3, 2**31 + 5], [1, 1, 3], [1, 1, 3], [0, 0, 0],
+        [1, 1, 1], True),
+     ValueError, E("out_spatial_shape [3, 3, 2147483653] has sizes above 2^31")),
+    # a weight of another layout assigned after construction
+    ("weight_torch_layout", lambda: assign_weight(sp.SubMConv3d(2, 3, 3),
+                                                  torch.randn(3, 2, 3, 3, 3)),
+     ValueError, E("SubMConv3d.weight has shape [3, 2, 3, 3, 3], the layer expects "
+                   "[3, 3, 3, 3, 2] = [C_out, *kernel_size, C_in]; that is torch's nn.Conv3d "
+                   "layout [C_out, C_in, *kernel_size]: assign weight.permute(0, 2, 3, 4, 1)")),
+    ("weight_other_shape", lambda: assign_weight(sp.SparseConv2d(2, 3, 3), torch.randn(3, 18)),
+     ValueError, E("SparseConv2d.weight has shape [3, 18], the layer expects [3, 3, 3, 2]")),
+    # output_padding must be below stride or dilation, as in torch
+    ("output_padding_too_large", lambda: sp.SparseConvTranspose3d(2, 2, 3, stride=2,
+                                                                  output_padding=2),
+     ValueError, E("output_padding [2, 2, 2] must be smaller than either stride [2, 2, 2] or "
+                   "dilation [1, 1, 1]")),
+    ("output_padding_deconv_size", lambda: spconv_ops.get_deconv_output_size(
+        [4, 4], 3, 1, 0, 2, (0, 2)),
+     ValueError, E("output_padding [0, 2] must be smaller than either stride [1, 1] or "
+                   "dilation [2, 2]")),
     ("kernel_zero", lambda: sp.SparseConv3d(3, 4, 0), ValueError,
      E("kernel_size entries must be >= 1, got [0, 0, 0]")),
     ("kernel_negative", lambda: sp.SubMConv3d(3, 4, (3, -1, 3)), ValueError,

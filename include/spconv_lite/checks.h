@@ -48,12 +48,18 @@ inline Grid make_grid(c10::IntArrayRef spatial_shape, int64_t batch_size, const 
   return grid;
 }
 
+// Every geometry value stays below 2^31, so coordinate arithmetic such as
+// site * stride - padding + offset * dilation cannot overflow int64.
+constexpr int64_t kMaxGeometryValue = std::numeric_limits<int32_t>::max();
+
 inline void copy_per_dim(c10::IntArrayRef values, int64_t ndim, int64_t minimum, const char* name,
                          int64_t* out) {
   TORCH_CHECK_VALUE(static_cast<int64_t>(values.size()) == ndim, name, " must have ", ndim,
                     " entries (one per spatial dimension), got ", values);
   for (int64_t d = 0; d < ndim; ++d) {
     TORCH_CHECK_VALUE(values[d] >= minimum, name, " entries must be >= ", minimum, ", got ",
+                      values);
+    TORCH_CHECK_VALUE(values[d] <= kMaxGeometryValue, name, " entries must be at most 2^31 - 1, got ",
                       values);
     out[d] = values[d];
   }
@@ -68,13 +74,20 @@ inline ConvGeometry make_geometry(int64_t ndim, c10::IntArrayRef kernel_size,
   copy_per_dim(stride, ndim, 1, "stride", g.stride);
   copy_per_dim(padding, ndim, 0, "padding", g.padding);
   copy_per_dim(dilation, ndim, 1, "dilation", g.dilation);
+  // Kernel offsets are int32 in the tables' columns and the pair lists.
   g.volume = 1;
-  for (int64_t d = 0; d < ndim; ++d) g.volume *= g.kernel[d];
+  for (int64_t d = 0; d < ndim; ++d) {
+    TORCH_CHECK_VALUE(g.volume <= kMaxGeometryValue / g.kernel[d], "kernel_size ", kernel_size,
+                      " has more than 2^31 - 1 offsets");
+    g.volume *= g.kernel[d];
+  }
   return g;
 }
 
 // Checked geometry of a submanifold conv: stride 1, odd kernel sizes, the kernel centred on
 // each site (neighbour = site + (k - (K-1)/2) * dilation, i.e. padding (K-1)/2 * dilation).
+// A kernel may reach at most the grid's size to each side of a site: offsets beyond can never
+// connect two sites, and would only cost memory (one table column each).
 inline ConvGeometry subm_geometry(const at::Tensor& indices, const Grid& grid,
                                   c10::IntArrayRef kernel_size, c10::IntArrayRef dilation) {
   check_indices_layout(indices, grid.ndim);
@@ -86,6 +99,10 @@ inline ConvGeometry subm_geometry(const at::Tensor& indices, const Grid& grid,
                       "submanifold convolution needs odd kernel sizes, got kernel_size ",
                       kernel_size);
     geometry.padding[d] = (geometry.kernel[d] - 1) / 2 * geometry.dilation[d];
+    TORCH_CHECK_VALUE(geometry.padding[d] <= grid.shape[d], "kernel_size ", kernel_size,
+                      " with dilation ", dilation, " is larger than the grid it slides over: it "
+                      "reaches ", geometry.padding[d], " cells to each side along dimension ", d,
+                      ", where spatial_shape has ", grid.shape[d]);
   }
   return geometry;
 }
@@ -100,7 +117,8 @@ struct ConvMapArgs {
 inline ConvMapArgs conv_map_args(const at::Tensor& indices, c10::IntArrayRef spatial_shape,
                                  int64_t batch_size, c10::IntArrayRef out_spatial_shape,
                                  c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
-                                 c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+                                 c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                                 bool transposed) {
   ConvMapArgs args{};
   args.in_grid = make_grid(spatial_shape, batch_size, "spatial_shape");
   args.out_grid = make_grid(out_spatial_shape, batch_size, "out_spatial_shape");
@@ -109,6 +127,20 @@ inline ConvMapArgs conv_map_args(const at::Tensor& indices, c10::IntArrayRef spa
                     spatial_shape);
   check_indices_layout(indices, args.in_grid.ndim);
   args.geometry = make_geometry(args.in_grid.ndim, kernel_size, stride, padding, dilation);
+  const ConvGeometry& g = args.geometry;
+  // The kernel slides over the padded input (over the padded output when transposed) and, as
+  // in torch, may not be larger than it.
+  const Grid& slid = transposed ? args.out_grid : args.in_grid;
+  for (int d = 0; d < g.ndim; ++d) {
+    TORCH_CHECK_VALUE(
+        out_spatial_shape[d] <= (int64_t{1} << 31), "out_spatial_shape ", out_spatial_shape,
+        " has sizes above 2^31, whose coordinates do not fit the int32 indices");
+    TORCH_CHECK_VALUE(slid.shape[d] + 2 * g.padding[d] >= (g.kernel[d] - 1) * g.dilation[d] + 1,
+                      "kernel_size ", kernel_size, " with dilation ", dilation,
+                      " is larger than the grid it slides over: ",
+                      transposed ? "out_spatial_shape " : "spatial_shape ",
+                      transposed ? out_spatial_shape : spatial_shape, " padded by ", padding);
+  }
   return args;
 }
 

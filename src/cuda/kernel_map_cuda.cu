@@ -281,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> build_conv_map_cuda(
     c10::IntArrayRef out_spatial_shape, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
     c10::IntArrayRef padding, c10::IntArrayRef dilation, bool transposed) {
   const ConvMapArgs args = conv_map_args(indices, spatial_shape, batch_size, out_spatial_shape,
-                                         kernel_size, stride, padding, dilation);
+                                         kernel_size, stride, padding, dilation, transposed);
   const Grid& in_grid = args.in_grid;
   const Grid& out_grid = args.out_grid;
   const ConvGeometry& geometry = args.geometry;
