@@ -457,6 +457,7 @@ def test_bad_points_raise(points, error, name):
         (dict(grid_size=[2**30, 2**30, 2**30]), "grid_size"),
         (dict(grid_size=[10, 10]), "same length"),
         (dict(max_points_per_voxel=0), "max_points_per_voxel"),
+        (dict(max_points_per_voxel=2**62), r"max_points_per_voxel must be in \[1, 2\^31 - 1\]"),
         (dict(max_voxels=-1), "max_voxels"),
         (dict(points=torch.zeros(4, 2)), "points"),
     ],

@@ -93,7 +93,10 @@ inline VoxelGrid check_voxelize_args(const at::Tensor& points, c10::ArrayRef<dou
   const VoxelGrid grid = make_voxel_grid(voxel_size, range_min, grid_size);
   check_points(points, grid.ndim);
   if (max_points_per_voxel.has_value()) {
-    TORCH_CHECK_VALUE(*max_points_per_voxel >= 1, "max_points_per_voxel must be >= 1, got ",
+    // Below 2^31, so that a slot number (voxel * max_points_per_voxel + rank) fits int64.
+    TORCH_CHECK_VALUE(*max_points_per_voxel >= 1 &&
+                          *max_points_per_voxel <= std::numeric_limits<int32_t>::max(),
+                      "max_points_per_voxel must be in [1, 2^31 - 1], got ",
                       *max_points_per_voxel);
   }
   TORCH_CHECK_VALUE(max_voxels >= 0, "max_voxels must be >= 0, got ", max_voxels);
