@@ -165,9 +165,9 @@ class SparseConvolution(SparseModule):
         saved = state_dict.get(key)
         if isinstance(saved, torch.Tensor) and saved.shape != self.weight.shape:
             # torch reports the size mismatch too; add which spconv layout the shape fits.
-            from ..checkpoint import describe_mismatch
+            from ..checkpoint import add_mismatch_hint
 
-            error_msgs.append(describe_mismatch(key, saved.shape, self))
+            add_mismatch_hint(error_msgs, key, saved.shape, self)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
