@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from spconv_lite import PointToVoxel
+from spconv_lite.io import read_points
 
 # OpenPCDet's KITTI setting (SECOND / PV-RCNN): metres, (x, y, z) min then max.
 KITTI_VOXEL_SIZE = [0.05, 0.05, 0.1]
@@ -35,18 +36,13 @@ def data_dir() -> Path:
 
 
 def load_points(path: os.PathLike) -> np.ndarray:
-    """Points of a raw float32 ``.bin`` frame as ``[N, 4]`` (x, y, z, intensity).
-
-    The column count comes from the file name: 5 for nuScenes ``.pcd.bin`` (the 5th, the ring
-    index, is dropped), 6 for the Waymo fixture, else 4 (KITTI, SemanticKITTI).
+    """Points of one of the shared frames as ``[N, 4]`` (x, y, z, intensity), read with
+    ``spconv_lite.io``: a nuScenes ``.pcd.bin`` has 5 columns (the 5th, the ring index, is
+    dropped), the Waymo fixture 6, the other ``.bin`` frames 4 (KITTI, SemanticKITTI).
     """
     path = Path(path)
-    name = path.name
-    columns = 5 if name.endswith(".pcd.bin") else 6 if name.startswith("waymo") else 4
-    raw = np.fromfile(path, dtype=np.float32)
-    if raw.size % columns:
-        raise ValueError(f"{path}: {raw.size} floats is not a multiple of {columns} columns")
-    return np.ascontiguousarray(raw.reshape(-1, columns)[:, :4])
+    point_dims = 6 if path.name.startswith("waymo") else None
+    return np.ascontiguousarray(read_points(path, point_dims)[:, :4])
 
 
 @dataclass
