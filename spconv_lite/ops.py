@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loads the library, which registers the operators)
+from ._extension import _C  # noqa: F401  (loads the library, which registers the operators)
 
 _ops = torch.ops.spconv_lite
 
