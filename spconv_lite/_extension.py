@@ -49,10 +49,14 @@ def _built_torch_version() -> Optional[str]:
 
 def load() -> ModuleType:
     """Imports ``spconv_lite._C`` (which registers the operators)."""
-    if importlib.util.find_spec("spconv_lite._C") is None:
+    package = Path(__file__).absolute().parent
+    spec = importlib.util.find_spec("spconv_lite._C")
+    # An editable install of another checkout can supply its extension to this one: its ops
+    # need not match this Python code, so only an extension beside this package counts.
+    if spec is None or spec.origin is None or Path(spec.origin).absolute().parent != package:
         raise ImportError(
-            f"spconv_lite's C++ extension (spconv_lite._C) is not built in "
-            f"{Path(__file__).parent}: build it with {_BUILD_COMMAND}"
+            f"spconv_lite's C++ extension (spconv_lite._C) is not built in {package}: build "
+            f"it with {_BUILD_COMMAND}"
         )
     built = _built_torch_version()
     check_torch_version(built, torch.__version__)
