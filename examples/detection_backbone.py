@@ -88,7 +88,8 @@ def load_openpcdet_backbone(model: torch.nn.Module, path: Path, source: str) -> 
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    parser = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=Path(__file__).name,
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--file", type=Path, default=None,
                         help="point cloud: .bin, .pcd.bin, .npy, .npz, .pcd or .ply (default: "
                         "the KITTI frame 000000)")

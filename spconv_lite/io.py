@@ -36,8 +36,8 @@ _NPZ_KEYS = ("points", "pc", "point_cloud", "lidar", "xyz")
 _XYZ = ("x", "y", "z")
 _NUSCENES_COLUMNS = 5  # .pcd.bin: x, y, z, intensity, ring index
 _BIN_DEFAULT_COLUMNS = 4  # KITTI: x, y, z, intensity
-# No LiDAR point lies 10,000 km (1e7 m) away: a raw .bin read with the wrong column count or dtype does
-# (a float64 file, or a timestamp column such as Waymo's read as x, y or z).
+# No LiDAR point lies 10,000 km (1e7 m) away, but a raw .bin read with the wrong column count or
+# dtype does (a float64 file, or a timestamp column such as Waymo's read as x, y or z).
 _ABSURD_COORDINATE = 1e7
 _ABSURD_SHARE = 0.01  # more than this share of such points means the layout is wrong
 # File field names that open3d gathers into one multi-column attribute.
