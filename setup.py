@@ -7,6 +7,9 @@ are added when a CUDA toolkit and a CUDA-enabled torch are present. Environment 
   SPCONV_LITE_WITH_CUDA=0   skip CUDA even when it is available
   SPCONV_LITE_NATIVE=1      compile the CPU kernels for this machine's instruction set
                             (-march=native); default off so the build runs anywhere
+
+The build records the torch it compiled against in spconv_lite/_build_info.py, which the
+package checks at import (an extension loaded into another torch fails with linker errors).
 """
 
 import glob
@@ -52,7 +55,26 @@ def _extension():
     return CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags}, **kwargs)
 
 
+class _BuildExtension(BuildExtension.with_options(use_ninja=True)):
+    """Builds the extension, then writes spconv_lite/_build_info.py beside it (in the build
+    folder for a wheel, in the source tree too for in-place and editable builds)."""
+
+    def run(self):
+        super().run()
+        text = (
+            '"""Written by setup.py: the torch that spconv_lite._C was compiled against."""\n\n'
+            f"TORCH_VERSION = {torch.__version__!r}\n"
+        )
+        folders = {os.path.join(self.build_lib, "spconv_lite")}
+        if self.inplace or getattr(self, "editable_mode", False):
+            folders.add(os.path.join(ROOT, "spconv_lite"))
+        for folder in folders:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "_build_info.py"), "w") as f:
+                f.write(text)
+
+
 setup(
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": _BuildExtension},
 )

@@ -1,8 +1,8 @@
 """Benchmark of spconv_lite's core ops on a real KITTI frame, against spconv 2.3.8 when present.
 
 Input: KITTI object training frame 000000 (HDL-64E, 115k points), voxelized at
-0.05 x 0.05 x 0.1 m over x 0..70.4, y -40..40, z -3..1 (mean of the points per voxel, the
-interim numpy voxelizer ``spconv_lite.synthetic.voxelize_mean``): about 41k voxels on a
+0.05 x 0.05 x 0.1 m over x 0..70.4, y -40..40, z -3..1 (mean of the points per voxel,
+``spconv_lite.synthetic.voxelize_mean``): about 41k voxels on a
 ``[40, 1600, 1408]`` (z, y, x) grid. The conv layers get random 16 / 32-channel features on
 those sites (seeded), since their inputs in a network are the output of earlier layers.
 

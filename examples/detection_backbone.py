@@ -14,15 +14,18 @@ conv weights of checkpoints saved with spconv 1.x or 2.0/2.1.
 
 Run from the repository root:
 
-    python examples/detection_backbone.py [--file PATH] [--out bev.png] [--threads 2]
+    python examples/detection_backbone.py [--file PATH [--point-dims C]] [--out bev.png]
+        [--threads 2]
+
+``--file`` reads any format the ``spconv-lite`` command reads (``spconv_lite.io``), with the
+same one-line errors; the backbone takes its first 4 columns (x, y, z, intensity; zeros where
+a file has fewer).
 """
 
 from __future__ import annotations
 
 import argparse
-import struct
 import time
-import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -33,26 +36,27 @@ from lidar_data import (
     KITTI_VOXEL_SIZE,
     crop,
     data_dir,
-    load_points,
     voxelize,
 )
 
 from spconv_lite.checkpoint import convert_state_dict
+from spconv_lite.cli import CommandError, heat_colours, png_bytes, read_input
 from spconv_lite.models import HeightCompression, VoxelBackBone8x
+
+INPUT_CHANNELS = 4  # x, y, z, intensity, as OpenPCDet's KITTI models
 
 
 def write_png(path: Path, image: np.ndarray) -> None:
-    """Writes an ``[H, W, 3]`` uint8 image as an RGB PNG (no imaging library needed)."""
-    height, width, _ = image.shape
-    rows = b"".join(b"\x00" + image[r].tobytes() for r in range(height))  # filter 0 per row
+    """Writes an ``[H, W, 3]`` uint8 image as an RGB PNG."""
+    path.write_bytes(png_bytes(image))
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
 
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-                     + chunk(b"IDAT", zlib.compress(rows, 6)) + chunk(b"IEND", b""))
+def backbone_columns(points: np.ndarray) -> np.ndarray:
+    """The first 4 columns of ``points``, zeros where it has fewer."""
+    out = np.zeros((len(points), INPUT_CHANNELS), dtype=np.float32)
+    columns = min(points.shape[1], INPUT_CHANNELS)
+    out[:, :columns] = points[:, :columns]
+    return out
 
 
 def bev_picture(bev: torch.Tensor, scale: int = 3) -> np.ndarray:
@@ -63,12 +67,7 @@ def bev_picture(bev: torch.Tensor, scale: int = 3) -> np.ndarray:
     typical = float(np.median(nonzero)) if nonzero.size else 1.0
     value = np.log1p(norm / typical)
     value = value / max(float(value.max()), 1e-12)
-    # ramp through (20, 30, 90) -> (30, 150, 140) -> (250, 230, 40)
-    stops = np.array([[20, 30, 90], [30, 150, 140], [250, 230, 40]], dtype=np.float64)
-    pos = value * 2
-    low = np.clip(np.floor(pos).astype(int), 0, 1)
-    frac = (pos - low)[..., None]
-    rgb = stops[low] * (1 - frac) + stops[low + 1] * frac
+    rgb = heat_colours(value)
     rgb[norm == 0] = 0
     # The map is [y, x]; show x (forward) pointing up and y (left) pointing left, as seen
     # from above: image row = far-to-near x, image column = left-to-right (-y).
@@ -89,9 +88,13 @@ def load_openpcdet_backbone(model: torch.nn.Module, path: Path, source: str) -> 
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=Path(__file__).name,
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--file", type=Path, default=None,
-                        help="float32 .bin point cloud (default: the KITTI frame 000000)")
+                        help="point cloud: .bin, .pcd.bin, .npy, .npz, .pcd or .ply (default: "
+                        "the KITTI frame 000000)")
+    parser.add_argument("--point-dims", type=int, default=None, metavar="C",
+                        help="float32 columns of a raw .bin --file (default 4)")
     parser.add_argument("--out", type=Path, default=Path("bev_features.png"))
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--source", default="spconv2.2",
@@ -115,7 +118,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
         times[name] = time.perf_counter() - start
         return result
 
-    points = timed("read", load_points, path)
+    try:
+        points, _ = timed("read", read_input, path, args.point_dims)
+    except CommandError as exc:
+        parser.exit(1, f"{parser.prog}: error: {exc}\n")
+    points = backbone_columns(points)
     points, _ = timed("crop", crop, points, KITTI_POINT_RANGE)
     voxels = timed("voxelize", voxelize, points, KITTI_VOXEL_SIZE, KITTI_POINT_RANGE)
 

@@ -1,9 +1,8 @@
 """Shared by the examples and their tests: reading LiDAR frames, voxelizing them, and
 SemanticKITTI labels.
 
-:func:`voxelize` is the one place that turns points into voxels. It uses the interim numpy
-voxelizer ``spconv_lite.synthetic.voxelize_mean`` (mean of the points per voxel, no caps) until
-``spconv_lite.voxelize.PointToVoxel`` lands; switching means changing this function only.
+:func:`voxelize` is the one place that turns points into voxels: spconv_lite's
+``PointToVoxel.generate_voxel_mean`` (mean of all the points of each voxel, no caps).
 """
 
 from __future__ import annotations
@@ -16,7 +15,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from spconv_lite.synthetic import voxelize_mean
+from spconv_lite import PointToVoxel
+from spconv_lite.io import read_points
 
 # OpenPCDet's KITTI setting (SECOND / PV-RCNN): metres, (x, y, z) min then max.
 KITTI_VOXEL_SIZE = [0.05, 0.05, 0.1]
@@ -36,18 +36,13 @@ def data_dir() -> Path:
 
 
 def load_points(path: os.PathLike) -> np.ndarray:
-    """Points of a raw float32 ``.bin`` frame as ``[N, 4]`` (x, y, z, intensity).
-
-    The column count comes from the file name: 5 for nuScenes ``.pcd.bin`` (the 5th, the ring
-    index, is dropped), 6 for the Waymo fixture, else 4 (KITTI, SemanticKITTI).
+    """Points of one of the shared frames as ``[N, 4]`` (x, y, z, intensity), read with
+    ``spconv_lite.io``: a nuScenes ``.pcd.bin`` has 5 columns (the 5th, the ring index, is
+    dropped), the Waymo fixture 6, the other ``.bin`` frames 4 (KITTI, SemanticKITTI).
     """
     path = Path(path)
-    name = path.name
-    columns = 5 if name.endswith(".pcd.bin") else 6 if name.startswith("waymo") else 4
-    raw = np.fromfile(path, dtype=np.float32)
-    if raw.size % columns:
-        raise ValueError(f"{path}: {raw.size} floats is not a multiple of {columns} columns")
-    return np.ascontiguousarray(raw.reshape(-1, columns)[:, :4])
+    point_dims = 6 if path.name.startswith("waymo") else None
+    return np.ascontiguousarray(read_points(path, point_dims)[:, :4])
 
 
 @dataclass
@@ -68,24 +63,9 @@ class Voxels:
 def voxelize(points: np.ndarray, voxel_size: Sequence[float],
              point_range: Sequence[float]) -> Voxels:
     """Groups points into voxels (mean features) and records each point's voxel."""
-    features, coords, shape_zyx = voxelize_mean(points, voxel_size, point_range)
-    # The voxel of each point, from the same float32 index arithmetic as voxelize_mean.
-    vsize = np.asarray(voxel_size, dtype=np.float32)
-    low = np.asarray(point_range, dtype=np.float32)[:3]
-    grid = shape_zyx[::-1].astype(np.int64)  # x, y, z
-    idx = np.floor((points[:, :3].astype(np.float32) - low) / vsize).astype(np.int64)
-    inside = ((idx >= 0) & (idx < grid)).all(axis=1)
-
-    def key(xyz):
-        return (xyz[:, 2] * grid[1] + xyz[:, 1]) * grid[0] + xyz[:, 0]
-
-    voxel_keys = key(coords[:, ::-1].astype(np.int64))
-    order = np.argsort(voxel_keys)
-    pos = np.searchsorted(voxel_keys[order], key(idx[inside]))
-    point_voxel_id = np.full(len(points), -1, dtype=np.int64)
-    point_voxel_id[inside] = order[pos]
-    return Voxels(torch.from_numpy(features), torch.from_numpy(coords),
-                  grid.tolist(), torch.from_numpy(point_voxel_id))
+    voxelizer = PointToVoxel(voxel_size, point_range, points.shape[1], 2**31 - 1, 1)
+    features, coords, _, point_voxel_id = voxelizer.generate_voxel_mean(points)
+    return Voxels(features, coords, voxelizer.geometry.grid_size, point_voxel_id)
 
 
 # SemanticKITTI raw label -> 19 training classes (0..18) or IGNORE, the benchmark's

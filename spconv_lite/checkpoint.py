@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Optional
 
 import torch
 from torch import nn
@@ -87,20 +88,63 @@ def fitting_sources(shape, layer: nn.Module) -> list[str]:
                                           layer.in_channels)]
 
 
-def describe_mismatch(key: str, shape, layer: nn.Module) -> str:
-    """Error text for a checkpoint weight whose shape differs from the layer's."""
+def describe_mismatch(key: str, shape, layer: nn.Module,
+                      agreed: Optional[list[str]] = None) -> str:
+    """Error text for a checkpoint weight whose shape differs from the layer's.
+
+    ``agreed``: the sources that every mismatching weight of the checkpoint fits (one file
+    has one source); the conversion hint names only those. Default: this weight's alone.
+    """
     expected = list(layer.weight.shape)
     fits = fitting_sources(shape, layer)
     text = (f"{key}: the checkpoint weight has shape {list(shape)}, the layer expects "
             f"{expected} = [C_out, *kernel_size, C_in]")
-    if fits:
-        return (text + f"; the checkpoint shape fits the {' / '.join(fits)} layout: convert it "
-                "with spconv_lite.checkpoint.convert_state_dict(state_dict, model, "
-                f"source={fits[0]!r})")
-    known = ", ".join(
-        f"{name} {saved_shape(name, layer.out_channels, layer.kernel_size, layer.in_channels)}"
-        for name in LAYOUTS)
-    return text + f"; it fits no known spconv layout ({known})"
+    if not fits:
+        known = ", ".join(
+            f"{name} {saved_shape(name, layer.out_channels, layer.kernel_size, layer.in_channels)}"
+            for name in LAYOUTS)
+        return text + f"; it fits no known spconv layout ({known})"
+    text += f"; the checkpoint shape fits the {' / '.join(fits)} layout"
+    sources = fits if agreed is None else [name for name in fits if name in agreed]
+    if not sources:
+        return text + ", but its other weights fit other layouts: is it for this model?"
+    if len(sources) < len(fits):
+        text += f" (the checkpoint's other weights fit only {' / '.join(sources)})"
+    convert = "convert it with spconv_lite.checkpoint.convert_state_dict(state_dict, model, "
+    if len(sources) == 1:
+        convert += f"source={sources[0]!r})"
+    else:
+        convert += (f"source=...) where source is {' or '.join(map(repr, sources))}, whichever "
+                    "spconv version saved it (shapes with equal input and output channels "
+                    "cannot tell them apart)")
+    return f"{text}: {convert}"
+
+
+class _MismatchHint(str):
+    """A :func:`describe_mismatch` line in ``load_state_dict``'s error list that keeps what it
+    was made from, so that later layers of the same load can rewrite it."""
+
+
+def _hint(key: str, shape, layer: nn.Module, agreed: Optional[list[str]]) -> _MismatchHint:
+    hint = _MismatchHint(describe_mismatch(key, shape, layer, agreed))
+    hint.key, hint.shape, hint.layer = key, list(shape), layer
+    return hint
+
+
+def add_mismatch_hint(error_msgs: list, key: str, shape, layer: nn.Module) -> None:
+    """Appends the hint for one mismatching weight to ``load_state_dict``'s ``error_msgs``.
+
+    The hints already in the list (from earlier layers of the same load) are rewritten so that
+    all of them name the same source: the one every mismatching weight fits. Shapes of layers
+    with as many input as output channels fit spconv 1.x and 2.0 alike; the other layers tell.
+    """
+    error_msgs.append(_hint(key, shape, layer, None))
+    hints = [i for i, message in enumerate(error_msgs) if isinstance(message, _MismatchHint)]
+    fits = [fitting_sources(error_msgs[i].shape, error_msgs[i].layer) for i in hints]
+    agreed = [name for name in LAYOUTS if all(name in f for f in fits if f)]
+    for i in hints:
+        old = error_msgs[i]
+        error_msgs[i] = _hint(old.key, old.shape, old.layer, agreed)
 
 
 def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,

@@ -2,14 +2,17 @@
 
 ``spconv-lite voxelize INPUT... --voxel-size VX VY VZ --range X0 Y0 Z0 X1 Y1 Z1`` voxelizes
 point-cloud files (or directories of them) exactly as spconv's ``PointToVoxel`` would and writes
-one ``.npz`` per input with ``voxels``, ``coordinates`` (z, y, x) and ``num_points_per_voxel``.
+one ``<name>.voxels.npz`` per input with ``voxels``, ``coordinates`` (z, y, x) and
+``num_points_per_voxel``. It never writes over an input, nor over any existing file unless
+``--overwrite`` is given; both are refused before anything is read.
 ``spconv-lite info`` prints the version, build, registered ops, threads and CUDA status.
 ``spconv-lite bench NAME [ARGS...]`` runs a benchmark script of a source checkout
 (``benchmarks/bench_NAME.py ARGS``; ``--help`` after the name lists its options).
 
 Errors end the command with a one-line message and a non-zero status (2 for bad arguments, 1
 when an input fails); outputs are written under a temporary name and renamed when complete,
-so a failure never leaves a partial file.
+so a failure never leaves a partial file. A closed standard output (``spconv-lite info | head
+-1``) ends the command quietly with status 141, as SIGPIPE ends other tools.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ __all__ = ["main"]
 PROG = "spconv-lite"
 _NO_VOXEL_LIMIT = 2**31 - 1
 _PREVIEW_MAX_SIDE = 2048  # larger grids are binned down to this many pixels per side
+_OUTPUT_SUFFIX = ".voxels.npz"  # never a suffix of an input, so no default output is an input
+_SIGPIPE_STATUS = 141
 
 
 class CommandError(Exception):
@@ -55,6 +60,34 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _point_dims(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 3:
+        raise argparse.ArgumentTypeError(f"must be at least 3 (x, y, z), got {value}")
+    return value
+
+
+class _TypedFloat(float):
+    """A float argument that prints as the user typed it (``70.4``, not float32's
+    ``70.4000015258789`` or ``80.0`` for ``80``)."""
+
+    def __new__(cls, text: str) -> "_TypedFloat":
+        try:
+            value = super().__new__(cls, text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        value.text = text
+        return value
+
+    def __repr__(self) -> str:
+        return self.text
+
+    __str__ = __repr__
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (argparse prints the whole usage block by default)."""
 
@@ -74,11 +107,13 @@ def _parser() -> argparse.ArgumentParser:
         "num_points_per_voxel [M], identical to spconv 2.x's PointToVoxel.",
     )
     vox.add_argument("inputs", nargs="+", metavar="INPUT", help="files or directories")
-    vox.add_argument("--voxel-size", nargs=3, type=float, required=True, metavar=("VX", "VY", "VZ"))
+    vox.add_argument(
+        "--voxel-size", nargs=3, type=_TypedFloat, required=True, metavar=("VX", "VY", "VZ")
+    )
     vox.add_argument(
         "--range",
         nargs=6,
-        type=float,
+        type=_TypedFloat,
         required=True,
         dest="coors_range",
         metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
@@ -100,11 +135,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     vox.add_argument(
         "--point-dims",
-        type=_positive_int,
+        type=_point_dims,
         default=None,
         metavar="C",
-        help="float32 columns of .bin files (default 4, 5 for .pcd.bin); for "
-        "other formats, leading columns to keep",
+        help="float32 columns of raw .bin files (default 4); the other formats state their "
+        "width (.pcd.bin: 5), and a --point-dims that differs is refused",
     )
     vox.add_argument(
         "--output",
@@ -112,8 +147,13 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="PATH",
-        help="output .npz for one input file; a directory for several inputs or a "
-        "directory input (default: the current directory)",
+        help="output .npz for one input file; a folder for several inputs or a folder input "
+        f"(default: NAME{_OUTPUT_SUFFIX} in the current folder)",
+    )
+    vox.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing output and preview files (inputs are never written over)",
     )
     vox.add_argument(
         "--preview",
@@ -168,7 +208,8 @@ def _output_stem(path: Path) -> str:
 
 
 def _collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], bool]:
-    """Expands directories into their point files; returns (files, many outputs?)."""
+    """Expands directories into their point files (not this command's own outputs); returns
+    (files, many outputs?)."""
     from .io import is_point_file
 
     files: list[Path] = []
@@ -177,7 +218,10 @@ def _collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], bool]:
         path = Path(text)
         if path.is_dir():
             many = True
-            found = sorted(p for p in path.iterdir() if p.is_file() and is_point_file(p))
+            found = sorted(
+                p for p in path.iterdir()
+                if p.is_file() and is_point_file(p) and not p.name.endswith(_OUTPUT_SUFFIX)
+            )
             if not found:
                 raise CommandError(f"directory {text!r} holds no point-cloud files")
             files.extend(found)
@@ -188,40 +232,88 @@ def _collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], bool]:
     return files, many
 
 
+def _folder_option(path: Optional[Path], option: str, suffix: str) -> Optional[Path]:
+    """Checks that ``--output`` / ``--preview`` names a folder, as several inputs need."""
+    if path is None:
+        return None
+    if path.exists() and not path.is_dir():
+        raise CommandError(f"{option} {str(path)!r} must be a folder for several inputs")
+    if not path.exists() and path.name.lower().endswith(suffix):
+        raise CommandError(
+            f"several inputs need an output folder, but {option} {str(path)!r} names a "
+            f"{suffix} file"
+        )
+    return path
+
+
 def _plan(args: argparse.Namespace) -> list[_Job]:
     files, many = _collect_inputs(args.inputs)
     if many:
-        out_dir = args.output or Path(".")
-        if out_dir.exists() and not out_dir.is_dir():
-            raise CommandError(f"--output {str(out_dir)!r} must be a directory for several inputs")
-        preview_dir = args.preview
-        if preview_dir is not None and preview_dir.exists() and not preview_dir.is_dir():
-            raise CommandError(
-                f"--preview {str(preview_dir)!r} must be a directory for several inputs"
-            )
+        out_dir = _folder_option(args.output, "--output", ".npz") or Path(".")
+        preview_dir = _folder_option(args.preview, "--preview", ".png")
         jobs = [
             _Job(
                 f,
-                out_dir / f"{_output_stem(f)}.npz",
+                out_dir / f"{_output_stem(f)}{_OUTPUT_SUFFIX}",
                 preview_dir / f"{_output_stem(f)}.png" if preview_dir else None,
             )
             for f in files
         ]
     else:
         source = files[0]
-        output = args.output or Path(f"{_output_stem(source)}.npz")
+        output = args.output or Path(f"{_output_stem(source)}{_OUTPUT_SUFFIX}")
         if output.is_dir():
-            output = output / f"{_output_stem(source)}.npz"
-        jobs = [_Job(source, output, args.preview)]
-    seen: dict[Path, Path] = {}
-    for job in jobs:
-        if job.output in seen:
-            raise CommandError(
-                f"{str(seen[job.output])!r} and {str(job.source)!r} would both write "
-                f"{str(job.output)!r}"
-            )
-        seen[job.output] = job.source
+            output = output / f"{_output_stem(source)}{_OUTPUT_SUFFIX}"
+        preview = args.preview
+        if preview is not None and preview.is_dir():
+            preview = preview / f"{_output_stem(source)}.png"
+        jobs = [_Job(source, output, preview)]
+    _check_destinations(jobs, files, args.overwrite)
     return jobs
+
+
+def _check_destinations(jobs: Sequence[_Job], inputs: Sequence[Path], overwrite: bool) -> None:
+    """Refuses, before anything is read, a run that would write over an input, over an existing
+    file without ``--overwrite``, twice to one file, or below a path that is a file."""
+    input_ids = {_file_id(path) for path in inputs}
+    writers: dict[str, Path] = {}
+    for job in jobs:
+        for option, path in (("--output", job.output), ("--preview", job.preview)):
+            if path is None:
+                continue
+            key = os.path.abspath(path)
+            if key in writers:
+                who = (
+                    f"--output and --preview of {str(job.source)!r}"
+                    if writers[key] == job.source
+                    else f"{str(writers[key])!r} and {str(job.source)!r}"
+                )
+                raise CommandError(f"{who} would both write {str(path)!r}")
+            writers[key] = job.source
+            folder = path.parent
+            while not folder.exists() and folder != folder.parent:
+                folder = folder.parent
+            if not folder.is_dir():
+                raise CommandError(
+                    f"cannot write {option} {str(path)!r}: {str(folder)!r} is a file, not a folder"
+                )
+            if not path.exists():
+                continue
+            if path.is_dir():
+                raise CommandError(f"{option} {str(path)!r} is a folder, not a file")
+            if _file_id(path) in input_ids:
+                raise CommandError(f"{option} {str(path)!r} is an input: refusing to write over it")
+            if not overwrite:
+                raise CommandError(
+                    f"{option} {str(path)!r} exists: refusing to replace it (--overwrite replaces "
+                    "existing outputs)"
+                )
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    """The file behind ``path`` (links followed), to tell whether two paths are one file."""
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino
 
 
 def _write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -244,17 +336,20 @@ def _umask() -> int:
     return mask
 
 
-def _png_bytes(image: np.ndarray) -> bytes:
-    """An 8-bit grayscale PNG of ``image`` [H, W] uint8 (no imaging library needed)."""
-    height, width = image.shape
-    raw = np.zeros((height, width + 1), dtype=np.uint8)  # filter byte 0 per row
-    raw[:, 1:] = image
+def png_bytes(image: np.ndarray) -> bytes:
+    """A PNG of an 8-bit image, grayscale ``[H, W]`` or RGB ``[H, W, 3]`` (no imaging
+    library needed)."""
+    height, width = image.shape[:2]
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    raw = np.zeros((height, 1 + width * channels), dtype=np.uint8)  # filter byte 0 per row
+    raw[:, 1:] = image.reshape(height, width * channels)
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         body = kind + data
         return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
 
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    colour_type = {1: 0, 3: 2}[channels]
+    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", header)
@@ -263,23 +358,43 @@ def _png_bytes(image: np.ndarray) -> bytes:
     )
 
 
+# Colour ramp of the pictures: dark blue -> teal -> yellow, from low to high values.
+_RAMP = np.array([[20, 30, 90], [30, 150, 140], [250, 230, 40]], dtype=np.float64)
+
+
+def heat_colours(value: np.ndarray) -> np.ndarray:
+    """RGB ``[..., 3]`` uint8 of values in [0, 1] (clipped) on a dark-blue -> yellow ramp."""
+    pos = np.clip(value, 0.0, 1.0) * (len(_RAMP) - 1)
+    low = np.minimum(pos.astype(np.int64), len(_RAMP) - 2)
+    frac = (pos - low)[..., None]
+    return np.rint(_RAMP[low] * (1 - frac) + _RAMP[low + 1] * frac).astype(np.uint8)
+
+
 def bev_image(coordinates: np.ndarray, spatial_shape: Sequence[int]) -> np.ndarray:
-    """Bird's-eye view of voxel coordinates (z, y, x): occupied voxels per (y, x) column,
-    scaled to 0..255, x to the right and y up; grids wider than 2048 are binned down."""
+    """Bird's-eye view of voxel coordinates (z, y, x), RGB ``[H, W, 3]`` uint8: the occupied
+    voxels of each (y, x) column on a log scale, from dark blue (one voxel) to yellow (the 99th
+    percentile of the occupied pixels and above), empty pixels black; x to the right and y up.
+    Grids wider than 2048 are binned down."""
     _, size_y, size_x = spatial_shape
     scale = max(1, -(-max(size_y, size_x) // _PREVIEW_MAX_SIDE))
     height, width = -(-size_y // scale), -(-size_x // scale)
     counts = np.zeros((height, width), dtype=np.int64)
     if len(coordinates):
         np.add.at(counts, (coordinates[:, 1] // scale, coordinates[:, 2] // scale), 1)
-    peak = counts.max() if counts.size else 0
-    image = (counts * 255 // peak).astype(np.uint8) if peak else counts.astype(np.uint8)
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    occupied = counts > 0
+    if occupied.any():
+        # Most occupied columns hold a few voxels and a few hold hundreds: a linear scale to
+        # the busiest pixel leaves almost everything black, so clip and take logarithms.
+        top = max(float(np.percentile(counts[occupied], 99)), 2.0)
+        value = np.log(counts[occupied]) / np.log(top)  # 0 for one voxel, 1 at the top
+        image[occupied] = heat_colours(0.5 + 0.5 * value)
     return image[::-1]  # row 0 is the largest y
 
 
 def _summary(name: str, stats: dict) -> str:
     parts = [
-        f"{stats['points']:,} points read",
+        f"{stats['points']:,} points read" + (f" as {stats['layout']}" if stats["layout"] else ""),
         f"{stats['in_range']:,} in range",
         f"{stats['voxels']:,} voxels",
         f"{stats['dropped']:,} dropped by limits",
@@ -289,13 +404,48 @@ def _summary(name: str, stats: dict) -> str:
     return f"{name}: " + ", ".join(parts) + f", {stats['ms']:.1f} ms -> {stats['output']}"
 
 
+def read_input(path: Path, point_dims: Optional[int]) -> tuple[np.ndarray, str]:
+    """Reads one input as the command does (:func:`spconv_lite.io.read_cloud`).
+
+    Raises:
+        CommandError: any failure, as one line that names the file once and the command's
+            option ``--point-dims``.
+    """
+    from .io import read_cloud
+
+    try:
+        return read_cloud(path, point_dims)
+    except (OSError, ValueError, ImportError) as exc:
+        raise CommandError(_option_words(_about(path, exc))) from None
+
+
+def _option_words(text: str) -> str:
+    """The reader's argument names as the command's options."""
+    return text.replace("point_dims=", "--point-dims ")
+
+
+def _about(path: Path, exc: BaseException) -> str:
+    """The one-line message of ``exc``, led by ``path`` unless it already names it."""
+    message = _one_line(exc)
+    return message if str(path) in message else f"{path}: {message}"
+
+
+def _bounding_box(points: np.ndarray) -> str:
+    finite = points[np.isfinite(points[:, :3]).all(axis=1), :3]
+    if not len(finite):
+        return "none of the points read has finite x, y, z"
+    low, high = finite.min(axis=0), finite.max(axis=0)
+    return "the points read span " + ", ".join(
+        f"{axis} [{lo:.6g}, {hi:.6g}]" for axis, lo, hi in zip("xyz", low, high)
+    )
+
+
 def _voxelize_file(job: _Job, args: argparse.Namespace, geometry) -> dict:
     import torch
 
-    from .io import read_points
     from .voxelize import PointToVoxel
 
-    points = read_points(job.source, args.point_dims)
+    points, layout = read_input(job.source, args.point_dims)
     voxelizer = PointToVoxel(
         args.voxel_size,
         args.coors_range,
@@ -313,11 +463,19 @@ def _voxelize_file(job: _Job, args: argparse.Namespace, geometry) -> dict:
     }
     _write_atomically(job.output, lambda f: np.savez(f, **arrays))
     if job.preview is not None:
-        png = _png_bytes(bev_image(arrays["coordinates"], voxelizer.spatial_shape))
+        png = png_bytes(bev_image(arrays["coordinates"], voxelizer.spatial_shape))
         _write_atomically(job.preview, lambda f: f.write(png))
     in_range = int(geometry.contains(points).sum())
+    if not in_range:
+        typed = " ".join(map(str, args.coors_range))
+        print(
+            f"{PROG}: warning: {job.source}: no point lies inside --range {typed}; "
+            f"{_bounding_box(points)}",
+            file=sys.stderr,
+        )
     return {
         "points": len(points),
+        "layout": _option_words(layout) if job.source.name.lower().endswith(".bin") else "",
         "non_finite": int((~np.isfinite(points).all(axis=1)).sum()),
         "in_range": in_range,
         "voxels": len(coords),
@@ -366,9 +524,12 @@ def _run_voxelize(args: argparse.Namespace) -> int:
         try:
             line = _summary(str(job.source), _voxelize_file(job, args, geometry))
             stream = sys.stdout
+        except CommandError as exc:
+            failures += 1
+            line, stream = f"{PROG}: error: {exc}", sys.stderr
         except (OSError, ValueError, TypeError, ImportError, RuntimeError) as exc:
             failures += 1
-            line, stream = f"{PROG}: error: {job.source}: {_one_line(exc)}", sys.stderr
+            line, stream = f"{PROG}: error: {_about(job.source, exc)}", sys.stderr
         if bar:
             bar.clear()
         print(line, file=stream, flush=True)
@@ -482,6 +643,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (spconv-lite info | head -1): stop quietly. Point
+        # stdout at /dev/null so that Python's flush at exit does not raise again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return _SIGPIPE_STATUS
 
 
 if __name__ == "__main__":

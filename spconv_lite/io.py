@@ -26,12 +26,20 @@ from typing import Optional, Union
 
 import numpy as np
 
-__all__ = ["SUPPORTED_SUFFIXES", "read_points", "read_points_with_fields", "is_point_file"]
+__all__ = [
+    "SUPPORTED_SUFFIXES", "read_points", "read_points_with_fields", "read_cloud", "is_point_file"
+]
 
 PathLike = Union[str, os.PathLike]
 SUPPORTED_SUFFIXES = (".pcd.bin", ".bin", ".npy", ".npz", ".pcd", ".ply")
 _NPZ_KEYS = ("points", "pc", "point_cloud", "lidar", "xyz")
 _XYZ = ("x", "y", "z")
+_NUSCENES_COLUMNS = 5  # .pcd.bin: x, y, z, intensity, ring index
+_BIN_DEFAULT_COLUMNS = 4  # KITTI: x, y, z, intensity
+# No LiDAR point lies 10,000 km (1e7 m) away, but a raw .bin read with the wrong column count or
+# dtype does (a float64 file, or a timestamp column such as Waymo's read as x, y or z).
+_ABSURD_COORDINATE = 1e7
+_ABSURD_SHARE = 0.01  # more than this share of such points means the layout is wrong
 # File field names that open3d gathers into one multi-column attribute.
 _OPEN3D_GROUPS = {
     "normal_x": "normals", "normal_y": "normals", "normal_z": "normals",
@@ -94,7 +102,7 @@ def read_points_with_fields(
         raise FileNotFoundError(f"no such point cloud file: {str(path)!r}")
     names: Optional[list[str]] = None
     if suffix in (".bin", ".pcd.bin"):
-        columns = int(point_dims) if point_dims is not None else (5 if suffix == ".pcd.bin" else 4)
+        columns = int(point_dims) if point_dims is not None else _default_columns(suffix)
         size = path.stat().st_size
         if size % (4 * columns):
             raise ValueError(
@@ -119,6 +127,130 @@ def read_points_with_fields(
     if names is None:
         names = [*_XYZ, *(f"c{j}" for j in range(3, points.shape[1]))]
     return np.ascontiguousarray(points, dtype=np.float32), names[: points.shape[1]]
+
+
+def _default_columns(suffix: str) -> int:
+    return _NUSCENES_COLUMNS if suffix == ".pcd.bin" else _BIN_DEFAULT_COLUMNS
+
+
+def read_cloud(path: PathLike, point_dims: Optional[int] = None) -> tuple[np.ndarray, str]:
+    """Reads a point cloud as the ``spconv-lite`` command does, refusing what looks wrong.
+
+    Stricter than :func:`read_points`:
+
+    * where the format states the width (``.npy`` / ``.npz`` arrays, ``.pcd`` / ``.ply``
+      fields, 5 columns for nuScenes ``.pcd.bin``), a ``point_dims`` that differs is refused;
+    * a raw ``.bin`` (``point_dims`` float32 columns, 4 by default) is refused when its rows
+      show a wrong column count or dtype: more than 1% of the points with a coordinate beyond
+      10,000 km, or (from 100 points on) every row holding several consecutive points;
+    * a file without points is refused.
+
+    Args:
+        path: the file.
+        point_dims: columns of a raw ``.bin`` file; for the other formats, None or their width.
+
+    Returns:
+        ``(points, layout)``: float32 ``[N, C]`` and how the file was read, e.g.
+        ``"4 float32 columns (the .bin default)"``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: naming the file, for the cases above and those of :func:`read_points`.
+        ImportError: ``.pcd`` / ``.ply`` without open3d.
+
+    Example:
+        >>> points, layout = read_cloud("000000.bin")  # doctest: +SKIP
+        >>> layout  # doctest: +SKIP
+        '4 float32 columns (the .bin default)'
+    """
+    path = Path(path)
+    suffix = _suffix(path)
+    if suffix == ".pcd.bin" and point_dims not in (None, _NUSCENES_COLUMNS):
+        raise ValueError(
+            f"{str(path)!r} is named as a nuScenes .pcd.bin file, which has 5 float32 columns "
+            f"(x, y, z, intensity, ring), but point_dims={point_dims}"
+        )
+    if suffix == ".bin":
+        columns = point_dims or _BIN_DEFAULT_COLUMNS
+        points = read_points(path, columns)
+        layout = f"{columns} float32 columns" + (
+            " (the .bin default)" if point_dims is None else f" (point_dims={columns})"
+        )
+        _check_raw_layout(path, points, layout)
+    else:
+        points = read_points(path)
+        layout = f"{points.shape[1]} " + (
+            "float32 columns (nuScenes .pcd.bin)" if suffix == ".pcd.bin" else "columns"
+        )
+        if point_dims is not None and point_dims != points.shape[1]:
+            raise ValueError(
+                f"{str(path)!r} has {points.shape[1]} columns, but point_dims={point_dims}: "
+                f"the {suffix} format states its width (leave point_dims out)"
+            )
+    if len(points) == 0:
+        raise ValueError(f"{str(path)!r} holds no points")
+    return points, layout
+
+
+def _absurd_share(rows: np.ndarray) -> float:
+    """Share of the rows whose x, y or z is finite and beyond any LiDAR's reach."""
+    xyz = rows[:, :3]
+    with np.errstate(invalid="ignore"):
+        absurd = (np.isfinite(xyz) & (np.abs(xyz) > _ABSURD_COORDINATE)).any(axis=1)
+    return float(absurd.mean()) if len(rows) else 0.0
+
+
+def _repeat_width(rows: np.ndarray) -> Optional[int]:
+    """The width ``w`` (a divisor of the row width, at least 3) for which every row looks like
+    several consecutive points of ``w`` columns, or None.
+
+    Consecutive points of a scan are neighbours: read with a multiple of the true column count,
+    a row's x, y, z (columns 0-2) and those of the next point in it (columns w..w+2) differ by
+    a small fraction of the cloud's spread. Real columns (intensity, normals, time) do not.
+    """
+    width = rows.shape[1]
+    for w in range(3, width // 2 + 1):
+        if width % w:
+            continue
+        a, b = rows[:, :3], rows[:, w : w + 3]
+        finite = np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1)
+        a, b = a[finite].astype(np.float64), b[finite].astype(np.float64)
+        if len(a) < 100:  # too few rows to tell
+            return None
+        step = np.median(np.linalg.norm(a - b, axis=1))
+        spread = np.median(np.linalg.norm(a - np.median(a, axis=0), axis=1))
+        if step < 0.2 * spread:  # measured: below 0.08 for such rows, above 1 for real ones
+            return w
+    return None
+
+
+def _check_raw_layout(path: Path, points: np.ndarray, layout: str) -> None:
+    """Refuses a raw .bin whose rows show that ``layout`` is not the file's."""
+    if _absurd_share(points) > _ABSURD_SHARE:
+        floats = points.reshape(-1)
+        plausible = [
+            w for w in range(3, 17)
+            if floats.size % w == 0 and _absurd_share(floats.reshape(-1, w)) <= _ABSURD_SHARE
+            and _repeat_width(floats.reshape(-1, w)) is None
+        ]
+        hint = (
+            f"{plausible[0]} float32 columns give plausible coordinates: pass point_dims="
+            f"{plausible[0]}" if plausible else
+            "no float32 column count from 3 to 16 gives plausible coordinates: is it float32?"
+        )
+        raise ValueError(
+            f"{str(path)!r} read as {layout}: {_absurd_share(points):.0%} of its points have a "
+            "coordinate beyond 10,000 km, so that is not the file's layout; "
+            + hint
+        )
+    width = _repeat_width(points)
+    if width is not None:
+        raise ValueError(
+            f"{str(path)!r} read as {layout}: every row looks like {points.shape[1] // width} "
+            f"consecutive points of {width} columns (columns 0-2 and {width}-{width + 2} are "
+            f"neighbouring x, y, z), so the file likely has {width} columns: pass "
+            f"point_dims={width}"
+        )
 
 
 def _as_points(array: np.ndarray, path: Path) -> np.ndarray:

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loads the library, which registers the operators)
+from ._extension import _C  # noqa: F401  (loads the library, which registers the operators)
 
 _ops = torch.ops.spconv_lite
 
@@ -203,6 +203,27 @@ def _check_fake_indices(indices: Tensor, ndim: int) -> None:
     torch._check(indices.dim() == 2 and indices.shape[1] == ndim + 1)
 
 
+def _new_row_count() -> torch.SymInt:
+    """The data-dependent row count of a fake output, in every tracing mode.
+
+    ``ctx.new_dynamic_size()`` refuses (``DynamicOutputShapeException``) unless the tracer's
+    shape environment allows dynamic output shapes. Dynamo allows them under
+    ``fullgraph=True`` and ``torch.export`` but not in a plain ``torch.compile(model)``, where
+    every map build would then end the graph. The count is only a tensor size, which the
+    compiler backends (inductor, aot_eager) handle, so it is created directly in the shape
+    environment, as ``new_dynamic_size`` itself does after its check.
+    """
+    from torch.fx.experimental.symbolic_shapes import _constrain_range_for_size
+
+    ctx = torch.library.get_ctx()
+    shape_env = getattr(ctx, "_shape_env", None)
+    if shape_env is None or shape_env.allow_dynamic_output_shape_ops:
+        return ctx.new_dynamic_size()
+    count = shape_env.create_unbacked_symint()
+    _constrain_range_for_size(count, min=0)
+    return count
+
+
 @torch.library.register_fake("spconv_lite::build_subm_map")
 def _build_subm_map_fake(indices, spatial_shape, batch_size, kernel_size, dilation):
     _check_fake_indices(indices, len(spatial_shape))
@@ -216,7 +237,7 @@ def _build_conv_map_fake(
     dilation, transposed,
 ):
     _check_fake_indices(indices, len(spatial_shape))
-    num_out = torch.library.get_ctx().new_dynamic_size()
+    num_out = _new_row_count()
     volume = math.prod(kernel_size)
     return (
         indices.new_empty((num_out, indices.shape[1])),
@@ -254,7 +275,7 @@ def _sparse_max_pool_backward_fake(grad_out, argmax, nbr_t):
 
 def _voxel_outputs_fake(points, slot_shape, ndim):
     """Fake outputs of the voxelize ops: [M, *slot_shape], [M, ndim], [M], [N]."""
-    num = torch.library.get_ctx().new_dynamic_size()
+    num = _new_row_count()
     return (
         points.new_empty((num, *slot_shape)),
         points.new_empty((num, ndim), dtype=torch.int32),

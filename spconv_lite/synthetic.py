@@ -1,4 +1,4 @@
-"""Synthetic LiDAR sweeps and an interim numpy voxelizer, for demos, benchmarks and tests.
+"""Synthetic LiDAR sweeps and a numpy shorthand of the voxelizer, for demos, benchmarks and tests.
 
 :func:`lidar_sweep` ray-casts a 64-beam spinning LiDAR (HDL-64E-like geometry) against a
 small analytic street scene: a ground plane, box-shaped cars and building walls, and vertical
@@ -6,11 +6,9 @@ poles. The result looks like a KITTI ``velodyne`` frame (float32 ``[N, 4]``: x, 
 intensity in the sensor frame, ground at ``z = -sensor_height``) and is fully deterministic
 for a given seed, so examples and tests need no data files.
 
-:func:`voxelize_mean` is a small, plain-numpy voxelizer (mean of the points in each voxel).
-It is the *interim* helper used by ``examples/`` and ``benchmarks/`` until the real
-voxelizer (``spconv_lite/voxelize.py``, spconv's ``PointToVoxel`` semantics) lands; it follows
-the same conventions (float32 voxel-index arithmetic, ``(z, y, x)`` coordinates, voxels in the
-order of their first point) but has no per-voxel point cap and no voxel cap.
+:func:`voxelize_mean` voxelizes numpy points into numpy arrays (the mean of the points in each
+voxel, no caps) with :class:`spconv_lite.PointToVoxel`: ``(z, y, x)`` coordinates, voxels in the
+order of their first point.
 
 Example:
     >>> points = lidar_sweep(seed=0, num_azimuth=1000)
@@ -232,11 +230,13 @@ def voxelize_mean(
     voxel_size: Sequence[float],
     coors_range: Sequence[float],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Groups points into voxels and averages each voxel's points (interim numpy helper).
+    """Groups points into voxels and averages each voxel's points, with numpy in and out.
 
-    The voxel index of a point is ``floor((p - range_min) / voxel_size)`` computed in float32,
-    as spconv's ``PointToVoxel`` does; points whose index falls outside the grid are dropped.
-    The grid size per axis is ``round((range_max - range_min) / voxel_size)``.
+    A shorthand for :meth:`spconv_lite.PointToVoxel.generate_voxel_mean` with no voxel cap:
+    the voxel index of a point is ``floor((p - range_min) / voxel_size)`` computed in float32,
+    as spconv's ``PointToVoxel`` does; points whose index falls outside the grid, or with a
+    non-finite value, are dropped. The grid size per axis is
+    ``round((range_max - range_min) / voxel_size)``.
 
     Args:
         points: ``[P, C]`` with C >= 3; columns 0..2 are x, y, z, the rest (e.g. intensity)
@@ -257,41 +257,11 @@ def voxelize_mean(
         >>> c.tolist(), f[:, 3].tolist(), s.tolist()
         ([[0, 0, 0], [0, 0, 1]], [0.5, 0.0], [10, 10, 10])
     """
+    from .voxelize import PointToVoxel
+
     points = np.asarray(points)
     if points.ndim != 2 or points.shape[1] < 3:
         raise ValueError(f"points must be [P, C] with C >= 3, got shape {points.shape}")
-    vsize = np.asarray(voxel_size, dtype=np.float32).reshape(-1)
-    crange = np.asarray(coors_range, dtype=np.float32).reshape(-1)
-    if vsize.shape != (3,) or crange.shape != (6,):
-        raise ValueError(
-            f"voxel_size needs 3 values and coors_range 6, got {vsize.tolist()}, "
-            f"{crange.tolist()}"
-        )
-    if (vsize <= 0).any():
-        raise ValueError(f"voxel_size must be positive, got {vsize.tolist()}")
-    grid = np.round((crange[3:] - crange[:3]) / vsize).astype(np.int64)  # x, y, z
-    if (grid < 1).any():
-        raise ValueError(f"coors_range {crange.tolist()} gives an empty grid {grid.tolist()}")
-
-    xyz = points[:, :3].astype(np.float32)
-    idx = np.floor((xyz - crange[:3]) / vsize).astype(np.int64)  # float32 math, as spconv
-    inside = ((idx >= 0) & (idx < grid)).all(axis=1)
-    idx = idx[inside]
-    feats = points[inside].astype(np.float64)  # accumulate in float64, return float32
-    key = (idx[:, 2] * grid[1] + idx[:, 1]) * grid[0] + idx[:, 0]
-    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
-    # np.unique sorts by key; renumber voxels by their first point instead.
-    order = np.argsort(first, kind="stable")
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    voxel_of_point = rank[inverse.reshape(-1)]
-    num_voxels = len(order)
-    counts = np.bincount(voxel_of_point, minlength=num_voxels)
-    sums = np.stack(
-        [np.bincount(voxel_of_point, weights=feats[:, c], minlength=num_voxels)
-         for c in range(feats.shape[1])],
-        axis=1,
-    ).reshape(num_voxels, feats.shape[1])
-    features = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
-    coords = idx[first[order]][:, ::-1].astype(np.int32)  # (x, y, z) -> (z, y, x)
-    return features, np.ascontiguousarray(coords), grid[::-1].copy()
+    voxelizer = PointToVoxel(voxel_size, coors_range, points.shape[1], 2**31 - 1, 1)
+    features, coords, _, _ = voxelizer.generate_voxel_mean(points.astype(np.float32))
+    return features.numpy(), coords.numpy(), np.asarray(voxelizer.spatial_shape, dtype=np.int64)

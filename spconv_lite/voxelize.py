@@ -76,7 +76,8 @@ class GridGeometry:
             if not high[d] > low[d]:
                 raise ValueError(
                     f"coors_range_xyz {list(coors_range_xyz)} is inverted or empty along "
-                    f"{_AXES[d]}: max {high[d]} must be greater than min {low[d]}"
+                    f"{_AXES[d]}: max {coors_range_xyz[ndim + d]} must be greater than min "
+                    f"{coors_range_xyz[d]}"
                 )
             quotient = np.float32(high[d] - low[d]) / np.float32(size[d])  # float32, as spconv
             cells = math.floor(float(quotient) + 0.5) if np.isfinite(quotient) else math.inf

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import torch
@@ -112,6 +113,33 @@ def test_load_state_dict_error_hints_at_the_converter():
     old["0.weight"] = torch.zeros(7, 7)
     with pytest.raises(RuntimeError, match=r"\[7, 7\].*\[16, 3, 3, 3, 4\].*fits no known"):
         net.load_state_dict(old)
+
+
+@pytest.mark.parametrize("square_first", [True, False], ids=["square_first", "square_last"])
+@pytest.mark.parametrize("source", ["spconv1", "spconv2.0"])
+def test_load_state_dict_hints_name_one_source(source, square_first):
+    """A square layer's shape fits spconv 1.x and 2.0 alike: every hint of the load names the
+    source the other layer's shape tells, whichever layer comes first."""
+    torch.manual_seed(0)
+    layers = [spconv.SubMConv3d(16, 16, 3, bias=False), spconv.SubMConv3d(4, 16, 3, bias=False)]
+    net = spconv.SparseSequential(*(layers if square_first else layers[::-1]))
+    old = {k: _old_layout(v, source) for k, v in net.state_dict().items()}
+    with pytest.raises(RuntimeError) as info:
+        net.load_state_dict(old)
+    named = re.findall(r"source='([^']*)'", str(info.value))
+    assert named == [source, source], str(info.value)
+
+
+def test_load_state_dict_hint_of_square_layers_names_both_sources():
+    torch.manual_seed(0)
+    net = spconv.SparseSequential(spconv.SubMConv3d(16, 16, 3, bias=False),
+                                  spconv.SparseConv3d(16, 16, (3, 1, 1), bias=False))
+    old = {k: _old_layout(v, "spconv1") for k, v in net.state_dict().items()}
+    with pytest.raises(RuntimeError) as info:
+        net.load_state_dict(old)
+    message = str(info.value)
+    assert message.count("source is 'spconv2.0' or 'spconv1', whichever spconv version") == 2
+    assert "source='" not in message
 
 
 def test_unknown_source():

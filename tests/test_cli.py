@@ -65,18 +65,35 @@ def test_summary_counts(tmp_path, capsys):
     args = ["voxelize", source, *SMALL, "--point-dims", 3, "--max-points-per-voxel", 2]
     status, out, err = run(capsys, *args, "-o", tmp_path / "c.npz")
     assert status == 0, err
-    assert "7 points read, 4 in range, 2 voxels, 1 dropped by limits, 2 non-finite dropped" in out
+    assert ("7 points read as 3 float32 columns (--point-dims 3), 4 in range, 2 voxels, "
+            "1 dropped by limits, 2 non-finite dropped") in out
     with np.load(tmp_path / "c.npz") as saved:
         assert saved["num_points_per_voxel"].tolist() == [2, 1]
 
 
-def test_empty_cloud_gives_valid_file(tmp_path, capsys):
-    source = write_bin(tmp_path / "empty.bin", np.zeros((0, 4)))
+@pytest.mark.parametrize("suffix", [".bin", ".npy"])
+def test_empty_input_is_an_error(tmp_path, capsys, suffix):
+    source = tmp_path / f"empty{suffix}"
+    if suffix == ".npy":
+        np.save(source, np.zeros((0, 4), dtype=np.float32))
+    else:
+        write_bin(source, np.zeros((0, 4)))
     status, out, err = run(capsys, "voxelize", source, *SMALL, "-o", tmp_path / "e.npz")
-    assert status == 0, err
-    with np.load(tmp_path / "e.npz") as saved:
+    assert status == 1 and out == ""
+    assert err == f"spconv-lite: error: {str(source)!r} holds no points\n"
+    assert not (tmp_path / "e.npz").exists()
+
+
+def test_no_point_in_range_warns_with_range_and_bounding_box(tmp_path, capsys):
+    source = write_bin(tmp_path / "far.bin", [[100.5, -3, 7.25, 1], [120, 4.5, 8, 0.5]])
+    wanted = ["--voxel-size", "0.05", "0.05", "0.1", "--range", "0", "-40", "-3", "70.4", "40",
+              "1"]
+    status, out, err = run(capsys, "voxelize", source, *wanted, "-o", tmp_path / "far.npz")
+    assert status == 0 and "2 points read" in out and "0 in range" in out
+    assert err == (f"spconv-lite: warning: {source}: no point lies inside --range 0 -40 -3 70.4 "
+                   "40 1; the points read span x [100.5, 120], y [-3, 4.5], z [7.25, 8]\n")
+    with np.load(tmp_path / "far.npz") as saved:
         assert saved["voxels"].shape == (0, 5, 4) and saved["coordinates"].shape == (0, 3)
-    assert "0 points read" in out and "0 voxels" in out
 
 
 def test_several_inputs_and_directory(tmp_path, capsys):
@@ -96,10 +113,10 @@ def test_several_inputs_and_directory(tmp_path, capsys):
         capsys, "voxelize", folder, *SMALL, "-o", out, "--progress", "always"
     )
     assert status == 0, stderr
-    assert files_in(out) == ["a.npz", "b.npz", "c.npz"]
+    assert files_in(out) == ["a.voxels.npz", "b.voxels.npz", "c.voxels.npz"]
     assert len(stdout.strip().splitlines()) == 3
     assert "[" + "#" * 30 + "] 3/3" in stderr  # the finished progress bar
-    with np.load(out / "c.npz") as saved:
+    with np.load(out / "c.voxels.npz") as saved:
         expected = torch.from_numpy(np.load(folder / "c.npy"))
         from spconv_lite import PointToVoxel
 
@@ -117,6 +134,87 @@ def test_outputs_that_would_collide_are_refused(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def cloud_npz(path: Path) -> Path:
+    """A small cloud saved as an .npz with one array, as spconv's benchmark cloud is."""
+    np.savez(path, pc=np.random.default_rng(1).uniform(0, 4, (40, 3)).astype(np.float32))
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_default_output_is_beside_not_over_the_input(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cloud_npz(tmp_path / "pc.npz")
+    before = (tmp_path / "pc.npz").read_bytes()
+    status, out, err = run(capsys, "voxelize", "pc.npz", *SMALL)
+    assert status == 0, err
+    assert (tmp_path / "pc.npz").read_bytes() == before
+    assert files_in(tmp_path) == ["pc.npz", "pc.voxels.npz"] and out.endswith("pc.voxels.npz\n")
+    # Run again: the output now exists and is not this run's, so it is refused ...
+    status, _, err = run(capsys, "voxelize", "pc.npz", *SMALL)
+    assert status == 1 and "--output 'pc.voxels.npz' exists" in err and "--overwrite" in err
+    # ... unless --overwrite is given.
+    status, _, err = run(capsys, "voxelize", "pc.npz", *SMALL, "--overwrite")
+    assert status == 0, err
+    assert (tmp_path / "pc.npz").read_bytes() == before
+
+
+def test_folder_output_into_the_input_folder(tmp_path, capsys):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    cloud_npz(folder / "a.npz")
+    write_bin(folder / "b.bin", np.ones((5, 4)))
+    inputs = snapshot(folder)
+    status, _, err = run(capsys, "voxelize", folder, *SMALL, "-o", folder)
+    assert status == 0, err
+    assert files_in(folder) == ["a.npz", "a.voxels.npz", "b.bin", "b.voxels.npz"]
+    assert {k: v for k, v in snapshot(folder).items() if k in inputs} == inputs
+    # A second run neither reads its own outputs as inputs nor replaces them unasked.
+    status, _, err = run(capsys, "voxelize", folder, *SMALL, "-o", folder, "--overwrite")
+    assert status == 0, err
+    assert files_in(folder) == ["a.npz", "a.voxels.npz", "b.bin", "b.voxels.npz"]
+
+
+@pytest.mark.parametrize("case, inputs, extra, message", [
+    ("output is the input", ["pc.npz"], ["-o", "pc.npz", "--overwrite"],
+     r"--output '.*pc\.npz' is an input: refusing to write over it"),
+    ("output links to the input", ["pc.npz"], ["-o", "link.npz", "--overwrite"],
+     r"--output '.*link\.npz' is an input"),
+    ("preview is the input", ["pc.npz"], ["--preview", "pc.npz", "--overwrite", "-o", "new.npz"],
+     r"--preview '.*pc\.npz' is an input"),
+    ("output exists", ["pc.npz"], ["-o", "old.npz"], r"--output '.*old\.npz' exists: refusing"),
+    ("preview exists", ["pc.npz"], ["-o", "new.npz", "--preview", "old.npz"],
+     r"--preview '.*old\.npz' exists"),
+    ("output in a folder input", ["scans"], ["-o", "scans", "--preview", "scans"],
+     r"--preview '.*scans/a\.png' exists"),
+    ("several inputs, one file", ["pc.npz", "scans"], ["-o", "single.npz"],
+     r"several inputs need an output folder, but --output '.*single\.npz' names a \.npz file"),
+    ("several previews, one file", ["pc.npz", "scans"], ["-o", "out", "--preview", "one.png"],
+     r"several inputs need an output folder, but --preview '.*one\.png' names a \.png file"),
+    ("below a file", ["pc.npz"], ["-o", "old.npz/out.npz"],
+     r"cannot write --output '.*old\.npz/out\.npz': '.*old\.npz' is a file, not a folder"),
+    ("output and preview collide", ["pc.npz"], ["-o", "same", "--preview", "same"],
+     r"--output and --preview of 'pc\.npz' would both write 'same'"),
+])  # fmt: skip
+def test_unsafe_destination_refused_before_reading(tmp_path, capsys, monkeypatch, case, inputs,
+                                                   extra, message):
+    cloud_npz(tmp_path / "pc.npz")
+    (tmp_path / "old.npz").write_bytes(b"someone else's file")
+    (tmp_path / "link.npz").symlink_to(tmp_path / "pc.npz")
+    (tmp_path / "scans").mkdir()
+    cloud_npz(tmp_path / "scans" / "a.npz")
+    (tmp_path / "scans" / "a.png").write_bytes(b"an older picture")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "read_input", lambda *a: pytest.fail("an input was read"))
+    status, out, err = run(capsys, "voxelize", *inputs, *SMALL, *extra)
+    assert status == 1 and out == ""
+    assert len(err.splitlines()) == 1 and re.search(f"^spconv-lite: error: {message}", err), err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def png_size(data: bytes) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     length, kind = struct.unpack(">I4s", data[8:16])
@@ -126,6 +224,22 @@ def png_size(data: bytes) -> tuple[int, int]:
         == struct.unpack(">I", data[16 + length : 20 + length])[0]
     )
     return struct.unpack(">II", data[16:24])
+
+
+def png_pixels(data: bytes) -> np.ndarray:
+    """The pixels ``[H, W, 3]`` of an 8-bit RGB PNG with one IDAT chunk and no row filters."""
+    width, height = png_size(data)
+    assert data[24:26] == bytes([8, 2])  # 8 bits, RGB
+    (idat_length,) = struct.unpack(">I", data[33:37])
+    assert data[37:41] == b"IDAT"
+    rows = np.frombuffer(zlib.decompress(data[41 : 41 + idat_length]), np.uint8)
+    rows = rows.reshape(height, 1 + 3 * width)
+    assert (rows[:, 0] == 0).all()
+    return rows[:, 1:].reshape(height, width, 3)
+
+
+def luminance(pixels: np.ndarray) -> np.ndarray:
+    return pixels.astype(np.float64) @ [0.299, 0.587, 0.114]
 
 
 def test_preview_png(tmp_path, capsys):
@@ -138,11 +252,34 @@ def test_preview_png(tmp_path, capsys):
     assert status == 0, err
     data = (tmp_path / "bev.png").read_bytes()
     assert png_size(data) == (4, 4)  # x by y voxels
-    (idat_length,) = struct.unpack(">I", data[33:37])
-    rows = zlib.decompress(data[41 : 41 + idat_length])
-    pixels = np.frombuffer(rows, np.uint8).reshape(4, 5)[:, 1:]  # a filter byte per row
-    # two voxels in column (y=0, x=0): the brightest; row 0 is the largest y
-    assert pixels[3, 0] == 255 and pixels[2, 3] == 127 and pixels.sum() == 255 + 127
+    pixels = png_pixels(data)
+    # two voxels in column (y=0, x=0), one in (y=1, x=3); row 0 is the largest y
+    occupied = pixels.any(axis=2)
+    assert occupied.sum() == 2 and occupied[3, 0] and occupied[2, 3]
+    assert luminance(pixels[3, 0]) > luminance(pixels[2, 3])
+
+
+def test_preview_is_readable(tmp_path, capsys):
+    """A busy column (a wall) must not turn the many columns of one or two voxels (the ground)
+    almost black, as a linear scale to the busiest pixel did: they get a clearly visible
+    colour, and more voxels a brighter one."""
+    rng = np.random.default_rng(0)
+    ground = np.c_[rng.uniform(0, 40, (3000, 2)), rng.uniform(0, 0.2, 3000)]  # one voxel high
+    wall = np.c_[np.full(400, 20.5), np.full(400, 20.5), np.linspace(0, 3.9, 400)]
+    source = write_bin(tmp_path / "scene.bin", np.vstack([ground, wall]))
+    status, _, err = run(
+        capsys, "voxelize", source, "--voxel-size", "0.1", "0.1", "0.1", "--range", "0", "0", "0",
+        "40", "40", "4", "--point-dims", 3, "-o", tmp_path / "s.npz", "--preview",
+        tmp_path / "s.png",
+    )  # fmt: skip
+    assert status == 0, err
+    pixels = png_pixels((tmp_path / "s.png").read_bytes())
+    light = luminance(pixels)
+    occupied = pixels.any(axis=2)
+    assert np.median(light[occupied]) > 90  # of 255
+    wall_pixel = (400 - 1 - 205, 205)  # (y, x) = (205, 205); row 0 is the largest y
+    assert light[wall_pixel] == light.max() and light.max() > 1.5 * np.median(light[occupied])
+    assert len(np.unique(pixels[occupied], axis=0)) > 1  # a colour map, not one grey
 
 
 @pytest.mark.parametrize(
@@ -173,6 +310,109 @@ def test_bad_input_one_line_error_no_output(tmp_path, capsys, case, extra, statu
     assert any(re.search(message, line) for line in lines), stderr
     assert len(lines) == 1 and lines[0].startswith("spconv-lite"), stderr
     assert files_in(out) == []
+
+
+def scan_points(count: int, columns: int) -> np.ndarray:
+    """A scan-ordered cloud (consecutive points are neighbours, as a LiDAR records them) with
+    ``columns - 3`` extra columns; the last one a timestamp, as in Waymo's files."""
+    angle = np.linspace(0, 2 * np.pi, count, endpoint=False)
+    xyz = np.c_[20 * np.cos(angle), 20 * np.sin(angle), np.full(count, -1.5)]
+    extra = np.random.default_rng(2).uniform(0, 1, (count, columns - 3))
+    if columns > 4:
+        extra[:, -1] = 1.5e15
+    return np.c_[xyz, extra].astype(np.float32)
+
+
+# The input is written by ``make(path)``; the message names the file once, then what is wrong.
+@pytest.mark.parametrize("case, name, make, dims, message", [
+    ("npy narrower", "c.npy", lambda p: np.save(p, scan_points(50, 4)), 3,
+     r"has 4 columns, but --point-dims 3: the \.npy format states its width"),
+    ("npz wider", "c.npz", lambda p: np.savez(p, pc=scan_points(50, 3)), 4,
+     r"has 3 columns, but --point-dims 4: the \.npz format states its width"),
+    ("pcd.bin not 5", "c.pcd.bin", lambda p: write_bin(p, scan_points(60, 5)), 4,
+     r"is named as a nuScenes \.pcd\.bin file, which has 5 float32 columns .* but "
+     r"--point-dims 4"),
+    ("timestamp column", "w.bin", lambda p: write_bin(p, scan_points(400, 6)), None,
+     r"read as 4 float32 columns \(the \.bin default\): 33% of its points have a coordinate "
+     r"beyond 10,000 km.*6 float32 columns give plausible coordinates: pass --point-dims 6$"),
+    ("float64 file", "d.bin", lambda p: scan_points(400, 4).astype("<f8").tofile(p), None,
+     r"read as 4 float32 columns .* no float32 column count from 3 to 16 gives plausible "
+     r"coordinates: is it float32\?$"),
+    ("twice the columns", "k.bin", lambda p: write_bin(p, scan_points(400, 4)), 8,
+     r"read as 8 float32 columns \(--point-dims 8\): every row looks like 2 consecutive "
+     r"points of 4 columns .* pass --point-dims 4$"),
+    ("truncated", "trunc.bin", lambda p: p.write_bytes(bytes(20)), None,
+     r"has 20 bytes, not a multiple of 4 \* point_dims = 16"),
+])  # fmt: skip
+def test_input_that_contradicts_its_layout_is_refused(tmp_path, capsys, case, name, make, dims,
+                                                      message):
+    source = tmp_path / name
+    make(source)
+    dims_args = [] if dims is None else ["--point-dims", dims]
+    status, out, err = run(capsys, "voxelize", source, *SMALL, *dims_args, "-o", tmp_path / "o")
+    assert status == 1 and out == ""
+    assert re.search(rf"^spconv-lite: error: {re.escape(repr(str(source)))} {message}",
+                     err.strip()), err
+    assert err.count(name) == 1, err  # the file is named once
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name, columns, dims", [
+    ("c.npy", 5, None), ("c.npy", 5, 5), ("c.pcd.bin", 5, None), ("c.pcd.bin", 5, 5),
+    ("w.bin", 6, 6), ("k.bin", 4, None), ("k.bin", 4, 4),
+])  # fmt: skip
+def test_input_read_with_its_own_width(tmp_path, capsys, name, columns, dims):
+    points = scan_points(400, columns)
+    source = tmp_path / name
+    np.save(source, points) if name.endswith(".npy") else write_bin(source, points)
+    dims_args = [] if dims is None else ["--point-dims", dims]
+    status, out, err = run(capsys, "voxelize", source, *SMALL, *dims_args, "-o", tmp_path / "o")
+    assert status == 0, err
+    with np.load(tmp_path / "o") as saved:
+        assert saved["voxels"].shape[2] == columns
+    if name.endswith(".bin"):  # the command says how it read a raw file
+        default = {".pcd.bin": "(nuScenes .pcd.bin)", ".bin": "(the .bin default)"}
+        how = default[".pcd.bin" if name.endswith(".pcd.bin") else ".bin"]
+        if dims is not None and not name.endswith(".pcd.bin"):
+            how = f"(--point-dims {dims})"
+        assert f"400 points read as {columns} float32 columns {how}," in out
+
+
+@pytest.mark.parametrize("value", ["0", "2", "-1"])
+def test_point_dims_below_three_is_an_argument_error(tmp_path, capsys, value):
+    source = write_bin(tmp_path / "c.bin", np.zeros((3, 4)))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["voxelize", str(source), *SMALL, "--point-dims", value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (f"spconv-lite voxelize: error: argument --point-dims: must be at least 3 "
+                   f"(x, y, z), got {value} (see spconv-lite voxelize -h)\n")
+
+
+@pytest.mark.parametrize("option, values, message", [
+    ("--range", "80 -40 -3 70.4 40 1",
+     "--range [80, -40, -3, 70.4, 40, 1] is inverted or empty along x: max 70.4 must be "
+     "greater than min 80"),
+    ("--voxel-size", "0.05 -0.05 0.1", "--voxel-size must be positive, got [0.05, -0.05, 0.1]"),
+])  # fmt: skip
+def test_grid_errors_print_values_as_typed(tmp_path, capsys, option, values, message):
+    source = write_bin(tmp_path / "c.bin", np.zeros((3, 4)))
+    args = {"--range": "0 -40 -3 70.4 40 1", "--voxel-size": "0.05 0.05 0.1"}
+    args[option] = values
+    argv = [a for opt, text in args.items() for a in (opt, *text.split())]
+    status, _, err = run(capsys, "voxelize", source, *argv)
+    assert status == 2 and err == f"spconv-lite: error: {message}\n"
+
+
+def test_closed_stdout_ends_quietly():
+    """``spconv-lite info | head -1``: the reader is gone before the output is written."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "spconv_lite", "info"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # no reader: every write to stdout fails with EPIPE
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert err == ""
 
 
 def test_failed_write_leaves_no_partial_file(tmp_path, capsys, monkeypatch):

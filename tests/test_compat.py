@@ -254,6 +254,32 @@ def test_fused_activation_refused():
         spconv.conv.SparseConvolution(3, 4, 4, 3, act_type="ReLU")
 
 
+CONV_CLASSES = [f"{kind}{n}d" for kind in ("SubMConv", "SparseConv", "SparseConvTranspose",
+                                           "SparseInverseConv") for n in (1, 2, 3, 4)]
+
+
+@pytest.mark.parametrize("name", CONV_CLASSES)
+def test_conv_class_refuses_act_type_naming_the_class(name):
+    """Only the base class takes act_type (as in spconv); a layer class names itself."""
+    layer_class = getattr(spconv, name)
+    args = (3, 4, 3) if "Inverse" not in name else (3, 4, 3, "key")
+    with pytest.raises(TypeError, match=rf"^{name}\.__init__\(\) got an unexpected keyword "
+                       "argument 'act_type'$"):
+        layer_class(*args, act_type="ReLU")
+
+
+@pytest.mark.parametrize("name", CONV_CLASSES)
+def test_conv_class_signature_covers_spconv(name):
+    """Every parameter of spconv's class, in spconv's positional order, with its default."""
+    import inspect
+
+    ours = inspect.signature(getattr(spconv, name)).parameters
+    theirs = inspect.signature(getattr(require_spconv(), name)).parameters
+    assert list(ours)[: len(theirs)] == list(theirs)
+    for param in theirs.values():
+        assert ours[param.name].default == param.default, param.name
+
+
 def test_record_voxel_count_buffer():
     torch.manual_seed(0)
     conv = spconv.SparseConv3d(3, 4, 3, stride=2, padding=1, record_voxel_count=True)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers import DEVICES, make_gen, randn, random_sites, sparse_tensor
 from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import spconv_lite as sp
 
@@ -111,6 +112,38 @@ def test_compiled_forward_and_backward_match_eager(mode, device):
         torch.testing.assert_close(p_c.grad, p.grad, rtol=1e-5, atol=1e-5, msg=name)
     for b, b_c in zip(net.buffers(), compiled_net.buffers()):
         torch.testing.assert_close(b_c, b)
+
+
+# A plain torch.compile(model), without fullgraph=True, must not break the graph at the ops
+# whose output row count depends on the data (map builds, voxelization): one graph in all.
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_plain_compile_gives_one_graph(mode):
+    torch.manual_seed(0)
+    net = Net(norm_after_down=True).train(mode == "train")
+    compiled_net = copy.deepcopy(net)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(compiled_net, backend=counter)
+    features, idx = make_input(("plain", mode))
+    eager = run(net, features, idx)
+    comp = run(compiled, features, idx)
+    assert counter.frame_count == 1
+    for e, c in zip(eager, comp):
+        assert_same_sparse(e, c)
+
+
+def test_plain_compile_of_voxelization_gives_one_graph():
+    voxelizer = sp.PointToVoxel([0.5, 0.5, 0.5], [0, 0, 0, 4, 4, 4], 4, 1000, 3)
+    points = randn(make_gen("compile_voxelize"), 200, 4, dtype=torch.float32).abs() * 2
+
+    def fn(p):
+        voxels, coords, num = voxelizer(p)
+        return voxels.sum(1) / num.clamp(min=1).unsqueeze(1), coords
+
+    counter = CompileCounterWithBackend("aot_eager")
+    got = torch.compile(fn, backend=counter)(points)
+    assert counter.frame_count == 1
+    for g, e in zip(got, fn(points)):
+        torch.testing.assert_close(g, e)
 
 
 def test_compiled_net_handles_a_different_number_of_sites():

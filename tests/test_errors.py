@@ -168,7 +168,9 @@ CASES = [
     ("inverse_missing_key", lambda: sp.SparseInverseConv3d(3, 4, 3, indice_key="nope")(
         tensor(TWO_SITES)),
      ValueError, r"indice_key 'nope' not found in indice_dict"),
-    ("inverse_key_none", lambda: sp.SparseInverseConv3d(3, 4, 3), ValueError,
+    ("inverse_key_missing", lambda: sp.SparseInverseConv3d(3, 4, 3), TypeError,
+     r"SparseInverseConv3d.__init__\(\) missing 1 required positional argument: 'indice_key'"),
+    ("inverse_key_none", lambda: sp.SparseInverseConv3d(3, 4, 3, None), ValueError,
      r"inverse conv needs the indice_key"),
     # duplicate sites
     ("duplicate_sites_subm", lambda: sp.SubMConv3d(3, 4, 3)(

@@ -4,10 +4,12 @@ training, SyncBatchNorm conversion inside SparseSequential."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
-from helpers import lidar_file, make_gen, randn, random_sites
+from helpers import lidar_file, make_gen, randn, random_sites, require
 from torch import nn
 
 import spconv_lite.pytorch as spconv
@@ -75,6 +77,50 @@ def test_detection_backbone_example(tmp_path):
     raw = out_png.read_bytes()
     assert raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR"
     assert int.from_bytes(raw[16:20], "big") == 600 and int.from_bytes(raw[20:24], "big") == 528
+
+
+def test_detection_backbone_reads_a_pcd_file(tmp_path):
+    """--file goes through spconv_lite.io: a .pcd (x, y, z, intensity) gives the same BEV map
+    as the same points in a raw .bin."""
+    import detection_backbone
+    from lidar_data import load_points
+    from test_io import write_pcd
+
+    from spconv_lite.io import read_points
+
+    points = load_points(lidar_file("kitti_000008_reduced_mmdet3d_demo.bin"))[::4]
+    write_pcd(tmp_path / "frame.pcd", ["x", "y", "z", "intensity"], points)
+    points.tofile(tmp_path / "frame.bin")
+    try:
+        read_points(tmp_path / "frame.pcd")
+    except ImportError:
+        require(False, "open3d is not installed (pip install 'spconv_lite[io]')")
+    bevs = [detection_backbone.main(["--file", str(tmp_path / name), "--out",
+                                     str(tmp_path / "bev.png"), "--warmup", "0"])["bev"]
+            for name in ("frame.pcd", "frame.bin")]
+    torch.testing.assert_close(bevs[0], bevs[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case, content, message", [
+    ("missing", None, r"no such point cloud file: '.*missing\.bin'"),
+    ("wrong width", np.hstack([np.random.default_rng(0).uniform(0, 40, (600, 5)),
+                               np.full((600, 1), 1.5e15)]).astype(np.float32),
+     r"read as 4 float32 columns \(the \.bin default\).*pass --point-dims 6$"),
+    ("empty", np.zeros((0, 4), dtype=np.float32), r"holds no points"),
+])  # fmt: skip
+def test_detection_backbone_bad_file_one_line_error(tmp_path, capsys, case, content, message):
+    import detection_backbone
+
+    path = tmp_path / "missing.bin"
+    if content is not None:
+        content.tofile(path)
+    with pytest.raises(SystemExit) as info:
+        detection_backbone.main(["--file", str(path), "--out", str(tmp_path / "bev.png")])
+    err = capsys.readouterr().err
+    assert info.value.code == 1
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert re.search(r"^detection_backbone\.py: error: .*" + message, err.strip()), err
+    assert err.count(str(path)) == 1, err
 
 
 def test_detection_backbone_loads_openpcdet_checkpoint(tmp_path):

@@ -152,6 +152,35 @@ def test_bad_point_dims(tmp_path, point_dims, match):
         io.read_points(tmp_path / "c.npy", point_dims)
 
 
+# read_cloud (the command's reader) on the real frames: how it reads each, and the layout
+# mistakes it refuses (the Waymo fixture has 6 columns, the last a timestamp).
+@pytest.mark.parametrize("name, point_dims, layout", [
+    ("kitti_object_training_000000.bin", None, "4 float32 columns (the .bin default)"),
+    ("nuscenes_LIDAR_TOP_1532402927647951.pcd.bin", None, "5 float32 columns (nuScenes .pcd.bin)"),
+    ("waymo_mmdet3d_test_1000000.bin", 6, "6 float32 columns (point_dims=6)"),
+    ("semantickitti_000000.bin", None, "4 float32 columns (the .bin default)"),
+    ("spconv_benchmark-pc.npz", None, "3 columns"),
+])  # fmt: skip
+def test_read_cloud_real_frames(name, point_dims, layout):
+    path = data_file(name)
+    points, how = io.read_cloud(path, point_dims)
+    assert how == layout
+    np.testing.assert_array_equal(points, io.read_points(path, point_dims))
+
+
+@pytest.mark.parametrize("name, point_dims, match", [
+    ("kitti_object_training_000000.bin", 8, "every row looks like 2 consecutive points of 4 "),
+    ("kitti_000008_reduced_mmdet3d_demo.bin", 12, "every row looks like 3 consecutive points "),
+    ("nuscenes_LIDAR_TOP_1532402927647951.pcd.bin", 4, "5 float32 columns .* but point_dims=4"),
+    ("waymo_mmdet3d_test_1000000.bin", None, "6 float32 columns give plausible coordinates"),
+    ("waymo_mmdet3d_test_1000000.bin", 12, "every row looks like 2 consecutive points of 6 "),
+    ("spconv_benchmark-pc.npz", 4, "has 3 columns, but point_dims=4"),
+])  # fmt: skip
+def test_read_cloud_refuses_a_wrong_layout(name, point_dims, match):
+    with pytest.raises(ValueError, match=match):
+        io.read_cloud(data_file(name), point_dims)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.bin"):
         io.read_points(tmp_path / "missing.bin")

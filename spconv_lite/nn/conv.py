@@ -168,9 +168,9 @@ class SparseConvolution(SparseModule):
         saved = state_dict.get(key)
         if isinstance(saved, torch.Tensor) and saved.shape != self.weight.shape:
             # torch reports the size mismatch too; add which spconv layout the shape fits.
-            from ..checkpoint import describe_mismatch
+            from ..checkpoint import add_mismatch_hint
 
-            error_msgs.append(describe_mismatch(key, saved.shape, self))
+            add_mismatch_hint(error_msgs, key, saved.shape, self)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -243,11 +243,25 @@ def _conv_class(class_name: str, ndim: int, subm=False, transposed=False, invers
 
     if inverse:
 
-        def __init__(self, in_channels, out_channels, kernel_size, indice_key=None, bias=True,
+        def __init__(self, in_channels, out_channels, kernel_size, indice_key, bias=True,
                      algo=None, fp32_accum=None, large_kernel_fast_algo=False, name=None):
             SparseConvolution.__init__(
                 self, ndim, in_channels, out_channels, kernel_size, bias=bias, inverse=True,
                 indice_key=indice_key, algo=algo, fp32_accum=fp32_accum,
+                large_kernel_fast_algo=large_kernel_fast_algo, name=name,
+            )
+
+    elif subm:  # spconv's signature has no record_voxel_count here: it comes after name
+
+        def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                     dilation=1, groups=1, bias=True, indice_key=None, algo=None,
+                     fp32_accum=None, large_kernel_fast_algo=False, name=None,
+                     record_voxel_count=False, output_padding=0):
+            SparseConvolution.__init__(
+                self, ndim, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                groups, bias, subm=subm, output_padding=output_padding, transposed=transposed,
+                indice_key=indice_key, algo=algo, fp32_accum=fp32_accum,
+                record_voxel_count=record_voxel_count,
                 large_kernel_fast_algo=large_kernel_fast_algo, name=name,
             )
 
@@ -265,6 +279,9 @@ def _conv_class(class_name: str, ndim: int, subm=False, transposed=False, invers
                 large_kernel_fast_algo=large_kernel_fast_algo, name=name,
             )
 
+    # Argument errors name the class, as spconv's do ("SubMConv3d.__init__() got an unexpected
+    # keyword argument 'act_type'"), not "_conv_class.<locals>.__init__()".
+    __init__.__qualname__ = f"{class_name}.__init__"
     kind = ("submanifold" if subm else "inverse" if inverse
             else "transposed" if transposed else "regular")
     doc = f"{ndim}-D {kind} sparse convolution (spconv's ``{class_name}``)."

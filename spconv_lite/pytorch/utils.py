@@ -6,6 +6,9 @@ from typing import Union
 
 import torch
 
+from ..voxelize import PointToVoxel
+
+__all__ = ["PointToVoxel", "gather_features_by_pc_voxel_id"]
 
 def gather_features_by_pc_voxel_id(seg_res_features: torch.Tensor, pc_voxel_id: torch.Tensor,
                                    invalid_value: Union[int, float] = 0) -> torch.Tensor:
@@ -24,17 +27,3 @@ def gather_features_by_pc_voxel_id(seg_res_features: torch.Tensor, pc_voxel_id: 
     mask = valid.view(-1, *([1] * (seg_res_features.dim() - 1)))
     return torch.where(mask, gathered, gathered.new_tensor(invalid_value))
 
-
-def __getattr__(name: str):
-    # PointToVoxel lives in spconv_lite.voxelize, which lands separately; import it on first
-    # use so that this module works without it and picks it up once it exists.
-    if name == "PointToVoxel":
-        try:
-            from ..voxelize import PointToVoxel
-        except ImportError as exc:
-            raise ImportError(
-                "spconv_lite.pytorch.utils.PointToVoxel needs spconv_lite.voxelize, which is not "
-                "in this build yet; spconv_lite.synthetic.voxelize_mean is an interim voxelizer"
-            ) from exc
-        return PointToVoxel
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
