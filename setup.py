@@ -1,7 +1,8 @@
 """Build of spconv_lite._C.
 
-The C++ sources (src/*.cpp, src/cpu/*.cpp) are always built. The CUDA sources (src/cuda/*.cu)
-are added when a CUDA toolkit and a CUDA-enabled torch are present. Environment switches:
+The C++ sources listed in src/sources.txt (src/*.cpp, src/cpu/*.cpp) are always built, with the
+Python entry point src/python/module.cpp. The CUDA sources listed there (src/cuda/*.cu) are added
+when a CUDA toolkit and a CUDA-enabled torch are present. Environment switches:
 
   SPCONV_LITE_WITH_CUDA=1   force the CUDA build (fails without a toolkit)
   SPCONV_LITE_WITH_CUDA=0   skip CUDA even when it is available
@@ -31,11 +32,22 @@ def _want_cuda() -> bool:
     return CUDA_HOME is not None and torch.version.cuda is not None
 
 
-def _extension():
-    def rel(pattern):
-        return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+def operator_sources(kind: str) -> list[str]:
+    """The operator sources of one kind ("cpp" or "cuda") listed in src/sources.txt, the list
+    that CMakeLists.txt (the library without Python) reads too."""
+    with open(os.path.join(ROOT, "src", "sources.txt")) as f:
+        rows = [line.split() for line in f if line.strip() and not line.startswith("#")]
+    return [
+        os.path.relpath(path, ROOT)
+        for row_kind, pattern in rows
+        if row_kind == kind
+        for path in sorted(glob.glob(os.path.join(ROOT, pattern)))
+    ]
 
-    sources = rel("src/*.cpp") + rel("src/cpu/*.cpp")
+
+def _extension():
+    # The operators plus the Python module's entry point.
+    sources = operator_sources("cpp") + ["src/python/module.cpp"]
     cxx_flags = ["-O3", "-fopenmp", "-std=c++20"]
     if os.environ.get("SPCONV_LITE_NATIVE", "0") == "1":
         cxx_flags.append("-march=native")
@@ -44,7 +56,7 @@ def _extension():
         include_dirs=[os.path.join(ROOT, "include")],
         extra_link_args=["-fopenmp"],
     )
-    cuda_sources = rel("src/cuda/*.cu")
+    cuda_sources = operator_sources("cuda")
     if _want_cuda() and cuda_sources:
         return CUDAExtension(
             sources=sources + cuda_sources,

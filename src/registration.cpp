@@ -1,15 +1,8 @@
 // Every spconv_lite op schema, in one place. Device implementations register themselves from
 // src/cpu/*_cpu.cpp and src/cuda/*_cuda.cu; fake (meta) kernels and autograd are registered in
 // spconv_lite/ops.py.
-#include <Python.h>
+// No Python here: the Python module's entry point is src/python/module.cpp.
 #include <torch/library.h>
-
-// `import spconv_lite._C` loads this shared library, which runs the registrations below. The
-// module itself is empty: all functionality is reached through torch.ops.spconv_lite.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
 
 TORCH_LIBRARY(spconv_lite, m) {
   // Kernel maps. nbr [N_out, K]: input row feeding output o through offset k, or -1.
