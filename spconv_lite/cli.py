@@ -554,7 +554,7 @@ def _run_info(args: argparse.Namespace) -> int:
 
     import spconv_lite
 
-    from . import _C
+    from ._extension import _C
 
     ops = sorted(
         name.split("::", 1)[1]

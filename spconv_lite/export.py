@@ -30,7 +30,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import _C  # noqa: F401  (the operators must be registered to trace and to run)
+from ._extension import _C  # noqa: F401  (the operators must be registered to trace and to run)
 from .tensor import SparseConvTensor
 from .voxelize import PointToVoxel
 

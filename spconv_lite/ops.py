@@ -213,10 +213,12 @@ def _new_row_count() -> torch.SymInt:
     compiler backends (inductor, aot_eager) handle, so it is created directly in the shape
     environment, as ``new_dynamic_size`` itself does after its check.
     """
-    from torch.fx.experimental.symbolic_shapes import _constrain_range_for_size
-
     ctx = torch.library.get_ctx()
     shape_env = getattr(ctx, "_shape_env", None)
+    try:  # private torch API (2.13): without it, the plain compile breaks the graph here
+        from torch.fx.experimental.symbolic_shapes import _constrain_range_for_size
+    except ImportError:
+        shape_env = None
     if shape_env is None or shape_env.allow_dynamic_output_shape_ops:
         return ctx.new_dynamic_size()
     count = shape_env.create_unbacked_symint()
