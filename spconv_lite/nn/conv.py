@@ -164,13 +164,17 @@ class SparseConvolution(SparseModule):
                               unexpected_keys, error_msgs) -> None:
         key = prefix + "weight"
         saved = state_dict.get(key)
-        if isinstance(saved, torch.Tensor) and saved.shape != self.weight.shape:
-            # torch reports the size mismatch too; add which spconv layout the shape fits.
+        errors_before = len(error_msgs)
+        # The loader chain runs first: client code may replace SparseModule's loader to convert
+        # old layouts itself (mmdetection3d does for spconv 1.x checkpoints).
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        failed = any(key in message for message in error_msgs[errors_before:])
+        if failed and isinstance(saved, torch.Tensor) and saved.shape != self.weight.shape:
+            # torch has reported the size mismatch; add which spconv layout the shape fits.
             from ..checkpoint import describe_mismatch
 
             error_msgs.append(describe_mismatch(key, saved.shape, self))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
 
     def forward(self, x: SparseConvTensor,
                 add_input: Optional[SparseConvTensor] = None) -> SparseConvTensor:
