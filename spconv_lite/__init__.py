@@ -13,6 +13,7 @@ from . import checkpoint, functional, io, ops, reference
 from .kernel_map import KernelMap
 from .nn import *  # noqa: F401,F403
 from .nn import __all__ as _nn_all
+from .standin import install_as_spconv
 from .tensor import SparseConvTensor
 from .voxelize import PointToVoxel, batch_point_clouds, voxel_to_point
 
@@ -24,6 +25,7 @@ __all__ = [
     "PointToVoxel",
     "batch_point_clouds",
     "voxel_to_point",
+    "install_as_spconv",
     "checkpoint",
     "functional",
     "io",

@@ -16,6 +16,11 @@ Their shapes alone cannot tell spconv 1.x from 2.0/2.1 when a layer has as many 
 output channels (``[3, 3, 3, 16, 16]`` fits both), so :func:`convert_state_dict` takes the
 source version explicitly; nothing is converted behind your back at load time.
 
+1x1 layers (``layer.conv1x1``: kernel volume 1, submanifold or not strided) are the exception:
+every spconv version computes them as ``features @ weight.view(C_in, C_out)``, so their weight's
+memory already means the same thing in every layout and converting only reshapes it (permuting
+it, as for other layers, would transpose the matrix).
+
 Example:
     >>> import torch
     >>> from spconv_lite.pytorch import SubMConv3d, SparseSequential
@@ -65,8 +70,9 @@ def saved_shape(source: str, out_channels: int, kernel_size, in_channels: int) -
             "RSCK": [*k, in_channels, out_channels]}[code]
 
 
-def to_current_layout(weight: torch.Tensor, source: str) -> torch.Tensor:
-    """Permutes a conv weight saved in the layout of ``source`` to ``[C_out, *k, C_in]``."""
+def to_current_layout(weight: torch.Tensor, source: str, conv1x1: bool = False) -> torch.Tensor:
+    """Permutes a conv weight saved in the layout of ``source`` to ``[C_out, *k, C_in]``; the
+    weight of a 1x1 layer (``conv1x1``) is reshaped instead, keeping its memory."""
     code = LAYOUTS[_source_name(source)][0]
     ndim = weight.dim() - 2
     if ndim < 1:
@@ -76,6 +82,10 @@ def to_current_layout(weight: torch.Tensor, source: str) -> torch.Tensor:
     kernel_axes = list(range(ndim))
     if code == "KRSC":
         return weight
+    if conv1x1:
+        pair = weight.shape[ndim:]  # RSKC: (C_out, C_in); RSCK: (C_in, C_out)
+        c_out, c_in = pair if code == "RSKC" else pair[::-1]
+        return weight.reshape(c_out, *weight.shape[:ndim], c_in).contiguous()
     if code == "RSKC":  # [*k, C_out, C_in]
         return weight.permute(ndim, *kernel_axes, ndim + 1).contiguous()
     return weight.permute(ndim + 1, *kernel_axes, ndim).contiguous()  # RSCK: [*k, C_in, C_out]
@@ -153,8 +163,9 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
 
     Every ``SparseConvolution`` of ``model`` names one weight (``<module path>.weight``); those
     entries of ``state_dict`` are permuted from the layout of ``source`` to
-    ``[C_out, *kernel_size, C_in]``. All other entries (biases, BatchNorm, dense layers) are
-    returned unchanged, as are the weights of layers missing from ``state_dict``.
+    ``[C_out, *kernel_size, C_in]`` (reshaped for 1x1 layers, see the module docstring). All
+    other entries (biases, BatchNorm, dense layers) are returned unchanged, as are the weights
+    of layers missing from ``state_dict``.
 
     Args:
         state_dict: a flat state dict whose keys match ``model.state_dict()`` (unwrap
@@ -189,5 +200,5 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
                 describe_mismatch(key, weight.shape, layer)
                 + f" (source={source!r} means {LAYOUTS[source][1]}, here {wanted})"
             )
-        out[key] = to_current_layout(weight, source)
+        out[key] = to_current_layout(weight, source, layer.conv1x1)
     return out

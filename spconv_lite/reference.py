@@ -7,7 +7,9 @@ uses plain torch ops so autograd reaches features, weight and bias. Standalone: 
 
 Conventions (see the team spec): ``indices`` is ``[N, D+1]`` (batch first), weights are in
 spconv layout ``[C_out, *kernel_size, C_in]``, kernel offsets are enumerated row-major, and
-output sites of non-submanifold ops are sorted by ``(batch, coord0, coord1, ...)``.
+output sites of non-submanifold ops are sorted by ``(batch, coord0, coord1, ...)``. A 1x1
+layer (kernel volume 1, and submanifold, inverse or stride 1) reads its weight as spconv 2.x
+does: the memory of the ``[C_out, 1, ..., 1, C_in]`` tensor viewed as a ``[C_in, C_out]`` matrix.
 """
 
 from __future__ import annotations
@@ -119,10 +121,14 @@ def kernel_pairs(indices: Tensor, out_spatial_shape: Sequence[int], kernel_size:
 
 
 def _apply_pairs(features: Tensor, weight: Tensor, pairs: list[Pair], n_out: int,
-                 bias: Optional[Tensor]) -> Tensor:
-    """out[o] = sum over pairs (i, o, k) of features[i] @ W[:, k, :].T (+ bias)."""
+                 bias: Optional[Tensor], conv1x1: bool = False) -> Tensor:
+    """out[o] = sum over pairs (i, o, k) of features[i] @ W[:, k, :].T (+ bias); for a 1x1
+    layer out[o] = features[i] @ W.reshape(C_in, C_out) (+ bias), as spconv 2.x computes it."""
     c_out, c_in = weight.shape[0], weight.shape[-1]
-    w = weight.reshape(c_out, -1, c_in)  # [C_out, K, C_in]
+    if conv1x1:
+        matrices = weight.reshape(1, c_in, c_out)  # [K=1, C_in, C_out]: a reshape, no transpose
+    else:
+        matrices = weight.reshape(c_out, -1, c_in).permute(1, 2, 0)  # [K, C_in, C_out]
     by_k: dict[int, tuple[list[int], list[int]]] = {}
     for i, o, k in pairs:
         ins, outs = by_k.setdefault(k, ([], []))
@@ -130,7 +136,7 @@ def _apply_pairs(features: Tensor, weight: Tensor, pairs: list[Pair], n_out: int
         outs.append(o)
     out = features.new_zeros((n_out, c_out))
     for k, (ins, outs) in by_k.items():
-        src = features.index_select(0, _rows(ins, features)) @ w[:, k, :].t()
+        src = features.index_select(0, _rows(ins, features)) @ matrices[k]
         out = out.index_add(0, _rows(outs, features), src)
     return out if bias is None else out + bias
 
@@ -143,11 +149,18 @@ def _kernel_size(weight: Tensor) -> tuple[int, ...]:
     return tuple(weight.shape[1:-1])
 
 
+def _is_1x1(kernel_size: Sequence[int], stride: IntOrSeq = 1) -> bool:
+    """Whether spconv 2.x runs the layer as one matrix product: kernel volume 1 and no stride."""
+    return all(k == 1 for k in kernel_size) and all(
+        s == 1 for s in _tuple(stride, len(kernel_size)))
+
+
 def subm_conv(features: Tensor, indices: Tensor, spatial_shape: Sequence[int], weight: Tensor,
               dilation: IntOrSeq = 1, bias: Optional[Tensor] = None) -> Tensor:
     """Submanifold conv: output rows are the input rows (same order)."""
     _, pairs = kernel_pairs(indices, spatial_shape, _kernel_size(weight), 1, 0, dilation, "subm")
-    return _apply_pairs(features, weight, pairs, indices.shape[0], bias)
+    return _apply_pairs(features, weight, pairs, indices.shape[0], bias,
+                        _is_1x1(_kernel_size(weight)))
 
 
 def sparse_conv(features: Tensor, indices: Tensor, spatial_shape: Sequence[int], batch_size: int,
@@ -158,7 +171,8 @@ def sparse_conv(features: Tensor, indices: Tensor, spatial_shape: Sequence[int],
     ks = _kernel_size(weight)
     out_shape = conv_output_shape(spatial_shape, ks, stride, padding, dilation)
     out_indices, pairs = kernel_pairs(indices, out_shape, ks, stride, padding, dilation, "conv")
-    return _apply_pairs(features, weight, pairs, len(out_indices), bias), out_indices, out_shape
+    out = _apply_pairs(features, weight, pairs, len(out_indices), bias, _is_1x1(ks, stride))
+    return out, out_indices, out_shape
 
 
 def sparse_conv_transpose(features: Tensor, indices: Tensor, spatial_shape: Sequence[int],
@@ -172,7 +186,8 @@ def sparse_conv_transpose(features: Tensor, indices: Tensor, spatial_shape: Sequ
                                             output_padding)
     out_indices, pairs = kernel_pairs(indices, out_shape, ks, stride, padding, dilation,
                                       "transpose")
-    return _apply_pairs(features, weight, pairs, len(out_indices), bias), out_indices, out_shape
+    out = _apply_pairs(features, weight, pairs, len(out_indices), bias, _is_1x1(ks, stride))
+    return out, out_indices, out_shape
 
 
 def sparse_inverse_conv(features: Tensor, indices: Tensor, spatial_shape: Sequence[int],
@@ -194,7 +209,9 @@ def sparse_inverse_conv(features: Tensor, indices: Tensor, spatial_shape: Sequen
     row_of = {tuple(site): row for row, site in enumerate(indices.tolist())}
     feature_row = [row_of.get(tuple(site)) for site in conv_out.tolist()]
     reversed_pairs = [(feature_row[o], x, k) for x, o, k in pairs if feature_row[o] is not None]
-    return _apply_pairs(features, weight, reversed_pairs, conv_input_indices.shape[0], bias)
+    # The inverse layer itself has no stride: with a kernel of volume 1 it is a 1x1 layer.
+    return _apply_pairs(features, weight, reversed_pairs, conv_input_indices.shape[0], bias,
+                        _is_1x1(ks))
 
 
 def _pool_pairs(indices: Tensor, spatial_shape: Sequence[int], kernel_size: IntOrSeq,

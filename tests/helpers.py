@@ -166,15 +166,30 @@ def transpose_shape(shape, k, s, p, d, op) -> list[int]:
             for n, kk, ss, pp, dd, oo in zip(shape, k, s, p, d, op)]
 
 
-def conv_weight(w: Tensor) -> Tensor:
-    """spconv ``[C_out, *k, C_in]`` -> torch conv ``[C_out, C_in, *k]``."""
+def is_1x1(kernel_size, stride=1, subm: bool = False) -> bool:
+    """Whether spconv 2.x computes the layer as ``features @ weight.view(C_in, C_out)``: kernel
+    volume 1, and submanifold or every stride 1 (an inverse conv has stride 1)."""
+    kernel = ntuple(kernel_size, 1)
+    return math.prod(kernel) == 1 and (subm or all(s == 1 for s in ntuple(stride, len(kernel))))
+
+
+def conv_weight(w: Tensor, conv1x1: bool = False) -> Tensor:
+    """spconv ``[C_out, *k, C_in]`` -> torch conv ``[C_out, C_in, *k]``; a 1x1 layer's weight
+    is its memory viewed as ``[C_in, C_out]`` (spconv 2.x), transposed."""
     ndim = w.dim() - 2
+    c_out, kernel, c_in = w.shape[0], w.shape[1:-1], w.shape[-1]
+    if conv1x1:
+        return w.reshape(c_in, c_out).t().reshape(c_out, c_in, *kernel)
     return w.permute(0, ndim + 1, *range(1, ndim + 1))
 
 
-def conv_t_weight(w: Tensor) -> Tensor:
-    """spconv ``[C_out, *k, C_in]`` -> torch conv_transpose ``[C_in, C_out, *k]``."""
+def conv_t_weight(w: Tensor, conv1x1: bool = False) -> Tensor:
+    """spconv ``[C_out, *k, C_in]`` -> torch conv_transpose ``[C_in, C_out, *k]``; a 1x1
+    layer's weight is its memory viewed as ``[C_in, C_out]`` (spconv 2.x)."""
     ndim = w.dim() - 2
+    c_out, kernel, c_in = w.shape[0], w.shape[1:-1], w.shape[-1]
+    if conv1x1:
+        return w.reshape(c_in, c_out, *kernel)
     return w.permute(ndim + 1, 0, *range(1, ndim + 1))
 
 
@@ -226,7 +241,7 @@ def dense_inverse_conv(features: Tensor, mid_indices: Tensor, mid_shape, shape, 
     # output_padding makes the transpose land exactly on the conv's input shape.
     op = [n - m for n, m in zip(shape, transpose_shape(mid_shape, k, s, p, d, (0,) * ndim))]
     dense = CONV_T[ndim](densify(features, mid_indices, mid_shape, batch_size),
-                         conv_t_weight(weight), bias, s, p, op, 1, d)
+                         conv_t_weight(weight, is_1x1(k)), bias, s, p, op, 1, d)
     assert list(dense.shape[2:]) == list(shape)
     return dense
 

@@ -162,3 +162,35 @@ def test_saved_shape_table(source):
     old = _old_layout(weight, source)
     assert list(old.shape) == saved_shape(source, 7, (3, 5), 2)
     assert to_current_layout(old, source).shape == weight.shape
+
+
+# Kernel-volume-1 layers and what each spconv version computed with the saved weight `w`:
+# a 1x1 layer (submanifold, or not strided) `features @ w.view(C_in, C_out)` in every version
+# (spconv 1.x's layout puts C_in before C_out; 2.x reads its [.., C_out, .., C_in] shapes the
+# same way), a strided one the matrix its layout names (1.x: w[0, 0, 0] is [C_in, C_out]).
+KERNEL1_CASES = [
+    ("subm", "spconv1"), ("subm", "spconv2.0"), ("subm", "spconv2.2"),
+    ("conv", "spconv1"), ("conv", "spconv2.0"), ("strided", "spconv1"),
+]
+
+
+@pytest.mark.parametrize("kind,source", KERNEL1_CASES)
+def test_kernel1_weights_convert_to_what_spconv_computed(kind, source):
+    layer = {"subm": lambda: spconv.SubMConv3d(3, 5, 1, bias=False),
+             "conv": lambda: spconv.SparseConv3d(3, 5, 1, bias=False),
+             "strided": lambda: spconv.SparseConv3d(3, 5, 1, stride=2, bias=False)}[kind]()
+    gen = make_gen("kernel1", kind, source)
+    matrix = randn(gen, 3, 5, dtype=torch.float32)  # [C_in, C_out], as spconv applied it
+    if kind == "strided":  # read through the layout: [1, 1, 1, C_in, C_out] in spconv 1.x
+        saved = matrix.reshape(1, 1, 1, 3, 5)
+    else:  # the same memory in every version, in that version's shape
+        saved = matrix.reshape(saved_shape(source, 5, (1, 1, 1), 3))
+    net = spconv.SparseSequential(layer)
+    net.load_state_dict(convert_state_dict({"0.weight": saved}, net, source))
+    indices = random_sites(gen, 1, (6, 6, 6), 0.3) * 2  # even sites, all kept by stride 2
+    features = randn(gen, len(indices), 3, dtype=torch.float32)
+    out = net(spconv.SparseConvTensor(features, indices, [12, 12, 12], 1))
+    rows = {tuple(site): row for row, site in enumerate(indices.tolist())}
+    scale = 2 if kind == "strided" else 1
+    order = [rows[(b, *(scale * c for c in site))] for b, *site in out.indices.tolist()]
+    torch.testing.assert_close(out.features, features[order] @ matrix)

@@ -43,6 +43,7 @@ from helpers import (
     distinct_values,
     gather,
     init_layer,
+    is_1x1,
     layer_class,
     ntuple,
     randn,
@@ -82,8 +83,9 @@ def run_conv(case, dtype, device) -> DenseRun:
     layer = init_layer(layer_class("conv", ndim)(c_in, c_out, k, s, p, d), gen, dtype)
     f = randn(gen, len(idx), c_in, dtype=dtype).requires_grad_()
     out = run_on(device, layer, sparse_tensor(f, idx, shape, batch, device))
-    dense = dense_conv(densify(f.double(), idx, shape, batch), conv_weight(layer.weight.double()),
-                       as_double(layer.bias), ss, pp, dd)
+    dense = dense_conv(densify(f.double(), idx, shape, batch),
+                       conv_weight(layer.weight.double(), is_1x1(kk, ss)), as_double(layer.bias),
+                       ss, pp, dd)
     expected = conv_support(idx, shape, batch, kk, ss, pp, dd)
     return DenseRun(out.features, gather(dense, expected), leaves_of(f, layer), out.indices,
                     expected, out.spatial_shape, list(dense.shape[2:]))
@@ -98,7 +100,8 @@ def run_subm(case, dtype, device) -> DenseRun:
     f = randn(gen, len(idx), c_in, dtype=dtype).requires_grad_()
     out = run_on(device, layer, sparse_tensor(f, idx, shape, batch, device))
     pad = [d_ * (k_ - 1) // 2 for k_, d_ in zip(kk, dd)]
-    dense = dense_conv(densify(f.double(), idx, shape, batch), conv_weight(layer.weight.double()),
+    dense = dense_conv(densify(f.double(), idx, shape, batch),
+                       conv_weight(layer.weight.double(), is_1x1(kk, subm=True)),
                        as_double(layer.bias), 1, pad, dd)
     # Submanifold: the output rows are the input rows, same order.
     return DenseRun(out.features, gather(dense, idx), leaves_of(f, layer), out.indices, idx,
@@ -116,8 +119,8 @@ def run_transpose(case, dtype, device) -> DenseRun:
     f = randn(gen, len(idx), c_in, dtype=dtype).requires_grad_()
     out = run_on(device, layer, sparse_tensor(f, idx, shape, batch, device))
     dense = CONV_T[ndim](densify(f.double(), idx, shape, batch),
-                         conv_t_weight(layer.weight.double()), as_double(layer.bias), ss, pp, oo,
-                         1, dd)
+                         conv_t_weight(layer.weight.double(), is_1x1(kk, ss)),
+                         as_double(layer.bias), ss, pp, oo, 1, dd)
     expected = transpose_support(idx, shape, batch, kk, ss, pp, dd, oo)
     assert list(dense.shape[2:]) == transpose_shape(shape, kk, ss, pp, dd, oo)
     return DenseRun(out.features, gather(dense, expected), leaves_of(f, layer), out.indices,

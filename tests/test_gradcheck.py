@@ -103,6 +103,7 @@ MODULES = {
     "maxpool": lambda: sp.SparseMaxPool3d(2, stride=1, padding=1),
     "avgpool": lambda: sp.SparseAvgPool2d(3, stride=2, padding=1),
     "conv1d": lambda: sp.SparseConv1d(2, 2, 3, stride=2, dilation=2),
+    "subm_1x1": lambda: sp.SubMConv3d(2, 3, 1),  # weight read as spconv 2.x reads it
     "global_max": lambda: sp.SparseGlobalMaxPool(),
     "global_avg": lambda: sp.SparseGlobalAvgPool(),
 }

@@ -11,9 +11,11 @@ import spconv_lite.pytorch as spconv
 from spconv_lite.models import (
     HeightCompression,
     SparseBasicBlock,
+    SpUNetBase,
     UNetV2,
     VoxelBackBone8x,
     VoxelResBackBone8x,
+    VoxelResBackBone8xVoxelNeXt,
 )
 
 KITTI_GRID = [1408, 1600, 40]  # (x, y, z) at 0.05 x 0.05 x 0.1 m
@@ -68,10 +70,23 @@ OPENPCDET_KEYS = {
         "conv5.0.0.weight": [16, 3, 3, 3, 16],
         "conv5.0.1.bias": [16],
     },
+    VoxelResBackBone8xVoxelNeXt: {
+        "conv_input.0.weight": [16, 3, 3, 3, 4],
+        "conv1.1.conv2.bias": [16],
+        "conv2.0.0.weight": [32, 3, 3, 3, 16],
+        "conv4.2.bn2.running_var": [128],
+        "conv5.0.0.weight": [128, 3, 3, 3, 128],
+        "conv6.2.conv2.weight": [128, 3, 3, 3, 128],
+        "conv_out.0.weight": [128, 3, 3, 128],
+        "shared_conv.0.bias": [128],
+        "shared_conv.1.running_mean": [128],
+    },
 }
 # State dict sizes: per conv its weight and 5 BatchNorm entries (weight, bias, mean, var,
-# count), plus the 16 residual-block conv biases of VoxelResBackBone8x.
-STATE_SIZES = {VoxelBackBone8x: 12 * 6, VoxelResBackBone8x: 21 * 6 + 16, UNetV2: 28 * 6}
+# count), plus the conv biases of the residual blocks (16 in VoxelResBackBone8x, 24 in VoxelNeXt,
+# whose shared_conv has one too).
+STATE_SIZES = {VoxelBackBone8x: 12 * 6, VoxelResBackBone8x: 21 * 6 + 16, UNetV2: 28 * 6,
+               VoxelResBackBone8xVoxelNeXt: 32 * 6 + 25}
 
 
 @pytest.mark.parametrize("cls", list(OPENPCDET_KEYS), ids=lambda c: c.__name__)
@@ -163,3 +178,69 @@ def test_sparse_basic_block_downsample():
 def test_grid_size_validation():
     with pytest.raises(ValueError, match="grid_size"):
         VoxelBackBone8x(4, [10, 10])
+
+
+def test_voxelnext_kernel_sizes():
+    model = VoxelResBackBone8xVoxelNeXt(4, KITTI_GRID, spconv_kernel_sizes=(5, 5, 3, 3))
+    state = model.state_dict()
+    assert list(state["conv2.0.0.weight"].shape) == [32, 5, 5, 5, 16]
+    assert list(state["conv3.0.0.weight"].shape) == [64, 5, 5, 5, 32]
+    assert list(state["conv6.0.0.weight"].shape) == [128, 3, 3, 3, 128]
+    with pytest.raises(ValueError, match=r"channels\[3\] and channels\[4\] must be equal"):
+        VoxelResBackBone8xVoxelNeXt(4, KITTI_GRID, channels=(16, 32, 64, 128, 256))
+
+
+def test_voxelnext_merges_levels_onto_one_bev_grid():
+    torch.manual_seed(0)
+    model = VoxelResBackBone8xVoxelNeXt(4, KITTI_GRID)
+    x = _input(model, count=400)
+    out = model(x)
+    x_conv4 = out["multi_scale_3d_features"]["x_conv4"]
+    assert x_conv4.spatial_shape == [6, 200, 176]  # levels 5 and 6 scaled onto level 4
+    assert x_conv4.features.shape[0] == x_conv4.indices.shape[0]
+    assert ((x_conv4.indices[:, 1:] >= 0)
+            & (x_conv4.indices[:, 1:] < torch.tensor([6, 200, 176]))).all()
+    encoded = out["encoded_spconv_tensor"]
+    assert encoded.spatial_shape == [200, 176] and encoded.indices.shape[1] == 3
+    assert len(torch.unique(encoded.indices, dim=0)) == len(encoded.indices)
+    encoded.features.square().sum().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+# Parameter names and shapes of Pointcept's SpUNet-v1m1 (default channels and layers).
+POINTCEPT_KEYS = {
+    "conv_input.0.weight": [32, 5, 5, 5, 6],
+    "down.0.0.weight": [32, 2, 2, 2, 32],
+    "enc.3.block5.conv2.weight": [256, 3, 3, 3, 256],
+    "up.0.0.weight": [96, 2, 2, 2, 96],
+    "up.3.0.weight": [256, 2, 2, 2, 256],
+    "dec.0.block0.proj.0.weight": [96, 1, 1, 1, 128],
+    "dec.0.block0.proj.1.running_var": [96],
+    "dec.3.block0.proj.0.weight": [256, 1, 1, 1, 384],
+    "dec.3.block1.bn1.weight": [256],
+    "final.weight": [13, 1, 1, 1, 96],
+    "final.bias": [13],
+}
+
+
+def test_pointcept_parameter_names():
+    model = SpUNetBase(6, 13)
+    state = model.state_dict()
+    for key, shape in POINTCEPT_KEYS.items():
+        assert list(state[key].shape) == shape, key
+    assert "enc.0.block0.proj.0.weight" not in state  # an identity shortcut
+    assert sum(isinstance(m, spconv.conv.SparseConvolution) and m.conv1x1
+               for m in model.modules()) == 5
+
+
+def test_spunet_rows_and_gradients():
+    torch.manual_seed(0)
+    model = SpUNetBase(4, 5, base_channels=8, channels=(8, 16, 16, 8), layers=(1, 1, 1, 1))
+    gen = make_gen("spunet")
+    sites = random_sites(gen, 2, (12, 10, 14), count=300)
+    x = model.input_tensor(randn(gen, 300, 4, dtype=torch.float32), sites, 2)
+    assert x.spatial_shape == (sites[:, 1:].max(dim=0).values + 96).tolist()
+    out = model(x)
+    assert torch.equal(out.indices, sites) and out.features.shape == (300, 5)
+    out.features.square().sum().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []

@@ -41,6 +41,7 @@ from helpers import (
     dense_max_pool,
     densify,
     gather,
+    is_1x1,
     make_gen,
     ntuple,
     randn,
@@ -95,7 +96,8 @@ def run_conv(case) -> DenseRun:
     k, s, p, d = conv_geometry(shape, k, s, p, d)
     idx, f, w, bias = conv_inputs("conv", case, batch, shape, c_in, c_out, k)
     out, out_idx, got_shape = ref.sparse_conv(f, idx, list(shape), batch, w, s, p, d, bias)
-    dense = dense_conv(densify(f, idx, shape, batch), conv_weight(w), bias, s, p, d)
+    dense = dense_conv(densify(f, idx, shape, batch), conv_weight(w, is_1x1(k, s)), bias, s, p,
+                       d)
     expected = conv_support(idx, shape, batch, k, s, p, d)
     return DenseRun(out, gather(dense, expected), [f, w, bias], out_idx, expected, got_shape,
                     list(dense.shape[2:]))
@@ -108,7 +110,8 @@ def run_subm(case) -> DenseRun:
     idx, f, w, bias = conv_inputs("subm", case, batch, shape, c_in, c_out, k)
     out = ref.subm_conv(f, idx, list(shape), w, d, bias)
     pad = [dd * (kk - 1) // 2 for kk, dd in zip(k, d)]
-    dense = dense_conv(densify(f, idx, shape, batch), conv_weight(w), bias, 1, pad, d)
+    dense = dense_conv(densify(f, idx, shape, batch), conv_weight(w, is_1x1(k, subm=True)), bias,
+                       1, pad, d)
     return DenseRun(out, gather(dense, idx), [f, w, bias])
 
 
@@ -120,7 +123,8 @@ def run_transpose(case) -> DenseRun:
     idx, f, w, bias = conv_inputs("transpose", case, batch, shape, c_in, c_out, k)
     out, out_idx, got_shape = ref.sparse_conv_transpose(f, idx, list(shape), batch, w, s, p, d,
                                                         op, bias)
-    dense = CONV_T[ndim](densify(f, idx, shape, batch), conv_t_weight(w), bias, s, p, op, 1, d)
+    dense = CONV_T[ndim](densify(f, idx, shape, batch), conv_t_weight(w, is_1x1(k, s)), bias, s,
+                         p, op, 1, d)
     expected = transpose_support(idx, shape, batch, k, s, p, d, op)
     return DenseRun(out, gather(dense, expected), [f, w, bias], out_idx, expected, got_shape,
                     list(dense.shape[2:]))

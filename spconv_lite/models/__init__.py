@@ -7,12 +7,17 @@
 - :class:`UNetV2`: sparse U-Net with inverse convs (PartA2), per-voxel features for
   segmentation.
 - :class:`HeightCompression`: the encoded sparse tensor -> dense bird's-eye-view map.
+- :class:`VoxelResBackBone8xVoxelNeXt`: VoxelNeXt's fully sparse encoder (levels 4 to 6 merged
+  in place onto one grid, then 2D sparse BEV features).
+- :class:`SpUNetBase`, :class:`SpUNetBlock`: Pointcept's sparse segmentation U-Net (with 1x1
+  layers, read as spconv 2.x reads them).
 
 Module and parameter names match OpenPCDet's ``pcdet.models.backbones_3d`` and
-``backbones_2d.map_to_bev``, so the 3D-backbone part of an OpenPCDet checkpoint loads with
-``load_state_dict``. Every model takes ``spconv=``: the module namespace whose layers it is built
-from (default ``spconv_lite.pytorch``); passing ``spconv.pytorch`` builds the very same network
-with spconv, which is how the parity tests compare the two libraries.
+``backbones_2d.map_to_bev`` (and Pointcept's ``sparse_unet`` for ``SpUNetBase``), so the
+3D-backbone part of a checkpoint loads with ``load_state_dict``. Every model takes ``spconv=``:
+the module namespace whose layers it is built from (default ``spconv_lite.pytorch``); passing
+``spconv.pytorch`` builds the very same network with spconv, which is how the parity tests
+compare the two libraries.
 """
 
 from .backbones import (
@@ -22,7 +27,9 @@ from .backbones import (
     post_act_block,
 )
 from .bev import HeightCompression
+from .spunet import SpUNetBase, SpUNetBlock
 from .unet import UNetV2
+from .voxelnext import VoxelResBackBone8xVoxelNeXt
 
 __all__ = [
     "SparseBasicBlock",
@@ -31,4 +38,7 @@ __all__ = [
     "post_act_block",
     "HeightCompression",
     "UNetV2",
+    "VoxelResBackBone8xVoxelNeXt",
+    "SpUNetBase",
+    "SpUNetBlock",
 ]

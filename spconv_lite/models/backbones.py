@@ -78,7 +78,19 @@ def plain_encoder_stages(sp: ModuleType, input_channels: int, norm_fn: NormFn) -
     return conv_input, conv1, conv2, conv3, conv4
 
 
-class SparseBasicBlock(SparseModule):
+class NamespaceBlock(SparseModule):
+    """Base of the residual blocks built with ``spconv=``: with another layer namespace, the
+    block is also an instance of that namespace's ``SparseModule``, so that its
+    ``SparseSequential`` hands the block the whole sparse tensor."""
+
+    def __new__(cls, *args, spconv: Optional[ModuleType] = None, **kwargs):
+        sp = namespace(spconv)
+        if not issubclass(cls, sp.SparseModule):
+            cls = _block_class_for(cls, sp.SparseModule)
+        return super().__new__(cls)
+
+
+class SparseBasicBlock(NamespaceBlock):
     """Residual block: subm conv, norm, ReLU, subm conv, norm, plus the input, ReLU.
 
     Children ``conv1``, ``bn1``, ``conv2``, ``bn2`` (and ``downsample`` if given), as in
@@ -100,12 +112,6 @@ class SparseBasicBlock(SparseModule):
     """
 
     expansion = 1
-
-    def __new__(cls, *args, spconv: Optional[ModuleType] = None, **kwargs):
-        sp = namespace(spconv)
-        if not issubclass(cls, sp.SparseModule):
-            cls = _block_class_for(cls, sp.SparseModule)
-        return super().__new__(cls)
 
     def __init__(self, inplanes: int, planes: int, stride=1, bias: Optional[bool] = None,
                  norm_fn: Optional[NormFn] = None, downsample: Optional[nn.Module] = None,

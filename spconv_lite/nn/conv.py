@@ -51,6 +51,12 @@ class SparseConvolution(SparseModule):
     ``large_kernel_fast_algo`` are accepted and ignored; a fused activation (``act_type``) is
     refused. ``record_voxel_count`` registers spconv's ``max_num_voxels_during_training``
     buffer (the largest output site count seen in training).
+
+    A 1x1 layer (``conv1x1``: kernel volume 1, and submanifold or not strided) reads its weight
+    as spconv 2.x does: the ``[C_out, 1, ..., 1, C_in]`` tensor's memory viewed as a
+    ``[C_in, C_out]`` matrix, ``out = features @ weight.reshape(C_in, C_out)`` (a reshape, not
+    a transpose), the way every spconv 2.x checkpoint with such layers was trained. Every other
+    layer reads ``weight[o, *k, i]`` as the weight from input channel ``i`` to output ``o``.
     """
 
     def __init__(
@@ -130,6 +136,9 @@ class SparseConvolution(SparseModule):
         self.act_alpha = act_alpha
         self.act_beta = act_beta
         self.large_kernel_fast_algo = large_kernel_fast_algo
+        # spconv 2.x runs exactly these layers as one matrix product (see the class docstring).
+        self.conv1x1 = math.prod(self.kernel_size) == 1 and (
+            subm or all(s == 1 for s in self.stride))
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
             torch.empty(out_channels, *self.kernel_size, in_channels, **factory)
@@ -166,13 +175,26 @@ class SparseConvolution(SparseModule):
                               unexpected_keys, error_msgs) -> None:
         key = prefix + "weight"
         saved = state_dict.get(key)
-        if isinstance(saved, torch.Tensor) and saved.shape != self.weight.shape:
-            # torch reports the size mismatch too; add which spconv layout the shape fits.
+        errors_before = len(error_msgs)
+        # The loader chain runs first: client code may replace SparseModule's loader to convert
+        # old layouts itself (mmdetection3d does for spconv 1.x checkpoints).
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        failed = any(key in message for message in error_msgs[errors_before:])
+        if failed and isinstance(saved, torch.Tensor) and saved.shape != self.weight.shape:
+            # torch has reported the size mismatch; add which spconv layout the shape fits.
             from ..checkpoint import add_mismatch_hint
 
             add_mismatch_hint(error_msgs, key, saved.shape, self)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+
+    def kernel_weight(self) -> torch.Tensor:
+        """The weight as ``[K, C_in, C_out]`` matrices, one per kernel offset (the layout of
+        ``ops.sparse_conv``), read as spconv 2.x reads it."""
+        if self.conv1x1:
+            return self.weight.reshape(1, self.in_channels, self.out_channels)
+        volume = math.prod(self.kernel_size)
+        # [C_out, *k, C_in] -> [K, C_in, C_out]
+        return self.weight.reshape(self.out_channels, volume, self.in_channels).permute(1, 2, 0)
 
     def _check_weight_shape(self) -> None:
         # A weight assigned after construction (torch's [C_out, C_in, *k] layout, say) would be
@@ -215,10 +237,7 @@ class SparseConvolution(SparseModule):
                 )
             nbr, nbr_t = kmap.nbr, kmap.nbr_t
             out_indices, out_shape = kmap.out_indices, kmap.out_spatial_shape
-        volume = math.prod(self.kernel_size)
-        # [C_out, *k, C_in] -> [K, C_in, C_out], the layout of the gather-GEMM-scatter kernel.
-        weight = self.weight.reshape(self.out_channels, volume, self.in_channels).permute(1, 2, 0)
-        features = ops.sparse_conv(in_features, weight, nbr, nbr_t)
+        features = ops.sparse_conv(in_features, self.kernel_weight(), nbr, nbr_t)
         if self.bias is not None:
             features = features + self.bias
         if add_input is not None:

@@ -1,0 +1,147 @@
+"""``spconv_lite.install_as_spconv`` and ``python -m spconv_lite.as_spconv``: ``import spconv``
+resolving to spconv_lite, and spconv's CPU voxel generators in ``spconv.utils``.
+
+Installing changes ``sys.modules`` for the whole process, and the real spconv may be imported
+by other tests, so every install happens in a fresh Python process. The clients' own import
+patterns run in test_client_parity.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import require_spconv
+
+from spconv_lite import standin
+from spconv_lite.as_spconv.utils import Point2VoxelCPU2d, Point2VoxelCPU3d
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_python(args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=300)
+
+
+# Runs under `python -m spconv_lite.as_spconv check.py a --b`, next to a module `sibling.py`.
+CHECK_SCRIPT = '''
+import importlib
+import sys
+
+import spconv_lite
+import sibling  # found because the script's folder leads the import path, as with `python`
+
+assert sys.argv == ["../check.py", "a", "--b"], sys.argv  # as `python ../check.py a --b`
+import spconv
+assert spconv is spconv_lite.install_as_spconv()  # installing again is harmless
+assert spconv.__version__ == "2.3.8" and spconv.SPCONV_VERSION_NUMBERS == [2, 3, 8]
+assert spconv.pytorch is spconv_lite.pytorch and spconv.ConvAlgo is spconv_lite.ConvAlgo
+for name in ["conv", "core", "functional", "modules", "ops", "pool", "tables", "utils",
+             "constants"]:
+    assert importlib.import_module("spconv.pytorch." + name) is getattr(spconv_lite.pytorch, name)
+for name in ["constants", "core", "utils"]:
+    assert importlib.import_module("spconv." + name) is getattr(spconv_lite.as_spconv, name)
+from spconv.pytorch.conv import SparseConvolution
+assert SparseConvolution is spconv_lite.nn.conv.SparseConvolution
+for missing in ["spconv.pytorch.hash", "spconv.pytorch.quantization", "spconv.build"]:
+    try:
+        importlib.import_module(missing)
+    except ImportError:
+        pass
+    else:
+        raise AssertionError(missing + " imported")
+print("checked", spconv.__file__)
+'''
+
+
+def test_script_runs_with_spconv_resolving_to_spconv_lite(tmp_path):
+    (tmp_path / "check.py").write_text(textwrap.dedent(CHECK_SCRIPT))
+    (tmp_path / "sibling.py").write_text("")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = run_python(["-m", "spconv_lite.as_spconv", "../check.py", "a", "--b"], elsewhere)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"checked {REPO / 'spconv_lite' / 'as_spconv' / '__init__.py'}" in done.stdout
+
+
+def test_module_runs_with_spconv_resolving_to_spconv_lite(tmp_path):
+    (tmp_path / "client_module.py").write_text(textwrap.dedent('''
+        import sys
+        import spconv.pytorch as spconv
+        print("argv", sys.argv[1:], "layer", spconv.SubMConv3d.__module__)
+    '''))
+    done = run_python(["-m", "spconv_lite.as_spconv", "-m", "client_module", "x", "-y"],
+                      tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "argv ['x', '-y'] layer spconv_lite.nn.conv" in done.stdout
+
+
+def test_install_refuses_when_spconv_is_already_imported(tmp_path):
+    require_spconv()
+    done = run_python(["-c", "import spconv, spconv_lite; spconv_lite.install_as_spconv()"],
+                      tmp_path)
+    assert done.returncode != 0
+    assert "RuntimeError: spconv is already imported" in done.stderr
+    assert "before anything imports spconv" in done.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "usage: python -m spconv_lite.as_spconv SCRIPT"),
+    (["-m"], "usage: python -m spconv_lite.as_spconv SCRIPT"),
+    (["no_such_script.py", "--flag"], "script 'no_such_script.py' not found"),
+])
+def test_launcher_refuses_bad_command_lines(argv, message, monkeypatch, tmp_path):
+    # Refused before anything is installed, so this can run in the test process.
+    monkeypatch.chdir(tmp_path)
+    modules = dict(sys.modules)
+    with pytest.raises(SystemExit, match=message):
+        standin.main(argv)
+    assert sys.modules.get("spconv") is modules.get("spconv")
+
+
+def test_launcher_help(capsys):
+    standin.main(["--help"])
+    assert "python -m spconv_lite.as_spconv -m MODULE" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------ spconv.utils voxel generators
+
+def test_point2voxel_outputs_stay_valid_after_the_next_call():
+    # numpy results are views of torch outputs; the next call must not reuse their memory.
+    gen = Point2VoxelCPU3d([1.0, 1.0, 1.0], [0, 0, 0, 8, 8, 8], 4, 100, 3)
+    rng = np.random.default_rng(0)
+    first = gen.point_to_voxel((rng.random((200, 4)) * 8).astype(np.float32))
+    kept = [a.copy() for a in first]
+    gen.point_to_voxel((rng.random((300, 4)) * 8).astype(np.float32))
+    for array, copy in zip(first, kept):
+        np.testing.assert_array_equal(array, copy)
+
+
+def test_point2voxel_2d_and_empty_mean():
+    gen = Point2VoxelCPU2d([1.0, 1.0], [0, 0, 4, 4], 3, 10, 2)
+    assert gen.grid_size == [4, 4]
+    points = torch.tensor([[0.5, 0.5, 1.0], [0.6, 0.5, 3.0], [3.5, 1.5, 5.0]])
+    voxels, coords, num = gen.point_to_voxel_empty_mean(points)
+    assert coords.tolist() == [[0, 0], [1, 3]] and num.tolist() == [2, 1]
+    assert voxels[1].tolist() == [[3.5, 1.5, 5.0], [3.5, 1.5, 5.0]]  # the voxel's own mean
+
+
+@pytest.mark.parametrize("call,error,message", [
+    (lambda: Point2VoxelCPU3d([1.0, 1.0], [0, 0, 4, 4], 3, 10, 2), ValueError,
+     r"Point2VoxelCPU3d needs 3 voxel sizes, got vsize_xyz \[1.0, 1.0\]"),
+    (lambda: Point2VoxelCPU3d([1.0] * 3, [0, 0, 0, 4, 4, 4], 3, 10, 2).point_to_voxel(
+        [[0.5, 0.5, 0.5]]), TypeError, "points must be a cumm tensorview Tensor.*got list"),
+    (lambda: Point2VoxelCPU3d([1.0] * 3, [0, 0, 0, 4, 4, 4], 3, 10, 2).point_to_voxel(
+        np.zeros((2, 4), np.float32)), ValueError, r"num_point_features.*\[2, 4\]"),
+])
+def test_point2voxel_errors(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
