@@ -181,6 +181,17 @@ def _check_sites(key: str, role: str, built: Tensor, version: int, given: Tensor
     )
 
 
+def _check_grid(what: str, spatial_shape: Sequence[int], batch_size: int,
+                x: SparseConvTensor) -> None:
+    """Raises ValueError unless ``x`` is on this grid; ``what`` begins the message."""
+    if (list(spatial_shape), batch_size) != (list(x.spatial_shape), x.batch_size):
+        raise ValueError(
+            f"{what} spatial_shape {list(spatial_shape)} with batch_size {batch_size}, but "
+            f"this input has spatial_shape {list(x.spatial_shape)} and batch_size "
+            f"{x.batch_size}"
+        )
+
+
 def _check_reuse(key: str, cached, geometry: dict, x: SparseConvTensor) -> None:
     """Raises ValueError unless the map cached under ``key`` is the map of ``x``'s sites with
     this layer's geometry."""
@@ -192,13 +203,8 @@ def _check_reuse(key: str, cached, geometry: dict, x: SparseConvTensor) -> None:
             f"indice_key {key!r} is reused with a different geometry: the cached map has "
             f"{seen}, this layer asks for {geometry}"
         )
-    grid = (list(cached.in_spatial_shape), cached.batch_size)
-    if grid != (list(x.spatial_shape), x.batch_size):
-        raise ValueError(
-            f"indice_key {key!r} caches a map over spatial_shape {grid[0]} with batch_size "
-            f"{grid[1]}, but this input has spatial_shape {list(x.spatial_shape)} and "
-            f"batch_size {x.batch_size}"
-        )
+    _check_grid(f"indice_key {key!r} caches a map over", cached.in_spatial_shape,
+                cached.batch_size, x)
     _check_sites(key, "input sites", cached.in_indices, cached.in_version, x.indices,
                  x.spatial_shape)
 
@@ -303,13 +309,8 @@ def inverse_map(
             f"indice_key {indice_key!r} was built with kernel_size {list(cached.kernel_size)}, "
             f"the inverse conv has {list(kernel_size)}"
         )
-    grid = (list(cached.out_spatial_shape), cached.batch_size)
-    if grid != (list(x.spatial_shape), x.batch_size):
-        raise ValueError(
-            f"the conv cached under {indice_key!r} produced spatial_shape {grid[0]} with "
-            f"batch_size {grid[1]}, but the inverse conv's input has spatial_shape "
-            f"{list(x.spatial_shape)} and batch_size {x.batch_size}"
-        )
+    _check_grid(f"the conv cached under {indice_key!r} produced", cached.out_spatial_shape,
+                cached.batch_size, x)
     if _edited_in_place(cached.in_indices, cached.in_version):
         raise ValueError(
             f"indice_key {indice_key!r}: the input indices of the conv cached under it were "

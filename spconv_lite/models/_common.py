@@ -35,3 +35,15 @@ def sparse_shape(grid_size: Sequence[int]) -> list[int]:
     if grid.shape != (3,) or (grid < 1).any():
         raise ValueError(f"grid_size must be 3 positive sizes (x, y, z), got {grid.tolist()}")
     return (grid[::-1] + np.array([1, 0, 0])).tolist()
+
+
+def batch_dict(encoded, x_conv1, x_conv2, x_conv3, x_conv4) -> dict:
+    """OpenPCDet's ``batch_dict`` entries of an 8x sparse encoder."""
+    return {
+        "encoded_spconv_tensor": encoded,
+        "encoded_spconv_tensor_stride": 8,
+        "multi_scale_3d_features": {
+            "x_conv1": x_conv1, "x_conv2": x_conv2, "x_conv3": x_conv3, "x_conv4": x_conv4,
+        },
+        "multi_scale_3d_strides": {"x_conv1": 1, "x_conv2": 2, "x_conv3": 4, "x_conv4": 8},
+    }

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..nn.modules import SparseModule
-from ._common import NormFn, default_norm, namespace, sparse_shape
+from ._common import NormFn, batch_dict, default_norm, namespace, sparse_shape
 
 
 def post_act_block(in_channels: int, out_channels: int, kernel_size,
@@ -179,14 +179,7 @@ class _Backbone8x(nn.Module):
         x_conv3 = self.conv3(x_conv2)
         x_conv4 = self.conv4(x_conv3)
         out = self.conv_out(x_conv4)
-        return {
-            "encoded_spconv_tensor": out,
-            "encoded_spconv_tensor_stride": 8,
-            "multi_scale_3d_features": {
-                "x_conv1": x_conv1, "x_conv2": x_conv2, "x_conv3": x_conv3, "x_conv4": x_conv4,
-            },
-            "multi_scale_3d_strides": {"x_conv1": 1, "x_conv2": 2, "x_conv3": 4, "x_conv4": 8},
-        }
+        return batch_dict(out, x_conv1, x_conv2, x_conv3, x_conv4)
 
 
 class VoxelBackBone8x(_Backbone8x):

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ._common import NormFn, default_norm, namespace, sparse_shape
+from ._common import NormFn, batch_dict, default_norm, namespace, sparse_shape
 from .backbones import SparseBasicBlock, post_act_block
 
 
@@ -140,11 +140,4 @@ class VoxelResBackBone8xVoxelNeXt(nn.Module):
         x_conv4 = x_conv4.replace_feature(torch.cat([t.features for t in levels]))
         x_conv4.indices = torch.cat([t.indices for t in levels])
         out = self.shared_conv(self.conv_out(self.bev_out(x_conv4)))
-        return {
-            "encoded_spconv_tensor": out,
-            "encoded_spconv_tensor_stride": 8,
-            "multi_scale_3d_features": {
-                "x_conv1": x_conv1, "x_conv2": x_conv2, "x_conv3": x_conv3, "x_conv4": x_conv4,
-            },
-            "multi_scale_3d_strides": {"x_conv1": 1, "x_conv2": 2, "x_conv3": 4, "x_conv4": 8},
-        }
+        return batch_dict(out, x_conv1, x_conv2, x_conv3, x_conv4)
