@@ -192,6 +192,18 @@ def test_half_precision_close_to_float32(shape, dtype, algo, monkeypatch):
 
 
 @pytest.mark.parametrize("algo", ["fused", "gemm"])
+def test_conv_with_an_empty_kernel(algo, monkeypatch):
+    # A [N, 0] table: the fused weight gradient used to divide by zero (SIGFPE).
+    monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", algo)
+    x, g = torch.randn(5, 3), torch.randn(4, 2)
+    nbr, nbr_t = torch.zeros(4, 0, dtype=torch.int32), torch.zeros(5, 0, dtype=torch.int32)
+    cpu, gpu = both(lambda x, g, w, nbr, nbr_t: [OPS.sparse_conv_weight_grad(x, g, nbr),
+                                                  OPS.sparse_conv(x, w, nbr, nbr_t)],
+                    x, g, torch.zeros(0, 3, 2), nbr, nbr_t)
+    assert_equal_lists(gpu, cpu)
+
+
+@pytest.mark.parametrize("algo", ["fused", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=case_id)
 def test_conv_is_deterministic(dtype, algo, monkeypatch):
     monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", algo)

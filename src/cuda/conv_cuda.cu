@@ -769,7 +769,8 @@ at::Tensor sparse_conv_weight_grad_cuda(const at::Tensor& features, const at::Te
   const at::Tensor g = grad_out.contiguous();
   const at::Tensor table = nbr.contiguous();
   const int64_t volume = nbr.size(1);
-  if (table.size(0) == 0 || x.size(1) == 0 || g.size(1) == 0) {
+  // Nothing to sum (the fused path could not even split zero offsets into chunks).
+  if (table.size(0) == 0 || volume == 0 || x.size(1) == 0 || g.size(1) == 0) {
     return at::zeros({volume, x.size(1), g.size(1)}, x.options());
   }
   if (!use_fused(x.scalar_type(), x.size(1), g.size(1))) return weight_grad_gemm(x, g, table);

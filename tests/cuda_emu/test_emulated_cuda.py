@@ -254,6 +254,18 @@ def test_conv_edge_shapes(algo, monkeypatch):
                                CPU.sparse_conv_weight_grad(x, torch.ones(4, 5), nbr))
 
 
+@pytest.mark.parametrize("algo", ["fused", "gemm"])
+def test_conv_with_an_empty_kernel(algo, monkeypatch):
+    # A [N, 0] table (a kernel of volume 0): nothing to sum; the fused weight gradient used to
+    # divide by zero splitting zero offsets into chunks (SIGFPE).
+    monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", algo)
+    x, g = torch.randn(5, 3), torch.randn(4, 2)
+    nbr, nbr_t = torch.zeros(4, 0, dtype=torch.int32), torch.zeros(5, 0, dtype=torch.int32)
+    w = torch.zeros(0, 3, 2)
+    assert_same([EMU.sparse_conv_weight_grad(x, g, nbr), EMU.sparse_conv(x, w, nbr, nbr_t)],
+                [CPU.sparse_conv_weight_grad(x, g, nbr), CPU.sparse_conv(x, w, nbr, nbr_t)])
+
+
 def test_bad_tables_raise_with_eager_checks(monkeypatch):
     monkeypatch.setenv("SPCONV_LITE_CUDA_CHECK_TABLES", "1")
     nbr, nbr_t = a_map("subm", n=50, seed="badtable")
