@@ -203,6 +203,33 @@ def test_conv_with_an_empty_kernel(algo, monkeypatch):
     assert_equal_lists(gpu, cpu)
 
 
+@pytest.mark.parametrize("switch", ["allow_tf32", "matmul_precision_high"])
+@pytest.mark.parametrize("algo", ["fused", "gemm"])
+def test_float32_stays_exact_when_torch_allows_tf32(algo, switch, monkeypatch):
+    # float32 convolutions are exact float32 on both algorithms, whatever torch's TF32 switches
+    # say (cuBLAS would round the gemm path's inputs to 10 mantissa bits: ~1e-3 off).
+    monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", algo)
+    nbr, nbr_t = a_map("subm")
+    gen = make_gen("parity_tf32")
+    x = randn(gen, nbr_t.shape[0], 64, dtype=torch.float32)
+    w = randn(gen, 27, 64, 64, dtype=torch.float32, scale=(27 * 64) ** -0.5)
+    up = randn(gen, nbr.shape[0], 64, dtype=torch.float32)
+    cpu = conv_results(x, w, nbr, nbr_t, up)
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
+    try:
+        if switch == "allow_tf32":
+            torch.backends.cuda.matmul.allow_tf32 = True
+        else:
+            torch.set_float32_matmul_precision("high")
+        gpu = conv_results(*(t.to(CUDA) for t in (x, w, nbr, nbr_t, up)))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before[0]
+        torch.set_float32_matmul_precision(before[1])
+    for g, c in zip(gpu, cpu):
+        scale = max(c.abs().max().item(), 1.0)
+        torch.testing.assert_close(g.cpu() / scale, c / scale, **PARITY_TOL[torch.float32])
+
+
 @pytest.mark.parametrize("algo", ["fused", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=case_id)
 def test_conv_is_deterministic(dtype, algo, monkeypatch):

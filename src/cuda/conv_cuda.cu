@@ -12,7 +12,9 @@
 // * per-offset ATen GEMMs ("gemm"): the pairs of each offset (CSR over offsets, from one scan
 //   of the table), then per offset a gather (index_select), a GEMM (at::mm, cuBLAS) and an add
 //   into a float32 accumulator. An output row appears at most once per offset, so the add
-//   needs no atomics. One host synchronisation per call: the pair counts size the GEMMs.
+//   needs no atomics. One host synchronisation per call: the pair counts size the GEMMs. The
+//   GEMMs run in true float32 whatever torch's TF32 switches say, like the fused kernels, so
+//   that the result does not depend on the algorithm.
 //
 // The input gradient is the forward op over nbr_t with transposed weights (ops.py). The weight
 // gradient sums, per offset, in[i]^T grad_out[o] over its pairs: the fused kernel writes one
@@ -22,6 +24,7 @@
 //
 // SPCONV_LITE_CUDA_CONV_ALGO=fused|gemm forces an algorithm; auto picks per call (see
 // use_fused).
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -540,6 +543,7 @@ at::ScalarType accumulate_type(at::ScalarType dtype) {
 
 at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& table,
                      at::Tensor out) {
+  const at::NoTF32Guard exact_float32;  // as the fused kernels (see the top of the file)
   const PairLists pairs = pair_lists(table, x.size(0));
   const int64_t c_out = w.size(2);
   at::Tensor acc = at::zeros({table.size(0), c_out}, x.options().dtype(accumulate_type(x.scalar_type())));
@@ -562,6 +566,7 @@ at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 }
 
 at::Tensor weight_grad_gemm(const at::Tensor& x, const at::Tensor& g, const at::Tensor& table) {
+  const at::NoTF32Guard exact_float32;
   const PairLists pairs = pair_lists(table, x.size(0));
   const int64_t volume = table.size(1);
   at::Tensor grad_weight = at::zeros({volume, x.size(1), g.size(1)}, x.options());
