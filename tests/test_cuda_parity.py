@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import (
+    assert_close_non_finite,
     case_id,
     distinct_values,
     kio_weight,
@@ -189,6 +190,29 @@ def test_half_precision_close_to_float32(shape, dtype, algo, monkeypatch):
         assert lo.dtype == dtype
         scale = hi.abs().max().clamp_min(1.0)
         torch.testing.assert_close(lo.float() / scale, hi / scale, **HALF_TOL[dtype])
+
+
+@pytest.mark.parametrize("algo", ["fused", "gemm"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=case_id)
+@pytest.mark.parametrize("channels", [(16, 24), (5, 3)], ids=case_id)  # 16-byte loads or not
+def test_non_finite_weights_reach_only_real_pairs(channels, dtype, algo, monkeypatch):
+    # As on the CPU, an inf / NaN weight of offset k reaches only the rows with a neighbour at
+    # k; the zero-filled rows of a fused tile must not turn into NaN.
+    monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", algo)
+    nbr, nbr_t = a_map("strided", n=2000)
+    c_in, c_out = channels
+    gen = make_gen("parity_non_finite", channels)
+    x = randn(gen, nbr_t.shape[0], c_in, dtype=dtype)
+    w = randn(gen, 27, c_in, c_out, dtype=dtype, scale=(27 * c_in) ** -0.5)
+    w[0, 1, 2], w[26, c_in - 1, 0], w[13, 0, c_out - 1] = float("inf"), -float("inf"), float("nan")
+    g = randn(gen, nbr.shape[0], c_out, dtype=dtype)
+    wt = w.transpose(1, 2)
+    tol = HALF_TOL.get(dtype, PARITY_TOL.get(dtype))
+    for args in ((x, w, nbr, nbr_t), (g, wt, nbr_t, nbr)):  # forward, input gradient
+        (want,), (got,) = both(OPS.sparse_conv, *args)
+        assert not torch.isfinite(want).all() and torch.isfinite(want).all(1).any()
+        assert_close_non_finite(got, want, **tol)
 
 
 @pytest.mark.parametrize("algo", ["fused", "gemm"])
