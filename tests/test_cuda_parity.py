@@ -9,6 +9,11 @@ file holds what only makes sense with two devices.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import (
@@ -377,6 +382,40 @@ def test_inputs_on_two_devices_are_rejected():
         ops.sparse_conv(x, w, nbr, nbr_t.to(CUDA))
     with pytest.raises(ValueError, match="features is on cuda"):
         sp.SparseConvTensor(x, torch.zeros(50, 4, dtype=torch.int32), [6, 6, 6], 1)
+
+
+BAD_TABLES_SCRIPT = """
+import torch
+from spconv_lite import ops
+idx = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 2], [0, 2, 2, 2]], dtype=torch.int32).cuda()
+nbr, nbr_t = ops.build_subm_map(idx, [4, 4, 4], 1, [3, 3, 3], [1, 1, 1])
+x, w = torch.randn(3, 2, device="cuda"), torch.randn(27, 2, 4, device="cuda")
+bad, bad_t = nbr.clone(), nbr_t.clone()
+bad[1, 4], bad_t[2, 0] = 3, -7
+calls = [lambda: ops.sparse_conv(x, w, bad, nbr_t), lambda: ops.sparse_conv(x, w, nbr, bad_t),
+         lambda: ops.sparse_max_pool(x, bad, nbr_t), lambda: ops.sparse_sum_pool(x, nbr, bad_t)]
+for call in calls:
+    try:
+        call()
+        raise SystemExit("no error for a bad table")
+    except ValueError as exc:
+        print(exc)
+print(ops.sparse_conv(x, w, nbr, nbr_t).sum().item())  # the process's CUDA state is intact
+"""
+
+
+def test_bad_hand_made_tables_raise_without_the_switch():
+    # Without SPCONV_LITE_CUDA_CHECK_TABLES, tables given to the ops directly are checked by the
+    # Python functions: a ValueError, not a device-side assertion. In a fresh process, since such
+    # an assertion would break every later CUDA call of this one.
+    env = {k: v for k, v in os.environ.items() if k != "SPCONV_LITE_CUDA_CHECK_TABLES"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                         env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", BAD_TABLES_SCRIPT], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 5 and all("has entries outside" in line for line in lines[:4]), lines
 
 
 def test_bad_tables_raise_with_eager_checks(monkeypatch):
