@@ -234,15 +234,18 @@ def sparse_output(out):
 
 
 def build_networks(network: str, libs: dict[str, Library], state: dict, device, dtype,
-                   train: bool) -> dict[str, torch.nn.Module]:
+                   train: bool) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
     """The network built with each library's layers, all with the weights and buffers of
-    ``state``, on ``device`` in ``dtype``."""
-    nets = {}
+    ``state``, on ``device`` in ``dtype``; and the errors of the libraries where that failed."""
+    nets, errors = {}, {}
     for name, lib in libs.items():
-        net = NETWORKS[network](lib.ns)
-        net.load_state_dict(state)
-        nets[name] = net.to(device=device, dtype=dtype).train(train)
-    return nets
+        try:
+            net = NETWORKS[network](lib.ns)
+            net.load_state_dict(state)
+            nets[name] = net.to(device=device, dtype=dtype).train(train)
+        except Exception as exc:  # noqa: BLE001  (reported as that library's error)
+            errors[name] = one_line(exc)
+    return nets, errors
 
 
 def network_call(lib: Library, net: torch.nn.Module, inp: Input, dtype, train: bool):
@@ -429,12 +432,13 @@ def replay(calls: list[MapCall]) -> Callable:
     return run
 
 
-def bench_maps(libs: dict[str, Library], nets: dict[str, torch.nn.Module], inp: Input,
-               args, sync) -> dict:
+def bench_maps(libs: dict[str, Library], network: str, state: dict, inp: Input, device, args,
+               sync) -> dict:
     """The maps of one float32 forward per library: recorded, then replayed alone (all of them,
     and each map type), alternating the libraries."""
-    recorded, errors = {}, {}
-    for name, lib in libs.items():
+    nets, errors = build_networks(network, libs, state, device, torch.float32, False)
+    recorded = {}
+    for name, lib in ((name, libs[name]) for name in nets):
         try:
             with recording_maps(lib) as calls, torch.no_grad():
                 nets[name](lib.ns.SparseConvTensor(inp.features, inp.indices, inp.shape, 1))
@@ -597,9 +601,10 @@ def print_case(case: dict) -> None:
 
 
 def bench_network_case(network, inp, dtype, train, libs, state, device, args, sync) -> dict:
-    nets = build_networks(network, libs, state, device, dtype, train)
+    nets, build_errors = build_networks(network, libs, state, device, dtype, train)
     calls = {name: network_call(libs[name], net, inp, dtype, train) for name, net in nets.items()}
     outputs, timings, errors = run_alternating(calls, args.warmup, args.repeats, sync)
+    errors.update(build_errors)
     case = {"network": network, "input": inp.name, "voxels": int(inp.indices.shape[0]),
             "dtype": str(dtype).replace("torch.", ""), "pass": "train" if train else "fwd",
             "libs": {}, "errors": errors, "compare": {}, "grad_compare": {}}
@@ -624,11 +629,13 @@ def bench_network_case(network, inp, dtype, train, libs, state, device, args, sy
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=None, help="folder of the LiDAR files")
-    parser.add_argument("--libs", default=",".join(LIBRARIES))
-    parser.add_argument("--dtypes", default="float32,float16")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--libs", default=",".join(LIBRARIES),
+                        help="libraries to run (one that does not import is reported as skipped)")
+    parser.add_argument("--dtypes", default="float32,float16", help="feature / weight dtypes")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per library")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: a dry run of the script, not a measurement")
     parser.add_argument("--quick", action="store_true",
                         help=f"inputs cropped to {QUICK_SITES} voxels (a dry run)")
     parser.add_argument("--budget-s", type=float, default=None,
@@ -685,7 +692,11 @@ def main(argv: list[str] | None = None) -> dict:
         torch.manual_seed(0)
         reference_net = NETWORKS[network](libs[BASELINE].ns)
         state = copy.deepcopy(reference_net.state_dict())
-        gflop = useful_gflop(reference_net.to(device), inp)
+        try:
+            gflop = useful_gflop(reference_net.to(device), inp)
+        except Exception as exc:  # noqa: BLE001  (the rest of the run does not need it)
+            print(f"useful GFLOP of {network} {input_name}: {one_line(exc)}")
+            gflop = None
         for dtype in dtypes:
             for train in (False, True):
                 what = f"{network} {input_name} {dtype} {'train' if train else 'fwd'}"
@@ -702,8 +713,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print_case(case)
                 report.save()
                 if dtype == torch.float32 and not train and not over_budget(f"maps {what}"):
-                    nets = build_networks(network, libs, state, device, dtype, False)
-                    maps = bench_maps(libs, nets, inp, args, sync)
+                    maps = bench_maps(libs, network, state, inp, device, args, sync)
                     maps.update(network=network, input=input_name)
                     report.data["maps"].append(maps)
                     add_map_shares(report.data)

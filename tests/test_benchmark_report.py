@@ -4,9 +4,11 @@ that the script's first run on a GPU is not also its first run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -90,6 +92,21 @@ def test_missing_libraries_are_a_reported_skip():
     libs, skipped = bench_cuda.load_libraries(["spconv_lite", "no_such_library"])
     assert list(libs) == ["spconv_lite"]
     assert "no_such_library" in skipped["no_such_library"]
+
+
+def test_a_library_that_fails_is_an_error_of_its_own():
+    # A peer that cannot build the network (or fails in a call) is reported; the others run.
+    ours = bench_cuda.load_library("spconv_lite")
+    broken = dataclasses.replace(ours, name="broken", ns=types.SimpleNamespace())
+    gen = make_gen("bench_broken")
+    inp = bench_cuda.Input("tiny", torch.randn(80, 3, generator=gen),
+                           random_sites(gen, 1, (64, 64, 64), count=80), [64, 64, 64])
+    state = bench_cuda.NETWORKS["spconv"](ours.ns).state_dict()
+    case = bench_cuda.bench_network_case(
+        "spconv", inp, torch.float32, True, {"spconv_lite": ours, "broken": broken}, state,
+        torch.device("cpu"), types.SimpleNamespace(warmup=0, repeats=1), lambda: None)
+    assert "AttributeError" in case["errors"]["broken"]
+    assert list(case["libs"]) == ["spconv_lite"] and case["libs"]["spconv_lite"]["median_ms"] > 0
 
 
 def test_dry_run_on_the_cpu_and_its_results_file(tmp_path):
