@@ -1,67 +1,167 @@
-"""GPU benchmark of spconv_lite: the two networks of the performance issue, float32 and
-float16, forward and forward + backward, on real LiDAR data.
+"""Side-by-side GPU benchmark: spconv_lite against spconv 2.3.8 (its CUDA kernels) and
+spconv-Triton 1.0.0, in one process, on the same inputs and the same weights.
 
-Networks:
-  second   SECOND / OpenPCDet VoxelBackBone8x (SubM 4->16, 16->16; strided 16->32, 2 x SubM 32;
-           strided 32->64, 2 x SubM 64; strided 64->64 padding (0, 1, 1), 2 x SubM 64;
-           (3, 1, 1) conv 64->128 stride (2, 1, 1); BatchNorm1d + ReLU after each conv, no
-           bias) on KITTI object frame 000000 voxelized at 0.05 x 0.05 x 0.1 m over
-           x 0..70.4, y -40..40, z -3..1 (mean of the points per voxel), grid [41, 1600, 1408].
-  spconv   spconv's benchmark network (SubM 3->64, 64->64, then six stages of [max pool 2/2,
-           SubM to 96 / 128 / 160 / 192 / 224 / 256, SubM at the same width]; no norm, no bias)
-           on spconv_benchmark-pc.npz voxelized at 0.1 m over -80 -80 -2 80 80 6 (one point
-           per voxel: its xyz), and on the same cloud with 7 copies shifted by +1..+7 m in y
+Networks (one definition, built with each library's layers; one state_dict loaded into all):
+  second   OpenPCDet's VoxelBackBone8x (spconv_lite.models.VoxelBackBone8x) on KITTI object frame
+           000000 voxelized at 0.05 x 0.05 x 0.1 m over x 0..70.4, y -40..40, z -3..1 (mean of
+           the points per voxel), grid (z, y, x) [41, 1600, 1408].
+  spconv   spconv's benchmark network (bench_networks.spconv_benchmark_net: SubM 3->64,
+           64->64, then six stages of [max pool 2/2, SubM to 96 .. 256, SubM]) on
+           spconv_benchmark-pc.npz voxelized at 0.1 m over -80 -80 -2 80 80 6 (xyz of each
+           voxel's first point), and on that cloud with 7 copies shifted by +1 .. +7 m in y
            (913,903 voxels).
 
-Voxelization of the networks' inputs is plain torch here (floor((p - low) / voxel) in float32,
-unique), not the PointToVoxel op; the op itself is timed last, on the GPU against the CPU, on
-the KITTI frame. Every call builds its kernel maps (a new SparseConvTensor per call), as in
-inference. Each case runs --warmup times, then --repeats times with torch.cuda.synchronize()
-around each call; the median, min, max and the peak memory are reported. With --algos, the
-conv layers run with each CUDA algorithm (SPCONV_LITE_CUDA_CONV_ALGO) in turn.
+Cases: float32 (TF32 off) and float16; "fwd" (eval mode, no_grad, kernel maps built in every
+call as in inference) and "train" (train mode: forward, loss, backward). Each library's call
+runs once first (its output kept for the comparison; a failure is recorded as that library's
+error and the others go on), then --warmup times, then --repeats times alternating the
+libraries call by call, each call between two device synchronisations. Reported: the median
+and quartiles of the wall time, the ratio other / spconv_lite of the medians (> 1: spconv_lite
+is faster), the peak GPU memory of one call (growth of torch's peak allocated memory), the
+useful TFLOP/s (2 x pairs x C_in x C_out summed over the conv layers, over the median), and the
+outputs compared by site with spconv's (same sites; max |difference| / max |value|), the weight
+gradients of the training step by parameter.
 
-Usage: python benchmarks/bench_cuda.py [--data DIR] [--json out.json] [--repeats 10]
+Kernel maps: every map a library builds during one forward is recorded (its map-building
+function wrapped) and replayed alone, all of them and each map type: the time per forward and
+its share of the forward. PointToVoxel: the KITTI frame on the device, each library's
+voxelizer, and whether the voxels agree with spconv_lite's.
+
+The JSON is rewritten after every case, so a run stopped by a time limit keeps what it
+measured; --budget-s skips the cases that would start after that many seconds. --device cpu
+runs every step on the CPU (no peak memory; spconv's GPU-only map builder is an error there): a
+dry run of this script, not a measurement. --quick crops each input to a few thousand voxels
+and runs each case a few times.
+
+Usage (from the repository root):
+    python benchmarks/bench_cuda.py [--data DIR] [--libs spconv_lite,spconv,spconv_triton]
+        [--repeats 10] [--warmup 3] [--json out.json] [--device cuda] [--quick] [--budget-s S]
+    python benchmarks/bench_cuda.py --write-results out.json [--results-dir benchmarks/results]
+        (writes DATE-GPU.json and DATE-GPU.md from a run's JSON, for the repository)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import datetime
+import functools
+import inspect
+import io
 import json
 import os
 import platform
-import statistics
+import re
+import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
-from torch import nn
 
-import spconv_lite as sp
-from spconv_lite.synthetic import voxelize_mean
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common, bench_networks when imported
+from bench_networks import spconv_benchmark_net  # noqa: E402
+from common import time_alternating  # noqa: E402
+
+import spconv_lite  # noqa: E402
+from spconv_lite.models import VoxelBackBone8x  # noqa: E402
+from spconv_lite.synthetic import voxelize_mean  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+LIBRARIES = ("spconv_lite", "spconv", "spconv_triton")
+BASELINE = "spconv_lite"  # ratios are other / spconv_lite
+REFERENCE = "spconv"  # outputs are compared with this library's
+QUICK_SITES = 3000
 
 
 def default_data_dir() -> Path:
-    """shared/data/lidar beside the repository or inside it (the GPU machine's copy)."""
-    for base in (REPO.parent / "shared", REPO / "shared"):
-        if (base / "data" / "lidar").is_dir():
-            return base / "data" / "lidar"
+    """$SPCONV_LITE_DATA, else shared/data/lidar beside the repository, inside it, or the GPU
+    run's copy in .gpu/lidar."""
+    if os.environ.get("SPCONV_LITE_DATA"):
+        return Path(os.environ["SPCONV_LITE_DATA"])
+    for candidate in (REPO.parent / "shared" / "data" / "lidar",
+                      REPO / "shared" / "data" / "lidar", REPO / ".gpu" / "lidar"):
+        if candidate.is_dir():
+            return candidate
     return REPO.parent / "shared" / "data" / "lidar"
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+# ----------------------------------------------------------------------------- libraries
+
+@dataclass
+class Library:
+    """One implementation: its spconv.pytorch-like namespace (layers, SparseConvTensor), its
+    PointToVoxel, and the module whose functions build its kernel maps."""
+
+    name: str
+    version: str
+    ns: ModuleType
+    point_to_voxel: type
+    map_module: ModuleType
+    map_functions: tuple[str, ...]
+
+
+def load_library(name: str) -> Library:
+    # spconv prints its own messages on import.
+    with contextlib.redirect_stdout(io.StringIO()):
+        if name == "spconv_lite":
+            import spconv_lite.pytorch as ns
+            from spconv_lite import ops
+
+            return Library(name, spconv_lite.__version__, ns, spconv_lite.PointToVoxel, ops,
+                           ("build_subm_map", "build_conv_map"))
+        if name == "spconv":
+            import spconv
+            import spconv.pytorch as ns
+            from spconv.pytorch.utils import PointToVoxel
+        elif name == "spconv_triton":
+            import spconv_triton as spconv
+            import spconv_triton.pytorch as ns
+            from spconv_triton.pytorch.utils import PointToVoxel
+        else:
+            raise ValueError(f"unknown library {name!r}, choose from {LIBRARIES}")
+    return Library(name, spconv.__version__, ns, PointToVoxel, ns.ops,
+                   ("get_indice_pairs", "get_indice_pairs_implicit_gemm"))
+
+
+def load_libraries(names: list[str]) -> tuple[dict[str, Library], dict[str, str]]:
+    """The libraries that import, and for the others the reason (a reported skip)."""
+    libs, skipped = {}, {}
+    for name in names:
+        try:
+            libs[name] = load_library(name)
+        except Exception as exc:  # noqa: BLE001  (any import failure: that library is skipped)
+            skipped[name] = one_line(exc)
+    return libs, skipped
 
 
 # ----------------------------------------------------------------------------- inputs
 
-def kitti_input(data: Path, device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+@dataclass
+class Input:
+    name: str
+    features: torch.Tensor  # float32 [N, C]
+    indices: torch.Tensor  # int32 [N, 4], batch 0
+    shape: list[int]  # (z, y, x)
+
+
+def kitti_input(data: Path) -> Input:
     points = np.fromfile(data / "kitti_object_training_000000.bin", dtype=np.float32)
-    points = points.reshape(-1, 4)
-    features, coords, _ = voxelize_mean(points, [0.05, 0.05, 0.1], [0, -40, -3, 70.4, 40, 1])
-    indices = torch.nn.functional.pad(torch.from_numpy(coords), (1, 0), value=0)
+    features, coords, _ = voxelize_mean(points.reshape(-1, 4), [0.05, 0.05, 0.1],
+                                        [0, -40, -3, 70.4, 40, 1])
+    indices = torch.nn.functional.pad(torch.from_numpy(coords), (1, 0), value=0).int()
     # OpenPCDet's sparse shape: grid (z, y, x) + [1, 0, 0].
-    return (torch.from_numpy(features).to(device), indices.int().contiguous().to(device),
-            [41, 1600, 1408])
+    return Input("kitti", torch.from_numpy(features), indices.contiguous(), [41, 1600, 1408])
 
 
 def voxelize_first_point(points: torch.Tensor, voxel: float, low, high):
@@ -81,220 +181,670 @@ def voxelize_first_point(points: torch.Tensor, voxel: float, low, high):
     return points[first].contiguous(), indices.contiguous(), size.flip(0).tolist()
 
 
-def spconv_input(data: Path, copies: int, device):
+def spconv_input(data: Path, copies: int) -> Input:
     cloud = torch.from_numpy(np.load(data / "spconv_benchmark-pc.npz")["pc"]).float()
     shifted = [cloud + torch.tensor([0.0, float(i), 0.0]) for i in range(copies)]
     features, indices, shape = voxelize_first_point(torch.cat(shifted), 0.1, [-80, -80, -2],
                                                     [80, 80, 6])
-    return features.to(device), indices.to(device), shape
+    return Input("spconv_pc" if copies == 1 else f"spconv_pc_x{copies}", features, indices,
+                 shape)
+
+
+def site_keys(indices: torch.Tensor, shape) -> torch.Tensor:
+    """int64 key of each site, increasing with (batch, z, y, x)."""
+    idx = indices.long()
+    key = idx[:, 0]
+    for d, size in enumerate(shape):
+        key = key * int(size) + idx[:, d + 1]
+    return key
+
+
+def crop(inp: Input, sites: int) -> Input:
+    """The first ``sites`` sites in (batch, z, y, x) order: a slab of the frame that keeps its
+    neighbourhoods (the --quick inputs)."""
+    keep = torch.argsort(site_keys(inp.indices, inp.shape))[:sites]
+    return Input(inp.name, inp.features[keep].contiguous(), inp.indices[keep].contiguous(),
+                 inp.shape)
+
+
+def load_inputs(data: Path, quick: bool) -> dict[str, Input]:
+    for name in ("kitti_object_training_000000.bin", "spconv_benchmark-pc.npz"):
+        if not (data / name).is_file():
+            raise SystemExit(f"error: {data / name} not found (pass --data DIR, the folder of "
+                             "the LiDAR frames)")
+    inputs = [kitti_input(data), spconv_input(data, 1), spconv_input(data, 8)]
+    if quick:
+        inputs = [crop(inp, QUICK_SITES) for inp in inputs]
+    return {inp.name: inp for inp in inputs}
 
 
 # ----------------------------------------------------------------------------- networks
 
-def norm_act(channels: int) -> list[nn.Module]:
-    return [nn.BatchNorm1d(channels, eps=1e-3, momentum=0.01), nn.ReLU()]
+NETWORKS: dict[str, Callable[[ModuleType], torch.nn.Module]] = {
+    "second": lambda ns: VoxelBackBone8x(4, [1408, 1600, 40], spconv=ns),
+    "spconv": spconv_benchmark_net,
+}
+# (network, input) in the order they run (the x8 cloud last: it takes the longest).
+PLAN = [("second", "kitti"), ("spconv", "spconv_pc"), ("spconv", "spconv_pc_x8")]
 
 
-class VoxelBackBone8x(nn.Module):
-    """OpenPCDet's SECOND backbone (layer pattern and indice keys), written for spconv_lite."""
-
-    def __init__(self, in_channels: int = 4):
-        super().__init__()
-
-        def subm(c_in, c_out, key):
-            return [sp.SubMConv3d(c_in, c_out, 3, padding=1, bias=False, indice_key=key),
-                    *norm_act(c_out)]
-
-        def down(c_in, c_out, key, padding=1):
-            return [sp.SparseConv3d(c_in, c_out, 3, stride=2, padding=padding, bias=False,
-                                    indice_key=key), *norm_act(c_out)]
-
-        self.net = sp.SparseSequential(
-            *subm(in_channels, 16, "subm1"), *subm(16, 16, "subm1"),
-            *down(16, 32, "spconv2"), *subm(32, 32, "subm2"), *subm(32, 32, "subm2"),
-            *down(32, 64, "spconv3"), *subm(64, 64, "subm3"), *subm(64, 64, "subm3"),
-            *down(64, 64, "spconv4", (0, 1, 1)), *subm(64, 64, "subm4"), *subm(64, 64, "subm4"),
-            sp.SparseConv3d(64, 128, (3, 1, 1), stride=(2, 1, 1), padding=0, bias=False,
-                            indice_key="spconv_down2"),
-            *norm_act(128),
-        )
-
-    def forward(self, x):
-        return self.net(x)
+def sparse_output(out):
+    """The sparse tensor of a network's output (VoxelBackBone8x returns a dict)."""
+    return out["encoded_spconv_tensor"] if isinstance(out, dict) else out
 
 
-class SpconvBenchNet(nn.Module):
-    """spconv's benchmark network: SubM pairs of growing width between 2/2 max pools."""
-
-    def __init__(self):
-        super().__init__()
-        layers = [sp.SubMConv3d(3, 64, 3, bias=False, indice_key="c0"),
-                  sp.SubMConv3d(64, 64, 3, bias=False, indice_key="c0")]
-        width = 64
-        for stage, out in enumerate((96, 128, 160, 192, 224, 256), start=1):
-            layers += [sp.SparseMaxPool3d(2, 2),
-                       sp.SubMConv3d(width, out, 3, bias=False, indice_key=f"c{stage}"),
-                       sp.SubMConv3d(out, out, 3, bias=False, indice_key=f"c{stage}")]
-            width = out
-        self.net = sp.SparseSequential(*layers)
-
-    def forward(self, x):
-        return self.net(x)
+def build_networks(network: str, libs: dict[str, Library], state: dict, device, dtype,
+                   train: bool) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
+    """The network built with each library's layers, all with the weights and buffers of
+    ``state``, on ``device`` in ``dtype``; and the errors of the libraries where that failed."""
+    nets, errors = {}, {}
+    for name, lib in libs.items():
+        try:
+            net = NETWORKS[network](lib.ns)
+            net.load_state_dict(state)
+            nets[name] = net.to(device=device, dtype=dtype).train(train)
+        except Exception as exc:  # noqa: BLE001  (reported as that library's error)
+            errors[name] = one_line(exc)
+    return nets, errors
 
 
-# ----------------------------------------------------------------------------- timing
+def network_call(lib: Library, net: torch.nn.Module, inp: Input, dtype, train: bool):
+    """One call of the case: forward (no_grad) or a training step (forward, loss, backward).
+    ``call(keep_grads=True)`` also returns the weight gradients."""
+    features = inp.features.to(dtype)
 
-def time_call(fn, warmup: int, repeats: int) -> dict:
-    for _ in range(warmup):
-        fn()
+    def call(keep_grads: bool = False):
+        x = lib.ns.SparseConvTensor(features, inp.indices, inp.shape, 1)
+        if not train:
+            with torch.no_grad():
+                return sparse_output(net(x)), None
+        out = sparse_output(net(x))
+        out.features.float().square().mean().backward()
+        grads = ({n: p.grad.detach().float().clone() for n, p in net.named_parameters()
+                  if p.grad is not None} if keep_grads else None)
+        net.zero_grad(set_to_none=True)
+        return out, grads
+
+    return call
+
+
+def useful_gflop(net: torch.nn.Module, inp: Input) -> float | None:
+    """2 x pairs x C_in x C_out summed over the conv layers of one forward (spconv_lite's
+    network: every conv layer has an indice_key, whose map gives the pairs)."""
+    flop = []
+
+    def hook(module, args, out):
+        kmap = out.indice_dict.get(module.indice_key) if module.indice_key else None
+        if kmap is None:
+            flop.append(None)
+            return
+        pairs = int(kmap.nbr.ge(0).sum())  # as many as in nbr_t (an inverse conv's table)
+        flop.append(2.0 * pairs * module.in_channels * module.out_channels)
+
+    handles = [m.register_forward_hook(hook) for m in net.modules()
+               if isinstance(m, spconv_lite.SparseConvolution)]
+    try:
+        with torch.no_grad():
+            net(spconv_lite.SparseConvTensor(inp.features.to(next(net.parameters()).dtype),
+                                             inp.indices, inp.shape, 1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return None if not flop or None in flop else sum(flop) / 1e9
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def make_sync(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def peak_memory_mib(fn: Callable, device: torch.device) -> float | None:
+    """Growth of torch's peak allocated device memory during one call (None on the CPU)."""
+    if device.type != "cuda":
+        return None
     torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    samples = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return {"median_ms": statistics.median(samples), "min_ms": min(samples),
-            "max_ms": max(samples), "samples_ms": samples,
-            "peak_mem_mib": torch.cuda.max_memory_allocated() / 2**20}
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def time_cpu(fn, warmup: int, repeats: int) -> float:
-    """Median ms of a CPU call."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| in float64; nan when either holds a non-finite value."""
+    a, b = a.detach().double(), b.detach().double()
+    if a.numel() == 0:
+        return 0.0
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return float("nan")
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
 
-def make_case(net: nn.Module, features, indices, shape, backward: bool):
-    def run():
-        x = features.detach().requires_grad_(backward)
-        out = net(sp.SparseConvTensor(x, indices, shape, 1))
-        if backward:
-            out.features.float().square().mean().backward()
-        return out
+def compare_by_site(out, ref) -> dict:
+    """Whether two sparse tensors have the same sites and, if so, the max relative difference of
+    their features at each site (their row orders may differ)."""
+    shape, ref_shape = ([int(s) for s in t.spatial_shape] for t in (out, ref))
+    a = torch.argsort(site_keys(out.indices, shape))
+    b = torch.argsort(site_keys(ref.indices, ref_shape))
+    same = (shape == ref_shape and len(a) == len(b)
+            and torch.equal(out.indices[a].cpu().int(), ref.indices[b].cpu().int()))
+    result = {"sites": len(a), "ref_sites": len(b), "same_sites": bool(same)}
+    if same:
+        result["max_rel_err"] = relative_error(out.features[a].float(), ref.features[b].float())
+    return result
+
+
+def compare_grads(grads: dict, ref: dict) -> dict:
+    """Max relative difference of the weight gradients, over the parameters both have."""
+    errors = {name: relative_error(g, ref[name]) for name, g in grads.items()
+              if name in ref and g.shape == ref[name].shape}
+    if not errors:
+        return {"params": 0}
+    worst = max(errors, key=lambda n: (errors[n] != errors[n], errors[n]))  # nan first
+    return {"params": len(errors), "max_rel_err": errors[worst], "worst_param": worst}
+
+
+def run_alternating(calls: dict[str, Callable], warmup: int, repeats: int,
+                    sync: Callable[[], None]) -> tuple[dict, dict, dict]:
+    """(first outputs, timing statistics, errors) per library: each call runs once (a failure
+    drops that library, with its error), then all are timed alternately."""
+    outputs, errors = {}, {}
+    for name, call in calls.items():
+        try:
+            outputs[name] = call(keep_grads=True)
+            sync()
+        except Exception as exc:  # noqa: BLE001  (a library's failure is reported, not fatal)
+            errors[name] = one_line(exc)
+    working = {name: calls[name] for name in outputs}
+    timings = time_alternating(working, warmup, repeats, sync) if working else {}
+    return outputs, timings, errors
+
+
+def ratios(medians: dict[str, float]) -> dict[str, float]:
+    """other / spconv_lite of the medians (> 1: spconv_lite is faster)."""
+    base = medians.get(BASELINE)
+    return {f"{name}/{BASELINE}": ms / base for name, ms in medians.items()
+            if name != BASELINE and base}
+
+
+# ----------------------------------------------------------------------------- kernel maps
+
+def format_dims(values) -> str:
+    values = [int(v) for v in values]
+    return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))
+
+
+def map_type(arguments: dict) -> str:
+    """A readable map type from a map builder's arguments (ours or spconv's names)."""
+    kernel = arguments.get("kernel_size", arguments.get("ksize"))
+    if kernel is None:
+        return "unknown"
+    subm = arguments.get("subm", False)
+    if "dilation" in arguments and "stride" not in arguments:  # build_subm_map
+        subm = True
+    if subm:
+        return f"subm k{format_dims(kernel)}"
+    kind = "transposed" if arguments.get("transposed", arguments.get("transpose")) else "regular"
+    return f"{kind} k{format_dims(kernel)} s{format_dims(arguments['stride'])}"
+
+
+@dataclass
+class MapCall:
+    kind: str
+    replay: Callable
+
+
+@contextlib.contextmanager
+def recording_maps(lib: Library):
+    """Records every kernel map ``lib`` builds inside the block (list of MapCall, in order)."""
+    calls: list[MapCall] = []
+    originals = {name: getattr(lib.map_module, name) for name in lib.map_functions
+                 if hasattr(lib.map_module, name)}
+
+    def wrap(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def recorded(*args, **kwargs):
+            try:
+                arguments = signature.bind(*args, **kwargs).arguments
+            except TypeError:
+                arguments = {}
+            calls.append(MapCall(map_type(arguments), functools.partial(fn, *args, **kwargs)))
+            return fn(*args, **kwargs)
+
+        return recorded
+
+    try:
+        for name, fn in originals.items():
+            setattr(lib.map_module, name, wrap(fn))
+        yield calls
+    finally:
+        for name, fn in originals.items():
+            setattr(lib.map_module, name, fn)
+
+
+def replay(calls: list[MapCall]) -> Callable:
+    def run(keep_grads: bool = False):
+        for call in calls:
+            call.replay()
     return run
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=None, help="folder of the LiDAR files")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--algos", default="auto,fused,gemm",
-                        help="comma-separated SPCONV_LITE_CUDA_CONV_ALGO values to time")
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("error: bench_cuda.py needs a CUDA device")
-    data = args.data or default_data_dir()
-    device = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32
-    torch.backends.cudnn.allow_tf32 = False
+def bench_maps(libs: dict[str, Library], network: str, state: dict, inp: Input, device, args,
+               sync) -> dict:
+    """The maps of one float32 forward per library: recorded, then replayed alone (all of them,
+    and each map type), alternating the libraries."""
+    nets, errors = build_networks(network, libs, state, device, torch.float32, False)
+    recorded = {}
+    for name, lib in ((name, libs[name]) for name in nets):
+        try:
+            with recording_maps(lib) as calls, torch.no_grad():
+                nets[name](lib.ns.SparseConvTensor(inp.features, inp.indices, inp.shape, 1))
+            sync()
+            recorded[name] = calls
+        except Exception as exc:  # noqa: BLE001
+            errors[name] = one_line(exc)
+    result = {"libs": {name: {"maps": len(calls)} for name, calls in recorded.items()},
+              "errors": errors}
+    _, timings, replay_errors = run_alternating(
+        {name: replay(calls) for name, calls in recorded.items()}, args.warmup, args.repeats,
+        sync)
+    errors.update(replay_errors)
+    for name, st in timings.items():
+        result["libs"][name]["total_median_ms"] = st["median_ms"]
+    kinds = sorted({c.kind for calls in recorded.values() for c in calls})
+    result["by_type"] = {}
+    for kind in kinds:
+        groups = {name: replay([c for c in calls if c.kind == kind])
+                  for name, calls in recorded.items() if name not in replay_errors}
+        counts = {name: sum(c.kind == kind for c in recorded[name]) for name in groups}
+        _, timings, _ = run_alternating(groups, args.warmup, args.repeats, sync)
+        result["by_type"][kind] = {name: {"maps": counts[name], "median_ms": st["median_ms"]}
+                                   for name, st in timings.items()}
+    return result
 
-    inputs = {
-        "kitti": kitti_input(data, device),
-        "spconv_pc": spconv_input(data, 1, device),
-        "spconv_pc_x8": spconv_input(data, 8, device),
-    }
-    meta = {
-        "gpu": torch.cuda.get_device_name(),
+
+# ----------------------------------------------------------------------------- voxelization
+
+VOXEL_CONFIG = ([0.05, 0.05, 0.1], [0, -40, -3, 70.4, 40, 1], 4, 40000, 5)  # OpenPCDet KITTI
+
+
+def same_voxels(out, ref) -> dict:
+    """Whether two voxelizations hold the same voxels (coordinates), the same point counts and
+    the same point slots, whatever their order, and whether they are bitwise identical."""
+    voxels, coords, counts = (t.cpu() for t in out[:3])
+    ref_voxels, ref_coords, ref_counts = (t.cpu() for t in ref[:3])
+    identical = all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(out, ref))
+    if coords.shape != ref_coords.shape:
+        return {"voxels": len(coords), "ref_voxels": len(ref_coords), "same_voxels": False,
+                "identical": identical}
+    shape = [int(c) + 1 for c in torch.cat([coords, ref_coords]).amax(0)]
+    a = torch.argsort(site_keys(torch.nn.functional.pad(coords, (1, 0)), shape))
+    b = torch.argsort(site_keys(torch.nn.functional.pad(ref_coords, (1, 0)), shape))
+    return {"voxels": len(coords), "ref_voxels": len(ref_coords),
+            "same_voxels": bool(torch.equal(coords[a], ref_coords[b])),
+            "same_counts": bool(torch.equal(counts[a], ref_counts[b])),
+            "same_points": bool(torch.equal(voxels[a], ref_voxels[b])),
+            "identical": identical}
+
+
+def bench_voxelize(libs: dict[str, Library], data: Path, device, args, sync) -> dict:
+    points = np.fromfile(data / "kitti_object_training_000000.bin", dtype=np.float32)
+    points = torch.from_numpy(points.reshape(-1, 4)).to(device)
+    calls, errors = {}, {}
+    for name, lib in libs.items():
+        try:
+            voxelizer = lib.point_to_voxel(*VOXEL_CONFIG, device=device)
+            calls[name] = (lambda v=voxelizer, keep_grads=False: v.generate_voxel_with_id(points))
+        except Exception as exc:  # noqa: BLE001
+            errors[name] = one_line(exc)
+    outputs, timings, run_errors = run_alternating(calls, args.warmup, args.repeats, sync)
+    errors.update(run_errors)
+    medians = {name: st["median_ms"] for name, st in timings.items()}
+    result = {"points": len(points), "libs": timings,
+              "ratios": ratios(medians), "errors": errors, "compare": {}}
+    if BASELINE in outputs:
+        for name, out in outputs.items():
+            if name != BASELINE:
+                result["compare"][name] = same_voxels(out, outputs[BASELINE])
+    return result
+
+
+# ----------------------------------------------------------------------------- the run
+
+def git_commit() -> str | None:
+    if os.environ.get("SPCONV_LITE_COMMIT"):
+        return os.environ["SPCONV_LITE_COMMIT"]
+    try:
+        def git(*command):
+            return subprocess.run(["git", "-C", str(REPO), *command], capture_output=True,
+                                  text=True, timeout=10)
+
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def driver_version() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def run_meta(libs, skipped, inputs, device, args) -> dict:
+    cuda = device.type == "cuda"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if cuda else None,
+        "driver": driver_version() if cuda else None,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "spconv_lite": sp.__version__,
-        "data": str(data),
-        "voxels": {name: int(v[1].shape[0]) for name, v in inputs.items()},
-        "spatial_shape_zyx": {name: v[2] for name, v in inputs.items()},
+        "libraries": {name: lib.version for name, lib in libs.items()},
+        "skipped_libraries": skipped,
+        "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32,
+                 "cudnn": torch.backends.cudnn.allow_tf32},
+        "threads": torch.get_num_threads(),
+        "quick": args.quick,
         "repeats": args.repeats,
         "warmup": args.warmup,
+        "inputs": {name: {"voxels": int(inp.indices.shape[0]), "spatial_shape_zyx": inp.shape}
+                   for name, inp in inputs.items()},
+        "ratio": f"other / {BASELINE} of the medians (> 1: {BASELINE} is faster)",
     }
-    print(f"{meta['gpu']} | torch {meta['torch']} (CUDA {meta['cuda']}) | python {meta['python']}")
-    print("voxels:", meta["voxels"])
 
-    torch.manual_seed(0)
-    nets = {"second": VoxelBackBone8x().to(device).train(),
-            "spconv": SpconvBenchNet().to(device).train()}
-    plan = [  # (network, input, dtypes)
-        ("second", "kitti", (torch.float32, torch.float16)),
-        ("spconv", "spconv_pc", (torch.float32, torch.float16)),
-        ("spconv", "spconv_pc_x8", (torch.float16,)),
-    ]
-    results = []
-    algos = [a for a in args.algos.split(",") if a]
-    header = (f"{'network':<8} {'input':<13} {'dtype':<8} {'pass':<8} {'algo':<6} "
-              f"{'median ms':>10} {'min':>8} {'max':>8} {'peak MiB':>9}")
-    print(header)
-    print("-" * len(header))
-    for net_name, input_name, dtypes in plan:
-        features, indices, shape = inputs[input_name]
+
+class Report:
+    """The run's JSON, rewritten after every step."""
+
+    def __init__(self, path: Path | None, meta: dict) -> None:
+        self.path = path
+        self.data = {"meta": meta, "voxelize": None, "networks": [], "maps": [],
+                     "skipped_cases": []}
+
+    def save(self) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data, indent=1, default=float))
+            tmp.replace(self.path)
+
+
+def print_case(case: dict) -> None:
+    head = f"{case['network']:<7} {case['input']:<13} {case['dtype']:<8} {case['pass']:<6}"
+    for name, st in case["libs"].items():
+        extra = case["compare"].get(name, {})
+        check = ""
+        if extra:
+            check = (f"rel err {extra['max_rel_err']:.1e}" if "max_rel_err" in extra
+                     else f"DIFFERENT SITES ({extra['sites']} vs {extra['ref_sites']})")
+        peak = f"{st['peak_mib']:8.0f} MiB" if st.get("peak_mib") is not None else ""
+        print(f"{head} {name:<14} {st['median_ms']:9.2f} ms [{st['p25_ms']:.2f}-"
+              f"{st['p75_ms']:.2f}] {peak} {check}", flush=True)
+    for name, error in case["errors"].items():
+        print(f"{head} {name:<14} ERROR {error}", flush=True)
+    if case["ratios"]:
+        print(f"{head} ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in case["ratios"].items()),
+              flush=True)
+
+
+def bench_network_case(network, inp, dtype, train, libs, state, device, args, sync) -> dict:
+    nets, build_errors = build_networks(network, libs, state, device, dtype, train)
+    calls = {name: network_call(libs[name], net, inp, dtype, train) for name, net in nets.items()}
+    outputs, timings, errors = run_alternating(calls, args.warmup, args.repeats, sync)
+    errors.update(build_errors)
+    case = {"network": network, "input": inp.name, "voxels": int(inp.indices.shape[0]),
+            "dtype": str(dtype).replace("torch.", ""), "pass": "train" if train else "fwd",
+            "libs": {}, "errors": errors, "compare": {}, "grad_compare": {}}
+    for name, st in timings.items():
+        case["libs"][name] = dict(st)
+        try:
+            case["libs"][name]["peak_mib"] = peak_memory_mib(calls[name], device)
+        except Exception as exc:  # noqa: BLE001
+            errors[name] = one_line(exc)
+    case["ratios"] = ratios({name: st["median_ms"] for name, st in timings.items()})
+    reference = REFERENCE if REFERENCE in outputs else BASELINE
+    case["compared_with"] = reference if reference in outputs else None
+    for name, (out, grads) in outputs.items():
+        if name == reference or reference not in outputs:
+            continue
+        case["compare"][name] = compare_by_site(out, outputs[reference][0])
+        if train:
+            case["grad_compare"][name] = compare_grads(grads, outputs[reference][1])
+    return case
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=None, help="folder of the LiDAR files")
+    parser.add_argument("--libs", default=",".join(LIBRARIES),
+                        help="libraries to run (one that does not import is reported as skipped)")
+    parser.add_argument("--dtypes", default="float32,float16", help="feature / weight dtypes")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per library")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: a dry run of the script, not a measurement")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"inputs cropped to {QUICK_SITES} voxels (a dry run)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="skip the cases that would start after this many seconds")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--write-results", type=Path, default=None, metavar="RUN_JSON",
+                        help="write DATE-GPU.json and .md for the repository from a run's JSON")
+    parser.add_argument("--results-dir", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    if args.write_results is not None:
+        for path in write_results(json.loads(args.write_results.read_text()), args.results_dir):
+            print(f"wrote {path}")
+        return {}
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: no CUDA device (use --device cpu for a dry run)")
+    start = time.monotonic()
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 (spconv's default)
+    torch.backends.cudnn.allow_tf32 = False
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # spconv's CPU kernels are only correct on one thread
+    sync = make_sync(device)
+    dtypes = [getattr(torch, name) for name in args.dtypes.split(",") if name]
+    libs, skipped = load_libraries([n for n in args.libs.split(",") if n])
+    if BASELINE not in libs:
+        sys.exit(f"error: {BASELINE} does not import: {skipped.get(BASELINE)}")
+    data = args.data or default_data_dir()
+    inputs = load_inputs(data, args.quick)
+    report = Report(args.json, run_meta(libs, skipped, inputs, device, args))
+    meta = report.data["meta"]
+    print(f"{meta['gpu'] or 'CPU (dry run)'} | driver {meta['driver']} | torch {meta['torch']} "
+          f"(CUDA {meta['cuda']}) | python {meta['python']} | commit {meta['commit']}")
+    print("libraries:", meta["libraries"], "| skipped:", skipped or "none")
+    print("voxels:", {name: v["voxels"] for name, v in meta["inputs"].items()}, flush=True)
+    for inp in inputs.values():
+        inp.features, inp.indices = inp.features.to(device), inp.indices.to(device)
+
+    def over_budget(what: str) -> bool:
+        if args.budget_s is not None and time.monotonic() - start > args.budget_s:
+            report.data["skipped_cases"].append(what)
+            print(f"skipped (time budget): {what}", flush=True)
+            return True
+        return False
+
+    if not over_budget("voxelize"):
+        report.data["voxelize"] = bench_voxelize(libs, data, device, args, sync)
+        v = report.data["voxelize"]
+        print("PointToVoxel (KITTI frame):", {n: round(s["median_ms"], 3)
+                                              for n, s in v["libs"].items()},
+              v["ratios"], v["compare"], v["errors"] or "", flush=True)
+        report.save()
+    for network, input_name in PLAN:
+        inp = inputs[input_name]
+        torch.manual_seed(0)
+        reference_net = NETWORKS[network](libs[BASELINE].ns)
+        state = copy.deepcopy(reference_net.state_dict())
+        try:
+            gflop = useful_gflop(reference_net.to(device), inp)
+        except Exception as exc:  # noqa: BLE001  (the rest of the run does not need it)
+            print(f"useful GFLOP of {network} {input_name}: {one_line(exc)}")
+            gflop = None
         for dtype in dtypes:
-            net = nets[net_name].to(dtype)
-            f = features.to(dtype)
-            for backward in (False, True):
-                for algo in algos:
-                    os.environ["SPCONV_LITE_CUDA_CONV_ALGO"] = algo
-                    run = make_case(net, f, indices, shape, backward)
-                    if backward:
-                        stats = time_call(run, args.warmup, args.repeats)
-                    else:
-                        with torch.no_grad():
-                            stats = time_call(run, args.warmup, args.repeats)
-                    net.zero_grad(set_to_none=True)
-                    row = {"network": net_name, "input": input_name,
-                           "dtype": str(dtype).replace("torch.", ""),
-                           "pass": "fwd+bwd" if backward else "fwd", "algo": algo, **stats}
-                    results.append(row)
-                    print(f"{net_name:<8} {input_name:<13} {row['dtype']:<8} {row['pass']:<8} "
-                          f"{algo:<6} {stats['median_ms']:>10.2f} {stats['min_ms']:>8.2f} "
-                          f"{stats['max_ms']:>8.2f} {stats['peak_mem_mib']:>9.0f}", flush=True)
-            nets[net_name].float()
-    os.environ.pop("SPCONV_LITE_CUDA_CONV_ALGO", None)
-
-    # Kernel maps alone (auto algorithm is irrelevant): the first SubM map and a strided map.
-    for input_name, (_, indices, shape) in inputs.items():
-        out = [(n + 2 - 2 - 1) // 2 + 1 for n in shape]
-        for name, fn in (
-            ("kmap subm k3", lambda i=indices, s=shape: sp.ops.build_subm_map(
-                i, s, 1, [3] * 3, [1] * 3)),
-            ("kmap conv k3s2", lambda i=indices, s=shape, o=out: sp.ops.build_conv_map(
-                i, s, 1, o, [3] * 3, [2] * 3, [1] * 3, [1] * 3)),
-        ):
-            stats = time_call(fn, args.warmup, args.repeats)
-            results.append({"network": name, "input": input_name, "dtype": "-", "pass": "-",
-                            "algo": "-", **stats})
-            print(f"{name:<22} {input_name:<13} {stats['median_ms']:>10.2f} ms")
-
-    # Voxelization of the KITTI frame (PointToVoxel, OpenPCDet's KITTI settings): the points
-    # already on the GPU, against the CPU op on the same points (results must be identical).
-    points = np.fromfile(data / "kitti_object_training_000000.bin", dtype=np.float32)
-    points = torch.from_numpy(points.reshape(-1, 4))
-    config = ([0.05, 0.05, 0.1], [0, -40, -3, 70.4, 40, 1], 4, 40000, 5)
-    voxelizers = {d: sp.PointToVoxel(*config, device=d) for d in ("cpu", "cuda")}
-    clouds = {"cpu": points, "cuda": points.to(device)}
-    for name, method in (("voxelize", "generate_voxel_with_id"),
-                         ("voxelize_mean", "generate_voxel_mean")):
-        calls = {d: (lambda d=d: getattr(voxelizers[d], method)(clouds[d])) for d in clouds}
-        identical = all(torch.equal(a, b.cpu()) for a, b in zip(calls["cpu"](), calls["cuda"]()))
-        stats = time_call(calls["cuda"], args.warmup, args.repeats)
-        cpu_ms = time_cpu(calls["cpu"], args.warmup, args.repeats)
-        results.append({"network": name, "input": "kitti", "dtype": "float32", "pass": "-",
-                        "algo": "-", "cpu_median_ms": cpu_ms, "identical_to_cpu": identical,
-                        **stats})
-        print(f"{name:<22} {'kitti':<13} {stats['median_ms']:>10.2f} ms (CPU {cpu_ms:.2f} ms, "
-              f"{torch.get_num_threads()} threads; identical: {identical})")
-
+            for train in (False, True):
+                what = f"{network} {input_name} {dtype} {'train' if train else 'fwd'}"
+                if over_budget(what):
+                    continue
+                case = bench_network_case(network, inp, dtype, train, libs, state, device,
+                                          args, sync)
+                case["useful_gflop_fwd"] = gflop
+                if gflop and not train:
+                    case["useful_tflops"] = {name: gflop / st["median_ms"]
+                                             for name, st in case["libs"].items()}
+                report.data["networks"].append(case)
+                add_map_shares(report.data)
+                print_case(case)
+                report.save()
+                if dtype == torch.float32 and not train and not over_budget(f"maps {what}"):
+                    maps = bench_maps(libs, network, state, inp, device, args, sync)
+                    maps.update(network=network, input=input_name)
+                    report.data["maps"].append(maps)
+                    add_map_shares(report.data)
+                    print(f"maps {network} {input_name}:", {
+                        name: (e.get("maps"), round(e.get("total_median_ms", float("nan")), 3))
+                        for name, e in maps["libs"].items()}, maps["errors"] or "", flush=True)
+                    report.save()
+    report.data["meta"]["seconds"] = round(time.monotonic() - start, 1)
+    report.save()
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
         print(f"wrote {args.json}")
+    return report.data
+
+
+def add_map_shares(data: dict) -> None:
+    """Each library's map time per forward as a share of its forward, for every dtype."""
+    for maps in data["maps"]:
+        for case in data["networks"]:
+            if (case["network"], case["input"], case["pass"]) != (maps["network"], maps["input"],
+                                                                   "fwd"):
+                continue
+            for name, entry in maps["libs"].items():
+                fwd = case["libs"].get(name, {}).get("median_ms")
+                if fwd and "total_median_ms" in entry:
+                    entry[f"share_of_{case['dtype']}_fwd"] = entry["total_median_ms"] / fwd
+
+
+# ----------------------------------------------------------------------------- results file
+
+def results_stem(meta: dict) -> str:
+    gpu = re.sub(r"[^a-z0-9]+", "-", (meta.get("gpu") or "cpu").lower()).strip("-")
+    return f"{meta['date'][:10]}-{gpu}"
+
+
+def fmt_ms(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def render_markdown(data: dict) -> str:
+    """The results of one run as a markdown page (the table the README quotes)."""
+    meta = data["meta"]
+    names = [n for n in LIBRARIES if n in meta["libraries"]]
+    lines = [
+        f"# GPU benchmark: {meta.get('gpu') or 'CPU dry run'}, {meta['date'][:10]}",
+        "",
+        f"- GPU: {meta.get('gpu')}, driver {meta.get('driver')}",
+        f"- torch {meta['torch']} (CUDA {meta['cuda']}), Python {meta['python']}",
+        "- libraries: " + ", ".join(f"{n} {v}" for n, v in meta["libraries"].items())
+        + ("; skipped: " + ", ".join(f"{n} ({r})" for n, r in meta["skipped_libraries"].items())
+           if meta["skipped_libraries"] else ""),
+        f"- spconv_lite commit: {meta.get('commit')}",
+        f"- medians of {meta['repeats']} calls after {meta['warmup']} warm-up calls, libraries "
+        "alternated call by call, each call between two device synchronisations; TF32 off; "
+        f"ratio = {meta['ratio']}",
+        "- inputs: " + ", ".join(f"{n} {v['voxels']:,} voxels" for n, v in meta["inputs"].items()),
+        "",
+        "## Networks (ms; peak MiB; max relative difference of the outputs from "
+        f"{REFERENCE}'s)",
+        "",
+        "| network | input | dtype | pass | " + " | ".join(f"{n} ms" for n in names)
+        + " | " + " | ".join(f"{n} / {BASELINE}" for n in names if n != BASELINE)
+        + " | peak MiB (" + ", ".join(names) + ") | rel. diff. | TFLOP/s (" + BASELINE + ") |",
+        "|" + "---|" * (5 + 2 * len(names) + 1),
+    ]
+    for case in data["networks"]:
+        medians = [fmt_ms(case["libs"].get(n, {}).get("median_ms")) if n not in case["errors"]
+                   else "error" for n in names]
+        ratio = [f"{case['ratios'][f'{n}/{BASELINE}']:.2f}"
+                 if f"{n}/{BASELINE}" in case["ratios"] else "-" for n in names if n != BASELINE]
+        peaks = ", ".join("-" if case["libs"].get(n, {}).get("peak_mib") is None
+                          else f"{case['libs'][n]['peak_mib']:.0f}" for n in names)
+        diffs = []
+        for n, c in case["compare"].items():
+            diffs.append(f"{n} {c['max_rel_err']:.1e}" if "max_rel_err" in c
+                         else f"{n} DIFFERENT SITES")
+        tflops = case.get("useful_tflops", {}).get(BASELINE)
+        lines.append(f"| {case['network']} | {case['input']} ({case['voxels']:,}) | "
+                     f"{case['dtype']} | {case['pass']} | " + " | ".join(medians) + " | "
+                     + " | ".join(ratio) + f" | {peaks} | {'; '.join(diffs) or '-'} | "
+                     + ("-" if tflops is None else f"{tflops:.3g}") + " |")
+    if data["maps"]:
+        lines += ["", "## Kernel maps of one forward (ms, replayed alone)", "",
+                  "| network | input | map type | " + " | ".join(names) + " |",
+                  "|" + "---|" * (3 + len(names))]
+        for maps in data["maps"]:
+            total = [fmt_ms(maps["libs"].get(n, {}).get("total_median_ms")) for n in names]
+            lines.append(f"| {maps['network']} | {maps['input']} | all maps | "
+                         + " | ".join(total) + " |")
+            for kind, by_lib in maps["by_type"].items():
+                cells = ["-" if n not in by_lib else
+                         f"{by_lib[n]['median_ms']:.3f} ({by_lib[n]['maps']})" for n in names]
+                lines.append(f"| | | {kind} | " + " | ".join(cells) + " |")
+            shares = []
+            for n in names:
+                entry = maps["libs"].get(n, {})
+                shares.append(", ".join(f"{k.split('_')[2]} {v:.0%}" for k, v in entry.items()
+                                        if k.startswith("share_of_")) or "-")
+            lines.append("| | | share of the forward | " + " | ".join(shares) + " |")
+    voxelize = data.get("voxelize")
+    if voxelize:
+        lines += ["", f"## PointToVoxel, KITTI frame ({voxelize['points']:,} points)", "",
+                  "| library | median ms | vs " + BASELINE + " | voxels agree with "
+                  + BASELINE + " |", "|---|---|---|---|"]
+        for n in names:
+            st = voxelize["libs"].get(n)
+            if st is None:
+                lines.append(f"| {n} | error: {voxelize['errors'].get(n, '-')} | | |")
+                continue
+            agree = voxelize["compare"].get(n, {})
+            lines.append(f"| {n} | {st['median_ms']:.3f} | "
+                         + (f"{voxelize['ratios'][f'{n}/{BASELINE}']:.2f}"
+                            if f"{n}/{BASELINE}" in voxelize["ratios"] else "-")
+                         + " | " + (", ".join(f"{k} {v}" for k, v in agree.items()) or "-")
+                         + " |")
+    errors = [(c["network"], c["input"], c["dtype"], c["pass"], n, e)
+              for c in data["networks"] for n, e in c["errors"].items()]
+    if errors or data["skipped_cases"]:
+        lines += ["", "## Errors and skipped cases", ""]
+        lines += [f"- {' '.join(e[:4])}: {e[4]}: {e[5]}" for e in errors]
+        lines += [f"- skipped (time budget): {what}" for what in data["skipped_cases"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(data: dict, directory: Path) -> list[Path]:
+    """DATE-GPU.json (the run's JSON) and DATE-GPU.md (its tables) in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = results_stem(data["meta"])
+    json_path, md_path = directory / f"{stem}.json", directory / f"{stem}.md"
+    json_path.write_text(json.dumps(data, indent=1, default=float) + "\n")
+    md_path.write_text(render_markdown(data))
+    return [json_path, md_path]
 
 
 if __name__ == "__main__":

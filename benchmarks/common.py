@@ -74,17 +74,23 @@ def time_case(case: Case, warmup: int, repeats: int, with_theirs: bool) -> dict:
     return {"stats": time_alternating(fns, warmup, repeats), "errors": errors}
 
 
-def time_alternating(fns: dict[str, Callable], warmup: int, repeats: int) -> dict:
+def time_alternating(fns: dict[str, Callable], warmup: int, repeats: int,
+                     sync: Callable[[], None] | None = None) -> dict:
     """Statistics (ms) of each function, run in turn call by call so that they share the
-    machine's state (clock, caches, other load) evenly."""
+    machine's state (clock, caches, other load) evenly. With ``sync`` (for example
+    ``torch.cuda.synchronize``), each timed call runs between two calls of it, so that its time
+    includes the device work it queued."""
+    sync = sync or (lambda: None)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     samples = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             samples[name].append((time.perf_counter() - start) * 1e3)
     return {name: stats(s) for name, s in samples.items()}
 

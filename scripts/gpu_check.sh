@@ -1,17 +1,45 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: build spconv_lite with its CUDA kernels, run the CUDA tests,
-# run the GPU benchmarks, and write a log and a JSON summary into a results folder.
+# One command for a GPU machine: unpack the peer libraries, build spconv_lite with its CUDA
+# kernels, run every CUDA test (and compute-sanitizer over a few small ones, alongside), run the
+# side-by-side benchmark, and write everything into a results folder. Every stage is
+# time-boxed, so that a failure or a hang in one does not eat the others' time.
 #
 # Usage: scripts/gpu_check.sh RESULTS_DIR [--data DIR]
-#   RESULTS_DIR  created if missing; gets gpu_check.log, summary.json, tests.xml (JUnit),
-#                bench.json and build.log
-#   --data DIR   folder of the LiDAR files (default: shared/data/lidar beside the repository or
-#                inside it)
+#   RESULTS_DIR  created if missing; gets (6 files) gpu_check.log (everything printed),
+#                build.log, tests.xml (JUnit), sanitizer.log, bench.json, summary.json
+#   --data DIR   folder of the LiDAR files (default: .gpu/lidar, else shared/data/lidar beside
+#                the repository or inside it)
 #
-# Needs: Python with a CUDA build of torch and pytest, nvcc, a GPU; no internet. Builds for
-# TORCH_CUDA_ARCH_LIST (default 9.0). Stages share a deadline (GPU_CHECK_BUDGET_S, default 450 s)
-# so the whole run stays under 8 minutes; a stage that runs out of time is stopped and
-# reported as timed out.
+# Environment:
+#   GPU_CHECK_STAGES        stages to run, default "build,tests,sanitizer,bench"; without
+#                           "build" the spconv_lite/_C*.so already there is used (a rerun on
+#                           a machine still warm)
+#   GPU_CHECK_BUDGET_S      seconds for the whole run (default 450); each stage gets its cap or
+#                           what is left minus a reserve for the stages after it
+#   GPU_CHECK_TEST_WORKERS  pytest-xdist workers for the tests (default 4; 0 = none)
+#   GPU_CHECK_BENCH_ARGS    extra arguments for benchmarks/bench_cuda.py (e.g. "--repeats 5")
+#   SPCONV_LITE_COMMIT      the commit to record in bench.json when the checkout has no .git
+#   PYTHON                  the interpreter (default python3, else python)
+#   COMPUTE_SANITIZER       the compute-sanitizer program (default: on PATH or in CUDA_HOME)
+#   GPU_CHECK_DRY_RUN=1     a rehearsal without a GPU: no build (the _C*.so there is used),
+#                           the tests as selected (they skip without CUDA), the benchmark with
+#                           --device cpu --quick
+#
+# Needs: a CUDA build of torch with pytest, nvcc, a GPU; no internet. Builds for
+# TORCH_CUDA_ARCH_LIST (default 9.0). Peers: .gpu/peers-cp312.tar.xz (spconv 2.3.8 with its
+# CUDA kernels and spconv-Triton 1.0.0, see ../shared/gpu/README.md) is unpacked into .gpu/site,
+# which goes first on PYTHONPATH, so that `import spconv` is that spconv; without the archive
+# the benchmark reports the peers as skipped.
+#
+# On this project's device machine (the `run` tool), from the checkout that travels:
+#   1. here, once:   mkdir -p .gpu && cp ../shared/gpu/peers-cp312.tar.xz .gpu/ &&
+#                    cp -r ../shared/data/lidar .gpu/lidar          (.gpu/ is git-ignored; 54 MB)
+#   2. run:          command "SPCONV_LITE_COMMIT=<git rev-parse HEAD here> bash
+#                    scripts/gpu_check.sh $OUT/results", carry [".gpu"], timeout_s 600
+#   3. here, after:  python benchmarks/bench_cuda.py --write-results <files_at>/results/bench.json
+#                    (writes benchmarks/results/DATE-GPU.json and .md for the commit)
+#   A rerun on the still-warm machine can skip what passed, e.g.
+#   GPU_CHECK_STAGES=bench bash scripts/gpu_check.sh $OUT/results
 set -uo pipefail
 
 if [ $# -lt 1 ] || [[ "$1" == -* ]]; then
@@ -34,125 +62,258 @@ RESULTS=$(cd "$RESULTS" && pwd)
 LOG="$RESULTS/gpu_check.log"
 exec > >(tee "$LOG") 2>&1
 cd "$REPO"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+DRY_RUN=${GPU_CHECK_DRY_RUN:-0}
+if [ "$DRY_RUN" = 1 ]; then
+    STAGES=",${GPU_CHECK_STAGES:-tests,sanitizer,bench},"
+else
+    STAGES=",${GPU_CHECK_STAGES:-build,tests,sanitizer,bench},"
+fi
+want() { [[ "$STAGES" == *",$1,"* ]]; }
 
 if [ -z "$DATA" ]; then
-    for candidate in "$REPO/../shared/data/lidar" "$REPO/shared/data/lidar"; do
+    for candidate in "$REPO/.gpu/lidar" "$REPO/../shared/data/lidar" "$REPO/shared/data/lidar"; do
         if [ -d "$candidate" ]; then DATA=$(cd "$candidate" && pwd); break; fi
     done
 fi
+[ -n "$DATA" ] && export SPCONV_LITE_DATA=$DATA  # the tests' LiDAR frames (tests/helpers.py)
 
 START=$SECONDS
 BUDGET=${GPU_CHECK_BUDGET_S:-450}
 # Seconds a stage may use: its cap, or what is left of the budget minus a reserve for the
-# stages after it.
+# stages after it (at least 10).
 allowance() {
-    local cap=$1 reserve=$2 left=$((BUDGET - (SECONDS - START) - $2))
+    local cap=$1 left=$((BUDGET - (SECONDS - START) - $2))
     [ "$left" -lt "$cap" ] && cap=$left
     [ "$cap" -lt 10 ] && cap=10
     echo "$cap"
 }
+# Runs "$@" for at most $1 seconds, then SIGINT (pytest then still writes its report and
+# JUnit XML; a Python script stops with KeyboardInterrupt), SIGKILL 20 s later; rc 124 = timed
+# out.
+boxed() {
+    local seconds=$1
+    shift
+    timeout -s INT -k 20 "$seconds" "$@"
+}
 
 echo "=== gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ), repo $REPO, results $RESULTS"
-echo "data: ${DATA:-not found}"
-(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo "commit: not a git checkout") | sed 's/^/commit: /'
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
+echo "stages: ${STAGES:1:-1}; budget ${BUDGET}s; data: ${DATA:-not found}"
+echo "commit: ${SPCONV_LITE_COMMIT:-$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)}"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader \
+    2>&1 || true
 command -v nvcc >/dev/null && nvcc --version | tail -1
-python - <<'PY'
+"$PY" - <<'PY'
 import sys, torch
-print(f"python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
-      f"GPU available: {torch.cuda.is_available()}")
+print(f"python {sys.version.split()[0]} ({sys.executable}), torch {torch.__version__}, "
+      f"CUDA {torch.version.cuda}, GPU available: {torch.cuda.is_available()}")
 PY
 
+# ----------------------------------------------------------------------------- peers
+PEERS_ARCHIVE="$REPO/.gpu/peers-cp312.tar.xz"
+PEERS_SITE="$REPO/.gpu/site"
+if [ -f "$PEERS_ARCHIVE" ]; then
+    if [ ! -f "$PEERS_SITE/.unpacked" ] || [ "$PEERS_ARCHIVE" -nt "$PEERS_SITE/.unpacked" ]; then
+        echo "=== unpacking the peers into .gpu/site"
+        rm -rf "$PEERS_SITE" && mkdir -p "$PEERS_SITE"
+        if boxed 120 tar -xJf "$PEERS_ARCHIVE" -C "$PEERS_SITE"; then
+            touch "$PEERS_SITE/.unpacked"
+        else
+            echo "unpacking failed: the benchmark will report the peers as skipped"
+        fi
+    fi
+else
+    echo "no $PEERS_ARCHIVE: the benchmark will report the peers as skipped"
+fi
+# The peers first, so that `import spconv` is theirs; then this checkout's spconv_lite.
+if [ -f "$PEERS_SITE/.unpacked" ]; then
+    export PYTHONPATH="$PEERS_SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+else
+    export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
 # ----------------------------------------------------------------------------- build
+BUILD_RC=-1
+BUILD_S=0
 if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
     CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
     export CUDA_HOME
 fi
-echo "=== build (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}, CUDA_HOME=${CUDA_HOME:-unset})"
-build_start=$SECONDS
-rm -f spconv_lite/_C*.so
-SPCONV_LITE_WITH_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
-    MAX_JOBS=${MAX_JOBS:-$(nproc)} timeout "$(allowance 240 200)" \
-    python setup.py build_ext --inplace > "$RESULTS/build.log" 2>&1
-BUILD_RC=$?
-BUILD_S=$((SECONDS - build_start))
-tail -5 "$RESULTS/build.log"
-echo "build: rc=$BUILD_RC in ${BUILD_S}s (full log: build.log)"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+if want build; then
+    echo "=== build (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}," \
+        "CUDA_HOME=${CUDA_HOME:-unset})"
+    build_start=$SECONDS
+    rm -f spconv_lite/_C*.so
+    SPCONV_LITE_WITH_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+        MAX_JOBS=${MAX_JOBS:-$(nproc)} boxed "$(allowance 240 240)" \
+        "$PY" setup.py build_ext --inplace > "$RESULTS/build.log" 2>&1
+    BUILD_RC=$?
+    BUILD_S=$((SECONDS - build_start))
+    grep -iE "error|warning" "$RESULTS/build.log" | grep -v "^ninja: " | head -30
+    tail -3 "$RESULTS/build.log"
+    echo "build: rc=$BUILD_RC in ${BUILD_S}s (full log: build.log)"
+elif ls spconv_lite/_C*.so >/dev/null 2>&1; then
+    BUILD_RC=0
+    echo "=== build skipped: using $(ls spconv_lite/_C*.so)"
+fi
 if [ $BUILD_RC -eq 0 ]; then
-    python - <<'PY'
-import torch, spconv_lite
-ops = ["build_subm_map", "build_conv_map", "sparse_conv", "sparse_conv_weight_grad",
-       "sparse_sum_pool", "sparse_max_pool", "sparse_max_pool_backward", "voxelize",
-       "voxelize_mean"]
+    "$PY" - <<'PY' || BUILD_RC=1
+import sys, torch, spconv_lite
+ops = sorted(s.name.split("::")[1] for s in torch._C._jit_get_all_schemas()
+             if s.name.startswith("spconv_lite::"))
 missing = [op for op in ops
            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"spconv_lite::{op}", "CUDA")]
 print("spconv_lite from", spconv_lite.__file__)
-print("CUDA kernels registered for every op" if not missing else f"NO CUDA KERNEL: {missing}")
+print(f"CUDA kernels registered for all {len(ops)} ops" if not missing
+      else f"NO CUDA KERNEL: {missing}")
+sys.exit(1 if missing or not torch.cuda.is_available() else 0)
 PY
+    [ "$DRY_RUN" = 1 ] && BUILD_RC=0  # a rehearsal: the CPU build will do
 fi
 
 # ----------------------------------------------------------------------------- tests
+# The sanitizer runs alongside the tests (both check correctness, neither is timed). Small
+# cases only: compute-sanitizer slows kernels 10-100x; memcheck without torch's caching
+# allocator, so that an access past a tensor's end is past an allocation's end.
+SANITIZER_TESTS="(test_kernel_maps_are_identical and 1500) or test_zero_sites_maps
+ or (test_conv_matches_cpu and subm-16-16 and float32)
+ or (test_half_precision_close_to_float32 and (subm-16-16 or subm-3-5) and float16)
+ or (test_non_finite_weights_reach_only_real_pairs and float16)
+ or test_conv_with_an_empty_kernel or (test_pooling_is_identical and float32)
+ or (test_voxelize_is_identical and 5000)"
+SANITIZER=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer \
+    || ls "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" 2>/dev/null || true)}
+sanitizer_stage() {  # $1: seconds in all
+    local per_tool=$(( $1 / 3 )) tool rc
+    "$SANITIZER" --version | tail -1
+    for tool in memcheck racecheck synccheck; do
+        echo "--- compute-sanitizer --tool $tool (at most ${per_tool}s)"
+        local env_args=()
+        [ "$tool" = memcheck ] && env_args=(PYTORCH_NO_CUDA_MEMORY_CACHING=1)
+        env "${env_args[@]}" timeout -k 10 "$per_tool" "$SANITIZER" --tool "$tool" \
+            --error-exitcode 97 --print-limit 30 "$PY" -m pytest tests/test_cuda_parity.py \
+            -q -p no:cacheprovider -k "$(echo $SANITIZER_TESTS)"
+        rc=$?
+        echo "sanitizer $tool: rc=$rc"
+    done
+}
+
 TESTS_RC=-1
 TESTS_S=0
-if [ $BUILD_RC -eq 0 ]; then
-    echo "=== CUDA tests (pytest -k cuda)"
-    tests_start=$SECONDS
-    timeout "$(allowance 220 110)" python -m pytest tests -q -k cuda -p no:cacheprovider \
-        --junitxml="$RESULTS/tests.xml" -o junit_family=xunit1 2>&1 | tail -40
-    TESTS_RC=${PIPESTATUS[0]}
-    TESTS_S=$((SECONDS - tests_start))
-    echo "tests: rc=$TESTS_RC in ${TESTS_S}s"
+SANITIZER_S=0
+if [ $BUILD_RC -eq 0 ] && { want tests || want sanitizer; }; then
+    stage_start=$SECONDS
+    stage_s=$(allowance 200 120)
+    sanitizer_pid=""
+    if want sanitizer && [ -n "$SANITIZER" ]; then
+        echo "=== compute-sanitizer over small CUDA parity tests, alongside (log: sanitizer.log)"
+        ( sanitizer_stage "$stage_s" > "$RESULTS/sanitizer.log" 2>&1 ) &
+        sanitizer_pid=$!
+    elif want sanitizer; then
+        echo "compute-sanitizer not found: sanitizer stage skipped" | tee "$RESULTS/sanitizer.log"
+    fi
+    if want tests; then
+        echo "=== CUDA tests (pytest -k cuda, at most ${stage_s}s)"
+        extra=()
+        workers=${GPU_CHECK_TEST_WORKERS:-4}
+        if [ "$workers" -gt 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
+            extra+=(-n "$workers")
+            threads=$(( $(nproc) / (workers + 1) ))
+            export OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 ))  # cores shared by workers
+        fi
+        "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 240)
+        boxed "$stage_s" "$PY" -m pytest tests -q -k cuda -rfEs -p no:cacheprovider \
+            --junitxml="$RESULTS/tests.xml" -o junit_family=xunit1 --durations=15 "${extra[@]}"
+        TESTS_RC=$?
+        unset OMP_NUM_THREADS
+        TESTS_S=$((SECONDS - stage_start))
+        echo "tests: rc=$TESTS_RC in ${TESTS_S}s"
+    fi
+    if [ -n "$sanitizer_pid" ]; then
+        wait "$sanitizer_pid"
+        SANITIZER_S=$((SECONDS - stage_start))
+        grep -E "^--- |ERROR SUMMARY|^sanitizer |passed|failed|error" "$RESULTS/sanitizer.log" \
+            | head -40
+    fi
 fi
 
-# ----------------------------------------------------------------------------- benchmarks
+# ----------------------------------------------------------------------------- benchmark
 BENCH_RC=-1
 BENCH_S=0
-if [ $BUILD_RC -eq 0 ]; then
-    echo "=== GPU benchmarks"
+if [ $BUILD_RC -eq 0 ] && want bench; then
+    bench_s=$(allowance 240 5)
+    echo "=== side-by-side benchmark (at most ${bench_s}s)"
     bench_start=$SECONDS
-    timeout "$(allowance 150 5)" python benchmarks/bench_cuda.py ${DATA:+--data "$DATA"} \
-        --repeats 7 --warmup 2 --json "$RESULTS/bench.json"
+    dry_args=()
+    [ "$DRY_RUN" = 1 ] && dry_args=(--device cpu --quick --dtypes float32 --repeats 1 --warmup 0)
+    # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS is a list of words
+    boxed "$bench_s" "$PY" benchmarks/bench_cuda.py ${DATA:+--data "$DATA"} --repeats 7 \
+        --warmup 2 --budget-s $((bench_s - 45)) --json "$RESULTS/bench.json" \
+        "${dry_args[@]}" ${GPU_CHECK_BENCH_ARGS:-}
     BENCH_RC=$?
     BENCH_S=$((SECONDS - bench_start))
-    echo "benchmarks: rc=$BENCH_RC in ${BENCH_S}s"
+    echo "benchmark: rc=$BENCH_RC in ${BENCH_S}s"
 fi
 
 # ----------------------------------------------------------------------------- summary
 RESULTS="$RESULTS" BUILD_RC=$BUILD_RC BUILD_S=$BUILD_S TESTS_RC=$TESTS_RC TESTS_S=$TESTS_S \
-BENCH_RC=$BENCH_RC BENCH_S=$BENCH_S TOTAL_S=$((SECONDS - START)) python - <<'PY'
-import json, os, xml.etree.ElementTree as ET
+SANITIZER_S=$SANITIZER_S BENCH_RC=$BENCH_RC BENCH_S=$BENCH_S TOTAL_S=$((SECONDS - START)) \
+STAGES="$STAGES" "$PY" - <<'PY'
+import json, os, re, xml.etree.ElementTree as ET
 from pathlib import Path
 
 results = Path(os.environ["RESULTS"])
-env = {k: int(os.environ[k]) for k in ("BUILD_RC", "BUILD_S", "TESTS_RC", "TESTS_S", "BENCH_RC",
-                                         "BENCH_S", "TOTAL_S")}
-summary = {"total_s": env["TOTAL_S"],
+env = {k: int(os.environ[k]) for k in ("BUILD_RC", "BUILD_S", "TESTS_RC", "TESTS_S",
+                                       "SANITIZER_S", "BENCH_RC", "BENCH_S", "TOTAL_S")}
+stages = [s for s in os.environ["STAGES"].split(",") if s]
+summary = {"total_s": env["TOTAL_S"], "stages": stages,
            "build": {"ok": env["BUILD_RC"] == 0, "rc": env["BUILD_RC"], "seconds": env["BUILD_S"]}}
-tests = {"rc": env["TESTS_RC"], "seconds": env["TESTS_S"], "ran": env["TESTS_RC"] != -1}
+tests = {"rc": env["TESTS_RC"], "seconds": env["TESTS_S"], "ran": env["TESTS_RC"] != -1,
+         "ok": env["TESTS_RC"] == 0}
 junit = results / "tests.xml"
-if junit.exists():
-    suites = ET.parse(junit).getroot()
-    suites = [suites] if suites.tag == "testsuite" else list(suites)
+if tests["ran"] and junit.exists():
+    root = ET.parse(junit).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root)
     for key in ("tests", "failures", "errors", "skipped"):
         tests[key] = sum(int(s.get(key, 0)) for s in suites)
     tests["failed"] = [f"{c.get('classname')}::{c.get('name')}" for s in suites
                        for c in s.iter("testcase")
-                       if c.find("failure") is not None or c.find("error") is not None][:50]
-tests["ok"] = env["TESTS_RC"] == 0
+                       if c.find("failure") is not None or c.find("error") is not None][:60]
 summary["tests"] = tests
+sanitizer = {"seconds": env["SANITIZER_S"], "tools": {}}
+log = results / "sanitizer.log"
+if "sanitizer" in stages and log.exists():
+    tool = None
+    for line in log.read_text(errors="replace").splitlines():
+        if m := re.match(r"--- compute-sanitizer --tool (\w+)", line):
+            tool = m.group(1)
+            sanitizer["tools"][tool] = {}
+        elif tool and (m := re.search(r"ERROR SUMMARY: (\d+) error", line)):
+            sanitizer["tools"][tool]["errors"] = int(m.group(1))
+        elif tool and (m := re.match(r"sanitizer \w+: rc=(-?\d+)", line)):
+            sanitizer["tools"][tool]["rc"] = int(m.group(1))
+    sanitizer["ok"] = bool(sanitizer["tools"]) and all(
+        t.get("rc") == 0 and t.get("errors") == 0 for t in sanitizer["tools"].values())
+summary["sanitizer"] = sanitizer
 bench = {"rc": env["BENCH_RC"], "seconds": env["BENCH_S"], "ok": env["BENCH_RC"] == 0}
 bench_file = results / "bench.json"
-if bench_file.exists():
+if "bench" in stages and bench_file.exists():
     data = json.loads(bench_file.read_text())
-    bench["meta"] = data["meta"]
-    bench["median_ms"] = {
-        " ".join(str(r[k]) for k in ("network", "input", "dtype", "pass", "algo")): round(r["median_ms"], 3)
-        for r in data["results"]}
+    bench["meta"] = {k: data["meta"].get(k) for k in ("gpu", "driver", "torch", "cuda",
+                                                       "libraries", "skipped_libraries")}
+    bench["cases"] = {
+        f"{c['network']} {c['input']} {c['dtype']} {c['pass']}": {
+            "median_ms": {n: round(s["median_ms"], 3) for n, s in c["libs"].items()},
+            "ratios": {k: round(v, 3) for k, v in c["ratios"].items()},
+            "errors": c["errors"]}
+        for c in data["networks"]}
+    bench["skipped_cases"] = data.get("skipped_cases", [])
 summary["bench"] = bench
-summary["ok"] = summary["build"]["ok"] and tests["ok"] and bench["ok"]
+summary["ok"] = (summary["build"]["ok"] and ("tests" not in stages or tests["ok"])
+                 and ("bench" not in stages or bench["ok"]))
 (results / "summary.json").write_text(json.dumps(summary, indent=2))
-print(json.dumps({k: (v if k != "bench" else {x: v[x] for x in ("ok", "rc", "seconds")})
-                  for k, v in summary.items()}, indent=2))
+print(json.dumps({k: v for k, v in summary.items() if k != "bench"}, indent=2))
+print(json.dumps({k: bench[k] for k in ("ok", "rc", "seconds")}))
 PY
 echo "=== gpu_check done in $((SECONDS - START))s: $RESULTS/summary.json"

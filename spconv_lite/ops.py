@@ -101,7 +101,8 @@ def build_conv_map(
     )
 
 
-def sparse_conv(features: Tensor, weight: Tensor, nbr: Tensor, nbr_t: Tensor) -> Tensor:
+def sparse_conv(features: Tensor, weight: Tensor, nbr: Tensor, nbr_t: Tensor, *,
+                check_tables: bool = True) -> Tensor:
     """Gather-GEMM-scatter: ``out[o] = sum_k features[nbr[o, k]] @ weight[k]``.
 
     Args:
@@ -109,21 +110,66 @@ def sparse_conv(features: Tensor, weight: Tensor, nbr: Tensor, nbr_t: Tensor) ->
         weight: ``[K, C_in, C_out]`` (any strides).
         nbr: int32 ``[N_out, K]``.
         nbr_t: int32 ``[N_in, K]``, the transposed table (used by the backward pass).
+        check_tables: raise ``ValueError`` now if an entry of ``nbr`` is not -1 or a row of
+            ``features``, or one of ``nbr_t`` not -1 or an output row (one pass over the
+            tables; on a GPU, one host synchronisation). The layers pass ``False`` for the maps
+            the library built.
 
     Returns:
         ``[N_out, C_out]`` in the dtype of ``features``.
     """
+    if check_tables:
+        _check_tables(features, nbr, nbr_t)
     return _ops.sparse_conv(features, weight, nbr, nbr_t)
 
 
-def sparse_sum_pool(features: Tensor, nbr: Tensor, nbr_t: Tensor) -> Tensor:
-    """``out[o] = sum_k features[nbr[o, k]]`` over the active neighbours."""
+def sparse_sum_pool(features: Tensor, nbr: Tensor, nbr_t: Tensor, *,
+                    check_tables: bool = True) -> Tensor:
+    """``out[o] = sum_k features[nbr[o, k]]`` over the active neighbours (``check_tables`` as
+    in :func:`sparse_conv`)."""
+    if check_tables:
+        _check_tables(features, nbr, nbr_t)
     return _ops.sparse_sum_pool(features, nbr, nbr_t)
 
 
-def sparse_max_pool(features: Tensor, nbr: Tensor, nbr_t: Tensor) -> Tensor:
-    """``out[o, c] = max_k features[nbr[o, k], c]`` over the active neighbours (true maximum)."""
+def sparse_max_pool(features: Tensor, nbr: Tensor, nbr_t: Tensor, *,
+                    check_tables: bool = True) -> Tensor:
+    """``out[o, c] = max_k features[nbr[o, k], c]`` over the active neighbours (true maximum;
+    ``check_tables`` as in :func:`sparse_conv`)."""
+    if check_tables:
+        _check_tables(features, nbr, nbr_t)
     return _ops.sparse_max_pool(features, nbr, nbr_t)[0]
+
+
+def _check_tables(features: Tensor, nbr: Tensor, nbr_t: Tensor) -> None:
+    """Raises ``ValueError`` unless every entry of ``nbr`` is -1 or a row of ``features`` and
+    every entry of ``nbr_t`` is -1 or a row of ``nbr`` (an output row).
+
+    The ops themselves check ``nbr`` on the CPU; on a GPU they only stop with a device-side
+    assertion, which breaks every later CUDA call of the process, so hand-made tables are checked
+    here first: one pass over the tables and, on a GPU, one host synchronisation. Tables whose
+    shapes do not fit are left to the op, whose message names the shape. Skipped inside
+    ``torch.compile``, where a data-dependent check cannot be traced.
+    """
+    if torch.compiler.is_compiling() or not _tables_fit(features, nbr, nbr_t):
+        return
+    for table, name, rows, what in ((nbr, "nbr", features.shape[0], "the given features"),
+                                    (nbr_t, "nbr_t", nbr.shape[0], "the output rows")):
+        if table.numel() == 0:
+            continue
+        low, high = torch.stack(torch.aminmax(table)).tolist()
+        if low < -1 or high >= rows:
+            raise ValueError(f"{name} has entries outside [-1, {rows}): it does not index {what} "
+                             f"(seen {low} .. {high})")
+
+
+def _tables_fit(features, nbr, nbr_t) -> bool:
+    """Whether the arguments have the shapes and dtypes the ops accept (their entries aside)."""
+    tensors = (features, nbr, nbr_t)
+    if not all(isinstance(t, Tensor) and t.dim() == 2 for t in tensors):
+        return False
+    return (nbr.dtype == nbr_t.dtype == torch.int32 and nbr.shape[1] == nbr_t.shape[1]
+            and nbr_t.shape[0] == features.shape[0])
 
 
 def voxelize(

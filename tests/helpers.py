@@ -299,6 +299,18 @@ def check_values(run: DenseRun, dtype: torch.dtype = torch.float64) -> None:
                                **TOL[dtype])
 
 
+def assert_close_non_finite(got: Tensor, want: Tensor, rtol: float, atol: float) -> None:
+    """Same dtype, shape and inf / NaN entries (signs included); the finite entries close
+    relative to the largest finite one (``got`` may be on another device)."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    got, want = got.detach().cpu().double(), want.detach().cpu().double()
+    for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(kind(got), kind(want)), f"{kind.__name__} entries differ"
+    finite = torch.isfinite(want)
+    scale = max(want[finite].abs().max().item(), 1.0) if finite.any() else 1.0
+    torch.testing.assert_close(got[finite] / scale, want[finite] / scale, rtol=rtol, atol=atol)
+
+
 def check_gradients(run: DenseRun, dtype: torch.dtype, *key) -> None:
     """Gradients of every leaf under one random upstream gradient (seeded from ``key``) match
     dense autograd."""

@@ -9,9 +9,15 @@ file holds what only makes sense with two devices.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import (
+    assert_close_non_finite,
     case_id,
     distinct_values,
     kio_weight,
@@ -192,6 +198,68 @@ def test_half_precision_close_to_float32(shape, dtype, algo, monkeypatch):
 
 
 @pytest.mark.parametrize("algo", ["fused", "gemm"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=case_id)
+@pytest.mark.parametrize("channels", [(16, 24), (5, 3)], ids=case_id)  # 16-byte loads or not
+def test_non_finite_weights_reach_only_real_pairs(channels, dtype, algo, monkeypatch):
+    # As on the CPU, an inf / NaN weight of offset k reaches only the rows with a neighbour at
+    # k; the zero-filled rows of a fused tile must not turn into NaN.
+    monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", algo)
+    nbr, nbr_t = a_map("strided", n=2000)
+    c_in, c_out = channels
+    gen = make_gen("parity_non_finite", channels)
+    x = randn(gen, nbr_t.shape[0], c_in, dtype=dtype)
+    w = randn(gen, 27, c_in, c_out, dtype=dtype, scale=(27 * c_in) ** -0.5)
+    w[0, 1, 2], w[26, c_in - 1, 0], w[13, 0, c_out - 1] = float("inf"), -float("inf"), float("nan")
+    g = randn(gen, nbr.shape[0], c_out, dtype=dtype)
+    wt = w.transpose(1, 2)
+    tol = HALF_TOL.get(dtype, PARITY_TOL.get(dtype))
+    for args in ((x, w, nbr, nbr_t), (g, wt, nbr_t, nbr)):  # forward, input gradient
+        (want,), (got,) = both(OPS.sparse_conv, *args)
+        assert not torch.isfinite(want).all() and torch.isfinite(want).all(1).any()
+        assert_close_non_finite(got, want, **tol)
+
+
+@pytest.mark.parametrize("algo", ["fused", "gemm"])
+def test_conv_with_an_empty_kernel(algo, monkeypatch):
+    # A [N, 0] table: the fused weight gradient used to divide by zero (SIGFPE).
+    monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", algo)
+    x, g = torch.randn(5, 3), torch.randn(4, 2)
+    nbr, nbr_t = torch.zeros(4, 0, dtype=torch.int32), torch.zeros(5, 0, dtype=torch.int32)
+    cpu, gpu = both(lambda x, g, w, nbr, nbr_t: [OPS.sparse_conv_weight_grad(x, g, nbr),
+                                                  OPS.sparse_conv(x, w, nbr, nbr_t)],
+                    x, g, torch.zeros(0, 3, 2), nbr, nbr_t)
+    assert_equal_lists(gpu, cpu)
+
+
+@pytest.mark.parametrize("switch", ["allow_tf32", "matmul_precision_high"])
+@pytest.mark.parametrize("algo", ["fused", "gemm"])
+def test_float32_stays_exact_when_torch_allows_tf32(algo, switch, monkeypatch):
+    # float32 convolutions are exact float32 on both algorithms, whatever torch's TF32 switches
+    # say (cuBLAS would round the gemm path's inputs to 10 mantissa bits: ~1e-3 off).
+    monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", algo)
+    nbr, nbr_t = a_map("subm")
+    gen = make_gen("parity_tf32")
+    x = randn(gen, nbr_t.shape[0], 64, dtype=torch.float32)
+    w = randn(gen, 27, 64, 64, dtype=torch.float32, scale=(27 * 64) ** -0.5)
+    up = randn(gen, nbr.shape[0], 64, dtype=torch.float32)
+    cpu = conv_results(x, w, nbr, nbr_t, up)
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
+    try:
+        if switch == "allow_tf32":
+            torch.backends.cuda.matmul.allow_tf32 = True
+        else:
+            torch.set_float32_matmul_precision("high")
+        gpu = conv_results(*(t.to(CUDA) for t in (x, w, nbr, nbr_t, up)))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before[0]
+        torch.set_float32_matmul_precision(before[1])
+    for g, c in zip(gpu, cpu):
+        scale = max(c.abs().max().item(), 1.0)
+        torch.testing.assert_close(g.cpu() / scale, c / scale, **PARITY_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("algo", ["fused", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=case_id)
 def test_conv_is_deterministic(dtype, algo, monkeypatch):
     monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", algo)
@@ -314,6 +382,40 @@ def test_inputs_on_two_devices_are_rejected():
         ops.sparse_conv(x, w, nbr, nbr_t.to(CUDA))
     with pytest.raises(ValueError, match="features is on cuda"):
         sp.SparseConvTensor(x, torch.zeros(50, 4, dtype=torch.int32), [6, 6, 6], 1)
+
+
+BAD_TABLES_SCRIPT = """
+import torch
+from spconv_lite import ops
+idx = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 2], [0, 2, 2, 2]], dtype=torch.int32).cuda()
+nbr, nbr_t = ops.build_subm_map(idx, [4, 4, 4], 1, [3, 3, 3], [1, 1, 1])
+x, w = torch.randn(3, 2, device="cuda"), torch.randn(27, 2, 4, device="cuda")
+bad, bad_t = nbr.clone(), nbr_t.clone()
+bad[1, 4], bad_t[2, 0] = 3, -7
+calls = [lambda: ops.sparse_conv(x, w, bad, nbr_t), lambda: ops.sparse_conv(x, w, nbr, bad_t),
+         lambda: ops.sparse_max_pool(x, bad, nbr_t), lambda: ops.sparse_sum_pool(x, nbr, bad_t)]
+for call in calls:
+    try:
+        call()
+        raise SystemExit("no error for a bad table")
+    except ValueError as exc:
+        print(exc)
+print(ops.sparse_conv(x, w, nbr, nbr_t).sum().item())  # the process's CUDA state is intact
+"""
+
+
+def test_bad_hand_made_tables_raise_without_the_switch():
+    # Without SPCONV_LITE_CUDA_CHECK_TABLES, tables given to the ops directly are checked by the
+    # Python functions: a ValueError, not a device-side assertion. In a fresh process, since such
+    # an assertion would break every later CUDA call of this one.
+    env = {k: v for k, v in os.environ.items() if k != "SPCONV_LITE_CUDA_CHECK_TABLES"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                         env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", BAD_TABLES_SCRIPT], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 5 and all("has entries outside" in line for line in lines[:4]), lines
 
 
 def test_bad_tables_raise_with_eager_checks(monkeypatch):

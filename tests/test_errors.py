@@ -330,6 +330,12 @@ CASES = [
     ("op_max_pool_table_entries", lambda: ops.sparse_max_pool(
         torch.randn(2, 3), table(1, 8, fill=-2), table(2, 8)),
      ValueError, E("nbr has entries outside [-1, 2)")),
+    # nbr_t is read by the backward pass only: a hand-made one is checked in the forward call
+    ("op_conv_table_t_entries", lambda: sparse_conv_with(nbr_t=table(2, 27, fill=1)),
+     ValueError, E("nbr_t has entries outside [-1, 1)") + r".*seen 1 \.\. 1"),
+    ("op_sum_pool_table_t_entries", lambda: ops.sparse_sum_pool(
+        torch.randn(2, 3), table(1, 8), table(2, 8, fill=-5)),
+     ValueError, E("nbr_t has entries outside [-1, 1)") + r".*seen -5 \.\. -5"),
 ]
 
 
@@ -352,6 +358,20 @@ def test_spatial_shape_and_kernel_accept_integer_types():
     layer = sp.SparseConv3d(3, 2, np.int64(2), stride=torch.tensor(2), padding=[0, 0, 0])
     assert layer.kernel_size == (2, 2, 2) and layer.stride == (2, 2, 2)
     assert layer(x).spatial_shape == [2, 2, 2]
+
+
+def test_layers_do_not_recheck_the_maps_they_built(monkeypatch):
+    # Maps from build_*_map are valid by construction; checking them again would cost a host
+    # synchronisation per layer on a GPU. Tables handed to the ops directly are checked.
+    calls = []
+    monkeypatch.setattr(ops, "_check_tables", lambda *args: calls.append(args))
+    x = tensor(TWO_SITES, (6, 6, 6))
+    y = sp.SparseConv3d(4, 2, 3, indice_key="down")(sp.SubMConv3d(3, 4, 3)(x))
+    sp.SparseInverseConv3d(2, 3, 3, indice_key="down")(y)
+    sp.SparseMaxPool3d(2)(x), sp.SparseAvgPool3d(2)(x)
+    assert calls == []
+    sparse_conv_with()
+    assert len(calls) == 1
 
 
 # ----------------------------------------------------------------------------- eager-only checks

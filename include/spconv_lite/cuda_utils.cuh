@@ -69,10 +69,12 @@ inline ConvAlgo conv_algo_from_env() {
   return ConvAlgo::kAuto;
 }
 
-// Reads table[pos], a row of the tensor the table indexes or -1. A table from elsewhere with an
-// entry outside [-1, limit) stops the kernel with a device-side assertion (as torch's own CUDA
-// indexing ops do) instead of reading out of bounds. SPCONV_LITE_CUDA_CHECK_TABLES=1 checks the
-// tables eagerly instead (check_neighbor_entries_cuda), raising the CPU op's ValueError.
+// Reads table[pos], a row of the tensor the table indexes or -1. The functions of
+// spconv_lite.ops check hand-made tables before they get here (the maps the library builds need
+// no check); an entry outside [-1, limit) that gets here anyway (torch.ops called directly, or
+// inside torch.compile) stops the kernel with a device-side assertion (as torch's own CUDA
+// indexing ops do) instead of reading out of bounds. SPCONV_LITE_CUDA_CHECK_TABLES=1 makes every
+// op check eagerly (check_neighbor_entries_cuda), raising the CPU op's ValueError.
 __device__ __forceinline__ int32_t table_entry(const int32_t* __restrict__ table, int64_t pos,
                                                int64_t limit) {
   const int32_t value = table[pos];

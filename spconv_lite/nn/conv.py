@@ -237,7 +237,8 @@ class SparseConvolution(SparseModule):
                 )
             nbr, nbr_t = kmap.nbr, kmap.nbr_t
             out_indices, out_shape = kmap.out_indices, kmap.out_spatial_shape
-        features = ops.sparse_conv(in_features, self.kernel_weight(), nbr, nbr_t)
+        features = ops.sparse_conv(in_features, self.kernel_weight(), nbr, nbr_t,
+                                   check_tables=False)
         if self.bias is not None:
             features = features + self.bias
         if add_input is not None:

@@ -52,11 +52,12 @@ class SparsePool(SparseModule):
         kmap = conv_map(x, self.kernel_size, self.stride, self.padding, self.dilation,
                         self.indice_key)
         if self.is_max:
-            features = ops.sparse_max_pool(x.features, kmap.nbr, kmap.nbr_t)
+            features = ops.sparse_max_pool(x.features, kmap.nbr, kmap.nbr_t, check_tables=False)
         else:
             # Mean over the active inputs of each window (not the kernel volume), as spconv.
             counts = (kmap.nbr >= 0).sum(dim=1, keepdim=True).to(x.features.dtype)
-            features = ops.sparse_sum_pool(x.features, kmap.nbr, kmap.nbr_t) / counts
+            features = ops.sparse_sum_pool(x.features, kmap.nbr, kmap.nbr_t,
+                                           check_tables=False) / counts
         out = x.shadow_copy()
         out.indices = kmap.out_indices
         out.spatial_shape = list(kmap.out_spatial_shape)

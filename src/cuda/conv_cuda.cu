@@ -9,10 +9,14 @@
 //   float32 for float16 / bfloat16, on tensor cores (WMMA) on sm_80 and newer. A tile skips the
 //   offsets where none of its rows has a neighbour. Each output element is written once: no
 //   atomics, no host synchronisation, and the offsets are summed in order (deterministic).
+//   Only real pairs contribute, as on the CPU: a step whose weight slice holds an inf or NaN
+//   leaves out the rows without a neighbour (their zeros times inf would be NaN).
 // * per-offset ATen GEMMs ("gemm"): the pairs of each offset (CSR over offsets, from one scan
 //   of the table), then per offset a gather (index_select), a GEMM (at::mm, cuBLAS) and an add
 //   into a float32 accumulator. An output row appears at most once per offset, so the add
-//   needs no atomics. One host synchronisation per call: the pair counts size the GEMMs.
+//   needs no atomics. One host synchronisation per call: the pair counts size the GEMMs. The
+//   GEMMs run in true float32 whatever torch's TF32 switches say, like the fused kernels, so
+//   that the result does not depend on the algorithm.
 //
 // The input gradient is the forward op over nbr_t with transposed weights (ops.py). The weight
 // gradient sums, per offset, in[i]^T grad_out[o] over its pairs: the fused kernel writes one
@@ -22,6 +26,7 @@
 //
 // SPCONV_LITE_CUDA_CONV_ALGO=fused|gemm forces an algorithm; auto picks per call (see
 // use_fused).
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -57,6 +62,13 @@ using cuda::table_entry;
 
 constexpr int kSimtBK = 16;  // reduction step: input channels (forward) or rows (weight grad)
 
+// Whether v is inf or NaN (plain arithmetic: inf - inf and NaN - NaN are NaN, x - x is 0 for
+// any finite x), so that the CPU emulation runs the same code.
+template <typename T>
+__device__ __forceinline__ bool non_finite(T v) {
+  return !(v - v == T(0));
+}
+
 template <typename acc_t, int BM, int BN>
 struct SimtTile {
   static constexpr int kTM = 4;
@@ -65,9 +77,12 @@ struct SimtTile {
   static_assert((BM / kTM) * (BN / kTN) == kThreads, "one 4x4 sub-tile per thread");
 
   // acc[i][j] += sum over kk of A[kk][ty*4 + i] * B[kk][tx*4 + j]; A is padded by one column
-  // so that the transposed stores that fill it do not conflict on shared-memory banks.
+  // so that the transposed stores that fill it do not conflict on shared-memory banks. With
+  // kMasked, only the rows i with row_valid[i] accumulate (row_valid is unused otherwise).
+  template <bool kMasked>
   __device__ static void multiply(const acc_t (*A)[BM + 1], const acc_t (*B)[BN],
-                                  acc_t (&acc)[kTM][kTN], int tx, int ty) {
+                                  acc_t (&acc)[kTM][kTN], int tx, int ty,
+                                  const bool* row_valid) {
 #pragma unroll
     for (int kk = 0; kk < kSimtBK; ++kk) {
       acc_t a[kTM];
@@ -78,6 +93,7 @@ struct SimtTile {
       for (int j = 0; j < kTN; ++j) b[j] = B[kk][tx * kTN + j];
 #pragma unroll
       for (int i = 0; i < kTM; ++i) {
+        if (kMasked && !row_valid[i]) continue;
 #pragma unroll
         for (int j = 0; j < kTN; ++j) acc[i][j] += a[i] * b[j];
       }
@@ -121,13 +137,25 @@ __global__ void __launch_bounds__(kThreads)
         A[kk][m] = (i >= 0 && c < c_in) ? static_cast<acc_t>(in[int64_t{i} * c_in + c])
                                         : acc_t(0);
       }
+      int weight_non_finite = 0;
       for (int e = tid; e < kSimtBK * BN; e += kThreads) {
         const int kk = e / BN, n = e % BN, c = c0 + kk, co = col0 + n;
-        B[kk][n] = (c < c_in && co < c_out) ? static_cast<acc_t>(w[int64_t{c} * c_out + co])
-                                            : acc_t(0);
+        const acc_t value = (c < c_in && co < c_out)
+                                ? static_cast<acc_t>(w[int64_t{c} * c_out + co])
+                                : acc_t(0);
+        B[kk][n] = value;
+        weight_non_finite |= non_finite(value);
       }
-      __syncthreads();
-      Tile::multiply(A, B, acc, tx, ty);
+      // Rows without a neighbour are zeros in A: times an inf / NaN weight they would add NaN
+      // where the CPU adds nothing, so such a step leaves them out.
+      if (__syncthreads_or(weight_non_finite)) {
+        bool row_valid[Tile::kTM];
+#pragma unroll
+        for (int i = 0; i < Tile::kTM; ++i) row_valid[i] = source[ty * Tile::kTM + i] >= 0;
+        Tile::template multiply<true>(A, B, acc, tx, ty, row_valid);
+      } else {
+        Tile::template multiply<false>(A, B, acc, tx, ty, nullptr);
+      }
       __syncthreads();
     }
   }
@@ -190,7 +218,8 @@ __global__ void __launch_bounds__(kThreads)
                      : acc_t(0);
     }
     __syncthreads();
-    Tile::multiply(A, B, acc, tx, ty);
+    // Rows without a neighbour are zeros in both operands: no mask needed.
+    Tile::template multiply<false>(A, B, acc, tx, ty, nullptr);
     __syncthreads();
   }
   acc_t* dst = partial + (chunk * volume + k) * int64_t{c_in} * c_out;
@@ -228,12 +257,92 @@ constexpr int kWmmaTile = 64;  // rows and columns of a block's tile
 constexpr int kWmmaBK = 32;    // reduction step
 constexpr int kWmmaPad = 8;
 
-// Loads 8 consecutive elements (16 bytes) or zeros.
+// 8 consecutive elements (16 bytes) or zeros.
 template <typename scalar_t>
-__device__ __forceinline__ void copy8(scalar_t* dst, const scalar_t* src, bool valid) {
+__device__ __forceinline__ uint4 load8(const scalar_t* src, bool valid) {
   uint4 v = make_uint4(0u, 0u, 0u, 0u);
   if (valid) v = *reinterpret_cast<const uint4*>(src);
-  *reinterpret_cast<uint4*>(dst) = v;
+  return v;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void copy8(scalar_t* dst, const scalar_t* src, bool valid) {
+  *reinterpret_cast<uint4*>(dst) = load8(src, valid);
+}
+
+// Whether a float16 / bfloat16 value, given by its bits (the low 16 of `bits`), is inf or NaN:
+// all its exponent bits are set.
+template <typename scalar_t>
+__device__ __forceinline__ bool non_finite_bits(uint32_t bits) {
+  constexpr uint32_t exponent = std::is_same_v<scalar_t, c10::Half> ? 0x7C00u : 0x7F80u;
+  return (bits & exponent) == exponent;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ bool any_non_finite8(uint4 v) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+  bool any = false;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    any |= non_finite_bits<scalar_t>(words[i]) || non_finite_bits<scalar_t>(words[i] >> 16);
+  }
+  return any;
+}
+
+using AccFragment = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+
+// acc += A @ B for one warp's 32 x 32 part of a tile over a reduction step of BK: A is the
+// warp's 32 rows (row-major, leading dimension LDA), B the warp's 32 columns (row-major, LDB).
+template <typename T, int BK, int LDA, int LDB>
+__device__ __forceinline__ void warp_mma(AccFragment (&acc)[2][2], const T* A, const T* B) {
+  namespace wmma = nvcuda::wmma;
+#pragma unroll
+  for (int kk = 0; kk < BK; kk += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], A + i * 16 * LDA + kk, LDA);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], B + kk * LDB + j * 16, LDB);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+  }
+}
+
+// The conv kernel's step for a weight tile B that holds an inf or NaN (rare): the products with
+// those weights, for the rows that have a neighbour (source[m] >= 0) only, are added into C
+// (zeroed first when clear_c), and the weights are then cleared in B, so that the MMA adds only
+// finite products and the zero rows of A stay zero. Not inlined, so that it does not take
+// registers from the kernel's main loop.
+template <typename scalar_t, int BM, int BN, int BK, int LDA, int LDB, int LDC>
+__device__ __noinline__ void add_non_finite_products(const scalar_t* A, scalar_t* B, float* C,
+                                                     const int32_t* source, int tid,
+                                                     bool clear_c) {
+  if (clear_c) {
+    for (int e = tid; e < BM * LDC; e += kWmmaThreads) C[e] = 0.0f;
+    __syncthreads();
+  }
+  for (int e = tid; e < BM * BN; e += kWmmaThreads) {
+    const int m = e / BN, n = e % BN;
+    if (source[m] < 0) continue;
+    float sum = 0.0f;
+    for (int kk = 0; kk < BK; ++kk) {
+      const scalar_t b = B[kk * LDB + n];
+      if (non_finite_bits<scalar_t>(b.x)) {
+        sum += static_cast<float>(A[m * LDA + kk]) * static_cast<float>(b);
+      }
+    }
+    C[m * LDC + n] += sum;
+  }
+  __syncthreads();
+  for (int e = tid; e < BK * BN; e += kWmmaThreads) {
+    scalar_t& b = B[(e / BN) * LDB + e % BN];
+    if (non_finite_bits<scalar_t>(b.x)) b = scalar_t(0.0f);
+  }
+  __syncthreads();
 }
 
 // out[o] = sum_k in[nbr[o, k]] @ weight[k]; grid (row tiles, channel tiles).
@@ -256,13 +365,14 @@ __global__ void __launch_bounds__(kWmmaThreads)
   const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
   const int64_t row0 = int64_t{blockIdx.x} * BM;
   const int col0 = blockIdx.y * BN;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+  AccFragment acc[2][2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
   }
   const scalar_t zero(0.0f);
+  bool corrected = false;  // C holds products with inf / NaN weights (block-uniform)
   for (int k = 0; k < volume; ++k) {
     int any = 0;
     if (tid < BM) {
@@ -274,6 +384,7 @@ __global__ void __launch_bounds__(kWmmaThreads)
     if (!__syncthreads_or(any)) continue;
     const scalar_t* w = weight + int64_t{k} * c_in * c_out;
     for (int c0 = 0; c0 < c_in; c0 += BK) {
+      int weight_non_finite = 0;
       if constexpr (kVec) {
         for (int e = tid; e < BM * (BK / 8); e += kWmmaThreads) {
           const int m = e / (BK / 8), c = c0 + (e % (BK / 8)) * 8;
@@ -282,7 +393,9 @@ __global__ void __launch_bounds__(kWmmaThreads)
         }
         for (int e = tid; e < BK * (BN / 8); e += kWmmaThreads) {
           const int kk = e / (BN / 8), n = (e % (BN / 8)) * 8, c = c0 + kk, co = col0 + n;
-          copy8(B + kk * LDB + n, w + int64_t{c} * c_out + co, c < c_in && co < c_out);
+          const uint4 v = load8(w + int64_t{c} * c_out + co, c < c_in && co < c_out);
+          *reinterpret_cast<uint4*>(B + kk * LDB + n) = v;
+          weight_non_finite |= any_non_finite8<scalar_t>(v);
         }
       } else {
         for (int e = tid; e < BM * BK; e += kWmmaThreads) {
@@ -292,32 +405,36 @@ __global__ void __launch_bounds__(kWmmaThreads)
         }
         for (int e = tid; e < BK * BN; e += kWmmaThreads) {
           const int kk = e / BN, n = e % BN, c = c0 + kk, co = col0 + n;
-          B[kk * LDB + n] = (c < c_in && co < c_out) ? w[int64_t{c} * c_out + co] : zero;
+          const scalar_t value = (c < c_in && co < c_out) ? w[int64_t{c} * c_out + co] : zero;
+          B[kk * LDB + n] = value;
+          weight_non_finite |= non_finite_bits<scalar_t>(value.x);
         }
       }
-      __syncthreads();
-#pragma unroll
-      for (int kk = 0; kk < BK; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          wmma::load_matrix_sync(a[i], reinterpret_cast<const T*>(A + (wm + i * 16) * LDA + kk),
-                                 LDA);
-        }
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          wmma::load_matrix_sync(b[j], reinterpret_cast<const T*>(B + kk * LDB + wn + j * 16),
-                                 LDB);
-        }
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-#pragma unroll
-          for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-        }
+      if (__syncthreads_or(weight_non_finite)) {
+        // Rows without a neighbour are zeros in A: times an inf / NaN weight they would add NaN
+        // where the CPU adds nothing.
+        add_non_finite_products<scalar_t, BM, BN, BK, LDA, LDB, LDC>(A, B, C, source, tid,
+                                                                    !corrected);
+        corrected = true;
       }
+      warp_mma<T, BK, LDA, LDB>(acc, reinterpret_cast<const T*>(A + wm * LDA),
+                                reinterpret_cast<const T*>(B + wn));
       __syncthreads();
     }
+  }
+  if (corrected) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        AccFragment products;
+        wmma::load_matrix_sync(products, C + (wm + i * 16) * LDC + wn + j * 16, LDC,
+                               wmma::mem_row_major);
+        // Same fragment type, same element layout: element-wise addition is well defined.
+        for (int t = 0; t < products.num_elements; ++t) acc[i][j].x[t] += products.x[t];
+      }
+    }
+    __syncthreads();  // every warp has read C before it is overwritten
   }
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -540,6 +657,7 @@ at::ScalarType accumulate_type(at::ScalarType dtype) {
 
 at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& table,
                      at::Tensor out) {
+  const at::NoTF32Guard exact_float32;  // as the fused kernels (see the top of the file)
   const PairLists pairs = pair_lists(table, x.size(0));
   const int64_t c_out = w.size(2);
   at::Tensor acc = at::zeros({table.size(0), c_out}, x.options().dtype(accumulate_type(x.scalar_type())));
@@ -562,6 +680,7 @@ at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 }
 
 at::Tensor weight_grad_gemm(const at::Tensor& x, const at::Tensor& g, const at::Tensor& table) {
+  const at::NoTF32Guard exact_float32;
   const PairLists pairs = pair_lists(table, x.size(0));
   const int64_t volume = table.size(1);
   at::Tensor grad_weight = at::zeros({volume, x.size(1), g.size(1)}, x.options());
@@ -769,7 +888,8 @@ at::Tensor sparse_conv_weight_grad_cuda(const at::Tensor& features, const at::Te
   const at::Tensor g = grad_out.contiguous();
   const at::Tensor table = nbr.contiguous();
   const int64_t volume = nbr.size(1);
-  if (table.size(0) == 0 || x.size(1) == 0 || g.size(1) == 0) {
+  // Nothing to sum (the fused path could not even split zero offsets into chunks).
+  if (table.size(0) == 0 || volume == 0 || x.size(1) == 0 || g.size(1) == 0) {
     return at::zeros({volume, x.size(1), g.size(1)}, x.options());
   }
   if (!use_fused(x.scalar_type(), x.size(1), g.size(1))) return weight_grad_gemm(x, g, table);

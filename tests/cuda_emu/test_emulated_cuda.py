@@ -22,7 +22,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/helpers.py
 
-from helpers import case_id, distinct_values, make_gen, randn, random_sites, voxel_cloud
+from helpers import (
+    assert_close_non_finite,
+    case_id,
+    distinct_values,
+    make_gen,
+    randn,
+    random_sites,
+    voxel_cloud,
+)
 
 from spconv_lite.voxelize import GridGeometry
 
@@ -252,6 +260,46 @@ def test_conv_edge_shapes(algo, monkeypatch):
     torch.testing.assert_close(EMU.sparse_conv(x, w, nbr, nbr_t), CPU.sparse_conv(x, w, nbr, nbr_t))
     torch.testing.assert_close(EMU.sparse_conv_weight_grad(x, torch.ones(4, 5), nbr),
                                CPU.sparse_conv_weight_grad(x, torch.ones(4, 5), nbr))
+
+
+@pytest.mark.parametrize("algo", ["fused", "gemm"])
+def test_conv_with_an_empty_kernel(algo, monkeypatch):
+    # A [N, 0] table (a kernel of volume 0): nothing to sum; the fused weight gradient used to
+    # divide by zero splitting zero offsets into chunks (SIGFPE).
+    monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", algo)
+    x, g = torch.randn(5, 3), torch.randn(4, 2)
+    nbr, nbr_t = torch.zeros(4, 0, dtype=torch.int32), torch.zeros(5, 0, dtype=torch.int32)
+    w = torch.zeros(0, 3, 2)
+    assert_same([EMU.sparse_conv_weight_grad(x, g, nbr), EMU.sparse_conv(x, w, nbr, nbr_t)],
+                [CPU.sparse_conv_weight_grad(x, g, nbr), CPU.sparse_conv(x, w, nbr, nbr_t)])
+
+
+@pytest.mark.parametrize("sm_major", ["9", "7"])  # tensor-core kernels, then SIMT fallbacks
+@pytest.mark.parametrize("algo", ["fused", "gemm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
+@pytest.mark.parametrize("channels", [(16, 24), (5, 3)], ids=case_id)  # 16-byte loads or not
+def test_conv_with_non_finite_weights(channels, dtype, algo, sm_major, monkeypatch):
+    # Only real pairs contribute, as on the CPU: an inf / NaN weight of offset k reaches only
+    # the rows with a neighbour at k, not the zero-filled rows of a tile.
+    if sm_major == "7" and dtype not in (torch.float16, torch.bfloat16):
+        pytest.skip("the compute capability only changes the half-precision kernels")
+    monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", algo)
+    monkeypatch.setenv("SPCONV_LITE_EMU_SM_MAJOR", sm_major)
+    c_in, c_out = channels
+    nbr, nbr_t = a_map("strided", seed="non_finite")
+    gen = make_gen("non_finite", channels, dtype)
+    x = randn(gen, nbr_t.shape[0], c_in, dtype=dtype)
+    w = randn(gen, 27, c_in, c_out, dtype=dtype, scale=(27 * c_in) ** -0.5)
+    w[0, 1, 2] = math.inf  # offset 0: few rows have a neighbour there
+    w[26, c_in - 1, 0] = -math.inf
+    w[13, 0, c_out - 1] = math.nan
+    g = randn(gen, nbr.shape[0], c_out, dtype=dtype)
+    wt = w.transpose(1, 2)
+    for got, want in [(EMU.sparse_conv(x, w, nbr, nbr_t), CPU.sparse_conv(x, w, nbr, nbr_t)),
+                      (EMU.sparse_conv(g, wt, nbr_t, nbr), CPU.sparse_conv(g, wt, nbr_t, nbr))]:
+        # The case means something: some outputs are hit, whole rows are not.
+        assert not torch.isfinite(want).all() and torch.isfinite(want).all(1).any()
+        assert_close_non_finite(got, want, **TOL[dtype])
 
 
 def test_bad_tables_raise_with_eager_checks(monkeypatch):

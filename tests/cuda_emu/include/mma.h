@@ -22,10 +22,15 @@ struct row_major {};
 struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
 
+// The whole tile, row-major in x (on the GPU, x holds a thread's share in an unspecified
+// layout; element-wise arithmetic between fragments of one type is what kernels may do).
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
   static_assert(M == 16 && N == 16 && K == 16, "the emulation knows 16x16x16 only");
-  float v[16][16];
+  static constexpr int num_elements = 256;
+  float x[256];
+  float& v(int row, int col) { return x[row * 16 + col]; }
+  const float& v(int row, int col) const { return x[row * 16 + col]; }
 };
 
 inline float to_float(const __half& h) {
@@ -40,7 +45,7 @@ template <typename T, typename Layout>
 void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
   for (int m = 0; m < 16; ++m) {
     for (int k = 0; k < 16; ++k) {
-      f.v[m][k] = to_float(std::is_same_v<Layout, row_major> ? p[m * ldm + k] : p[m + k * ldm]);
+      f.v(m, k) = to_float(std::is_same_v<Layout, row_major> ? p[m * ldm + k] : p[m + k * ldm]);
     }
   }
 }
@@ -50,15 +55,13 @@ template <typename T, typename Layout>
 void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
   for (int k = 0; k < 16; ++k) {
     for (int n = 0; n < 16; ++n) {
-      f.v[k][n] = to_float(std::is_same_v<Layout, row_major> ? p[k * ldm + n] : p[k + n * ldm]);
+      f.v(k, n) = to_float(std::is_same_v<Layout, row_major> ? p[k * ldm + n] : p[k + n * ldm]);
     }
   }
 }
 
 inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float value) {
-  for (auto& row : f.v) {
-    for (float& x : row) x = value;
-  }
+  for (float& x : f.x) x = value;
 }
 
 template <typename A, typename B>
@@ -67,12 +70,21 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const A& a, const B& 
   fragment<accumulator, 16, 16, 16, float> out;
   for (int m = 0; m < 16; ++m) {
     for (int n = 0; n < 16; ++n) {
-      float sum = c.v[m][n];
-      for (int k = 0; k < 16; ++k) sum += a.v[m][k] * b.v[k][n];
-      out.v[m][n] = sum;
+      float sum = c.v(m, n);
+      for (int k = 0; k < 16; ++k) sum += a.v(m, k) * b.v(k, n);
+      out.v(m, n) = sum;
     }
   }
   d = out;
+}
+
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p,
+                             unsigned ldm, layout_t layout) {
+  for (int m = 0; m < 16; ++m) {
+    for (int n = 0; n < 16; ++n) {
+      f.v(m, n) = p[layout == mem_row_major ? m * ldm + n : m + n * ldm];
+    }
+  }
 }
 
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
@@ -80,7 +92,7 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
   if (emu::lane_id() != 0) return;
   for (int m = 0; m < 16; ++m) {
     for (int n = 0; n < 16; ++n) {
-      p[layout == mem_row_major ? m * ldm + n : m + n * ldm] = f.v[m][n];
+      p[layout == mem_row_major ? m * ldm + n : m + n * ldm] = f.v(m, n);
     }
   }
 }
