@@ -78,6 +78,30 @@ def check_sites(indices: Tensor, spatial_shape: Sequence[int], batch_size: int) 
         )
 
 
+def check_same_sites(x: "SparseConvTensor", other: "SparseConvTensor", what: str) -> None:
+    """Raises ValueError unless ``other`` holds ``x``'s sites row for row (the same indices
+    tensor, or equal contents, on the same grid), as an elementwise combination of their
+    features needs; ``what`` names ``other`` in the message."""
+    grid = (list(x.spatial_shape), x.batch_size)
+    if (list(other.spatial_shape), other.batch_size) != grid:
+        raise ValueError(
+            f"{what} has spatial_shape {list(other.spatial_shape)} and batch_size "
+            f"{other.batch_size}, not {grid[0]} and {grid[1]}: it must live on the same sites"
+        )
+    if other.indices is x.indices:
+        return
+    if torch.compiler.is_compiling():
+        torch._check(other.indices.shape[0] == x.indices.shape[0])
+        torch._assert_async((other.indices == x.indices).all(),
+                            f"{what} must live on the same sites in the same row order")
+    elif other.indices.shape != x.indices.shape or not torch.equal(other.indices, x.indices):
+        raise ValueError(
+            f"{what} must live on the same sites in the same row order, but its "
+            f"{other.indices.shape[0]} rows of indices differ from the {x.indices.shape[0]} "
+            "expected"
+        )
+
+
 class SparseConvTensor:
     """A batch of sparse grids: ``features[i]`` lives at site ``indices[i]``.
 
@@ -252,7 +276,11 @@ class SparseConvTensor:
         return cls(sparse.values(), indices, list(x.shape[1:-1]), x.shape[0])
 
     def __add__(self, other: Union["SparseConvTensor", Tensor]) -> "SparseConvTensor":
-        other_features = other.features if isinstance(other, SparseConvTensor) else other
-        return self.replace_feature(self._features + other_features)
+        """Sum of the features of two tensors on the same sites (or of a feature tensor);
+        ``spconv_lite.functional.sparse_add`` sums tensors whose sites differ."""
+        if isinstance(other, SparseConvTensor):
+            check_same_sites(self, other, "the SparseConvTensor added")
+            other = other.features
+        return self.replace_feature(self._features + other)
 
     __radd__ = __add__

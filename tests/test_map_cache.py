@@ -1,4 +1,5 @@
-"""Kernel maps cached under an ``indice_key`` serve only the sites they were built for.
+"""Kernel maps cached under an ``indice_key`` serve only the sites they were built for, and
+features are combined row by row only between tensors on the same sites.
 
 A cached map is reused when the input holds the very sites it was built from (the same tensor
 at the same version, or equal contents) on the same grid; other sites under the key, or an
@@ -317,3 +318,26 @@ def test_keyed_layers_raise_or_match_the_reference_after_any_edit(data):
         step = data.draw(st.sampled_from(list(KEYS)), label="step")
         x = program.edit(x, data.draw(st.sampled_from(EDITS), label="edit"))
         x = program.run(step, x)
+
+
+# ----------------------------------------------------------------------------- same sites
+
+def _on_other_sites(x: sp.SparseConvTensor) -> sp.SparseConvTensor:
+    """``x``'s features on other sites (same count and grid)."""
+    return sp.SparseConvTensor(x.features, B, x.spatial_shape, x.batch_size)
+
+
+@pytest.mark.parametrize("combine, message", [
+    (lambda x, y: x + y, r"the SparseConvTensor added must live on the same sites"),
+    (lambda x, y: sp.AddTable()([x, y]), r"AddTable input 1 must live on the same sites"),
+    (lambda x, y: sp.JoinTable()([x, y]), r"JoinTable input 1 must live on the same sites"),
+    (lambda x, y: layer(sp.SubMConv3d, 2, 2, 3)(x, add_input=y),
+     r"add_input must live on the same sites"),
+], ids=["plus", "add_table", "join_table", "add_input"])
+def test_elementwise_combinations_refuse_other_sites(combine, message):
+    # Rows of the two tensors are added (or joined) one for one: with the same row count but
+    # other sites, that used to give a silently wrong result.
+    x = tensor(A)
+    with pytest.raises(ValueError, match=message):
+        combine(x, _on_other_sites(x))
+    combine(x, sp.SparseConvTensor(x.features, A.clone(), SHAPE, 1))  # equal sites are fine

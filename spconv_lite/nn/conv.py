@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import ops
 from ..kernel_map import check_output_padding, conv_map, expand_nd, inverse_map, subm_map
-from ..tensor import SparseConvTensor
+from ..tensor import SparseConvTensor, check_same_sites
 from .modules import SparseModule
 
 
@@ -241,19 +241,21 @@ class SparseConvolution(SparseModule):
                                    check_tables=False)
         if self.bias is not None:
             features = features + self.bias
-        if add_input is not None:
-            if add_input.features.shape != features.shape:
-                raise ValueError(
-                    f"add_input has features of shape {list(add_input.features.shape)}, the "
-                    f"conv output has {list(features.shape)}: they must live on the same sites"
-                )
-            features = features + add_input.features
         buffer = getattr(self, "max_num_voxels_during_training", None)
         if buffer is not None and self.training and not torch.compiler.is_compiling():
             buffer.fill_(max(int(buffer), out_indices.shape[0]))
         out = x.shadow_copy()
         out.indices = out_indices
         out.spatial_shape = list(out_shape)
+        if add_input is not None:
+            add_input.check_rows()
+            check_same_sites(out, add_input, "add_input")
+            if add_input.features.shape != features.shape:
+                raise ValueError(
+                    f"add_input has features of shape {list(add_input.features.shape)}, the "
+                    f"conv output has {list(features.shape)}"
+                )
+            features = features + add_input.features
         out.features = features
         return out
 

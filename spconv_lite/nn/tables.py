@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from ..tensor import SparseConvTensor
+from ..tensor import SparseConvTensor, check_same_sites
 from .modules import SparseModule
 
 
@@ -18,15 +18,9 @@ def _check_aligned(inputs: Sequence[SparseConvTensor], name: str, same_channels:
         if not isinstance(x, SparseConvTensor):
             raise TypeError(f"{name} input {i} is {type(x).__name__}, not a SparseConvTensor")
         x.check_rows()
-        # Same site count is what spconv checks too; the rows must be the same sites in the
-        # same order, which holds for tensors derived from one input by submanifold layers.
-        if (x.spatial_shape != first.spatial_shape or x.batch_size != first.batch_size
-                or x.indices.shape[0] != first.indices.shape[0]):
-            raise ValueError(
-                f"{name} needs tensors with the same sites: input {i} has {x.indices.shape[0]} "
-                f"sites, spatial_shape {x.spatial_shape}, batch_size {x.batch_size}; input 0 has "
-                f"{first.indices.shape[0]}, {first.spatial_shape}, {first.batch_size}"
-            )
+        # spconv checks only the site count; the rows must be the same sites in the same order
+        # (as for tensors derived from one input by submanifold layers).
+        check_same_sites(first, x, f"{name} input {i}")
         if same_channels and x.features.shape[1] != first.features.shape[1]:
             raise ValueError(
                 f"{name} needs the same channel count: input {i} has {x.features.shape[1]}, "
