@@ -256,6 +256,23 @@ def _check_reuse(key: str, cached, geometry: dict, x: SparseConvTensor) -> None:
                  x.spatial_shape)
 
 
+def _sites_of_a_map(x: SparseConvTensor) -> bool:
+    """Whether ``x``'s indices are, unedited and on the same grid, the output sites of a regular
+    or transposed conv map in its ``indice_dict`` or the input sites that map checked: such
+    sites are in the grid and distinct, so a submanifold map over them needs no check (on a
+    GPU: no host synchronisation)."""
+    for kmap in x.indice_dict.values():
+        if not isinstance(kmap, KernelMap) or kmap.subm or kmap.batch_size != x.batch_size:
+            continue
+        for sites, version, shape in ((kmap.out_indices, kmap.out_version,
+                                       kmap.out_spatial_shape),
+                                      (kmap.in_indices, kmap.in_version, kmap.in_spatial_shape)):
+            if (sites is x.indices and list(shape) == list(x.spatial_shape)
+                    and not _edited_in_place(sites, version)):
+                return True
+    return False
+
+
 def subm_map(
     x: SparseConvTensor, kernel_size: tuple[int, ...], dilation: tuple[int, ...],
     indice_key: Optional[str],
@@ -266,7 +283,8 @@ def subm_map(
     if cached is not None:
         _check_reuse(indice_key, cached, geometry, x)
         return cached
-    nbr, nbr_t = ops.build_subm_map(x.indices, x.spatial_shape, x.batch_size, kernel_size, dilation)
+    nbr, nbr_t = ops.build_subm_map(x.indices, x.spatial_shape, x.batch_size, kernel_size,
+                                    dilation, check_sites=not _sites_of_a_map(x))
     ndim = len(kernel_size)
     version = _version(x.indices)
     kmap = KernelMap(

@@ -44,6 +44,7 @@ def build_subm_map(
     batch_size: int,
     kernel_size: Sequence[int],
     dilation: Sequence[int],
+    check_sites: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Kernel map of a submanifold convolution (output sites = input sites).
 
@@ -53,6 +54,9 @@ def build_subm_map(
         batch_size: number of batch items.
         kernel_size: ``D`` odd kernel sizes.
         dilation: ``D`` dilations.
+        check_sites: ``False`` when the sites are known to be in the grid and distinct (the
+            output sites of a conv map): on a GPU the op then skips its check and the host
+            synchronisation it costs. Bad sites with ``False`` give wrong tables, not an error.
 
     Returns:
         ``(nbr, nbr_t)``, both int32 ``[N, K]``.
@@ -64,7 +68,8 @@ def build_subm_map(
         (0, 1)
     """
     return _ops.build_subm_map(
-        indices, list(spatial_shape), int(batch_size), list(kernel_size), list(dilation)
+        indices, list(spatial_shape), int(batch_size), list(kernel_size), list(dilation),
+        bool(check_sites),
     )
 
 
@@ -320,7 +325,8 @@ def _new_row_count() -> torch.SymInt:
 
 
 @torch.library.register_fake("spconv_lite::build_subm_map")
-def _build_subm_map_fake(indices, spatial_shape, batch_size, kernel_size, dilation):
+def _build_subm_map_fake(indices, spatial_shape, batch_size, kernel_size, dilation,
+                         check_sites=True):
     _check_fake_indices(indices, len(spatial_shape))
     shape = (indices.shape[0], math.prod(kernel_size))
     return indices.new_empty(shape), indices.new_empty(shape)

@@ -7,9 +7,11 @@
 TORCH_LIBRARY(spconv_lite, m) {
   // Kernel maps. nbr [N_out, K]: input row feeding output o through offset k, or -1.
   // nbr_t [N_in, K]: output row fed by input i through offset k, or -1.
+  // check_sites=False: the caller vouches that the sites are in the grid and distinct (the
+  // output sites of a conv map); the CUDA op then skips its host synchronisation for the check.
   m.def(
       "build_subm_map(Tensor indices, int[] spatial_shape, int batch_size, int[] kernel_size, "
-      "int[] dilation) -> (Tensor nbr, Tensor nbr_t)");
+      "int[] dilation, bool check_sites=True) -> (Tensor nbr, Tensor nbr_t)");
   m.def(
       "build_conv_map(Tensor indices, int[] spatial_shape, int batch_size, "
       "int[] out_spatial_shape, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "

@@ -116,6 +116,14 @@ def test_kernel_maps_are_identical(case):
     assert_equal_lists(gpu, cpu)
 
 
+@pytest.mark.parametrize("case", [c for c in MAP_CASES if c[0] == "subm"][:2], ids=case_id)
+def test_subm_maps_without_the_site_check_are_identical(case):
+    idx = sites_for(case)
+    args = map_args(case)
+    cpu, gpu = both(lambda i: OPS.build_subm_map(i, *args, False), idx)
+    assert_equal_lists(gpu, cpu)
+
+
 def test_kernel_maps_are_deterministic():
     idx = random_sites(make_gen("det_map"), 2, (40, 40, 40), count=20_000).to(CUDA)
     args = ([40, 40, 40], 2, [20, 20, 20], [3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1], False)

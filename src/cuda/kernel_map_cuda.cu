@@ -9,8 +9,10 @@
 // depend on thread scheduling. Every table entry is a plain lookup: deterministic.
 //
 // Host synchronisations: one per op. build_subm_map reads the input-check status (indices
-// outside the grid, duplicate sites) so that bad input raises like on the CPU; build_conv_map
-// reads the same status together with the number of output sites, which sizes its outputs.
+// outside the grid, duplicate sites) so that bad input raises like on the CPU, unless the caller
+// vouches for the sites (check_sites=False: the layers pass it for a conv map's output sites);
+// build_conv_map reads the same status together with the number of output sites, which sizes
+// its outputs.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
@@ -268,7 +270,8 @@ std::tuple<at::Tensor, at::Tensor> build_subm_map_cuda(const at::Tensor& indices
                                                        c10::IntArrayRef spatial_shape,
                                                        int64_t batch_size,
                                                        c10::IntArrayRef kernel_size,
-                                                       c10::IntArrayRef dilation) {
+                                                       c10::IntArrayRef dilation,
+                                                       bool check_sites) {
   const Grid grid = make_grid(spatial_shape, batch_size, "spatial_shape");
   const ConvGeometry geometry = subm_geometry(indices, grid, kernel_size, dilation);
   const c10::cuda::CUDAGuard guard(indices.device());
@@ -284,6 +287,8 @@ std::tuple<at::Tensor, at::Tensor> build_subm_map_cuda(const at::Tensor& indices
   // A centred odd kernel is symmetric: output o reaches input i through offset k exactly when
   // input i reaches output o through offset K-1-k, so nbr_t is nbr with its columns reversed.
   launch_neighbor_table(idx, grid.ndim, geometry, /*direct=*/true, grid, table, nbr, &nbr_t);
+  // Sites the caller vouches for (a conv map's outputs) need no check: no host sync then.
+  if (!check_sites) return {nbr, nbr_t};
   // Host sync: bad indices must raise (the tables above are memory-safe garbage then).
   raise_on_bad_status(read_status(status), [&] {
     static const auto cpu_op =
@@ -291,8 +296,8 @@ std::tuple<at::Tensor, at::Tensor> build_subm_map_cuda(const at::Tensor& indices
             .findSchemaOrThrow("spconv_lite::build_subm_map", "")
             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, c10::IntArrayRef,
                                                       int64_t, c10::IntArrayRef,
-                                                      c10::IntArrayRef)>();
-    cpu_op.call(idx.cpu(), spatial_shape, batch_size, kernel_size, dilation);
+                                                      c10::IntArrayRef, bool)>();
+    cpu_op.call(idx.cpu(), spatial_shape, batch_size, kernel_size, dilation, true);
   });
   return {nbr, nbr_t};
 }

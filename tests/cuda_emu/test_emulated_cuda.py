@@ -84,6 +84,15 @@ def test_subm_map(case):
     assert_same(EMU.build_subm_map(idx, *args), CPU.build_subm_map(idx, *args))
 
 
+@pytest.mark.parametrize("case", SUBM_CASES[:2], ids=case_id)
+def test_subm_map_without_the_site_check(case):
+    # check_sites=False (sites a conv map produced) skips only the host synchronisation.
+    batch, shape, n, k, d = case
+    idx = random_sites(make_gen("subm", case), batch, shape, count=n)
+    args = (list(shape), batch, list(ntuple(k, len(shape))), list(ntuple(d, len(shape))))
+    assert_same(EMU.build_subm_map(idx, *args, False), CPU.build_subm_map(idx, *args))
+
+
 # (transposed, batch, spatial_shape, sites, kernel, stride, padding, dilation)
 CONV_CASES = [
     (False, 2, (12, 12, 12), 400, 3, 2, 1, 1),
