@@ -667,14 +667,61 @@ def layer_splits(layer: ConvLayer) -> int:
     return min(spconv_lite.kernel_map.rows_variant(), volume) if volume > 1 else 0
 
 
-def bench_layer(layer: ConvLayer, sweep: list[str], dtype, args) -> dict:
+def layer_calls(layer: ConvLayer, grad: torch.Tensor) -> tuple[dict, int, torch.Tensor | None]:
+    """The layer's forward, input gradient and weight gradient as the ops run them under the
+    current variants (row orders built here, as the layers build them with the map), the
+    splits and nbr's row order."""
+    ops_ = torch.ops.spconv_lite
+    x, w, nbr, nbr_t = layer.features, layer.weight, layer.nbr, layer.nbr_t
+    splits = layer_splits(layer)
+    order = ops_.conv_row_order(nbr, splits) if splits else None
+    order_t = ops_.conv_row_order(nbr_t, splits) if splits else None
+    calls = {
+        "fwd": lambda: ops_.sparse_conv(x, w, nbr, nbr_t, order, order_t),
+        "dgrad": lambda: ops_.sparse_conv(grad, w.transpose(1, 2), nbr_t, nbr, order_t, order),
+        "wgrad": lambda: ops_.sparse_conv_weight_grad(x, grad, nbr),
+    }
+    return calls, splits, order
+
+
+def layer_grad(layer: ConvLayer) -> torch.Tensor:
+    """A seeded upstream gradient for the layer's output."""
+    x = layer.features
+    gen = torch.Generator(device=x.device).manual_seed(layer.index)
+    return torch.randn(layer.nbr.shape[0], layer.weight.shape[2], generator=gen,
+                       device=x.device, dtype=x.dtype)
+
+
+def profile_layer(spec: str, inputs: dict[str, Input], sweep: list[str], device) -> None:
+    """Runs one layer's forward, input gradient and weight gradient once with the default
+    kernels and once per variant, each in an NVTX range named after it: the program that
+    scripts/gpu_check.sh's stage "profile" runs under ncu. spec: NETWORK:INPUT:LAYER:DTYPE."""
+    network, input_name, index, dtype = spec.split(":")
+    layer = conv_layers(network, inputs[input_name], device, getattr(torch, dtype))[int(index)]
+    grad = layer_grad(layer)
+    print(f"profiling layer {index} of {network} on {input_name} ({layer.kind}, "
+          f"{layer.weight.shape[1]}->{layer.weight.shape[2]}, {layer.pairs:,} pairs, {dtype})")
+    for value in ["", *sweep]:
+        with variants_env(value):
+            calls, _, _ = layer_calls(layer, grad)
+            for op, fn in calls.items():
+                name = f"{value or 'default'} {op}"
+                if device.type == "cuda":
+                    torch.cuda.nvtx.range_push(name)
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.nvtx.range_pop()
+                print(f"  ran {name}", flush=True)
+
+
+def bench_layer(layer: ConvLayer, sweep: list[str], args) -> dict:
     """Forward, input gradient and weight gradient of one layer with the default kernels and
     each variant of the sweep (ms and useful TFLOP/s), the row orders' build time, and the
     share of useful multiplications in the tiles."""
     ops_ = torch.ops.spconv_lite
     x, w, nbr, nbr_t = layer.features, layer.weight, layer.nbr, layer.nbr_t
-    gen = torch.Generator(device=x.device).manual_seed(layer.index)
-    grad = torch.randn(nbr.shape[0], w.shape[2], generator=gen, device=x.device, dtype=dtype)
+    grad = layer_grad(layer)
     pairs = layer.pairs
     flop = 2.0 * pairs * w.shape[1] * w.shape[2]
     row = {"layer": layer.index, "kind": layer.kind, "c_in": int(w.shape[1]),
@@ -685,9 +732,7 @@ def bench_layer(layer: ConvLayer, sweep: list[str], dtype, args) -> dict:
     for value in ["", *sweep]:
         entry = {}
         with variants_env(value):
-            splits = layer_splits(layer)
-            order = ops_.conv_row_order(nbr, splits) if splits else None
-            order_t = ops_.conv_row_order(nbr_t, splits) if splits else None
+            calls, splits, order = layer_calls(layer, grad)
             if splits:
                 entry["order_ms"] = time_gpu_ms(
                     lambda: (ops_.conv_row_order(nbr, splits), ops_.conv_row_order(nbr_t, splits)),
@@ -695,12 +740,6 @@ def bench_layer(layer: ConvLayer, sweep: list[str], dtype, args) -> dict:
                 for rows in TILE_ROWS:
                     row["tile_use"][f"{rows} rows, {splits} splits"] = tile_use(nbr, order,
                                                                                 splits, rows)
-            calls = {
-                "fwd": lambda: ops_.sparse_conv(x, w, nbr, nbr_t, order, order_t),
-                "dgrad": lambda: ops_.sparse_conv(grad, w.transpose(1, 2), nbr_t, nbr, order_t,
-                                                  order),
-                "wgrad": lambda: ops_.sparse_conv_weight_grad(x, grad, nbr),
-            }
             for op, fn in calls.items():
                 try:
                     ms = time_gpu_ms(fn, args.warmup, args.repeats, x.is_cuda)
@@ -739,8 +778,7 @@ def bench_layers(network: str, inp: Input, dtype, sweep: list[str], device, args
     print(f"layers {network} {inp.name} {name}:", flush=True)
     result = {"network": network, "input": inp.name, "dtype": name, "layers": []}
     for layer in conv_layers(network, inp, device, dtype):
-        row = bench_layer(layer, [v for v in sweep if not v.startswith("mapsort=")], dtype,
-                          args)
+        row = bench_layer(layer, [v for v in sweep if not v.startswith("mapsort=")], args)
         result["layers"].append(row)
         print_layer(row, name)
     return result
@@ -926,6 +964,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-networks", action="store_true",
                         help="skip the network cases and their maps (with --layers: layers only)")
     parser.add_argument("--no-voxelize", action="store_true", help="skip PointToVoxel")
+    parser.add_argument("--profile-layer", default=None, metavar="NETWORK:INPUT:LAYER:DTYPE",
+                        help="only run that conv layer once per variant, for ncu (e.g. "
+                        "spconv:spconv_pc_x8:1:float16)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--write-results", type=Path, default=None, metavar="RUN_JSON",
                         help="write DATE-GPU.json and .md for the repository from a run's JSON")
@@ -965,6 +1006,9 @@ def main(argv: list[str] | None = None) -> dict:
     print("voxels:", {name: v["voxels"] for name, v in meta["inputs"].items()}, flush=True)
     for inp in inputs.values():
         inp.features, inp.indices = inp.features.to(device), inp.indices.to(device)
+    if args.profile_layer:
+        profile_layer(args.profile_layer, inputs, sweep, device)
+        return report.data
 
     def over_budget(what: str) -> bool:
         if args.budget_s is not None and time.monotonic() - start > args.budget_s:

@@ -17,13 +17,17 @@
 #                           a machine still warm). Stage "variants" (not in the default): the
 #                           CUDA kernel variants of issue 13 (SPCONV_LITE_CUDA_VARIANTS) timed
 #                           beside the default kernels and spconv, networks then per layer;
-#                           see "Kernel variants" below
+#                           see "Kernel variants" below. Stage "profile" (not in the default):
+#                           ncu over one layer's conv kernels, default and variants (ncu.csv)
 #   GPU_CHECK_BUDGET_S      seconds for the whole run (default 450); each stage gets its cap or
 #                           what is left minus a reserve for the stages after it
 #   GPU_CHECK_TEST_WORKERS  pytest-xdist workers for the tests (default 4; 0 = none)
 #   GPU_CHECK_BENCH_ARGS    extra arguments for benchmarks/bench_cuda.py (e.g. "--repeats 5")
 #   GPU_CHECK_VARIANTS_ARGS extra arguments for the variants stage's bench_cuda.py run (e.g.
 #                           '--variants "rows=2;tiles=pipelined"' for a shorter sweep)
+#   GPU_CHECK_PROFILE_LAYER the profile stage's layer, NETWORK:INPUT:LAYER:DTYPE (default
+#                           spconv:spconv_pc_x8:1:float16, the 8x cloud's 64->64 SubM)
+#   NCU                     the Nsight Compute program (default: on PATH or in CUDA_HOME)
 #   SPCONV_LITE_COMMIT      the commit to record in bench.json when the checkout has no .git
 #   PYTHON                  the interpreter (default python3, else python)
 #   COMPUTE_SANITIZER       the compute-sanitizer program (default: on PATH or in CUDA_HOME)
@@ -59,7 +63,11 @@
 # variant of bench_cuda.DEFAULT_SWEEP and spconv (variants.json: "variant_speedup",
 # "vs_spconv", "vs_default"), then every conv layer's forward / input gradient / weight gradient
 # per variant ("layers"). Afterwards, here: bench_cuda.py --write-results variants.json writes
-# the tables (README "CUDA" says which numbers decide the defaults).
+# the tables (README "CUDA" says which numbers decide the defaults). Adding "profile" to the
+# stages runs ncu (--clock-control none; it reads counters on Firecracker machines, not on
+# gVisor ones) over one layer's conv kernels with the default kernels and four variants:
+# ncu.csv, SpeedOfLight / Occupancy / WarpStateStats / MemoryWorkloadAnalysis per kernel, each
+# kernel under an NVTX range named after its variant and op.
 set -uo pipefail
 
 if [ $# -lt 1 ] || [[ "$1" == -* ]]; then
@@ -295,6 +303,25 @@ if [ $BUILD_RC -eq 0 ] && want variants; then
     VARIANTS_RC=$?
     VARIANTS_S=$((SECONDS - variants_start))
     echo "variants: rc=$VARIANTS_RC in ${VARIANTS_S}s"
+fi
+
+# ----------------------------------------------------------------------------- profile
+if [ $BUILD_RC -eq 0 ] && want profile; then
+    NCU=${NCU:-$(command -v ncu || ls "${CUDA_HOME:-/usr/local/cuda}/bin/ncu" 2>/dev/null || true)}
+    profile_s=$(allowance 150 5)
+    if [ -n "$NCU" ]; then
+        echo "=== ncu over one layer's conv kernels (at most ${profile_s}s; ncu.csv)"
+        boxed "$profile_s" "$NCU" --clock-control none --nvtx --target-processes all \
+            -k "regex:conv_|weight_grad" --section SpeedOfLight --section Occupancy \
+            --section WarpStateStats --section MemoryWorkloadAnalysis --csv --page details \
+            --log-file "$RESULTS/ncu.csv" "$PY" benchmarks/bench_cuda.py ${DATA:+--data "$DATA"} \
+            --libs spconv_lite --no-voxelize \
+            --profile-layer "${GPU_CHECK_PROFILE_LAYER:-spconv:spconv_pc_x8:1:float16}" \
+            --variants "rows=2;tiles=pipelined;rows=2,tiles=pipelined;wgrad=compact"
+        echo "profile: rc=$?"
+    else
+        echo "ncu not found: profile stage skipped"
+    fi
 fi
 
 # ----------------------------------------------------------------------------- summary

@@ -3,11 +3,14 @@
 // Force-included (g++ -include) before a CUDA source that has been rewritten by build.py
 // (kernel<<<grid, block, smem, stream>>>(args) -> ::emu::launch(kernel, grid, block, smem,
 // stream)(args)). Every CUDA thread of a block is a std::thread, blocks run one after another,
-// so function-local statics stand in for __shared__ memory. __syncthreads* are block
-// barriers, the *_sync warp intrinsics warp barriers, atomics std::atomic_ref. The stub
-// headers in include/ replace cuda_runtime.h, the c10/cuda stream, guard and exception
-// headers and WMMA. What this cannot show: races and memory-ordering bugs of real hardware,
-// performance, and anything about the real compiler for the device.
+// so function-local statics stand in for __shared__ memory, and a buffer of the launch's size
+// for dynamic shared memory (0xFF bytes at every block's start). __syncthreads* are block
+// barriers, the *_sync warp intrinsics warp barriers, atomics std::atomic_ref; cp.async copies
+// land at the wait_group that covers them (as late as allowed, so a missing wait reads stale
+// data). The stub headers in include/ replace cuda_runtime.h, the c10/cuda stream, guard and
+// exception headers, WMMA and cub's radix sort. What this cannot show: races and
+// memory-ordering bugs of real hardware (a cp.async landing early, a missing barrier between
+// warps), performance, and anything about the real compiler for the device.
 #pragma once
 
 #include <atomic>

@@ -522,15 +522,14 @@ def conv_calls(kind, c_in, c_out, dtype, splits, key):
 
 # (kind, c_in, c_out): narrow (BN 16 / 32, BK 16), wide, channel counts that are not multiples
 # of 8 (padded by the pipelined launcher), c_in above one step, c_out above one 64-column tile.
-VARIANT_SHAPES = [("subm", 16, 16), ("subm", 4, 16), ("strided", 16, 32), ("subm", 40, 64),
-                  ("transposed", 13, 70), ("strided", 32, 8)]
+VARIANT_SHAPES = [("subm", 16, 16), ("subm", 4, 16), ("strided", 40, 32), ("transposed", 13, 70)]
 # (variants, splits of the row orders)
-VARIANTS = [("tiles=wmma64", 2), ("tiles=wmma64", 3), ("tiles=pipelined", 0),
-            ("tiles=pipelined", 1), ("tiles=pipelined", 3)]
+VARIANTS = [("tiles=wmma64", 3), ("tiles=pipelined", 0), ("tiles=pipelined", 1),
+            ("tiles=pipelined", 2)]
 
 
 @pytest.mark.parametrize("sm_major", ["9", "7"])  # tensor-core kernels, then SIMT fallbacks
-@pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=case_id)  # float64: float32's SIMT code
 @pytest.mark.parametrize("variant", VARIANTS, ids=case_id)
 @pytest.mark.parametrize("shape", VARIANT_SHAPES, ids=case_id)
 def test_conv_variants_equal_the_default_kernels(shape, variant, dtype, sm_major, monkeypatch):
