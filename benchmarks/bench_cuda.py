@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import datetime
 import functools
 import inspect
@@ -101,7 +102,8 @@ def one_line(exc: BaseException) -> str:
 @dataclass
 class Library:
     """One implementation: its spconv.pytorch-like namespace (layers, SparseConvTensor), its
-    PointToVoxel, and the module whose functions build its kernel maps."""
+    PointToVoxel, and the module whose functions build its kernel maps. ``variants``: for
+    spconv_lite run with SPCONV_LITE_CUDA_VARIANTS set to it (None: the environment's)."""
 
     name: str
     version: str
@@ -109,6 +111,54 @@ class Library:
     point_to_voxel: type
     map_module: ModuleType
     map_functions: tuple[str, ...]
+    variants: str | None = None
+
+
+VARIANTS_VARIABLE = "SPCONV_LITE_CUDA_VARIANTS"
+ALGO_VARIABLE = "SPCONV_LITE_CUDA_CONV_ALGO"
+# The sweep of --variants default: row orders of 1, 2 and 3 splits, the pipelined tiles alone
+# and with row orders, the compacted weight gradient, the fused kernels everywhere with row
+# orders and the compacted weight gradient (float32's wide layers otherwise take the per-offset
+# GEMMs, which the row orders do not change), and everything together (with the radix map
+# sort, whose own effect the maps' table shows).
+DEFAULT_SWEEP = ("rows=1;rows=2;rows=3;tiles=pipelined;rows=2,tiles=pipelined;wgrad=compact;"
+                 "algo=fused,rows=3,wgrad=compact;"
+                 "rows=3,tiles=pipelined,wgrad=compact,mapsort=radix")
+
+
+@contextlib.contextmanager
+def variants_env(value: str | None):
+    """SPCONV_LITE_CUDA_VARIANTS set to ``value`` inside the block (None: the environment left
+    as it is); an entry ``algo=A`` of it sets SPCONV_LITE_CUDA_CONV_ALGO=A instead (default:
+    auto)."""
+    if value is None:
+        yield
+        return
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    algo = [item.partition("=")[2] for item in items if item.startswith("algo=")]
+    settings = {VARIANTS_VARIABLE: ",".join(i for i in items if not i.startswith("algo=")),
+                ALGO_VARIABLE: algo[-1] if algo else "auto"}
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for name, old in before.items():
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+
+
+def variant_libraries(base: Library, sweep: str) -> dict[str, Library]:
+    """spconv_lite once more per entry of ``sweep`` (';'-separated values of
+    SPCONV_LITE_CUDA_VARIANTS, see variants_env), named ``spconv_lite[VALUE]``; the base runs
+    with the variable empty and the auto algorithm, so that it is the default kernels whatever
+    the caller's environment."""
+    base.variants = ""
+    return {f"{base.name}[{value}]": dataclasses.replace(base, name=f"{base.name}[{value}]",
+                                                         variants=value)
+            for value in (v.strip() for v in sweep.split(";")) if value}
 
 
 def load_library(name: str) -> Library:
@@ -118,8 +168,9 @@ def load_library(name: str) -> Library:
             import spconv_lite.pytorch as ns
             from spconv_lite import ops
 
+            # The row orders (variant rows=N) belong to the maps, as spconv's mask sorts do.
             return Library(name, spconv_lite.__version__, ns, spconv_lite.PointToVoxel, ops,
-                           ("build_subm_map", "build_conv_map"))
+                           ("build_subm_map", "build_conv_map", "conv_row_order"))
         if name == "spconv":
             import spconv
             import spconv.pytorch as ns
@@ -255,11 +306,12 @@ def network_call(lib: Library, net: torch.nn.Module, inp: Input, dtype, train: b
 
     def call(keep_grads: bool = False):
         x = lib.ns.SparseConvTensor(features, inp.indices, inp.shape, 1)
-        if not train:
-            with torch.no_grad():
-                return sparse_output(net(x)), None
-        out = sparse_output(net(x))
-        out.features.float().square().mean().backward()
+        with variants_env(lib.variants):
+            if not train:
+                with torch.no_grad():
+                    return sparse_output(net(x)), None
+            out = sparse_output(net(x))
+            out.features.float().square().mean().backward()
         grads = ({n: p.grad.detach().float().clone() for n, p in net.named_parameters()
                   if p.grad is not None} if keep_grads else None)
         net.zero_grad(set_to_none=True)
@@ -377,6 +429,8 @@ def format_dims(values) -> str:
 
 def map_type(arguments: dict) -> str:
     """A readable map type from a map builder's arguments (ours or spconv's names)."""
+    if "splits" in arguments:  # spconv_lite's conv_row_order
+        return f"row order s{arguments['splits']}"
     kernel = arguments.get("kernel_size", arguments.get("ksize"))
     if kernel is None:
         return "unknown"
@@ -425,10 +479,11 @@ def recording_maps(lib: Library):
             setattr(lib.map_module, name, fn)
 
 
-def replay(calls: list[MapCall]) -> Callable:
+def replay(calls: list[MapCall], variants: str | None = None) -> Callable:
     def run(keep_grads: bool = False):
-        for call in calls:
-            call.replay()
+        with variants_env(variants):
+            for call in calls:
+                call.replay()
     return run
 
 
@@ -440,7 +495,7 @@ def bench_maps(libs: dict[str, Library], network: str, state: dict, inp: Input, 
     recorded = {}
     for name, lib in ((name, libs[name]) for name in nets):
         try:
-            with recording_maps(lib) as calls, torch.no_grad():
+            with recording_maps(lib) as calls, torch.no_grad(), variants_env(lib.variants):
                 nets[name](lib.ns.SparseConvTensor(inp.features, inp.indices, inp.shape, 1))
             sync()
             recorded[name] = calls
@@ -449,15 +504,15 @@ def bench_maps(libs: dict[str, Library], network: str, state: dict, inp: Input, 
     result = {"libs": {name: {"maps": len(calls)} for name, calls in recorded.items()},
               "errors": errors}
     _, timings, replay_errors = run_alternating(
-        {name: replay(calls) for name, calls in recorded.items()}, args.warmup, args.repeats,
-        sync)
+        {name: replay(calls, libs[name].variants) for name, calls in recorded.items()},
+        args.warmup, args.repeats, sync)
     errors.update(replay_errors)
     for name, st in timings.items():
         result["libs"][name]["total_median_ms"] = st["median_ms"]
     kinds = sorted({c.kind for calls in recorded.values() for c in calls})
     result["by_type"] = {}
     for kind in kinds:
-        groups = {name: replay([c for c in calls if c.kind == kind])
+        groups = {name: replay([c for c in calls if c.kind == kind], libs[name].variants)
                   for name, calls in recorded.items() if name not in replay_errors}
         counts = {name: sum(c.kind == kind for c in recorded[name]) for name in groups}
         _, timings, _ = run_alternating(groups, args.warmup, args.repeats, sync)
@@ -509,6 +564,223 @@ def bench_voxelize(libs: dict[str, Library], data: Path, device, args, sync) -> 
         for name, out in outputs.items():
             if name != BASELINE:
                 result["compare"][name] = same_voxels(out, outputs[BASELINE])
+    return result
+
+
+# ----------------------------------------------------------------------------- per layer
+
+# Datasheet peaks of the H100 / H200 SXM (leads: ../.library/device KINDS.md measured 788 TFLOP/s
+# for a large bf16 matmul on this H200): dense float16 / bfloat16 on the tensor cores, float32
+# without TF32 (SIMT), which is what the fused kernels use.
+PEAK_TFLOPS = {"float16": 989.0, "bfloat16": 989.0, "float32": 67.0}
+TILE_ROWS = (64, 128)  # the default WMMA tiles' rows, the pipelined tiles'
+
+
+@dataclass
+class ConvLayer:
+    """One conv layer of a forward: what its op gets."""
+
+    index: int
+    kind: str
+    features: torch.Tensor  # [N_in, C_in]
+    weight: torch.Tensor  # [K, C_in, C_out]
+    nbr: torch.Tensor
+    nbr_t: torch.Tensor
+
+    @property
+    def pairs(self) -> int:
+        return int(self.nbr.ge(0).sum())
+
+
+def conv_layers(network: str, inp: Input, device, dtype) -> list[ConvLayer]:
+    """Every conv layer of one eval forward of spconv_lite's network (seed-0 weights), with its
+    input features, weight and tables, as a forward hook sees them."""
+    lib = load_library(BASELINE)
+    torch.manual_seed(0)
+    net = NETWORKS[network](lib.ns).to(device=device, dtype=dtype).eval()
+    layers: list[ConvLayer] = []
+
+    def hook(module, args, out):
+        kmap = out.indice_dict.get(module.indice_key) if module.indice_key else None
+        if kmap is None:
+            return
+        nbr, nbr_t = (kmap.nbr_t, kmap.nbr) if module.inverse else (kmap.nbr, kmap.nbr_t)
+        kind = ("subm" if module.subm else "inverse" if module.inverse else "conv") + \
+            f" k{format_dims(module.kernel_size)}"
+        layers.append(ConvLayer(len(layers), kind, args[0].features.detach(),
+                                module.kernel_weight().detach().contiguous(), nbr, nbr_t))
+
+    handles = [m.register_forward_hook(hook) for m in net.modules()
+               if isinstance(m, spconv_lite.SparseConvolution)]
+    try:
+        with torch.no_grad(), variants_env(""):
+            net(lib.ns.SparseConvTensor(inp.features.to(dtype), inp.indices, inp.shape, 1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return layers
+
+
+def tile_use(nbr: torch.Tensor, order: torch.Tensor | None, splits: int, rows: int) -> float:
+    """Useful share of a fused kernel's multiplications: pairs over (tile, offset) steps x tile
+    rows, for tiles of ``rows`` rows that skip the offsets none of their rows has, the rows in
+    ``order`` (one per split of the offsets) or in row order."""
+    valid = nbr.ge(0)
+    count, volume = valid.shape
+    if count == 0 or volume == 0:
+        return 1.0
+    splits = max(splits, 1)
+    steps = 0
+    for s in range(splits):
+        part = valid[:, s * volume // splits:(s + 1) * volume // splits]
+        if order is not None:
+            part = part[order[s].long()]
+        part = torch.nn.functional.pad(part, (0, 0, 0, (-count) % rows))
+        steps += int(part.view(-1, rows, part.shape[1]).any(1).sum())
+    return int(valid.sum()) / max(steps * rows, 1)
+
+
+def time_gpu_ms(fn: Callable, warmup: int, repeats: int, cuda: bool) -> float:
+    """Median of ``repeats`` calls, each timed with CUDA events (the host clock on the CPU)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - begin) * 1e3)
+    return float(np.median(samples))
+
+
+def layer_splits(layer: ConvLayer) -> int:
+    """The row-order splits a layer's conv gets under the current variants (as
+    kernel_map.row_orders decides for a map)."""
+    volume = layer.nbr.shape[1]
+    return min(spconv_lite.kernel_map.rows_variant(), volume) if volume > 1 else 0
+
+
+def layer_calls(layer: ConvLayer, grad: torch.Tensor) -> tuple[dict, int, torch.Tensor | None]:
+    """The layer's forward, input gradient and weight gradient as the ops run them under the
+    current variants (row orders built here, as the layers build them with the map), the
+    splits and nbr's row order."""
+    ops_ = torch.ops.spconv_lite
+    x, w, nbr, nbr_t = layer.features, layer.weight, layer.nbr, layer.nbr_t
+    splits = layer_splits(layer)
+    order = ops_.conv_row_order(nbr, splits) if splits else None
+    order_t = ops_.conv_row_order(nbr_t, splits) if splits else None
+    calls = {
+        "fwd": lambda: ops_.sparse_conv(x, w, nbr, nbr_t, order, order_t),
+        "dgrad": lambda: ops_.sparse_conv(grad, w.transpose(1, 2), nbr_t, nbr, order_t, order),
+        "wgrad": lambda: ops_.sparse_conv_weight_grad(x, grad, nbr),
+    }
+    return calls, splits, order
+
+
+def layer_grad(layer: ConvLayer) -> torch.Tensor:
+    """A seeded upstream gradient for the layer's output."""
+    x = layer.features
+    gen = torch.Generator(device=x.device).manual_seed(layer.index)
+    return torch.randn(layer.nbr.shape[0], layer.weight.shape[2], generator=gen,
+                       device=x.device, dtype=x.dtype)
+
+
+def profile_layer(spec: str, inputs: dict[str, Input], sweep: list[str], device) -> None:
+    """Runs one layer's forward, input gradient and weight gradient once with the default
+    kernels and once per variant, each in an NVTX range named after it: the program that
+    scripts/gpu_check.sh's stage "profile" runs under ncu. spec: NETWORK:INPUT:LAYER:DTYPE."""
+    network, input_name, index, dtype = spec.split(":")
+    layer = conv_layers(network, inputs[input_name], device, getattr(torch, dtype))[int(index)]
+    grad = layer_grad(layer)
+    print(f"profiling layer {index} of {network} on {input_name} ({layer.kind}, "
+          f"{layer.weight.shape[1]}->{layer.weight.shape[2]}, {layer.pairs:,} pairs, {dtype})")
+    for value in ["", *sweep]:
+        with variants_env(value):
+            calls, _, _ = layer_calls(layer, grad)
+            for op, fn in calls.items():
+                name = f"{value or 'default'} {op}"
+                if device.type == "cuda":
+                    torch.cuda.nvtx.range_push(name)
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.nvtx.range_pop()
+                print(f"  ran {name}", flush=True)
+
+
+def bench_layer(layer: ConvLayer, sweep: list[str], args) -> dict:
+    """Forward, input gradient and weight gradient of one layer with the default kernels and
+    each variant of the sweep (ms and useful TFLOP/s), the row orders' build time, and the
+    share of useful multiplications in the tiles."""
+    ops_ = torch.ops.spconv_lite
+    x, w, nbr, nbr_t = layer.features, layer.weight, layer.nbr, layer.nbr_t
+    grad = layer_grad(layer)
+    pairs = layer.pairs
+    flop = 2.0 * pairs * w.shape[1] * w.shape[2]
+    row = {"layer": layer.index, "kind": layer.kind, "c_in": int(w.shape[1]),
+           "c_out": int(w.shape[2]), "rows_in": int(x.shape[0]), "rows_out": int(nbr.shape[0]),
+           "pairs": pairs, "gflop": flop / 1e9, "tile_use": {}, "variants": {}}
+    for rows in TILE_ROWS:
+        row["tile_use"][f"{rows} rows"] = tile_use(nbr, None, 0, rows)
+    for value in ["", *sweep]:
+        entry = {}
+        with variants_env(value):
+            calls, splits, order = layer_calls(layer, grad)
+            if splits:
+                entry["order_ms"] = time_gpu_ms(
+                    lambda: (ops_.conv_row_order(nbr, splits), ops_.conv_row_order(nbr_t, splits)),
+                    args.warmup, args.repeats, x.is_cuda)
+                for rows in TILE_ROWS:
+                    row["tile_use"][f"{rows} rows, {splits} splits"] = tile_use(nbr, order,
+                                                                                splits, rows)
+            for op, fn in calls.items():
+                try:
+                    ms = time_gpu_ms(fn, args.warmup, args.repeats, x.is_cuda)
+                    entry[f"{op}_ms"] = ms
+                    entry[f"{op}_tflops"] = flop / ms / 1e9
+                except Exception as exc:  # noqa: BLE001  (a failing variant is reported)
+                    entry[f"{op}_error"] = one_line(exc)
+        row["variants"][value or "default"] = entry
+    return row
+
+
+def print_layer(row: dict, dtype: str) -> None:
+    default = row["variants"]["default"]
+    use = ", ".join(f"{k} {v:.2f}" for k, v in row["tile_use"].items())
+    text = (f"  L{row['layer']:<2} {row['kind']:<12} {row['c_in']:>3}->{row['c_out']:<3} "
+            f"{row['pairs'] / 1e6:6.2f}M pairs | tile use {use}")
+    for op in ("fwd", "dgrad", "wgrad"):
+        if f"{op}_ms" not in default:
+            text += f"\n      {op}: default ERROR {default.get(op + '_error')}"
+            continue
+        best = min(((name, e[f"{op}_ms"]) for name, e in row["variants"].items()
+                    if f"{op}_ms" in e), key=lambda item: item[1])
+        peak = PEAK_TFLOPS.get(dtype)
+        share = f" ({default[f'{op}_tflops'] / peak:.0%} of peak)" if peak else ""
+        text += (f"\n      {op}: default {default[f'{op}_ms']:.3f} ms "
+                 f"{default[f'{op}_tflops']:.1f} TFLOP/s{share}; best {best[0]} {best[1]:.3f} ms "
+                 f"({default[f'{op}_ms'] / best[1]:.2f}x)")
+        errors = [name for name, e in row["variants"].items() if f"{op}_error" in e]
+        if errors:
+            text += f"; ERRORS in {errors}"
+    print(text, flush=True)
+
+
+def bench_layers(network: str, inp: Input, dtype, sweep: list[str], device, args) -> dict:
+    name = str(dtype).replace("torch.", "")
+    print(f"layers {network} {inp.name} {name}:", flush=True)
+    result = {"network": network, "input": inp.name, "dtype": name, "layers": []}
+    for layer in conv_layers(network, inp, device, dtype):
+        row = bench_layer(layer, [v for v in sweep if not v.startswith("mapsort=")], args)
+        result["layers"].append(row)
+        print_layer(row, name)
     return result
 
 
@@ -598,6 +870,11 @@ def print_case(case: dict) -> None:
     if case["ratios"]:
         print(f"{head} ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in case["ratios"].items()),
               flush=True)
+    for name, speedup in case.get("variant_speedup", {}).items():
+        same = case.get("vs_default", {}).get(name, {})
+        print(f"{head} {name}: {speedup:.2f}x the default kernels, "
+              f"{case.get('vs_spconv', {}).get(name, float('nan')):.2f}x spconv, "
+              f"outputs {'identical' if same.get('identical') else same}", flush=True)
 
 
 def bench_network_case(network, inp, dtype, train, libs, state, device, args, sync) -> dict:
@@ -623,7 +900,42 @@ def bench_network_case(network, inp, dtype, train, libs, state, device, args, sy
         case["compare"][name] = compare_by_site(out, outputs[reference][0])
         if train:
             case["grad_compare"][name] = compare_grads(grads, outputs[reference][1])
+    add_variant_results(case, outputs, {name: st["median_ms"] for name, st in timings.items()})
     return case
+
+
+def add_variant_results(case: dict, outputs: dict, medians: dict[str, float]) -> None:
+    """For each spconv_lite variant ("spconv_lite[...]"): its speed-up over the default kernels
+    (default / variant), and whether its outputs (and weight gradients) are those of the
+    default kernels, bitwise up to the sign of zero. For spconv_lite and each variant: spconv's
+    median over theirs (> 1: faster than spconv)."""
+    base = medians.get(BASELINE)
+    variants = [name for name in medians if name.startswith(f"{BASELINE}[")]
+    if not variants:
+        return
+    case["variant_speedup"] = {name: base / medians[name] for name in variants if base}
+    if REFERENCE in medians:
+        case["vs_spconv"] = {name: medians[REFERENCE] / medians[name]
+                             for name in [BASELINE, *variants] if name in medians}
+    case["vs_default"] = {}
+    if BASELINE not in outputs:
+        return
+    default_out, default_grads = outputs[BASELINE]
+    for name in variants:
+        if name not in outputs:
+            continue
+        out, grads = outputs[name]
+        same_rows = torch.equal(out.indices, default_out.indices)
+        result = {"same_rows": bool(same_rows)}
+        if same_rows:
+            a, b = out.features.detach(), default_out.features.detach()
+            result["identical"] = bool(torch.equal(a + 0, b + 0))
+            result["max_rel_err"] = relative_error(a.float(), b.float())
+        if grads is not None and default_grads is not None:
+            result["grads_identical"] = all(torch.equal(g + 0, default_grads[n] + 0)
+                                            for n, g in grads.items() if n in default_grads)
+            result["grads"] = compare_grads(grads, default_grads)
+        case["vs_default"][name] = result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -640,6 +952,21 @@ def main(argv: list[str] | None = None) -> dict:
                         help=f"inputs cropped to {QUICK_SITES} voxels (a dry run)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="skip the cases that would start after this many seconds")
+    parser.add_argument("--inputs", default=",".join(i for _, i in PLAN),
+                        help="inputs to run, of " + ", ".join(i for _, i in PLAN))
+    parser.add_argument("--variants", default=None, metavar="SWEEP",
+                        help="';'-separated values of SPCONV_LITE_CUDA_VARIANTS, each timed as "
+                        "one more library 'spconv_lite[VALUE]' beside the default kernels; "
+                        f"'default' for {DEFAULT_SWEEP!r}")
+    parser.add_argument("--layers", action="store_true",
+                        help="also time each conv layer's forward, input and weight gradient "
+                        "with the default kernels and each variant")
+    parser.add_argument("--no-networks", action="store_true",
+                        help="skip the network cases and their maps (with --layers: layers only)")
+    parser.add_argument("--no-voxelize", action="store_true", help="skip PointToVoxel")
+    parser.add_argument("--profile-layer", default=None, metavar="NETWORK:INPUT:LAYER:DTYPE",
+                        help="only run that conv layer once per variant, for ncu (e.g. "
+                        "spconv:spconv_pc_x8:1:float16)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--write-results", type=Path, default=None, metavar="RUN_JSON",
                         help="write DATE-GPU.json and .md for the repository from a run's JSON")
@@ -662,6 +989,13 @@ def main(argv: list[str] | None = None) -> dict:
     libs, skipped = load_libraries([n for n in args.libs.split(",") if n])
     if BASELINE not in libs:
         sys.exit(f"error: {BASELINE} does not import: {skipped.get(BASELINE)}")
+    sweep = []
+    if args.variants:
+        sweep = [v for v in (DEFAULT_SWEEP if args.variants == "default"
+                             else args.variants).split(";") if v.strip()]
+        libs.update(variant_libraries(libs[BASELINE], ";".join(sweep)))
+    plan = [(network, name) for wanted in args.inputs.split(",")
+            for network, name in PLAN if name == wanted.strip()]
     data = args.data or default_data_dir()
     inputs = load_inputs(data, args.quick)
     report = Report(args.json, run_meta(libs, skipped, inputs, device, args))
@@ -672,6 +1006,9 @@ def main(argv: list[str] | None = None) -> dict:
     print("voxels:", {name: v["voxels"] for name, v in meta["inputs"].items()}, flush=True)
     for inp in inputs.values():
         inp.features, inp.indices = inp.features.to(device), inp.indices.to(device)
+    if args.profile_layer:
+        profile_layer(args.profile_layer, inputs, sweep, device)
+        return report.data
 
     def over_budget(what: str) -> bool:
         if args.budget_s is not None and time.monotonic() - start > args.budget_s:
@@ -680,14 +1017,16 @@ def main(argv: list[str] | None = None) -> dict:
             return True
         return False
 
-    if not over_budget("voxelize"):
-        report.data["voxelize"] = bench_voxelize(libs, data, device, args, sync)
+    if not args.no_voxelize and not over_budget("voxelize"):
+        plain = {name: lib for name, lib in libs.items() if not lib.variants}  # not variants
+        report.data["voxelize"] = bench_voxelize(plain, data, device, args, sync)
         v = report.data["voxelize"]
         print("PointToVoxel (KITTI frame):", {n: round(s["median_ms"], 3)
                                               for n, s in v["libs"].items()},
               v["ratios"], v["compare"], v["errors"] or "", flush=True)
         report.save()
-    for network, input_name in PLAN:
+    report.data["variants"] = sweep
+    for network, input_name in [] if args.no_networks else plan:
         inp = inputs[input_name]
         torch.manual_seed(0)
         reference_net = NETWORKS[network](libs[BASELINE].ns)
@@ -721,6 +1060,19 @@ def main(argv: list[str] | None = None) -> dict:
                         name: (e.get("maps"), round(e.get("total_median_ms", float("nan")), 3))
                         for name, e in maps["libs"].items()}, maps["errors"] or "", flush=True)
                     report.save()
+    if args.layers:
+        report.data["layers"] = []
+        for network, input_name in plan:
+            for dtype in dtypes:
+                what = f"layers {network} {input_name} {dtype}"
+                if over_budget(what):
+                    continue
+                try:
+                    report.data["layers"].append(
+                        bench_layers(network, inputs[input_name], dtype, sweep, device, args))
+                except Exception as exc:  # noqa: BLE001  (the other breakdowns still run)
+                    print(f"{what}: {one_line(exc)}", flush=True)
+                report.save()
     report.data["meta"]["seconds"] = round(time.monotonic() - start, 1)
     report.save()
     if args.json is not None:
@@ -794,6 +1146,7 @@ def render_markdown(data: dict) -> str:
                      f"{case['dtype']} | {case['pass']} | " + " | ".join(medians) + " | "
                      + " | ".join(ratio) + f" | {peaks} | {'; '.join(diffs) or '-'} | "
                      + ("-" if tflops is None else f"{tflops:.3g}") + " |")
+    lines += render_variants(data) + render_layers(data)
     if data["maps"]:
         lines += ["", "## Kernel maps of one forward (ms, replayed alone)", "",
                   "| network | input | map type | " + " | ".join(names) + " |",
@@ -835,6 +1188,81 @@ def render_markdown(data: dict) -> str:
         lines += [f"- {' '.join(e[:4])}: {e[4]}: {e[5]}" for e in errors]
         lines += [f"- skipped (time budget): {what}" for what in data["skipped_cases"]]
     return "\n".join(lines) + "\n"
+
+
+def render_variants(data: dict) -> list[str]:
+    """The kernel variants' table: each variant's median, its speed-up over the default
+    kernels and over spconv, and whether its outputs are the default kernels'."""
+    cases = [c for c in data["networks"] if c.get("variant_speedup")]
+    if not cases:
+        return []
+    lines = ["", "## Kernel variants (SPCONV_LITE_CUDA_VARIANTS)", "",
+             "Speed-up = the default kernels' median / the variant's (> 1: the variant is "
+             "faster); vs spconv = spconv's median / the variant's; identical = outputs (and "
+             "weight gradients) equal to the default kernels' bitwise, up to the sign of zero.",
+             "", "| network | input | dtype | pass | variant | ms | speed-up | vs spconv | "
+             "identical | peak MiB |", "|" + "---|" * 10]
+    for case in cases:
+        head = f"| {case['network']} | {case['input']} | {case['dtype']} | {case['pass']} |"
+        default = case["libs"].get(BASELINE, {})
+        vs_spconv = case.get("vs_spconv", {})
+        lines.append(f"{head} default | {fmt_ms(default.get('median_ms'))} | 1.00 | "
+                     + (f"{vs_spconv[BASELINE]:.2f}" if BASELINE in vs_spconv else "-")
+                     + " | - | " + (f"{default['peak_mib']:.0f}"
+                                    if default.get("peak_mib") is not None else "-") + " |")
+        for name, speedup in case["variant_speedup"].items():
+            st = case["libs"][name]
+            same = case.get("vs_default", {}).get(name, {})
+            identical = same.get("identical")
+            if "grads_identical" in same:
+                identical = identical and same["grads_identical"]
+            lines.append(
+                f"{head} {name[len(BASELINE) + 1:-1]} | {st['median_ms']:.2f} | {speedup:.2f} | "
+                + (f"{vs_spconv[name]:.2f}" if name in vs_spconv else "-") + " | "
+                + ("yes" if identical else f"no ({same.get('max_rel_err', float('nan')):.1e})")
+                + " | " + (f"{st['peak_mib']:.0f}" if st.get("peak_mib") is not None else "-")
+                + " |")
+    lines += ["", "Kernel maps of one forward per variant (row orders included: they are built "
+              "with the maps, as spconv's mask sorts are):", "",
+              "| network | input | variant | all maps ms | share of the forward |",
+              "|---|---|---|---|---|"]
+    for maps in data["maps"]:
+        for name, entry in maps["libs"].items():
+            if not name.startswith(BASELINE) or "total_median_ms" not in entry:
+                continue
+            shares = ", ".join(f"{k.split('_')[2]} {v:.0%}" for k, v in entry.items()
+                               if k.startswith("share_of_"))
+            label = name[len(BASELINE) + 1:-1] or "default"
+            lines.append(f"| {maps['network']} | {maps['input']} | {label} | "
+                         f"{entry['total_median_ms']:.3f} | {shares or '-'} |")
+    return lines
+
+
+def render_layers(data: dict) -> list[str]:
+    """The per-layer breakdown: each conv layer's forward, input gradient (dgrad) and weight
+    gradient (wgrad) with the default kernels (ms, useful TFLOP/s) and the best variant."""
+    lines = []
+    for group in data.get("layers", []):
+        peak = PEAK_TFLOPS.get(group["dtype"])
+        lines += ["", f"## Layers of {group['network']} on {group['input']}, {group['dtype']} "
+                  f"(useful TFLOP/s; peak {peak} TFLOP/s)", "",
+                  "| layer | C_in->C_out | pairs | tile use (64 rows) | fwd ms (TFLOP/s) | best "
+                  "fwd | dgrad ms | best dgrad | wgrad ms | best wgrad |", "|" + "---|" * 10]
+        for row in group["layers"]:
+            cells = []
+            for op in ("fwd", "dgrad", "wgrad"):
+                default = row["variants"]["default"]
+                if f"{op}_ms" not in default:
+                    cells += ["error", "-"]
+                    continue
+                best = min(((n, e[f"{op}_ms"]) for n, e in row["variants"].items()
+                            if f"{op}_ms" in e), key=lambda item: item[1])
+                cells += [f"{default[f'{op}_ms']:.3f} ({default[f'{op}_tflops']:.1f})",
+                          f"{best[0]} {best[1]:.3f} ({default[f'{op}_ms'] / best[1]:.2f}x)"]
+            uses = [f"{v:.2f}" for k, v in row["tile_use"].items() if k.startswith("64 rows")]
+            lines.append(f"| {row['layer']} {row['kind']} | {row['c_in']}->{row['c_out']} | "
+                         f"{row['pairs']:,} | {' / '.join(uses)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_results(data: dict, directory: Path) -> list[Path]:

@@ -5,19 +5,29 @@
 # time-boxed, so that a failure or a hang in one does not eat the others' time.
 #
 # Usage: scripts/gpu_check.sh RESULTS_DIR [--data DIR]
-#   RESULTS_DIR  created if missing; gets (6 files) gpu_check.log (everything printed),
-#                build.log, tests.xml (JUnit), sanitizer.log, bench.json, summary.json
+#   RESULTS_DIR  created if missing; gets (up to 7 files) gpu_check.log (everything printed),
+#                build.log, tests.xml (JUnit), sanitizer.log, bench.json, variants.json (stage
+#                "variants"), summary.json
 #   --data DIR   folder of the LiDAR files (default: .gpu/lidar, else shared/data/lidar beside
 #                the repository or inside it)
 #
 # Environment:
 #   GPU_CHECK_STAGES        stages to run, default "build,tests,sanitizer,bench"; without
 #                           "build" the spconv_lite/_C*.so already there is used (a rerun on
-#                           a machine still warm)
+#                           a machine still warm). Stage "variants" (not in the default): the
+#                           CUDA kernel variants of issue 13 (SPCONV_LITE_CUDA_VARIANTS) timed
+#                           beside the default kernels and spconv, networks then per layer;
+#                           see "Kernel variants" below. Stage "profile" (not in the default):
+#                           ncu over one layer's conv kernels, default and variants (ncu.csv)
 #   GPU_CHECK_BUDGET_S      seconds for the whole run (default 450); each stage gets its cap or
 #                           what is left minus a reserve for the stages after it
 #   GPU_CHECK_TEST_WORKERS  pytest-xdist workers for the tests (default 4; 0 = none)
 #   GPU_CHECK_BENCH_ARGS    extra arguments for benchmarks/bench_cuda.py (e.g. "--repeats 5")
+#   GPU_CHECK_VARIANTS_ARGS extra arguments for the variants stage's bench_cuda.py run (e.g.
+#                           '--variants "rows=2;tiles=pipelined"' for a shorter sweep)
+#   GPU_CHECK_PROFILE_LAYER the profile stage's layer, NETWORK:INPUT:LAYER:DTYPE (default
+#                           spconv:spconv_pc_x8:1:float16, the 8x cloud's 64->64 SubM)
+#   NCU                     the Nsight Compute program (default: on PATH or in CUDA_HOME)
 #   SPCONV_LITE_COMMIT      the commit to record in bench.json when the checkout has no .git
 #   PYTHON                  the interpreter (default python3, else python)
 #   COMPUTE_SANITIZER       the compute-sanitizer program (default: on PATH or in CUDA_HOME)
@@ -40,6 +50,24 @@
 #                    (writes benchmarks/results/DATE-GPU.json and .md for the commit)
 #   A rerun on the still-warm machine can skip what passed, e.g.
 #   GPU_CHECK_STAGES=bench bash scripts/gpu_check.sh $OUT/results
+#
+# Kernel variants (issue 13; none has run on a GPU yet). The tests stage already checks them on
+# the hardware (tests/test_cuda_parity.py: each variant's outputs equal the default kernels'
+# bitwise, the compacted weight gradient matches the CPU, the radix-sorted maps and the row
+# orders equal the CPU's), and compute-sanitizer runs the small variant cases. To time them, a
+# call of its own once the bring-up passes (it needs the build again on a fresh machine):
+#     command "SPCONV_LITE_COMMIT=<commit> GPU_CHECK_STAGES=build,variants
+#              GPU_CHECK_BUDGET_S=420 bash scripts/gpu_check.sh $OUT/results", carry [".gpu"]
+# It runs bench_cuda.py --libs spconv_lite,spconv --variants default --layers, the x8 cloud
+# first, float16 before float32: each network case alternates the default kernels, each
+# variant of bench_cuda.DEFAULT_SWEEP and spconv (variants.json: "variant_speedup",
+# "vs_spconv", "vs_default"), then every conv layer's forward / input gradient / weight gradient
+# per variant ("layers"). Afterwards, here: bench_cuda.py --write-results variants.json writes
+# the tables (README "CUDA" says which numbers decide the defaults). Adding "profile" to the
+# stages runs ncu (--clock-control none; it reads counters on Firecracker machines, not on
+# gVisor ones) over one layer's conv kernels with the default kernels and four variants:
+# ncu.csv, SpeedOfLight / Occupancy / WarpStateStats / MemoryWorkloadAnalysis per kernel, each
+# kernel under an NVTX range named after its variant and op.
 set -uo pipefail
 
 if [ $# -lt 1 ] || [[ "$1" == -* ]]; then
@@ -178,6 +206,7 @@ fi
 # allocator, so that an access past a tensor's end is past an allocation's end.
 SANITIZER_TESTS="(test_kernel_maps_are_identical and 1500) or test_zero_sites_maps
  or (test_conv_matches_cpu and subm-16-16 and float32)
+ or (test_conv_variants_equal_the_default_kernels and subm-16-16 and float16)
  or (test_half_precision_close_to_float32 and (subm-16-16 or subm-3-5) and float16)
  or (test_non_finite_weights_reach_only_real_pairs and float16)
  or test_conv_with_an_empty_kernel or (test_pooling_is_identical and float32)
@@ -256,16 +285,56 @@ if [ $BUILD_RC -eq 0 ] && want bench; then
     echo "benchmark: rc=$BENCH_RC in ${BENCH_S}s"
 fi
 
+# ----------------------------------------------------------------------------- variants
+VARIANTS_RC=-1
+VARIANTS_S=0
+if [ $BUILD_RC -eq 0 ] && want variants; then
+    variants_s=$(allowance 420 5)
+    echo "=== kernel variants beside the default kernels and spconv (at most ${variants_s}s)"
+    variants_start=$SECONDS
+    dry_args=()
+    [ "$DRY_RUN" = 1 ] && dry_args=(--device cpu --quick --dtypes float32 --repeats 1 --warmup 0)
+    # shellcheck disable=SC2086  # GPU_CHECK_VARIANTS_ARGS is a list of words
+    boxed "$variants_s" "$PY" benchmarks/bench_cuda.py ${DATA:+--data "$DATA"} \
+        --libs spconv_lite,spconv --variants default --layers --no-voxelize \
+        --inputs spconv_pc_x8,kitti,spconv_pc --dtypes float16,float32 --repeats 5 --warmup 1 \
+        --budget-s $((variants_s - 45)) --json "$RESULTS/variants.json" "${dry_args[@]}" \
+        ${GPU_CHECK_VARIANTS_ARGS:-}
+    VARIANTS_RC=$?
+    VARIANTS_S=$((SECONDS - variants_start))
+    echo "variants: rc=$VARIANTS_RC in ${VARIANTS_S}s"
+fi
+
+# ----------------------------------------------------------------------------- profile
+if [ $BUILD_RC -eq 0 ] && want profile; then
+    NCU=${NCU:-$(command -v ncu || ls "${CUDA_HOME:-/usr/local/cuda}/bin/ncu" 2>/dev/null || true)}
+    profile_s=$(allowance 150 5)
+    if [ -n "$NCU" ]; then
+        echo "=== ncu over one layer's conv kernels (at most ${profile_s}s; ncu.csv)"
+        boxed "$profile_s" "$NCU" --clock-control none --nvtx --target-processes all \
+            -k "regex:conv_|weight_grad" --section SpeedOfLight --section Occupancy \
+            --section WarpStateStats --section MemoryWorkloadAnalysis --csv --page details \
+            --log-file "$RESULTS/ncu.csv" "$PY" benchmarks/bench_cuda.py ${DATA:+--data "$DATA"} \
+            --libs spconv_lite --no-voxelize \
+            --profile-layer "${GPU_CHECK_PROFILE_LAYER:-spconv:spconv_pc_x8:1:float16}" \
+            --variants "rows=2;tiles=pipelined;rows=2,tiles=pipelined;wgrad=compact"
+        echo "profile: rc=$?"
+    else
+        echo "ncu not found: profile stage skipped"
+    fi
+fi
+
 # ----------------------------------------------------------------------------- summary
 RESULTS="$RESULTS" BUILD_RC=$BUILD_RC BUILD_S=$BUILD_S TESTS_RC=$TESTS_RC TESTS_S=$TESTS_S \
 SANITIZER_S=$SANITIZER_S BENCH_RC=$BENCH_RC BENCH_S=$BENCH_S TOTAL_S=$((SECONDS - START)) \
-STAGES="$STAGES" "$PY" - <<'PY'
+VARIANTS_RC=$VARIANTS_RC VARIANTS_S=$VARIANTS_S STAGES="$STAGES" "$PY" - <<'PY'
 import json, os, re, xml.etree.ElementTree as ET
 from pathlib import Path
 
 results = Path(os.environ["RESULTS"])
 env = {k: int(os.environ[k]) for k in ("BUILD_RC", "BUILD_S", "TESTS_RC", "TESTS_S",
-                                       "SANITIZER_S", "BENCH_RC", "BENCH_S", "TOTAL_S")}
+                                       "SANITIZER_S", "BENCH_RC", "BENCH_S", "TOTAL_S",
+                                       "VARIANTS_RC", "VARIANTS_S")}
 stages = [s for s in os.environ["STAGES"].split(",") if s]
 summary = {"total_s": env["TOTAL_S"], "stages": stages,
            "build": {"ok": env["BUILD_RC"] == 0, "rc": env["BUILD_RC"], "seconds": env["BUILD_S"]}}
@@ -310,10 +379,30 @@ if "bench" in stages and bench_file.exists():
         for c in data["networks"]}
     bench["skipped_cases"] = data.get("skipped_cases", [])
 summary["bench"] = bench
+variants = {"rc": env["VARIANTS_RC"], "seconds": env["VARIANTS_S"], "ok": env["VARIANTS_RC"] == 0}
+variants_file = results / "variants.json"
+if "variants" in stages and variants_file.exists():
+    data = json.loads(variants_file.read_text())
+    variants["cases"] = {
+        f"{c['network']} {c['input']} {c['dtype']} {c['pass']}": {
+            "default_ms": round(c["libs"].get("spconv_lite", {}).get("median_ms", float("nan")), 3),
+            "speedup": {k[len("spconv_lite["):-1]: round(v, 3)
+                        for k, v in c.get("variant_speedup", {}).items()},
+            "vs_spconv": {k: round(v, 3) for k, v in c.get("vs_spconv", {}).items()},
+            "not_identical": [k for k, v in c.get("vs_default", {}).items()
+                              if not v.get("identical")],
+            "errors": c["errors"]}
+        for c in data["networks"]}
+    variants["skipped_cases"] = data.get("skipped_cases", [])
+summary["variants"] = variants
 summary["ok"] = (summary["build"]["ok"] and ("tests" not in stages or tests["ok"])
-                 and ("bench" not in stages or bench["ok"]))
+                 and ("bench" not in stages or bench["ok"])
+                 and ("variants" not in stages or variants["ok"]))
 (results / "summary.json").write_text(json.dumps(summary, indent=2))
-print(json.dumps({k: v for k, v in summary.items() if k != "bench"}, indent=2))
+print(json.dumps({k: v for k, v in summary.items() if k not in ("bench", "variants")},
+                 indent=2))
 print(json.dumps({k: bench[k] for k in ("ok", "rc", "seconds")}))
+if "variants" in stages:
+    print(json.dumps(variants, indent=1))
 PY
 echo "=== gpu_check done in $((SECONDS - START))s: $RESULTS/summary.json"

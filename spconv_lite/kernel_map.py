@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -126,10 +127,56 @@ class KernelMap:
     output_padding: tuple[int, ...] = ()
     in_version: int = 0
     out_version: int = 0
+    # Row orders of nbr / nbr_t for the CUDA conv kernels (ops.conv_row_order), built on first
+    # use by row_orders() with order_splits splits.
+    order: Optional[Tensor] = None
+    order_t: Optional[Tensor] = None
+    order_splits: int = 0
 
     @property
     def kernel_volume(self) -> int:
         return math.prod(self.kernel_size)
+
+
+def rows_variant() -> int:
+    """N of ``rows=N`` in ``SPCONV_LITE_CUDA_VARIANTS`` (the CUDA kernel variants, listed in
+    include/spconv_lite/cuda_utils.cuh, where the C++ side reads the others): the splits of the
+    row orders the CUDA conv kernels get; 0, the default, for none."""
+    for item in os.environ.get("SPCONV_LITE_CUDA_VARIANTS", "").split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == "rows":
+            if not value.strip().isdigit():
+                raise ValueError(f"SPCONV_LITE_CUDA_VARIANTS: rows={value} is not a number of "
+                                 "splits (rows=0 .. 8)")
+            return int(value)
+    return 0
+
+
+def _row_order_splits(kmap: KernelMap) -> int:
+    """Splits of the row orders for a conv over ``kmap``: :func:`rows_variant`, at most the kernel
+    volume; 0 on the CPU (whose kernels do not use them) and for a one-offset kernel."""
+    if not kmap.nbr.is_cuda or kmap.kernel_volume <= 1:
+        return 0
+    return min(rows_variant(), kmap.kernel_volume)
+
+
+def row_orders(kmap: KernelMap, inverse: bool = False) -> tuple[Optional[Tensor],
+                                                                 Optional[Tensor]]:
+    """``(order, order_t)`` for ``ops.sparse_conv`` over ``kmap``'s tables (swapped when
+    ``inverse``): built once per map and cached on it, the one of the input gradient's table only
+    while gradients are on; ``(None, None)`` when no row orders are wanted."""
+    splits = _row_order_splits(kmap)
+    if splits == 0:
+        return None, None
+    if kmap.order_splits != splits:
+        kmap.order, kmap.order_t, kmap.order_splits = None, None, splits
+    need_order = not inverse or torch.is_grad_enabled()
+    need_order_t = inverse or torch.is_grad_enabled()
+    if need_order and kmap.order is None:
+        kmap.order = ops.conv_row_order(kmap.nbr, splits)
+    if need_order_t and kmap.order_t is None:
+        kmap.order_t = ops.conv_row_order(kmap.nbr_t, splits)
+    return (kmap.order_t, kmap.order) if inverse else (kmap.order, kmap.order_t)
 
 
 def _version(t: Tensor) -> int:
@@ -209,6 +256,23 @@ def _check_reuse(key: str, cached, geometry: dict, x: SparseConvTensor) -> None:
                  x.spatial_shape)
 
 
+def _sites_of_a_map(x: SparseConvTensor) -> bool:
+    """Whether ``x``'s indices are, unedited and on the same grid, the output sites of a regular
+    or transposed conv map in its ``indice_dict`` or the input sites that map checked: such
+    sites are in the grid and distinct, so a submanifold map over them needs no check (on a
+    GPU: no host synchronisation)."""
+    for kmap in x.indice_dict.values():
+        if not isinstance(kmap, KernelMap) or kmap.subm or kmap.batch_size != x.batch_size:
+            continue
+        for sites, version, shape in ((kmap.out_indices, kmap.out_version,
+                                       kmap.out_spatial_shape),
+                                      (kmap.in_indices, kmap.in_version, kmap.in_spatial_shape)):
+            if (sites is x.indices and list(shape) == list(x.spatial_shape)
+                    and not _edited_in_place(sites, version)):
+                return True
+    return False
+
+
 def subm_map(
     x: SparseConvTensor, kernel_size: tuple[int, ...], dilation: tuple[int, ...],
     indice_key: Optional[str],
@@ -219,7 +283,8 @@ def subm_map(
     if cached is not None:
         _check_reuse(indice_key, cached, geometry, x)
         return cached
-    nbr, nbr_t = ops.build_subm_map(x.indices, x.spatial_shape, x.batch_size, kernel_size, dilation)
+    nbr, nbr_t = ops.build_subm_map(x.indices, x.spatial_shape, x.batch_size, kernel_size,
+                                    dilation, check_sites=not _sites_of_a_map(x))
     ndim = len(kernel_size)
     version = _version(x.indices)
     kmap = KernelMap(

@@ -17,7 +17,7 @@ cross-correlation convention of ``torch.nn.functional.conv3d``).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -30,6 +30,7 @@ __all__ = [
     "build_subm_map",
     "build_conv_map",
     "sparse_conv",
+    "conv_row_order",
     "sparse_sum_pool",
     "sparse_max_pool",
     "voxelize",
@@ -43,6 +44,7 @@ def build_subm_map(
     batch_size: int,
     kernel_size: Sequence[int],
     dilation: Sequence[int],
+    check_sites: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Kernel map of a submanifold convolution (output sites = input sites).
 
@@ -52,6 +54,9 @@ def build_subm_map(
         batch_size: number of batch items.
         kernel_size: ``D`` odd kernel sizes.
         dilation: ``D`` dilations.
+        check_sites: ``False`` when the sites are known to be in the grid and distinct (the
+            output sites of a conv map): on a GPU the op then skips its check and the host
+            synchronisation it costs. Bad sites with ``False`` give wrong tables, not an error.
 
     Returns:
         ``(nbr, nbr_t)``, both int32 ``[N, K]``.
@@ -63,7 +68,8 @@ def build_subm_map(
         (0, 1)
     """
     return _ops.build_subm_map(
-        indices, list(spatial_shape), int(batch_size), list(kernel_size), list(dilation)
+        indices, list(spatial_shape), int(batch_size), list(kernel_size), list(dilation),
+        bool(check_sites),
     )
 
 
@@ -102,6 +108,7 @@ def build_conv_map(
 
 
 def sparse_conv(features: Tensor, weight: Tensor, nbr: Tensor, nbr_t: Tensor, *,
+                order: Optional[Tensor] = None, order_t: Optional[Tensor] = None,
                 check_tables: bool = True) -> Tensor:
     """Gather-GEMM-scatter: ``out[o] = sum_k features[nbr[o, k]] @ weight[k]``.
 
@@ -110,17 +117,62 @@ def sparse_conv(features: Tensor, weight: Tensor, nbr: Tensor, nbr_t: Tensor, *,
         weight: ``[K, C_in, C_out]`` (any strides).
         nbr: int32 ``[N_out, K]``.
         nbr_t: int32 ``[N_in, K]``, the transposed table (used by the backward pass).
+        order, order_t: optional row orders of ``nbr`` and ``nbr_t``
+            (:func:`conv_row_order`), for the CUDA kernels; the result is the same without.
         check_tables: raise ``ValueError`` now if an entry of ``nbr`` is not -1 or a row of
-            ``features``, or one of ``nbr_t`` not -1 or an output row (one pass over the
-            tables; on a GPU, one host synchronisation). The layers pass ``False`` for the maps
-            the library built.
+            ``features``, or one of ``nbr_t`` not -1 or an output row, or a row of an order is
+            not a permutation (one pass over the tables; on a GPU, one host synchronisation).
+            The layers pass ``False`` for the maps the library built.
 
     Returns:
         ``[N_out, C_out]`` in the dtype of ``features``.
     """
     if check_tables:
         _check_tables(features, nbr, nbr_t)
-    return _ops.sparse_conv(features, weight, nbr, nbr_t)
+        for rows_order, name, table in ((order, "order", nbr), (order_t, "order_t", nbr_t)):
+            if rows_order is not None:
+                _check_row_order(rows_order, name, table)
+    return _ops.sparse_conv(features, weight, nbr, nbr_t, order, order_t)
+
+
+def conv_row_order(nbr: Tensor, splits: int) -> Tensor:
+    """Row orders of a neighbour table for the CUDA conv kernels.
+
+    The kernel offsets are cut into ``splits`` contiguous ranges; for each, the rows are sorted
+    (stably) by their neighbour mask over the range, so that rows with the same neighbour
+    pattern share the kernels' tiles, which skip the offsets none of their rows has. A conv
+    given these orders runs one pass per range; every output row still sums its offsets in
+    increasing order.
+
+    Args:
+        nbr: int32 ``[R, K]`` neighbour table.
+        splits: number of ranges, ``1 <= splits <= min(8, K)``.
+
+    Returns:
+        int32 ``[splits, R]``: row ``s`` is a permutation of ``0 .. R-1``.
+
+    Example:
+        >>> nbr = torch.tensor([[0, -1], [-1, 1], [2, 3]], dtype=torch.int32)
+        >>> conv_row_order(nbr, 1).tolist()  # masks 0b01, 0b10, 0b11
+        [[0, 1, 2]]
+        >>> conv_row_order(nbr, 2).tolist()  # by offset 0, then by offset 1
+        [[1, 0, 2], [0, 1, 2]]
+    """
+    return _ops.conv_row_order(nbr, int(splits))
+
+
+def _check_row_order(order: Tensor, name: str, table: Tensor) -> None:
+    """Raises ``ValueError`` unless every row of ``order`` is a permutation of ``table``'s rows
+    (one sort and, on a GPU, one host synchronisation). An order of the wrong shape or dtype is
+    left to the op, whose message names them."""
+    if (torch.compiler.is_compiling() or not isinstance(order, Tensor) or order.dim() != 2
+            or order.shape[1] != table.shape[0] or order.dtype != torch.int32
+            or order.numel() == 0):
+        return
+    expected = torch.arange(order.shape[1], device=order.device, dtype=order.dtype)
+    if not bool((order.sort(dim=1).values == expected).all()):
+        raise ValueError(f"{name} is not a row order: a row of it is not a permutation of "
+                         f"0 .. {order.shape[1] - 1}")
 
 
 def sparse_sum_pool(features: Tensor, nbr: Tensor, nbr_t: Tensor, *,
@@ -273,7 +325,8 @@ def _new_row_count() -> torch.SymInt:
 
 
 @torch.library.register_fake("spconv_lite::build_subm_map")
-def _build_subm_map_fake(indices, spatial_shape, batch_size, kernel_size, dilation):
+def _build_subm_map_fake(indices, spatial_shape, batch_size, kernel_size, dilation,
+                         check_sites=True):
     _check_fake_indices(indices, len(spatial_shape))
     shape = (indices.shape[0], math.prod(kernel_size))
     return indices.new_empty(shape), indices.new_empty(shape)
@@ -295,9 +348,14 @@ def _build_conv_map_fake(
 
 
 @torch.library.register_fake("spconv_lite::sparse_conv")
-def _sparse_conv_fake(features, weight, nbr, nbr_t):
+def _sparse_conv_fake(features, weight, nbr, nbr_t, order=None, order_t=None):
     torch._check(weight.dim() == 3 and weight.shape[1] == features.shape[1])
     return features.new_empty((nbr.shape[0], weight.shape[2]))
+
+
+@torch.library.register_fake("spconv_lite::conv_row_order")
+def _conv_row_order_fake(nbr, splits):
+    return nbr.new_empty((splits, nbr.shape[0]))
 
 
 @torch.library.register_fake("spconv_lite::sparse_conv_weight_grad")
@@ -352,18 +410,19 @@ def _voxelize_mean_fake(points, voxel_size, range_min, grid_size, max_voxels):
 
 
 def _sparse_conv_setup(ctx, inputs, output):
-    features, weight, nbr, nbr_t = inputs
-    ctx.save_for_backward(features, weight, nbr, nbr_t)
+    features, weight, nbr, nbr_t, order, order_t = inputs
+    ctx.save_for_backward(features, weight, nbr, nbr_t, order, order_t)
 
 
 def _sparse_conv_backward(ctx, grad):
-    features, weight, nbr, nbr_t = ctx.saved_tensors
+    features, weight, nbr, nbr_t, order, order_t = ctx.saved_tensors
     grad_features = grad_weight = None
     if ctx.needs_input_grad[0]:
-        grad_features = _ops.sparse_conv(grad, weight.transpose(1, 2), nbr_t, nbr)
+        # The same op over the transposed table, so the row orders swap roles too.
+        grad_features = _ops.sparse_conv(grad, weight.transpose(1, 2), nbr_t, nbr, order_t, order)
     if ctx.needs_input_grad[1]:
         grad_weight = _ops.sparse_conv_weight_grad(features, grad, nbr)
-    return grad_features, grad_weight, None, None
+    return grad_features, grad_weight, None, None, None, None
 
 
 torch.library.register_autograd(

@@ -7,18 +7,28 @@
 TORCH_LIBRARY(spconv_lite, m) {
   // Kernel maps. nbr [N_out, K]: input row feeding output o through offset k, or -1.
   // nbr_t [N_in, K]: output row fed by input i through offset k, or -1.
+  // check_sites=False: the caller vouches that the sites are in the grid and distinct (the
+  // output sites of a conv map); the CUDA op then skips its host synchronisation for the check.
   m.def(
       "build_subm_map(Tensor indices, int[] spatial_shape, int batch_size, int[] kernel_size, "
-      "int[] dilation) -> (Tensor nbr, Tensor nbr_t)");
+      "int[] dilation, bool check_sites=True) -> (Tensor nbr, Tensor nbr_t)");
   m.def(
       "build_conv_map(Tensor indices, int[] spatial_shape, int batch_size, "
       "int[] out_spatial_shape, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
       "bool transposed) -> (Tensor out_indices, Tensor nbr, Tensor nbr_t)");
   // Convolution: out[o] = sum_k features[nbr[o, k]] @ weight[k], weight [K, C_in, C_out].
   // nbr_t is not read by the forward kernel; it is an input so that autograd can run the input
-  // gradient (the same kernel over nbr_t) without rebuilding it.
-  m.def("sparse_conv(Tensor features, Tensor weight, Tensor nbr, Tensor nbr_t) -> Tensor");
+  // gradient (the same kernel over nbr_t) without rebuilding it. order / order_t, optional,
+  // are conv_row_order(nbr / nbr_t, splits): the CUDA kernels then visit the output rows in that
+  // order, one pass per split of the offsets; the result is the same (the CPU ignores them).
+  m.def(
+      "sparse_conv(Tensor features, Tensor weight, Tensor nbr, Tensor nbr_t, Tensor? order=None, "
+      "Tensor? order_t=None) -> Tensor");
   m.def("sparse_conv_weight_grad(Tensor features, Tensor grad_out, Tensor nbr) -> Tensor");
+  // Row orders for the CUDA conv kernels: [splits, rows]; for each split s of the kernel
+  // offsets (contiguous ranges, include/spconv_lite/row_order.h), the rows of nbr sorted stably
+  // by their neighbour mask over that split, so that rows with the same pattern share tiles.
+  m.def("conv_row_order(Tensor nbr, int splits) -> Tensor");
   // Pooling over the same tables.
   m.def("sparse_sum_pool(Tensor features, Tensor nbr, Tensor nbr_t) -> Tensor");
   m.def("sparse_max_pool(Tensor features, Tensor nbr, Tensor nbr_t) -> (Tensor, Tensor)");

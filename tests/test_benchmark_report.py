@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import types
 from pathlib import Path
@@ -136,3 +137,58 @@ def test_dry_run_on_the_cpu_and_its_results_file(tmp_path):
         assert "spconv / spconv_lite" in page
         fwd = next(c for c in result["networks"] if c["pass"] == "fwd")
         assert fwd["compare"]["spconv_lite"]["same_sites"]
+
+
+# (sweep entry, SPCONV_LITE_CUDA_VARIANTS inside, SPCONV_LITE_CUDA_CONV_ALGO inside)
+VARIANT_ENTRIES = [("", "", "auto"), ("rows=2,tiles=pipelined", "rows=2,tiles=pipelined", "auto"),
+                   ("algo=fused,rows=3", "rows=3", "fused")]
+
+
+@pytest.mark.parametrize("entry, variants, algo", VARIANT_ENTRIES)
+def test_variants_env_sets_and_restores_the_switches(entry, variants, algo, monkeypatch):
+    monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", "gemm")
+    monkeypatch.delenv("SPCONV_LITE_CUDA_VARIANTS", raising=False)
+    with bench_cuda.variants_env(entry):
+        assert (os.environ["SPCONV_LITE_CUDA_VARIANTS"], os.environ["SPCONV_LITE_CUDA_CONV_ALGO"]
+                ) == (variants, algo)
+    assert "SPCONV_LITE_CUDA_VARIANTS" not in os.environ
+    assert os.environ["SPCONV_LITE_CUDA_CONV_ALGO"] == "gemm"
+
+
+def test_tile_use_counts_the_multiplications_of_skipping_tiles():
+    # Rows 0 and 2 have offset 0, rows 1 and 3 offset 1. Two-row tiles in row order both need
+    # both offsets (half of their slots are pairs); sorted by mask, each needs one.
+    nbr = torch.tensor([[5, -1], [-1, 6], [7, -1], [-1, 8]], dtype=torch.int32)
+    assert bench_cuda.tile_use(nbr, None, 0, 2) == 0.5
+    order = sp.ops.conv_row_order(nbr, 1)
+    assert order.tolist() == [[0, 2, 1, 3]]
+    assert bench_cuda.tile_use(nbr, order, 1, 2) == 1.0
+    # Two splits: offset 0 alone, then offset 1 alone; a 3-row tile pads with empty rows.
+    assert bench_cuda.tile_use(nbr, sp.ops.conv_row_order(nbr, 2), 2, 3) == 4 / 12
+
+
+def test_dry_run_of_the_variant_sweep_and_its_tables(tmp_path):
+    data = lidar_file("kitti_object_training_000000.bin").parent
+    lidar_file("spconv_benchmark-pc.npz")
+    out = tmp_path / "variants.json"
+    result = bench_cuda.main(["--device", "cpu", "--quick", "--dtypes", "float32",
+                              "--repeats", "1", "--warmup", "0", "--data", str(data),
+                              "--libs", "spconv_lite", "--inputs", "kitti", "--no-voxelize",
+                              "--variants", "rows=2;algo=fused,wgrad=compact", "--layers",
+                              "--json", str(out)])
+    assert result["variants"] == ["rows=2", "algo=fused,wgrad=compact"]
+    for case in result["networks"]:
+        assert set(case["variant_speedup"]) == {"spconv_lite[rows=2]",
+                                                "spconv_lite[algo=fused,wgrad=compact]"}
+        # On the CPU the variants change nothing: the same outputs.
+        assert all(v["identical"] for v in case["vs_default"].values())
+    (group,) = result["layers"]
+    assert len(group["layers"]) == 12  # VoxelBackBone8x's conv layers
+    for row in group["layers"]:
+        assert set(row["variants"]) == {"default", "rows=2", "algo=fused,wgrad=compact"}
+        assert all(row["variants"]["default"][f"{op}_ms"] > 0 for op in ("fwd", "dgrad", "wgrad"))
+        assert "64 rows, 2 splits" in row["tile_use"]
+    page = bench_cuda.write_results(json.loads(out.read_text()), tmp_path / "results")[1]
+    text = page.read_text()
+    assert "## Kernel variants" in text and "| second | kitti | float32 | fwd | rows=2 |" in text
+    assert "## Layers of second on kitti, float32" in text

@@ -116,6 +116,14 @@ def test_kernel_maps_are_identical(case):
     assert_equal_lists(gpu, cpu)
 
 
+@pytest.mark.parametrize("case", [c for c in MAP_CASES if c[0] == "subm"][:2], ids=case_id)
+def test_subm_maps_without_the_site_check_are_identical(case):
+    idx = sites_for(case)
+    args = map_args(case)
+    cpu, gpu = both(lambda i: OPS.build_subm_map(i, *args, False), idx)
+    assert_equal_lists(gpu, cpu)
+
+
 def test_kernel_maps_are_deterministic():
     idx = random_sites(make_gen("det_map"), 2, (40, 40, 40), count=20_000).to(CUDA)
     args = ([40, 40, 40], 2, [20, 20, 20], [3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1], False)
@@ -332,6 +340,11 @@ class Backbone(nn.Module):
 @pytest.mark.parametrize("algo", ["auto", "gemm"])
 def test_network_forward_and_backward_match_cpu(algo, monkeypatch):
     monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", algo)
+    check_network_matches_cpu()
+
+
+def check_network_matches_cpu():
+    """Backbone's output, input gradient and weight gradients on CUDA against the CPU's."""
     torch.manual_seed(0)
     net = Backbone().train()
     shape = [41, 160, 140]
@@ -355,6 +368,96 @@ def test_network_forward_and_backward_match_cpu(algo, monkeypatch):
     for g, c in zip(gpu[1:], cpu[1:]):
         scale = max(c.abs().max().item(), 1.0)  # gradients are long sums in other orders
         torch.testing.assert_close(g / scale, c / scale, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- kernel variants
+# SPCONV_LITE_CUDA_VARIANTS (include/spconv_lite/cuda_utils.cuh), prepared for the speed work and
+# checked here on the hardware: row orders and pipelined tiles move rows between tiles and data
+# into shared memory differently but add the same products in the same order, so they must give
+# the default kernels' results bitwise (up to the sign of zero sums).
+
+def ordered_conv_results(x, w, nbr, nbr_t, up, splits):
+    """conv_results with row orders of ``splits`` splits (0: none)."""
+    x = x.clone().requires_grad_()
+    w = w.clone().requires_grad_()
+    orders = ({} if splits == 0 else
+              {"order": ops.conv_row_order(nbr, splits), "order_t": ops.conv_row_order(nbr_t,
+                                                                                      splits)})
+    out = ops.sparse_conv(x, w, nbr, nbr_t, **orders)
+    grad_x, grad_w = torch.autograd.grad(out, (x, w), up)
+    return [out, grad_x, grad_w]
+
+
+# (variants, splits)
+CONV_VARIANTS = [("", 1), ("", 3), ("tiles=pipelined", 0), ("tiles=pipelined", 2),
+                 ("tiles=pipelined,wgrad=compact", 3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=case_id)
+@pytest.mark.parametrize("variant", CONV_VARIANTS, ids=case_id)
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=case_id)
+def test_conv_variants_equal_the_default_kernels(shape, variant, dtype, monkeypatch):
+    monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", "fused")
+    variants, splits = variant
+    kind, c_in, c_out = shape
+    nbr, nbr_t = (t.to(CUDA) for t in a_map(kind))  # small: compute-sanitizer runs it too
+    gen = make_gen("parity_variants", shape, dtype)
+    x = randn(gen, nbr_t.shape[0], c_in, dtype=dtype).to(CUDA)
+    w = randn(gen, nbr.shape[1], c_in, c_out, dtype=dtype, scale=(27 * c_in) ** -0.5).to(CUDA)
+    up = randn(gen, nbr.shape[0], c_out, dtype=dtype).to(CUDA)
+    want = conv_results(x, w, nbr, nbr_t, up)
+    monkeypatch.setenv("SPCONV_LITE_CUDA_VARIANTS", variants)
+    got = ordered_conv_results(x, w, nbr, nbr_t, up, splits)
+    for g, e in zip(got[:2], want[:2]):  # forward and input gradient: the same sums
+        assert torch.equal(g + 0, e + 0)
+    # The weight gradient: bitwise with the default kernel, else the same sum in other steps.
+    if "wgrad=compact" in variants:
+        scale = want[2].abs().max().clamp_min(1.0)
+        torch.testing.assert_close(got[2] / scale, want[2] / scale, rtol=1e-2 if dtype !=
+                                   torch.float32 else 1e-5, atol=1e-2 if dtype !=
+                                   torch.float32 else 1e-5)
+        assert torch.equal(got[2], ordered_conv_results(x, w, nbr, nbr_t, up, splits)[2])
+    else:
+        assert torch.equal(got[2], want[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=case_id)
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=case_id)
+def test_compact_weight_grad_matches_cpu(shape, dtype, monkeypatch):
+    monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", "fused")
+    monkeypatch.setenv("SPCONV_LITE_CUDA_VARIANTS", "wgrad=compact")
+    kind, c_in, c_out = shape
+    nbr, nbr_t = a_map(kind)
+    gen = make_gen("parity_compact", shape)
+    x = randn(gen, nbr_t.shape[0], c_in, dtype=dtype)
+    g = randn(gen, nbr.shape[0], c_out, dtype=dtype)
+    want = OPS.sparse_conv_weight_grad(x.double(), g.double(), nbr)  # the same values, exactly
+    got = OPS.sparse_conv_weight_grad(x.to(CUDA), g.to(CUDA), nbr.to(CUDA)).double().cpu()
+    scale = max(want.abs().max().item(), 1.0)
+    tol = PARITY_TOL.get(dtype, HALF_TOL.get(dtype))
+    torch.testing.assert_close(got / scale, want / scale, **tol)
+
+
+@pytest.mark.parametrize("case", [c for c in MAP_CASES if c[0] != "subm"], ids=case_id)
+def test_kernel_maps_with_radix_sort_are_identical(case, monkeypatch):
+    monkeypatch.setenv("SPCONV_LITE_CUDA_VARIANTS", "mapsort=radix")
+    idx = sites_for(case)
+    args = map_args(case)
+    cpu, gpu = both(lambda i: OPS.build_conv_map(i, *args), idx)
+    assert_equal_lists(gpu, cpu)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3])
+def test_row_orders_are_identical(splits):
+    nbr, nbr_t = a_map("strided", n=20_000, shape=(40, 40, 40))
+    for table in (nbr, nbr_t):
+        assert_equal_lists(*both(lambda t: OPS.conv_row_order(t, splits), table))
+
+
+@pytest.mark.parametrize("variants", ["rows=2", "rows=3,tiles=pipelined,wgrad=compact"])
+def test_network_with_variants_matches_cpu(variants, monkeypatch):
+    monkeypatch.setenv("SPCONV_LITE_CUDA_VARIANTS", variants)
+    check_network_matches_cpu()
 
 
 # ----------------------------------------------------------------------------- errors

@@ -61,13 +61,19 @@ def _sample(op_name, variant):
         if op_name == "voxelize":
             return OPS.voxelize, (points, *grid, 3, 10, variant == "empty_mean")
         return OPS.voxelize_mean, (points, *grid, 10)
-    map_kind, dtype = variant
+    if op_name == "conv_row_order":
+        nbr = a_map(variant)[0] if variant != "empty" else torch.zeros(0, 27, dtype=torch.int32)
+        return OPS.conv_row_order, (nbr, 2)
+    map_kind, dtype = variant[:2]
     nbr, nbr_t = a_map(map_kind)
     n_out, volume = nbr.shape
     n_in = nbr_t.shape[0]
     if op_name == "sparse_conv":
         features = randn(gen, n_in, 3, dtype=dtype).requires_grad_()
         weight = randn(gen, volume, 3, 4, dtype=dtype).requires_grad_()
+        if variant[2:] == ("row_orders",):  # the orders the CUDA kernels follow
+            return OPS.sparse_conv, (features, weight, nbr, nbr_t, OPS.conv_row_order(nbr, 2),
+                                     OPS.conv_row_order(nbr_t, 2))
         return OPS.sparse_conv, (features, weight, nbr, nbr_t)
     if op_name == "sparse_conv_weight_grad":
         # No autograd of its own (it is a backward kernel): plain inputs.
@@ -93,6 +99,8 @@ CASES = (
     + [(name, v) for name in ["sparse_conv", "sparse_conv_weight_grad", "sparse_sum_pool",
                               "sparse_max_pool", "sparse_max_pool_backward"]
        for v in FEATURE_VARIANTS]
+    + [("sparse_conv", ("conv", torch.float64, "row_orders"))]
+    + [("conv_row_order", v) for v in ["subm", "conv", "empty"]]
     + [("voxelize", v) for v in ["points", "empty_mean", "empty"]]
     + [("voxelize_mean", v) for v in ["points", "empty"]]
 )
@@ -100,7 +108,7 @@ CASES = (
 
 def variant_id(value):
     if isinstance(value, tuple):
-        return f"{value[0]}-{str(value[1]).replace('torch.', '')}"
+        return "-".join(str(v).replace("torch.", "") for v in value)
     return str(value)
 
 

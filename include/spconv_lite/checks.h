@@ -7,12 +7,15 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "spconv_lite/coords.h"
+#include "spconv_lite/row_order.h"
 
 namespace spconv_lite {
 
@@ -177,6 +180,50 @@ inline void check_neighbor_entries_cpu(const at::Tensor& nbr, const char* name, 
   });
   TORCH_CHECK_VALUE(!bad.load(), name, " has entries outside [-1, ", limit,
                     "): it does not index the given features");
+}
+
+// Checks a row order of a neighbour table of `rows` rows and `volume` offsets (conv_row_order's
+// output): int32 [splits, rows] with 1 <= splits <= min(kMaxRowOrderSplits, max(volume, 1)).
+inline void check_row_order(const at::Tensor& order, const char* name, int64_t rows,
+                            int64_t volume) {
+  TORCH_CHECK_TYPE(order.scalar_type() == at::kInt, name, " must be int32, got ",
+                   order.scalar_type());
+  TORCH_CHECK_VALUE(order.dim() == 2 && order.size(1) == rows, name,
+                    " must be [splits, ", rows, "] (a row order of the table), got ",
+                    order.sizes());
+  const int64_t most = std::min(kMaxRowOrderSplits, std::max<int64_t>(volume, 1));
+  TORCH_CHECK_VALUE(order.size(0) >= 1 && order.size(0) <= most, name, " has ", order.size(0),
+                    " splits of the kernel offsets; a table of ", volume,
+                    " offsets allows 1 to ", most);
+}
+
+// Checks the arguments of conv_row_order: a neighbour table and 1 <= splits <= the limit.
+inline void check_row_order_request(const at::Tensor& nbr, int64_t splits) {
+  check_neighbor_table(nbr, "nbr", -1, -1);
+  TORCH_CHECK_VALUE(nbr.size(0) <= std::numeric_limits<int32_t>::max(), "nbr has ", nbr.size(0),
+                    " rows; a row order holds int32 rows");
+  const int64_t most = std::min(kMaxRowOrderSplits, std::max<int64_t>(nbr.size(1), 1));
+  TORCH_CHECK_VALUE(splits >= 1 && splits <= most, "splits must be in [1, ", most,
+                    "] for a table of ", nbr.size(1), " offsets, got ", splits);
+}
+
+// CPU only: every row of a row order must be a permutation of 0 .. rows-1, so that each output
+// row is written exactly once.
+inline void check_row_order_entries_cpu(const at::Tensor& order, const char* name) {
+  const at::Tensor rows_of = order.contiguous();
+  const int64_t rows = rows_of.size(1);
+  const int32_t* data = rows_of.data_ptr<int32_t>();
+  std::vector<char> seen(rows);
+  for (int64_t s = 0; s < rows_of.size(0); ++s) {
+    std::fill(seen.begin(), seen.end(), 0);
+    for (int64_t j = 0; j < rows; ++j) {
+      const int32_t r = data[s * rows + j];
+      TORCH_CHECK_VALUE(r >= 0 && r < rows && !seen[r], name, " row ", s,
+                        " is not a permutation of 0 .. ", rows - 1, " (entry ", j, " is ", r,
+                        ")");
+      seen[r] = 1;
+    }
+  }
 }
 
 // A device op gets every tensor on the device it runs on (the dispatcher picks the CUDA kernel

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 namespace spconv_lite {
 namespace cuda {
@@ -69,6 +70,57 @@ inline ConvAlgo conv_algo_from_env() {
   return ConvAlgo::kAuto;
 }
 
+// Kernel variants prepared for the GPU speed work (issue 13) and not yet measured on a GPU, each
+// off by default until a GPU run shows it faster: SPCONV_LITE_CUDA_VARIANTS, a comma-separated
+// list of key=value, read on every call (so that a benchmark can alternate them):
+//   rows=N              conv row orders with N splits of the kernel offsets (0 = none); read by
+//                       spconv_lite/kernel_map.py, which builds them with the maps; checked here
+//   wgrad=chunked|compact  weight gradient of the fused path: chunks of all rows (chunked) or
+//                       only the rows with a neighbour at the offset, compacted per chunk
+//   tiles=wmma64|pipelined  float16 / bfloat16 conv tiles: 64x64 with register-staged gathers
+//                       (wmma64), or 128-row tiles sized by the channel counts with cp.async
+//                       gathers in a 3-stage pipeline (pipelined)
+//   mapsort=torch|radix  output-site sort of build_conv_map: at::sort of the 64-bit keys, or a
+//                       radix sort of only the bits the output grid's keys use
+struct Variants {
+  bool compact_weight_grad = false;
+  bool pipelined_tiles = false;
+  bool radix_map_sort = false;
+};
+
+inline Variants variants_from_env() {
+  Variants variants;
+  const char* value = std::getenv("SPCONV_LITE_CUDA_VARIANTS");
+  if (value == nullptr) return variants;
+  const std::string text(value);
+  size_t start = 0;
+  while (start <= text.size()) {
+    const size_t comma = std::min(text.find(',', start), text.size());
+    const std::string item = text.substr(start, comma - start);
+    start = comma + 1;
+    if (item.empty()) continue;
+    const size_t eq = item.find('=');
+    const std::string key = item.substr(0, eq);
+    const std::string choice = eq == std::string::npos ? "" : item.substr(eq + 1);
+    bool known = true;
+    if (key == "rows") {
+      known = choice.size() == 1 && choice[0] >= '0' && choice[0] <= '8';
+    } else if (key == "wgrad" && (choice == "chunked" || choice == "compact")) {
+      variants.compact_weight_grad = choice == "compact";
+    } else if (key == "tiles" && (choice == "wmma64" || choice == "pipelined")) {
+      variants.pipelined_tiles = choice == "pipelined";
+    } else if (key == "mapsort" && (choice == "torch" || choice == "radix")) {
+      variants.radix_map_sort = choice == "radix";
+    } else {
+      known = false;
+    }
+    TORCH_CHECK_VALUE(known, "SPCONV_LITE_CUDA_VARIANTS: unknown entry '", item,
+                      "' (known: rows=0..8, wgrad=chunked|compact, tiles=wmma64|pipelined, "
+                      "mapsort=torch|radix)");
+  }
+  return variants;
+}
+
 // Reads table[pos], a row of the tensor the table indexes or -1. The functions of
 // spconv_lite.ops check hand-made tables before they get here (the maps the library builds need
 // no check); an entry outside [-1, limit) that gets here anyway (torch.ops called directly, or
@@ -83,6 +135,56 @@ __device__ __forceinline__ int32_t table_entry(const int32_t* __restrict__ table
                          "tensor)");
   return value;
 }
+
+// ---------------------------------------------------------------- shared-memory pipelines
+// The emulation (tests/cuda_emu/emu.h) runs the same calls on the CPU: copies land at the
+// wait that covers them, dynamic shared memory starts as 0xFF bytes in every block.
+
+// 16 bytes global -> shared without going through registers (cp.async.cg, sm_80+), or 16 zero
+// bytes when !valid (then `global` is not read, but must still be a valid address).
+__device__ __forceinline__ void cp_async16(void* shared, const void* global, bool valid) {
+#if defined(SPCONV_LITE_CUDA_EMULATION)
+  ::emu::cp_async(shared, global, valid ? 16 : 0, 16);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global),
+               "r"(valid ? 16 : 0));
+#else
+  *reinterpret_cast<uint4*>(shared) =
+      valid ? *reinterpret_cast<const uint4*>(global) : make_uint4(0u, 0u, 0u, 0u);
+#endif
+}
+
+// Closes the group of the cp.async copies issued since the last commit.
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(SPCONV_LITE_CUDA_EMULATION)
+  ::emu::cp_async_commit();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Waits until at most `kPending` of this thread's newest groups are still in flight (the copies
+// of other threads need a barrier after it).
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(SPCONV_LITE_CUDA_EMULATION)
+  ::emu::cp_async_wait(kPending);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+#endif
+}
+
+// The block's dynamic shared memory (the launch's third configuration argument; above 48 KB
+// only after cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)).
+#if defined(SPCONV_LITE_CUDA_EMULATION)
+inline unsigned char* dynamic_shared_memory() { return ::emu::dynamic_shared; }
+#else
+__device__ __forceinline__ unsigned char* dynamic_shared_memory() {
+  extern __shared__ __align__(128) unsigned char dynamic_shared[];
+  return dynamic_shared;
+}
+#endif
 
 // static: this header is included by several translation units.
 static __global__ void find_bad_entries_kernel(const int32_t* __restrict__ table, int64_t count,

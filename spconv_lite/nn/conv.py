@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..kernel_map import check_output_padding, conv_map, expand_nd, inverse_map, subm_map
+from ..kernel_map import (
+    check_output_padding,
+    conv_map,
+    expand_nd,
+    inverse_map,
+    row_orders,
+    subm_map,
+)
 from ..tensor import SparseConvTensor, check_same_sites
 from .modules import SparseModule
 
@@ -237,8 +244,9 @@ class SparseConvolution(SparseModule):
                 )
             nbr, nbr_t = kmap.nbr, kmap.nbr_t
             out_indices, out_shape = kmap.out_indices, kmap.out_spatial_shape
-        features = ops.sparse_conv(in_features, self.kernel_weight(), nbr, nbr_t,
-                                   check_tables=False)
+        order, order_t = row_orders(kmap, self.inverse)
+        features = ops.sparse_conv(in_features, self.kernel_weight(), nbr, nbr_t, order=order,
+                                   order_t=order_t, check_tables=False)
         if self.bias is not None:
             features = features + self.bias
         buffer = getattr(self, "max_num_voxels_during_training", None)

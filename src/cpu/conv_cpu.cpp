@@ -98,7 +98,9 @@ void gather_gemm_scatter(const scalar_t* in, const scalar_t* weight, const int32
 }
 
 at::Tensor sparse_conv_cpu(const at::Tensor& features, const at::Tensor& weight,
-                           const at::Tensor& nbr, const at::Tensor& nbr_t) {
+                           const at::Tensor& nbr, const at::Tensor& nbr_t,
+                           const std::optional<at::Tensor>& order,
+                           const std::optional<at::Tensor>& order_t) {
   check_features(features, "features");
   TORCH_CHECK_VALUE(weight.dim() == 3, "weight must be [K, C_in, C_out], got ", weight.sizes());
   TORCH_CHECK_TYPE(weight.scalar_type() == features.scalar_type(), "weight dtype ",
@@ -109,6 +111,12 @@ at::Tensor sparse_conv_cpu(const at::Tensor& features, const at::Tensor& weight,
   check_neighbor_table(nbr, "nbr", -1, volume);
   check_neighbor_table(nbr_t, "nbr_t", features.size(0), volume);
   check_neighbor_entries_cpu(nbr, "nbr", features.size(0));
+  // Row orders only steer the CUDA kernels; checked here so that both devices accept the same.
+  if (order.has_value()) {
+    check_row_order(*order, "order", nbr.size(0), volume);
+    check_row_order_entries_cpu(*order, "order");
+  }
+  if (order_t.has_value()) check_row_order(*order_t, "order_t", nbr_t.size(0), volume);
   const at::Tensor x = features.contiguous();
   const at::Tensor w = weight.contiguous();
   const at::Tensor table = nbr.contiguous();

@@ -258,11 +258,13 @@ at::Tensor keys_to_indices(const std::vector<int64_t>& keys, const Grid& grid) {
   return indices;
 }
 
+// check_sites changes nothing here: the sort that builds the map finds bad sites for free.
 std::tuple<at::Tensor, at::Tensor> build_subm_map_cpu(const at::Tensor& indices,
                                                       c10::IntArrayRef spatial_shape,
                                                       int64_t batch_size,
                                                       c10::IntArrayRef kernel_size,
-                                                      c10::IntArrayRef dilation) {
+                                                      c10::IntArrayRef dilation,
+                                                      bool /*check_sites*/) {
   const Grid grid = make_grid(spatial_shape, batch_size, "spatial_shape");
   const ConvGeometry geometry = subm_geometry(indices, grid, kernel_size, dilation);
   const at::Tensor contiguous = indices.contiguous();

@@ -30,6 +30,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/index_select.h>
@@ -42,10 +43,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "spconv_lite/checks.h"
 #include "spconv_lite/cuda_utils.cuh"
+#include "spconv_lite/row_order.h"
 
 namespace spconv_lite {
 namespace {
@@ -54,6 +57,41 @@ using cuda::blocks_for;
 using cuda::current_stream;
 using cuda::kThreads;
 using cuda::table_entry;
+
+// One pass of a fused conv kernel: the offsets [k_begin, k_end) over the output rows in `order`
+// (a row of conv_row_order's result; null: in row order). The accumulator of each output row
+// starts at acc_in (null: zero) and ends in acc_out (float / double, for the next pass) or, on
+// the last pass, in out (scalar_t). A conv without a row order is one pass over every offset.
+template <typename scalar_t>
+struct ConvPass {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int32_t* order;
+  int k_begin;
+  int k_end;
+  const acc_t* acc_in;
+  acc_t* acc_out;
+  scalar_t* out;
+};
+
+// Output row of row t of the pass's order, or -1 past the end.
+template <typename scalar_t>
+__device__ __forceinline__ int64_t pass_row(const ConvPass<scalar_t>& pass, int64_t t,
+                                            int64_t rows) {
+  if (t >= rows) return -1;
+  return pass.order != nullptr ? pass.order[t] : t;
+}
+
+// Writes one accumulated value of output row o, column co (of c_out).
+template <typename scalar_t>
+__device__ __forceinline__ void pass_store(const ConvPass<scalar_t>& pass, int64_t o, int co,
+                                           int c_out, at::opmath_type<scalar_t> value) {
+  const int64_t at = o * c_out + co;
+  if (pass.out != nullptr) {
+    pass.out[at] = static_cast<scalar_t>(value);
+  } else {
+    pass.acc_out[at] = value;
+  }
+}
 
 // ------------------------------------------------------------------------ SIMT fused kernels
 // Any dtype, accumulating in at::opmath_type (float for half types, double for double).
@@ -101,12 +139,12 @@ struct SimtTile {
   }
 };
 
-// out[o] = sum_k in[nbr[o, k]] @ weight[k], weight [K, C_in, C_out]; grid (row tiles,
-// channel tiles).
+// out[o] = sum_k in[nbr[o, k]] @ weight[k], weight [K, C_in, C_out], over one pass; grid
+// (row tiles, channel tiles).
 template <typename scalar_t, int BN>
 __global__ void __launch_bounds__(kThreads)
     conv_simt_kernel(const scalar_t* __restrict__ in, const scalar_t* __restrict__ weight,
-                     const int32_t* __restrict__ nbr, scalar_t* __restrict__ out, int64_t rows,
+                     const int32_t* __restrict__ nbr, ConvPass<scalar_t> pass, int64_t rows,
                      int64_t in_rows, int volume, int c_in, int c_out) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int BM = 4096 / BN;
@@ -114,17 +152,31 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ acc_t A[kSimtBK][BM + 1];  // A[kk][m] = in[row of tile row m][c0 + kk]
   __shared__ acc_t B[kSimtBK][BN];      // B[kk][n] = weight[k][c0 + kk][col0 + n]
   __shared__ int32_t source[BM];        // input row of each tile row for the current offset
+  __shared__ int64_t out_row[BM];       // output row of each tile row, -1 past the end
   const int tid = threadIdx.x;
   const int tx = tid % Tile::kThreadsN;
   const int ty = tid / Tile::kThreadsN;
   const int64_t row0 = int64_t{blockIdx.x} * BM;
   const int col0 = blockIdx.y * BN;
+  for (int m = tid; m < BM; m += kThreads) out_row[m] = pass_row(pass, row0 + m, rows);
+  __syncthreads();
   acc_t acc[Tile::kTM][Tile::kTN] = {};
-  for (int k = 0; k < volume; ++k) {
+  if (pass.acc_in != nullptr) {
+#pragma unroll
+    for (int i = 0; i < Tile::kTM; ++i) {
+      const int64_t o = out_row[ty * Tile::kTM + i];
+#pragma unroll
+      for (int j = 0; j < Tile::kTN; ++j) {
+        const int co = col0 + tx * Tile::kTN + j;
+        if (o >= 0 && co < c_out) acc[i][j] = pass.acc_in[o * c_out + co];
+      }
+    }
+  }
+  for (int k = pass.k_begin; k < pass.k_end; ++k) {
     int any = 0;
     for (int m = tid; m < BM; m += kThreads) {
-      const int64_t o = row0 + m;
-      const int32_t i = o < rows ? table_entry(nbr, o * volume + k, in_rows) : -1;
+      const int64_t o = out_row[m];
+      const int32_t i = o >= 0 ? table_entry(nbr, o * volume + k, in_rows) : -1;
       source[m] = i;
       any |= i >= 0;
     }
@@ -161,12 +213,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 #pragma unroll
   for (int i = 0; i < Tile::kTM; ++i) {
-    const int64_t o = row0 + ty * Tile::kTM + i;
-    if (o >= rows) continue;
+    const int64_t o = out_row[ty * Tile::kTM + i];
+    if (o < 0) continue;
 #pragma unroll
     for (int j = 0; j < Tile::kTN; ++j) {
       const int co = col0 + tx * Tile::kTN + j;
-      if (co < c_out) out[o * c_out + co] = static_cast<scalar_t>(acc[i][j]);
+      if (co < c_out) pass_store(pass, o, co, c_out, acc[i][j]);
     }
   }
 }
@@ -345,11 +397,11 @@ __device__ __noinline__ void add_non_finite_products(const scalar_t* A, scalar_t
   __syncthreads();
 }
 
-// out[o] = sum_k in[nbr[o, k]] @ weight[k]; grid (row tiles, channel tiles).
+// out[o] = sum_k in[nbr[o, k]] @ weight[k] over one pass; grid (row tiles, channel tiles).
 template <typename scalar_t, bool kVec>
 __global__ void __launch_bounds__(kWmmaThreads)
     conv_wmma_kernel(const scalar_t* __restrict__ in, const scalar_t* __restrict__ weight,
-                     const int32_t* __restrict__ nbr, scalar_t* __restrict__ out, int64_t rows,
+                     const int32_t* __restrict__ nbr, ConvPass<scalar_t> pass, int64_t rows,
                      int64_t in_rows, int volume, int c_in, int c_out) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
@@ -360,24 +412,45 @@ __global__ void __launch_bounds__(kWmmaThreads)
   __shared__ __align__(32) scalar_t B[BK * LDB];  // B[kk][n]: weight[k][c0 + kk][col0 + n]
   __shared__ __align__(32) float C[BM * LDC];
   __shared__ int32_t source[BM];
+  __shared__ int64_t out_row[BM];  // output row of each tile row, -1 past the end
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
   const int64_t row0 = int64_t{blockIdx.x} * BM;
   const int col0 = blockIdx.y * BN;
+  for (int m = tid; m < BM; m += kWmmaThreads) out_row[m] = pass_row(pass, row0 + m, rows);
+  __syncthreads();
   AccFragment acc[2][2];
+  if (pass.acc_in != nullptr) {  // the previous pass's sums, through C
+    for (int e = tid; e < BM * BN; e += kWmmaThreads) {
+      const int m = e / BN, n = e % BN, co = col0 + n;
+      const int64_t o = out_row[m];
+      C[m * LDC + n] = (o >= 0 && co < c_out) ? pass.acc_in[o * c_out + co] : 0.0f;
+    }
+    __syncthreads();
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < 2; ++i) {
 #pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+      for (int j = 0; j < 2; ++j) {
+        wmma::load_matrix_sync(acc[i][j], C + (wm + i * 16) * LDC + wn + j * 16, LDC,
+                               wmma::mem_row_major);
+      }
+    }
+    __syncthreads();  // every warp has read C before the corrections below may write it
+  } else {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+    }
   }
   const scalar_t zero(0.0f);
   bool corrected = false;  // C holds products with inf / NaN weights (block-uniform)
-  for (int k = 0; k < volume; ++k) {
+  for (int k = pass.k_begin; k < pass.k_end; ++k) {
     int any = 0;
     if (tid < BM) {
-      const int64_t o = row0 + tid;
-      const int32_t i = o < rows ? table_entry(nbr, o * volume + k, in_rows) : -1;
+      const int64_t o = out_row[tid];
+      const int32_t i = o >= 0 ? table_entry(nbr, o * volume + k, in_rows) : -1;
       source[tid] = i;
       any = i >= 0;
     }
@@ -447,9 +520,290 @@ __global__ void __launch_bounds__(kWmmaThreads)
   __syncthreads();
   for (int e = tid; e < BM * BN; e += kWmmaThreads) {
     const int m = e / BN, n = e % BN;
-    const int64_t o = row0 + m;
+    const int64_t o = out_row[m];
     const int co = col0 + n;
-    if (o < rows && co < c_out) out[o * c_out + co] = static_cast<scalar_t>(C[m * LDC + n]);
+    if (o >= 0 && co < c_out) pass_store(pass, o, co, c_out, C[m * LDC + n]);
+  }
+#else
+  CUDA_KERNEL_ASSERT_MSG(false, "spconv_lite: tensor-core kernel launched below sm_80");
+#endif
+}
+
+// ----------------------------------------------------- pipelined tensor-core conv (variant)
+// tiles=pipelined in SPCONV_LITE_CUDA_VARIANTS; not yet run on a GPU. A block owns 128 output
+// rows (in the pass's row order) x BN output channels, 4 warps. First it reads the tile's rows of
+// the neighbour table (the pass's offsets, at most 32) into shared memory, once, which also
+// tells which offsets have a neighbour in at least one of its rows; its reduction steps are only
+// those offsets x the chunks of BK input channels. Each step's gathered input rows go global ->
+// shared by cp.async (zero-filled where a row has no neighbour) in a 3-stage pipeline, so the
+// gathers of the next two steps are in flight while the tensor cores work on this one; the
+// weight slice of a step is loaded into registers one step ahead and stored to shared memory
+// after the MMAs, its inf / NaN entries replaced by zeros (their products with the rows that do
+// have a neighbour are added in the epilogue, as the CPU adds them). BN and BK follow the
+// channel counts (16, 32 or 64 columns; 16 or 32 input channels a step), so that narrow layers
+// do not multiply padding. Every output row's offsets are summed in increasing order in float
+// with the same 16-wide MMAs as conv_wmma_kernel, so the results are the same.
+// Needs channel counts that are multiples of 8 and 16-byte aligned rows (the launcher pads).
+
+template <int BN_, int BK_>
+struct PipelinedTile {
+  static constexpr int BM = 128, BN = BN_, BK = BK_, kStages = 3, kThreads = 128;
+  static constexpr int kWarpsN = BN >= 64 ? 2 : 1;
+  static constexpr int kWarpsM = 4 / kWarpsN;
+  static constexpr int WM = BM / kWarpsM, WN = BN / kWarpsN;  // a warp's part of the tile
+  static constexpr int FM = WM / 16, FN = WN / 16;              // its 16 x 16 fragments
+  static constexpr int LDA = BK + kWmmaPad, LDB = BN + kWmmaPad, LDC = BN + 4;
+  static constexpr int kMaxOffsets = 32;  // offsets of one pass (bits of a mask)
+  // Dynamic shared memory: the stages (A then B), with C over them after the main loop; the
+  // tile's table rows; the output rows; each thread's mask of offsets with a neighbour.
+  static constexpr int kStageA = BM * LDA * 2, kStageB = BK * LDB * 2;
+  static constexpr int kPipeline = kStages * (kStageA + kStageB);
+  static constexpr int kC = BM * LDC * 4;
+  static constexpr int kUnion = ((kPipeline > kC ? kPipeline : kC) + 15) / 16 * 16;
+  static constexpr int kTable = BM * kMaxOffsets * 4;
+  static constexpr int kRows = BM * 8;
+  static constexpr int kBytes = kUnion + kTable + kRows + kThreads * 4;
+  static constexpr int kBChunks = (BK * BN / 8 + kThreads - 1) / kThreads;  // per thread
+  static_assert(kStageA % 32 == 0 && kStageB % 32 == 0, "WMMA needs 32-byte aligned tiles");
+};
+
+// v with its inf / NaN float16 / bfloat16 entries replaced by zeros.
+template <typename scalar_t>
+__device__ __forceinline__ uint4 zero_non_finite8(uint4 v) {
+  uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (non_finite_bits<scalar_t>(words[i])) words[i] &= 0xFFFF0000u;
+    if (non_finite_bits<scalar_t>(words[i] >> 16)) words[i] &= 0x0000FFFFu;
+  }
+  return make_uint4(words[0], words[1], words[2], words[3]);
+}
+
+// Index of the lowest set bit, -1 when none.
+__host__ __device__ __forceinline__ int lowest_bit(uint32_t bits) {
+#ifdef __CUDA_ARCH__
+  return __ffs(bits) - 1;
+#else
+  return __builtin_ffs(static_cast<int>(bits)) - 1;
+#endif
+}
+
+// Walks the steps of a pass: the offsets with a neighbour (bits of a mask, in increasing order)
+// x the chunks of input channels.
+struct StepCursor {
+  uint32_t remaining;  // offsets not finished, as bits relative to the pass's first offset
+  int offset;          // the current one (-1 when done)
+  int c0;              // first input channel of the current chunk
+  __host__ __device__ explicit StepCursor(uint32_t offsets)
+      : remaining(offsets), offset(lowest_bit(offsets)), c0(0) {}
+  __host__ __device__ void next(int c_in, int bk) {
+    c0 += bk;
+    if (c0 < c_in) return;
+    c0 = 0;
+    remaining &= remaining - 1u;  // drop the lowest bit
+    offset = lowest_bit(remaining);
+  }
+};
+
+template <typename scalar_t, typename Tile>
+__global__ void __launch_bounds__(Tile::kThreads)
+    conv_pipelined_kernel(const scalar_t* __restrict__ in, const scalar_t* __restrict__ weight,
+                          const int32_t* __restrict__ nbr, ConvPass<scalar_t> pass, int64_t rows,
+                          int64_t in_rows, int volume, int c_in, int c_out) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  using T = typename WmmaType<scalar_t>::type;
+  constexpr int BM = Tile::BM, BN = Tile::BN, BK = Tile::BK, kStages = Tile::kStages;
+  constexpr int LDA = Tile::LDA, LDB = Tile::LDB, LDC = Tile::LDC, kThreadsN = Tile::kThreads;
+  unsigned char* smem = cuda::dynamic_shared_memory();
+  scalar_t* stage_a = reinterpret_cast<scalar_t*>(smem);  // [kStages][BM][LDA]
+  scalar_t* stage_b = reinterpret_cast<scalar_t*>(smem + kStages * Tile::kStageA);
+  float* C = reinterpret_cast<float*>(smem);  // [BM][LDC], once the stages are done
+  int32_t* tile_table = reinterpret_cast<int32_t*>(smem + Tile::kUnion);  // [BM][offsets]
+  int64_t* out_row = reinterpret_cast<int64_t*>(smem + Tile::kUnion + Tile::kTable);
+  uint32_t* thread_offsets =
+      reinterpret_cast<uint32_t*>(smem + Tile::kUnion + Tile::kTable + Tile::kRows);
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int wm = (warp / Tile::kWarpsN) * Tile::WM, wn = (warp % Tile::kWarpsN) * Tile::WN;
+  const int64_t row0 = int64_t{blockIdx.x} * BM;
+  const int col0 = blockIdx.y * BN;
+  const int k0 = pass.k_begin, offsets = pass.k_end - pass.k_begin;  // offsets <= 32
+
+  for (int m = tid; m < BM; m += kThreadsN) out_row[m] = pass_row(pass, row0 + m, rows);
+  __syncthreads();
+  uint32_t mine = 0;  // offsets where a row this thread read has a neighbour
+  for (int e = tid; e < BM * offsets; e += kThreadsN) {
+    const int m = e / offsets, j = e % offsets;
+    const int64_t o = out_row[m];
+    const int32_t i = o >= 0 ? table_entry(nbr, o * volume + k0 + j, in_rows) : -1;
+    tile_table[e] = i;
+    if (i >= 0) mine |= 1u << j;
+  }
+  thread_offsets[tid] = mine;
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[Tile::FM][Tile::FN];
+  if (pass.acc_in != nullptr) {  // the previous pass's sums, through C (before the stages)
+    for (int e = tid; e < BM * BN; e += kThreadsN) {
+      const int m = e / BN, n = e % BN, co = col0 + n;
+      const int64_t o = out_row[m];
+      C[m * LDC + n] = (o >= 0 && co < c_out) ? pass.acc_in[o * c_out + co] : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < Tile::FM; ++i) {
+#pragma unroll
+      for (int j = 0; j < Tile::FN; ++j) {
+        wmma::load_matrix_sync(acc[i][j], C + (wm + i * 16) * LDC + wn + j * 16, LDC,
+                               wmma::mem_row_major);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < Tile::FM; ++i) {
+#pragma unroll
+      for (int j = 0; j < Tile::FN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+    }
+  }
+  __syncthreads();  // the threads' offset masks are written, C is read
+  uint32_t active = 0;  // block-uniform
+  for (int t = 0; t < kThreadsN; ++t) active |= thread_offsets[t];
+  const int chunks = (c_in + BK - 1) / BK;
+  const int steps = __popc(active) * chunks;
+
+  // The producer's side of a step: the gathered rows (cp.async) and the weights (registers).
+  auto gather_rows = [&](int stage, const StepCursor& step) {
+    scalar_t* A = stage_a + stage * (BM * LDA);
+    for (int e = tid; e < BM * (BK / 8); e += kThreadsN) {
+      const int m = e / (BK / 8), kk = (e % (BK / 8)) * 8, c = step.c0 + kk;
+      const int32_t i = tile_table[m * offsets + step.offset];
+      const bool valid = i >= 0 && c < c_in;
+      cuda::cp_async16(A + m * LDA + kk, valid ? in + int64_t{i} * c_in + c : in, valid);
+    }
+  };
+  uint4 b_regs[Tile::kBChunks];
+  auto load_weights = [&](const StepCursor& step) {
+    const scalar_t* w = weight + int64_t{k0 + step.offset} * c_in * c_out;
+#pragma unroll
+    for (int q = 0; q < Tile::kBChunks; ++q) {
+      const int e = tid + q * kThreadsN;
+      const int kk = e / (BN / 8), n = (e % (BN / 8)) * 8, c = step.c0 + kk, co = col0 + n;
+      b_regs[q] = load8(w + int64_t{c} * c_out + co, e < BK * BN / 8 && c < c_in && co < c_out);
+    }
+  };
+  auto store_weights = [&](int stage) {  // true when a weight was inf / NaN
+    scalar_t* B = stage_b + stage * (BK * LDB);
+    bool non_finite = false;
+#pragma unroll
+    for (int q = 0; q < Tile::kBChunks; ++q) {
+      const int e = tid + q * kThreadsN;
+      if (e >= BK * BN / 8) continue;
+      const int kk = e / (BN / 8), n = (e % (BN / 8)) * 8;
+      uint4 v = b_regs[q];
+      if (any_non_finite8<scalar_t>(v)) {
+        non_finite = true;
+        v = zero_non_finite8<scalar_t>(v);
+      }
+      *reinterpret_cast<uint4*>(B + kk * LDB + n) = v;
+    }
+    return non_finite;
+  };
+
+  StepCursor producer(active), consumer(active);
+  uint32_t stage_non_finite = 0;  // bit s: this thread stored an inf / NaN weight into stage s
+  uint32_t non_finite_offsets = 0;  // block-uniform: offsets (bits) with an inf / NaN weight
+  auto set_stage_bit = [&](int stage, bool value) {
+    stage_non_finite = (stage_non_finite & ~(1u << stage)) | (uint32_t{value} << stage);
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < steps) {
+      gather_rows(s, producer);
+      load_weights(producer);
+      set_stage_bit(s, store_weights(s));
+      producer.next(c_in, BK);
+    }
+    cuda::cp_async_commit();
+  }
+  for (int s = 0; s < steps; ++s) {
+    const int stage = s % kStages;
+    cuda::cp_async_wait<kStages - 2>();  // this thread's copies of step s have landed
+    // Everyone's copies of step s have landed, everyone is done with step s - 1.
+    if (__syncthreads_or((stage_non_finite >> stage) & 1u)) {
+      non_finite_offsets |= 1u << consumer.offset;
+    }
+    const int ahead = s + kStages - 1, ahead_stage = ahead % kStages;
+    if (ahead < steps) {  // into the stage of step s - 1
+      gather_rows(ahead_stage, producer);
+      load_weights(producer);
+    }
+    cuda::cp_async_commit();
+    const T* A = reinterpret_cast<const T*>(stage_a + stage * (BM * LDA));
+    const T* B = reinterpret_cast<const T*>(stage_b + stage * (BK * LDB));
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[Tile::FM];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b[Tile::FN];
+#pragma unroll
+      for (int i = 0; i < Tile::FM; ++i) {
+        wmma::load_matrix_sync(a[i], A + (wm + i * 16) * LDA + kk, LDA);
+      }
+#pragma unroll
+      for (int j = 0; j < Tile::FN; ++j) {
+        wmma::load_matrix_sync(b[j], B + kk * LDB + wn + j * 16, LDB);
+      }
+#pragma unroll
+      for (int i = 0; i < Tile::FM; ++i) {
+#pragma unroll
+        for (int j = 0; j < Tile::FN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+      }
+    }
+    if (ahead < steps) {  // the weight loads had the MMAs' time to arrive
+      set_stage_bit(ahead_stage, store_weights(ahead_stage));
+      producer.next(c_in, BK);
+    }
+    consumer.next(c_in, BK);
+  }
+  cuda::cp_async_wait<0>();
+  __syncthreads();  // every warp is done with the stages, which C overlays
+#pragma unroll
+  for (int i = 0; i < Tile::FM; ++i) {
+#pragma unroll
+    for (int j = 0; j < Tile::FN; ++j) {
+      wmma::store_matrix_sync(C + (wm + i * 16) * LDC + wn + j * 16, acc[i][j], LDC,
+                              wmma::mem_row_major);
+    }
+  }
+  __syncthreads();
+  if (non_finite_offsets != 0) {
+    // The products with the inf / NaN weights left out of the MMAs, for the rows that have a
+    // neighbour at their offset only (rare: not worth a fast path).
+    for (int e = tid; e < BM * BN; e += kThreadsN) {
+      const int m = e / BN, n = e % BN, co = col0 + n;
+      if (out_row[m] < 0 || co >= c_out) continue;
+      float sum = 0.0f;
+      bool any = false;
+      for (uint32_t bits = non_finite_offsets; bits != 0; bits &= bits - 1u) {
+        const int j = lowest_bit(bits);
+        const int32_t i = tile_table[m * offsets + j];
+        if (i < 0) continue;
+        const scalar_t* w = weight + int64_t{k0 + j} * c_in * c_out;
+        for (int c = 0; c < c_in; ++c) {
+          const scalar_t b = w[int64_t{c} * c_out + co];
+          if (non_finite_bits<scalar_t>(b.x)) {
+            sum += static_cast<float>(in[int64_t{i} * c_in + c]) * static_cast<float>(b);
+            any = true;
+          }
+        }
+      }
+      if (any) C[m * LDC + n] += sum;
+    }
+    __syncthreads();
+  }
+  for (int e = tid; e < BM * BN; e += kThreadsN) {
+    const int m = e / BN, n = e % BN, co = col0 + n;
+    const int64_t o = out_row[m];
+    if (o >= 0 && co < c_out) pass_store(pass, o, co, c_out, C[m * LDC + n]);
   }
 #else
   CUDA_KERNEL_ASSERT_MSG(false, "spconv_lite: tensor-core kernel launched below sm_80");
@@ -545,6 +899,246 @@ __global__ void __launch_bounds__(kWmmaThreads)
     }
     __syncthreads();
   }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      wmma::store_matrix_sync(C + (wm + i * 16) * LDC + wn + j * 16, acc[i][j], LDC,
+                              wmma::mem_row_major);
+    }
+  }
+  __syncthreads();
+  float* dst = partial + (chunk * volume + k) * int64_t{c_in} * c_out;
+  for (int e = tid; e < BM * BN; e += kWmmaThreads) {
+    const int m = e / BN, n = e % BN, ci = ci0 + m, co = co0 + n;
+    if (ci < c_in && co < c_out) dst[int64_t{ci} * c_out + co] = C[m * LDC + n];
+  }
+#else
+  CUDA_KERNEL_ASSERT_MSG(false, "spconv_lite: tensor-core kernel launched below sm_80");
+#endif
+}
+
+// ------------------------------------------------------- compacted weight gradient (variant)
+// wgrad=compact in SPCONV_LITE_CUDA_VARIANTS; not yet run on a GPU. Same grid, chunks of rows
+// and partial sums as the kernels above, but a block first queues the rows of its chunk that
+// have a neighbour at its offset (kThreads rows scanned at a time, a block-wide prefix sum
+// keeping them in row order), and each reduction step takes the next BK pairs of the queue: no
+// multiplications of rows without a pair (only a chunk's last step is padded with zeros), no
+// strided table reads inside the steps. Which pairs a step holds depends on the table and the
+// chunking only, so the result is as deterministic as the chunked kernels'.
+
+// Appends the pair (in_row, out_row) of each thread that has one (in_row >= 0) to the queue, in
+// thread order; returns the queue's new length (the same in every thread). `counts` has a slot
+// per warp.
+template <int kBlockThreads>
+__device__ int queue_pairs(int32_t in_row, int64_t out_row, int32_t* queue_in,
+                           int64_t* queue_out, int length, int* counts) {
+  constexpr int kWarps = kBlockThreads / 32;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const bool valid = in_row >= 0;
+  const unsigned ballot = __ballot_sync(0xffffffffu, valid);
+  if (lane == 0) counts[warp] = __popc(ballot);
+  __syncthreads();
+  int before = 0, total = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    before += w < warp ? counts[w] : 0;
+    total += counts[w];
+  }
+  if (valid) {
+    const int at = length + before + __popc(ballot & ((1u << lane) - 1u));
+    queue_in[at] = in_row;
+    queue_out[at] = out_row;
+  }
+  __syncthreads();  // the queue is complete and `counts` free again
+  return length + total;
+}
+
+// Moves the queue's entries [used, used + left) to its front (left < the block's threads).
+__device__ __forceinline__ void queue_drop(int32_t* queue_in, int64_t* queue_out, int used,
+                                           int left) {
+  const int tid = threadIdx.x;
+  int32_t i = 0;
+  int64_t o = 0;
+  if (tid < left) {
+    i = queue_in[used + tid];
+    o = queue_out[used + tid];
+  }
+  __syncthreads();
+  if (tid < left) {
+    queue_in[tid] = i;
+    queue_out[tid] = o;
+  }
+  __syncthreads();
+}
+
+// Runs step(first, count) over the pairs of offset k among the rows [begin, end), in row order,
+// BK at a time (count < BK only for the last step).
+template <int kBlockThreads, int BK, typename Step>
+__device__ void for_each_pair_step(const int32_t* __restrict__ nbr, int64_t in_rows, int volume,
+                                   int k, int64_t begin, int64_t end, int32_t* queue_in,
+                                   int64_t* queue_out, int* counts, Step step) {
+  int length = 0;
+  for (int64_t r0 = begin; r0 < end; r0 += kBlockThreads) {
+    const int64_t o = r0 + threadIdx.x;
+    const int32_t i = o < end ? table_entry(nbr, o * volume + k, in_rows) : -1;
+    length = queue_pairs<kBlockThreads>(i, o, queue_in, queue_out, length, counts);
+    int used = 0;
+    for (; length - used >= BK; used += BK) step(used, BK);
+    if (used > 0) {
+      queue_drop(queue_in, queue_out, used, length - used);
+      length -= used;
+    }
+  }
+  if (length > 0) step(0, length);
+}
+
+// partial[chunk, k] as weight_grad_simt_kernel computes it, over the queued pairs.
+template <typename scalar_t, int BN>
+__global__ void __launch_bounds__(kThreads)
+    weight_grad_simt_compact_kernel(const scalar_t* __restrict__ in,
+                                    const scalar_t* __restrict__ grad_out,
+                                    const int32_t* __restrict__ nbr,
+                                    at::opmath_type<scalar_t>* __restrict__ partial,
+                                    int64_t rows, int64_t in_rows, int volume, int c_in,
+                                    int c_out, int64_t rows_per_chunk, int tiles_n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int BM = 4096 / BN;
+  using Tile = SimtTile<acc_t, BM, BN>;
+  __shared__ acc_t A[kSimtBK][BM + 1];  // A[kk][m] = in[input row of pair kk][ci0 + m]
+  __shared__ acc_t B[kSimtBK][BN];      // B[kk][n] = grad_out[output row of pair kk][co0 + n]
+  __shared__ int32_t queue_in[kSimtBK + kThreads];
+  __shared__ int64_t queue_out[kSimtBK + kThreads];
+  __shared__ int counts[kThreads / 32];
+  const int tid = threadIdx.x;
+  const int tx = tid % Tile::kThreadsN;
+  const int ty = tid / Tile::kThreadsN;
+  const int64_t chunk = blockIdx.x;
+  const int k = blockIdx.y;
+  const int ci0 = (blockIdx.z / tiles_n) * BM;
+  const int co0 = (blockIdx.z % tiles_n) * BN;
+  const int64_t begin = chunk * rows_per_chunk;
+  const int64_t end = std::min(rows, begin + rows_per_chunk);
+  acc_t acc[Tile::kTM][Tile::kTN] = {};
+  for_each_pair_step<kThreads, kSimtBK>(
+      nbr, in_rows, volume, k, begin, end, queue_in, queue_out, counts,
+      [&](int first, int count) {
+        for (int e = tid; e < kSimtBK * BM; e += kThreads) {
+          const int kk = e / BM, m = e % BM, c = ci0 + m;
+          A[kk][m] = (kk < count && c < c_in)
+                         ? static_cast<acc_t>(in[int64_t{queue_in[first + kk]} * c_in + c])
+                         : acc_t(0);
+        }
+        for (int e = tid; e < kSimtBK * BN; e += kThreads) {
+          const int kk = e / BN, n = e % BN, co = co0 + n;
+          B[kk][n] = (kk < count && co < c_out)
+                         ? static_cast<acc_t>(grad_out[queue_out[first + kk] * c_out + co])
+                         : acc_t(0);
+        }
+        __syncthreads();
+        Tile::template multiply<false>(A, B, acc, tx, ty, nullptr);
+        __syncthreads();
+      });
+  acc_t* dst = partial + (chunk * volume + k) * int64_t{c_in} * c_out;
+#pragma unroll
+  for (int i = 0; i < Tile::kTM; ++i) {
+    const int ci = ci0 + ty * Tile::kTM + i;
+    if (ci >= c_in) continue;
+#pragma unroll
+    for (int j = 0; j < Tile::kTN; ++j) {
+      const int co = co0 + tx * Tile::kTN + j;
+      if (co < c_out) dst[int64_t{ci} * c_out + co] = acc[i][j];
+    }
+  }
+}
+
+// partial[chunk, k] as weight_grad_wmma_kernel computes it, over the queued pairs.
+template <typename scalar_t, bool kVec>
+__global__ void __launch_bounds__(kWmmaThreads)
+    weight_grad_wmma_compact_kernel(const scalar_t* __restrict__ in,
+                                    const scalar_t* __restrict__ grad_out,
+                                    const int32_t* __restrict__ nbr, float* __restrict__ partial,
+                                    int64_t rows, int64_t in_rows, int volume, int c_in,
+                                    int c_out, int64_t rows_per_chunk, int tiles_n) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  using T = typename WmmaType<scalar_t>::type;
+  constexpr int BM = kWmmaTile, BN = kWmmaTile, BK = kWmmaBK;
+  constexpr int LDX = BM + kWmmaPad, LDG = BN + kWmmaPad, LDC = BN + 4;
+  __shared__ __align__(32) scalar_t X[BK * LDX];  // X[kk][m] = in[input row of pair kk][ci0 + m]
+  __shared__ __align__(32) scalar_t G[BK * LDG];  // G[kk][n] = grad_out[output row of kk][co0 + n]
+  __shared__ __align__(32) float C[BM * LDC];
+  __shared__ int32_t queue_in[BK + kWmmaThreads];
+  __shared__ int64_t queue_out[BK + kWmmaThreads];
+  __shared__ int counts[kWmmaThreads / 32];
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
+  const int64_t chunk = blockIdx.x;
+  const int k = blockIdx.y;
+  const int ci0 = (blockIdx.z / tiles_n) * BM;
+  const int co0 = (blockIdx.z % tiles_n) * BN;
+  const int64_t begin = chunk * rows_per_chunk;
+  const int64_t end = std::min(rows, begin + rows_per_chunk);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+  }
+  const scalar_t zero(0.0f);
+  for_each_pair_step<kWmmaThreads, BK>(
+      nbr, in_rows, volume, k, begin, end, queue_in, queue_out, counts,
+      [&](int first, int count) {
+        if constexpr (kVec) {
+          for (int e = tid; e < BK * (BM / 8); e += kWmmaThreads) {
+            const int kk = e / (BM / 8), m = (e % (BM / 8)) * 8, c = ci0 + m;
+            const bool valid = kk < count && c < c_in;
+            copy8(X + kk * LDX + m, in + (valid ? int64_t{queue_in[first + kk]} * c_in + c : 0),
+                  valid);
+          }
+          for (int e = tid; e < BK * (BN / 8); e += kWmmaThreads) {
+            const int kk = e / (BN / 8), n = (e % (BN / 8)) * 8, co = co0 + n;
+            const bool valid = kk < count && co < c_out;
+            copy8(G + kk * LDG + n, grad_out + (valid ? queue_out[first + kk] * c_out + co : 0),
+                  valid);
+          }
+        } else {
+          for (int e = tid; e < BK * BM; e += kWmmaThreads) {
+            const int kk = e / BM, m = e % BM, c = ci0 + m;
+            X[kk * LDX + m] = (kk < count && c < c_in)
+                                  ? in[int64_t{queue_in[first + kk]} * c_in + c]
+                                  : zero;
+          }
+          for (int e = tid; e < BK * BN; e += kWmmaThreads) {
+            const int kk = e / BN, n = e % BN, co = co0 + n;
+            G[kk * LDG + n] = (kk < count && co < c_out)
+                                  ? grad_out[queue_out[first + kk] * c_out + co]
+                                  : zero;
+          }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a[2];
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b[2];
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            wmma::load_matrix_sync(a[i], reinterpret_cast<const T*>(X + kk * LDX + wm + i * 16),
+                                   LDX);
+          }
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            wmma::load_matrix_sync(b[j], reinterpret_cast<const T*>(G + kk * LDG + wn + j * 16),
+                                   LDG);
+          }
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+          }
+        }
+        __syncthreads();
+      });
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
 #pragma unroll
@@ -721,26 +1315,56 @@ bool use_fused(at::ScalarType dtype, int64_t c_in, int64_t c_out) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// The pipelined tiles (tiles=pipelined) for one pass, picked by the channel counts (multiples
+// of 8 here): BN the output channels' tile, BK the input channels of a step.
 template <typename scalar_t>
-void launch_conv_fused(const at::Tensor& x, const at::Tensor& w, const at::Tensor& table,
-                       at::Tensor& out) {
+void launch_conv_pipelined(const scalar_t* in, const scalar_t* weight, const int32_t* nbr,
+                           const ConvPass<scalar_t>& pass, int64_t rows, int64_t in_rows,
+                           int volume, int c_in, int c_out) {
+  auto launch = [&](auto bn, auto bk) {
+    using Tile = PipelinedTile<decltype(bn)::value, decltype(bk)::value>;
+    auto* kernel = conv_pipelined_kernel<scalar_t, Tile>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        Tile::kBytes));
+    const dim3 grid((rows + Tile::BM - 1) / Tile::BM, (c_out + Tile::BN - 1) / Tile::BN);
+    kernel<<<grid, Tile::kThreads, Tile::kBytes, current_stream()>>>(
+        in, weight, nbr, pass, rows, in_rows, volume, c_in, c_out);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  using I16 = std::integral_constant<int, 16>;
+  using I32 = std::integral_constant<int, 32>;
+  using I64 = std::integral_constant<int, 64>;
+  const bool narrow_in = c_in <= 16;
+  if (c_out <= 16) {
+    narrow_in ? launch(I16{}, I16{}) : launch(I16{}, I32{});
+  } else if (c_out <= 32) {
+    narrow_in ? launch(I32{}, I16{}) : launch(I32{}, I32{});
+  } else {
+    narrow_in ? launch(I64{}, I16{}) : launch(I64{}, I32{});
+  }
+}
+
+// One pass with the default kernels: 64 x 64 WMMA tiles for float16 / bfloat16 on sm_80+, else
+// the SIMT tiles with BN following the output channels.
+template <typename scalar_t>
+void launch_conv_pass(const at::Tensor& x, const at::Tensor& w, const at::Tensor& table,
+                      const ConvPass<scalar_t>& pass, int c_out) {
   const int64_t rows = table.size(0);
   const int volume = static_cast<int>(table.size(1));
-  const int c_in = static_cast<int>(w.size(1)), c_out = static_cast<int>(w.size(2));
+  const int c_in = static_cast<int>(w.size(1));
   const scalar_t* in = x.data_ptr<scalar_t>();
   const scalar_t* weight = w.data_ptr<scalar_t>();
   const int32_t* nbr = table.data_ptr<int32_t>();
-  scalar_t* dst = out.data_ptr<scalar_t>();
   const cudaStream_t stream = current_stream();
   if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
     if (tensor_cores(x.scalar_type(), x.get_device())) {
       const dim3 grid((rows + kWmmaTile - 1) / kWmmaTile, (c_out + kWmmaTile - 1) / kWmmaTile);
       if (c_in % 8 == 0 && c_out % 8 == 0 && aligned16(in) && aligned16(weight)) {
         conv_wmma_kernel<scalar_t, true><<<grid, kWmmaThreads, 0, stream>>>(
-            in, weight, nbr, dst, rows, x.size(0), volume, c_in, c_out);
+            in, weight, nbr, pass, rows, x.size(0), volume, c_in, c_out);
       } else {
         conv_wmma_kernel<scalar_t, false><<<grid, kWmmaThreads, 0, stream>>>(
-            in, weight, nbr, dst, rows, x.size(0), volume, c_in, c_out);
+            in, weight, nbr, pass, rows, x.size(0), volume, c_in, c_out);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
@@ -750,7 +1374,7 @@ void launch_conv_fused(const at::Tensor& x, const at::Tensor& w, const at::Tenso
     constexpr int BN = decltype(bn)::value;
     constexpr int BM = 4096 / BN;
     const dim3 grid((rows + BM - 1) / BM, (c_out + BN - 1) / BN);
-    conv_simt_kernel<scalar_t, BN><<<grid, kThreads, 0, stream>>>(in, weight, nbr, dst, rows,
+    conv_simt_kernel<scalar_t, BN><<<grid, kThreads, 0, stream>>>(in, weight, nbr, pass, rows,
                                                                   x.size(0), volume, c_in, c_out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
@@ -761,6 +1385,85 @@ void launch_conv_fused(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   } else {
     launch(std::integral_constant<int, 64>{});
   }
+}
+
+// Most offsets in one pass of a conv over `volume` offsets cut into `splits`.
+int64_t most_offsets_per_pass(int64_t volume, int64_t splits) {
+  int64_t most = 0;
+  for (int64_t s = 0; s < splits; ++s) {
+    most = std::max(most, split_begin(s + 1, splits, volume) - split_begin(s, splits, volume));
+  }
+  return most;
+}
+
+int64_t round_up8(int64_t n) { return (n + 7) / 8 * 8; }
+
+// x @ w over the table into out: one pass per split of the row order (one pass over every offset
+// without it), the sums carried between passes in acc_t (in `out` itself when that is acc_t).
+// With tiles=pipelined (float16 / bfloat16 on sm_80+, at most 32 offsets a pass), channel counts
+// that are not multiples of 8 are padded with zeros first (the first layer's 3-5 inputs).
+template <typename scalar_t>
+void launch_conv_fused(const at::Tensor& features, const at::Tensor& weight,
+                       const at::Tensor& table, const at::Tensor& order,
+                       const cuda::Variants& variants, at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t rows = table.size(0);
+  const int volume = static_cast<int>(table.size(1));
+  const int64_t splits = order.defined() ? order.size(0) : 1;
+  bool pipelined = false;
+  if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
+    pipelined = variants.pipelined_tiles &&
+                tensor_cores(features.scalar_type(), features.get_device()) &&
+                most_offsets_per_pass(volume, splits) <= PipelinedTile<64, 32>::kMaxOffsets;
+  }
+  at::Tensor x = features, w = weight, dst = out;
+  if (pipelined) {
+    const int64_t c_in = w.size(1), c_out = w.size(2);
+    const int64_t pad_in = round_up8(c_in) - c_in, pad_out = round_up8(c_out) - c_out;
+    if (pad_in > 0) {
+      x = at::constant_pad_nd(x, {0, pad_in});
+    } else if (!aligned16(x.data_ptr())) {
+      x = x.clone();  // a view starting mid-row of its storage: 16-byte rows need a copy
+    }
+    if (pad_in > 0 || pad_out > 0) {
+      w = at::constant_pad_nd(w, {0, pad_out, 0, pad_in});
+    } else if (!aligned16(w.data_ptr())) {
+      w = w.clone();
+    }
+    if (pad_out > 0) dst = at::empty({rows, c_out + pad_out}, out.options());
+  }
+  const int c_out = static_cast<int>(dst.size(1));
+  at::Tensor scratch;
+  acc_t* acc = nullptr;
+  if (splits > 1) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      acc = dst.data_ptr<acc_t>();
+    } else {
+      scratch = at::empty({rows, c_out}, dst.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      acc = scratch.data_ptr<acc_t>();
+    }
+  }
+  for (int64_t s = 0; s < splits; ++s) {
+    ConvPass<scalar_t> pass;
+    pass.order = order.defined() ? order.data_ptr<int32_t>() + s * rows : nullptr;
+    pass.k_begin = static_cast<int>(split_begin(s, splits, volume));
+    pass.k_end = static_cast<int>(split_begin(s + 1, splits, volume));
+    const bool last = s + 1 == splits;
+    pass.acc_in = s > 0 ? acc : nullptr;
+    pass.acc_out = last ? nullptr : acc;
+    pass.out = last ? dst.data_ptr<scalar_t>() : nullptr;
+    if constexpr (std::is_same_v<scalar_t, c10::Half> ||
+                  std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (pipelined) {
+        launch_conv_pipelined<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                                        table.data_ptr<int32_t>(), pass, rows, x.size(0), volume,
+                                        static_cast<int>(x.size(1)), c_out);
+        continue;
+      }
+    }
+    launch_conv_pass<scalar_t>(x, w, table, pass, c_out);
+  }
+  if (dst.data_ptr() != out.data_ptr()) out.copy_(dst.narrow(1, 0, out.size(1)));
 }
 
 // Chunks of rows for the fused weight gradient: about 1024 blocks in all whatever the GPU, so
@@ -774,7 +1477,8 @@ int64_t rows_per_chunk(int64_t rows, int64_t blocks_per_chunk) {
 }
 
 template <typename scalar_t>
-at::Tensor weight_grad_fused(const at::Tensor& x, const at::Tensor& g, const at::Tensor& table) {
+at::Tensor weight_grad_fused(const at::Tensor& x, const at::Tensor& g, const at::Tensor& table,
+                             const cuda::Variants& variants) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t rows = table.size(0);
   const int volume = static_cast<int>(table.size(1));
@@ -783,6 +1487,7 @@ at::Tensor weight_grad_fused(const at::Tensor& x, const at::Tensor& g, const at:
   const scalar_t* grad = g.data_ptr<scalar_t>();
   const int32_t* nbr = table.data_ptr<int32_t>();
   const cudaStream_t stream = current_stream();
+  const bool compact = variants.compact_weight_grad;
   auto partial_for = [&](int64_t tiles, int64_t* chunk_rows) {
     *chunk_rows = rows_per_chunk(rows, volume * tiles);
     const int64_t chunks = (rows + *chunk_rows - 1) / *chunk_rows;
@@ -797,15 +1502,14 @@ at::Tensor weight_grad_fused(const at::Tensor& x, const at::Tensor& g, const at:
       int64_t chunk_rows;
       partial = partial_for(int64_t{tiles_m} * tiles_n, &chunk_rows);
       const dim3 grid(partial.size(0), volume, tiles_m * tiles_n);
-      if (c_in % 8 == 0 && c_out % 8 == 0 && aligned16(in) && aligned16(grad)) {
-        weight_grad_wmma_kernel<scalar_t, true><<<grid, kWmmaThreads, 0, stream>>>(
-            in, grad, nbr, partial.data_ptr<float>(), rows, x.size(0), volume, c_in, c_out,
-            chunk_rows, tiles_n);
-      } else {
-        weight_grad_wmma_kernel<scalar_t, false><<<grid, kWmmaThreads, 0, stream>>>(
-            in, grad, nbr, partial.data_ptr<float>(), rows, x.size(0), volume, c_in, c_out,
-            chunk_rows, tiles_n);
-      }
+      const bool vec = c_in % 8 == 0 && c_out % 8 == 0 && aligned16(in) && aligned16(grad);
+      auto* kernel = compact ? (vec ? weight_grad_wmma_compact_kernel<scalar_t, true>
+                                    : weight_grad_wmma_compact_kernel<scalar_t, false>)
+                             : (vec ? weight_grad_wmma_kernel<scalar_t, true>
+                                    : weight_grad_wmma_kernel<scalar_t, false>);
+      kernel<<<grid, kWmmaThreads, 0, stream>>>(in, grad, nbr, partial.data_ptr<float>(), rows,
+                                                x.size(0), volume, c_in, c_out, chunk_rows,
+                                                tiles_n);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       launched = true;
     }
@@ -819,9 +1523,10 @@ at::Tensor weight_grad_fused(const at::Tensor& x, const at::Tensor& g, const at:
       int64_t chunk_rows;
       partial = partial_for(int64_t{tiles_m} * tiles_n, &chunk_rows);
       const dim3 grid(partial.size(0), volume, tiles_m * tiles_n);
-      weight_grad_simt_kernel<scalar_t, BN><<<grid, kThreads, 0, stream>>>(
-          in, grad, nbr, partial.data_ptr<acc_t>(), rows, x.size(0), volume, c_in, c_out,
-          chunk_rows, tiles_n);
+      auto* kernel = compact ? weight_grad_simt_compact_kernel<scalar_t, BN>
+                             : weight_grad_simt_kernel<scalar_t, BN>;
+      kernel<<<grid, kThreads, 0, stream>>>(in, grad, nbr, partial.data_ptr<acc_t>(), rows,
+                                            x.size(0), volume, c_in, c_out, chunk_rows, tiles_n);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (c_out <= 16) {
@@ -840,7 +1545,9 @@ at::Tensor weight_grad_fused(const at::Tensor& x, const at::Tensor& g, const at:
 // ------------------------------------------------------------------------ ops
 
 at::Tensor sparse_conv_cuda(const at::Tensor& features, const at::Tensor& weight,
-                            const at::Tensor& nbr, const at::Tensor& nbr_t) {
+                            const at::Tensor& nbr, const at::Tensor& nbr_t,
+                            const std::optional<at::Tensor>& order,
+                            const std::optional<at::Tensor>& order_t) {
   check_features(features, "features");
   check_device(weight, "weight", features.device());
   check_device(nbr, "nbr", features.device());
@@ -857,7 +1564,19 @@ at::Tensor sparse_conv_cuda(const at::Tensor& features, const at::Tensor& weight
                         weight.size(1) <= std::numeric_limits<int32_t>::max() &&
                         weight.size(2) <= std::numeric_limits<int32_t>::max(),
                     "weight ", weight.sizes(), " is too large for the CUDA kernels");
+  if (order.has_value()) {
+    check_device(*order, "order", features.device());
+    check_row_order(*order, "order", nbr.size(0), volume);
+  }
+  if (order_t.has_value()) {
+    check_device(*order_t, "order_t", features.device());
+    check_row_order(*order_t, "order_t", nbr_t.size(0), volume);
+  }
+  const cuda::Variants variants = cuda::variants_from_env();
   cuda::check_neighbor_entries_cuda(nbr, "nbr", features.size(0));
+  if (order.has_value() && cuda::env_enabled("SPCONV_LITE_CUDA_CHECK_TABLES")) {
+    check_row_order_entries_cpu(order->cpu(), "order");  // host sync (opt-in)
+  }
   const c10::cuda::CUDAGuard guard(features.device());
   const at::Tensor x = features.contiguous();
   const at::Tensor w = weight.contiguous();
@@ -865,8 +1584,10 @@ at::Tensor sparse_conv_cuda(const at::Tensor& features, const at::Tensor& weight
   at::Tensor out = at::empty({nbr.size(0), weight.size(2)}, features.options());
   if (out.numel() == 0) return out;
   if (!use_fused(x.scalar_type(), w.size(1), w.size(2))) return conv_gemm(x, w, table, out);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sparse_conv_cuda",
-                                  [&] { launch_conv_fused<scalar_t>(x, w, table, out); });
+  const at::Tensor rows_order = order.has_value() ? order->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, x.scalar_type(), "sparse_conv_cuda",
+      [&] { launch_conv_fused<scalar_t>(x, w, table, rows_order, variants, out); });
   return out;
 }
 
@@ -882,6 +1603,7 @@ at::Tensor sparse_conv_weight_grad_cuda(const at::Tensor& features, const at::Te
   check_neighbor_table(nbr, "nbr", grad_out.size(0), -1);
   TORCH_CHECK_VALUE(nbr.size(1) <= 65535, "kernel volume ", nbr.size(1),
                     " is above the CUDA kernels' limit of 65535 offsets");
+  const cuda::Variants variants = cuda::variants_from_env();
   cuda::check_neighbor_entries_cuda(nbr, "nbr", features.size(0));
   const c10::cuda::CUDAGuard guard(features.device());
   const at::Tensor x = features.contiguous();
@@ -896,7 +1618,9 @@ at::Tensor sparse_conv_weight_grad_cuda(const at::Tensor& features, const at::Te
   at::Tensor grad_weight;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                   "sparse_conv_weight_grad_cuda",
-                                  [&] { grad_weight = weight_grad_fused<scalar_t>(x, g, table); });
+                                  [&] {
+                                    grad_weight = weight_grad_fused<scalar_t>(x, g, table, variants);
+                                  });
   return grad_weight;
 }
 

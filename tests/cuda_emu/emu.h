@@ -3,15 +3,20 @@
 // Force-included (g++ -include) before a CUDA source that has been rewritten by build.py
 // (kernel<<<grid, block, smem, stream>>>(args) -> ::emu::launch(kernel, grid, block, smem,
 // stream)(args)). Every CUDA thread of a block is a std::thread, blocks run one after another,
-// so function-local statics stand in for __shared__ memory. __syncthreads* are block
-// barriers, the *_sync warp intrinsics warp barriers, atomics std::atomic_ref. The stub
-// headers in include/ replace cuda_runtime.h, the c10/cuda stream, guard and exception
-// headers and WMMA. What this cannot show: races and memory-ordering bugs of real hardware,
-// performance, and anything about the real compiler for the device.
+// so function-local statics stand in for __shared__ memory, and a buffer of the launch's size
+// for dynamic shared memory (0xFF bytes at every block's start). __syncthreads* are block
+// barriers, the *_sync warp intrinsics warp barriers, atomics std::atomic_ref; cp.async copies
+// land at the wait_group that covers them (as late as allowed, so a missing wait reads stale
+// data). The stub headers in include/ replace cuda_runtime.h, the c10/cuda stream, guard and
+// exception headers, WMMA and cub's radix sort. What this cannot show: races and
+// memory-ordering bugs of real hardware (a cp.async landing early, a missing barrier between
+// warps), performance, and anything about the real compiler for the device.
 #pragma once
 
 #include <atomic>
 #include <barrier>
+#include <cstdio>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -53,6 +58,44 @@ inline dim3 grid_dim, block_dim, block_idx;
 inline thread_local dim3 thread_idx;
 inline thread_local Block* block = nullptr;
 inline thread_local int linear_id = 0;
+// The launch's dynamic shared memory (extern __shared__), refilled with 0xFF bytes (NaN as
+// float16 / float32) at the start of every block: a kernel must write what it reads.
+inline unsigned char* dynamic_shared = nullptr;
+
+// cp.async: each copy lands as late as the real one may, at the cp.async.wait_group that
+// covers its group (commit_group closes a group), so a read of a stage before its wait sees the
+// stale bytes. A copy still pending when the block ends is a kernel bug.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  int bytes;      // copied
+  int total;      // written (the rest zero-filled)
+};
+inline thread_local std::vector<AsyncCopy> open_group;
+inline thread_local std::vector<std::vector<AsyncCopy>> committed_groups;
+
+inline void cp_async(void* dst, const void* src, int bytes, int total) {
+  open_group.push_back({dst, src, bytes, total});
+}
+inline void cp_async_commit() {
+  committed_groups.push_back(std::move(open_group));
+  open_group.clear();
+}
+inline void cp_async_wait(int newest_pending) {
+  while (static_cast<int>(committed_groups.size()) > newest_pending) {
+    for (const AsyncCopy& c : committed_groups.front()) {
+      std::memcpy(c.dst, c.src, c.bytes);
+      std::memset(static_cast<char*>(c.dst) + c.bytes, 0, c.total - c.bytes);
+    }
+    committed_groups.erase(committed_groups.begin());
+  }
+}
+inline void check_no_pending_copies() {
+  if (!open_group.empty() || !committed_groups.empty()) {
+    std::fprintf(stderr, "emu: a block ended with cp.async copies never waited for\n");
+    std::abort();
+  }
+}
 
 inline int lane_id() { return linear_id % 32; }
 
@@ -77,6 +120,7 @@ struct Launch {
   void (*kernel)(Params...);
   dim3 grid;
   dim3 threads;
+  std::size_t shared_bytes;
 
   template <typename... Args>
   void operator()(Args&&... args) const {
@@ -88,6 +132,11 @@ struct Launch {
     // One std::thread per CUDA thread for the whole launch; the blocks run one after another,
     // separated by block barriers (so the function-local statics act as shared memory).
     Block state(count);
+    struct alignas(128) Line {
+      unsigned char bytes[128];
+    };
+    std::vector<Line> shared_lines((shared_bytes + 127) / 128 + 1);
+    dynamic_shared = shared_lines.data()->bytes;
     std::vector<std::thread> pool;
     pool.reserve(count);
     for (int t = 0; t < count; ++t) {
@@ -98,9 +147,13 @@ struct Launch {
         for (unsigned int z = 0; z < grid.z; ++z) {
           for (unsigned int y = 0; y < grid.y; ++y) {
             for (unsigned int x = 0; x < grid.x; ++x) {
-              if (t == 0) block_idx = dim3(x, y, z);
+              if (t == 0) {
+                block_idx = dim3(x, y, z);
+                std::memset(dynamic_shared, 0xFF, shared_bytes);
+              }
               state.barrier.arrive_and_wait();  // block_idx set, the previous block done
               std::apply(kernel, params);
+              check_no_pending_copies();
               state.barrier.arrive_and_wait();
             }
           }
@@ -112,9 +165,9 @@ struct Launch {
 };
 
 template <typename... Params>
-Launch<Params...> launch(void (*kernel)(Params...), dim3 grid, dim3 threads, std::size_t = 0,
-                         cudaStream_t = nullptr) {
-  return {kernel, grid, threads};
+Launch<Params...> launch(void (*kernel)(Params...), dim3 grid, dim3 threads,
+                         std::size_t shared_bytes = 0, cudaStream_t = nullptr) {
+  return {kernel, grid, threads, shared_bytes};
 }
 
 }  // namespace emu

@@ -84,6 +84,15 @@ def test_subm_map(case):
     assert_same(EMU.build_subm_map(idx, *args), CPU.build_subm_map(idx, *args))
 
 
+@pytest.mark.parametrize("case", SUBM_CASES[:2], ids=case_id)
+def test_subm_map_without_the_site_check(case):
+    # check_sites=False (sites a conv map produced) skips only the host synchronisation.
+    batch, shape, n, k, d = case
+    idx = random_sites(make_gen("subm", case), batch, shape, count=n)
+    args = (list(shape), batch, list(ntuple(k, len(shape))), list(ntuple(d, len(shape))))
+    assert_same(EMU.build_subm_map(idx, *args, False), CPU.build_subm_map(idx, *args))
+
+
 # (transposed, batch, spatial_shape, sites, kernel, stride, padding, dilation)
 CONV_CASES = [
     (False, 2, (12, 12, 12), 400, 3, 2, 1, 1),
@@ -453,3 +462,172 @@ def test_voxelize_bad_arguments_raise_the_cpu_error(bad, op):
             getattr(ops, op)(*args.values())
         messages.append(str(info.value).splitlines()[0])
     assert messages[0] == messages[1]
+
+
+# ----------------------------------------------------------------------------- kernel variants
+# SPCONV_LITE_CUDA_VARIANTS (include/spconv_lite/cuda_utils.cuh): prepared for the GPU speed work
+# and not yet measured on a GPU. Row orders and pipelined tiles change which tile a row is in and
+# how a tile's data reaches shared memory, not the arithmetic of an output element: their
+# results equal the default kernels' bitwise, up to the sign of zero sums (an offset without a
+# neighbour adds +0 in one and nothing in the other).
+
+def same_values(got, want):
+    """Bitwise equal, except -0.0 == +0.0; NaN where NaN."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    torch.testing.assert_close(got + 0, want + 0, rtol=0, atol=0, equal_nan=True)
+
+
+# (kind, splits): every table kind, one pass and several.
+ORDER_CASES = [("subm", 1), ("subm", 2), ("subm", 3), ("strided", 1), ("strided", 2),
+               ("transposed", 1), ("transposed", 3)]
+
+
+@pytest.mark.parametrize("case", ORDER_CASES, ids=case_id)
+def test_row_order_matches_cpu(case):
+    kind, splits = case
+    nbr, nbr_t = a_map(kind, seed="order")
+    for table in (nbr, nbr_t):
+        assert_same([EMU.conv_row_order(table, splits)], [CPU.conv_row_order(table, splits)])
+
+
+@pytest.mark.parametrize("shape", [(0, 27), (5, 1), (40, 70)], ids=case_id)
+def test_row_order_edge_tables_match_cpu(shape):
+    # No rows, one offset, more offsets than a 64-bit mask holds.
+    table = torch.randint(-1, 3, shape, generator=make_gen("order_edge", shape),
+                          dtype=torch.int32)
+    for splits in sorted({1, min(2, shape[1])}):
+        assert_same([EMU.conv_row_order(table, splits)], [CPU.conv_row_order(table, splits)])
+
+
+def variant_env(monkeypatch, variants, algo="fused", sm_major="9"):
+    monkeypatch.setenv("SPCONV_LITE_CUDA_VARIANTS", variants)
+    monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", algo)
+    monkeypatch.setenv("SPCONV_LITE_EMU_SM_MAJOR", sm_major)
+
+
+def conv_calls(kind, c_in, c_out, dtype, splits, key):
+    """The forward and the input gradient of a conv (as ops.py runs them), with row orders of
+    ``splits`` splits (0: none)."""
+    nbr, nbr_t = a_map(kind, seed="variants")
+    volume = nbr.shape[1]
+    gen = make_gen("variants", kind, c_in, c_out, dtype, key)
+    x = randn(gen, nbr_t.shape[0], c_in, dtype=dtype)
+    w = randn(gen, volume, c_in, c_out, dtype=dtype, scale=(c_in * volume) ** -0.5)
+    g = randn(gen, nbr.shape[0], c_out, dtype=dtype)
+    order = CPU.conv_row_order(nbr, splits) if splits else None
+    order_t = CPU.conv_row_order(nbr_t, splits) if splits else None
+    return [lambda ops: ops.sparse_conv(x, w, nbr, nbr_t, order, order_t),
+            lambda ops: ops.sparse_conv(g, w.transpose(1, 2), nbr_t, nbr, order_t, order)]
+
+
+# (kind, c_in, c_out): narrow (BN 16 / 32, BK 16), wide, channel counts that are not multiples
+# of 8 (padded by the pipelined launcher), c_in above one step, c_out above one 64-column tile.
+VARIANT_SHAPES = [("subm", 16, 16), ("subm", 4, 16), ("strided", 40, 32), ("transposed", 13, 70)]
+# (variants, splits of the row orders)
+VARIANTS = [("tiles=wmma64", 3), ("tiles=pipelined", 0), ("tiles=pipelined", 1),
+            ("tiles=pipelined", 2)]
+
+
+@pytest.mark.parametrize("sm_major", ["9", "7"])  # tensor-core kernels, then SIMT fallbacks
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=case_id)  # float64: float32's SIMT code
+@pytest.mark.parametrize("variant", VARIANTS, ids=case_id)
+@pytest.mark.parametrize("shape", VARIANT_SHAPES, ids=case_id)
+def test_conv_variants_equal_the_default_kernels(shape, variant, dtype, sm_major, monkeypatch):
+    if sm_major == "7" and (dtype not in (torch.float16, torch.bfloat16)
+                            or variant[0] == "tiles=pipelined"):
+        pytest.skip("the compute capability only changes the half-precision kernels, and "
+                    "below sm_80 the pipelined tiles fall back to the SIMT ones")
+    variants, splits = variant
+    kind, c_in, c_out = shape
+    variant_env(monkeypatch, "", sm_major=sm_major)
+    want = [call(EMU) for call in conv_calls(kind, c_in, c_out, dtype, 0, "equal")]
+    variant_env(monkeypatch, variants, sm_major=sm_major)
+    got = [call(EMU) for call in conv_calls(kind, c_in, c_out, dtype, splits, "equal")]
+    for a, b in zip(got, want):
+        same_values(a, b)
+    cpu = [call(CPU) for call in conv_calls(kind, c_in, c_out, dtype, 0, "equal")]
+    scale = max(cpu[0].abs().max().item(), 1.0)
+    torch.testing.assert_close(got[0].double() / scale, cpu[0].double() / scale, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
+@pytest.mark.parametrize("variant", [("tiles=pipelined", 0), ("tiles=pipelined", 2),
+                                     ("tiles=wmma64", 2)], ids=case_id)
+@pytest.mark.parametrize("channels", [(16, 24), (5, 3)], ids=case_id)
+def test_conv_variants_with_non_finite_weights(channels, variant, dtype, monkeypatch):
+    # As the default kernels: an inf / NaN weight reaches only the rows with a neighbour at its
+    # offset, including when a pipelined step's weights are cleaned on their way to shared
+    # memory and their products added in the epilogue.
+    variants, splits = variant
+    c_in, c_out = channels
+    nbr, nbr_t = a_map("strided", seed="non_finite")
+    gen = make_gen("variant_non_finite", channels, dtype)
+    x = randn(gen, nbr_t.shape[0], c_in, dtype=dtype)
+    w = randn(gen, 27, c_in, c_out, dtype=dtype, scale=(27 * c_in) ** -0.5)
+    w[0, 1, 2] = math.inf
+    w[26, c_in - 1, 0] = -math.inf
+    w[13, 0, c_out - 1] = math.nan
+    w[14, 0, c_out - 1] = -math.inf  # with the NaN of offset 13: one pass or two
+    variant_env(monkeypatch, "")
+    want = EMU.sparse_conv(x, w, nbr, nbr_t)
+    variant_env(monkeypatch, variants)
+    order = CPU.conv_row_order(nbr, splits) if splits else None
+    got = EMU.sparse_conv(x, w, nbr, nbr_t, order)
+    cpu = CPU.sparse_conv(x, w, nbr, nbr_t)
+    assert not torch.isfinite(cpu).all() and torch.isfinite(cpu).all(1).any()
+    same_values(got, want)
+    assert_close_non_finite(got, cpu, **TOL[dtype])
+
+
+@pytest.mark.parametrize("sm_major", ["9", "7"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=case_id)
+def test_compact_weight_grad(shape, dtype, sm_major, monkeypatch):
+    if sm_major == "7" and dtype not in (torch.float16, torch.bfloat16):
+        pytest.skip("the compute capability only changes the half-precision kernels")
+    kind, c_in, c_out = shape
+    variant_env(monkeypatch, "wgrad=compact", sm_major=sm_major)
+    nbr, nbr_t = a_map(kind)
+    gen = make_gen("compact", shape, dtype)
+    x = randn(gen, nbr_t.shape[0], c_in, dtype=dtype)
+    g = randn(gen, nbr.shape[0], c_out, dtype=dtype)
+    got = EMU.sparse_conv_weight_grad(x, g, nbr)
+    want = CPU.sparse_conv_weight_grad(x, g, nbr)
+    scale = max(want.abs().max().item(), 1.0)
+    torch.testing.assert_close(got.double() / scale, want.double() / scale, **TOL[dtype])
+    assert_same([EMU.sparse_conv_weight_grad(x, g, nbr)], [got])  # deterministic
+
+
+def test_compact_weight_grad_of_rows_without_pairs(monkeypatch):
+    # Chunks without a single pair, a queue emptied exactly, offsets without pairs.
+    variant_env(monkeypatch, "wgrad=compact")
+    nbr = torch.full((700, 4), -1, dtype=torch.int32)
+    nbr[::7, 1] = torch.arange(100, dtype=torch.int32)
+    nbr[600:664, 2] = torch.arange(64, dtype=torch.int32)
+    x, g = torch.randn(100, 8), torch.randn(700, 16)
+    got = EMU.sparse_conv_weight_grad(x, g, nbr)
+    torch.testing.assert_close(got, CPU.sparse_conv_weight_grad(x, g, nbr))
+    assert torch.equal(got[0], torch.zeros(8, 16)) and torch.equal(got[3], torch.zeros(8, 16))
+
+
+@pytest.mark.parametrize("case", CONV_CASES[:4] + CONV_CASES[6:7], ids=case_id)
+def test_conv_map_with_radix_sort(case, monkeypatch):
+    monkeypatch.setenv("SPCONV_LITE_CUDA_VARIANTS", "mapsort=radix")
+    idx = random_sites(make_gen("conv", case), case[1], case[2], count=case[3])
+    args = conv_args(case)
+    assert_same(EMU.build_conv_map(idx, *args), CPU.build_conv_map(idx, *args))
+
+
+@pytest.mark.parametrize("mode", ["conv", "transposed"])
+def test_conv_map_with_radix_sort_on_huge_grids(mode, monkeypatch):
+    monkeypatch.setenv("SPCONV_LITE_CUDA_VARIANTS", "mapsort=radix")
+    test_maps_on_huge_grids(mode)
+
+
+@pytest.mark.parametrize("value", ["tiles=fast", "rows", "wgrad", "rows=9", "pipelined"])
+def test_unknown_variants_raise(value, monkeypatch):
+    monkeypatch.setenv("SPCONV_LITE_CUDA_VARIANTS", value)
+    nbr, nbr_t = a_map("subm", n=20, seed="unknown")
+    x, w = torch.randn(nbr_t.shape[0], 3), torch.randn(27, 3, 2)
+    with pytest.raises(ValueError, match="SPCONV_LITE_CUDA_VARIANTS: unknown entry"):
+        EMU.sparse_conv(x, w, nbr, nbr_t)
