@@ -364,6 +364,50 @@ __device__ __forceinline__ void warp_mma(AccFragment (&acc)[2][2], const T* A, c
   }
 }
 
+// acc += X^T @ G for one warp's 32 x 32 part of a weight-gradient tile over a reduction step of
+// BK: X [BK, LDX] holds the gathered input rows (so X^T, the A operand, is column-major) from
+// the warp's first column wm, G [BK, LDG] the output gradient rows from its first column wn.
+template <typename T, int BK, int LDX, int LDG>
+__device__ __forceinline__ void warp_mma_xt(AccFragment (&acc)[2][2], const T* X, const T* G) {
+  namespace wmma = nvcuda::wmma;
+#pragma unroll
+  for (int kk = 0; kk < BK; kk += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a[2];
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], X + kk * LDX + i * 16, LDX);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], G + kk * LDG + j * 16, LDG);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+  }
+}
+
+// Writes a weight-gradient block's accumulators, through the shared C [BM, LDC], to its
+// C_in x C_out tile (from ci0, co0) of dst = partial[chunk, k] ([C_in, C_out]).
+template <int BM, int BN, int LDC>
+__device__ __forceinline__ void store_weight_grad_tile(AccFragment (&acc)[2][2], float* C,
+                                                       int wm, int wn, int tid, float* dst,
+                                                       int ci0, int co0, int c_in, int c_out) {
+  namespace wmma = nvcuda::wmma;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      wmma::store_matrix_sync(C + (wm + i * 16) * LDC + wn + j * 16, acc[i][j], LDC,
+                              wmma::mem_row_major);
+    }
+  }
+  __syncthreads();
+  for (int e = tid; e < BM * BN; e += kWmmaThreads) {
+    const int m = e / BN, n = e % BN, ci = ci0 + m, co = co0 + n;
+    if (ci < c_in && co < c_out) dst[int64_t{ci} * c_out + co] = C[m * LDC + n];
+  }
+}
+
 // The conv kernel's step for a weight tile B that holds an inf or NaN (rare): the products with
 // those weights, for the rows that have a neighbour (source[m] >= 0) only, are added into C
 // (zeroed first when clear_c), and the weights are then cleared in B, so that the MMA adds only
@@ -877,42 +921,13 @@ __global__ void __launch_bounds__(kWmmaThreads)
       }
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < BK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        wmma::load_matrix_sync(a[i], reinterpret_cast<const T*>(X + kk * LDX + wm + i * 16),
-                               LDX);
-      }
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        wmma::load_matrix_sync(b[j], reinterpret_cast<const T*>(G + kk * LDG + wn + j * 16),
-                               LDG);
-      }
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-      }
-    }
+    warp_mma_xt<T, BK, LDX, LDG>(acc, reinterpret_cast<const T*>(X + wm),
+                                 reinterpret_cast<const T*>(G + wn));
     __syncthreads();
   }
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      wmma::store_matrix_sync(C + (wm + i * 16) * LDC + wn + j * 16, acc[i][j], LDC,
-                              wmma::mem_row_major);
-    }
-  }
-  __syncthreads();
-  float* dst = partial + (chunk * volume + k) * int64_t{c_in} * c_out;
-  for (int e = tid; e < BM * BN; e += kWmmaThreads) {
-    const int m = e / BN, n = e % BN, ci = ci0 + m, co = co0 + n;
-    if (ci < c_in && co < c_out) dst[int64_t{ci} * c_out + co] = C[m * LDC + n];
-  }
+  store_weight_grad_tile<BM, BN, LDC>(acc, C, wm, wn, tid,
+                                      partial + (chunk * volume + k) * int64_t{c_in} * c_out,
+                                      ci0, co0, c_in, c_out);
 #else
   CUDA_KERNEL_ASSERT_MSG(false, "spconv_lite: tensor-core kernel launched below sm_80");
 #endif
@@ -1117,42 +1132,13 @@ __global__ void __launch_bounds__(kWmmaThreads)
           }
         }
         __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < BK; kk += 16) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a[2];
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b[2];
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            wmma::load_matrix_sync(a[i], reinterpret_cast<const T*>(X + kk * LDX + wm + i * 16),
-                                   LDX);
-          }
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            wmma::load_matrix_sync(b[j], reinterpret_cast<const T*>(G + kk * LDG + wn + j * 16),
-                                   LDG);
-          }
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-#pragma unroll
-            for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-          }
-        }
+        warp_mma_xt<T, BK, LDX, LDG>(acc, reinterpret_cast<const T*>(X + wm),
+                                     reinterpret_cast<const T*>(G + wn));
         __syncthreads();
       });
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      wmma::store_matrix_sync(C + (wm + i * 16) * LDC + wn + j * 16, acc[i][j], LDC,
-                              wmma::mem_row_major);
-    }
-  }
-  __syncthreads();
-  float* dst = partial + (chunk * volume + k) * int64_t{c_in} * c_out;
-  for (int e = tid; e < BM * BN; e += kWmmaThreads) {
-    const int m = e / BN, n = e % BN, ci = ci0 + m, co = co0 + n;
-    if (ci < c_in && co < c_out) dst[int64_t{ci} * c_out + co] = C[m * LDC + n];
-  }
+  store_weight_grad_tile<BM, BN, LDC>(acc, C, wm, wn, tid,
+                                      partial + (chunk * volume + k) * int64_t{c_in} * c_out,
+                                      ci0, co0, c_in, c_out);
 #else
   CUDA_KERNEL_ASSERT_MSG(false, "spconv_lite: tensor-core kernel launched below sm_80");
 #endif
