@@ -343,23 +343,38 @@ __device__ __forceinline__ bool any_non_finite8(uint4 v) {
 
 using AccFragment = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
 
-// acc += A @ B for one warp's 32 x 32 part of a tile over a reduction step of BK: A is the
-// warp's 32 rows (row-major, leading dimension LDA), B the warp's 32 columns (row-major, LDB).
-template <typename T, int BK, int LDA, int LDB>
-__device__ __forceinline__ void warp_mma(AccFragment (&acc)[2][2], const T* A, const T* B) {
+// acc += A @ B for one warp's (16 FM) x (16 FN) part of a tile (32 x 32 by default) over a
+// reduction step of BK: A is the warp's rows (row-major, leading dimension LDA), B the warp's
+// columns (row-major, LDB).
+template <typename T, int BK, int LDA, int LDB, int FM = 2, int FN = 2>
+__device__ __forceinline__ void warp_mma(AccFragment (&acc)[FM][FN], const T* A, const T* B) {
   namespace wmma = nvcuda::wmma;
 #pragma unroll
   for (int kk = 0; kk < BK; kk += 16) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b[2];
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[FM];
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b[FN];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], A + i * 16 * LDA + kk, LDA);
+    for (int i = 0; i < FM; ++i) wmma::load_matrix_sync(a[i], A + i * 16 * LDA + kk, LDA);
 #pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], B + kk * LDB + j * 16, LDB);
+    for (int j = 0; j < FN; ++j) wmma::load_matrix_sync(b[j], B + kk * LDB + j * 16, LDB);
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < FM; ++i) {
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+      for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+  }
+}
+
+// Stores one warp's accumulators into the shared C [rows, LDC] at its part (wm, wn).
+template <int LDC, int FM, int FN>
+__device__ __forceinline__ void store_warp_tile(float* C, AccFragment (&acc)[FM][FN], int wm,
+                                                int wn) {
+#pragma unroll
+  for (int i = 0; i < FM; ++i) {
+#pragma unroll
+    for (int j = 0; j < FN; ++j) {
+      nvcuda::wmma::store_matrix_sync(C + (wm + i * 16) * LDC + wn + j * 16, acc[i][j], LDC,
+                                      nvcuda::wmma::mem_row_major);
     }
   }
 }
@@ -392,15 +407,7 @@ template <int BM, int BN, int LDC>
 __device__ __forceinline__ void store_weight_grad_tile(AccFragment (&acc)[2][2], float* C,
                                                        int wm, int wn, int tid, float* dst,
                                                        int ci0, int co0, int c_in, int c_out) {
-  namespace wmma = nvcuda::wmma;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      wmma::store_matrix_sync(C + (wm + i * 16) * LDC + wn + j * 16, acc[i][j], LDC,
-                              wmma::mem_row_major);
-    }
-  }
+  store_warp_tile<LDC>(C, acc, wm, wn);
   __syncthreads();
   for (int e = tid; e < BM * BN; e += kWmmaThreads) {
     const int m = e / BN, n = e % BN, ci = ci0 + m, co = co0 + n;
@@ -553,14 +560,7 @@ __global__ void __launch_bounds__(kWmmaThreads)
     }
     __syncthreads();  // every warp has read C before it is overwritten
   }
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      wmma::store_matrix_sync(C + (wm + i * 16) * LDC + wn + j * 16, acc[i][j], LDC,
-                              wmma::mem_row_major);
-    }
-  }
+  store_warp_tile<LDC>(C, acc, wm, wn);
   __syncthreads();
   for (int e = tid; e < BM * BN; e += kWmmaThreads) {
     const int m = e / BN, n = e % BN;
@@ -784,24 +784,7 @@ __global__ void __launch_bounds__(Tile::kThreads)
     cuda::cp_async_commit();
     const T* A = reinterpret_cast<const T*>(stage_a + stage * (BM * LDA));
     const T* B = reinterpret_cast<const T*>(stage_b + stage * (BK * LDB));
-#pragma unroll
-    for (int kk = 0; kk < BK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[Tile::FM];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b[Tile::FN];
-#pragma unroll
-      for (int i = 0; i < Tile::FM; ++i) {
-        wmma::load_matrix_sync(a[i], A + (wm + i * 16) * LDA + kk, LDA);
-      }
-#pragma unroll
-      for (int j = 0; j < Tile::FN; ++j) {
-        wmma::load_matrix_sync(b[j], B + kk * LDB + wn + j * 16, LDB);
-      }
-#pragma unroll
-      for (int i = 0; i < Tile::FM; ++i) {
-#pragma unroll
-        for (int j = 0; j < Tile::FN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-      }
-    }
+    warp_mma<T, BK, LDA, LDB, Tile::FM, Tile::FN>(acc, A + wm * LDA, B + wn);
     if (ahead < steps) {  // the weight loads had the MMAs' time to arrive
       set_stage_bit(ahead_stage, store_weights(ahead_stage));
       producer.next(c_in, BK);
@@ -810,14 +793,7 @@ __global__ void __launch_bounds__(Tile::kThreads)
   }
   cuda::cp_async_wait<0>();
   __syncthreads();  // every warp is done with the stages, which C overlays
-#pragma unroll
-  for (int i = 0; i < Tile::FM; ++i) {
-#pragma unroll
-    for (int j = 0; j < Tile::FN; ++j) {
-      wmma::store_matrix_sync(C + (wm + i * 16) * LDC + wn + j * 16, acc[i][j], LDC,
-                              wmma::mem_row_major);
-    }
-  }
+  store_warp_tile<LDC>(C, acc, wm, wn);
   __syncthreads();
   if (non_finite_offsets != 0) {
     // The products with the inf / NaN weights left out of the MMAs, for the rows that have a
