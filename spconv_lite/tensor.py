@@ -181,12 +181,19 @@ class SparseConvTensor:
         the other (OpenPCDet's VoxelNeXt sets features of a new row count with
         ``replace_feature``, then the matching ``indices``), as spconv allows.
         """
-        if self._features.shape[0] != self.indices.shape[0]:
+        if torch.compiler.is_compiling():
+            # Row counts may be data-dependent there (a strided conv's output): an assertion
+            # in the graph, not a branch the tracer would have to guard on.
+            torch._check(self.features.shape[0] == self.indices.shape[0])
+        elif self.features.shape[0] != self.indices.shape[0]:
             raise ValueError(
-                f"features has {self._features.shape[0]} rows but indices has "
+                f"features has {self.features.shape[0]} rows but indices has "
                 f"{self.indices.shape[0]}: they must match"
             )
 
+    # Everything else reads ``self.features``, never ``self._features``: TorchDynamo before
+    # torch 2.13 traces ``t.features = v`` as a plain attribute without calling the setter, so
+    # inside a compiled region ``_features`` would still hold the old features.
     @property
     def features(self) -> Tensor:
         return self._features
@@ -220,7 +227,7 @@ class SparseConvTensor:
 
     def __repr__(self) -> str:
         return (
-            f"SparseConvTensor(features={list(self._features.shape)}, "
+            f"SparseConvTensor(features={list(self.features.shape)}, "
             f"spatial_shape={self.spatial_shape}, batch_size={self.batch_size})"
         )
 
@@ -237,7 +244,7 @@ class SparseConvTensor:
     def shadow_copy(self) -> "SparseConvTensor":
         """A new tensor sharing every field (including ``indice_dict``) with this one."""
         out = SparseConvTensor(
-            self._features, self.indices, self.spatial_shape, self.batch_size,
+            self.features, self.indices, self.spatial_shape, self.batch_size,
             self.grid, self.voxel_num, self.indice_dict, self.benchmark,
         )
         out.benchmark_record = self.benchmark_record
@@ -254,10 +261,10 @@ class SparseConvTensor:
         """Dense tensor ``[B, C, *spatial]`` (or ``[B, *spatial, C]``), zero at inactive sites."""
         self.check_rows()
         check_sites(self.indices, self.spatial_shape, self.batch_size)
-        channels = self._features.shape[1]
-        out = self._features.new_zeros([self.batch_size, *self.spatial_shape, channels])
-        index = self.indices.to(self._features.device).long()
-        out = out.index_put(tuple(index.t()), self._features)
+        channels = self.features.shape[1]
+        out = self.features.new_zeros([self.batch_size, *self.spatial_shape, channels])
+        index = self.indices.to(self.features.device).long()
+        out = out.index_put(tuple(index.t()), self.features)
         if not channels_first:
             return out
         ndim = len(self.spatial_shape)
@@ -281,6 +288,6 @@ class SparseConvTensor:
         if isinstance(other, SparseConvTensor):
             check_same_sites(self, other, "the SparseConvTensor added")
             other = other.features
-        return self.replace_feature(self._features + other)
+        return self.replace_feature(self.features + other)
 
     __radd__ = __add__

@@ -222,3 +222,23 @@ def test_torch_export_matches_eager():
     with torch.no_grad():
         for got, want in zip(exported.module()(features, idx), model(features, idx)):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_sparse_conv_tensor_reads_features_through_the_property():
+    """TorchDynamo before torch 2.13 traces ``t.features = v`` (a property setter) as a plain
+    attribute and leaves ``t._features`` as it was, so a method that read ``self._features``
+    saw the old features inside a compiled region (the conv's input instead of its output in
+    ``dense()`` on torch 2.11). Only the property itself and the constructor may touch it."""
+    import ast
+    import inspect
+
+    from spconv_lite import tensor
+
+    tree = ast.parse(inspect.getsource(tensor.SparseConvTensor))
+    readers = sorted({
+        method.name
+        for method in tree.body[0].body if isinstance(method, ast.FunctionDef)
+        for node in ast.walk(method)
+        if isinstance(node, ast.Attribute) and node.attr == "_features"
+    })
+    assert readers == ["__init__", "features"], readers
