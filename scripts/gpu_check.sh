@@ -168,9 +168,29 @@ if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
     CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
     export CUDA_HOME
 fi
+# torch links the extension with -lcudart from CUDA_HOME's lib64 (or lib). Where nvcc is a
+# wrapper outside the toolkit, or the toolkit is pip's, that folder may hold no unversioned
+# libcudart.so (seen on the development VM): then put a folder that has one (or a link to the
+# versioned one torch loads) on LIBRARY_PATH.
+cudart_link_dir() {
+    local dir lib
+    for dir in "${CUDA_HOME:-/usr/local/cuda}"/{lib64,lib,targets/x86_64-linux/lib}; do
+        [ -e "$dir/libcudart.so" ] && return 0
+    done
+    for dir in /usr/local/cuda*/{lib64,lib,targets/x86_64-linux/lib}; do
+        [ -e "$dir/libcudart.so" ] && { echo "$dir"; return 0; }
+    done
+    lib=$("$PY" -c "import torch, pathlib; print(next(iter(sorted(
+        pathlib.Path(torch.__file__).parents[1].glob('nvidia/**/libcudart.so.*'))), ''))")
+    [ -n "$lib" ] || return 0
+    mkdir -p "$REPO/.gpu/lib" && ln -sf "$lib" "$REPO/.gpu/lib/libcudart.so"
+    echo "$REPO/.gpu/lib"
+}
 if want build; then
+    link_dir=$(cudart_link_dir)
+    [ -n "$link_dir" ] && export LIBRARY_PATH="$link_dir${LIBRARY_PATH:+:$LIBRARY_PATH}"
     echo "=== build (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}," \
-        "CUDA_HOME=${CUDA_HOME:-unset})"
+        "CUDA_HOME=${CUDA_HOME:-unset}${link_dir:+, libcudart.so from $link_dir})"
     build_start=$SECONDS
     rm -f spconv_lite/_C*.so
     SPCONV_LITE_WITH_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
