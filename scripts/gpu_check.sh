@@ -50,14 +50,26 @@
 #                    (writes benchmarks/results/DATE-GPU.json and .md for the commit)
 #   A rerun on the still-warm machine can skip what passed, e.g.
 #   GPU_CHECK_STAGES=bench bash scripts/gpu_check.sh $OUT/results
+#   0. before all that, here: scripts/gpu_rehearsal.sh builds and tests against the GPU
+#      machine's torch (2.11, CUDA 13.0) on the CPU, at no device time.
+#
+# The device time (15 minutes a session, machine starts included) fits two calls only if the
+# second follows at once: the machine goes back 30 s after a call ends, and a fresh one costs a
+# minute or more to start plus the build again. So decide the second call before the first:
+# if the first one's summary says build and tests ok, send the variants call (below, without
+# "build": the warm machine keeps spconv_lite/_C*.so) within those 30 s and read both results
+# afterwards; if something failed, give the machine back, fix it here, and rerun on what is
+# left.
 #
 # Kernel variants (issue 13; none has run on a GPU yet). The tests stage already checks them on
 # the hardware (tests/test_cuda_parity.py: each variant's outputs equal the default kernels'
 # bitwise, the compacted weight gradient matches the CPU, the radix-sorted maps and the row
 # orders equal the CPU's), and compute-sanitizer runs the small variant cases. To time them, a
-# call of its own once the bring-up passes (it needs the build again on a fresh machine):
-#     command "SPCONV_LITE_COMMIT=<commit> GPU_CHECK_STAGES=build,variants
-#              GPU_CHECK_BUDGET_S=420 bash scripts/gpu_check.sh $OUT/results", carry [".gpu"]
+# call of its own once the bring-up passes, at once on the warm machine (budget: the session's
+# device time left, from `status`, minus a minute):
+#     command "SPCONV_LITE_COMMIT=<commit> GPU_CHECK_STAGES=variants
+#              GPU_CHECK_BUDGET_S=300 bash scripts/gpu_check.sh $OUT/results", carry [".gpu"]
+# (on a fresh machine GPU_CHECK_STAGES=build,variants: the build takes about a minute more).
 # It runs bench_cuda.py --libs spconv_lite,spconv --variants default --layers, the x8 cloud
 # first, float16 before float32: each network case alternates the default kernels, each
 # variant of bench_cuda.DEFAULT_SWEEP and spconv (variants.json: "variant_speedup",
