@@ -1,6 +1,7 @@
 """Builds the CUDA sources of spconv_lite (src/cuda/*.cu) as a CPU library that emulates CUDA.
 
-The sources are rewritten (kernel launches -> emu::launch, registrations -> a separate
+The sources are rewritten (kernel launches -> emu::launch, casts to vector types ->
+emu::aligned_cast, which checks their alignment, registrations -> a separate
 ``spconv_lite_emu`` op namespace on the CPU key), compiled with g++ against the stub headers in
 ``include/`` and the shim ``emu.h``, and loaded with ``torch.ops.load_library``. The emulated
 ops are then ``torch.ops.spconv_lite_emu.*`` with the schemas of ``torch.ops.spconv_lite.*``.
@@ -73,9 +74,15 @@ def rewrite_launches(text: str) -> str:
     return text
 
 
+# Casts to CUDA's vector types, whose accesses must be aligned to their size on a GPU.
+VECTOR_CAST = re.compile(r"reinterpret_cast<(\s*(?:const\s+)?(?:u?int[24]|float[24]|__half2|"
+                         r"__nv_bfloat162)\s*\*)>\(")
+
+
 def rewrite(source: Path) -> str:
     text = source.read_text()
     text = rewrite_launches(text)
+    text = VECTOR_CAST.sub(r"::emu::aligned_cast<\1>(", text)
     text = re.sub(r"TORCH_LIBRARY_IMPL\(spconv_lite,\s*CUDA,", f"TORCH_LIBRARY_IMPL({NAME}, CPU,",
                   text)
     text = text.replace("TORCH_LIBRARY(spconv_lite,", f"TORCH_LIBRARY({NAME},")

@@ -8,7 +8,8 @@
 // barriers, the *_sync warp intrinsics warp barriers, atomics std::atomic_ref; cp.async copies
 // land at the wait_group that covers them (as late as allowed, so a missing wait reads stale
 // data). The stub headers in include/ replace cuda_runtime.h, the c10/cuda stream, guard and
-// exception headers, WMMA and cub's radix sort. What this cannot show: races and
+// exception headers, WMMA and cub's radix sort. Accesses a GPU refuses as misaligned (vector
+// casts, cp.async, WMMA tiles) abort. What this cannot show: races and
 // memory-ordering bugs of real hardware (a cp.async landing early, a missing barrier between
 // warps), performance, and anything about the real compiler for the device.
 #pragma once
@@ -74,7 +75,27 @@ struct AsyncCopy {
 inline thread_local std::vector<AsyncCopy> open_group;
 inline thread_local std::vector<std::vector<AsyncCopy>> committed_groups;
 
+// What a GPU demands of an address (x86 would read it anyway): an access of n bytes (a vector
+// load, a cp.async) or a WMMA tile (32) must start at a multiple of n, else the launch fails
+// with "misaligned address", a sticky error that ends every later CUDA call of the process.
+inline void check_aligned(const void* p, std::size_t n, const char* what) {
+  if (reinterpret_cast<std::uintptr_t>(p) % n != 0) {
+    std::fprintf(stderr, "emu: %s at %p is not aligned to %zu bytes\n", what, p, n);
+    std::abort();
+  }
+}
+
+// reinterpret_cast to a pointer to a CUDA vector type, checked (build.py rewrites the casts).
+template <typename Pointer, typename From>
+Pointer aligned_cast(From* p) {
+  using Vector = std::remove_cv_t<std::remove_pointer_t<Pointer>>;
+  check_aligned(p, sizeof(Vector), "a vector access");
+  return reinterpret_cast<Pointer>(p);
+}
+
 inline void cp_async(void* dst, const void* src, int bytes, int total) {
+  check_aligned(dst, total, "a cp.async destination");
+  if (bytes > 0) check_aligned(src, total, "a cp.async source");
   open_group.push_back({dst, src, bytes, total});
 }
 inline void cp_async_commit() {

@@ -631,3 +631,34 @@ def test_unknown_variants_raise(value, monkeypatch):
     x, w = torch.randn(nbr_t.shape[0], 3), torch.randn(27, 3, 2)
     with pytest.raises(ValueError, match="SPCONV_LITE_CUDA_VARIANTS: unknown entry"):
         EMU.sparse_conv(x, w, nbr, nbr_t)
+
+
+def misaligned(t):
+    """A contiguous copy of ``t`` whose data starts one element past an aligned address, as a
+    view into a larger tensor does (the kernels' 16-byte loads must not be used there)."""
+    buffer = torch.empty(t.numel() + 1, dtype=t.dtype)
+    buffer[1:].copy_(t.flatten())
+    view = buffer[1:].view(t.shape)
+    assert view.is_contiguous() and view.data_ptr() % 16 != 0
+    return view
+
+
+@pytest.mark.parametrize("variants", ["", "tiles=pipelined", "wgrad=compact"])
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=case_id)
+def test_conv_of_misaligned_tensors(dtype, variants, monkeypatch):
+    # Channel counts that allow the 16-byte loads, on tensors where they would be misaligned
+    # (on a GPU: "misaligned address"; here emu.h aborts): the launchers must fall back.
+    variant_env(monkeypatch, variants)
+    nbr, nbr_t = a_map("subm", seed="misaligned")
+    gen = make_gen("misaligned", dtype)
+    x = randn(gen, nbr_t.shape[0], 16, dtype=dtype)
+    w = randn(gen, nbr.shape[1], 16, 32, dtype=dtype, scale=(16 * 27) ** -0.5)
+    g = randn(gen, nbr.shape[0], 32, dtype=dtype)
+    calls = [lambda ops, x, w, g: ops.sparse_conv(x, w, nbr, nbr_t),
+             lambda ops, x, w, g: ops.sparse_conv(g, w.transpose(1, 2), nbr_t, nbr),
+             lambda ops, x, w, g: ops.sparse_conv_weight_grad(x, g, nbr)]
+    for call in calls:
+        got = call(EMU, misaligned(x), misaligned(w), misaligned(g))
+        want = call(CPU, x, w, g)
+        scale = max(want.abs().max().item(), 1.0)
+        torch.testing.assert_close(got.double() / scale, want.double() / scale, **TOL[dtype])

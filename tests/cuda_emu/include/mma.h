@@ -40,9 +40,21 @@ inline float to_float(const __nv_bfloat16& h) {
   return static_cast<float>(c10::BFloat16(h.x, c10::BFloat16::from_bits()));
 }
 
+// The CUDA programming guide's rules for every load and store: the tile starts 32-byte aligned
+// and its rows (or columns) are a multiple of 16 bytes apart.
+template <typename T>
+void check_tile(const T* p, unsigned ldm, const char* what) {
+  emu::check_aligned(p, 32, what);
+  if (ldm * sizeof(T) % 16 != 0) {
+    std::fprintf(stderr, "emu: %s with ldm %u: not a multiple of 16 bytes\n", what, ldm);
+    std::abort();
+  }
+}
+
 // A: element (m, k) at p[m * ldm + k] (row_major) or p[m + k * ldm] (col_major).
 template <typename T, typename Layout>
 void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  check_tile(p, ldm, "wmma::load_matrix_sync (matrix_a)");
   for (int m = 0; m < 16; ++m) {
     for (int k = 0; k < 16; ++k) {
       f.v(m, k) = to_float(std::is_same_v<Layout, row_major> ? p[m * ldm + k] : p[m + k * ldm]);
@@ -53,6 +65,7 @@ void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, Layout>& f, const T* p, 
 // B: element (k, n) at p[k * ldm + n] (row_major) or p[k + n * ldm] (col_major).
 template <typename T, typename Layout>
 void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  check_tile(p, ldm, "wmma::load_matrix_sync (matrix_b)");
   for (int k = 0; k < 16; ++k) {
     for (int n = 0; n < 16; ++n) {
       f.v(k, n) = to_float(std::is_same_v<Layout, row_major> ? p[k * ldm + n] : p[k + n * ldm]);
@@ -80,6 +93,7 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const A& a, const B& 
 
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p,
                              unsigned ldm, layout_t layout) {
+  check_tile(p, ldm, "wmma::load_matrix_sync (accumulator)");
   for (int m = 0; m < 16; ++m) {
     for (int n = 0; n < 16; ++n) {
       f.v(m, n) = p[layout == mem_row_major ? m * ldm + n : m + n * ldm];
@@ -89,6 +103,7 @@ inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const 
 
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
                               unsigned ldm, layout_t layout) {
+  check_tile(p, ldm, "wmma::store_matrix_sync");
   if (emu::lane_id() != 0) return;
   for (int m = 0; m < 16; ++m) {
     for (int n = 0; n < 16; ++n) {
