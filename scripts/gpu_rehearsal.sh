@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Rehearses the GPU run on a machine without a GPU, with the GPU machine's torch (2.11.0, CUDA
+# 13.0): what would fail there for reasons other than the GPU fails here first, where it costs
+# no device time. Found so far: Dynamo in torch 2.11 skips property setters (compiled forwards
+# read stale features); FindOpenMP fails with a CUDA libtorch; the link needs an unversioned
+# libcudart.so.
+#
+# Usage: scripts/gpu_rehearsal.sh [RESULTS_DIR]     (default /tmp/spconv_lite-rehearsal/results)
+#
+#   1. a virtual environment with torch==$TORCH_VERSION (PyPI's CUDA build, ~5 GB; made once
+#      and kept in $VENV), numpy, pytest, hypothesis and spconv 2.3.8;
+#   2. a copy of this checkout (tracked and untracked, not ignored files; .gpu/ too when
+#      scripts/gpu_prepare.sh filled it) in $WORK;
+#   3. there, scripts/gpu_check.sh as a dry run with the build stage: the CUDA build for
+#      TORCH_CUDA_ARCH_LIST=9.0 through setup.py, as on the GPU machine, then the CUDA tests
+#      (they skip without a device) and the benchmark on the CPU (the peers that import run
+#      up to their first GPU-only call);
+#   4. the whole test suite on the CPU against that build (CMake tests included: the C++
+#      library is built with a CUDA libtorch).
+#
+# Environment: TORCH_VERSION (default 2.11.0), VENV (default /tmp/spconv_lite-torch$TORCH_VERSION),
+# WORK (default /tmp/spconv_lite-rehearsal), CUDA_HOME (default: the toolkit nvcc belongs to).
+# Needs nvcc and PyPI. About 10 minutes on 2 cores once the environment exists.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TORCH_VERSION=${TORCH_VERSION:-2.11.0}
+VENV=${VENV:-/tmp/spconv_lite-torch$TORCH_VERSION}
+WORK=${WORK:-/tmp/spconv_lite-rehearsal}
+RESULTS=${1:-$WORK/results}
+
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    echo "=== making $VENV (torch==$TORCH_VERSION)"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q "torch==$TORCH_VERSION" numpy pytest hypothesis spconv==2.3.8 \
+        cmake ninja
+fi
+"$VENV/bin/python" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+
+# The toolkit the CMake tests look for: nvcc's own folder, or the real one behind a wrapper.
+if [ -z "${CUDA_HOME:-}" ]; then
+    for candidate in "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")" \
+        /usr/local/cuda /usr/local/cuda-*; do
+        if [ -x "$candidate/bin/nvcc" ] && [ -e "$candidate/include/cuda_runtime.h" ]; then
+            CUDA_HOME=$candidate
+            break
+        fi
+    done
+fi
+export CUDA_HOME CUDA_PATH=$CUDA_HOME PATH="$CUDA_HOME/bin:$VENV/bin:$PATH"
+
+echo "=== copying the checkout into $WORK"
+rm -rf "$WORK" && mkdir -p "$WORK"
+(cd "$REPO" && git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf -) \
+    | tar -xf - -C "$WORK"
+[ -d "$REPO/.gpu" ] && cp -r "$REPO/.gpu" "$WORK/.gpu"
+for data in "$REPO/.gpu/lidar" "$REPO/../shared/data/lidar"; do
+    [ -d "$data" ] && { export SPCONV_LITE_DATA=$(cd "$data" && pwd); break; }
+done
+
+cd "$WORK"
+echo "=== scripts/gpu_check.sh, dry run with the CUDA build"
+PYTHON="$VENV/bin/python" GPU_CHECK_DRY_RUN=1 GPU_CHECK_STAGES=build,tests,bench \
+    bash scripts/gpu_check.sh "$RESULTS"
+"$VENV/bin/python" - "$RESULTS/summary.json" <<'PY'
+import json, sys
+summary = json.load(open(sys.argv[1]))
+if not (summary["build"]["ok"] and summary["bench"]["ok"]):
+    sys.exit(f"the build or the benchmark failed: {sys.argv[1]}")
+PY
+
+echo "=== the test suite on the CPU, against the CUDA build and torch $TORCH_VERSION"
+"$VENV/bin/python" -m pytest tests -q -p no:cacheprovider -rfE
