@@ -42,6 +42,8 @@
 # the benchmark reports the peers as skipped.
 #
 # On this project's device machine (the `run` tool), from the checkout that travels:
+#   0. first, here: scripts/gpu_rehearsal.sh builds and tests against the GPU
+#      machine's torch (2.11, CUDA 13.0) on the CPU, at no device time.
 #   1. here, once:   mkdir -p .gpu && cp ../shared/gpu/peers-cp312.tar.xz .gpu/ &&
 #                    cp -r ../shared/data/lidar .gpu/lidar          (.gpu/ is git-ignored; 54 MB)
 #   2. run:          command "SPCONV_LITE_COMMIT=<git rev-parse HEAD here> bash
@@ -50,8 +52,6 @@
 #                    (writes benchmarks/results/DATE-GPU.json and .md for the commit)
 #   A rerun on the still-warm machine can skip what passed, e.g.
 #   GPU_CHECK_STAGES=bench bash scripts/gpu_check.sh $OUT/results
-#   0. before all that, here: scripts/gpu_rehearsal.sh builds and tests against the GPU
-#      machine's torch (2.11, CUDA 13.0) on the CPU, at no device time.
 #
 # The device time (15 minutes a session, machine starts included) fits two calls only if the
 # second follows at once: the machine goes back 30 s after a call ends, and a fresh one costs a
