@@ -111,6 +111,9 @@ else
     STAGES=",${GPU_CHECK_STAGES:-build,tests,sanitizer,bench},"
 fi
 want() { [[ "$STAGES" == *",$1,"* ]]; }
+# The benchmark stages' arguments for a rehearsal: on the CPU, cropped inputs, one call.
+DRY_BENCH_ARGS=()
+[ "$DRY_RUN" = 1 ] && DRY_BENCH_ARGS=(--device cpu --quick --dtypes float32 --repeats 1 --warmup 0)
 
 if [ -z "$DATA" ]; then
     for candidate in "$REPO/.gpu/lidar" "$REPO/../shared/data/lidar" "$REPO/shared/data/lidar"; do
@@ -306,12 +309,10 @@ if [ $BUILD_RC -eq 0 ] && want bench; then
     bench_s=$(allowance 240 5)
     echo "=== side-by-side benchmark (at most ${bench_s}s)"
     bench_start=$SECONDS
-    dry_args=()
-    [ "$DRY_RUN" = 1 ] && dry_args=(--device cpu --quick --dtypes float32 --repeats 1 --warmup 0)
     # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS is a list of words
     boxed "$bench_s" "$PY" benchmarks/bench_cuda.py ${DATA:+--data "$DATA"} --repeats 7 \
         --warmup 2 --budget-s $((bench_s - 45)) --json "$RESULTS/bench.json" \
-        "${dry_args[@]}" ${GPU_CHECK_BENCH_ARGS:-}
+        "${DRY_BENCH_ARGS[@]}" ${GPU_CHECK_BENCH_ARGS:-}
     BENCH_RC=$?
     BENCH_S=$((SECONDS - bench_start))
     echo "benchmark: rc=$BENCH_RC in ${BENCH_S}s"
@@ -324,13 +325,11 @@ if [ $BUILD_RC -eq 0 ] && want variants; then
     variants_s=$(allowance 420 5)
     echo "=== kernel variants beside the default kernels and spconv (at most ${variants_s}s)"
     variants_start=$SECONDS
-    dry_args=()
-    [ "$DRY_RUN" = 1 ] && dry_args=(--device cpu --quick --dtypes float32 --repeats 1 --warmup 0)
     # shellcheck disable=SC2086  # GPU_CHECK_VARIANTS_ARGS is a list of words
     boxed "$variants_s" "$PY" benchmarks/bench_cuda.py ${DATA:+--data "$DATA"} \
         --libs spconv_lite,spconv --variants default --layers --no-voxelize \
         --inputs spconv_pc_x8,kitti,spconv_pc --dtypes float16,float32 --repeats 5 --warmup 1 \
-        --budget-s $((variants_s - 45)) --json "$RESULTS/variants.json" "${dry_args[@]}" \
+        --budget-s $((variants_s - 45)) --json "$RESULTS/variants.json" "${DRY_BENCH_ARGS[@]}" \
         ${GPU_CHECK_VARIANTS_ARGS:-}
     VARIANTS_RC=$?
     VARIANTS_S=$((SECONDS - variants_start))

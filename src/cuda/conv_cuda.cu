@@ -1187,7 +1187,7 @@ PairLists pair_lists(const at::Tensor& table, int64_t limit) {
     // Host sync: the running sum at the end of each offset's run gives the pair counts, which
     // size the per-offset GEMMs.
     const at::Tensor ends =
-        position.view({volume, rows}).select(1, rows - 1).to(at::kLong).cpu();
+        position.view({volume, rows}).select(1, rows - 1).to(at::kLong).cpu().contiguous();
     const int64_t* end_data = ends.data_ptr<int64_t>();
     for (int64_t k = 0; k < volume; ++k) pairs.offsets[k + 1] = end_data[k];
     const int64_t total = pairs.offsets[volume];
