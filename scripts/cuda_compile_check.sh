@@ -7,7 +7,10 @@
 #
 # Usage: scripts/cuda_compile_check.sh [file.cu ...]    (default: every src/cuda/*.cu)
 # Environment: NVCC (default: nvcc on PATH, else /usr/local/cuda/bin/nvcc),
-#              CUDA_CHECK_ARCHS (default "80 90").
+#              CUDA_CHECK_ARCHS (default "80 90"),
+#              CUDA_CHECK_RESOURCES=1: also prints each kernel's registers, spilled bytes and
+#              static shared memory for the last architecture (ptxas --resource-usage), the
+#              numbers that decide how many blocks fit on a multiprocessor.
 # Exits non-zero when any file fails for any architecture, naming each failure.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -62,6 +65,32 @@ FLAGS=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
        -I include "${EXTRA_INCLUDE[@]}")
 for inc in "${INCLUDES[@]}"; do FLAGS+=(-I "$inc"); done
 
+# Per kernel of $1, for the last architecture: registers, spill stores / loads (bytes), static
+# shared memory (bytes), demangled name.
+resources() {
+    local arch=${ARCHS##* }
+    "$NVCC" "${FLAGS[@]}" -gencode "arch=compute_$arch,code=sm_$arch" --resource-usage \
+        -c "$1" -o "$TMP/out.o" 2>&1 | python3 -c '
+import re, subprocess, sys
+kernels, name = [], None
+for line in sys.stdin:
+    if m := re.search(r"Compiling entry function .(\S+). for", line):
+        name, spills = m.group(1), (0, 0)
+    elif name and (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)):
+        spills = tuple(map(int, m.groups()))
+    elif name and (m := re.search(r"Used (\d+) registers", line)):
+        smem = re.search(r"(\d+) bytes smem", line)
+        kernels.append((name, int(m.group(1)), spills, int(smem.group(1)) if smem else 0))
+        name = None
+demangled = subprocess.run(["c++filt"], input="\n".join(k[0] for k in kernels),
+                           capture_output=True, text=True).stdout.splitlines()
+print("    regs spill st/ld   smem  kernel")
+for full, (_, regs, (stores, loads), smem) in zip(demangled, kernels):
+    full = re.sub(r"spconv_lite::\(anonymous namespace\)::|c10::|at::", "", full)
+    print(f"    {regs:4d} {stores:5d}/{loads:<5d} {smem:6d}  {full[:120]}")
+'
+}
+
 echo "cuda_compile_check: $("$NVCC" --version | tail -1), archs: $ARCHS"
 GENCODE=()
 for arch in $ARCHS; do GENCODE+=(-gencode "arch=compute_$arch,code=sm_$arch"); done
@@ -75,6 +104,7 @@ for src in "${SOURCES[@]}"; do
     if "$NVCC" "${FLAGS[@]}" "${GENCODE[@]}" -c "$src" -o "$TMP/out.o" > "$log" 2>&1; then
         echo "  ok    $src [sm_${ARCHS// /, sm_}] ($((SECONDS - start)) s)"
         grep -i "warning" "$log" | head -20  # worth reading even when the file compiles
+        [ "${CUDA_CHECK_RESOURCES:-0}" = 1 ] && resources "$src"
         continue
     fi
     for arch in $ARCHS; do

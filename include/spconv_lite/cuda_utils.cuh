@@ -77,9 +77,11 @@ inline ConvAlgo conv_algo_from_env() {
 //                       spconv_lite/kernel_map.py, which builds them with the maps; checked here
 //   wgrad=chunked|compact  weight gradient of the fused path: chunks of all rows (chunked) or
 //                       only the rows with a neighbour at the offset, compacted per chunk
-//   tiles=wmma64|pipelined  float16 / bfloat16 conv tiles: 64x64 with register-staged gathers
-//                       (wmma64), or 128-row tiles sized by the channel counts with cp.async
-//                       gathers in a 3-stage pipeline (pipelined)
+//   tiles=wmma64|pipelined  conv tiles: the default ones (wmma64: float16 / bfloat16 64x64
+//                       with register-staged gathers), or 128-row tiles sized by the channel
+//                       counts with cp.async gathers in a 3-stage pipeline (pipelined: float16 /
+//                       bfloat16 on the tensor cores, and float32 on the SIMT cores, which then
+//                       also takes float32's wide layers off the per-offset GEMMs)
 //   mapsort=torch|radix  output-site sort of build_conv_map: at::sort of the 64-bit keys, or a
 //                       radix sort of only the bits the output grid's keys use
 struct Variants {

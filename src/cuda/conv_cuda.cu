@@ -310,36 +310,53 @@ constexpr int kWmmaTile = 64;  // rows and columns of a block's tile
 constexpr int kWmmaBK = 32;    // reduction step
 constexpr int kWmmaPad = 8;
 
-// 8 consecutive elements (16 bytes) or zeros.
+// 16 consecutive bytes (8 float16 / bfloat16 or 4 float32 elements) or zeros.
 template <typename scalar_t>
-__device__ __forceinline__ uint4 load8(const scalar_t* src, bool valid) {
+__device__ __forceinline__ uint4 load16(const scalar_t* src, bool valid) {
   uint4 v = make_uint4(0u, 0u, 0u, 0u);
   if (valid) v = *reinterpret_cast<const uint4*>(src);
   return v;
 }
 
 template <typename scalar_t>
-__device__ __forceinline__ void copy8(scalar_t* dst, const scalar_t* src, bool valid) {
-  *reinterpret_cast<uint4*>(dst) = load8(src, valid);
+__device__ __forceinline__ void copy16(scalar_t* dst, const scalar_t* src, bool valid) {
+  *reinterpret_cast<uint4*>(dst) = load16(src, valid);
 }
 
-// Whether a float16 / bfloat16 value, given by its bits (the low 16 of `bits`), is inf or NaN:
-// all its exponent bits are set.
+// Whether a float16 / bfloat16 / float32 value, given by its bits (the low 16 of `bits` for the
+// half types), is inf or NaN: all its exponent bits are set.
 template <typename scalar_t>
 __device__ __forceinline__ bool non_finite_bits(uint32_t bits) {
-  constexpr uint32_t exponent = std::is_same_v<scalar_t, c10::Half> ? 0x7C00u : 0x7F80u;
+  constexpr uint32_t exponent = std::is_same_v<scalar_t, c10::Half>       ? 0x7C00u
+                                : std::is_same_v<scalar_t, c10::BFloat16> ? 0x7F80u
+                                                                          : 0x7F800000u;
   return (bits & exponent) == exponent;
 }
 
+// The bits of the inf / NaN elements among those of a 32-bit word (two half-type elements or
+// one float32).
 template <typename scalar_t>
-__device__ __forceinline__ bool any_non_finite8(uint4 v) {
-  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-  bool any = false;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    any |= non_finite_bits<scalar_t>(words[i]) || non_finite_bits<scalar_t>(words[i] >> 16);
+__device__ __forceinline__ uint32_t non_finite_mask(uint32_t word) {
+  static_assert(sizeof(scalar_t) == 2 || sizeof(scalar_t) == 4, "16- or 32-bit elements");
+  if constexpr (sizeof(scalar_t) == 4) {
+    return non_finite_bits<scalar_t>(word) ? 0xFFFFFFFFu : 0u;
+  } else {
+    return (non_finite_bits<scalar_t>(word) ? 0x0000FFFFu : 0u) |
+           (non_finite_bits<scalar_t>(word >> 16) ? 0xFFFF0000u : 0u);
   }
-  return any;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ bool any_non_finite16(uint4 v) {
+  return (non_finite_mask<scalar_t>(v.x) | non_finite_mask<scalar_t>(v.y) |
+          non_finite_mask<scalar_t>(v.z) | non_finite_mask<scalar_t>(v.w)) != 0u;
+}
+
+// v with its inf / NaN elements replaced by zeros.
+template <typename scalar_t>
+__device__ __forceinline__ uint4 zero_non_finite16(uint4 v) {
+  return make_uint4(v.x & ~non_finite_mask<scalar_t>(v.x), v.y & ~non_finite_mask<scalar_t>(v.y),
+                    v.z & ~non_finite_mask<scalar_t>(v.z), v.w & ~non_finite_mask<scalar_t>(v.w));
 }
 
 using AccFragment = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
@@ -514,13 +531,13 @@ __global__ void __launch_bounds__(kWmmaThreads)
         for (int e = tid; e < BM * (BK / 8); e += kWmmaThreads) {
           const int m = e / (BK / 8), c = c0 + (e % (BK / 8)) * 8;
           const int32_t i = source[m];
-          copy8(A + m * LDA + (c - c0), in + int64_t{i} * c_in + c, i >= 0 && c < c_in);
+          copy16(A + m * LDA + (c - c0), in + int64_t{i} * c_in + c, i >= 0 && c < c_in);
         }
         for (int e = tid; e < BK * (BN / 8); e += kWmmaThreads) {
           const int kk = e / (BN / 8), n = (e % (BN / 8)) * 8, c = c0 + kk, co = col0 + n;
-          const uint4 v = load8(w + int64_t{c} * c_out + co, c < c_in && co < c_out);
+          const uint4 v = load16(w + int64_t{c} * c_out + co, c < c_in && co < c_out);
           *reinterpret_cast<uint4*>(B + kk * LDB + n) = v;
-          weight_non_finite |= any_non_finite8<scalar_t>(v);
+          weight_non_finite |= any_non_finite16<scalar_t>(v);
         }
       } else {
         for (int e = tid; e < BM * BK; e += kWmmaThreads) {
@@ -574,55 +591,172 @@ __global__ void __launch_bounds__(kWmmaThreads)
 #endif
 }
 
-// ----------------------------------------------------- pipelined tensor-core conv (variant)
+// ---------------------------------------------------------------- pipelined conv (variant)
 // tiles=pipelined in SPCONV_LITE_CUDA_VARIANTS; not yet run on a GPU. A block owns 128 output
 // rows (in the pass's row order) x BN output channels, 4 warps. First it reads the tile's rows of
 // the neighbour table (the pass's offsets, at most 32) into shared memory, once, which also
 // tells which offsets have a neighbour in at least one of its rows; its reduction steps are only
 // those offsets x the chunks of BK input channels. Each step's gathered input rows go global ->
 // shared by cp.async (zero-filled where a row has no neighbour) in a 3-stage pipeline, so the
-// gathers of the next two steps are in flight while the tensor cores work on this one; the
+// gathers of the next two steps are in flight while the multiplications work on this one; the
 // weight slice of a step is loaded into registers one step ahead and stored to shared memory
-// after the MMAs, its inf / NaN entries replaced by zeros (their products with the rows that do
-// have a neighbour are added in the epilogue, as the CPU adds them). BN and BK follow the
-// channel counts (16, 32 or 64 columns; 16 or 32 input channels a step), so that narrow layers
-// do not multiply padding. Every output row's offsets are summed in increasing order in float
-// with the same 16-wide MMAs as conv_wmma_kernel, so the results are the same.
-// Needs channel counts that are multiples of 8 and 16-byte aligned rows (the launcher pads).
+// after the multiplications, its inf / NaN entries replaced by zeros (their products with the
+// rows that do have a neighbour are added in the epilogue, as the CPU adds them). BN and BK
+// follow the channel counts (16, 32 or 64 columns; 16 or 32 input channels a step), so that
+// narrow layers do not multiply padding.
+// The multiplications: float16 / bfloat16 on the tensor cores (PipelinedWmma, sm_80+), float32
+// on the SIMT cores with up to 8 x 8 outputs a thread read from shared memory as float4
+// (PipelinedSimt), twice the default SIMT kernel's products per shared-memory load. Every output
+// element's products are summed in the default kernels' order (offsets, then input channels,
+// increasing; conv_wmma_kernel's 16-wide MMAs, conv_simt_kernel's one product at a time), so the
+// results are the same. Needs channel counts that are multiples of 16 bytes' elements and
+// 16-byte aligned rows (the launcher pads).
 
-template <int BN_, int BK_>
+constexpr int kPipelinedMaxOffsets = 32;  // offsets of one pass (bits of a mask)
+
+template <typename scalar_t, int BN_, int BK_>
 struct PipelinedTile {
+  using Element = scalar_t;
   static constexpr int BM = 128, BN = BN_, BK = BK_, kStages = 3, kThreads = 128;
-  static constexpr int kWarpsN = BN >= 64 ? 2 : 1;
-  static constexpr int kWarpsM = 4 / kWarpsN;
-  static constexpr int WM = BM / kWarpsM, WN = BN / kWarpsN;  // a warp's part of the tile
-  static constexpr int FM = WM / 16, FN = WN / 16;              // its 16 x 16 fragments
-  static constexpr int LDA = BK + kWmmaPad, LDB = BN + kWmmaPad, LDC = BN + 4;
-  static constexpr int kMaxOffsets = 32;  // offsets of one pass (bits of a mask)
+  static constexpr int kVec = 16 / sizeof(scalar_t);  // elements of one 16-byte copy
+  // Shared rows padded by 16 bytes against bank conflicts, keeping WMMA's 32-byte alignment.
+  static constexpr int LDA = BK + kVec, LDB = BN + kVec, LDC = BN + 4;
   // Dynamic shared memory: the stages (A then B), with C over them after the main loop; the
   // tile's table rows; the output rows; each thread's mask of offsets with a neighbour.
-  static constexpr int kStageA = BM * LDA * 2, kStageB = BK * LDB * 2;
+  static constexpr int kStageA = BM * LDA * sizeof(scalar_t);
+  static constexpr int kStageB = BK * LDB * sizeof(scalar_t);
   static constexpr int kPipeline = kStages * (kStageA + kStageB);
   static constexpr int kC = BM * LDC * 4;
   static constexpr int kUnion = ((kPipeline > kC ? kPipeline : kC) + 15) / 16 * 16;
-  static constexpr int kTable = BM * kMaxOffsets * 4;
+  static constexpr int kTable = BM * kPipelinedMaxOffsets * 4;
   static constexpr int kRows = BM * 8;
   static constexpr int kBytes = kUnion + kTable + kRows + kThreads * 4;
-  static constexpr int kBChunks = (BK * BN / 8 + kThreads - 1) / kThreads;  // per thread
+  static constexpr int kBChunks = (BK * BN / kVec + kThreads - 1) / kThreads;  // per thread
+  static_assert(BK % kVec == 0 && BN % kVec == 0, "whole 16-byte copies");
   static_assert(kStageA % 32 == 0 && kStageB % 32 == 0, "WMMA needs 32-byte aligned tiles");
 };
 
-// v with its inf / NaN float16 / bfloat16 entries replaced by zeros.
-template <typename scalar_t>
-__device__ __forceinline__ uint4 zero_non_finite8(uint4 v) {
-  uint32_t words[4] = {v.x, v.y, v.z, v.w};
+// The tensor cores' part of a pipelined tile (float16 / bfloat16, sm_80+): each warp a WM x WN
+// part of the tile in 16 x 16 WMMA fragments, accumulating in float.
+template <typename Tile>
+struct PipelinedWmma {
+  static constexpr int kWarpsN = Tile::BN >= 64 ? 2 : 1;
+  static constexpr int kWarpsM = 4 / kWarpsN;
+  static constexpr int WM = Tile::BM / kWarpsM, WN = Tile::BN / kWarpsN;
+  static constexpr int FM = WM / 16, FN = WN / 16;
+  using T = typename WmmaType<typename Tile::Element>::type;
+  AccFragment acc[FM][FN];
+  int wm, wn;  // the warp's first row and column in the tile
+
+  __device__ explicit PipelinedWmma(int tid)
+      : wm((tid / 32 / kWarpsN) * WM), wn((tid / 32 % kWarpsN) * WN) {}
+  __device__ void clear() {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    if (non_finite_bits<scalar_t>(words[i])) words[i] &= 0xFFFF0000u;
-    if (non_finite_bits<scalar_t>(words[i] >> 16)) words[i] &= 0x0000FFFFu;
+    for (int i = 0; i < FM; ++i) {
+#pragma unroll
+      for (int j = 0; j < FN; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.0f);
+    }
   }
-  return make_uint4(words[0], words[1], words[2], words[3]);
-}
+  __device__ void load(const float* C) {  // C [BM, LDC]
+#pragma unroll
+    for (int i = 0; i < FM; ++i) {
+#pragma unroll
+      for (int j = 0; j < FN; ++j) {
+        nvcuda::wmma::load_matrix_sync(acc[i][j], C + (wm + i * 16) * Tile::LDC + wn + j * 16,
+                                       Tile::LDC, nvcuda::wmma::mem_row_major);
+      }
+    }
+  }
+  // acc += A @ B over one step: A [BM, LDA], B [BK, LDB].
+  __device__ void multiply(const typename Tile::Element* A, const typename Tile::Element* B) {
+    warp_mma<T, Tile::BK, Tile::LDA, Tile::LDB, FM, FN>(
+        acc, reinterpret_cast<const T*>(A) + wm * Tile::LDA, reinterpret_cast<const T*>(B) + wn);
+  }
+  __device__ void store(float* C) { store_warp_tile<Tile::LDC>(C, acc, wm, wn); }
+};
+
+// The SIMT part of a pipelined tile (float32): thread (ty, tx) owns rows ty + i * kThreadsM and
+// the groups of 4 columns tx + g * kThreadsN, so that a warp's float4 reads of A fall on
+// consecutive rows (16-byte padded: distinct banks) and those of B on consecutive columns.
+template <typename Tile>
+struct PipelinedSimt {
+  static_assert(std::is_same_v<typename Tile::Element, float>, "float32 tiles");
+  static constexpr int kThreadsN = Tile::BN >= 32 ? 8 : 4;
+  static constexpr int kThreadsM = Tile::kThreads / kThreadsN;
+  static constexpr int TM = Tile::BM / kThreadsM, TN = Tile::BN / kThreadsN;
+  static constexpr int kGroups = TN / 4;
+  static_assert(Tile::BM % kThreadsM == 0 && TN % 4 == 0, "whole float4 groups");
+  float acc[TM][TN];
+  int ty, tx;
+
+  __device__ explicit PipelinedSimt(int tid) : ty(tid / kThreadsN), tx(tid % kThreadsN) {}
+  __device__ int row(int i) const { return ty + i * kThreadsM; }
+  __device__ int group(int g) const { return (g * kThreadsN + tx) * 4; }  // its first column
+  __device__ void clear() {
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+#pragma unroll
+      for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+    }
+  }
+  __device__ void load(const float* C) {
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g) {
+        const float4 v = *reinterpret_cast<const float4*>(C + row(i) * Tile::LDC + group(g));
+        acc[i][g * 4] = v.x;
+        acc[i][g * 4 + 1] = v.y;
+        acc[i][g * 4 + 2] = v.z;
+        acc[i][g * 4 + 3] = v.w;
+      }
+    }
+  }
+  // acc += A @ B over one step, one product at a time in increasing input channel, as
+  // conv_simt_kernel adds them.
+  __device__ void multiply(const float* A, const float* B) {
+#pragma unroll
+    for (int k0 = 0; k0 < Tile::BK; k0 += 4) {
+      float a[TM][4];
+#pragma unroll
+      for (int i = 0; i < TM; ++i) {
+        const float4 v = *reinterpret_cast<const float4*>(A + row(i) * Tile::LDA + k0);
+        a[i][0] = v.x;
+        a[i][1] = v.y;
+        a[i][2] = v.z;
+        a[i][3] = v.w;
+      }
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        float b[TN];
+#pragma unroll
+        for (int g = 0; g < kGroups; ++g) {
+          const float4 v =
+              *reinterpret_cast<const float4*>(B + (k0 + q) * Tile::LDB + group(g));
+          b[g * 4] = v.x;
+          b[g * 4 + 1] = v.y;
+          b[g * 4 + 2] = v.z;
+          b[g * 4 + 3] = v.w;
+        }
+#pragma unroll
+        for (int i = 0; i < TM; ++i) {
+#pragma unroll
+          for (int j = 0; j < TN; ++j) acc[i][j] += a[i][q] * b[j];
+        }
+      }
+    }
+  }
+  __device__ void store(float* C) const {
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g) {
+        *reinterpret_cast<float4*>(C + row(i) * Tile::LDC + group(g)) =
+            make_float4(acc[i][g * 4], acc[i][g * 4 + 1], acc[i][g * 4 + 2], acc[i][g * 4 + 3]);
+      }
+    }
+  }
+};
 
 // Index of the lowest set bit, -1 when none.
 __host__ __device__ __forceinline__ int lowest_bit(uint32_t bits) {
@@ -650,16 +784,18 @@ struct StepCursor {
   }
 };
 
-template <typename scalar_t, typename Tile>
-__global__ void __launch_bounds__(Tile::kThreads)
-    conv_pipelined_kernel(const scalar_t* __restrict__ in, const scalar_t* __restrict__ weight,
-                          const int32_t* __restrict__ nbr, ConvPass<scalar_t> pass, int64_t rows,
-                          int64_t in_rows, int volume, int c_in, int c_out) {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  namespace wmma = nvcuda::wmma;
-  using T = typename WmmaType<scalar_t>::type;
+// One block of conv_pipelined_kernel, its multiplications done by Math (PipelinedWmma or
+// PipelinedSimt).
+template <typename Tile, typename Math, typename scalar_t = typename Tile::Element>
+__device__ __forceinline__ void conv_pipelined_tile(const scalar_t* __restrict__ in,
+                                                    const scalar_t* __restrict__ weight,
+                                                    const int32_t* __restrict__ nbr,
+                                                    const ConvPass<scalar_t>& pass, int64_t rows,
+                                                    int64_t in_rows, int volume, int c_in,
+                                                    int c_out) {
   constexpr int BM = Tile::BM, BN = Tile::BN, BK = Tile::BK, kStages = Tile::kStages;
   constexpr int LDA = Tile::LDA, LDB = Tile::LDB, LDC = Tile::LDC, kThreadsN = Tile::kThreads;
+  constexpr int kVec = Tile::kVec;
   unsigned char* smem = cuda::dynamic_shared_memory();
   scalar_t* stage_a = reinterpret_cast<scalar_t*>(smem);  // [kStages][BM][LDA]
   scalar_t* stage_b = reinterpret_cast<scalar_t*>(smem + kStages * Tile::kStageA);
@@ -669,8 +805,6 @@ __global__ void __launch_bounds__(Tile::kThreads)
   uint32_t* thread_offsets =
       reinterpret_cast<uint32_t*>(smem + Tile::kUnion + Tile::kTable + Tile::kRows);
   const int tid = threadIdx.x;
-  const int warp = tid / 32;
-  const int wm = (warp / Tile::kWarpsN) * Tile::WM, wn = (warp % Tile::kWarpsN) * Tile::WN;
   const int64_t row0 = int64_t{blockIdx.x} * BM;
   const int col0 = blockIdx.y * BN;
   const int k0 = pass.k_begin, offsets = pass.k_end - pass.k_begin;  // offsets <= 32
@@ -687,7 +821,7 @@ __global__ void __launch_bounds__(Tile::kThreads)
   }
   thread_offsets[tid] = mine;
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[Tile::FM][Tile::FN];
+  Math math(tid);
   if (pass.acc_in != nullptr) {  // the previous pass's sums, through C (before the stages)
     for (int e = tid; e < BM * BN; e += kThreadsN) {
       const int m = e / BN, n = e % BN, co = col0 + n;
@@ -695,20 +829,9 @@ __global__ void __launch_bounds__(Tile::kThreads)
       C[m * LDC + n] = (o >= 0 && co < c_out) ? pass.acc_in[o * c_out + co] : 0.0f;
     }
     __syncthreads();
-#pragma unroll
-    for (int i = 0; i < Tile::FM; ++i) {
-#pragma unroll
-      for (int j = 0; j < Tile::FN; ++j) {
-        wmma::load_matrix_sync(acc[i][j], C + (wm + i * 16) * LDC + wn + j * 16, LDC,
-                               wmma::mem_row_major);
-      }
-    }
+    math.load(C);
   } else {
-#pragma unroll
-    for (int i = 0; i < Tile::FM; ++i) {
-#pragma unroll
-      for (int j = 0; j < Tile::FN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-    }
+    math.clear();
   }
   __syncthreads();  // the threads' offset masks are written, C is read
   uint32_t active = 0;  // block-uniform
@@ -719,8 +842,8 @@ __global__ void __launch_bounds__(Tile::kThreads)
   // The producer's side of a step: the gathered rows (cp.async) and the weights (registers).
   auto gather_rows = [&](int stage, const StepCursor& step) {
     scalar_t* A = stage_a + stage * (BM * LDA);
-    for (int e = tid; e < BM * (BK / 8); e += kThreadsN) {
-      const int m = e / (BK / 8), kk = (e % (BK / 8)) * 8, c = step.c0 + kk;
+    for (int e = tid; e < BM * (BK / kVec); e += kThreadsN) {
+      const int m = e / (BK / kVec), kk = (e % (BK / kVec)) * kVec, c = step.c0 + kk;
       const int32_t i = tile_table[m * offsets + step.offset];
       const bool valid = i >= 0 && c < c_in;
       cuda::cp_async16(A + m * LDA + kk, valid ? in + int64_t{i} * c_in + c : in, valid);
@@ -732,8 +855,10 @@ __global__ void __launch_bounds__(Tile::kThreads)
 #pragma unroll
     for (int q = 0; q < Tile::kBChunks; ++q) {
       const int e = tid + q * kThreadsN;
-      const int kk = e / (BN / 8), n = (e % (BN / 8)) * 8, c = step.c0 + kk, co = col0 + n;
-      b_regs[q] = load8(w + int64_t{c} * c_out + co, e < BK * BN / 8 && c < c_in && co < c_out);
+      const int kk = e / (BN / kVec), n = (e % (BN / kVec)) * kVec, c = step.c0 + kk;
+      const int co = col0 + n;
+      b_regs[q] = load16(w + int64_t{c} * c_out + co,
+                         e < BK * BN / kVec && c < c_in && co < c_out);
     }
   };
   auto store_weights = [&](int stage) {  // true when a weight was inf / NaN
@@ -742,12 +867,12 @@ __global__ void __launch_bounds__(Tile::kThreads)
 #pragma unroll
     for (int q = 0; q < Tile::kBChunks; ++q) {
       const int e = tid + q * kThreadsN;
-      if (e >= BK * BN / 8) continue;
-      const int kk = e / (BN / 8), n = (e % (BN / 8)) * 8;
+      if (e >= BK * BN / kVec) continue;
+      const int kk = e / (BN / kVec), n = (e % (BN / kVec)) * kVec;
       uint4 v = b_regs[q];
-      if (any_non_finite8<scalar_t>(v)) {
+      if (any_non_finite16<scalar_t>(v)) {
         non_finite = true;
-        v = zero_non_finite8<scalar_t>(v);
+        v = zero_non_finite16<scalar_t>(v);
       }
       *reinterpret_cast<uint4*>(B + kk * LDB + n) = v;
     }
@@ -783,10 +908,8 @@ __global__ void __launch_bounds__(Tile::kThreads)
       load_weights(producer);
     }
     cuda::cp_async_commit();
-    const T* A = reinterpret_cast<const T*>(stage_a + stage * (BM * LDA));
-    const T* B = reinterpret_cast<const T*>(stage_b + stage * (BK * LDB));
-    warp_mma<T, BK, LDA, LDB, Tile::FM, Tile::FN>(acc, A + wm * LDA, B + wn);
-    if (ahead < steps) {  // the weight loads had the MMAs' time to arrive
+    math.multiply(stage_a + stage * (BM * LDA), stage_b + stage * (BK * LDB));
+    if (ahead < steps) {  // the weight loads had the multiplications' time to arrive
       set_stage_bit(ahead_stage, store_weights(ahead_stage));
       producer.next(c_in, BK);
     }
@@ -794,11 +917,11 @@ __global__ void __launch_bounds__(Tile::kThreads)
   }
   cuda::cp_async_wait<0>();
   __syncthreads();  // every warp is done with the stages, which C overlays
-  store_warp_tile<LDC>(C, acc, wm, wn);
+  math.store(C);
   __syncthreads();
   if (non_finite_offsets != 0) {
-    // The products with the inf / NaN weights left out of the MMAs, for the rows that have a
-    // neighbour at their offset only (rare: not worth a fast path).
+    // The products with the inf / NaN weights left out of the multiplications, for the rows that
+    // have a neighbour at their offset only (rare: not worth a fast path).
     for (int e = tid; e < BM * BN; e += kThreadsN) {
       const int m = e / BN, n = e % BN, co = col0 + n;
       if (out_row[m] < 0 || co >= c_out) continue;
@@ -810,9 +933,9 @@ __global__ void __launch_bounds__(Tile::kThreads)
         if (i < 0) continue;
         const scalar_t* w = weight + int64_t{k0 + j} * c_in * c_out;
         for (int c = 0; c < c_in; ++c) {
-          const scalar_t b = w[int64_t{c} * c_out + co];
-          if (non_finite_bits<scalar_t>(b.x)) {
-            sum += static_cast<float>(in[int64_t{i} * c_in + c]) * static_cast<float>(b);
+          const float b = static_cast<float>(w[int64_t{c} * c_out + co]);
+          if (non_finite(b)) {
+            sum += static_cast<float>(in[int64_t{i} * c_in + c]) * b;
             any = true;
           }
         }
@@ -826,9 +949,24 @@ __global__ void __launch_bounds__(Tile::kThreads)
     const int64_t o = out_row[m];
     if (o >= 0 && co < c_out) pass_store(pass, o, co, c_out, C[m * LDC + n]);
   }
+}
+
+template <typename Tile, typename scalar_t = typename Tile::Element>
+__global__ void __launch_bounds__(Tile::kThreads)
+    conv_pipelined_kernel(const scalar_t* __restrict__ in, const scalar_t* __restrict__ weight,
+                          const int32_t* __restrict__ nbr, ConvPass<scalar_t> pass, int64_t rows,
+                          int64_t in_rows, int volume, int c_in, int c_out) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    conv_pipelined_tile<Tile, PipelinedSimt<Tile>>(in, weight, nbr, pass, rows, in_rows, volume,
+                                                   c_in, c_out);
+  } else {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    conv_pipelined_tile<Tile, PipelinedWmma<Tile>>(in, weight, nbr, pass, rows, in_rows, volume,
+                                                   c_in, c_out);
 #else
-  CUDA_KERNEL_ASSERT_MSG(false, "spconv_lite: tensor-core kernel launched below sm_80");
+    CUDA_KERNEL_ASSERT_MSG(false, "spconv_lite: tensor-core kernel launched below sm_80");
 #endif
+  }
 }
 
 // partial[chunk, k] = sum over the chunk's rows o of in[nbr[o, k]]^T grad_out[o]; grid (row
@@ -879,11 +1017,11 @@ __global__ void __launch_bounds__(kWmmaThreads)
       for (int e = tid; e < BK * (BM / 8); e += kWmmaThreads) {
         const int kk = e / (BM / 8), m = (e % (BM / 8)) * 8, c = ci0 + m;
         const int32_t i = source[kk];
-        copy8(X + kk * LDX + m, in + int64_t{i} * c_in + c, i >= 0 && c < c_in);
+        copy16(X + kk * LDX + m, in + int64_t{i} * c_in + c, i >= 0 && c < c_in);
       }
       for (int e = tid; e < BK * (BN / 8); e += kWmmaThreads) {
         const int kk = e / (BN / 8), n = (e % (BN / 8)) * 8, co = co0 + n;
-        copy8(G + kk * LDG + n, grad_out + (r0 + kk) * c_out + co, source[kk] >= 0 && co < c_out);
+        copy16(G + kk * LDG + n, grad_out + (r0 + kk) * c_out + co, source[kk] >= 0 && co < c_out);
       }
     } else {
       for (int e = tid; e < BK * BM; e += kWmmaThreads) {
@@ -1085,13 +1223,13 @@ __global__ void __launch_bounds__(kWmmaThreads)
           for (int e = tid; e < BK * (BM / 8); e += kWmmaThreads) {
             const int kk = e / (BM / 8), m = (e % (BM / 8)) * 8, c = ci0 + m;
             const bool valid = kk < count && c < c_in;
-            copy8(X + kk * LDX + m, in + (valid ? int64_t{queue_in[first + kk]} * c_in + c : 0),
+            copy16(X + kk * LDX + m, in + (valid ? int64_t{queue_in[first + kk]} * c_in + c : 0),
                   valid);
           }
           for (int e = tid; e < BK * (BN / 8); e += kWmmaThreads) {
             const int kk = e / (BN / 8), n = (e % (BN / 8)) * 8, co = co0 + n;
             const bool valid = kk < count && co < c_out;
-            copy8(G + kk * LDG + n, grad_out + (valid ? queue_out[first + kk] * c_out + co : 0),
+            copy16(G + kk * LDG + n, grad_out + (valid ? queue_out[first + kk] * c_out + co : 0),
                   valid);
           }
         } else {
@@ -1276,8 +1414,9 @@ bool tensor_cores(at::ScalarType dtype, int device) {
 
 // Whether the fused kernel runs. auto: always for float16 / bfloat16 (tensor cores, float32
 // accumulation) and float64; for float32 while the channel product is small, where cuBLAS GEMMs
-// per offset pay more for their gathers, scatters and launches than they gain.
-bool use_fused(at::ScalarType dtype, int64_t c_in, int64_t c_out) {
+// per offset pay more for their gathers, scatters and launches than they gain, or with the
+// pipelined conv tiles (`pipelined_conv`), which are meant to beat the GEMMs on wide layers too.
+bool use_fused(at::ScalarType dtype, int64_t c_in, int64_t c_out, bool pipelined_conv = false) {
   switch (cuda::conv_algo_from_env()) {
     case cuda::ConvAlgo::kFused:
       return true;
@@ -1287,20 +1426,21 @@ bool use_fused(at::ScalarType dtype, int64_t c_in, int64_t c_out) {
       break;
   }
   if (dtype != at::kFloat) return true;
-  return c_in * c_out <= 32 * 64;
+  return pipelined_conv || c_in * c_out <= 32 * 64;
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// The pipelined tiles (tiles=pipelined) for one pass, picked by the channel counts (multiples
-// of 8 here): BN the output channels' tile, BK the input channels of a step.
+// The pipelined tiles (tiles=pipelined) for one pass, picked by the channel counts (whole
+// 16-byte copies here): BN the output channels' tile, BK the input channels of a step (float32:
+// 16, whose 128 x 16 tiles are as many bytes as the half types' 128 x 32).
 template <typename scalar_t>
 void launch_conv_pipelined(const scalar_t* in, const scalar_t* weight, const int32_t* nbr,
                            const ConvPass<scalar_t>& pass, int64_t rows, int64_t in_rows,
                            int volume, int c_in, int c_out) {
   auto launch = [&](auto bn, auto bk) {
-    using Tile = PipelinedTile<decltype(bn)::value, decltype(bk)::value>;
-    auto* kernel = conv_pipelined_kernel<scalar_t, Tile>;
+    using Tile = PipelinedTile<scalar_t, decltype(bn)::value, decltype(bk)::value>;
+    auto* kernel = conv_pipelined_kernel<Tile>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         Tile::kBytes));
     const dim3 grid((rows + Tile::BM - 1) / Tile::BM, (c_out + Tile::BN - 1) / Tile::BN);
@@ -1311,13 +1451,19 @@ void launch_conv_pipelined(const scalar_t* in, const scalar_t* weight, const int
   using I16 = std::integral_constant<int, 16>;
   using I32 = std::integral_constant<int, 32>;
   using I64 = std::integral_constant<int, 64>;
-  const bool narrow_in = c_in <= 16;
+  auto launch_bk = [&](auto bn) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      launch(bn, I16{});
+    } else {
+      c_in <= 16 ? launch(bn, I16{}) : launch(bn, I32{});
+    }
+  };
   if (c_out <= 16) {
-    narrow_in ? launch(I16{}, I16{}) : launch(I16{}, I32{});
+    launch_bk(I16{});
   } else if (c_out <= 32) {
-    narrow_in ? launch(I32{}, I16{}) : launch(I32{}, I32{});
+    launch_bk(I32{});
   } else {
-    narrow_in ? launch(I64{}, I16{}) : launch(I64{}, I32{});
+    launch_bk(I64{});
   }
 }
 
@@ -1373,12 +1519,19 @@ int64_t most_offsets_per_pass(int64_t volume, int64_t splits) {
   return most;
 }
 
-int64_t round_up8(int64_t n) { return (n + 7) / 8 * 8; }
+int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+// Whether the pipelined tiles exist for a dtype: float16 / bfloat16 (tensor cores) and float32.
+template <typename scalar_t>
+constexpr bool kHasPipelinedTiles = std::is_same_v<scalar_t, c10::Half> ||
+                                    std::is_same_v<scalar_t, c10::BFloat16> ||
+                                    std::is_same_v<scalar_t, float>;
 
 // x @ w over the table into out: one pass per split of the row order (one pass over every offset
 // without it), the sums carried between passes in acc_t (in `out` itself when that is acc_t).
-// With tiles=pipelined (float16 / bfloat16 on sm_80+, at most 32 offsets a pass), channel counts
-// that are not multiples of 8 are padded with zeros first (the first layer's 3-5 inputs).
+// With tiles=pipelined (float16 / bfloat16 on sm_80+ and float32, at most 32 offsets a pass),
+// channel counts that are not whole 16-byte copies are padded with zeros first (the first
+// layer's 3-5 inputs).
 template <typename scalar_t>
 void launch_conv_fused(const at::Tensor& features, const at::Tensor& weight,
                        const at::Tensor& table, const at::Tensor& order,
@@ -1388,15 +1541,16 @@ void launch_conv_fused(const at::Tensor& features, const at::Tensor& weight,
   const int volume = static_cast<int>(table.size(1));
   const int64_t splits = order.defined() ? order.size(0) : 1;
   bool pipelined = false;
-  if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
+  if constexpr (kHasPipelinedTiles<scalar_t>) {
     pipelined = variants.pipelined_tiles &&
-                tensor_cores(features.scalar_type(), features.get_device()) &&
-                most_offsets_per_pass(volume, splits) <= PipelinedTile<64, 32>::kMaxOffsets;
+                (std::is_same_v<scalar_t, float> ||
+                 tensor_cores(features.scalar_type(), features.get_device())) &&
+                most_offsets_per_pass(volume, splits) <= kPipelinedMaxOffsets;
   }
   at::Tensor x = features, w = weight, dst = out;
   if (pipelined) {
-    const int64_t c_in = w.size(1), c_out = w.size(2);
-    const int64_t pad_in = round_up8(c_in) - c_in, pad_out = round_up8(c_out) - c_out;
+    const int64_t c_in = w.size(1), c_out = w.size(2), copy = 16 / sizeof(scalar_t);
+    const int64_t pad_in = round_up(c_in, copy) - c_in, pad_out = round_up(c_out, copy) - c_out;
     if (pad_in > 0) {
       x = at::constant_pad_nd(x, {0, pad_in});
     } else if (!aligned16(x.data_ptr())) {
@@ -1429,8 +1583,7 @@ void launch_conv_fused(const at::Tensor& features, const at::Tensor& weight,
     pass.acc_in = s > 0 ? acc : nullptr;
     pass.acc_out = last ? nullptr : acc;
     pass.out = last ? dst.data_ptr<scalar_t>() : nullptr;
-    if constexpr (std::is_same_v<scalar_t, c10::Half> ||
-                  std::is_same_v<scalar_t, c10::BFloat16>) {
+    if constexpr (kHasPipelinedTiles<scalar_t>) {
       if (pipelined) {
         launch_conv_pipelined<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                                         table.data_ptr<int32_t>(), pass, rows, x.size(0), volume,
@@ -1560,8 +1713,14 @@ at::Tensor sparse_conv_cuda(const at::Tensor& features, const at::Tensor& weight
   const at::Tensor table = nbr.contiguous();
   at::Tensor out = at::empty({nbr.size(0), weight.size(2)}, features.options());
   if (out.numel() == 0) return out;
-  if (!use_fused(x.scalar_type(), w.size(1), w.size(2))) return conv_gemm(x, w, table, out);
   const at::Tensor rows_order = order.has_value() ? order->contiguous() : at::Tensor();
+  const bool pipelined_conv =
+      variants.pipelined_tiles &&
+      most_offsets_per_pass(volume, order.has_value() ? order->size(0) : 1) <=
+          kPipelinedMaxOffsets;
+  if (!use_fused(x.scalar_type(), w.size(1), w.size(2), pipelined_conv)) {
+    return conv_gemm(x, w, table, out);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, x.scalar_type(), "sparse_conv_cuda",
       [&] { launch_conv_fused<scalar_t>(x, w, table, rows_order, variants, out); });

@@ -579,6 +579,23 @@ def test_conv_variants_with_non_finite_weights(channels, variant, dtype, monkeyp
     assert_close_non_finite(got, cpu, **TOL[dtype])
 
 
+@pytest.mark.parametrize("splits", [0, 2])
+def test_pipelined_tiles_take_the_wide_float32_layers_off_the_gemms(splits, monkeypatch):
+    # Under the auto algorithm a float32 layer of more than 32 x 64 channels runs per-offset
+    # GEMMs, which round differently; with tiles=pipelined it runs the pipelined SIMT tiles, whose
+    # sums are the default fused kernel's bit for bit.
+    shape = ("subm", 64, 48)
+    variant_env(monkeypatch, "", algo="fused")
+    fused = [call(EMU) for call in conv_calls(*shape, torch.float32, 0, "wide")]
+    variant_env(monkeypatch, "", algo="auto")
+    gemm = [call(EMU) for call in conv_calls(*shape, torch.float32, 0, "wide")]
+    assert not torch.equal(gemm[0], fused[0])  # else this test could not tell the paths apart
+    variant_env(monkeypatch, "tiles=pipelined", algo="auto")
+    got = [call(EMU) for call in conv_calls(*shape, torch.float32, splits, "wide")]
+    for a, b in zip(got, fused):
+        same_values(a, b)
+
+
 @pytest.mark.parametrize("sm_major", ["9", "7"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
 @pytest.mark.parametrize("shape", CONV_SHAPES, ids=case_id)

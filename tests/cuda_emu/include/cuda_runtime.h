@@ -19,6 +19,12 @@ inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned
   return {x, y, z, w};
 }
 
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
 
