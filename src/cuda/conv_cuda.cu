@@ -593,7 +593,8 @@ __global__ void __launch_bounds__(kWmmaThreads)
 
 // ---------------------------------------------------------------- pipelined conv (variant)
 // tiles=pipelined in SPCONV_LITE_CUDA_VARIANTS; not yet run on a GPU. A block owns 128 output
-// rows (in the pass's row order) x BN output channels, 4 warps. First it reads the tile's rows of
+// rows (in the pass's row order; 64 where 128-row tiles would leave multiprocessors idle) x BN
+// output channels, 4 warps. First it reads the tile's rows of
 // the neighbour table (the pass's offsets, at most 32) into shared memory, once, which also
 // tells which offsets have a neighbour in at least one of its rows; its reduction steps are only
 // those offsets x the chunks of BK input channels. Each step's gathered input rows go global ->
@@ -602,8 +603,8 @@ __global__ void __launch_bounds__(kWmmaThreads)
 // weight slice of a step is loaded into registers one step ahead and stored to shared memory
 // after the multiplications, its inf / NaN entries replaced by zeros (their products with the
 // rows that do have a neighbour are added in the epilogue, as the CPU adds them). BN and BK
-// follow the channel counts (16, 32 or 64 columns; 16 or 32 input channels a step), so that
-// narrow layers do not multiply padding.
+// follow the channel counts (16, 32 or 64 columns; 16 or 32 input channels a step, float32 4 or
+// 16), so that narrow layers do not multiply padding.
 // The multiplications: float16 / bfloat16 on the tensor cores (PipelinedWmma, sm_80+), float32
 // on the SIMT cores with up to 8 x 8 outputs a thread read from shared memory as float4
 // (PipelinedSimt), twice the default SIMT kernel's products per shared-memory load. Every output
@@ -614,23 +615,24 @@ __global__ void __launch_bounds__(kWmmaThreads)
 
 constexpr int kPipelinedMaxOffsets = 32;  // offsets of one pass (bits of a mask)
 
-template <typename scalar_t, int BN_, int BK_>
+template <typename scalar_t, int BM_, int BN_, int BK_>
 struct PipelinedTile {
   using Element = scalar_t;
-  static constexpr int BM = 128, BN = BN_, BK = BK_, kStages = 3, kThreads = 128;
+  static constexpr int BM = BM_, BN = BN_, BK = BK_, kStages = 3, kThreads = 128;
   static constexpr int kVec = 16 / sizeof(scalar_t);  // elements of one 16-byte copy
   // Shared rows padded by 16 bytes against bank conflicts, keeping WMMA's 32-byte alignment.
   static constexpr int LDA = BK + kVec, LDB = BN + kVec, LDC = BN + 4;
   // Dynamic shared memory: the stages (A then B), with C over them after the main loop; the
-  // tile's table rows; the output rows; each thread's mask of offsets with a neighbour.
+  // output rows; each thread's mask of offsets with a neighbour; the tile's table rows, as many
+  // offsets as the pass has (fewer bytes with row-order splits: more blocks per SM).
   static constexpr int kStageA = BM * LDA * sizeof(scalar_t);
   static constexpr int kStageB = BK * LDB * sizeof(scalar_t);
   static constexpr int kPipeline = kStages * (kStageA + kStageB);
   static constexpr int kC = BM * LDC * 4;
   static constexpr int kUnion = ((kPipeline > kC ? kPipeline : kC) + 15) / 16 * 16;
-  static constexpr int kTable = BM * kPipelinedMaxOffsets * 4;
   static constexpr int kRows = BM * 8;
-  static constexpr int kBytes = kUnion + kTable + kRows + kThreads * 4;
+  static constexpr int kTableStart = kUnion + kRows + kThreads * 4;
+  static constexpr int bytes(int offsets) { return kTableStart + BM * offsets * 4; }
   static constexpr int kBChunks = (BK * BN / kVec + kThreads - 1) / kThreads;  // per thread
   static_assert(BK % kVec == 0 && BN % kVec == 0, "whole 16-byte copies");
   static_assert(kStageA % 32 == 0 && kStageB % 32 == 0, "WMMA needs 32-byte aligned tiles");
@@ -800,10 +802,9 @@ __device__ __forceinline__ void conv_pipelined_tile(const scalar_t* __restrict__
   scalar_t* stage_a = reinterpret_cast<scalar_t*>(smem);  // [kStages][BM][LDA]
   scalar_t* stage_b = reinterpret_cast<scalar_t*>(smem + kStages * Tile::kStageA);
   float* C = reinterpret_cast<float*>(smem);  // [BM][LDC], once the stages are done
-  int32_t* tile_table = reinterpret_cast<int32_t*>(smem + Tile::kUnion);  // [BM][offsets]
-  int64_t* out_row = reinterpret_cast<int64_t*>(smem + Tile::kUnion + Tile::kTable);
-  uint32_t* thread_offsets =
-      reinterpret_cast<uint32_t*>(smem + Tile::kUnion + Tile::kTable + Tile::kRows);
+  int64_t* out_row = reinterpret_cast<int64_t*>(smem + Tile::kUnion);
+  uint32_t* thread_offsets = reinterpret_cast<uint32_t*>(smem + Tile::kUnion + Tile::kRows);
+  int32_t* tile_table = reinterpret_cast<int32_t*>(smem + Tile::kTableStart);  // [BM][offsets]
   const int tid = threadIdx.x;
   const int64_t row0 = int64_t{blockIdx.x} * BM;
   const int col0 = blockIdx.y * BN;
@@ -1431,29 +1432,47 @@ bool use_fused(at::ScalarType dtype, int64_t c_in, int64_t c_out, bool pipelined
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+template <typename Tile, typename scalar_t = typename Tile::Element>
+void launch_pipelined_tile(const scalar_t* in, const scalar_t* weight, const int32_t* nbr,
+                           const ConvPass<scalar_t>& pass, int64_t rows, int64_t in_rows,
+                           int volume, int c_in, int c_out) {
+  auto* kernel = conv_pipelined_kernel<Tile>;
+  const int bytes = Tile::bytes(pass.k_end - pass.k_begin);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  const dim3 grid((rows + Tile::BM - 1) / Tile::BM, (c_out + Tile::BN - 1) / Tile::BN);
+  kernel<<<grid, Tile::kThreads, bytes, current_stream()>>>(in, weight, nbr, pass, rows, in_rows,
+                                                            volume, c_in, c_out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // The pipelined tiles (tiles=pipelined) for one pass, picked by the channel counts (whole
 // 16-byte copies here): BN the output channels' tile, BK the input channels of a step (float32:
-// 16, whose 128 x 16 tiles are as many bytes as the half types' 128 x 32).
+// 16, whose 128 x 16 tiles are as many bytes as the half types' 128 x 32, or 4 for 4 inputs);
+// and by the rows: 64-row tiles where 128-row ones would give the GPU fewer than two blocks per
+// multiprocessor (the small layers of a KITTI-sized cloud). The tile does not change any sum.
 template <typename scalar_t>
 void launch_conv_pipelined(const scalar_t* in, const scalar_t* weight, const int32_t* nbr,
                            const ConvPass<scalar_t>& pass, int64_t rows, int64_t in_rows,
-                           int volume, int c_in, int c_out) {
+                           int volume, int c_in, int c_out, int device) {
+  const int64_t min_blocks = 2 * int64_t{cuda::multiprocessor_count(device)};
   auto launch = [&](auto bn, auto bk) {
-    using Tile = PipelinedTile<scalar_t, decltype(bn)::value, decltype(bk)::value>;
-    auto* kernel = conv_pipelined_kernel<Tile>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        Tile::kBytes));
-    const dim3 grid((rows + Tile::BM - 1) / Tile::BM, (c_out + Tile::BN - 1) / Tile::BN);
-    kernel<<<grid, Tile::kThreads, Tile::kBytes, current_stream()>>>(
-        in, weight, nbr, pass, rows, in_rows, volume, c_in, c_out);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    constexpr int BN = decltype(bn)::value, BK = decltype(bk)::value;
+    const int64_t tall_blocks = (rows + 127) / 128 * ((c_out + BN - 1) / BN);
+    if (tall_blocks >= min_blocks) {
+      launch_pipelined_tile<PipelinedTile<scalar_t, 128, BN, BK>>(in, weight, nbr, pass, rows,
+                                                                  in_rows, volume, c_in, c_out);
+    } else {
+      launch_pipelined_tile<PipelinedTile<scalar_t, 64, BN, BK>>(in, weight, nbr, pass, rows,
+                                                                 in_rows, volume, c_in, c_out);
+    }
   };
   using I16 = std::integral_constant<int, 16>;
   using I32 = std::integral_constant<int, 32>;
   using I64 = std::integral_constant<int, 64>;
   auto launch_bk = [&](auto bn) {
     if constexpr (std::is_same_v<scalar_t, float>) {
-      launch(bn, I16{});
+      // 4-channel steps for the first layer's 3-4 point features (padded to 4).
+      c_in <= 4 ? launch(bn, std::integral_constant<int, 4>{}) : launch(bn, I16{});
     } else {
       c_in <= 16 ? launch(bn, I16{}) : launch(bn, I32{});
     }
@@ -1587,7 +1606,7 @@ void launch_conv_fused(const at::Tensor& features, const at::Tensor& weight,
       if (pipelined) {
         launch_conv_pipelined<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                                         table.data_ptr<int32_t>(), pass, rows, x.size(0), volume,
-                                        static_cast<int>(x.size(1)), c_out);
+                                        static_cast<int>(x.size(1)), c_out, x.get_device());
         continue;
       }
     }

@@ -505,10 +505,10 @@ def variant_env(monkeypatch, variants, algo="fused", sm_major="9"):
     monkeypatch.setenv("SPCONV_LITE_EMU_SM_MAJOR", sm_major)
 
 
-def conv_calls(kind, c_in, c_out, dtype, splits, key):
-    """The forward and the input gradient of a conv (as ops.py runs them), with row orders of
-    ``splits`` splits (0: none)."""
-    nbr, nbr_t = a_map(kind, seed="variants")
+def conv_calls(kind, c_in, c_out, dtype, splits, key, n=300):
+    """The forward and the input gradient of a conv (as ops.py runs them) over a map of ``n``
+    sites, with row orders of ``splits`` splits (0: none)."""
+    nbr, nbr_t = a_map(kind, n=n, seed="variants")
     volume = nbr.shape[1]
     gen = make_gen("variants", kind, c_in, c_out, dtype, key)
     x = randn(gen, nbr_t.shape[0], c_in, dtype=dtype)
@@ -577,6 +577,23 @@ def test_conv_variants_with_non_finite_weights(channels, variant, dtype, monkeyp
     assert not torch.isfinite(cpu).all() and torch.isfinite(cpu).all(1).any()
     same_values(got, want)
     assert_close_non_finite(got, cpu, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=case_id)
+@pytest.mark.parametrize("variant", [("tiles=pipelined", 0), ("tiles=pipelined", 2)],
+                         ids=case_id)
+@pytest.mark.parametrize("shape", [("subm", 16, 16), ("subm", 4, 70)], ids=case_id)
+def test_pipelined_tiles_of_128_rows(shape, variant, dtype, monkeypatch):
+    # The maps of the tests above (300 sites) give the pipelined launcher fewer 128-row blocks
+    # than two per emulated multiprocessor (4), so it takes 64-row tiles; 1500 sites are enough
+    # for the 128-row tiles a large cloud gets.
+    variants, splits = variant
+    variant_env(monkeypatch, "")
+    want = [call(EMU) for call in conv_calls(*shape, dtype, 0, "tall", n=1500)]
+    variant_env(monkeypatch, variants)
+    got = [call(EMU) for call in conv_calls(*shape, dtype, splits, "tall", n=1500)]
+    for a, b in zip(got, want):
+        same_values(a, b)
 
 
 @pytest.mark.parametrize("splits", [0, 2])
