@@ -26,7 +26,8 @@
 #   GPU_CHECK_VARIANTS_ARGS extra arguments for the variants stage's bench_cuda.py run (e.g.
 #                           '--variants "rows=2;tiles=pipelined"' for a shorter sweep)
 #   GPU_CHECK_PROFILE_LAYER the profile stage's layer, NETWORK:INPUT:LAYER:DTYPE (default
-#                           spconv:spconv_pc_x8:1:float16, the 8x cloud's 64->64 SubM)
+#                           spconv:spconv_pc_x8:1:float16, the 8x cloud's 64->64 SubM; the
+#                           same with :float32 profiles the SIMT kernels and the GEMM path)
 #   NCU                     the Nsight Compute program (default: on PATH or in CUDA_HOME)
 #   SPCONV_LITE_COMMIT      the commit to record in bench.json when the checkout has no .git
 #   PYTHON                  the interpreter (default python3, else python)

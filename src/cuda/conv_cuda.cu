@@ -1056,7 +1056,9 @@ __global__ void __launch_bounds__(kWmmaThreads)
 // keeping them in row order), and each reduction step takes the next BK pairs of the queue: no
 // multiplications of rows without a pair (only a chunk's last step is padded with zeros), no
 // strided table reads inside the steps. Which pairs a step holds depends on the table and the
-// chunking only, so the result is as deterministic as the chunked kernels'.
+// chunking only, so the result is as deterministic as the chunked kernels'. The tensor-core
+// kernel with 16-byte copies gathers each step by cp.async into one of two stages while the
+// step before it is multiplied (for_each_pair_step_pipelined); the sums are the same.
 
 // Appends the pair (in_row, out_row) of each thread that has one (in_row >= 0) to the queue, in
 // thread order; returns the queue's new length (the same in every thread). `counts` has a slot
@@ -1121,6 +1123,35 @@ __device__ void for_each_pair_step(const int32_t* __restrict__ nbr, int64_t in_r
     }
   }
   if (length > 0) step(0, length);
+}
+
+// for_each_pair_step in a two-stage pipeline: issue(stage, first, count) starts a step's copies
+// into one of two stages (cp.async), compute(stage) multiplies a stage whose copies have
+// landed. A step's copies are in flight while the step before it is multiplied and the queue is
+// refilled; the steps are multiplied in the same order as for_each_pair_step's.
+template <int kBlockThreads, int BK, typename Issue, typename Compute>
+__device__ void for_each_pair_step_pipelined(const int32_t* __restrict__ nbr, int64_t in_rows,
+                                             int volume, int k, int64_t begin, int64_t end,
+                                             int32_t* queue_in, int64_t* queue_out, int* counts,
+                                             Issue issue, Compute compute) {
+  int stage = 0;         // the stage of the next step
+  bool pending = false;  // a step issued and not yet multiplied (in the other stage)
+  auto finish_previous = [&](auto wait) {
+    wait();           // this thread's copies of that step have landed
+    __syncthreads();  // everyone's
+    compute(stage ^ 1);
+    __syncthreads();  // its stage is free to be refilled
+  };
+  for_each_pair_step<kBlockThreads, BK>(
+      nbr, in_rows, volume, k, begin, end, queue_in, queue_out, counts,
+      [&](int first, int count) {
+        issue(stage, first, count);  // into the stage multiplied two steps ago
+        cuda::cp_async_commit();
+        if (pending) finish_previous([] { cuda::cp_async_wait<1>(); });
+        pending = true;
+        stage ^= 1;
+      });
+  if (pending) finish_previous([] { cuda::cp_async_wait<0>(); });
 }
 
 // partial[chunk, k] as weight_grad_simt_kernel computes it, over the queued pairs.
@@ -1195,9 +1226,17 @@ __global__ void __launch_bounds__(kWmmaThreads)
   using T = typename WmmaType<scalar_t>::type;
   constexpr int BM = kWmmaTile, BN = kWmmaTile, BK = kWmmaBK;
   constexpr int LDX = BM + kWmmaPad, LDG = BN + kWmmaPad, LDC = BN + 4;
-  __shared__ __align__(32) scalar_t X[BK * LDX];  // X[kk][m] = in[input row of pair kk][ci0 + m]
-  __shared__ __align__(32) scalar_t G[BK * LDG];  // G[kk][n] = grad_out[output row of kk][co0 + n]
-  __shared__ __align__(32) float C[BM * LDC];
+  // With 16-byte copies two stages (cp.async), each X[kk][m] = in[input row of pair kk][ci0 + m]
+  // then G[kk][n] = grad_out[output row of pair kk][co0 + n]; C over them at the end.
+  constexpr int kStages = kVec ? 2 : 1;
+  constexpr int kStageBytes = BK * (LDX + LDG) * sizeof(scalar_t);
+  constexpr int kCBytes = BM * LDC * sizeof(float);
+  __shared__ __align__(32) unsigned char tiles[kStages * kStageBytes > kCBytes
+                                                   ? kStages * kStageBytes
+                                                   : kCBytes];
+  auto X = [&](int stage) { return reinterpret_cast<scalar_t*>(tiles + stage * kStageBytes); };
+  auto G = [&](int stage) { return X(stage) + BK * LDX; };
+  float* C = reinterpret_cast<float*>(tiles);
   __shared__ int32_t queue_in[BK + kWmmaThreads];
   __shared__ int64_t queue_out[BK + kWmmaThreads];
   __shared__ int counts[kWmmaThreads / 32];
@@ -1216,42 +1255,50 @@ __global__ void __launch_bounds__(kWmmaThreads)
 #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
   }
-  const scalar_t zero(0.0f);
-  for_each_pair_step<kWmmaThreads, BK>(
-      nbr, in_rows, volume, k, begin, end, queue_in, queue_out, counts,
-      [&](int first, int count) {
-        if constexpr (kVec) {
+  auto multiply = [&](int stage) {
+    warp_mma_xt<T, BK, LDX, LDG>(acc, reinterpret_cast<const T*>(X(stage) + wm),
+                                 reinterpret_cast<const T*>(G(stage) + wn));
+  };
+  if constexpr (kVec) {
+    for_each_pair_step_pipelined<kWmmaThreads, BK>(
+        nbr, in_rows, volume, k, begin, end, queue_in, queue_out, counts,
+        [&](int stage, int first, int count) {
           for (int e = tid; e < BK * (BM / 8); e += kWmmaThreads) {
             const int kk = e / (BM / 8), m = (e % (BM / 8)) * 8, c = ci0 + m;
             const bool valid = kk < count && c < c_in;
-            copy16(X + kk * LDX + m, in + (valid ? int64_t{queue_in[first + kk]} * c_in + c : 0),
-                  valid);
+            cuda::cp_async16(X(stage) + kk * LDX + m,
+                             in + (valid ? int64_t{queue_in[first + kk]} * c_in + c : 0), valid);
           }
           for (int e = tid; e < BK * (BN / 8); e += kWmmaThreads) {
             const int kk = e / (BN / 8), n = (e % (BN / 8)) * 8, co = co0 + n;
             const bool valid = kk < count && co < c_out;
-            copy16(G + kk * LDG + n, grad_out + (valid ? queue_out[first + kk] * c_out + co : 0),
-                  valid);
+            cuda::cp_async16(G(stage) + kk * LDG + n,
+                             grad_out + (valid ? queue_out[first + kk] * c_out + co : 0), valid);
           }
-        } else {
+        },
+        multiply);
+  } else {
+    const scalar_t zero(0.0f);
+    for_each_pair_step<kWmmaThreads, BK>(
+        nbr, in_rows, volume, k, begin, end, queue_in, queue_out, counts,
+        [&](int first, int count) {
           for (int e = tid; e < BK * BM; e += kWmmaThreads) {
             const int kk = e / BM, m = e % BM, c = ci0 + m;
-            X[kk * LDX + m] = (kk < count && c < c_in)
-                                  ? in[int64_t{queue_in[first + kk]} * c_in + c]
-                                  : zero;
+            X(0)[kk * LDX + m] = (kk < count && c < c_in)
+                                     ? in[int64_t{queue_in[first + kk]} * c_in + c]
+                                     : zero;
           }
           for (int e = tid; e < BK * BN; e += kWmmaThreads) {
             const int kk = e / BN, n = e % BN, co = co0 + n;
-            G[kk * LDG + n] = (kk < count && co < c_out)
-                                  ? grad_out[queue_out[first + kk] * c_out + co]
-                                  : zero;
+            G(0)[kk * LDG + n] = (kk < count && co < c_out)
+                                     ? grad_out[queue_out[first + kk] * c_out + co]
+                                     : zero;
           }
-        }
-        __syncthreads();
-        warp_mma_xt<T, BK, LDX, LDG>(acc, reinterpret_cast<const T*>(X + wm),
-                                     reinterpret_cast<const T*>(G + wn));
-        __syncthreads();
-      });
+          __syncthreads();
+          multiply(0);
+          __syncthreads();
+        });
+  }
   store_weight_grad_tile<BM, BN, LDC>(acc, C, wm, wn, tid,
                                       partial + (chunk * volume + k) * int64_t{c_in} * c_out,
                                       ci0, co0, c_in, c_out);

@@ -644,6 +644,26 @@ def test_compact_weight_grad_of_rows_without_pairs(monkeypatch):
     assert torch.equal(got[0], torch.zeros(8, 16)) and torch.equal(got[3], torch.zeros(8, 16))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=case_id)
+@pytest.mark.parametrize("kind", ["subm", "strided"])
+def test_compact_weight_grad_pipelined_sums_as_unpipelined(kind, dtype, monkeypatch):
+    # With 16-byte copies the tensor-core kernel gathers each step by cp.async while the step
+    # before it is multiplied; one element off alignment it stages them through registers, one
+    # step at a time. The steps and their order are the same, so the sums are too. 128 channels:
+    # several column tiles, and chunks of several steps with queue refills between them.
+    variant_env(monkeypatch, "wgrad=compact")
+    nbr, nbr_t = a_map(kind, n=900, seed="pipelined_wgrad")
+    gen = make_gen("pipelined_wgrad", kind, dtype)
+    x = randn(gen, nbr_t.shape[0], 128, dtype=dtype)
+    g = randn(gen, nbr.shape[0], 128, dtype=dtype)
+    pipelined = EMU.sparse_conv_weight_grad(x, g, nbr)
+    staged = EMU.sparse_conv_weight_grad(misaligned(x), misaligned(g), nbr)
+    assert torch.equal(pipelined, staged)
+    want = CPU.sparse_conv_weight_grad(x.double(), g.double(), nbr)
+    scale = max(want.abs().max().item(), 1.0)
+    torch.testing.assert_close(pipelined.double() / scale, want / scale, **TOL[dtype])
+
+
 @pytest.mark.parametrize("case", CONV_CASES[:4] + CONV_CASES[6:7], ids=case_id)
 def test_conv_map_with_radix_sort(case, monkeypatch):
     monkeypatch.setenv("SPCONV_LITE_CUDA_VARIANTS", "mapsort=radix")
