@@ -78,10 +78,11 @@ inline ConvAlgo conv_algo_from_env() {
 //   wgrad=chunked|compact  weight gradient of the fused path: chunks of all rows (chunked) or
 //                       only the rows with a neighbour at the offset, compacted per chunk
 //   tiles=wmma64|pipelined  conv tiles: the default ones (wmma64: float16 / bfloat16 64x64
-//                       with register-staged gathers), or 128-row tiles sized by the channel
-//                       counts with cp.async gathers in a 3-stage pipeline (pipelined: float16 /
-//                       bfloat16 on the tensor cores, and float32 on the SIMT cores, which then
-//                       also takes float32's wide layers off the per-offset GEMMs)
+//                       with register-staged gathers), or 128-row tiles (64 on layers too small
+//                       for two blocks per multiprocessor) sized by the channel counts with
+//                       cp.async gathers in a 3-stage pipeline (pipelined: float16 / bfloat16
+//                       on the tensor cores, and float32 on the SIMT cores, which then also
+//                       takes float32's wide layers off the per-offset GEMMs)
 //   mapsort=torch|radix  output-site sort of build_conv_map: at::sort of the 64-bit keys, or a
 //                       radix sort of only the bits the output grid's keys use
 struct Variants {
