@@ -1585,6 +1585,12 @@ int64_t most_offsets_per_pass(int64_t volume, int64_t splits) {
   return most;
 }
 
+// Whether tiles=pipelined is on and fits a conv of `volume` offsets in `splits` passes (the
+// tiles track at most kPipelinedMaxOffsets offsets a pass); the dtype decides the rest.
+bool pipelined_tiles_fit(const cuda::Variants& variants, int64_t volume, int64_t splits) {
+  return variants.pipelined_tiles && most_offsets_per_pass(volume, splits) <= kPipelinedMaxOffsets;
+}
+
 int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
 // Whether the pipelined tiles exist for a dtype: float16 / bfloat16 (tensor cores) and float32.
@@ -1608,10 +1614,9 @@ void launch_conv_fused(const at::Tensor& features, const at::Tensor& weight,
   const int64_t splits = order.defined() ? order.size(0) : 1;
   bool pipelined = false;
   if constexpr (kHasPipelinedTiles<scalar_t>) {
-    pipelined = variants.pipelined_tiles &&
+    pipelined = pipelined_tiles_fit(variants, volume, splits) &&
                 (std::is_same_v<scalar_t, float> ||
-                 tensor_cores(features.scalar_type(), features.get_device())) &&
-                most_offsets_per_pass(volume, splits) <= kPipelinedMaxOffsets;
+                 tensor_cores(features.scalar_type(), features.get_device()));
   }
   at::Tensor x = features, w = weight, dst = out;
   if (pipelined) {
@@ -1781,9 +1786,7 @@ at::Tensor sparse_conv_cuda(const at::Tensor& features, const at::Tensor& weight
   if (out.numel() == 0) return out;
   const at::Tensor rows_order = order.has_value() ? order->contiguous() : at::Tensor();
   const bool pipelined_conv =
-      variants.pipelined_tiles &&
-      most_offsets_per_pass(volume, order.has_value() ? order->size(0) : 1) <=
-          kPipelinedMaxOffsets;
+      pipelined_tiles_fit(variants, volume, order.has_value() ? order->size(0) : 1);
   if (!use_fused(x.scalar_type(), w.size(1), w.size(2), pipelined_conv)) {
     return conv_gemm(x, w, table, out);
   }
