@@ -8,9 +8,15 @@
 # Usage: scripts/cuda_compile_check.sh [file.cu ...]    (default: every src/cuda/*.cu)
 # Environment: NVCC (default: nvcc on PATH, else /usr/local/cuda/bin/nvcc),
 #              CUDA_CHECK_ARCHS (default "80 90"),
-#              CUDA_CHECK_RESOURCES=1: also prints each kernel's registers, spilled bytes and
+#              CUDA_CHECK_RESOURCES=1: also prints each kernel's registers, stack frame, spills and
 #              static shared memory for the last architecture (ptxas --resource-usage), the
 #              numbers that decide how many blocks fit on a multiprocessor.
+#              CUDA_CHECK_SASS=1: also counts, per kernel of the last architecture's machine
+#              code, the instructions that show whether a kernel does what its comments say
+#              (tensor-core MMAs, ldmatrix, 16-byte shared loads, FMAs, cp.async, generic
+#              loads, local memory). Needs cuobjdump (CUOBJDUMP, else on PATH), which PyPI ships: pip install
+#              nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm, then put the folder of those two
+#              programs (site-packages/nvidia/cu13/bin) on PATH.
 # Exits non-zero when any file fails for any architecture, naming each failure.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -65,8 +71,8 @@ FLAGS=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
        -I include "${EXTRA_INCLUDE[@]}")
 for inc in "${INCLUDES[@]}"; do FLAGS+=(-I "$inc"); done
 
-# Per kernel of $1, for the last architecture: registers, spill stores / loads (bytes), static
-# shared memory (bytes), demangled name.
+# Per kernel of $1, for the last architecture: registers, stack frame and spill stores / loads
+# (bytes), static shared memory (bytes), demangled name.
 resources() {
     local arch=${ARCHS##* }
     "$NVCC" "${FLAGS[@]}" -gencode "arch=compute_$arch,code=sm_$arch" --resource-usage \
@@ -75,21 +81,58 @@ import re, subprocess, sys
 kernels, name = [], None
 for line in sys.stdin:
     if m := re.search(r"Compiling entry function .(\S+). for", line):
-        name, spills = m.group(1), (0, 0)
-    elif name and (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)):
-        spills = tuple(map(int, m.groups()))
+        name, stack = m.group(1), (0, 0, 0)
+    elif name and (m := re.search(
+            r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)):
+        stack = tuple(map(int, m.groups()))
     elif name and (m := re.search(r"Used (\d+) registers", line)):
         smem = re.search(r"(\d+) bytes smem", line)
-        kernels.append((name, int(m.group(1)), spills, int(smem.group(1)) if smem else 0))
+        kernels.append((name, int(m.group(1)), stack, int(smem.group(1)) if smem else 0))
         name = None
 demangled = subprocess.run(["c++filt"], input="\n".join(k[0] for k in kernels),
                            capture_output=True, text=True).stdout.splitlines()
-print("    regs spill st/ld   smem  kernel")
-for full, (_, regs, (stores, loads), smem) in zip(demangled, kernels):
+print("    regs stack spill st/ld   smem  kernel")
+for full, (_, regs, (frame, stores, loads), smem) in zip(demangled, kernels):
     full = re.sub(r"spconv_lite::\(anonymous namespace\)::|c10::|at::", "", full)
-    print(f"    {regs:4d} {stores:5d}/{loads:<5d} {smem:6d}  {full[:120]}")
+    print(f"    {regs:4d} {frame:5d} {stores:5d}/{loads:<5d} {smem:6d}  {full[:120]}")
 '
 }
+
+# Per kernel of the last compiled object, for the last architecture: static counts of chosen
+# instructions in its machine code (not how often they run).
+sass_counts() {
+    "$CUOBJDUMP" -sass -arch "sm_${ARCHS##* }" "$TMP/out.o" | python3 -c '
+import collections, re, subprocess, sys
+columns = {"HMMA": "HMMA", "LDSM": "LDSM", "LDS.128": "LDS.128", "LDS": "LDS", "FFMA": "FFMA",
+           "DFMA": "DFMA", "LDGSTS": "LDGSTS", "LDG": "LDG", "LD": "LD", "LDL/STL": ("LDL", "STL")}
+kernels, name = [], None
+for line in sys.stdin:
+    if m := re.match(r"\s+Function : (\S+)", line):
+        kernels.append((m.group(1), collections.Counter()))
+    elif kernels and (m := re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)):
+        opcode = m.group(1)
+        base = opcode.split(".")[0]
+        for column, prefix in columns.items():
+            if (column == "LDS.128" and opcode.startswith("LDS.128")) or (
+                    column == "LDS" and base == "LDS" and not opcode.startswith("LDS.128")) or (
+                    column not in ("LDS", "LDS.128") and base in
+                    (prefix if isinstance(prefix, tuple) else (prefix,))):
+                kernels[-1][1][column] += 1
+demangled = subprocess.run(["c++filt"], input="\n".join(k[0] for k in kernels),
+                           capture_output=True, text=True).stdout.splitlines()
+print("   " + "".join(f"{c:>8}" for c in columns) + "  kernel")
+for full, (_, counts) in zip(demangled, kernels):
+    full = re.sub(r"spconv_lite::\(anonymous namespace\)::|c10::|at::", "", full)
+    print("   " + "".join(f"{counts[c]:8d}" for c in columns) + f"  {full[:100]}")
+'
+}
+
+CUOBJDUMP=${CUOBJDUMP:-$(command -v cuobjdump || true)}
+if [ "${CUDA_CHECK_SASS:-0}" = 1 ] && [ -z "$CUOBJDUMP" ]; then
+    echo "cuda_compile_check: CUDA_CHECK_SASS=1 needs cuobjdump (pip install" \
+         "nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm; put their bin folder on PATH)" >&2
+    exit 2
+fi
 
 echo "cuda_compile_check: $("$NVCC" --version | tail -1), archs: $ARCHS"
 GENCODE=()
@@ -105,6 +148,7 @@ for src in "${SOURCES[@]}"; do
         echo "  ok    $src [sm_${ARCHS// /, sm_}] ($((SECONDS - start)) s)"
         grep -i "warning" "$log" | head -20  # worth reading even when the file compiles
         [ "${CUDA_CHECK_RESOURCES:-0}" = 1 ] && resources "$src"
+        [ "${CUDA_CHECK_SASS:-0}" = 1 ] && sass_counts
         continue
     fi
     for arch in $ARCHS; do
