@@ -117,11 +117,12 @@ class Library:
 VARIANTS_VARIABLE = "SPCONV_LITE_CUDA_VARIANTS"
 ALGO_VARIABLE = "SPCONV_LITE_CUDA_CONV_ALGO"
 # The sweep of --variants default: row orders of 1, 2 and 3 splits, the pipelined tiles alone
-# and with row orders (for float32 they also take the wide layers off the per-offset GEMMs), the
-# compacted weight gradient, the default fused kernels everywhere with row orders and the
-# compacted weight gradient (float32's wide layers otherwise take the per-offset GEMMs, which
-# the row orders do not change), and everything together (with the radix map sort, whose own
-# effect the maps' table shows).
+# and with row orders (for float32 they also take the wide layers' forward and input gradient off
+# the per-offset GEMMs), the compacted weight gradient (float32: also the wide layers' weight
+# gradient), the default fused kernels everywhere with row orders and the compacted weight
+# gradient (float32's wide layers otherwise take the per-offset GEMMs, which the row orders do
+# not change), and everything together (with the radix map sort, whose own effect the maps'
+# table shows).
 DEFAULT_SWEEP = ("rows=1;rows=2;rows=3;tiles=pipelined;rows=2,tiles=pipelined;wgrad=compact;"
                  "algo=fused,rows=3,wgrad=compact;"
                  "rows=3,tiles=pipelined,wgrad=compact,mapsort=radix")

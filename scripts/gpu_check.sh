@@ -243,6 +243,7 @@ fi
 SANITIZER_TESTS="(test_kernel_maps_are_identical and 1500) or test_zero_sites_maps
  or (test_conv_matches_cpu and subm-16-16 and float32)
  or (test_conv_variants_equal_the_default_kernels and subm-16-16 and (float16 or float32))
+ or (test_compact_weight_grad_pipelined_sums_as_unpipelined and float32-36-28)
  or (test_half_precision_close_to_float32 and (subm-16-16 or subm-3-5) and float16)
  or (test_non_finite_weights_reach_only_real_pairs and float16)
  or test_conv_with_an_empty_kernel or (test_pooling_is_identical and float32)

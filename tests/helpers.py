@@ -54,6 +54,16 @@ def make_gen(*key) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
+def misaligned(t):
+    """A contiguous copy of ``t`` whose data starts one element past an aligned address, as a
+    view into a larger tensor does (the kernels' 16-byte loads must not be used there)."""
+    buffer = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    buffer[1:].copy_(t.flatten())
+    view = buffer[1:].view(t.shape)
+    assert view.is_contiguous() and view.data_ptr() % 16 != 0
+    return view
+
+
 def random_sites(gen: torch.Generator, batch_size: int, shape: Sequence[int],
                  density: float = 0.3, count: Optional[int] = None) -> Tensor:
     """Unique random sites, int32 ``[N, D+1]`` (batch first), in random row order.

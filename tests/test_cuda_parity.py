@@ -22,6 +22,7 @@ from helpers import (
     distinct_values,
     kio_weight,
     make_gen,
+    misaligned,
     randn,
     random_sites,
     voxel_cloud,
@@ -419,6 +420,24 @@ def test_conv_variants_equal_the_default_kernels(shape, variant, dtype, monkeypa
         assert torch.equal(got[2], ordered_conv_results(x, w, nbr, nbr_t, up, splits)[2])
     else:
         assert torch.equal(got[2], want[2])
+
+
+@pytest.mark.parametrize("case", [(torch.float16, 128, 128), (torch.float32, 128, 128),
+                                  (torch.float32, 36, 28), (torch.float32, 4, 16)], ids=case_id)
+def test_compact_weight_grad_pipelined_sums_as_unpipelined(case, monkeypatch):
+    # 16-byte aligned rows: cp.async gathers in two stages (float32: float4 reads); one element
+    # off: register-staged steps. Same tiles, steps and order, so the same sums (a race between
+    # a stage's copies and its multiplication would show here).
+    monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", "fused")
+    monkeypatch.setenv("SPCONV_LITE_CUDA_VARIANTS", "wgrad=compact")
+    dtype, c_in, c_out = case
+    nbr, nbr_t = (t.to(CUDA) for t in a_map("subm"))
+    gen = make_gen("parity_pipelined_wgrad", case)
+    x = randn(gen, nbr_t.shape[0], c_in, dtype=dtype).to(CUDA)
+    g = randn(gen, nbr.shape[0], c_out, dtype=dtype).to(CUDA)
+    pipelined = OPS.sparse_conv_weight_grad(x, g, nbr)
+    staged = OPS.sparse_conv_weight_grad(misaligned(x), misaligned(g), nbr)
+    assert torch.equal(pipelined, staged)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=case_id)

@@ -77,6 +77,7 @@ inline ConvAlgo conv_algo_from_env() {
 //                       spconv_lite/kernel_map.py, which builds them with the maps; checked here
 //   wgrad=chunked|compact  weight gradient of the fused path: chunks of all rows (chunked) or
 //                       only the rows with a neighbour at the offset, compacted per chunk
+//                       (which then also takes float32's wide layers off the per-offset GEMMs)
 //   tiles=wmma64|pipelined  conv tiles: the default ones (wmma64: float16 / bfloat16 64x64
 //                       with register-staged gathers), or 128-row tiles (64 on layers too small
 //                       for two blocks per multiprocessor) sized by the channel counts with

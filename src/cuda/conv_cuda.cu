@@ -224,6 +224,22 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// What one block of a fused weight-gradient kernel sums, grid (row chunks, offsets, C_in tiles x
+// C_out tiles): over the rows [begin, end) of its chunk, offset k's products for the BM x BN
+// tile at (ci0, co0) of partial[chunk, k] ([C_in, C_out], at partial_offset).
+struct WeightGradBlock {
+  int k, ci0, co0;
+  int64_t begin, end, partial_offset;
+  __device__ WeightGradBlock(int bm, int bn, int tiles_n, int64_t rows, int64_t rows_per_chunk,
+                             int volume, int c_in, int c_out)
+      : k(blockIdx.y),
+        ci0(static_cast<int>(blockIdx.z) / tiles_n * bm),
+        co0(static_cast<int>(blockIdx.z) % tiles_n * bn),
+        begin(int64_t{blockIdx.x} * rows_per_chunk),
+        end(std::min(rows, begin + rows_per_chunk)),
+        partial_offset((int64_t{blockIdx.x} * volume + k) * c_in * c_out) {}
+};
+
 // partial[chunk, k] = sum over the chunk's rows o of in[nbr[o, k]]^T grad_out[o]
 // ([C_in, C_out]); grid (row chunks, offsets, C_in tiles x C_out tiles).
 template <typename scalar_t, int BN>
@@ -243,29 +259,24 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x;
   const int tx = tid % Tile::kThreadsN;
   const int ty = tid / Tile::kThreadsN;
-  const int64_t chunk = blockIdx.x;
-  const int k = blockIdx.y;
-  const int ci0 = (blockIdx.z / tiles_n) * BM;
-  const int co0 = (blockIdx.z % tiles_n) * BN;
-  const int64_t begin = chunk * rows_per_chunk;
-  const int64_t end = std::min(rows, begin + rows_per_chunk);
+  const WeightGradBlock block(BM, BN, tiles_n, rows, rows_per_chunk, volume, c_in, c_out);
   acc_t acc[Tile::kTM][Tile::kTN] = {};
-  for (int64_t r0 = begin; r0 < end; r0 += kSimtBK) {
+  for (int64_t r0 = block.begin; r0 < block.end; r0 += kSimtBK) {
     int any = 0;
     if (tid < kSimtBK) {
       const int64_t o = r0 + tid;
-      const int32_t i = o < end ? table_entry(nbr, o * volume + k, in_rows) : -1;
+      const int32_t i = o < block.end ? table_entry(nbr, o * volume + block.k, in_rows) : -1;
       source[tid] = i;
       any = i >= 0;
     }
     if (!__syncthreads_or(any)) continue;
     for (int e = tid; e < kSimtBK * BM; e += kThreads) {
-      const int kk = e / BM, m = e % BM, c = ci0 + m;
+      const int kk = e / BM, m = e % BM, c = block.ci0 + m;
       const int32_t i = source[kk];
       A[kk][m] = (i >= 0 && c < c_in) ? static_cast<acc_t>(in[int64_t{i} * c_in + c]) : acc_t(0);
     }
     for (int e = tid; e < kSimtBK * BN; e += kThreads) {
-      const int kk = e / BN, n = e % BN, co = co0 + n;
+      const int kk = e / BN, n = e % BN, co = block.co0 + n;
       B[kk][n] = (source[kk] >= 0 && co < c_out)
                      ? static_cast<acc_t>(grad_out[(r0 + kk) * c_out + co])
                      : acc_t(0);
@@ -275,14 +286,14 @@ __global__ void __launch_bounds__(kThreads)
     Tile::template multiply<false>(A, B, acc, tx, ty, nullptr);
     __syncthreads();
   }
-  acc_t* dst = partial + (chunk * volume + k) * int64_t{c_in} * c_out;
+  acc_t* dst = partial + block.partial_offset;
 #pragma unroll
   for (int i = 0; i < Tile::kTM; ++i) {
-    const int ci = ci0 + ty * Tile::kTM + i;
+    const int ci = block.ci0 + ty * Tile::kTM + i;
     if (ci >= c_in) continue;
 #pragma unroll
     for (int j = 0; j < Tile::kTN; ++j) {
-      const int co = co0 + tx * Tile::kTN + j;
+      const int co = block.co0 + tx * Tile::kTN + j;
       if (co < c_out) dst[int64_t{ci} * c_out + co] = acc[i][j];
     }
   }
@@ -607,10 +618,12 @@ __global__ void __launch_bounds__(kWmmaThreads)
 // 16), so that narrow layers do not multiply padding.
 // The multiplications: float16 / bfloat16 on the tensor cores (PipelinedWmma, sm_80+), float32
 // on the SIMT cores with up to 8 x 8 outputs a thread read from shared memory as float4
-// (PipelinedSimt), twice the default SIMT kernel's products per shared-memory load. Every output
-// element's products are summed in the default kernels' order (offsets, then input channels,
-// increasing; conv_wmma_kernel's 16-wide MMAs, conv_simt_kernel's one product at a time), so the
-// results are the same. Needs channel counts that are multiples of 16 bytes' elements and
+// (PipelinedSimt): one shared-memory load per 16 products, where the default SIMT kernel takes
+// about 3.4 (its padded rows allow 16-byte loads only at some steps; counts from the machine
+// code, scripts/cuda_compile_check.sh with CUDA_CHECK_SASS=1). Every output element's products
+// are summed in the default kernels' order (offsets, then input channels, increasing;
+// conv_wmma_kernel's 16-wide MMAs, conv_simt_kernel's one product at a time), so the results
+// are the same. Needs channel counts that are multiples of 16 bytes' elements and
 // 16-byte aligned rows (the launcher pads).
 
 constexpr int kPipelinedMaxOffsets = 32;  // offsets of one pass (bits of a mask)
@@ -992,12 +1005,7 @@ __global__ void __launch_bounds__(kWmmaThreads)
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
-  const int64_t chunk = blockIdx.x;
-  const int k = blockIdx.y;
-  const int ci0 = (blockIdx.z / tiles_n) * BM;
-  const int co0 = (blockIdx.z % tiles_n) * BN;
-  const int64_t begin = chunk * rows_per_chunk;
-  const int64_t end = std::min(rows, begin + rows_per_chunk);
+  const WeightGradBlock block(BM, BN, tiles_n, rows, rows_per_chunk, volume, c_in, c_out);
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -1005,33 +1013,33 @@ __global__ void __launch_bounds__(kWmmaThreads)
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
   }
   const scalar_t zero(0.0f);
-  for (int64_t r0 = begin; r0 < end; r0 += BK) {
+  for (int64_t r0 = block.begin; r0 < block.end; r0 += BK) {
     int any = 0;
     if (tid < BK) {
       const int64_t o = r0 + tid;
-      const int32_t i = o < end ? table_entry(nbr, o * volume + k, in_rows) : -1;
+      const int32_t i = o < block.end ? table_entry(nbr, o * volume + block.k, in_rows) : -1;
       source[tid] = i;
       any = i >= 0;
     }
     if (!__syncthreads_or(any)) continue;
     if constexpr (kVec) {
       for (int e = tid; e < BK * (BM / 8); e += kWmmaThreads) {
-        const int kk = e / (BM / 8), m = (e % (BM / 8)) * 8, c = ci0 + m;
+        const int kk = e / (BM / 8), m = (e % (BM / 8)) * 8, c = block.ci0 + m;
         const int32_t i = source[kk];
         copy16(X + kk * LDX + m, in + int64_t{i} * c_in + c, i >= 0 && c < c_in);
       }
       for (int e = tid; e < BK * (BN / 8); e += kWmmaThreads) {
-        const int kk = e / (BN / 8), n = (e % (BN / 8)) * 8, co = co0 + n;
+        const int kk = e / (BN / 8), n = (e % (BN / 8)) * 8, co = block.co0 + n;
         copy16(G + kk * LDG + n, grad_out + (r0 + kk) * c_out + co, source[kk] >= 0 && co < c_out);
       }
     } else {
       for (int e = tid; e < BK * BM; e += kWmmaThreads) {
-        const int kk = e / BM, m = e % BM, c = ci0 + m;
+        const int kk = e / BM, m = e % BM, c = block.ci0 + m;
         const int32_t i = source[kk];
         X[kk * LDX + m] = (i >= 0 && c < c_in) ? in[int64_t{i} * c_in + c] : zero;
       }
       for (int e = tid; e < BK * BN; e += kWmmaThreads) {
-        const int kk = e / BN, n = e % BN, co = co0 + n;
+        const int kk = e / BN, n = e % BN, co = block.co0 + n;
         G[kk * LDG + n] = (source[kk] >= 0 && co < c_out) ? grad_out[(r0 + kk) * c_out + co]
                                                            : zero;
       }
@@ -1042,8 +1050,8 @@ __global__ void __launch_bounds__(kWmmaThreads)
     __syncthreads();
   }
   store_weight_grad_tile<BM, BN, LDC>(acc, C, wm, wn, tid,
-                                      partial + (chunk * volume + k) * int64_t{c_in} * c_out,
-                                      ci0, co0, c_in, c_out);
+                                      partial + block.partial_offset,
+                                      block.ci0, block.co0, c_in, c_out);
 #else
   CUDA_KERNEL_ASSERT_MSG(false, "spconv_lite: tensor-core kernel launched below sm_80");
 #endif
@@ -1125,6 +1133,23 @@ __device__ void for_each_pair_step(const int32_t* __restrict__ nbr, int64_t in_r
   if (length > 0) step(0, length);
 }
 
+// Starts the cp.async copies of one step's gathered rows: dst[kk][m] = src[rows[first + kk]][c0 +
+// m] for kk < count and c0 + m < channels, zeros elsewhere; kWidth columns (whole 16-byte
+// copies), dst's rows ld elements apart.
+template <int kBlockThreads, int BK, int kWidth, typename scalar_t, typename index_t>
+__device__ __forceinline__ void gather_step_async(scalar_t* dst, int ld, const scalar_t* src,
+                                                  int channels, int c0, const index_t* rows,
+                                                  int first, int count) {
+  constexpr int kVec = 16 / sizeof(scalar_t), kGroups = kWidth / kVec;
+  static_assert(kWidth % kVec == 0, "whole 16-byte copies");
+  for (int e = threadIdx.x; e < BK * kGroups; e += kBlockThreads) {
+    const int kk = e / kGroups, m = (e % kGroups) * kVec, c = c0 + m;
+    const bool valid = kk < count && c < channels;
+    cuda::cp_async16(dst + kk * ld + m,
+                     src + (valid ? int64_t{rows[first + kk]} * channels + c : 0), valid);
+  }
+}
+
 // for_each_pair_step in a two-stage pipeline: issue(stage, first, count) starts a step's copies
 // into one of two stages (cp.async), compute(stage) multiplies a stage whose copies have
 // landed. A step's copies are in flight while the step before it is multiplied and the queue is
@@ -1174,24 +1199,19 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x;
   const int tx = tid % Tile::kThreadsN;
   const int ty = tid / Tile::kThreadsN;
-  const int64_t chunk = blockIdx.x;
-  const int k = blockIdx.y;
-  const int ci0 = (blockIdx.z / tiles_n) * BM;
-  const int co0 = (blockIdx.z % tiles_n) * BN;
-  const int64_t begin = chunk * rows_per_chunk;
-  const int64_t end = std::min(rows, begin + rows_per_chunk);
+  const WeightGradBlock block(BM, BN, tiles_n, rows, rows_per_chunk, volume, c_in, c_out);
   acc_t acc[Tile::kTM][Tile::kTN] = {};
   for_each_pair_step<kThreads, kSimtBK>(
-      nbr, in_rows, volume, k, begin, end, queue_in, queue_out, counts,
+      nbr, in_rows, volume, block.k, block.begin, block.end, queue_in, queue_out, counts,
       [&](int first, int count) {
         for (int e = tid; e < kSimtBK * BM; e += kThreads) {
-          const int kk = e / BM, m = e % BM, c = ci0 + m;
+          const int kk = e / BM, m = e % BM, c = block.ci0 + m;
           A[kk][m] = (kk < count && c < c_in)
                          ? static_cast<acc_t>(in[int64_t{queue_in[first + kk]} * c_in + c])
                          : acc_t(0);
         }
         for (int e = tid; e < kSimtBK * BN; e += kThreads) {
-          const int kk = e / BN, n = e % BN, co = co0 + n;
+          const int kk = e / BN, n = e % BN, co = block.co0 + n;
           B[kk][n] = (kk < count && co < c_out)
                          ? static_cast<acc_t>(grad_out[queue_out[first + kk] * c_out + co])
                          : acc_t(0);
@@ -1200,15 +1220,100 @@ __global__ void __launch_bounds__(kThreads)
         Tile::template multiply<false>(A, B, acc, tx, ty, nullptr);
         __syncthreads();
       });
-  acc_t* dst = partial + (chunk * volume + k) * int64_t{c_in} * c_out;
+  acc_t* dst = partial + block.partial_offset;
 #pragma unroll
   for (int i = 0; i < Tile::kTM; ++i) {
-    const int ci = ci0 + ty * Tile::kTM + i;
+    const int ci = block.ci0 + ty * Tile::kTM + i;
     if (ci >= c_in) continue;
 #pragma unroll
     for (int j = 0; j < Tile::kTN; ++j) {
-      const int co = co0 + tx * Tile::kTN + j;
+      const int co = block.co0 + tx * Tile::kTN + j;
       if (co < c_out) dst[int64_t{ci} * c_out + co] = acc[i][j];
+    }
+  }
+}
+
+// The float32 weight gradient with 16-byte copies (`wgrad=compact`): the tile of
+// weight_grad_simt_compact_kernel (BM x BN, so the same chunks) with half its threads, each
+// owning 8 x 4 outputs read from shared memory as float4 (3 loads per 32 products, where the
+// register-staged kernel's padded rows take about 3.6 loads of mixed widths per 16), and each
+// step's pairs gathered by cp.async into one of two stages while the step before it is
+// multiplied. Same pairs, same order, one product at a time: the same sums.
+template <int BN_>
+struct WeightGradSimtTile {
+  static constexpr int BN = BN_, BM = 4096 / BN, BK = kSimtBK, kThreads = 128;
+  static constexpr int TM = 8, TN = 4;  // a thread's input channels x output channels
+  static constexpr int kThreadsN = BN / TN, kThreadsM = kThreads / kThreadsN;
+  static constexpr int LDX = BM + 4, LDG = BN + 4;  // padded by 16 bytes against bank conflicts
+  static_assert(kThreadsM * TM == BM, "two float4 groups of input channels a thread");
+};
+
+template <int BN>
+__global__ void __launch_bounds__(WeightGradSimtTile<BN>::kThreads)
+    weight_grad_simt_pipelined_kernel(const float* __restrict__ in,
+                                      const float* __restrict__ grad_out,
+                                      const int32_t* __restrict__ nbr, float* __restrict__ partial,
+                                      int64_t rows, int64_t in_rows, int volume, int c_in,
+                                      int c_out, int64_t rows_per_chunk, int tiles_n) {
+  using Tile = WeightGradSimtTile<BN>;
+  constexpr int BM = Tile::BM, BK = Tile::BK, TM = Tile::TM, TN = Tile::TN;
+  constexpr int kThreadsM = Tile::kThreadsM, kBlockThreads = Tile::kThreads;
+  // X[stage][kk][m] = in[input row of pair kk][ci0 + m], G[stage][kk][n] = grad_out[output row
+  // of pair kk][co0 + n].
+  __shared__ __align__(16) float X[2][BK][Tile::LDX];
+  __shared__ __align__(16) float G[2][BK][Tile::LDG];
+  __shared__ int32_t queue_in[BK + kBlockThreads];
+  __shared__ int64_t queue_out[BK + kBlockThreads];
+  __shared__ int counts[kBlockThreads / 32];
+  const int tid = threadIdx.x;
+  const int tx = tid % Tile::kThreadsN, ty = tid / Tile::kThreadsN;
+  // The thread's input channels: two groups of 4, kThreadsM groups apart, so that a warp's
+  // float4 reads of X fall on consecutive groups; its output channels: one group of 4.
+  auto channel_in = [&](int i) { return ((i / 4) * kThreadsM + ty) * 4 + i % 4; };
+  const WeightGradBlock block(BM, BN, tiles_n, rows, rows_per_chunk, volume, c_in, c_out);
+  float acc[TM][TN] = {};
+  for_each_pair_step_pipelined<kBlockThreads, BK>(
+      nbr, in_rows, volume, block.k, block.begin, block.end, queue_in, queue_out, counts,
+      [&](int stage, int first, int count) {
+        gather_step_async<kBlockThreads, BK, BM>(&X[stage][0][0], Tile::LDX, in, c_in, block.ci0,
+                                                 queue_in, first, count);
+        gather_step_async<kBlockThreads, BK, Tile::BN>(&G[stage][0][0], Tile::LDG, grad_out,
+                                                       c_out, block.co0, queue_out, first, count);
+      },
+      [&](int stage) {
+#pragma unroll
+        for (int kk = 0; kk < BK; ++kk) {
+          float a[TM];
+          float b[TN];
+#pragma unroll
+          for (int g = 0; g < TM / 4; ++g) {
+            const float4 v = *reinterpret_cast<const float4*>(&X[stage][kk][channel_in(g * 4)]);
+            a[g * 4] = v.x;
+            a[g * 4 + 1] = v.y;
+            a[g * 4 + 2] = v.z;
+            a[g * 4 + 3] = v.w;
+          }
+          const float4 v = *reinterpret_cast<const float4*>(&G[stage][kk][tx * TN]);
+          b[0] = v.x;
+          b[1] = v.y;
+          b[2] = v.z;
+          b[3] = v.w;
+#pragma unroll
+          for (int i = 0; i < TM; ++i) {
+#pragma unroll
+            for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];
+          }
+        }
+      });
+  float* dst = partial + block.partial_offset;
+  const int co = block.co0 + tx * TN;  // a whole group of 4 or none (c_out is a multiple of 4)
+  if (co >= c_out) return;
+#pragma unroll
+  for (int i = 0; i < TM; ++i) {
+    const int ci = block.ci0 + channel_in(i);
+    if (ci < c_in) {
+      *reinterpret_cast<float4*>(dst + int64_t{ci} * c_out + co) =
+          make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
     }
   }
 }
@@ -1243,12 +1348,7 @@ __global__ void __launch_bounds__(kWmmaThreads)
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
-  const int64_t chunk = blockIdx.x;
-  const int k = blockIdx.y;
-  const int ci0 = (blockIdx.z / tiles_n) * BM;
-  const int co0 = (blockIdx.z % tiles_n) * BN;
-  const int64_t begin = chunk * rows_per_chunk;
-  const int64_t end = std::min(rows, begin + rows_per_chunk);
+  const WeightGradBlock block(BM, BN, tiles_n, rows, rows_per_chunk, volume, c_in, c_out);
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -1261,35 +1361,27 @@ __global__ void __launch_bounds__(kWmmaThreads)
   };
   if constexpr (kVec) {
     for_each_pair_step_pipelined<kWmmaThreads, BK>(
-        nbr, in_rows, volume, k, begin, end, queue_in, queue_out, counts,
+        nbr, in_rows, volume, block.k, block.begin, block.end, queue_in, queue_out, counts,
         [&](int stage, int first, int count) {
-          for (int e = tid; e < BK * (BM / 8); e += kWmmaThreads) {
-            const int kk = e / (BM / 8), m = (e % (BM / 8)) * 8, c = ci0 + m;
-            const bool valid = kk < count && c < c_in;
-            cuda::cp_async16(X(stage) + kk * LDX + m,
-                             in + (valid ? int64_t{queue_in[first + kk]} * c_in + c : 0), valid);
-          }
-          for (int e = tid; e < BK * (BN / 8); e += kWmmaThreads) {
-            const int kk = e / (BN / 8), n = (e % (BN / 8)) * 8, co = co0 + n;
-            const bool valid = kk < count && co < c_out;
-            cuda::cp_async16(G(stage) + kk * LDG + n,
-                             grad_out + (valid ? queue_out[first + kk] * c_out + co : 0), valid);
-          }
+          gather_step_async<kWmmaThreads, BK, BM>(X(stage), LDX, in, c_in, block.ci0, queue_in,
+                                                  first, count);
+          gather_step_async<kWmmaThreads, BK, BN>(G(stage), LDG, grad_out, c_out, block.co0,
+                                                  queue_out, first, count);
         },
         multiply);
   } else {
     const scalar_t zero(0.0f);
     for_each_pair_step<kWmmaThreads, BK>(
-        nbr, in_rows, volume, k, begin, end, queue_in, queue_out, counts,
+        nbr, in_rows, volume, block.k, block.begin, block.end, queue_in, queue_out, counts,
         [&](int first, int count) {
           for (int e = tid; e < BK * BM; e += kWmmaThreads) {
-            const int kk = e / BM, m = e % BM, c = ci0 + m;
+            const int kk = e / BM, m = e % BM, c = block.ci0 + m;
             X(0)[kk * LDX + m] = (kk < count && c < c_in)
                                      ? in[int64_t{queue_in[first + kk]} * c_in + c]
                                      : zero;
           }
           for (int e = tid; e < BK * BN; e += kWmmaThreads) {
-            const int kk = e / BN, n = e % BN, co = co0 + n;
+            const int kk = e / BN, n = e % BN, co = block.co0 + n;
             G(0)[kk * LDG + n] = (kk < count && co < c_out)
                                      ? grad_out[queue_out[first + kk] * c_out + co]
                                      : zero;
@@ -1300,8 +1392,8 @@ __global__ void __launch_bounds__(kWmmaThreads)
         });
   }
   store_weight_grad_tile<BM, BN, LDC>(acc, C, wm, wn, tid,
-                                      partial + (chunk * volume + k) * int64_t{c_in} * c_out,
-                                      ci0, co0, c_in, c_out);
+                                      partial + block.partial_offset,
+                                      block.ci0, block.co0, c_in, c_out);
 #else
   CUDA_KERNEL_ASSERT_MSG(false, "spconv_lite: tensor-core kernel launched below sm_80");
 #endif
@@ -1462,9 +1554,10 @@ bool tensor_cores(at::ScalarType dtype, int device) {
 
 // Whether the fused kernel runs. auto: always for float16 / bfloat16 (tensor cores, float32
 // accumulation) and float64; for float32 while the channel product is small, where cuBLAS GEMMs
-// per offset pay more for their gathers, scatters and launches than they gain, or with the
-// pipelined conv tiles (`pipelined_conv`), which are meant to beat the GEMMs on wide layers too.
-bool use_fused(at::ScalarType dtype, int64_t c_in, int64_t c_out, bool pipelined_conv = false) {
+// per offset pay more for their gathers, scatters and launches than they gain, or with a
+// variant meant to beat the GEMMs on wide layers too (`wide_variant`: the pipelined conv tiles,
+// the compacted weight gradient).
+bool use_fused(at::ScalarType dtype, int64_t c_in, int64_t c_out, bool wide_variant = false) {
   switch (cuda::conv_algo_from_env()) {
     case cuda::ConvAlgo::kFused:
       return true;
@@ -1474,7 +1567,7 @@ bool use_fused(at::ScalarType dtype, int64_t c_in, int64_t c_out, bool pipelined
       break;
   }
   if (dtype != at::kFloat) return true;
-  return pipelined_conv || c_in * c_out <= 32 * 64;
+  return wide_variant || c_in * c_out <= 32 * 64;
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -1724,6 +1817,16 @@ at::Tensor weight_grad_fused(const at::Tensor& x, const at::Tensor& g, const at:
       int64_t chunk_rows;
       partial = partial_for(int64_t{tiles_m} * tiles_n, &chunk_rows);
       const dim3 grid(partial.size(0), volume, tiles_m * tiles_n);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (compact && c_in % 4 == 0 && c_out % 4 == 0 && aligned16(in) && aligned16(grad)) {
+          weight_grad_simt_pipelined_kernel<BN>
+              <<<grid, WeightGradSimtTile<BN>::kThreads, 0, stream>>>(
+                  in, grad, nbr, partial.data_ptr<float>(), rows, x.size(0), volume, c_in,
+                  c_out, chunk_rows, tiles_n);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          return;
+        }
+      }
       auto* kernel = compact ? weight_grad_simt_compact_kernel<scalar_t, BN>
                              : weight_grad_simt_kernel<scalar_t, BN>;
       kernel<<<grid, kThreads, 0, stream>>>(in, grad, nbr, partial.data_ptr<acc_t>(), rows,
@@ -1819,7 +1922,11 @@ at::Tensor sparse_conv_weight_grad_cuda(const at::Tensor& features, const at::Te
   if (table.size(0) == 0 || volume == 0 || x.size(1) == 0 || g.size(1) == 0) {
     return at::zeros({volume, x.size(1), g.size(1)}, x.options());
   }
-  if (!use_fused(x.scalar_type(), x.size(1), g.size(1))) return weight_grad_gemm(x, g, table);
+  // As the forward with the pipelined tiles: the compacted weight gradient is meant to beat the
+  // per-offset GEMMs on float32's wide layers too.
+  if (!use_fused(x.scalar_type(), x.size(1), g.size(1), variants.compact_weight_grad)) {
+    return weight_grad_gemm(x, g, table);
+  }
   at::Tensor grad_weight;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                   "sparse_conv_weight_grad_cuda",

@@ -27,6 +27,7 @@ from helpers import (
     case_id,
     distinct_values,
     make_gen,
+    misaligned,
     randn,
     random_sites,
     voxel_cloud,
@@ -644,24 +645,46 @@ def test_compact_weight_grad_of_rows_without_pairs(monkeypatch):
     assert torch.equal(got[0], torch.zeros(8, 16)) and torch.equal(got[3], torch.zeros(8, 16))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=case_id)
+@pytest.mark.parametrize("case", [(torch.float16, 128, 128), (torch.bfloat16, 128, 128),
+                                  (torch.float32, 128, 128), (torch.float32, 36, 28),
+                                  (torch.float32, 4, 16)], ids=case_id)
 @pytest.mark.parametrize("kind", ["subm", "strided"])
-def test_compact_weight_grad_pipelined_sums_as_unpipelined(kind, dtype, monkeypatch):
-    # With 16-byte copies the tensor-core kernel gathers each step by cp.async while the step
-    # before it is multiplied; one element off alignment it stages them through registers, one
-    # step at a time. The steps and their order are the same, so the sums are too. 128 channels:
-    # several column tiles, and chunks of several steps with queue refills between them.
+def test_compact_weight_grad_pipelined_sums_as_unpipelined(kind, case, monkeypatch):
+    # With 16-byte copies the kernels gather each step by cp.async while the step before it is
+    # multiplied (float32: 8 x 4 outputs a thread read as float4); one element off alignment
+    # they stage them through registers, one step at a time (float32: 4 x 4 outputs a thread,
+    # scalar reads). The tiles, the steps and their order are the same, so the sums are too.
+    # 128 channels: several channel tiles, and chunks of several steps with queue refills
+    # between them; float32 also has tiles of 32 and 16 columns (128 and 256 rows).
+    dtype, c_in, c_out = case
     variant_env(monkeypatch, "wgrad=compact")
     nbr, nbr_t = a_map(kind, n=900, seed="pipelined_wgrad")
-    gen = make_gen("pipelined_wgrad", kind, dtype)
-    x = randn(gen, nbr_t.shape[0], 128, dtype=dtype)
-    g = randn(gen, nbr.shape[0], 128, dtype=dtype)
+    gen = make_gen("pipelined_wgrad", kind, dtype, c_in, c_out)
+    x = randn(gen, nbr_t.shape[0], c_in, dtype=dtype)
+    g = randn(gen, nbr.shape[0], c_out, dtype=dtype)
     pipelined = EMU.sparse_conv_weight_grad(x, g, nbr)
     staged = EMU.sparse_conv_weight_grad(misaligned(x), misaligned(g), nbr)
     assert torch.equal(pipelined, staged)
     want = CPU.sparse_conv_weight_grad(x.double(), g.double(), nbr)
     scale = max(want.abs().max().item(), 1.0)
     torch.testing.assert_close(pipelined.double() / scale, want / scale, **TOL[dtype])
+
+
+def test_compact_weight_grad_takes_the_wide_float32_layers_off_the_gemms(monkeypatch):
+    # As the pipelined conv tiles in the forward: under the auto algorithm a float32 layer of
+    # more than 32 x 64 channels takes per-offset GEMMs for its weight gradient, which round
+    # differently; with wgrad=compact it takes the compacted kernel.
+    nbr, nbr_t = a_map("subm", seed="wide_wgrad")
+    gen = make_gen("wide_wgrad")
+    x = randn(gen, nbr_t.shape[0], 64, dtype=torch.float32)
+    g = randn(gen, nbr.shape[0], 48, dtype=torch.float32)
+    variant_env(monkeypatch, "wgrad=compact", algo="fused")
+    fused = EMU.sparse_conv_weight_grad(x, g, nbr)
+    variant_env(monkeypatch, "", algo="auto")
+    gemm = EMU.sparse_conv_weight_grad(x, g, nbr)
+    assert not torch.equal(gemm, fused)  # else this test could not tell the paths apart
+    variant_env(monkeypatch, "wgrad=compact", algo="auto")
+    assert torch.equal(EMU.sparse_conv_weight_grad(x, g, nbr), fused)
 
 
 @pytest.mark.parametrize("case", CONV_CASES[:4] + CONV_CASES[6:7], ids=case_id)
@@ -685,16 +708,6 @@ def test_unknown_variants_raise(value, monkeypatch):
     x, w = torch.randn(nbr_t.shape[0], 3), torch.randn(27, 3, 2)
     with pytest.raises(ValueError, match="SPCONV_LITE_CUDA_VARIANTS: unknown entry"):
         EMU.sparse_conv(x, w, nbr, nbr_t)
-
-
-def misaligned(t):
-    """A contiguous copy of ``t`` whose data starts one element past an aligned address, as a
-    view into a larger tensor does (the kernels' 16-byte loads must not be used there)."""
-    buffer = torch.empty(t.numel() + 1, dtype=t.dtype)
-    buffer[1:].copy_(t.flatten())
-    view = buffer[1:].view(t.shape)
-    assert view.is_contiguous() and view.data_ptr() % 16 != 0
-    return view
 
 
 @pytest.mark.parametrize("variants", ["", "tiles=pipelined", "wgrad=compact"])
