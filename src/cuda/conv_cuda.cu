@@ -1509,7 +1509,12 @@ at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const at::NoTF32Guard exact_float32;  // as the fused kernels (see the top of the file)
   const PairLists pairs = pair_lists(table, x.size(0));
   const int64_t c_out = w.size(2);
-  at::Tensor acc = at::zeros({table.size(0), c_out}, x.options().dtype(accumulate_type(x.scalar_type())));
+  // float32 / float64 add up in the output itself (no second [rows, C_out] buffer and copy);
+  // float16 / bfloat16 in a float buffer.
+  const bool in_place = x.scalar_type() == accumulate_type(x.scalar_type());
+  at::Tensor acc = in_place ? out.zero_()
+                            : at::zeros({table.size(0), c_out},
+                                        x.options().dtype(accumulate_type(x.scalar_type())));
   for (int64_t k = 0; k < table.size(1); ++k) {
     const int64_t begin = pairs.offsets[k], count = pairs.offsets[k + 1] - begin;
     if (count == 0) continue;
@@ -1524,7 +1529,7 @@ at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  out.copy_(acc);
+  if (!in_place) out.copy_(acc);
   return out;
 }
 
