@@ -51,6 +51,7 @@ import functools
 import inspect
 import io
 import json
+import math
 import os
 import platform
 import re
@@ -1148,7 +1149,7 @@ def render_markdown(data: dict) -> str:
                      f"{case['dtype']} | {case['pass']} | " + " | ".join(medians) + " | "
                      + " | ".join(ratio) + f" | {peaks} | {'; '.join(diffs) or '-'} | "
                      + ("-" if tflops is None else f"{tflops:.3g}") + " |")
-    lines += render_variants(data) + render_layers(data)
+    lines += render_variants(data) + render_verdicts(data) + render_layers(data)
     if data["maps"]:
         lines += ["", "## Kernel maps of one forward (ms, replayed alone)", "",
                   "| network | input | map type | " + " | ".join(names) + " |",
@@ -1237,6 +1238,92 @@ def render_variants(data: dict) -> list[str]:
             label = name[len(BASELINE) + 1:-1] or "default"
             lines.append(f"| {maps['network']} | {maps['input']} | {label} | "
                          f"{entry['total_median_ms']:.3f} | {shares or '-'} |")
+    return lines
+
+
+# The largest relative difference from the default kernels that the rule for a new default
+# accepts where the sums are not the same (#13's bars against spconv), by dtype.
+VARIANT_TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-3}
+# Entries of a variant that change float32's wide layers from cuBLAS's sums to the fused kernels'
+# (their outputs then differ from the default kernels' by rounding, not by a bug).
+REPLACES_GEMMS = ("tiles=pipelined", "algo=fused", "wgrad=compact")
+
+
+def variant_verdicts(data: dict) -> list[dict]:
+    """The rule of README "Kernel variants" applied to a variants run, per dtype and variant:
+    its medians at least the default kernels' in every network case of the dtype and better in
+    each of the 8x cloud's; its outputs identical to the default kernels' (float32 variants that
+    take wide layers off the per-offset GEMMs, and every weight gradient of `wgrad=compact`:
+    within VARIANT_TOLERANCE); its peak memory no higher than spconv's. Each entry: dtype,
+    variant, passes (bool), failures (the conditions it misses), slowest (the lowest speed-up
+    and its case), x8 (the 8x cloud's speed-ups by pass). The CUDA tests (summary.json) are the
+    rule's other condition."""
+    verdicts = []
+    cases = [c for c in data["networks"] if c.get("variant_speedup")]
+    for dtype in dict.fromkeys(c["dtype"] for c in cases):
+        of_dtype = [c for c in cases if c["dtype"] == dtype]
+        names = dict.fromkeys(n for c in of_dtype for n in c["variant_speedup"])
+        tolerance = VARIANT_TOLERANCE.get(dtype, 0.0)
+        for name in names:
+            variant = name[len(BASELINE) + 1:-1]
+            failures = []
+            timed = [c for c in of_dtype if name in c["variant_speedup"]]
+            missing = len(of_dtype) - len(timed)
+            if missing:
+                failures.append(f"not timed in {missing} case(s)")
+            slowest = min(timed, key=lambda c: c["variant_speedup"][name])
+            low = slowest["variant_speedup"][name]
+            if low < 1.0:
+                failures.append(f"slower than the default in {slowest['input']} "
+                                f"{slowest['pass']} ({low:.2f}x)")
+            x8 = {c["pass"]: c["variant_speedup"][name] for c in timed
+                  if c["input"] == "spconv_pc_x8"}
+            if not x8 or min(x8.values()) <= 1.0:
+                failures.append("not faster on the 8x cloud" if x8 else "8x cloud not timed")
+            loose = dtype == "float32" and any(e in variant for e in REPLACES_GEMMS)
+            for case in timed:
+                same = case.get("vs_default", {}).get(name, {})
+                where = f"{case['input']} {case['pass']}"
+                if not same.get("same_rows", False):
+                    failures.append(f"other output rows ({where})")
+                    continue
+                if not same.get("identical") and not (
+                        loose and same.get("max_rel_err", math.inf) <= tolerance):
+                    failures.append(f"outputs differ ({where}: "
+                                    f"{same.get('max_rel_err', math.nan):.1e})")
+                grads_loose = loose or "wgrad=compact" in variant
+                grad_err = same.get("grads", {}).get("max_rel_err", math.inf)
+                if "grads_identical" in same and not same["grads_identical"] and not (
+                        grads_loose and grad_err <= tolerance):
+                    failures.append(f"weight gradients differ ({where}: {grad_err:.1e})")
+                ours = case["libs"].get(name, {}).get("peak_mib")
+                theirs = case["libs"].get(REFERENCE, {}).get("peak_mib")
+                if ours is not None and theirs is not None and ours > theirs:
+                    failures.append(f"peak memory above spconv's ({where}: {ours:.0f} > "
+                                    f"{theirs:.0f} MiB)")
+            verdicts.append({"dtype": dtype, "variant": variant, "passes": not failures,
+                             "failures": failures, "x8": x8,
+                             "slowest": {"input": slowest["input"], "pass": slowest["pass"],
+                                         "speedup": low}})
+    return verdicts
+
+
+def render_verdicts(data: dict) -> list[str]:
+    """variant_verdicts as a table."""
+    verdicts = variant_verdicts(data)
+    if not verdicts:
+        return []
+    lines = ["", "## What the rule for a new default says (README \"Kernel variants\")", "",
+             "Besides these, a new default needs the CUDA tests and compute-sanitizer clean on "
+             "the GPU (summary.json).", "",
+             "| dtype | variant | default? | lowest speed-up | 8x cloud speed-ups | misses |",
+             "|---|---|---|---|---|---|"]
+    for v in verdicts:
+        slowest = v["slowest"]
+        x8 = ", ".join(f"{p} {s:.2f}" for p, s in v["x8"].items()) or "-"
+        lines.append(f"| {v['dtype']} | {v['variant']} | {'yes' if v['passes'] else 'no'} | "
+                     f"{slowest['speedup']:.2f} ({slowest['input']} {slowest['pass']}) | {x8} | "
+                     + ("; ".join(dict.fromkeys(v["failures"])) or "-") + " |")
     return lines
 
 

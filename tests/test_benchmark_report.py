@@ -192,3 +192,62 @@ def test_dry_run_of_the_variant_sweep_and_its_tables(tmp_path):
     text = page.read_text()
     assert "## Kernel variants" in text and "| second | kitti | float32 | fwd | rows=2 |" in text
     assert "## Layers of second on kitti, float32" in text
+    # Without the 8x cloud no variant can meet the rule for a new default.
+    assert "| float32 | rows=2 | no |" in text and "8x cloud not timed" in text
+
+
+def verdict_case(dtype, input_name, pass_name, variants, peak_spconv=1000.0):
+    """A network case of a variants run as bench_cuda records it; ``variants`` maps each variant
+    to (speed-up, outputs identical, their max relative error, weight gradients identical or
+    None for a forward, their max relative error, peak MiB)."""
+    case = {"network": "spconv", "input": input_name, "dtype": dtype, "pass": pass_name,
+            "variant_speedup": {}, "vs_default": {},
+            "libs": {"spconv_lite": {"peak_mib": 500.0}, "spconv": {"peak_mib": peak_spconv}}}
+    for variant, (speedup, identical, err, grads_identical, grad_err, peak) in variants.items():
+        name = f"spconv_lite[{variant}]"
+        case["variant_speedup"][name] = speedup
+        same = {"same_rows": True, "identical": identical, "max_rel_err": err}
+        if grads_identical is not None:
+            same.update(grads_identical=grads_identical, grads={"max_rel_err": grad_err})
+        case["vs_default"][name] = same
+        case["libs"][name] = {"peak_mib": peak}
+    return case
+
+
+def test_variant_verdicts_apply_the_rule_for_a_new_default():
+    fast = (1.3, True, 0.0, None, 0.0, 400.0)
+    data = {"networks": [
+        verdict_case("float16", "kitti", "fwd", {
+            "rows=2": fast, "tiles=pipelined": (0.95, True, 0.0, None, 0.0, 400.0),
+            "wgrad=compact": fast, "rows=3": fast}),
+        verdict_case("float16", "spconv_pc_x8", "fwd", {
+            "rows=2": fast, "tiles=pipelined": (1.5, True, 0.0, None, 0.0, 400.0),
+            "wgrad=compact": (1.0, True, 0.0, None, 0.0, 400.0),
+            "rows=3": (1.2, True, 0.0, None, 0.0, 1200.0)}),
+        verdict_case("float16", "spconv_pc_x8", "train", {
+            "rows=2": (1.1, True, 0.0, True, 0.0, 400.0),
+            "tiles=pipelined": (1.4, True, 0.0, True, 0.0, 400.0),
+            "wgrad=compact": (1.2, True, 0.0, False, 1e-3, 400.0),
+            "rows=3": (1.2, True, 0.0, True, 0.0, 400.0)}),
+        verdict_case("float32", "spconv_pc_x8", "train", {
+            "tiles=pipelined": (1.2, False, 4e-6, False, 6e-6, 400.0),
+            "rows=2": (1.2, False, 4e-6, True, 0.0, 400.0),
+            "algo=fused,wgrad=compact": (1.2, True, 0.0, False, 3e-5, 400.0)}),
+    ]}
+    verdicts = {(v["dtype"], v["variant"]): v for v in bench_cuda.variant_verdicts(data)}
+    assert verdicts["float16", "rows=2"]["passes"]
+    assert verdicts["float16", "rows=2"]["x8"] == {"fwd": 1.3, "train": 1.1}
+    assert verdicts["float16", "tiles=pipelined"]["failures"] == [
+        "slower than the default in kitti fwd (0.95x)"]
+    assert verdicts["float16", "wgrad=compact"]["failures"] == ["not faster on the 8x cloud"]
+    assert verdicts["float16", "rows=3"]["failures"] == [
+        "peak memory above spconv's (spconv_pc_x8 fwd: 1200 > 1000 MiB)"]
+    # float32: a variant off the GEMMs may round differently within 1e-5; row orders may not.
+    assert verdicts["float32", "tiles=pipelined"]["passes"]
+    assert verdicts["float32", "rows=2"]["failures"] == [
+        "outputs differ (spconv_pc_x8 train: 4.0e-06)"]
+    assert verdicts["float32", "algo=fused,wgrad=compact"]["failures"] == [
+        "weight gradients differ (spconv_pc_x8 train: 3.0e-05)"]
+    text = "\n".join(bench_cuda.render_verdicts(data))
+    assert ("| float16 | rows=2 | yes | 1.10 (spconv_pc_x8 train) | fwd 1.30, train 1.10 | - |"
+            in text)
