@@ -7,11 +7,13 @@
 // for dynamic shared memory (0xFF bytes at every block's start). __syncthreads* are block
 // barriers, the *_sync warp intrinsics warp barriers, atomics std::atomic_ref; cp.async copies
 // land at the wait_group that covers them (as late as allowed, so a missing wait reads stale
-// data). The stub headers in include/ replace cuda_runtime.h, the c10/cuda stream, guard and
-// exception headers, WMMA and cub's radix sort. Accesses a GPU refuses as misaligned (vector
-// casts, cp.async, WMMA tiles) abort. What this cannot show: races and
-// memory-ordering bugs of real hardware (a cp.async landing early, a missing barrier between
-// warps), performance, and anything about the real compiler for the device.
+// data; or as early as allowed, SPCONV_LITE_EMU_CP_ASYNC=early, so a missing barrier before a
+// stage's refill changes what slower threads read). The stub headers in include/ replace
+// cuda_runtime.h, the c10/cuda stream, guard and exception headers, WMMA and cub's radix sort.
+// Accesses a GPU refuses as misaligned (vector casts, cp.async, WMMA tiles) abort. What this
+// cannot show: races and memory-ordering bugs of real hardware beyond those two schedules of
+// the copies (the OS interleaves the threads, so a missing barrier between warps shows only by
+// chance), performance, and anything about the real compiler for the device.
 #pragma once
 
 #include <atomic>
@@ -93,10 +95,25 @@ Pointer aligned_cast(From* p) {
   return reinterpret_cast<Pointer>(p);
 }
 
+// SPCONV_LITE_EMU_CP_ASYNC=early (read at each launch): copies land at once instead, as early
+// as a real one may, so that a stage refilled while other threads still read it (a missing
+// barrier between a step's multiplication and the copies into its stage) changes what they
+// read, which landing late hides.
+inline bool copies_land_early = false;
+
+inline void land(const AsyncCopy& c) {
+  std::memcpy(c.dst, c.src, c.bytes);
+  std::memset(static_cast<char*>(c.dst) + c.bytes, 0, c.total - c.bytes);
+}
+
 inline void cp_async(void* dst, const void* src, int bytes, int total) {
   check_aligned(dst, total, "a cp.async destination");
   if (bytes > 0) check_aligned(src, total, "a cp.async source");
-  open_group.push_back({dst, src, bytes, total});
+  if (copies_land_early) {
+    land({dst, src, bytes, total});
+  } else {
+    open_group.push_back({dst, src, bytes, total});
+  }
 }
 inline void cp_async_commit() {
   committed_groups.push_back(std::move(open_group));
@@ -104,10 +121,7 @@ inline void cp_async_commit() {
 }
 inline void cp_async_wait(int newest_pending) {
   while (static_cast<int>(committed_groups.size()) > newest_pending) {
-    for (const AsyncCopy& c : committed_groups.front()) {
-      std::memcpy(c.dst, c.src, c.bytes);
-      std::memset(static_cast<char*>(c.dst) + c.bytes, 0, c.total - c.bytes);
-    }
+    for (const AsyncCopy& c : committed_groups.front()) land(c);
     committed_groups.erase(committed_groups.begin());
   }
 }
@@ -150,6 +164,8 @@ struct Launch {
     if (count % 32 != 0) std::abort();  // the kernels use whole warps
     grid_dim = grid;
     block_dim = threads;
+    const char* landing = std::getenv("SPCONV_LITE_EMU_CP_ASYNC");
+    copies_land_early = landing != nullptr && std::strcmp(landing, "early") == 0;
     // One std::thread per CUDA thread for the whole launch; the blocks run one after another,
     // separated by block barriers (so the function-local statics act as shared memory).
     Block state(count);

@@ -670,6 +670,31 @@ def test_compact_weight_grad_pipelined_sums_as_unpipelined(kind, case, monkeypat
     torch.testing.assert_close(pipelined.double() / scale, want / scale, **TOL[dtype])
 
 
+EARLY_COPY_CASES = (
+    [("conv", shape, variant, dtype) for shape in VARIANT_SHAPES
+     for variant in [("tiles=pipelined", 0), ("tiles=pipelined", 2)]
+     for dtype in (torch.float32, torch.float16)]
+    + [("conv_128_rows", ("subm", 16, 16), ("tiles=pipelined", 2), dtype)
+       for dtype in (torch.float32, torch.float16)]
+    + [("weight_grad", "subm", (dtype, 128, 128)) for dtype in (torch.float32, torch.float16)])
+
+
+@pytest.mark.parametrize("case", EARLY_COPY_CASES, ids=case_id)
+def test_pipelines_with_copies_landing_early(case, monkeypatch):
+    # The pipelined kernels again, their cp.async copies landing as soon as they are issued (as
+    # early as a GPU may land them) instead of at the wait: a step's copies into a stage that
+    # slower threads still multiply (a missing barrier before the refill) would change their
+    # sums, which copies landing at the wait hide.
+    monkeypatch.setenv("SPCONV_LITE_EMU_CP_ASYNC", "early")
+    kind, *args = case
+    if kind == "conv":
+        test_conv_variants_equal_the_default_kernels(*args, "9", monkeypatch)
+    elif kind == "conv_128_rows":
+        test_pipelined_tiles_of_128_rows(*args, monkeypatch)
+    else:
+        test_compact_weight_grad_pipelined_sums_as_unpipelined(*args, monkeypatch)
+
+
 def test_compact_weight_grad_takes_the_wide_float32_layers_off_the_gemms(monkeypatch):
     # As the pipelined conv tiles in the forward: under the auto algorithm a float32 layer of
     # more than 32 x 64 channels takes per-offset GEMMs for its weight gradient, which round
