@@ -1134,8 +1134,10 @@ __device__ void for_each_pair_step(const int32_t* __restrict__ nbr, int64_t in_r
 }
 
 // Starts the cp.async copies of one step's gathered rows: dst[kk][m] = src[rows[first + kk]][c0 +
-// m] for kk < count and c0 + m < channels, zeros elsewhere; kWidth columns (whole 16-byte
-// copies), dst's rows ld elements apart.
+// m] for kk < count, zeros for the pairs past count; kWidth columns (whole 16-byte copies),
+// dst's rows ld elements apart. Columns past the channels are left as they are: in a weight
+// gradient they only reach outputs past the channels, which are never stored (a narrow first
+// layer's 256-column tile then copies 4 columns, not 256).
 template <int kBlockThreads, int BK, int kWidth, typename scalar_t, typename index_t>
 __device__ __forceinline__ void gather_step_async(scalar_t* dst, int ld, const scalar_t* src,
                                                   int channels, int c0, const index_t* rows,
@@ -1144,7 +1146,8 @@ __device__ __forceinline__ void gather_step_async(scalar_t* dst, int ld, const s
   static_assert(kWidth % kVec == 0, "whole 16-byte copies");
   for (int e = threadIdx.x; e < BK * kGroups; e += kBlockThreads) {
     const int kk = e / kGroups, m = (e % kGroups) * kVec, c = c0 + m;
-    const bool valid = kk < count && c < channels;
+    if (c >= channels) continue;
+    const bool valid = kk < count;
     cuda::cp_async16(dst + kk * ld + m,
                      src + (valid ? int64_t{rows[first + kk]} * channels + c : 0), valid);
   }
@@ -1281,6 +1284,7 @@ __global__ void __launch_bounds__(WeightGradSimtTile<BN>::kThreads)
                                                        c_out, block.co0, queue_out, first, count);
       },
       [&](int stage) {
+        if (block.ci0 + channel_in(0) >= c_in) return;  // none of its outputs is stored
 #pragma unroll
         for (int kk = 0; kk < BK; ++kk) {
           float a[TM];
