@@ -103,21 +103,20 @@ for full, (_, regs, (frame, stores, loads), smem) in zip(demangled, kernels):
 sass_counts() {
     "$CUOBJDUMP" -sass -arch "sm_${ARCHS##* }" "$TMP/out.o" | python3 -c '
 import collections, re, subprocess, sys
-columns = {"HMMA": "HMMA", "LDSM": "LDSM", "LDS.128": "LDS.128", "LDS": "LDS", "FFMA": "FFMA",
-           "DFMA": "DFMA", "LDGSTS": "LDGSTS", "LDG": "LDG", "LD": "LD", "LDL/STL": ("LDL", "STL")}
-kernels, name = [], None
+columns = ["HMMA", "LDSM", "LDS.128", "LDS", "FFMA", "DFMA", "LDGSTS", "LDG", "LD", "LDL/STL"]
+def column(opcode):  # the column an instruction counts in, or None
+    base = opcode.split(".")[0]
+    if base == "LDS":
+        return "LDS.128" if opcode.startswith("LDS.128") else "LDS"
+    if base in ("LDL", "STL"):
+        return "LDL/STL"
+    return base if base in columns else None
+kernels = []
 for line in sys.stdin:
     if m := re.match(r"\s+Function : (\S+)", line):
         kernels.append((m.group(1), collections.Counter()))
     elif kernels and (m := re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)):
-        opcode = m.group(1)
-        base = opcode.split(".")[0]
-        for column, prefix in columns.items():
-            if (column == "LDS.128" and opcode.startswith("LDS.128")) or (
-                    column == "LDS" and base == "LDS" and not opcode.startswith("LDS.128")) or (
-                    column not in ("LDS", "LDS.128") and base in
-                    (prefix if isinstance(prefix, tuple) else (prefix,))):
-                kernels[-1][1][column] += 1
+        kernels[-1][1][column(m.group(1))] += 1
 demangled = subprocess.run(["c++filt"], input="\n".join(k[0] for k in kernels),
                            capture_output=True, text=True).stdout.splitlines()
 print("   " + "".join(f"{c:>8}" for c in columns) + "  kernel")

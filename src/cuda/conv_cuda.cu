@@ -1581,6 +1581,13 @@ bool use_fused(at::ScalarType dtype, int64_t c_in, int64_t c_out, bool wide_vari
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// Whether rows of a (c_a elements each) and of b (c_b) can be copied 16 bytes at a time.
+template <typename scalar_t>
+bool rows_of_16_bytes(const scalar_t* a, int c_a, const scalar_t* b, int c_b) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  return c_a % kVec == 0 && c_b % kVec == 0 && aligned16(a) && aligned16(b);
+}
+
 template <typename Tile, typename scalar_t = typename Tile::Element>
 void launch_pipelined_tile(const scalar_t* in, const scalar_t* weight, const int32_t* nbr,
                            const ConvPass<scalar_t>& pass, int64_t rows, int64_t in_rows,
@@ -1606,10 +1613,10 @@ void launch_conv_pipelined(const scalar_t* in, const scalar_t* weight, const int
   const int64_t min_blocks = 2 * int64_t{cuda::multiprocessor_count(device)};
   auto launch = [&](auto bn, auto bk) {
     constexpr int BN = decltype(bn)::value, BK = decltype(bk)::value;
-    const int64_t tall_blocks = (rows + 127) / 128 * ((c_out + BN - 1) / BN);
+    using Tall = PipelinedTile<scalar_t, 128, BN, BK>;
+    const int64_t tall_blocks = (rows + Tall::BM - 1) / Tall::BM * ((c_out + BN - 1) / BN);
     if (tall_blocks >= min_blocks) {
-      launch_pipelined_tile<PipelinedTile<scalar_t, 128, BN, BK>>(in, weight, nbr, pass, rows,
-                                                                  in_rows, volume, c_in, c_out);
+      launch_pipelined_tile<Tall>(in, weight, nbr, pass, rows, in_rows, volume, c_in, c_out);
     } else {
       launch_pipelined_tile<PipelinedTile<scalar_t, 64, BN, BK>>(in, weight, nbr, pass, rows,
                                                                  in_rows, volume, c_in, c_out);
@@ -1650,7 +1657,7 @@ void launch_conv_pass(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
     if (tensor_cores(x.scalar_type(), x.get_device())) {
       const dim3 grid((rows + kWmmaTile - 1) / kWmmaTile, (c_out + kWmmaTile - 1) / kWmmaTile);
-      if (c_in % 8 == 0 && c_out % 8 == 0 && aligned16(in) && aligned16(weight)) {
+      if (rows_of_16_bytes(in, c_in, weight, c_out)) {
         conv_wmma_kernel<scalar_t, true><<<grid, kWmmaThreads, 0, stream>>>(
             in, weight, nbr, pass, rows, x.size(0), volume, c_in, c_out);
       } else {
@@ -1805,7 +1812,7 @@ at::Tensor weight_grad_fused(const at::Tensor& x, const at::Tensor& g, const at:
       int64_t chunk_rows;
       partial = partial_for(int64_t{tiles_m} * tiles_n, &chunk_rows);
       const dim3 grid(partial.size(0), volume, tiles_m * tiles_n);
-      const bool vec = c_in % 8 == 0 && c_out % 8 == 0 && aligned16(in) && aligned16(grad);
+      const bool vec = rows_of_16_bytes(in, c_in, grad, c_out);
       auto* kernel = compact ? (vec ? weight_grad_wmma_compact_kernel<scalar_t, true>
                                     : weight_grad_wmma_compact_kernel<scalar_t, false>)
                              : (vec ? weight_grad_wmma_kernel<scalar_t, true>
@@ -1827,7 +1834,7 @@ at::Tensor weight_grad_fused(const at::Tensor& x, const at::Tensor& g, const at:
       partial = partial_for(int64_t{tiles_m} * tiles_n, &chunk_rows);
       const dim3 grid(partial.size(0), volume, tiles_m * tiles_n);
       if constexpr (std::is_same_v<scalar_t, float>) {
-        if (compact && c_in % 4 == 0 && c_out % 4 == 0 && aligned16(in) && aligned16(grad)) {
+        if (compact && rows_of_16_bytes(in, c_in, grad, c_out)) {
           weight_grad_simt_pipelined_kernel<BN>
               <<<grid, WeightGradSimtTile<BN>::kThreads, 0, stream>>>(
                   in, grad, nbr, partial.data_ptr<float>(), rows, x.size(0), volume, c_in,
