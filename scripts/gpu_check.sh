@@ -23,8 +23,9 @@
 #                           what is left minus a reserve for the stages after it
 #   GPU_CHECK_TEST_WORKERS  pytest-xdist workers for the tests (default 4; 0 = none)
 #   GPU_CHECK_BENCH_ARGS    extra arguments for benchmarks/bench_cuda.py (e.g. "--repeats 5")
-#   GPU_CHECK_VARIANTS_ARGS extra arguments for the variants stage's bench_cuda.py run (e.g.
-#                           '--variants "rows=2;tiles=pipelined"' for a shorter sweep)
+#   GPU_CHECK_VARIANTS_ARGS extra arguments for the variants stage's bench_cuda.py run, split
+#                           at spaces, no quotes (e.g. '--variants rows=2;tiles=pipelined' for a
+#                           shorter sweep)
 #   GPU_CHECK_PROFILE_LAYER the profile stage's layer, NETWORK:INPUT:LAYER:DTYPE (default
 #                           spconv:spconv_pc_x8:1:float16, the 8x cloud's 64->64 SubM; the
 #                           same with :float32 profiles the SIMT kernels and the GEMM path)
@@ -76,9 +77,13 @@
 # variant of bench_cuda.DEFAULT_SWEEP and spconv (variants.json: "variant_speedup",
 # "vs_spconv", "vs_default"), then every conv layer's forward / input gradient / weight gradient
 # per variant ("layers"). Afterwards, here: bench_cuda.py --write-results variants.json writes
-# the tables (README "CUDA" says which numbers decide the defaults). Adding "profile" to the
-# stages runs ncu (--clock-control none; it reads counters on Firecracker machines, not on
-# gVisor ones) over one layer's conv kernels with the default kernels and four variants:
+# the tables (README "CUDA" says which numbers decide the defaults). mma=sync is not in the
+# default sweep: for float16 its machine code has the same instruction counts as WMMA's, and
+# bfloat16 is not one of #13's cases; to time it, GPU_CHECK_VARIANTS_ARGS='--dtypes bfloat16
+# --variants tiles=pipelined,wgrad=compact;tiles=pipelined,wgrad=compact,mma=sync'. Adding
+# "profile" to the stages runs ncu (--clock-control none; it reads counters on Firecracker
+# machines, not on gVisor ones) over one layer's conv kernels with the default kernels and four
+# variants:
 # ncu.csv, SpeedOfLight / Occupancy / WarpStateStats / MemoryWorkloadAnalysis per kernel, each
 # kernel under an NVTX range named after its variant and op.
 set -uo pipefail
@@ -244,6 +249,7 @@ SANITIZER_TESTS="(test_kernel_maps_are_identical and 1500) or test_zero_sites_ma
  or (test_conv_matches_cpu and subm-16-16 and float32)
  or (test_conv_variants_equal_the_default_kernels and subm-16-16 and (float16 or float32))
  or (test_compact_weight_grad_pipelined_sums_as_unpipelined and float32-36-28)
+ or (test_sync_mma_sums_as_wmma and subm-16-16 and bfloat16)
  or (test_half_precision_close_to_float32 and (subm-16-16 or subm-3-5) and float16)
  or (test_non_finite_weights_reach_only_real_pairs and float16)
  or test_conv_with_an_empty_kernel or (test_pooling_is_identical and float32)

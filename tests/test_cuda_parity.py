@@ -422,6 +422,28 @@ def test_conv_variants_equal_the_default_kernels(shape, variant, dtype, monkeypa
         assert torch.equal(got[2], want[2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=case_id)
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=case_id)
+def test_sync_mma_sums_as_wmma(shape, dtype, monkeypatch):
+    # ldmatrix + mma.sync (mma=sync) in place of WMMA fragments in the pipelined tiles and the
+    # compacted weight gradient: the same HMMA instruction over the same steps, so the same
+    # sums. The emulator runs the fragments' lane layouts as the kernels and emu.h read the PTX
+    # ISA; only the hardware can say that reading is right.
+    monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", "fused")
+    kind, c_in, c_out = shape
+    nbr, nbr_t = (t.to(CUDA) for t in a_map(kind))
+    gen = make_gen("parity_sync_mma", shape, dtype)
+    x = randn(gen, nbr_t.shape[0], c_in, dtype=dtype).to(CUDA)
+    w = randn(gen, nbr.shape[1], c_in, c_out, dtype=dtype, scale=(27 * c_in) ** -0.5).to(CUDA)
+    up = randn(gen, nbr.shape[0], c_out, dtype=dtype).to(CUDA)
+    monkeypatch.setenv("SPCONV_LITE_CUDA_VARIANTS", "tiles=pipelined,wgrad=compact")
+    want = ordered_conv_results(x, w, nbr, nbr_t, up, 2)
+    monkeypatch.setenv("SPCONV_LITE_CUDA_VARIANTS", "tiles=pipelined,wgrad=compact,mma=sync")
+    got = ordered_conv_results(x, w, nbr, nbr_t, up, 2)
+    for g, e in zip(got, want):
+        assert torch.equal(g + 0, e + 0)
+
+
 @pytest.mark.parametrize("case", [(torch.float16, 128, 128), (torch.float32, 128, 128),
                                   (torch.float32, 36, 28), (torch.float32, 4, 16)], ids=case_id)
 def test_compact_weight_grad_pipelined_sums_as_unpipelined(case, monkeypatch):

@@ -86,10 +86,15 @@ inline ConvAlgo conv_algo_from_env() {
 //                       takes float32's wide layers off the per-offset GEMMs)
 //   mapsort=torch|radix  output-site sort of build_conv_map: at::sort of the 64-bit keys, or a
 //                       radix sort of only the bits the output grid's keys use
+//   mma=wmma|sync       tensor-core instructions of the pipelined conv tiles and of the
+//                       compacted weight gradient (float16 / bfloat16): WMMA fragments, or
+//                       ldmatrix + mma.sync with their fixed register layouts (bfloat16's WMMA
+//                       fragments load without ldmatrix on sm_90); the same sums
 struct Variants {
   bool compact_weight_grad = false;
   bool pipelined_tiles = false;
   bool radix_map_sort = false;
+  bool sync_mma = false;
 };
 
 inline Variants variants_from_env() {
@@ -115,12 +120,14 @@ inline Variants variants_from_env() {
       variants.pipelined_tiles = choice == "pipelined";
     } else if (key == "mapsort" && (choice == "torch" || choice == "radix")) {
       variants.radix_map_sort = choice == "radix";
+    } else if (key == "mma" && (choice == "wmma" || choice == "sync")) {
+      variants.sync_mma = choice == "sync";
     } else {
       known = false;
     }
     TORCH_CHECK_VALUE(known, "SPCONV_LITE_CUDA_VARIANTS: unknown entry '", item,
                       "' (known: rows=0..8, wgrad=chunked|compact, tiles=wmma64|pipelined, "
-                      "mapsort=torch|radix)");
+                      "mapsort=torch|radix, mma=wmma|sync)");
   }
   return variants;
 }
@@ -176,6 +183,58 @@ __device__ __forceinline__ void cp_async_wait() {
   ::emu::cp_async_wait(kPending);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+#endif
+}
+
+// ---------------------------------------------------------------- warp-level tensor-core MMA
+// ldmatrix + mma.sync (sm_80+), whose register layouts the PTX ISA fixes (WMMA's fragments are
+// opaque). The emulation runs both as warp collectives.
+
+// Four 8 x 8 matrices of 16-bit elements from shared memory: lane l gives the address of row
+// l % 8 of matrix l / 8 (16-byte aligned) and receives in r[j] the elements (l / 4, 2 (l % 4) +
+// {0, 1}) of matrix j, or with kTrans (2 (l % 4) + {0, 1}, l / 4); the lower-numbered element in
+// the low 16 bits.
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+#if defined(SPCONV_LITE_CUDA_EMULATION)
+  ::emu::ldmatrix_x4(r, row, kTrans);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+  }
+#endif
+}
+
+// d += a @ b for a 16 x 8 tile over 16 (float16 or, with kBFloat16, bfloat16 operands; float32
+// sums): lane l, with g = l / 4 and t = l % 4, holds A's elements (g + 8 (i % 2), 2t + 8 (i / 2)
+// + {0, 1}) in a[i], B's (2t + 8 i + {0, 1}, g) in b_i and C's (g + 8 (i / 2), 2t + i % 2) in
+// d[i]. The same instruction as a 16 x 16 x 16 WMMA's two halves, so the same sums.
+template <bool kBFloat16>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+#if defined(SPCONV_LITE_CUDA_EMULATION)
+  ::emu::mma_m16n8k16(d, a, b0, b1, kBFloat16);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (kBFloat16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
 #endif
 }
 

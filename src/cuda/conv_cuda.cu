@@ -430,13 +430,154 @@ __device__ __forceinline__ void warp_mma_xt(AccFragment (&acc)[2][2], const T* X
   }
 }
 
-// Writes a weight-gradient block's accumulators, through the shared C [BM, LDC], to its
-// C_in x C_out tile (from ci0, co0) of dst = partial[chunk, k] ([C_in, C_out]).
-template <int BM, int BN, int LDC>
-__device__ __forceinline__ void store_weight_grad_tile(AccFragment (&acc)[2][2], float* C,
-                                                       int wm, int wn, int tid, float* dst,
-                                                       int ci0, int co0, int c_in, int c_out) {
-  store_warp_tile<LDC>(C, acc, wm, wn);
+// A warp's (16 FM) x (16 FN) float accumulators and its MMAs over a reduction step, in WMMA
+// fragments (WarpWmma) or in mma.sync's registers (WarpMmaSync, variant mma=sync): the same
+// interface, the same steps in the same order and, on the GPU, the same instructions
+// (HMMA.16816.F32 / .F32.BF16 in sm_90's machine code), so the same sums. A is the warp's rows: element (m, k) at
+// A[m * LDA + k], or with kColumnMajorA at A[k * LDA + m] (the weight gradient's X^T); B its
+// columns, (k, n) at B[k * LDB + n]; C a float tile in shared memory from the warp's first
+// element, LDC apart.
+template <typename scalar_t, int FM, int FN>
+struct WarpWmma {
+  using T = typename WmmaType<scalar_t>::type;
+  AccFragment acc[FM][FN];
+
+  __device__ void clear() {
+#pragma unroll
+    for (int i = 0; i < FM; ++i) {
+#pragma unroll
+      for (int j = 0; j < FN; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.0f);
+    }
+  }
+  template <int LDC>
+  __device__ void load(const float* C) {
+#pragma unroll
+    for (int i = 0; i < FM; ++i) {
+#pragma unroll
+      for (int j = 0; j < FN; ++j) {
+        nvcuda::wmma::load_matrix_sync(acc[i][j], C + i * 16 * LDC + j * 16, LDC,
+                                       nvcuda::wmma::mem_row_major);
+      }
+    }
+  }
+  template <int LDC>
+  __device__ void store(float* C) {
+    store_warp_tile<LDC>(C, acc, 0, 0);
+  }
+  template <int BK, int LDA, int LDB, bool kColumnMajorA>
+  __device__ void multiply(const scalar_t* A, const scalar_t* B) {
+    if constexpr (kColumnMajorA) {
+      static_assert(FM == 2 && FN == 2, "the weight gradient's 32 x 32 warp tiles");
+      warp_mma_xt<T, BK, LDA, LDB>(acc, reinterpret_cast<const T*>(A),
+                                   reinterpret_cast<const T*>(B));
+    } else {
+      warp_mma<T, BK, LDA, LDB, FM, FN>(acc, reinterpret_cast<const T*>(A),
+                                        reinterpret_cast<const T*>(B));
+    }
+  }
+};
+
+// Lane l (g = l / 4, t = l % 4) holds element q of 16 x 8 tile (i, j) at row i * 16 + g +
+// 8 (q / 2), column j * 8 + 2t + q % 2 (mma_m16n8k16). Operands come from shared memory by
+// ldmatrix: A's 16 x 16 tiles as four 8 x 8 matrices (transposed when column-major), B's as two
+// 16 x 8 tiles at a time, transposed (B is k-major, mma.sync wants its columns).
+template <typename scalar_t, int FM, int FN>
+struct WarpMmaSync {
+  static constexpr bool kBFloat16 = std::is_same_v<scalar_t, c10::BFloat16>;
+  static constexpr int FN8 = 2 * FN;  // 16 x 8 tiles across
+  float acc[FM][FN8][4];
+
+  __device__ static int lane() { return threadIdx.x % 32; }
+  __device__ static int offset(int i, int j, int q, int ld) {  // of acc[i][j][q] in C
+    const int l = lane();
+    return (i * 16 + l / 4 + 8 * (q / 2)) * ld + j * 8 + 2 * (l % 4) + q % 2;
+  }
+  __device__ void clear() {
+#pragma unroll
+    for (int i = 0; i < FM; ++i) {
+#pragma unroll
+      for (int j = 0; j < FN8; ++j) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+      }
+    }
+  }
+  template <int LDC>
+  __device__ void load(const float* C) {
+#pragma unroll
+    for (int i = 0; i < FM; ++i) {
+#pragma unroll
+      for (int j = 0; j < FN8; ++j) {
+#pragma unroll
+        for (int q = 0; q < 4; q += 2) {  // two columns side by side: one 8-byte read
+          const float2 v = *reinterpret_cast<const float2*>(C + offset(i, j, q, LDC));
+          acc[i][j][q] = v.x;
+          acc[i][j][q + 1] = v.y;
+        }
+      }
+    }
+  }
+  template <int LDC>
+  __device__ void store(float* C) const {
+#pragma unroll
+    for (int i = 0; i < FM; ++i) {
+#pragma unroll
+      for (int j = 0; j < FN8; ++j) {
+#pragma unroll
+        for (int q = 0; q < 4; q += 2) {
+          *reinterpret_cast<float2*>(C + offset(i, j, q, LDC)) =
+              make_float2(acc[i][j][q], acc[i][j][q + 1]);
+        }
+      }
+    }
+  }
+  template <int BK, int LDA, int LDB, bool kColumnMajorA>
+  __device__ void multiply(const scalar_t* A, const scalar_t* B) {
+    const int l = lane();
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      uint32_t a[FM][4];
+      uint32_t b[FN8][2];
+#pragma unroll
+      for (int i = 0; i < FM; ++i) {
+        // Lane l gives a row of matrix l / 8: rows (m) 0-7, 8-15 at k 0-7, then at k 8-15; read
+        // column-major, the k rows of matrices (m 0-7, k 0-7), (m 8-15, k 0-7), ...
+        if constexpr (kColumnMajorA) {
+          const int j = l / 8, r = l % 8;
+          cuda::ldmatrix_x4<true>(a[i], A + (kk + r + (j / 2) * 8) * LDA + i * 16 + (j % 2) * 8);
+        } else {
+          cuda::ldmatrix_x4<false>(a[i], A + (i * 16 + l % 16) * LDA + kk + (l / 16) * 8);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < FN8; j += 2) {
+        // Matrices (k 0-7, k 8-15) x (columns 0-7, 8-15) of the pair of tiles j, j + 1.
+        uint32_t r[4];
+        cuda::ldmatrix_x4<true>(r, B + (kk + l % 16) * LDB + j * 8 + (l / 16) * 8);
+        b[j][0] = r[0];
+        b[j][1] = r[1];
+        b[j + 1][0] = r[2];
+        b[j + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int i = 0; i < FM; ++i) {
+#pragma unroll
+        for (int j = 0; j < FN8; ++j) {
+          cuda::mma_m16n8k16<kBFloat16>(acc[i][j], a[i], b[j][0], b[j][1]);
+        }
+      }
+    }
+  }
+};
+
+// Writes a weight-gradient block's accumulators (a WarpWmma or WarpMmaSync per warp), through
+// the shared C [BM, LDC], to its C_in x C_out tile (from ci0, co0) of dst = partial[chunk, k]
+// ([C_in, C_out]).
+template <int BM, int BN, int LDC, typename Warp>
+__device__ __forceinline__ void store_weight_grad_tile(Warp& acc, float* C, int wm, int wn,
+                                                       int tid, float* dst, int ci0, int co0,
+                                                       int c_in, int c_out) {
+  acc.template store<LDC>(C + wm * LDC + wn);
   __syncthreads();
   for (int e = tid; e < BM * BN; e += kWmmaThreads) {
     const int m = e / BN, n = e % BN, ci = ci0 + m, co = co0 + n;
@@ -652,42 +793,26 @@ struct PipelinedTile {
 };
 
 // The tensor cores' part of a pipelined tile (float16 / bfloat16, sm_80+): each warp a WM x WN
-// part of the tile in 16 x 16 WMMA fragments, accumulating in float.
-template <typename Tile>
-struct PipelinedWmma {
+// part of the tile, accumulating in float in a Warp (WarpWmma, or WarpMmaSync with mma=sync).
+template <typename Tile, template <typename, int, int> class Warp>
+struct PipelinedTensorCores {
   static constexpr int kWarpsN = Tile::BN >= 64 ? 2 : 1;
   static constexpr int kWarpsM = 4 / kWarpsN;
   static constexpr int WM = Tile::BM / kWarpsM, WN = Tile::BN / kWarpsN;
-  static constexpr int FM = WM / 16, FN = WN / 16;
-  using T = typename WmmaType<typename Tile::Element>::type;
-  AccFragment acc[FM][FN];
+  Warp<typename Tile::Element, WM / 16, WN / 16> warp;
   int wm, wn;  // the warp's first row and column in the tile
 
-  __device__ explicit PipelinedWmma(int tid)
+  __device__ explicit PipelinedTensorCores(int tid)
       : wm((tid / 32 / kWarpsN) * WM), wn((tid / 32 % kWarpsN) * WN) {}
-  __device__ void clear() {
-#pragma unroll
-    for (int i = 0; i < FM; ++i) {
-#pragma unroll
-      for (int j = 0; j < FN; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.0f);
-    }
-  }
+  __device__ void clear() { warp.clear(); }
   __device__ void load(const float* C) {  // C [BM, LDC]
-#pragma unroll
-    for (int i = 0; i < FM; ++i) {
-#pragma unroll
-      for (int j = 0; j < FN; ++j) {
-        nvcuda::wmma::load_matrix_sync(acc[i][j], C + (wm + i * 16) * Tile::LDC + wn + j * 16,
-                                       Tile::LDC, nvcuda::wmma::mem_row_major);
-      }
-    }
+    warp.template load<Tile::LDC>(C + wm * Tile::LDC + wn);
   }
   // acc += A @ B over one step: A [BM, LDA], B [BK, LDB].
   __device__ void multiply(const typename Tile::Element* A, const typename Tile::Element* B) {
-    warp_mma<T, Tile::BK, Tile::LDA, Tile::LDB, FM, FN>(
-        acc, reinterpret_cast<const T*>(A) + wm * Tile::LDA, reinterpret_cast<const T*>(B) + wn);
+    warp.template multiply<Tile::BK, Tile::LDA, Tile::LDB, false>(A + wm * Tile::LDA, B + wn);
   }
-  __device__ void store(float* C) { store_warp_tile<Tile::LDC>(C, acc, wm, wn); }
+  __device__ void store(float* C) { warp.template store<Tile::LDC>(C + wm * Tile::LDC + wn); }
 };
 
 // The SIMT part of a pipelined tile (float32): thread (ty, tx) owns rows ty + i * kThreadsM and
@@ -965,7 +1090,8 @@ __device__ __forceinline__ void conv_pipelined_tile(const scalar_t* __restrict__
   }
 }
 
-template <typename Tile, typename scalar_t = typename Tile::Element>
+// kSyncMma: the tensor cores by ldmatrix + mma.sync instead of WMMA (float16 / bfloat16).
+template <typename Tile, bool kSyncMma, typename scalar_t = typename Tile::Element>
 __global__ void __launch_bounds__(Tile::kThreads)
     conv_pipelined_kernel(const scalar_t* __restrict__ in, const scalar_t* __restrict__ weight,
                           const int32_t* __restrict__ nbr, ConvPass<scalar_t> pass, int64_t rows,
@@ -975,8 +1101,9 @@ __global__ void __launch_bounds__(Tile::kThreads)
                                                    c_in, c_out);
   } else {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-    conv_pipelined_tile<Tile, PipelinedWmma<Tile>>(in, weight, nbr, pass, rows, in_rows, volume,
-                                                   c_in, c_out);
+    using Math = std::conditional_t<kSyncMma, PipelinedTensorCores<Tile, WarpMmaSync>,
+                                    PipelinedTensorCores<Tile, WarpWmma>>;
+    conv_pipelined_tile<Tile, Math>(in, weight, nbr, pass, rows, in_rows, volume, c_in, c_out);
 #else
     CUDA_KERNEL_ASSERT_MSG(false, "spconv_lite: tensor-core kernel launched below sm_80");
 #endif
@@ -994,8 +1121,6 @@ __global__ void __launch_bounds__(kWmmaThreads)
                             int64_t rows, int64_t in_rows, int volume, int c_in, int c_out,
                             int64_t rows_per_chunk, int tiles_n) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  namespace wmma = nvcuda::wmma;
-  using T = typename WmmaType<scalar_t>::type;
   constexpr int BM = kWmmaTile, BN = kWmmaTile, BK = kWmmaBK;
   constexpr int LDX = BM + kWmmaPad, LDG = BN + kWmmaPad, LDC = BN + 4;
   __shared__ __align__(32) scalar_t X[BK * LDX];  // X[kk][m] = in[row of step row kk][ci0 + m]
@@ -1006,12 +1131,8 @@ __global__ void __launch_bounds__(kWmmaThreads)
   const int warp = tid / 32;
   const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
   const WeightGradBlock block(BM, BN, tiles_n, rows, rows_per_chunk, volume, c_in, c_out);
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-  }
+  WarpWmma<scalar_t, 2, 2> acc;
+  acc.clear();
   const scalar_t zero(0.0f);
   for (int64_t r0 = block.begin; r0 < block.end; r0 += BK) {
     int any = 0;
@@ -1045,8 +1166,7 @@ __global__ void __launch_bounds__(kWmmaThreads)
       }
     }
     __syncthreads();
-    warp_mma_xt<T, BK, LDX, LDG>(acc, reinterpret_cast<const T*>(X + wm),
-                                 reinterpret_cast<const T*>(G + wn));
+    acc.template multiply<BK, LDX, LDG, true>(X + wm, G + wn);
     __syncthreads();
   }
   store_weight_grad_tile<BM, BN, LDC>(acc, C, wm, wn, tid,
@@ -1322,8 +1442,9 @@ __global__ void __launch_bounds__(WeightGradSimtTile<BN>::kThreads)
   }
 }
 
-// partial[chunk, k] as weight_grad_wmma_kernel computes it, over the queued pairs.
-template <typename scalar_t, bool kVec>
+// partial[chunk, k] as weight_grad_wmma_kernel computes it, over the queued pairs; kSyncMma:
+// by ldmatrix + mma.sync instead of WMMA.
+template <typename scalar_t, bool kVec, bool kSyncMma>
 __global__ void __launch_bounds__(kWmmaThreads)
     weight_grad_wmma_compact_kernel(const scalar_t* __restrict__ in,
                                     const scalar_t* __restrict__ grad_out,
@@ -1331,8 +1452,6 @@ __global__ void __launch_bounds__(kWmmaThreads)
                                     int64_t rows, int64_t in_rows, int volume, int c_in,
                                     int c_out, int64_t rows_per_chunk, int tiles_n) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  namespace wmma = nvcuda::wmma;
-  using T = typename WmmaType<scalar_t>::type;
   constexpr int BM = kWmmaTile, BN = kWmmaTile, BK = kWmmaBK;
   constexpr int LDX = BM + kWmmaPad, LDG = BN + kWmmaPad, LDC = BN + 4;
   // With 16-byte copies two stages (cp.async), each X[kk][m] = in[input row of pair kk][ci0 + m]
@@ -1353,15 +1472,10 @@ __global__ void __launch_bounds__(kWmmaThreads)
   const int warp = tid / 32;
   const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
   const WeightGradBlock block(BM, BN, tiles_n, rows, rows_per_chunk, volume, c_in, c_out);
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-  }
+  std::conditional_t<kSyncMma, WarpMmaSync<scalar_t, 2, 2>, WarpWmma<scalar_t, 2, 2>> acc;
+  acc.clear();
   auto multiply = [&](int stage) {
-    warp_mma_xt<T, BK, LDX, LDG>(acc, reinterpret_cast<const T*>(X(stage) + wm),
-                                 reinterpret_cast<const T*>(G(stage) + wn));
+    acc.template multiply<BK, LDX, LDG, true>(X(stage) + wm, G(stage) + wn);
   };
   if constexpr (kVec) {
     for_each_pair_step_pipelined<kWmmaThreads, BK>(
@@ -1591,8 +1705,11 @@ bool rows_of_16_bytes(const scalar_t* a, int c_a, const scalar_t* b, int c_b) {
 template <typename Tile, typename scalar_t = typename Tile::Element>
 void launch_pipelined_tile(const scalar_t* in, const scalar_t* weight, const int32_t* nbr,
                            const ConvPass<scalar_t>& pass, int64_t rows, int64_t in_rows,
-                           int volume, int c_in, int c_out) {
-  auto* kernel = conv_pipelined_kernel<Tile>;
+                           int volume, int c_in, int c_out, bool sync_mma) {
+  auto* kernel = conv_pipelined_kernel<Tile, false>;
+  if constexpr (!std::is_same_v<scalar_t, float>) {  // float32's tiles are SIMT: one kernel
+    if (sync_mma) kernel = conv_pipelined_kernel<Tile, true>;
+  }
   const int bytes = Tile::bytes(pass.k_end - pass.k_begin);
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   const dim3 grid((rows + Tile::BM - 1) / Tile::BM, (c_out + Tile::BN - 1) / Tile::BN);
@@ -1609,17 +1726,18 @@ void launch_pipelined_tile(const scalar_t* in, const scalar_t* weight, const int
 template <typename scalar_t>
 void launch_conv_pipelined(const scalar_t* in, const scalar_t* weight, const int32_t* nbr,
                            const ConvPass<scalar_t>& pass, int64_t rows, int64_t in_rows,
-                           int volume, int c_in, int c_out, int device) {
+                           int volume, int c_in, int c_out, int device, bool sync_mma) {
   const int64_t min_blocks = 2 * int64_t{cuda::multiprocessor_count(device)};
   auto launch = [&](auto bn, auto bk) {
     constexpr int BN = decltype(bn)::value, BK = decltype(bk)::value;
     using Tall = PipelinedTile<scalar_t, 128, BN, BK>;
     const int64_t tall_blocks = (rows + Tall::BM - 1) / Tall::BM * ((c_out + BN - 1) / BN);
     if (tall_blocks >= min_blocks) {
-      launch_pipelined_tile<Tall>(in, weight, nbr, pass, rows, in_rows, volume, c_in, c_out);
+      launch_pipelined_tile<Tall>(in, weight, nbr, pass, rows, in_rows, volume, c_in, c_out,
+                                  sync_mma);
     } else {
-      launch_pipelined_tile<PipelinedTile<scalar_t, 64, BN, BK>>(in, weight, nbr, pass, rows,
-                                                                 in_rows, volume, c_in, c_out);
+      launch_pipelined_tile<PipelinedTile<scalar_t, 64, BN, BK>>(
+          in, weight, nbr, pass, rows, in_rows, volume, c_in, c_out, sync_mma);
     }
   };
   using I16 = std::integral_constant<int, 16>;
@@ -1767,7 +1885,8 @@ void launch_conv_fused(const at::Tensor& features, const at::Tensor& weight,
       if (pipelined) {
         launch_conv_pipelined<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                                         table.data_ptr<int32_t>(), pass, rows, x.size(0), volume,
-                                        static_cast<int>(x.size(1)), c_out, x.get_device());
+                                        static_cast<int>(x.size(1)), c_out, x.get_device(),
+                                        variants.sync_mma);
         continue;
       }
     }
@@ -1813,10 +1932,15 @@ at::Tensor weight_grad_fused(const at::Tensor& x, const at::Tensor& g, const at:
       partial = partial_for(int64_t{tiles_m} * tiles_n, &chunk_rows);
       const dim3 grid(partial.size(0), volume, tiles_m * tiles_n);
       const bool vec = rows_of_16_bytes(in, c_in, grad, c_out);
-      auto* kernel = compact ? (vec ? weight_grad_wmma_compact_kernel<scalar_t, true>
-                                    : weight_grad_wmma_compact_kernel<scalar_t, false>)
-                             : (vec ? weight_grad_wmma_kernel<scalar_t, true>
-                                    : weight_grad_wmma_kernel<scalar_t, false>);
+      auto* kernel = vec ? weight_grad_wmma_kernel<scalar_t, true>
+                         : weight_grad_wmma_kernel<scalar_t, false>;
+      if (compact) {
+        kernel = variants.sync_mma
+                     ? (vec ? weight_grad_wmma_compact_kernel<scalar_t, true, true>
+                            : weight_grad_wmma_compact_kernel<scalar_t, false, true>)
+                     : (vec ? weight_grad_wmma_compact_kernel<scalar_t, true, false>
+                            : weight_grad_wmma_compact_kernel<scalar_t, false, false>);
+      }
       kernel<<<grid, kWmmaThreads, 0, stream>>>(in, grad, nbr, partial.data_ptr<float>(), rows,
                                                 x.size(0), volume, c_in, c_out, chunk_rows,
                                                 tiles_n);

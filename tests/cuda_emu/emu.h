@@ -5,7 +5,8 @@
 // stream)(args)). Every CUDA thread of a block is a std::thread, blocks run one after another,
 // so function-local statics stand in for __shared__ memory, and a buffer of the launch's size
 // for dynamic shared memory (0xFF bytes at every block's start). __syncthreads* are block
-// barriers, the *_sync warp intrinsics warp barriers, atomics std::atomic_ref; cp.async copies
+// barriers, the *_sync warp intrinsics (and ldmatrix, mma.sync) warp collectives, atomics
+// std::atomic_ref; cp.async copies
 // land at the wait_group that covers them (as late as allowed, so a missing wait reads stale
 // data; or as early as allowed, SPCONV_LITE_EMU_CP_ASYNC=early, so a missing barrier before a
 // stage's refill changes what slower threads read). The stub headers in include/ replace
@@ -29,6 +30,9 @@
 #include <utility>
 #include <vector>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include "cuda_runtime.h"
 
 #define __global__
@@ -46,6 +50,7 @@ struct Warp {
   std::barrier<> barrier{32};
   unsigned int bits[32];
   unsigned long long values[32];
+  uint32_t registers[32][10];  // mma.sync: each lane's operands (a[4], b[2], c[4])
 };
 
 struct Block {
@@ -133,6 +138,67 @@ inline void check_no_pending_copies() {
 }
 
 inline int lane_id() { return linear_id % 32; }
+
+inline Warp& this_warp() { return *block->warps[linear_id / 32]; }
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane l gives the address of row l % 8 of
+// matrix l / 8 and receives in r[j] the elements (l / 4, 2 (l % 4) + {0, 1}) of matrix j (trans:
+// (2 (l % 4) + {0, 1}, l / 4)), the lower-numbered one in the low 16 bits.
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+  check_aligned(row, 16, "an ldmatrix row");
+  Warp& warp = this_warp();
+  const int lane = lane_id(), g = lane / 4, t = lane % 4;
+  warp.values[lane] = reinterpret_cast<std::uintptr_t>(row);
+  warp.barrier.arrive_and_wait();
+  auto element = [&](int matrix, int row_in, int column) {
+    return reinterpret_cast<const uint16_t*>(warp.values[matrix * 8 + row_in])[column];
+  };
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t low = trans ? element(j, 2 * t, g) : element(j, g, 2 * t);
+    const uint32_t high = trans ? element(j, 2 * t + 1, g) : element(j, g, 2 * t + 1);
+    r[j] = low | high << 16;
+  }
+  warp.barrier.arrive_and_wait();
+}
+
+inline float half_bits_to_float(uint32_t bits, bool bfloat16) {
+  const auto h = static_cast<uint16_t>(bits);
+  return bfloat16 ? static_cast<float>(c10::BFloat16(h, c10::BFloat16::from_bits()))
+                  : static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32, d += a @ b: lane l (g = l / 4,
+// t = l % 4) holds A's (g + 8 (i % 2), 2t + 8 (i / 2) + {0, 1}) in a[i], B's (2t + 8 i + {0, 1},
+// g) in b_i, and C's (g + 8 (i / 2), 2t + i % 2) in d[i]. Each sum adds the products to C in
+// increasing k, as the WMMA emulation does (mma.h).
+inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
+                         bool bfloat16) {
+  Warp& warp = this_warp();
+  const int lane = lane_id(), g = lane / 4, t = lane % 4;
+  uint32_t* mine = warp.registers[lane];
+  for (int i = 0; i < 4; ++i) mine[i] = a[i];
+  mine[4] = b0;
+  mine[5] = b1;
+  for (int i = 0; i < 4; ++i) std::memcpy(&mine[6 + i], &d[i], 4);
+  warp.barrier.arrive_and_wait();
+  auto half_of = [&](int owner, int word, int column) {
+    return half_bits_to_float(warp.registers[owner][word] >> (16 * (column % 2)), bfloat16);
+  };
+  auto a_at = [&](int m, int k) {
+    return half_of((m % 8) * 4 + (k % 8) / 2, m / 8 + 2 * (k / 8), k);
+  };
+  auto b_at = [&](int k, int n) { return half_of(n * 4 + (k % 8) / 2, 4 + k / 8, k); };
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const int m = g + 8 * (i / 2), n = 2 * t + i % 2;
+    float sum;
+    std::memcpy(&sum, &warp.registers[(m % 8) * 4 + n / 2][6 + (m / 8) * 2 + n % 2], 4);
+    for (int k = 0; k < 16; ++k) sum += a_at(m, k) * b_at(k, n);
+    out[i] = sum;
+  }
+  warp.barrier.arrive_and_wait();
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
 
 inline int block_reduce(int value, bool is_or) {
   block->barrier.arrive_and_wait();  // what every thread did before is visible after

@@ -526,7 +526,15 @@ def conv_calls(kind, c_in, c_out, dtype, splits, key, n=300):
 VARIANT_SHAPES = [("subm", 16, 16), ("subm", 4, 16), ("strided", 40, 32), ("transposed", 13, 70)]
 # (variants, splits of the row orders)
 VARIANTS = [("tiles=wmma64", 3), ("tiles=pipelined", 0), ("tiles=pipelined", 1),
-            ("tiles=pipelined", 2)]
+            ("tiles=pipelined", 2), ("tiles=pipelined,mma=sync", 0),
+            ("tiles=pipelined,mma=sync", 2)]
+HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+def skip_unless_mma_applies(variants, dtype):
+    # mma=sync changes the tensor-core kernels only.
+    if "mma=sync" in variants and dtype not in HALF_TYPES:
+        pytest.skip("mma=sync only changes the float16 / bfloat16 kernels")
 
 
 @pytest.mark.parametrize("sm_major", ["9", "7"])  # tensor-core kernels, then SIMT fallbacks
@@ -534,11 +542,11 @@ VARIANTS = [("tiles=wmma64", 3), ("tiles=pipelined", 0), ("tiles=pipelined", 1),
 @pytest.mark.parametrize("variant", VARIANTS, ids=case_id)
 @pytest.mark.parametrize("shape", VARIANT_SHAPES, ids=case_id)
 def test_conv_variants_equal_the_default_kernels(shape, variant, dtype, sm_major, monkeypatch):
-    if sm_major == "7" and (dtype not in (torch.float16, torch.bfloat16)
-                            or variant[0] == "tiles=pipelined"):
+    if sm_major == "7" and (dtype not in HALF_TYPES or "tiles=pipelined" in variant[0]):
         pytest.skip("the compute capability only changes the half-precision kernels, and "
                     "below sm_80 the pipelined tiles fall back to the SIMT ones")
     variants, splits = variant
+    skip_unless_mma_applies(variants, dtype)
     kind, c_in, c_out = shape
     variant_env(monkeypatch, "", sm_major=sm_major)
     want = [call(EMU) for call in conv_calls(kind, c_in, c_out, dtype, 0, "equal")]
@@ -553,13 +561,15 @@ def test_conv_variants_equal_the_default_kernels(shape, variant, dtype, sm_major
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
 @pytest.mark.parametrize("variant", [("tiles=pipelined", 0), ("tiles=pipelined", 2),
-                                     ("tiles=wmma64", 2)], ids=case_id)
+                                     ("tiles=wmma64", 2), ("tiles=pipelined,mma=sync", 2)],
+                         ids=case_id)
 @pytest.mark.parametrize("channels", [(16, 24), (5, 3)], ids=case_id)
 def test_conv_variants_with_non_finite_weights(channels, variant, dtype, monkeypatch):
     # As the default kernels: an inf / NaN weight reaches only the rows with a neighbour at its
     # offset, including when a pipelined step's weights are cleaned on their way to shared
     # memory and their products added in the epilogue.
     variants, splits = variant
+    skip_unless_mma_applies(variants, dtype)
     c_in, c_out = channels
     nbr, nbr_t = a_map("strided", seed="non_finite")
     gen = make_gen("variant_non_finite", channels, dtype)
@@ -581,14 +591,15 @@ def test_conv_variants_with_non_finite_weights(channels, variant, dtype, monkeyp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=case_id)
-@pytest.mark.parametrize("variant", [("tiles=pipelined", 0), ("tiles=pipelined", 2)],
-                         ids=case_id)
+@pytest.mark.parametrize("variant", [("tiles=pipelined", 0), ("tiles=pipelined", 2),
+                                     ("tiles=pipelined,mma=sync", 2)], ids=case_id)
 @pytest.mark.parametrize("shape", [("subm", 16, 16), ("subm", 4, 70)], ids=case_id)
 def test_pipelined_tiles_of_128_rows(shape, variant, dtype, monkeypatch):
     # The maps of the tests above (300 sites) give the pipelined launcher fewer 128-row blocks
     # than two per emulated multiprocessor (4), so it takes 64-row tiles; 1500 sites are enough
     # for the 128-row tiles a large cloud gets.
     variants, splits = variant
+    skip_unless_mma_applies(variants, dtype)
     variant_env(monkeypatch, "")
     want = [call(EMU) for call in conv_calls(*shape, dtype, 0, "tall", n=1500)]
     variant_env(monkeypatch, variants)
@@ -670,13 +681,41 @@ def test_compact_weight_grad_pipelined_sums_as_unpipelined(kind, case, monkeypat
     torch.testing.assert_close(pipelined.double() / scale, want / scale, **TOL[dtype])
 
 
+@pytest.mark.parametrize("aligned", [True, False], ids=["copies", "staged"])
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=case_id)
+@pytest.mark.parametrize("case", [("subm", 128, 128), ("strided", 40, 24)], ids=case_id)
+def test_compact_weight_grad_with_sync_mma_sums_as_wmma(case, dtype, aligned, monkeypatch):
+    # ldmatrix + mma.sync in place of WMMA: the same steps in the same order, each element's
+    # products added in the same order, so the same sums, with 16-byte copies (pipelined) and
+    # without (staged through registers). X^T, the A operand, is read column-major
+    # (ldmatrix.trans); 128 channels: several channel tiles and all four warps' parts.
+    kind, c_in, c_out = case
+    nbr, nbr_t = a_map(kind, n=900, seed="sync_mma_wgrad")
+    gen = make_gen("sync_mma_wgrad", kind, dtype, c_in, c_out)
+    x = randn(gen, nbr_t.shape[0], c_in, dtype=dtype)
+    g = randn(gen, nbr.shape[0], c_out, dtype=dtype)
+    if not aligned:
+        x, g = misaligned(x), misaligned(g)
+    variant_env(monkeypatch, "wgrad=compact")
+    want = EMU.sparse_conv_weight_grad(x, g, nbr)
+    variant_env(monkeypatch, "wgrad=compact,mma=sync")
+    got = EMU.sparse_conv_weight_grad(x, g, nbr)
+    same_values(got, want)
+    cpu = CPU.sparse_conv_weight_grad(x.double(), g.double(), nbr)
+    scale = max(cpu.abs().max().item(), 1.0)
+    torch.testing.assert_close(got.double() / scale, cpu / scale, **TOL[dtype])
+
+
 EARLY_COPY_CASES = (
     [("conv", shape, variant, dtype) for shape in VARIANT_SHAPES
      for variant in [("tiles=pipelined", 0), ("tiles=pipelined", 2)]
      for dtype in (torch.float32, torch.float16)]
+    + [("conv", shape, ("tiles=pipelined,mma=sync", 2), torch.bfloat16)
+       for shape in VARIANT_SHAPES[:2]]
     + [("conv_128_rows", ("subm", 16, 16), ("tiles=pipelined", 2), dtype)
        for dtype in (torch.float32, torch.float16)]
-    + [("weight_grad", "subm", (dtype, 128, 128)) for dtype in (torch.float32, torch.float16)])
+    + [("weight_grad", "subm", (dtype, 128, 128)) for dtype in (torch.float32, torch.float16)]
+    + [("weight_grad_sync_mma", ("subm", 128, 128), torch.float16, True)])
 
 
 @pytest.mark.parametrize("case", EARLY_COPY_CASES, ids=case_id)
@@ -691,6 +730,8 @@ def test_pipelines_with_copies_landing_early(case, monkeypatch):
         test_conv_variants_equal_the_default_kernels(*args, "9", monkeypatch)
     elif kind == "conv_128_rows":
         test_pipelined_tiles_of_128_rows(*args, monkeypatch)
+    elif kind == "weight_grad_sync_mma":
+        test_compact_weight_grad_with_sync_mma_sums_as_wmma(*args, monkeypatch)
     else:
         test_compact_weight_grad_pipelined_sums_as_unpipelined(*args, monkeypatch)
 
@@ -726,7 +767,8 @@ def test_conv_map_with_radix_sort_on_huge_grids(mode, monkeypatch):
     test_maps_on_huge_grids(mode)
 
 
-@pytest.mark.parametrize("value", ["tiles=fast", "rows", "wgrad", "rows=9", "pipelined"])
+@pytest.mark.parametrize("value", ["tiles=fast", "rows", "wgrad", "rows=9", "pipelined",
+                                   "mma=mma"])
 def test_unknown_variants_raise(value, monkeypatch):
     monkeypatch.setenv("SPCONV_LITE_CUDA_VARIANTS", value)
     nbr, nbr_t = a_map("subm", n=20, seed="unknown")
@@ -735,7 +777,8 @@ def test_unknown_variants_raise(value, monkeypatch):
         EMU.sparse_conv(x, w, nbr, nbr_t)
 
 
-@pytest.mark.parametrize("variants", ["", "tiles=pipelined", "wgrad=compact"])
+@pytest.mark.parametrize("variants", ["", "tiles=pipelined", "wgrad=compact",
+                                      "tiles=pipelined,wgrad=compact,mma=sync"])
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=case_id)
 def test_conv_of_misaligned_tensors(dtype, variants, monkeypatch):
     # Channel counts that allow the 16-byte loads, on tensors where they would be misaligned

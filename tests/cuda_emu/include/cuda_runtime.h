@@ -19,6 +19,12 @@ inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned
   return {x, y, z, w};
 }
 
+struct alignas(8) float2 {
+  float x, y;
+};
+
+inline float2 make_float2(float x, float y) { return {x, y}; }
+
 struct alignas(16) float4 {
   float x, y, z, w;
 };
