@@ -179,15 +179,21 @@ def row_orders(kmap: KernelMap, inverse: bool = False) -> tuple[Optional[Tensor]
     return (kmap.order_t, kmap.order) if inverse else (kmap.order, kmap.order_t)
 
 
+def _version_unknown(t: Tensor) -> bool:
+    # torch.compile treats a tensor's version as data, and inference tensors
+    # (torch.inference_mode) keep no version counter: there identity stands for it, so an
+    # in-place edit goes unnoticed (as in spconv, which never checks).
+    return torch.compiler.is_compiling() or t.is_inference()
+
+
 def _version(t: Tensor) -> int:
-    # torch.compile treats a tensor's version as data: while tracing, identity stands for it.
-    return 0 if torch.compiler.is_compiling() else t._version
+    return 0 if _version_unknown(t) else t._version
 
 
 def _edited_in_place(t: Tensor, version: int) -> bool:
     """Whether ``t`` was modified in place since it had ``version`` (never known while
-    tracing)."""
-    return not torch.compiler.is_compiling() and t._version != version
+    tracing, nor for inference tensors)."""
+    return not _version_unknown(t) and t._version != version
 
 
 def _describe_difference(built: Tensor, given: Tensor, spatial_shape: Sequence[int]) -> str:
@@ -256,11 +262,30 @@ def _check_reuse(key: str, cached, geometry: dict, x: SparseConvTensor) -> None:
                  x.spatial_shape)
 
 
+# The attribute by which an indices tensor remembers the grid its sites were found valid on
+# (inside it and distinct): (its version then, spatial_shape, batch_size). Set in eager mode on
+# the sites a map built or checked, with or without an indice_key (a keyless pool's output, a
+# keyless submanifold layer's input), so that the next submanifold map over them skips the check.
+_VALID_SITES = "_spconv_lite_valid_sites"
+
+
+def _mark_valid_sites(indices: Tensor, spatial_shape: Sequence[int], batch_size: int) -> None:
+    if not torch.compiler.is_compiling():
+        setattr(indices, _VALID_SITES, (_version(indices), tuple(spatial_shape), batch_size))
+
+
 def _sites_of_a_map(x: SparseConvTensor) -> bool:
-    """Whether ``x``'s indices are, unedited and on the same grid, the output sites of a regular
-    or transposed conv map in its ``indice_dict`` or the input sites that map checked: such
-    sites are in the grid and distinct, so a submanifold map over them needs no check (on a
-    GPU: no host synchronisation)."""
+    """Whether ``x``'s indices are, unedited and on the same grid, sites a map found valid: the
+    output sites of a regular or transposed conv map or the input sites a map checked (in its
+    ``indice_dict``, or marked on the tensor in eager mode). Such sites are in the grid and
+    distinct, so a submanifold map over them needs no check (on a GPU: no host
+    synchronisation). Inference tensors are always checked: an edit would go unnoticed."""
+    if not torch.compiler.is_compiling():
+        if x.indices.is_inference():
+            return False
+        mark = getattr(x.indices, _VALID_SITES, None)
+        if mark == (_version(x.indices), tuple(x.spatial_shape), x.batch_size):
+            return True
     for kmap in x.indice_dict.values():
         if not isinstance(kmap, KernelMap) or kmap.subm or kmap.batch_size != x.batch_size:
             continue
@@ -285,6 +310,7 @@ def subm_map(
         return cached
     nbr, nbr_t = ops.build_subm_map(x.indices, x.spatial_shape, x.batch_size, kernel_size,
                                     dilation, check_sites=not _sites_of_a_map(x))
+    _mark_valid_sites(x.indices, x.spatial_shape, x.batch_size)
     ndim = len(kernel_size)
     version = _version(x.indices)
     kmap = KernelMap(
@@ -338,6 +364,9 @@ def conv_map(
         x.indices, x.spatial_shape, x.batch_size, out_shape, kernel_size, stride, padding,
         dilation, transposed,
     )
+    # The map checked its input sites and made valid output sites.
+    _mark_valid_sites(x.indices, x.spatial_shape, x.batch_size)
+    _mark_valid_sites(out_indices, out_shape, x.batch_size)
     kmap = KernelMap(
         x.indices, out_indices, nbr, nbr_t, x.spatial_shape, out_shape, kernel_size, stride,
         padding, dilation, subm=False, transposed=transposed, batch_size=x.batch_size,

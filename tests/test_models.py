@@ -122,6 +122,23 @@ def test_backbone_shapes_and_bev(cls):
     assert bev.shape == (2, 256, 200, 176)
 
 
+@pytest.mark.parametrize("cls", [VoxelBackBone8x, VoxelResBackBone8x, UNetV2,
+                                 VoxelResBackBone8xVoxelNeXt], ids=lambda c: c.__name__)
+def test_inference_mode_matches_no_grad(cls):
+    # Deployment code often runs under torch.inference_mode, whose tensors keep no version
+    # counter (which the kernel-map cache reads to notice edited indices).
+    torch.manual_seed(0)
+    model = cls(4, KITTI_GRID).eval()
+    with torch.no_grad():
+        want = model(_input(model))
+    with torch.inference_mode():
+        got = model(_input(model))
+    for key in ("encoded_spconv_tensor", "point_tensor"):
+        if key in want:
+            assert torch.equal(got[key].indices, want[key].indices)
+            assert torch.equal(got[key].features, want[key].features)
+
+
 def test_height_compression_is_dense_view():
     gen = make_gen("bev")
     sites = random_sites(gen, 2, (2, 6, 5), 0.4)
