@@ -444,12 +444,14 @@ def test_sync_mma_sums_as_wmma(shape, dtype, monkeypatch):
         assert torch.equal(g + 0, e + 0)
 
 
-@pytest.mark.parametrize("case", [(torch.float16, 128, 128), (torch.float32, 128, 128),
-                                  (torch.float32, 36, 28), (torch.float32, 4, 16)], ids=case_id)
+@pytest.mark.parametrize("case", [(torch.float16, 128, 128), (torch.float16, 3, 64),
+                                  (torch.float32, 128, 128), (torch.float32, 36, 28),
+                                  (torch.float32, 4, 16)], ids=case_id)
 def test_compact_weight_grad_pipelined_sums_as_unpipelined(case, monkeypatch):
     # 16-byte aligned rows: cp.async gathers in two stages (float32: float4 reads); one element
     # off: register-staged steps. Same tiles, steps and order, so the same sums (a race between
-    # a stage's copies and its multiplication would show here).
+    # a stage's copies and its multiplication would show here). float16 3 -> 64: the 16-input
+    # tiles, the inputs padded to 8 channels when aligned.
     monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", "fused")
     monkeypatch.setenv("SPCONV_LITE_CUDA_VARIANTS", "wgrad=compact")
     dtype, c_in, c_out = case

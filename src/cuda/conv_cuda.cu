@@ -408,24 +408,25 @@ __device__ __forceinline__ void store_warp_tile(float* C, AccFragment (&acc)[FM]
   }
 }
 
-// acc += X^T @ G for one warp's 32 x 32 part of a weight-gradient tile over a reduction step of
-// BK: X [BK, LDX] holds the gathered input rows (so X^T, the A operand, is column-major) from
-// the warp's first column wm, G [BK, LDG] the output gradient rows from its first column wn.
-template <typename T, int BK, int LDX, int LDG>
-__device__ __forceinline__ void warp_mma_xt(AccFragment (&acc)[2][2], const T* X, const T* G) {
+// acc += X^T @ G for one warp's (16 FM) x (16 FN) part (32 x 32 by default) of a
+// weight-gradient tile over a reduction step of BK: X [BK, LDX] holds the gathered input rows
+// (so X^T, the A operand, is column-major) from the warp's first column wm, G [BK, LDG] the
+// output gradient rows from its first column wn.
+template <typename T, int BK, int LDX, int LDG, int FM = 2, int FN = 2>
+__device__ __forceinline__ void warp_mma_xt(AccFragment (&acc)[FM][FN], const T* X, const T* G) {
   namespace wmma = nvcuda::wmma;
 #pragma unroll
   for (int kk = 0; kk < BK; kk += 16) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a[2];
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b[2];
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a[FM];
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b[FN];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], X + kk * LDX + i * 16, LDX);
+    for (int i = 0; i < FM; ++i) wmma::load_matrix_sync(a[i], X + kk * LDX + i * 16, LDX);
 #pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], G + kk * LDG + j * 16, LDG);
+    for (int j = 0; j < FN; ++j) wmma::load_matrix_sync(b[j], G + kk * LDG + j * 16, LDG);
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < FM; ++i) {
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+      for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
     }
   }
 }
@@ -467,9 +468,8 @@ struct WarpWmma {
   template <int BK, int LDA, int LDB, bool kColumnMajorA>
   __device__ void multiply(const scalar_t* A, const scalar_t* B) {
     if constexpr (kColumnMajorA) {
-      static_assert(FM == 2 && FN == 2, "the weight gradient's 32 x 32 warp tiles");
-      warp_mma_xt<T, BK, LDA, LDB>(acc, reinterpret_cast<const T*>(A),
-                                   reinterpret_cast<const T*>(B));
+      warp_mma_xt<T, BK, LDA, LDB, FM, FN>(acc, reinterpret_cast<const T*>(A),
+                                           reinterpret_cast<const T*>(B));
     } else {
       warp_mma<T, BK, LDA, LDB, FM, FN>(acc, reinterpret_cast<const T*>(A),
                                         reinterpret_cast<const T*>(B));
@@ -1443,8 +1443,11 @@ __global__ void __launch_bounds__(WeightGradSimtTile<BN>::kThreads)
 }
 
 // partial[chunk, k] as weight_grad_wmma_kernel computes it, over the queued pairs; kSyncMma:
-// by ldmatrix + mma.sync instead of WMMA.
-template <typename scalar_t, bool kVec, bool kSyncMma>
+// by ldmatrix + mma.sync instead of WMMA. BM: the input channels of a tile, 64 (4 warps of 32 x
+// 32) or, for layers of at most 16 inputs, 16 (4 warps of 16 x 16 side by side): a 3- or
+// 16-input layer then multiplies 16 input channels a pair instead of 64. Both tile a layer of
+// at most 16 inputs once, so the chunks and the sums are the same.
+template <typename scalar_t, int BM, bool kVec, bool kSyncMma>
 __global__ void __launch_bounds__(kWmmaThreads)
     weight_grad_wmma_compact_kernel(const scalar_t* __restrict__ in,
                                     const scalar_t* __restrict__ grad_out,
@@ -1452,7 +1455,9 @@ __global__ void __launch_bounds__(kWmmaThreads)
                                     int64_t rows, int64_t in_rows, int volume, int c_in,
                                     int c_out, int64_t rows_per_chunk, int tiles_n) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  constexpr int BM = kWmmaTile, BN = kWmmaTile, BK = kWmmaBK;
+  static_assert(BM == 16 || BM == kWmmaTile, "tiles of 16 or 64 input channels");
+  constexpr int BN = kWmmaTile, BK = kWmmaBK;
+  constexpr int kWarpsN = BM == 16 ? 4 : 2, WM = BM / (4 / kWarpsN), WN = BN / kWarpsN;
   constexpr int LDX = BM + kWmmaPad, LDG = BN + kWmmaPad, LDC = BN + 4;
   // With 16-byte copies two stages (cp.async), each X[kk][m] = in[input row of pair kk][ci0 + m]
   // then G[kk][n] = grad_out[output row of pair kk][co0 + n]; C over them at the end.
@@ -1470,9 +1475,11 @@ __global__ void __launch_bounds__(kWmmaThreads)
   __shared__ int counts[kWmmaThreads / 32];
   const int tid = threadIdx.x;
   const int warp = tid / 32;
-  const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
+  const int wm = (warp / kWarpsN) * WM, wn = (warp % kWarpsN) * WN;
   const WeightGradBlock block(BM, BN, tiles_n, rows, rows_per_chunk, volume, c_in, c_out);
-  std::conditional_t<kSyncMma, WarpMmaSync<scalar_t, 2, 2>, WarpWmma<scalar_t, 2, 2>> acc;
+  std::conditional_t<kSyncMma, WarpMmaSync<scalar_t, WM / 16, WN / 16>,
+                     WarpWmma<scalar_t, WM / 16, WN / 16>>
+      acc;
   acc.clear();
   auto multiply = [&](int stage) {
     acc.template multiply<BK, LDX, LDG, true>(X(stage) + wm, G(stage) + wn);
@@ -1917,33 +1924,51 @@ at::Tensor weight_grad_fused(const at::Tensor& x, const at::Tensor& g, const at:
   const int32_t* nbr = table.data_ptr<int32_t>();
   const cudaStream_t stream = current_stream();
   const bool compact = variants.compact_weight_grad;
-  auto partial_for = [&](int64_t tiles, int64_t* chunk_rows) {
+  // partial[chunk, k] ([C_in, C_out], C_in counting padded input channels).
+  auto partial_for = [&](int64_t tiles, int64_t channels_in, int64_t* chunk_rows) {
     *chunk_rows = rows_per_chunk(rows, volume * tiles);
     const int64_t chunks = (rows + *chunk_rows - 1) / *chunk_rows;
-    return at::empty({chunks, volume, c_in, c_out}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    return at::empty({chunks, volume, channels_in, c_out},
+                     x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   };
   at::Tensor partial;
   bool launched = false;
   if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
     if (tensor_cores(x.scalar_type(), x.get_device())) {
-      const int tiles_m = (c_in + kWmmaTile - 1) / kWmmaTile;
+      // wgrad=compact: layers of at most 16 inputs take the 16-input tiles, their inputs padded
+      // to whole 16-byte rows (the first layer's 3-5 point features) so that the pairs are
+      // gathered by cp.async; the padded channels' sums are dropped.
+      const bool narrow = compact && c_in <= 16;
+      at::Tensor x_tiled = x;
+      if (narrow && c_in % 8 != 0 && c_out % 8 == 0 && aligned16(grad)) {
+        x_tiled = at::constant_pad_nd(x, {0, round_up(c_in, 8) - c_in});
+      }
+      const scalar_t* in_tiled = x_tiled.data_ptr<scalar_t>();
+      const int c_in_tiled = static_cast<int>(x_tiled.size(1));
+      const int bm = narrow ? 16 : kWmmaTile;
+      const int tiles_m = (c_in_tiled + bm - 1) / bm;
       const int tiles_n = (c_out + kWmmaTile - 1) / kWmmaTile;
       int64_t chunk_rows;
-      partial = partial_for(int64_t{tiles_m} * tiles_n, &chunk_rows);
+      partial = partial_for(int64_t{tiles_m} * tiles_n, c_in_tiled, &chunk_rows);
       const dim3 grid(partial.size(0), volume, tiles_m * tiles_n);
-      const bool vec = rows_of_16_bytes(in, c_in, grad, c_out);
+      const bool vec = rows_of_16_bytes(in_tiled, c_in_tiled, grad, c_out);
       auto* kernel = vec ? weight_grad_wmma_kernel<scalar_t, true>
                          : weight_grad_wmma_kernel<scalar_t, false>;
       if (compact) {
-        kernel = variants.sync_mma
-                     ? (vec ? weight_grad_wmma_compact_kernel<scalar_t, true, true>
-                            : weight_grad_wmma_compact_kernel<scalar_t, false, true>)
-                     : (vec ? weight_grad_wmma_compact_kernel<scalar_t, true, false>
-                            : weight_grad_wmma_compact_kernel<scalar_t, false, false>);
+        auto pick = [&](auto tile) {
+          constexpr int BM = decltype(tile)::value;
+          return variants.sync_mma
+                     ? (vec ? weight_grad_wmma_compact_kernel<scalar_t, BM, true, true>
+                            : weight_grad_wmma_compact_kernel<scalar_t, BM, false, true>)
+                     : (vec ? weight_grad_wmma_compact_kernel<scalar_t, BM, true, false>
+                            : weight_grad_wmma_compact_kernel<scalar_t, BM, false, false>);
+        };
+        kernel = narrow ? pick(std::integral_constant<int, 16>{})
+                        : pick(std::integral_constant<int, kWmmaTile>{});
       }
-      kernel<<<grid, kWmmaThreads, 0, stream>>>(in, grad, nbr, partial.data_ptr<float>(), rows,
-                                                x.size(0), volume, c_in, c_out, chunk_rows,
-                                                tiles_n);
+      kernel<<<grid, kWmmaThreads, 0, stream>>>(in_tiled, grad, nbr, partial.data_ptr<float>(),
+                                                rows, x.size(0), volume, c_in_tiled, c_out,
+                                                chunk_rows, tiles_n);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       launched = true;
     }
@@ -1955,7 +1980,7 @@ at::Tensor weight_grad_fused(const at::Tensor& x, const at::Tensor& g, const at:
       const int tiles_m = (c_in + BM - 1) / BM;
       const int tiles_n = (c_out + BN - 1) / BN;
       int64_t chunk_rows;
-      partial = partial_for(int64_t{tiles_m} * tiles_n, &chunk_rows);
+      partial = partial_for(int64_t{tiles_m} * tiles_n, c_in, &chunk_rows);
       const dim3 grid(partial.size(0), volume, tiles_m * tiles_n);
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (compact && rows_of_16_bytes(in, c_in, grad, c_out)) {
@@ -1982,8 +2007,9 @@ at::Tensor weight_grad_fused(const at::Tensor& x, const at::Tensor& g, const at:
     }
   }
   // Partial sums added in a fixed order (ATen's reduction): deterministic.
-  const at::Tensor total = partial.size(0) == 1 ? partial.select(0, 0) : partial.sum(0);
-  return total.to(x.scalar_type());
+  at::Tensor total = partial.size(0) == 1 ? partial.select(0, 0) : partial.sum(0);
+  if (total.size(1) != c_in) total = total.narrow(1, 0, c_in);  // padded input channels
+  return total.to(x.scalar_type()).contiguous();
 }
 
 // ------------------------------------------------------------------------ ops

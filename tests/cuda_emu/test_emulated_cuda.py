@@ -657,6 +657,7 @@ def test_compact_weight_grad_of_rows_without_pairs(monkeypatch):
 
 
 @pytest.mark.parametrize("case", [(torch.float16, 128, 128), (torch.bfloat16, 128, 128),
+                                  (torch.float16, 3, 64), (torch.bfloat16, 16, 24),
                                   (torch.float32, 128, 128), (torch.float32, 36, 28),
                                   (torch.float32, 4, 16)], ids=case_id)
 @pytest.mark.parametrize("kind", ["subm", "strided"])
@@ -666,7 +667,8 @@ def test_compact_weight_grad_pipelined_sums_as_unpipelined(kind, case, monkeypat
     # they stage them through registers, one step at a time (float32: 4 x 4 outputs a thread,
     # scalar reads). The tiles, the steps and their order are the same, so the sums are too.
     # 128 channels: several channel tiles, and chunks of several steps with queue refills
-    # between them; float32 also has tiles of 32 and 16 columns (128 and 256 rows).
+    # between them; float32 also has tiles of 32 and 16 columns (128 and 256 rows). Half types
+    # with at most 16 inputs take the 16-input tiles; 3 inputs are padded to 8 for the copies.
     dtype, c_in, c_out = case
     variant_env(monkeypatch, "wgrad=compact")
     nbr, nbr_t = a_map(kind, n=900, seed="pipelined_wgrad")
@@ -683,12 +685,14 @@ def test_compact_weight_grad_pipelined_sums_as_unpipelined(kind, case, monkeypat
 
 @pytest.mark.parametrize("aligned", [True, False], ids=["copies", "staged"])
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=case_id)
-@pytest.mark.parametrize("case", [("subm", 128, 128), ("strided", 40, 24)], ids=case_id)
+@pytest.mark.parametrize("case", [("subm", 128, 128), ("strided", 40, 24), ("subm", 3, 64),
+                                  ("strided", 16, 16)], ids=case_id)
 def test_compact_weight_grad_with_sync_mma_sums_as_wmma(case, dtype, aligned, monkeypatch):
     # ldmatrix + mma.sync in place of WMMA: the same steps in the same order, each element's
     # products added in the same order, so the same sums, with 16-byte copies (pipelined) and
     # without (staged through registers). X^T, the A operand, is read column-major
-    # (ldmatrix.trans); 128 channels: several channel tiles and all four warps' parts.
+    # (ldmatrix.trans); 128 channels: several channel tiles and all four warps' parts; at most
+    # 16 inputs: the 16-input tiles.
     kind, c_in, c_out = case
     nbr, nbr_t = a_map(kind, n=900, seed="sync_mma_wgrad")
     gen = make_gen("sync_mma_wgrad", kind, dtype, c_in, c_out)
