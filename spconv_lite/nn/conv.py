@@ -248,7 +248,9 @@ class SparseConvolution(SparseModule):
         features = ops.sparse_conv(in_features, self.kernel_weight(), nbr, nbr_t, order=order,
                                    order_t=order_t, check_tables=False)
         if self.bias is not None:
-            features = features + self.bias
+            # In the conv's dtype: under torch.autocast the conv runs in float16 / bfloat16 and
+            # its output stays so, as an in-place add would keep it (spconv's).
+            features = features + self.bias.to(features.dtype)
         buffer = getattr(self, "max_num_voxels_during_training", None)
         if buffer is not None and self.training and not torch.compiler.is_compiling():
             buffer.fill_(max(int(buffer), out_indices.shape[0]))
