@@ -6,12 +6,12 @@
 // so function-local statics stand in for __shared__ memory, and a buffer of the launch's size
 // for dynamic shared memory (0xFF bytes at every block's start). __syncthreads* are block
 // barriers, the *_sync warp intrinsics (and ldmatrix, mma.sync) warp collectives, atomics
-// std::atomic_ref; cp.async copies
-// land at the wait_group that covers them (as late as allowed, so a missing wait reads stale
-// data; or as early as allowed, SPCONV_LITE_EMU_CP_ASYNC=early, so a missing barrier before a
-// stage's refill changes what slower threads read). The stub headers in include/ replace
-// cuda_runtime.h, the c10/cuda stream, guard and exception headers, WMMA and cub's radix sort.
-// Accesses a GPU refuses as misaligned (vector casts, cp.async, WMMA tiles) abort. What this
+// std::atomic_ref; cp.async copies land at the wait_group that covers them (as late as allowed,
+// so a missing wait reads stale data; or as early as allowed, SPCONV_LITE_EMU_CP_ASYNC=early, so
+// a missing barrier before a stage's refill changes what slower threads read). The stub headers
+// in include/ replace cuda_runtime.h, the c10/cuda stream, guard and exception headers, WMMA and
+// cub's radix sort. Accesses a GPU refuses as misaligned (vector casts, cp.async, WMMA tiles,
+// ldmatrix rows) abort. What this
 // cannot show: races and memory-ordering bugs of real hardware beyond those two schedules of
 // the copies (the OS interleaves the threads, so a missing barrier between warps shows only by
 // chance), performance, and anything about the real compiler for the device.
@@ -285,7 +285,7 @@ inline int __syncthreads_or(int predicate) { return ::emu::block_reduce(predicat
 inline int __syncthreads_count(int predicate) { return ::emu::block_reduce(predicate, false); }
 
 inline unsigned int __ballot_sync(unsigned int, int predicate) {
-  ::emu::Warp& warp = *::emu::block->warps[::emu::linear_id / 32];
+  ::emu::Warp& warp = ::emu::this_warp();
   warp.bits[::emu::lane_id()] = predicate != 0;
   warp.barrier.arrive_and_wait();
   unsigned int result = 0;
@@ -297,7 +297,7 @@ inline unsigned int __ballot_sync(unsigned int, int predicate) {
 template <typename T>
 T __shfl_sync(unsigned int, T value, int source) {
   static_assert(sizeof(T) <= sizeof(unsigned long long));
-  ::emu::Warp& warp = *::emu::block->warps[::emu::linear_id / 32];
+  ::emu::Warp& warp = ::emu::this_warp();
   std::memcpy(&warp.values[::emu::lane_id()], &value, sizeof(T));
   warp.barrier.arrive_and_wait();
   T result;
