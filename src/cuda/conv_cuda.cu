@@ -394,20 +394,6 @@ __device__ __forceinline__ void warp_mma(AccFragment (&acc)[FM][FN], const T* A,
   }
 }
 
-// Stores one warp's accumulators into the shared C [rows, LDC] at its part (wm, wn).
-template <int LDC, int FM, int FN>
-__device__ __forceinline__ void store_warp_tile(float* C, AccFragment (&acc)[FM][FN], int wm,
-                                                int wn) {
-#pragma unroll
-  for (int i = 0; i < FM; ++i) {
-#pragma unroll
-    for (int j = 0; j < FN; ++j) {
-      nvcuda::wmma::store_matrix_sync(C + (wm + i * 16) * LDC + wn + j * 16, acc[i][j], LDC,
-                                      nvcuda::wmma::mem_row_major);
-    }
-  }
-}
-
 // acc += X^T @ G for one warp's (16 FM) x (16 FN) part (32 x 32 by default) of a
 // weight-gradient tile over a reduction step of BK: X [BK, LDX] holds the gathered input rows
 // (so X^T, the A operand, is column-major) from the warp's first column wm, G [BK, LDG] the
@@ -461,9 +447,31 @@ struct WarpWmma {
       }
     }
   }
+  // acc += C (conv_wmma_kernel's products with inf / NaN weights).
+  template <int LDC>
+  __device__ void add(const float* C) {
+#pragma unroll
+    for (int i = 0; i < FM; ++i) {
+#pragma unroll
+      for (int j = 0; j < FN; ++j) {
+        AccFragment products;
+        nvcuda::wmma::load_matrix_sync(products, C + i * 16 * LDC + j * 16, LDC,
+                                       nvcuda::wmma::mem_row_major);
+        // Same fragment type, same element layout: element-wise addition is well defined.
+        for (int t = 0; t < products.num_elements; ++t) acc[i][j].x[t] += products.x[t];
+      }
+    }
+  }
   template <int LDC>
   __device__ void store(float* C) {
-    store_warp_tile<LDC>(C, acc, 0, 0);
+#pragma unroll
+    for (int i = 0; i < FM; ++i) {
+#pragma unroll
+      for (int j = 0; j < FN; ++j) {
+        nvcuda::wmma::store_matrix_sync(C + i * 16 * LDC + j * 16, acc[i][j], LDC,
+                                        nvcuda::wmma::mem_row_major);
+      }
+    }
   }
   template <int BK, int LDA, int LDB, bool kColumnMajorA>
   __device__ void multiply(const scalar_t* A, const scalar_t* B) {
@@ -625,8 +633,6 @@ __global__ void __launch_bounds__(kWmmaThreads)
                      const int32_t* __restrict__ nbr, ConvPass<scalar_t> pass, int64_t rows,
                      int64_t in_rows, int volume, int c_in, int c_out) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  namespace wmma = nvcuda::wmma;
-  using T = typename WmmaType<scalar_t>::type;
   constexpr int BM = kWmmaTile, BN = kWmmaTile, BK = kWmmaBK;
   constexpr int LDA = BK + kWmmaPad, LDB = BN + kWmmaPad, LDC = BN + 4;
   __shared__ __align__(32) scalar_t A[BM * LDA];  // A[m][kk]: gathered input rows
@@ -641,7 +647,7 @@ __global__ void __launch_bounds__(kWmmaThreads)
   const int col0 = blockIdx.y * BN;
   for (int m = tid; m < BM; m += kWmmaThreads) out_row[m] = pass_row(pass, row0 + m, rows);
   __syncthreads();
-  AccFragment acc[2][2];
+  WarpWmma<scalar_t, 2, 2> acc;
   if (pass.acc_in != nullptr) {  // the previous pass's sums, through C
     for (int e = tid; e < BM * BN; e += kWmmaThreads) {
       const int m = e / BN, n = e % BN, co = col0 + n;
@@ -649,21 +655,10 @@ __global__ void __launch_bounds__(kWmmaThreads)
       C[m * LDC + n] = (o >= 0 && co < c_out) ? pass.acc_in[o * c_out + co] : 0.0f;
     }
     __syncthreads();
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        wmma::load_matrix_sync(acc[i][j], C + (wm + i * 16) * LDC + wn + j * 16, LDC,
-                               wmma::mem_row_major);
-      }
-    }
+    acc.template load<LDC>(C + wm * LDC + wn);
     __syncthreads();  // every warp has read C before the corrections below may write it
   } else {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-    }
+    acc.clear();
   }
   const scalar_t zero(0.0f);
   bool corrected = false;  // C holds products with inf / NaN weights (block-uniform)
@@ -711,26 +706,15 @@ __global__ void __launch_bounds__(kWmmaThreads)
                                                                     !corrected);
         corrected = true;
       }
-      warp_mma<T, BK, LDA, LDB>(acc, reinterpret_cast<const T*>(A + wm * LDA),
-                                reinterpret_cast<const T*>(B + wn));
+      acc.template multiply<BK, LDA, LDB, false>(A + wm * LDA, B + wn);
       __syncthreads();
     }
   }
   if (corrected) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        AccFragment products;
-        wmma::load_matrix_sync(products, C + (wm + i * 16) * LDC + wn + j * 16, LDC,
-                               wmma::mem_row_major);
-        // Same fragment type, same element layout: element-wise addition is well defined.
-        for (int t = 0; t < products.num_elements; ++t) acc[i][j].x[t] += products.x[t];
-      }
-    }
+    acc.template add<LDC>(C + wm * LDC + wn);
     __syncthreads();  // every warp has read C before it is overwritten
   }
-  store_warp_tile<LDC>(C, acc, wm, wn);
+  acc.template store<LDC>(C + wm * LDC + wn);
   __syncthreads();
   for (int e = tid; e < BM * BN; e += kWmmaThreads) {
     const int m = e / BN, n = e % BN;
