@@ -90,11 +90,11 @@ def rewrite(source: Path) -> str:
     return f'#line 1 "{source}"\n' + text
 
 
-def load_library() -> str:
-    """Builds (or reuses) the emulation library and loads it; returns its path."""
+def load_library() -> None:
+    """Builds (or reuses) the emulation library and loads it."""
     import spconv_lite  # noqa: F401  (the CPU ops, which the error paths re-run)
 
-    sanitize = os.environ.get("SPCONV_LITE_EMU_SANITIZE", "")  # e.g. "address"
+    sanitize = os.environ.get("SPCONV_LITE_EMU_SANITIZE", "")  # "address", "thread"
     out = REPO / "build" / ("cuda_emu" + (f"_{sanitize}" if sanitize else ""))
     sources_dir = out / "sources"
     headers_dir = out / "include"  # rewritten CUDA headers, searched before include/
@@ -111,19 +111,25 @@ def load_library() -> str:
             target.write_text(text)
         if target.suffix == ".cpp":
             sources.append(str(target))
-    path = load(
-        name=NAME,
-        sources=sources,
-        extra_include_paths=[str(headers_dir), str(HERE / "include"), str(REPO / "include")],
-        extra_cflags=["-O1", "-g", "-std=c++20", "-include", str(HERE / "emu.h"),
-                      "-DSPCONV_LITE_CUDA_EMULATION=1", "-Wno-unused-variable"]
-        + ([f"-fsanitize={sanitize}"] if sanitize else []),
-        extra_ldflags=[f"-fsanitize={sanitize}"] if sanitize else [],
-        build_directory=str(out),
-        is_python_module=False,
-        verbose=False,
-    )
-    return path
+    # The compilers must not run under a sanitizer's runtime that the test process preloads
+    # (ThreadSanitizer's: scripts/emu_race_check.sh); g++ crashes under it.
+    preload = os.environ.pop("LD_PRELOAD", None)
+    try:
+        load(
+            name=NAME,
+            sources=sources,
+            extra_include_paths=[str(headers_dir), str(HERE / "include"), str(REPO / "include")],
+            extra_cflags=["-O1", "-g", "-std=c++20", "-include", str(HERE / "emu.h"),
+                          "-DSPCONV_LITE_CUDA_EMULATION=1", "-Wno-unused-variable"]
+            + ([f"-fsanitize={sanitize}"] if sanitize else []),
+            extra_ldflags=[f"-fsanitize={sanitize}"] if sanitize else [],
+            build_directory=str(out),
+            is_python_module=False,
+            verbose=False,
+        )
+    finally:
+        if preload is not None:
+            os.environ["LD_PRELOAD"] = preload
 
 
 if __name__ == "__main__":

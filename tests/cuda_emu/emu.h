@@ -2,19 +2,23 @@
 //
 // Force-included (g++ -include) before a CUDA source that has been rewritten by build.py
 // (kernel<<<grid, block, smem, stream>>>(args) -> ::emu::launch(kernel, grid, block, smem,
-// stream)(args)). Every CUDA thread of a block is a std::thread, blocks run one after another,
-// so function-local statics stand in for __shared__ memory, and a buffer of the launch's size
-// for dynamic shared memory (0xFF bytes at every block's start). __syncthreads* are block
+// stream)(args)). Every CUDA thread of a block is a std::thread, blocks run one after another
+// (SPCONV_LITE_EMU_BLOCK_ORDER=reverse: last to first, since a GPU keeps no order), so
+// function-local statics stand in for __shared__ memory, and a buffer of the launch's size for
+// dynamic shared memory (0xFF bytes at every block's start). __syncthreads* are block
 // barriers, the *_sync warp intrinsics (and ldmatrix, mma.sync) warp collectives, atomics
 // std::atomic_ref; cp.async copies land at the wait_group that covers them (as late as allowed,
 // so a missing wait reads stale data; or as early as allowed, SPCONV_LITE_EMU_CP_ASYNC=early, so
 // a missing barrier before a stage's refill changes what slower threads read). The stub headers
 // in include/ replace cuda_runtime.h, the c10/cuda stream, guard and exception headers, WMMA and
 // cub's radix sort. Accesses a GPU refuses as misaligned (vector casts, cp.async, WMMA tiles,
-// ldmatrix rows) abort. What this
-// cannot show: races and memory-ordering bugs of real hardware beyond those two schedules of
-// the copies (the OS interleaves the threads, so a missing barrier between warps shows only by
-// chance), performance, and anything about the real compiler for the device.
+// ldmatrix rows) abort. Races between the threads of a block (a missing __syncthreads or
+// __syncwarp: what compute-sanitizer's racecheck looks for) show by chance only, as the OS
+// interleaves the threads; built with ThreadSanitizer (scripts/emu_race_check.sh) every such
+// pair of accesses is reported, whatever the interleaving, since only the barriers and the
+// warp collectives order the threads. What this cannot show: races between blocks (they run
+// in sequence), memory-ordering bugs of real hardware beyond the two schedules of the copies,
+// performance, and anything about the real compiler for the device.
 #pragma once
 
 #include <atomic>
@@ -232,8 +236,12 @@ struct Launch {
     block_dim = threads;
     const char* landing = std::getenv("SPCONV_LITE_EMU_CP_ASYNC");
     copies_land_early = landing != nullptr && std::strcmp(landing, "early") == 0;
+    const char* order = std::getenv("SPCONV_LITE_EMU_BLOCK_ORDER");
+    const bool blocks_reversed = order != nullptr && std::strcmp(order, "reverse") == 0;
     // One std::thread per CUDA thread for the whole launch; the blocks run one after another,
-    // separated by block barriers (so the function-local statics act as shared memory).
+    // separated by block barriers (so the function-local statics act as shared memory), in
+    // blockIdx order or, with SPCONV_LITE_EMU_BLOCK_ORDER=reverse, backwards: a GPU runs blocks
+    // in no fixed order, so a kernel whose result depends on it changes its result then.
     Block state(count);
     struct alignas(128) Line {
       unsigned char bytes[128];
@@ -247,19 +255,17 @@ struct Launch {
         block = &state;
         linear_id = t;
         thread_idx = dim3(t % threads.x, (t / threads.x) % threads.y, t / (threads.x * threads.y));
-        for (unsigned int z = 0; z < grid.z; ++z) {
-          for (unsigned int y = 0; y < grid.y; ++y) {
-            for (unsigned int x = 0; x < grid.x; ++x) {
-              if (t == 0) {
-                block_idx = dim3(x, y, z);
-                std::memset(dynamic_shared, 0xFF, shared_bytes);
-              }
-              state.barrier.arrive_and_wait();  // block_idx set, the previous block done
-              std::apply(kernel, params);
-              check_no_pending_copies();
-              state.barrier.arrive_and_wait();
-            }
+        const unsigned int blocks = grid.x * grid.y * grid.z;
+        for (unsigned int i = 0; i < blocks; ++i) {
+          const unsigned int b = blocks_reversed ? blocks - 1 - i : i;
+          if (t == 0) {
+            block_idx = dim3(b % grid.x, b / grid.x % grid.y, b / (grid.x * grid.y));
+            std::memset(dynamic_shared, 0xFF, shared_bytes);
           }
+          state.barrier.arrive_and_wait();  // block_idx set, the previous block done
+          std::apply(kernel, params);
+          check_no_pending_copies();
+          state.barrier.arrive_and_wait();
         }
       });
     }

@@ -2,9 +2,10 @@
 
 This runs the code of every CUDA kernel and of its host-side launch logic (tile loops, bounds,
 offsets, chunking, the hash table's atomics, compaction, sorting, both conv algorithms, the
-tensor-core kernels through an emulated WMMA) without a GPU. It cannot show races or memory
-ordering bugs of real hardware, nor anything about performance: tests/test_cuda_parity.py
-does that on a GPU.
+tensor-core kernels through an emulated WMMA) without a GPU. Races between the threads of a
+block show when the kernels are built with ThreadSanitizer (scripts/emu_race_check.sh runs these
+tests so); memory-ordering bugs of real hardware and performance do not:
+tests/test_cuda_parity.py checks the kernels on a GPU.
 
 Skipped unless SPCONV_LITE_CUDA_EMULATION=1 (building the emulation takes a minute or two):
     SPCONV_LITE_CUDA_EMULATION=1 python -m pytest tests/cuda_emu -q

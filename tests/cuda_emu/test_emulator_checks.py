@@ -1,0 +1,79 @@
+"""The emulator's own checks find the bugs they are meant to find (self_check/order_and_races.cpp).
+
+- Built with ThreadSanitizer (what scripts/emu_race_check.sh does to the kernels of src/cuda), a
+  read of another warp's shared-memory slot with no barrier after its write is reported, and the
+  same kernel with the barrier is not.
+- SPCONV_LITE_EMU_BLOCK_ORDER=reverse runs the blocks last to first, so a kernel whose result
+  depends on the order of its blocks changes its result.
+
+Skipped unless SPCONV_LITE_CUDA_EMULATION=1, like the emulated kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if os.environ.get("SPCONV_LITE_CUDA_EMULATION", "0") in ("", "0"):
+    pytest.skip("CUDA emulation tests run with SPCONV_LITE_CUDA_EMULATION=1",
+                allow_module_level=True)
+
+HERE = Path(__file__).resolve().parent
+SOURCE = HERE / "self_check" / "order_and_races.cpp"
+
+
+def compile_self_check(tmp_path: Path, sanitize: str | None) -> Path:
+    torch_dir = Path(torch.__file__).resolve().parent
+    exe = tmp_path / f"order_and_races_{sanitize or 'plain'}"
+    command = ["g++", "-std=c++20", "-O1", "-g", "-include", str(HERE / "emu.h"),
+               "-I", str(HERE / "include"), "-isystem", str(torch_dir / "include"),
+               str(SOURCE), "-o", str(exe), "-pthread"]
+    if sanitize:
+        command.append(f"-fsanitize={sanitize}")
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    return exe
+
+
+def run(exe: Path, mode: str, **env: str) -> subprocess.CompletedProcess:
+    # Not the settings of the suite's own run (CI runs it with the blocks reversed too).
+    environment = {k: v for k, v in os.environ.items()
+                   if k != "LD_PRELOAD" and not k.startswith("SPCONV_LITE_EMU_")}
+    environment.update(env)
+    return subprocess.run([str(exe), mode], capture_output=True, text=True, timeout=120,
+                          env=environment)
+
+
+def thread_sanitizer_missing() -> bool:
+    found = subprocess.run(["g++", "-print-file-name=libtsan.so"], capture_output=True,
+                           text=True).stdout.strip()
+    return not os.path.isabs(found)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ThreadSanitizer build on Linux")
+def test_thread_sanitizer_reports_a_missing_barrier(tmp_path):
+    if thread_sanitizer_missing() and os.environ.get("CI") != "true":
+        pytest.skip("g++ has no ThreadSanitizer runtime (libtsan) here")
+    exe = compile_self_check(tmp_path, "thread")
+    options = {"TSAN_OPTIONS": "halt_on_error=0 exitcode=66"}
+    racy = run(exe, "race", **options)
+    assert racy.returncode == 66, racy.stderr[-2000:]
+    assert "ThreadSanitizer: data race" in racy.stderr
+    assert "read_other_warp" in racy.stderr
+    clean = run(exe, "barrier", **options)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    assert "ThreadSanitizer" not in clean.stderr
+    assert clean.stdout.strip() == "32"
+
+
+def test_reversed_block_order_changes_an_order_dependent_kernel(tmp_path):
+    exe = compile_self_check(tmp_path, None)
+    forward = run(exe, "chain")
+    backward = run(exe, "chain", SPCONV_LITE_EMU_BLOCK_ORDER="reverse")
+    assert forward.returncode == 0 and backward.returncode == 0, forward.stderr + backward.stderr
+    assert forward.stdout.strip() == "8"  # blocks 0..7 in order: 0 -> 1 -> ... -> 8
+    assert backward.stdout.strip() == "1"  # block 7 runs first and reads values[7] == 0
