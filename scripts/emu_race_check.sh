@@ -29,8 +29,9 @@ if [ ! -f "$TSAN" ]; then
 fi
 # One case of each kernel family: maps (hash table, radix sort), row orders, pooling, the
 # voxelizer, the default convs (WMMA, SIMT, per-offset GEMMs; WMMA's correction for inf / NaN
-# weights) and their weight gradients, the pipelined tiles (WMMA and mma.sync, 64 and 128 rows, copies landing late and early) and the
-# compacted weight gradients (tensor-core, SIMT, pipelined).
+# weights) and their weight gradients, the pipelined tiles (WMMA and mma.sync, 64 and 128
+# rows, copies landing late and early) and the compacted weight gradients (tensor-core, SIMT,
+# pipelined).
 T=tests/cuda_emu/test_emulated_cuda.py
 RACE_CHECK_SELECTION=(
     "$T::test_subm_map[2-9-8-10-300-3-1]"

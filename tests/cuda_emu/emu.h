@@ -240,8 +240,7 @@ struct Launch {
     const bool blocks_reversed = order != nullptr && std::strcmp(order, "reverse") == 0;
     // One std::thread per CUDA thread for the whole launch; the blocks run one after another,
     // separated by block barriers (so the function-local statics act as shared memory), in
-    // blockIdx order or, with SPCONV_LITE_EMU_BLOCK_ORDER=reverse, backwards: a GPU runs blocks
-    // in no fixed order, so a kernel whose result depends on it changes its result then.
+    // blockIdx order or reversed (SPCONV_LITE_EMU_BLOCK_ORDER, see the top of this file).
     Block state(count);
     struct alignas(128) Line {
       unsigned char bytes[128];
