@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -802,3 +803,114 @@ def test_conv_of_misaligned_tensors(dtype, variants, monkeypatch):
         want = call(CPU, x, w, g)
         scale = max(want.abs().max().item(), 1.0)
         torch.testing.assert_close(got.double() / scale, want.double() / scale, **TOL[dtype])
+
+
+# ----------------------------------------------------------------------------- random cases
+# Geometries, row counts, channel counts, dtypes and kernel variants drawn at random (seeded, so
+# a failure reproduces): what the fixed cases above do not combine, such as 1D / 2D / 4D maps,
+# row counts around the tile sizes and channels past one tile, under every variant. More cases,
+# or others: SPCONV_LITE_EMU_RANDOM_CASES=N SPCONV_LITE_EMU_RANDOM_SEED=S (defaults 24, 0).
+
+RANDOM_CASES = int(os.environ.get("SPCONV_LITE_EMU_RANDOM_CASES", "24"))
+RANDOM_SEED = os.environ.get("SPCONV_LITE_EMU_RANDOM_SEED", "0")
+RANDOM_VARIANTS = ["", "tiles=wmma64", "tiles=pipelined", "tiles=pipelined,mma=sync",
+                   "wgrad=compact", "tiles=pipelined,wgrad=compact",
+                   "tiles=pipelined,wgrad=compact,mma=sync"]
+RANDOM_CHANNELS = [1, 3, 4, 5, 8, 13, 16, 24, 32, 40, 64, 65, 96, 128, 136]
+
+
+def random_map(rng: random.Random, gen: torch.Generator):
+    """(description, map args, map op name, nbr, nbr_t) of a random subm, strided or transposed
+    map in 1 to 4 dimensions; None when the draw has no valid output grid, or more than 125
+    kernel offsets or 600 output sites (the emulation would take minutes)."""
+    ndim = rng.choice([1, 2, 3, 3, 4])
+    shape = [rng.randint(3, 12) for _ in range(ndim)]
+    batch = rng.randint(1, 3)
+    count = min(rng.choice([0, 1, 63, 64, 65, 129, 300, 500]), batch * math.prod(shape))
+    idx = random_sites(gen, batch, shape, count=count)
+    kind = rng.choice(["subm", "strided", "transposed"])
+    if kind == "subm":
+        kernel = [rng.choice([1, 3, 5] if ndim < 4 else [1, 3]) for _ in range(ndim)]
+        dilation = [rng.choice([1, 2]) for _ in range(ndim)]
+        if any((k - 1) // 2 * d > s for k, d, s in zip(kernel, dilation, shape)):
+            return None
+        args = (idx, shape, batch, kernel, dilation)
+        return f"subm {args[1:]}, {count} sites", args, "build_subm_map", *CPU.build_subm_map(*args)
+    kernel = [rng.randint(1, 4 if ndim < 4 else 3) for _ in range(ndim)]
+    stride = [rng.randint(1, 3) for _ in range(ndim)]
+    padding = [rng.randint(0, 1) for _ in range(ndim)]
+    transposed = kind == "transposed"
+    if transposed:
+        out = [(s - 1) * st - 2 * p + k for s, k, st, p in zip(shape, kernel, stride, padding)]
+    else:
+        out = [(s + 2 * p - k) // st + 1 for s, k, st, p in zip(shape, kernel, stride, padding)]
+    if min(out) < 1:
+        return None
+    args = (idx, shape, batch, out, kernel, stride, padding, [1] * ndim, transposed)
+    _, nbr, nbr_t = CPU.build_conv_map(*args)
+    if nbr.shape[0] > 600:
+        return None
+    return f"{kind} {args[1:]}, {count} sites", args, "build_conv_map", nbr, nbr_t
+
+
+@pytest.mark.parametrize("case", range(RANDOM_CASES))
+def test_random_cases(case, monkeypatch):
+    rng = random.Random(f"{RANDOM_SEED}-{case}")
+    gen = make_gen("random", RANDOM_SEED, case)
+    drawn = None
+    while drawn is None:
+        drawn = random_map(rng, gen)
+    where, map_args, map_op, nbr, nbr_t = drawn
+
+    def assert_equal(got, want, what):
+        for a, b in zip(got, want, strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), \
+                f"{what} differs from the CPU op's, {where}"
+
+    # The map, with either sort of the output keys.
+    monkeypatch.setenv("SPCONV_LITE_CUDA_VARIANTS", rng.choice(["", "mapsort=radix"]))
+    assert_equal(getattr(EMU, map_op)(*map_args), getattr(CPU, map_op)(*map_args), map_op)
+
+    volume = nbr.shape[1]
+    c_in, c_out = rng.choice(RANDOM_CHANNELS), rng.choice(RANDOM_CHANNELS)
+    dtype = rng.choice(DTYPES)
+    variants = rng.choice(RANDOM_VARIANTS)
+    splits = min(rng.choice([0, 0, 1, 2, 3]), volume) if volume > 1 else 0
+    algo, sm_major = rng.choice(["fused", "auto"]), rng.choice(["9", "9", "7"])
+    where += f"; {c_in} -> {c_out} {dtype} '{variants}' rows={splits} {algo} sm {sm_major}"
+    x = randn(gen, nbr_t.shape[0], c_in, dtype=dtype)
+    w = randn(gen, volume, c_in, c_out, dtype=dtype, scale=(c_in * volume) ** -0.5)
+    g = randn(gen, nbr.shape[0], c_out, dtype=dtype)
+    order = CPU.conv_row_order(nbr, splits) if splits else None
+    order_t = CPU.conv_row_order(nbr_t, splits) if splits else None
+    if splits:
+        assert_equal([EMU.conv_row_order(nbr, splits), EMU.conv_row_order(nbr_t, splits)],
+                     [order, order_t], "conv_row_order")
+
+    def conv_ops(ops, *orders):
+        return [ops.sparse_conv(x, w, nbr, nbr_t, *orders),
+                ops.sparse_conv(g, w.transpose(1, 2), nbr_t, nbr, *orders[::-1]),
+                ops.sparse_conv_weight_grad(x, g, nbr)]
+
+    variant_env(monkeypatch, variants, algo, sm_major)
+    got = conv_ops(EMU, order, order_t)
+    for op, a, b in zip(["forward", "input gradient", "weight gradient"], got, conv_ops(CPU)):
+        assert a.dtype == dtype and a.shape == b.shape, where
+        scale = max(b.abs().max().item() if b.numel() else 0.0, 1.0)
+        torch.testing.assert_close(a.double() / scale, b.double() / scale, **TOL[dtype],
+                                   msg=lambda m, op=op: f"{op}, {where}: {m}")
+    if algo == "fused" and "wgrad" not in variants:
+        # Tiles and row orders change where products are computed, not the sums.
+        variant_env(monkeypatch, "", "fused", sm_major)
+        for a, b in zip(got[:2], conv_ops(EMU, None, None)[:2]):
+            same_values(a, b)
+
+    pooled = distinct_values(gen, nbr_t.shape[0], c_in, dtype=dtype)
+    grad = randn(gen, nbr.shape[0], c_in, dtype=dtype)
+
+    def pool_ops(ops):
+        out, argmax = ops.sparse_max_pool(pooled, nbr, nbr_t)
+        return [ops.sparse_sum_pool(pooled, nbr, nbr_t), out, argmax,
+                ops.sparse_max_pool_backward(grad, argmax, nbr_t)]
+
+    assert_equal(pool_ops(EMU), pool_ops(CPU), "pooling")
