@@ -808,8 +808,9 @@ def test_conv_of_misaligned_tensors(dtype, variants, monkeypatch):
 # ----------------------------------------------------------------------------- random cases
 # Geometries, row counts, channel counts, dtypes and kernel variants drawn at random (seeded, so
 # a failure reproduces): what the fixed cases above do not combine, such as 1D / 2D / 4D maps,
-# row counts around the tile sizes and channels past one tile, under every variant. More cases,
-# or others: SPCONV_LITE_EMU_RANDOM_CASES=N SPCONV_LITE_EMU_RANDOM_SEED=S (defaults 24, 0).
+# row counts around the tile sizes and channels past one tile, under every variant; and clouds
+# voxelized on random grids with random caps. More cases, or others:
+# SPCONV_LITE_EMU_RANDOM_CASES=N SPCONV_LITE_EMU_RANDOM_SEED=S (defaults 24, 0).
 
 RANDOM_CASES = int(os.environ.get("SPCONV_LITE_EMU_RANDOM_CASES", "24"))
 RANDOM_SEED = os.environ.get("SPCONV_LITE_EMU_RANDOM_SEED", "0")
@@ -914,3 +915,19 @@ def test_random_cases(case, monkeypatch):
                 ops.sparse_max_pool_backward(grad, argmax, nbr_t)]
 
     assert_equal(pool_ops(EMU), pool_ops(CPU), "pooling")
+
+
+@pytest.mark.parametrize("case", range(RANDOM_CASES))
+def test_random_voxelizations(case):
+    rng = random.Random(f"{RANDOM_SEED}-voxels-{case}")
+    ndim = rng.choice([1, 2, 3, 3, 4])
+    grid = ([rng.choice([0.05, 0.07, 0.1, 0.3, 0.5, 1.0]) for _ in range(ndim)],
+            [rng.uniform(-5.0, 1.0) for _ in range(ndim)],
+            [rng.randint(1, 60) for _ in range(ndim)])  # voxel size, range minimum, grid size
+    columns, n = ndim + rng.randint(0, 3), rng.choice([1, 10, 500, 3000])
+    max_points, max_voxels = rng.choice([1, 2, 5, 35]), rng.choice([0, 1, 10, 100, 100000])
+    points = voxel_cloud(make_gen("random voxels", RANDOM_SEED, case), n, columns, *grid)
+    for args in [(*grid, max_points, max_voxels, empty_mean) for empty_mean in (False, True)]:
+        assert_same(EMU.voxelize(points, *args), CPU.voxelize(points, *args))
+    assert_same(EMU.voxelize_mean(points, *grid, max_voxels),
+                CPU.voxelize_mean(points, *grid, max_voxels))
