@@ -56,11 +56,19 @@ TOL = {
 }
 
 
-def assert_same(a, b):
-    assert len(a) == len(b)
+def assert_same(a, b, context=""):
+    assert len(a) == len(b), context
     for x, y in zip(a, b):
-        assert x.dtype == y.dtype and x.shape == y.shape
-        assert torch.equal(x, y)
+        assert x.dtype == y.dtype and x.shape == y.shape, context
+        assert torch.equal(x, y), context
+
+
+def assert_close_to_scale(got, want, dtype, context=""):
+    """``got`` close to ``want`` at ``dtype``'s tolerance, relative to the largest value (at
+    least 1): weight gradients are long sums, added in another order."""
+    scale = max(want.abs().max().item() if want.numel() else 0.0, 1.0)
+    torch.testing.assert_close(got.double() / scale, want.double() / scale, **TOL[dtype],
+                               msg=(lambda m: f"{context}: {m}") if context else None)
 
 
 def ntuple(v, n):
@@ -236,9 +244,7 @@ def test_conv_forward_and_gradients(shape, dtype, algo, sm_major, monkeypatch):
     ]
     for got, want in results:
         assert got.dtype == dtype and got.shape == want.shape
-        # Relative to the largest value: weight gradients are long sums, added in another order.
-        scale = max(want.abs().max().item(), 1.0)
-        torch.testing.assert_close(got.double() / scale, want.double() / scale, **TOL[dtype])
+        assert_close_to_scale(got, want, dtype)
 
 
 @pytest.mark.parametrize("algo", ["fused", "gemm"])
@@ -557,8 +563,7 @@ def test_conv_variants_equal_the_default_kernels(shape, variant, dtype, sm_major
     for a, b in zip(got, want):
         same_values(a, b)
     cpu = [call(CPU) for call in conv_calls(kind, c_in, c_out, dtype, 0, "equal")]
-    scale = max(cpu[0].abs().max().item(), 1.0)
-    torch.testing.assert_close(got[0].double() / scale, cpu[0].double() / scale, **TOL[dtype])
+    assert_close_to_scale(got[0], cpu[0], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
@@ -641,8 +646,7 @@ def test_compact_weight_grad(shape, dtype, sm_major, monkeypatch):
     g = randn(gen, nbr.shape[0], c_out, dtype=dtype)
     got = EMU.sparse_conv_weight_grad(x, g, nbr)
     want = CPU.sparse_conv_weight_grad(x, g, nbr)
-    scale = max(want.abs().max().item(), 1.0)
-    torch.testing.assert_close(got.double() / scale, want.double() / scale, **TOL[dtype])
+    assert_close_to_scale(got, want, dtype)
     assert_same([EMU.sparse_conv_weight_grad(x, g, nbr)], [got])  # deterministic
 
 
@@ -681,8 +685,7 @@ def test_compact_weight_grad_pipelined_sums_as_unpipelined(kind, case, monkeypat
     staged = EMU.sparse_conv_weight_grad(misaligned(x), misaligned(g), nbr)
     assert torch.equal(pipelined, staged)
     want = CPU.sparse_conv_weight_grad(x.double(), g.double(), nbr)
-    scale = max(want.abs().max().item(), 1.0)
-    torch.testing.assert_close(pipelined.double() / scale, want / scale, **TOL[dtype])
+    assert_close_to_scale(pipelined, want, dtype)
 
 
 @pytest.mark.parametrize("aligned", [True, False], ids=["copies", "staged"])
@@ -708,8 +711,7 @@ def test_compact_weight_grad_with_sync_mma_sums_as_wmma(case, dtype, aligned, mo
     got = EMU.sparse_conv_weight_grad(x, g, nbr)
     same_values(got, want)
     cpu = CPU.sparse_conv_weight_grad(x.double(), g.double(), nbr)
-    scale = max(cpu.abs().max().item(), 1.0)
-    torch.testing.assert_close(got.double() / scale, cpu / scale, **TOL[dtype])
+    assert_close_to_scale(got, cpu, dtype)
 
 
 EARLY_COPY_CASES = (
@@ -801,8 +803,7 @@ def test_conv_of_misaligned_tensors(dtype, variants, monkeypatch):
     for call in calls:
         got = call(EMU, misaligned(x), misaligned(w), misaligned(g))
         want = call(CPU, x, w, g)
-        scale = max(want.abs().max().item(), 1.0)
-        torch.testing.assert_close(got.double() / scale, want.double() / scale, **TOL[dtype])
+        assert_close_to_scale(got, want, dtype)
 
 
 # ----------------------------------------------------------------------------- random cases
@@ -863,14 +864,10 @@ def test_random_cases(case, monkeypatch):
         drawn = random_map(rng, gen)
     where, map_args, map_op, nbr, nbr_t = drawn
 
-    def assert_equal(got, want, what):
-        for a, b in zip(got, want, strict=True):
-            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), \
-                f"{what} differs from the CPU op's, {where}"
-
     # The map, with either sort of the output keys.
     monkeypatch.setenv("SPCONV_LITE_CUDA_VARIANTS", rng.choice(["", "mapsort=radix"]))
-    assert_equal(getattr(EMU, map_op)(*map_args), getattr(CPU, map_op)(*map_args), map_op)
+    assert_same(getattr(EMU, map_op)(*map_args), getattr(CPU, map_op)(*map_args),
+                f"{map_op}, {where}")
 
     volume = nbr.shape[1]
     c_in, c_out = rng.choice(RANDOM_CHANNELS), rng.choice(RANDOM_CHANNELS)
@@ -885,8 +882,8 @@ def test_random_cases(case, monkeypatch):
     order = CPU.conv_row_order(nbr, splits) if splits else None
     order_t = CPU.conv_row_order(nbr_t, splits) if splits else None
     if splits:
-        assert_equal([EMU.conv_row_order(nbr, splits), EMU.conv_row_order(nbr_t, splits)],
-                     [order, order_t], "conv_row_order")
+        assert_same([EMU.conv_row_order(nbr, splits), EMU.conv_row_order(nbr_t, splits)],
+                    [order, order_t], f"conv_row_order, {where}")
 
     def conv_ops(ops, *orders):
         return [ops.sparse_conv(x, w, nbr, nbr_t, *orders),
@@ -897,9 +894,7 @@ def test_random_cases(case, monkeypatch):
     got = conv_ops(EMU, order, order_t)
     for op, a, b in zip(["forward", "input gradient", "weight gradient"], got, conv_ops(CPU)):
         assert a.dtype == dtype and a.shape == b.shape, where
-        scale = max(b.abs().max().item() if b.numel() else 0.0, 1.0)
-        torch.testing.assert_close(a.double() / scale, b.double() / scale, **TOL[dtype],
-                                   msg=lambda m, op=op: f"{op}, {where}: {m}")
+        assert_close_to_scale(a, b, dtype, f"{op}, {where}")
     if algo == "fused" and "wgrad" not in variants:
         # Tiles and row orders change where products are computed, not the sums.
         variant_env(monkeypatch, "", "fused", sm_major)
@@ -914,7 +909,7 @@ def test_random_cases(case, monkeypatch):
         return [ops.sparse_sum_pool(pooled, nbr, nbr_t), out, argmax,
                 ops.sparse_max_pool_backward(grad, argmax, nbr_t)]
 
-    assert_equal(pool_ops(EMU), pool_ops(CPU), "pooling")
+    assert_same(pool_ops(EMU), pool_ops(CPU), f"pooling, {where}")
 
 
 @pytest.mark.parametrize("case", range(RANDOM_CASES))
