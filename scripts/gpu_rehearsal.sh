@@ -7,8 +7,8 @@
 #
 # Usage: scripts/gpu_rehearsal.sh [RESULTS_DIR]     (default /tmp/spconv_lite-rehearsal/results)
 #
-#   1. a virtual environment with torch==$TORCH_VERSION (PyPI's CUDA build, ~5 GB; made once
-#      and kept in $VENV), numpy, pytest, hypothesis and spconv 2.3.8;
+#   1. a virtual environment (Python 3.12 where found) with torch==$TORCH_VERSION (PyPI's CUDA
+#      build, ~5 GB; made once and kept in $VENV), numpy, pytest, hypothesis and spconv 2.3.8;
 #   2. a copy of this checkout (tracked and untracked, not ignored files; .gpu/ too when
 #      scripts/gpu_prepare.sh filled it) in $WORK;
 #   3. there, scripts/gpu_check.sh as a dry run with the build stage: the CUDA build for
@@ -19,7 +19,9 @@
 #      library is built with a CUDA libtorch).
 #
 # Environment: TORCH_VERSION (default 2.11.0), VENV (default /tmp/spconv_lite-torch$TORCH_VERSION),
-# WORK (default /tmp/spconv_lite-rehearsal), CUDA_HOME (default: the toolkit nvcc belongs to).
+# REHEARSAL_PYTHON (the interpreter the environment is made with; default a Python 3.12 where
+# found, as on the GPU machine, else python3), WORK (default /tmp/spconv_lite-rehearsal),
+# CUDA_HOME (default: the toolkit nvcc belongs to).
 # Needs nvcc and PyPI. About 10 minutes on 2 cores once the environment exists.
 set -euo pipefail
 
@@ -29,12 +31,23 @@ VENV=${VENV:-/tmp/spconv_lite-torch$TORCH_VERSION}
 WORK=${WORK:-/tmp/spconv_lite-rehearsal}
 RESULTS=${1:-$WORK/results}
 
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-    echo "=== making $VENV (torch==$TORCH_VERSION)"
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q "torch==$TORCH_VERSION" numpy pytest hypothesis spconv==2.3.8 \
-        cmake ninja
+# The GPU machine runs Python 3.12, and the peers' archive (.gpu/peers-cp312.tar.xz) is built
+# for it: with a 3.12 here, the benchmark's dry run imports spconv's CUDA build and
+# spconv-Triton as the GPU run will. pybind11 and portalocker are what their imports need
+# beyond torch (the GPU machine has both).
+if [ -z "${REHEARSAL_PYTHON:-}" ]; then
+    for candidate in python3.12 "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12 python3; do
+        if "$candidate" -c "" 2>/dev/null; then REHEARSAL_PYTHON=$candidate; break; fi
+    done
 fi
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    echo "=== making $VENV (torch==$TORCH_VERSION, $("$REHEARSAL_PYTHON" --version))"
+    "$REHEARSAL_PYTHON" -m venv "$VENV"
+    "$VENV/bin/pip" install -q "torch==$TORCH_VERSION" numpy pytest pytest-xdist hypothesis \
+        pybind11 portalocker cmake ninja
+fi
+# spconv from PyPI is the CPU suite's reference; the cp312 peers replace it in the GPU check.
+"$VENV/bin/python" -c "import spconv" 2>/dev/null || "$VENV/bin/pip" install -q spconv==2.3.8
 "$VENV/bin/python" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 
 # The toolkit the CMake tests look for: nvcc's own folder, or the real one behind a wrapper.
