@@ -1,7 +1,9 @@
 """Builds the CUDA sources of spconv_lite (src/cuda/*.cu) as a CPU library that emulates CUDA.
 
-The sources are rewritten (kernel launches -> emu::launch, casts to vector types ->
-emu::aligned_cast, which checks their alignment, registrations -> a separate
+The sources are rewritten (kernel launches -> emu::launch, which refuses the configurations a
+GPU refuses; ``__launch_bounds__`` -> a check of the block size in the kernel's body;
+``__shared__`` variables registered, to be refilled at every block's start; casts to
+vector types -> emu::aligned_cast, which checks their alignment; registrations -> a separate
 ``spconv_lite_emu`` op namespace on the CPU key), compiled with g++ against the stub headers in
 ``include/`` and the shim ``emu.h``, and loaded with ``torch.ops.load_library``. The emulated
 ops are then ``torch.ops.spconv_lite_emu.*`` with the schemas of ``torch.ops.spconv_lite.*``.
@@ -74,6 +76,36 @@ def rewrite_launches(text: str) -> str:
     return text
 
 
+def rewrite_launch_bounds(text: str) -> str:
+    """``__launch_bounds__(n) kernel(params) {`` -> ``kernel(params) {
+    ::emu::check_launch_bounds(n);``: a GPU refuses to launch such a kernel with more than n
+    threads a block."""
+    while (pos := text.find("__launch_bounds__(")) >= 0:
+        bound_end = _closing(text, pos + len("__launch_bounds__"), "(", ")")
+        bound = text[pos + len("__launch_bounds__("):bound_end - 1]
+        params_end = _closing(text, text.index("(", bound_end), "(", ")")
+        body = text.index("{", params_end) + 1
+        text = (text[:pos] + text[bound_end:body] + f" ::emu::check_launch_bounds({bound});"
+                + text[body:])
+    return text
+
+
+SHARED_DECLARATION = re.compile(r"(?<!extern )__shared__\b")
+
+
+def register_shared_variables(text: str) -> str:
+    """``__shared__ T name[...];`` -> the same and ``EMU_REGISTER_SHARED(name);``: the emulation
+    refills each kernel's static shared memory at every block's start, as the dynamic one."""
+    out, pos = [], 0
+    for match in SHARED_DECLARATION.finditer(text):
+        end = text.index(";", match.end()) + 1
+        declaration = text[match.end():end]
+        name = re.search(r"(\w+)\s*(?:\[|;|=)", declaration).group(1)
+        out += [text[pos:end], f" EMU_REGISTER_SHARED({name});"]
+        pos = end
+    return "".join(out) + text[pos:]
+
+
 # Casts to CUDA's vector types, whose accesses must be aligned to their size on a GPU.
 VECTOR_CAST = re.compile(r"reinterpret_cast<(\s*(?:const\s+)?(?:u?int[24]|float[24]|__half2|"
                          r"__nv_bfloat162)\s*\*)>\(")
@@ -82,6 +114,8 @@ VECTOR_CAST = re.compile(r"reinterpret_cast<(\s*(?:const\s+)?(?:u?int[24]|float[
 def rewrite(source: Path) -> str:
     text = source.read_text()
     text = rewrite_launches(text)
+    text = rewrite_launch_bounds(text)
+    text = register_shared_variables(text)
     text = VECTOR_CAST.sub(r"::emu::aligned_cast<\1>(", text)
     text = re.sub(r"TORCH_LIBRARY_IMPL\(spconv_lite,\s*CUDA,", f"TORCH_LIBRARY_IMPL({NAME}, CPU,",
                   text)

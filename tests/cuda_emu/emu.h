@@ -11,7 +11,10 @@
 // so a missing wait reads stale data; or as early as allowed, SPCONV_LITE_EMU_CP_ASYNC=early, so
 // a missing barrier before a stage's refill changes what slower threads read). The stub headers
 // in include/ replace cuda_runtime.h, the c10/cuda stream, guard and exception headers, WMMA and
-// cub's radix sort. Accesses a GPU refuses as misaligned (vector casts, cp.async, WMMA tiles,
+// cub's radix sort. A launch a GPU refuses (no blocks, more than 65535 along y or z, a block
+// beyond 1024 threads or its kernel's __launch_bounds__, dynamic shared memory beyond 48 KB
+// without the kernel's opt-in) does not run, and C10_CUDA_KERNEL_LAUNCH_CHECK raises as torch
+// does. Accesses a GPU refuses as misaligned (vector casts, cp.async, WMMA tiles,
 // ldmatrix rows) abort. Races between the threads of a block (a missing __syncthreads or
 // __syncwarp: what compute-sanitizer's racecheck looks for) show by chance only, as the OS
 // interleaves the threads; built with ThreadSanitizer (scripts/emu_race_check.sh) every such
@@ -27,7 +30,9 @@
 #include <cstdlib>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <tuple>
 #include <type_traits>
@@ -44,8 +49,12 @@
 #define __host__
 #define __forceinline__ inline
 #define __noinline__ __attribute__((noinline))
-#define __launch_bounds__(...)
+#define __launch_bounds__(...)  // build.py turns each into check_launch_bounds in the body
 #define __shared__ static
+// build.py puts this after each __shared__ variable's declaration (see fill_shared_memory).
+#define EMU_REGISTER_SHARED(name)                       \
+  [[maybe_unused]] static const bool emu_shared_##name = \
+      ::emu::register_static_shared(&(name), sizeof(name))
 #define __align__(n) __attribute__((aligned(n)))
 
 namespace emu {
@@ -70,9 +79,36 @@ inline dim3 grid_dim, block_dim, block_idx;
 inline thread_local dim3 thread_idx;
 inline thread_local Block* block = nullptr;
 inline thread_local int linear_id = 0;
-// The launch's dynamic shared memory (extern __shared__), refilled with 0xFF bytes (NaN as
-// float16 / float32) at the start of every block: a kernel must write what it reads.
+// The launch's dynamic shared memory (extern __shared__), and each kernel's static shared
+// memory (its __shared__ variables, function-local statics here, which build.py registers
+// where they are declared), refilled at the start of every block: a kernel must write what it
+// reads. The blocks alternate two fills, 0xFF bytes (NaN as float16 / float32; -1 as int32, the
+// tables' "no neighbour") and 0x7F bytes (huge floats; int32 rows far beyond any tensor), so
+// that a read before a write shows whether it takes the value as data or as a row index.
 inline unsigned char* dynamic_shared = nullptr;
+inline const void* running_kernel = nullptr;
+inline int block_fill = 0xFF;
+inline std::mutex static_shared_mutex;
+inline std::map<const void*, std::vector<std::pair<void*, std::size_t>>> static_shared;
+
+// Where a __shared__ variable is first declared: filled at once, before any thread can reach
+// it (the others wait for the static's initialisation), then at every block's start.
+inline bool register_static_shared(void* variable, std::size_t bytes) {
+  const std::lock_guard<std::mutex> lock(static_shared_mutex);
+  static_shared[running_kernel].emplace_back(variable, bytes);
+  std::memset(variable, block_fill, bytes);
+  return true;
+}
+
+// Before the block_number-th block of the running kernel (between two block barriers).
+inline void fill_shared_memory(std::size_t dynamic_bytes, unsigned long long block_number) {
+  block_fill = block_number % 2 == 0 ? 0xFF : 0x7F;
+  std::memset(dynamic_shared, block_fill, dynamic_bytes);
+  const std::lock_guard<std::mutex> lock(static_shared_mutex);
+  for (const auto& [variable, bytes] : static_shared[running_kernel]) {
+    std::memset(variable, block_fill, bytes);
+  }
+}
 
 // cp.async: each copy lands as late as the real one may, at the cp.async.wait_group that
 // covers its group (commit_group closes a group), so a read of a stage before its wait sees the
@@ -220,6 +256,17 @@ inline int block_reduce(int value, bool is_or) {
   return result;
 }
 
+// A kernel declared __launch_bounds__(n) does not launch with more than n threads a block
+// (compiled for n, its registers may not suffice): a library bug, so it aborts.
+inline void check_launch_bounds(unsigned int max_threads) {
+  const unsigned int threads = block_dim.x * block_dim.y * block_dim.z;
+  if (threads > max_threads) {
+    std::fprintf(stderr, "emu: a kernel declared __launch_bounds__(%u) launched with %u threads\n",
+                 max_threads, threads);
+    std::abort();
+  }
+}
+
 template <typename... Params>
 struct Launch {
   void (*kernel)(Params...);
@@ -227,8 +274,44 @@ struct Launch {
   dim3 threads;
   std::size_t shared_bytes;
 
+  // Why a GPU would refuse this launch (error cudaSuccess: it would not), as the runtime
+  // checks it: at least one block and at most 2^31 - 1 x 65535 x 65535 of them; 1 to 1024
+  // threads a block, at most 1024 x 1024 x 64; the dynamic shared memory within 48 KB or the
+  // kernel's opt-in.
+  struct Refusal {
+    cudaError_t error;
+    const char* why;
+  };
+  Refusal refusal() const {
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0) {
+      return {cudaErrorInvalidConfiguration, "a grid without blocks"};
+    }
+    if (grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535) {
+      return {cudaErrorInvalidConfiguration, "too many blocks"};
+    }
+    const unsigned long long count =
+        static_cast<unsigned long long>(threads.x) * threads.y * threads.z;
+    if (count == 0 || count > 1024 || threads.x > 1024 || threads.y > 1024 || threads.z > 64) {
+      return {cudaErrorInvalidConfiguration, "a block size beyond 1024 threads"};
+    }
+    if (shared_bytes > static_cast<std::size_t>(
+                           shared_bytes_allowed(reinterpret_cast<const void*>(kernel)))) {
+      return {cudaErrorInvalidValue,
+              "more dynamic shared memory than the kernel's limit (48 KB without the opt-in)"};
+    }
+    return {cudaSuccess, nullptr};
+  }
+
   template <typename... Args>
   void operator()(Args&&... args) const {
+    if (const Refusal refused = refusal(); refused.error != cudaSuccess) {
+      last_error = refused.error;  // the launch does not run; the error waits for a check
+      std::snprintf(last_error_detail, sizeof(last_error_detail),
+                    "%s: grid (%u, %u, %u), block (%u, %u, %u), %zu bytes of shared memory",
+                    refused.why, grid.x, grid.y, grid.z, threads.x, threads.y, threads.z,
+                    shared_bytes);
+      return;
+    }
     const std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
     const int count = static_cast<int>(threads.x * threads.y * threads.z);
     if (count % 32 != 0) std::abort();  // the kernels use whole warps
@@ -242,6 +325,7 @@ struct Launch {
     // separated by block barriers (so the function-local statics act as shared memory), in
     // blockIdx order or reversed (SPCONV_LITE_EMU_BLOCK_ORDER, see the top of this file).
     Block state(count);
+    running_kernel = reinterpret_cast<const void*>(kernel);
     struct alignas(128) Line {
       unsigned char bytes[128];
     };
@@ -254,12 +338,12 @@ struct Launch {
         block = &state;
         linear_id = t;
         thread_idx = dim3(t % threads.x, (t / threads.x) % threads.y, t / (threads.x * threads.y));
-        const unsigned int blocks = grid.x * grid.y * grid.z;
-        for (unsigned int i = 0; i < blocks; ++i) {
-          const unsigned int b = blocks_reversed ? blocks - 1 - i : i;
+        const unsigned long long blocks = 1ull * grid.x * grid.y * grid.z;
+        for (unsigned long long i = 0; i < blocks; ++i) {
+          const unsigned long long b = blocks_reversed ? blocks - 1 - i : i;
           if (t == 0) {
-            block_idx = dim3(b % grid.x, b / grid.x % grid.y, b / (grid.x * grid.y));
-            std::memset(dynamic_shared, 0xFF, shared_bytes);
+            block_idx = dim3(b % grid.x, b / grid.x % grid.y, b / (1ull * grid.x * grid.y));
+            fill_shared_memory(shared_bytes, i);
           }
           state.barrier.arrive_and_wait();  // block_idx set, the previous block done
           std::apply(kernel, params);

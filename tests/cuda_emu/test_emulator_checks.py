@@ -5,6 +5,10 @@
   same kernel with the barrier is not.
 - SPCONV_LITE_EMU_BLOCK_ORDER=reverse runs the blocks last to first, so a kernel whose result
   depends on the order of its blocks changes its result.
+- Static shared memory read before it is written holds the fill bytes, in every block.
+- A launch a GPU refuses (no blocks, too many, too large a block, too much dynamic shared
+  memory) does not run and leaves the runtime's error; a kernel launched beyond its
+  ``__launch_bounds__`` aborts.
 
 Skipped unless SPCONV_LITE_CUDA_EMULATION=1, like the emulated kernels.
 """
@@ -25,26 +29,30 @@ if os.environ.get("SPCONV_LITE_CUDA_EMULATION", "0") in ("", "0"):
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "self_check" / "order_and_races.cpp"
+sys.path.insert(0, str(HERE))
+import build  # noqa: E402
 
 
 def compile_self_check(tmp_path: Path, sanitize: str | None) -> Path:
     torch_dir = Path(torch.__file__).resolve().parent
     exe = tmp_path / f"order_and_races_{sanitize or 'plain'}"
+    source = tmp_path / SOURCE.name  # rewritten as build.py rewrites the CUDA sources
+    source.write_text(build.rewrite(SOURCE))
     command = ["g++", "-std=c++20", "-O1", "-g", "-include", str(HERE / "emu.h"),
                "-I", str(HERE / "include"), "-isystem", str(torch_dir / "include"),
-               str(SOURCE), "-o", str(exe), "-pthread"]
+               str(source), "-o", str(exe), "-pthread"]
     if sanitize:
         command.append(f"-fsanitize={sanitize}")
     subprocess.run(command, check=True, capture_output=True, text=True)
     return exe
 
 
-def run(exe: Path, mode: str, **env: str) -> subprocess.CompletedProcess:
+def run(exe: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     # Not the settings of the suite's own run (CI runs it with the blocks reversed too).
     environment = {k: v for k, v in os.environ.items()
                    if k != "LD_PRELOAD" and not k.startswith("SPCONV_LITE_EMU_")}
     environment.update(env)
-    return subprocess.run([str(exe), mode], capture_output=True, text=True, timeout=120,
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120,
                           env=environment)
 
 
@@ -77,3 +85,34 @@ def test_reversed_block_order_changes_an_order_dependent_kernel(tmp_path):
     assert forward.returncode == 0 and backward.returncode == 0, forward.stderr + backward.stderr
     assert forward.stdout.strip() == "8"  # blocks 0..7 in order: 0 -> 1 -> ... -> 8
     assert backward.stdout.strip() == "1"  # block 7 runs first and reads values[7] == 0
+
+
+def test_refused_launches_do_not_run_and_leave_the_error(tmp_path):
+    exe = compile_self_check(tmp_path, None)
+    result = run(exe, "limits")
+    assert result.returncode == 0, result.stderr[-2000:]
+    refused, invalid = "9 0", "1 0"  # cudaErrorInvalidConfiguration / cudaErrorInvalidValue
+    assert result.stdout.split("\n")[:-1] == [
+        refused, refused, refused, refused, "0 6",  # grids
+        refused, "0 2",  # block sizes
+        "0 1", invalid,  # 48 KB of dynamic shared memory without the opt-in, and 16 bytes more
+        "0", "0 1", invalid, invalid,  # a 64 KB opt-in: that kernel only, up to 64 KB
+        "1",  # an opt-in beyond the device's shared memory is refused
+    ]
+
+
+def test_launch_beyond_the_kernels_launch_bounds_aborts(tmp_path):
+    exe = compile_self_check(tmp_path, None)
+    within = run(exe, "bounds", "64")
+    assert within.returncode == 0 and within.stdout.strip() == "0 1", within.stderr[-2000:]
+    beyond = run(exe, "bounds", "96")
+    assert beyond.returncode != 0
+    assert "__launch_bounds__(64) launched with 96 threads" in beyond.stderr
+
+
+def test_unwritten_static_shared_memory_holds_the_fill_in_every_block(tmp_path):
+    exe = compile_self_check(tmp_path, None)
+    result = run(exe, "unwritten")
+    assert result.returncode == 0, result.stderr[-2000:]
+    fills = f"-1 {0x7F7F7F7F} -1"  # blocks alternate 0xFF and 0x7F bytes
+    assert result.stdout.split("\n")[:-1] == [fills, fills]

@@ -2,8 +2,11 @@
 // types and queries the kernels' host code uses.
 #pragma once
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 
 struct dim3 {
   unsigned int x, y, z;
@@ -34,29 +37,88 @@ inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z,
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
 
-enum cudaError_t { cudaSuccess = 0 };
+// The runtime's error codes the emulation can give (values as in CUDA's driver_types.h).
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+};
+
+inline const char* cudaGetErrorString(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+  }
+  return "unknown error";
+}
+
+namespace emu {
+// The error of the last launch (a launch whose configuration a GPU refuses does not run),
+// returned and cleared by cudaGetLastError as the runtime does; what the launch asked for.
+inline thread_local cudaError_t last_error = cudaSuccess;
+inline thread_local char last_error_detail[256] = "";
+}  // namespace emu
+
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t error = ::emu::last_error;
+  ::emu::last_error = cudaSuccess;
+  return error;
+}
 
 enum cudaDeviceAttr {
   cudaDevAttrMultiProcessorCount = 16,
   cudaDevAttrComputeCapabilityMajor = 75,
 };
 
+namespace emu {
+inline int sm_major() {
+  const char* major = std::getenv("SPCONV_LITE_EMU_SM_MAJOR");
+  return (major != nullptr && *major != '\0') ? std::atoi(major) : 9;
+}
+}  // namespace emu
+
 // The emulated device: 4 multiprocessors, compute capability SPCONV_LITE_EMU_SM_MAJOR
 // (default 9, so the tensor-core kernels run; 7 selects the SIMT fallbacks).
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int) {
-  if (attribute == cudaDevAttrMultiProcessorCount) {
-    *value = 4;
-  } else {
-    const char* major = std::getenv("SPCONV_LITE_EMU_SM_MAJOR");
-    *value = (major != nullptr && *major != '\0') ? std::atoi(major) : 9;
-  }
+  *value = attribute == cudaDevAttrMultiProcessorCount ? 4 : ::emu::sm_major();
   return cudaSuccess;
 }
 
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 
-// Any size is fine for the emulation (the launch allocates what it is given).
+namespace emu {
+// Launch limits of the emulated device, as a GPU enforces them (CUDA C++ Programming Guide,
+// "Technical Specifications per Compute Capability"): a block's dynamic shared memory above
+// 48 KB needs the kernel's opt-in (cudaFuncSetAttribute), up to the device's maximum: 227 KB
+// on sm_90, 99 KB on sm_86 / sm_89 (the least of compute capability 8), 64 KB on sm_75 (the
+// least of 7).
+constexpr int kDefaultSharedBytes = 48 * 1024;
+inline int max_shared_bytes_optin() {
+  const int major = sm_major();
+  return major >= 9 ? 227 * 1024 : major == 8 ? 99 * 1024 : 64 * 1024;
+}
+
+// Each kernel's opt-in, set by cudaFuncSetAttribute and read by its launches.
+inline std::mutex shared_optin_mutex;
+inline std::map<const void*, int> shared_optin;
+inline int shared_bytes_allowed(const void* kernel) {
+  const std::lock_guard<std::mutex> lock(shared_optin_mutex);
+  const auto found = shared_optin.find(kernel);
+  return found == shared_optin.end() ? kDefaultSharedBytes : found->second;
+}
+}  // namespace emu
+
+// Records the kernel's dynamic shared memory opt-in; more than the device has is refused.
 template <typename Kernel>
-cudaError_t cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int) {
+cudaError_t cudaFuncSetAttribute(Kernel kernel, cudaFuncAttribute, int bytes) {
+  if (bytes < 0 || bytes > ::emu::max_shared_bytes_optin()) {
+    std::snprintf(::emu::last_error_detail, sizeof(::emu::last_error_detail),
+                  "%d bytes of dynamic shared memory, where the device has at most %d", bytes,
+                  ::emu::max_shared_bytes_optin());
+    return cudaErrorInvalidValue;
+  }
+  const std::lock_guard<std::mutex> lock(::emu::shared_optin_mutex);
+  ::emu::shared_optin[reinterpret_cast<const void*>(kernel)] = bytes;
   return cudaSuccess;
 }
