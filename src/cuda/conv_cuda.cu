@@ -224,24 +224,26 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// What one block of a fused weight-gradient kernel sums, grid (row chunks, offsets, C_in tiles x
-// C_out tiles): over the rows [begin, end) of its chunk, offset k's products for the BM x BN
-// tile at (ci0, co0) of partial[chunk, k] ([C_in, C_out], at partial_offset).
+// What one block of a fused weight-gradient kernel sums, grid (offsets, row chunks, C_in tiles
+// x C_out tiles): over the rows [begin, end) of its chunk, offset k's products for the BM x BN
+// tile at (ci0, co0) of partial[chunk, k] ([C_in, C_out], at partial_offset). The offsets go
+// along x, the only grid dimension with more than 65535 blocks (rows_per_chunk makes at most
+// 1024 chunks).
 struct WeightGradBlock {
   int k, ci0, co0;
   int64_t begin, end, partial_offset;
   __device__ WeightGradBlock(int bm, int bn, int tiles_n, int64_t rows, int64_t rows_per_chunk,
                              int volume, int c_in, int c_out)
-      : k(blockIdx.y),
+      : k(blockIdx.x),
         ci0(static_cast<int>(blockIdx.z) / tiles_n * bm),
         co0(static_cast<int>(blockIdx.z) % tiles_n * bn),
-        begin(int64_t{blockIdx.x} * rows_per_chunk),
+        begin(int64_t{blockIdx.y} * rows_per_chunk),
         end(std::min(rows, begin + rows_per_chunk)),
-        partial_offset((int64_t{blockIdx.x} * volume + k) * c_in * c_out) {}
+        partial_offset((int64_t{blockIdx.y} * volume + k) * c_in * c_out) {}
 };
 
 // partial[chunk, k] = sum over the chunk's rows o of in[nbr[o, k]]^T grad_out[o]
-// ([C_in, C_out]); grid (row chunks, offsets, C_in tiles x C_out tiles).
+// ([C_in, C_out]); grid (offsets, row chunks, C_in tiles x C_out tiles).
 template <typename scalar_t, int BN>
 __global__ void __launch_bounds__(kThreads)
     weight_grad_simt_kernel(const scalar_t* __restrict__ in,
@@ -1934,7 +1936,7 @@ at::Tensor weight_grad_fused(const at::Tensor& x, const at::Tensor& g, const at:
       const int tiles_n = (c_out + kWmmaTile - 1) / kWmmaTile;
       int64_t chunk_rows;
       partial = partial_for(int64_t{tiles_m} * tiles_n, c_in_tiled, &chunk_rows);
-      const dim3 grid(partial.size(0), volume, tiles_m * tiles_n);
+      const dim3 grid(volume, partial.size(0), tiles_m * tiles_n);
       const bool vec = rows_of_16_bytes(in_tiled, c_in_tiled, grad, c_out);
       auto* kernel = vec ? weight_grad_wmma_kernel<scalar_t, true>
                          : weight_grad_wmma_kernel<scalar_t, false>;
@@ -1965,7 +1967,7 @@ at::Tensor weight_grad_fused(const at::Tensor& x, const at::Tensor& g, const at:
       const int tiles_n = (c_out + BN - 1) / BN;
       int64_t chunk_rows;
       partial = partial_for(int64_t{tiles_m} * tiles_n, c_in, &chunk_rows);
-      const dim3 grid(partial.size(0), volume, tiles_m * tiles_n);
+      const dim3 grid(volume, partial.size(0), tiles_m * tiles_n);
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (compact && rows_of_16_bytes(in, c_in, grad, c_out)) {
           weight_grad_simt_pipelined_kernel<BN>
@@ -2059,8 +2061,6 @@ at::Tensor sparse_conv_weight_grad_cuda(const at::Tensor& features, const at::Te
                    grad_out.scalar_type(), " must match features dtype ",
                    features.scalar_type());
   check_neighbor_table(nbr, "nbr", grad_out.size(0), -1);
-  TORCH_CHECK_VALUE(nbr.size(1) <= 65535, "kernel volume ", nbr.size(1),
-                    " is above the CUDA kernels' limit of 65535 offsets");
   const cuda::Variants variants = cuda::variants_from_env();
   cuda::check_neighbor_entries_cuda(nbr, "nbr", features.size(0));
   const c10::cuda::CUDAGuard guard(features.device());

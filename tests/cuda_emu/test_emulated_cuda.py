@@ -292,6 +292,29 @@ def test_conv_with_an_empty_kernel(algo, monkeypatch):
                 [CPU.sparse_conv_weight_grad(x, g, nbr), CPU.sparse_conv(x, w, nbr, nbr_t)])
 
 
+# The two launches of the fused weight gradient: tensor-core tiles, then SIMT tiles (with
+# 128-thread blocks: 65537 blocks of 256 emulated threads take minutes).
+@pytest.mark.parametrize("dtype, variants", [(torch.float16, ""),
+                                             (torch.float32, "wgrad=compact")], ids=case_id)
+def test_conv_with_more_offsets_than_a_grid_dimension_holds(dtype, variants, monkeypatch):
+    # A 1D kernel of 65537 offsets (reach 32768 to each side, within a 40000-cell grid), as the
+    # CPU takes it. The fused weight gradient's blocks, one per (offset, row chunk, channel
+    # tile), used to put the offsets along the grid's y, which holds at most 65535 blocks: the
+    # op refused more offsets (ValueError), where a GPU would have refused the launch.
+    monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", "fused")
+    monkeypatch.setenv("SPCONV_LITE_CUDA_VARIANTS", variants)
+    idx = torch.tensor([[0, 5], [0, 20000], [0, 39999], [1, 7]], dtype=torch.int32)
+    nbr, nbr_t = CPU.build_subm_map(idx, [40000], 2, [65537], [1])
+    gen = make_gen("offsets", dtype, variants)
+    x = randn(gen, 4, 8, dtype=dtype)
+    w = randn(gen, 65537, 8, 8, dtype=dtype, scale=0.25)
+    g = randn(gen, 4, 8, dtype=dtype)
+    for got, want in [(EMU.sparse_conv(x, w, nbr, nbr_t), CPU.sparse_conv(x, w, nbr, nbr_t)),
+                      (EMU.sparse_conv_weight_grad(x, g, nbr),
+                       CPU.sparse_conv_weight_grad(x, g, nbr))]:
+        assert_close_to_scale(got, want, dtype)
+
+
 @pytest.mark.parametrize("sm_major", ["9", "7"])  # tensor-core kernels, then SIMT fallbacks
 @pytest.mark.parametrize("algo", ["fused", "gemm"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
