@@ -46,6 +46,15 @@ HALF_TOL = {torch.float16: {"rtol": 1e-2, "atol": 1e-2},
             torch.bfloat16: {"rtol": 3e-2, "atol": 3e-2}}
 
 
+def assert_close_to_scale(got, want, dtype):
+    """``got`` close to ``want`` at ``dtype``'s tolerance, relative to the largest value (at
+    least 1): weight gradients are long sums (thousands of rows) that the devices add in
+    different orders."""
+    scale = max(want.abs().max().item(), 1.0)
+    tol = PARITY_TOL.get(dtype, HALF_TOL.get(dtype))
+    torch.testing.assert_close(got / scale, want / scale, **tol)
+
+
 def both(fn, *tensors):
     """``fn`` on the CPU tensors and on CUDA copies; the CUDA results brought back."""
     cpu = fn(*tensors)
@@ -180,10 +189,7 @@ def test_conv_matches_cpu(shape, dtype, algo, monkeypatch):
     up = randn(gen, nbr.shape[0], c_out, dtype=dtype)
     cpu, gpu = both(conv_results, x, w, nbr, nbr_t, up)
     for g, c in zip(gpu, cpu):
-        # Relative to the largest value: weight gradients are long sums (thousands of rows)
-        # that the devices add in different orders.
-        scale = max(c.abs().max().item(), 1.0)
-        torch.testing.assert_close(g / scale, c / scale, **PARITY_TOL[dtype])
+        assert_close_to_scale(g, c, dtype)
 
 
 @pytest.mark.parametrize("algo", ["fused", "gemm"])
@@ -241,6 +247,27 @@ def test_conv_with_an_empty_kernel(algo, monkeypatch):
     assert_equal_lists(gpu, cpu)
 
 
+@pytest.mark.parametrize("variants", ["", "wgrad=compact"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=case_id)
+def test_conv_with_more_offsets_than_a_grid_dimension_holds(dtype, variants, monkeypatch):
+    # 65537 offsets: the fused weight gradient's blocks put the offsets along the grid's x,
+    # whose y and z hold at most 65535 blocks (tests/cuda_emu has the same case).
+    monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", "fused")
+    monkeypatch.setenv("SPCONV_LITE_CUDA_VARIANTS", variants)
+    idx = torch.tensor([[0, 5], [0, 20000], [0, 39999], [1, 7]], dtype=torch.int32)
+    nbr, nbr_t = OPS.build_subm_map(idx, [40000], 2, [65537], [1])
+    gen = make_gen("offsets", dtype, variants)
+    x, g = randn(gen, 4, 8, dtype=dtype), randn(gen, 4, 8, dtype=dtype)
+    w = randn(gen, 65537, 8, 8, dtype=dtype, scale=0.25)
+    # The CPU on the same values in float64 (the CPU's half types sum in float too).
+    want = [OPS.sparse_conv(x.double(), w.double(), nbr, nbr_t),
+            OPS.sparse_conv_weight_grad(x.double(), g.double(), nbr)]
+    x, w, g, nbr, nbr_t = (t.to(CUDA) for t in (x, w, g, nbr, nbr_t))
+    got = [OPS.sparse_conv(x, w, nbr, nbr_t), OPS.sparse_conv_weight_grad(x, g, nbr)]
+    for result, reference in zip(got, want):
+        assert_close_to_scale(result.double().cpu(), reference, dtype)
+
+
 @pytest.mark.parametrize("switch", ["allow_tf32", "matmul_precision_high"])
 @pytest.mark.parametrize("algo", ["fused", "gemm"])
 def test_float32_stays_exact_when_torch_allows_tf32(algo, switch, monkeypatch):
@@ -264,8 +291,7 @@ def test_float32_stays_exact_when_torch_allows_tf32(algo, switch, monkeypatch):
         torch.backends.cuda.matmul.allow_tf32 = before[0]
         torch.set_float32_matmul_precision(before[1])
     for g, c in zip(gpu, cpu):
-        scale = max(c.abs().max().item(), 1.0)
-        torch.testing.assert_close(g.cpu() / scale, c / scale, **PARITY_TOL[torch.float32])
+        assert_close_to_scale(g.cpu(), c, torch.float32)
 
 
 @pytest.mark.parametrize("algo", ["fused", "gemm"])
@@ -476,9 +502,7 @@ def test_compact_weight_grad_matches_cpu(shape, dtype, monkeypatch):
     g = randn(gen, nbr.shape[0], c_out, dtype=dtype)
     want = OPS.sparse_conv_weight_grad(x.double(), g.double(), nbr)  # the same values, exactly
     got = OPS.sparse_conv_weight_grad(x.to(CUDA), g.to(CUDA), nbr.to(CUDA)).double().cpu()
-    scale = max(want.abs().max().item(), 1.0)
-    tol = PARITY_TOL.get(dtype, HALF_TOL.get(dtype))
-    torch.testing.assert_close(got / scale, want / scale, **tol)
+    assert_close_to_scale(got, want, dtype)
 
 
 @pytest.mark.parametrize("case", [c for c in MAP_CASES if c[0] != "subm"], ids=case_id)
