@@ -2,7 +2,8 @@
 
 The sources are rewritten (kernel launches -> emu::launch, which refuses the configurations a
 GPU refuses; ``__launch_bounds__`` -> a check of the block size in the kernel's body;
-``__shared__`` variables registered, to be refilled at every block's start; casts to
+``__shared__`` variables registered, to be refilled at every block's start; ``at::empty`` ->
+a tensor filled with bytes, as a GPU's reused memory is; casts to
 vector types -> emu::aligned_cast, which checks their alignment; registrations -> a separate
 ``spconv_lite_emu`` op namespace on the CPU key), compiled with g++ against the stub headers in
 ``include/`` and the shim ``emu.h``, and loaded with ``torch.ops.load_library``. The emulated
@@ -116,6 +117,7 @@ def rewrite(source: Path) -> str:
     text = rewrite_launches(text)
     text = rewrite_launch_bounds(text)
     text = register_shared_variables(text)
+    text = re.sub(r"\bat::empty(_like)?\(", r"::emu::empty\1(", text)  # include/emu_memory.h
     text = VECTOR_CAST.sub(r"::emu::aligned_cast<\1>(", text)
     text = re.sub(r"TORCH_LIBRARY_IMPL\(spconv_lite,\s*CUDA,", f"TORCH_LIBRARY_IMPL({NAME}, CPU,",
                   text)
@@ -154,6 +156,7 @@ def load_library() -> None:
             sources=sources,
             extra_include_paths=[str(headers_dir), str(HERE / "include"), str(REPO / "include")],
             extra_cflags=["-O1", "-g", "-std=c++20", "-include", str(HERE / "emu.h"),
+                          "-include", str(HERE / "include" / "emu_memory.h"),
                           "-DSPCONV_LITE_CUDA_EMULATION=1", "-Wno-unused-variable"]
             + ([f"-fsanitize={sanitize}"] if sanitize else []),
             extra_ldflags=[f"-fsanitize={sanitize}"] if sanitize else [],

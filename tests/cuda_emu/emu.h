@@ -5,7 +5,8 @@
 // stream)(args)). Every CUDA thread of a block is a std::thread, blocks run one after another
 // (SPCONV_LITE_EMU_BLOCK_ORDER=reverse: last to first, since a GPU keeps no order), so
 // function-local statics stand in for __shared__ memory, and a buffer of the launch's size for
-// dynamic shared memory (0xFF bytes at every block's start). __syncthreads* are block
+// dynamic shared memory (both refilled at every block's start; see fill_shared_memory; new
+// tensors are filled too: include/emu_memory.h). __syncthreads* are block
 // barriers, the *_sync warp intrinsics (and ldmatrix, mma.sync) warp collectives, atomics
 // std::atomic_ref; cp.async copies land at the wait_group that covers them (as late as allowed,
 // so a missing wait reads stale data; or as early as allowed, SPCONV_LITE_EMU_CP_ASYNC=early, so

@@ -6,6 +6,8 @@
 - SPCONV_LITE_EMU_BLOCK_ORDER=reverse runs the blocks last to first, so a kernel whose result
   depends on the order of its blocks changes its result.
 - Static shared memory read before it is written holds the fill bytes, in every block.
+- Every uninitialised allocation of the CUDA sources goes through the fill of
+  include/emu_memory.h (a kernel that skips writing zeros shows then; on fresh CPU pages, not).
 - A launch a GPU refuses (no blocks, too many, too large a block, too much dynamic shared
   memory) does not run and leaves the runtime's error; a kernel launched beyond its
   ``__launch_bounds__`` aborts.
@@ -16,6 +18,7 @@ Skipped unless SPCONV_LITE_CUDA_EMULATION=1, like the emulated kernels.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +119,13 @@ def test_unwritten_static_shared_memory_holds_the_fill_in_every_block(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     fills = f"-1 {0x7F7F7F7F} -1"  # blocks alternate 0xFF and 0x7F bytes
     assert result.stdout.split("\n")[:-1] == [fills, fills]
+
+
+def test_every_uninitialised_allocation_is_filled():
+    sources = sorted((HERE.parent.parent / "src" / "cuda").glob("*.cu"))
+    sources += sorted((HERE.parent.parent / "include").rglob("*.cuh"))
+    assert sources
+    for source in sources:
+        text = build.rewrite(source)
+        left = re.findall(r"\b(?:at|torch)::empty\w*\(|\bnew_empty\(", text)
+        assert not left, f"{source.name}: {left} not filled (tests/cuda_emu/include/emu_memory.h)"
