@@ -99,6 +99,21 @@ def distinct_values(gen: torch.Generator, *shape, dtype=torch.float64) -> Tensor
     return values.reshape(shape).to(dtype)
 
 
+def many_offsets_case(dtype: torch.dtype, *key) -> tuple[Tensor, ...]:
+    """(x, w, g, nbr, nbr_t) of a submanifold conv whose 1D kernel has 65537 offsets (reach 32768
+    to each side of 4 sites in a 40000-cell grid, 2 batches): more than a CUDA grid's y or z
+    holds, 8 input and 8 output channels, seeded from ``key``."""
+    import spconv_lite  # noqa: F401  (registers the ops)
+
+    idx = torch.tensor([[0, 5], [0, 20000], [0, 39999], [1, 7]], dtype=torch.int32)
+    nbr, nbr_t = torch.ops.spconv_lite.build_subm_map(idx, [40000], 2, [65537], [1])
+    gen = make_gen("offsets", dtype, *key)
+    x = randn(gen, 4, 8, dtype=dtype)
+    w = randn(gen, 65537, 8, 8, dtype=dtype, scale=0.25)
+    g = randn(gen, 4, 8, dtype=dtype)
+    return x, w, g, nbr, nbr_t
+
+
 def voxel_cloud(gen: torch.Generator, n: int, columns: int, voxel_size: Sequence[float],
                 range_min: Sequence[float], grid_size: Sequence[int]) -> Tensor:
     """float32 ``[n, columns]`` points for the voxelize ops: spread over the range and a margin

@@ -22,6 +22,7 @@ from helpers import (
     distinct_values,
     kio_weight,
     make_gen,
+    many_offsets_case,
     misaligned,
     randn,
     random_sites,
@@ -254,11 +255,7 @@ def test_conv_with_more_offsets_than_a_grid_dimension_holds(dtype, variants, mon
     # whose y and z hold at most 65535 blocks (tests/cuda_emu has the same case).
     monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", "fused")
     monkeypatch.setenv("SPCONV_LITE_CUDA_VARIANTS", variants)
-    idx = torch.tensor([[0, 5], [0, 20000], [0, 39999], [1, 7]], dtype=torch.int32)
-    nbr, nbr_t = OPS.build_subm_map(idx, [40000], 2, [65537], [1])
-    gen = make_gen("offsets", dtype, variants)
-    x, g = randn(gen, 4, 8, dtype=dtype), randn(gen, 4, 8, dtype=dtype)
-    w = randn(gen, 65537, 8, 8, dtype=dtype, scale=0.25)
+    x, w, g, nbr, nbr_t = many_offsets_case(dtype, variants)
     # The CPU on the same values in float64 (the CPU's half types sum in float too).
     want = [OPS.sparse_conv(x.double(), w.double(), nbr, nbr_t),
             OPS.sparse_conv_weight_grad(x.double(), g.double(), nbr)]

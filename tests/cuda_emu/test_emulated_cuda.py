@@ -29,6 +29,7 @@ from helpers import (
     case_id,
     distinct_values,
     make_gen,
+    many_offsets_case,
     misaligned,
     randn,
     random_sites,
@@ -303,12 +304,7 @@ def test_conv_with_more_offsets_than_a_grid_dimension_holds(dtype, variants, mon
     # op refused more offsets (ValueError), where a GPU would have refused the launch.
     monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", "fused")
     monkeypatch.setenv("SPCONV_LITE_CUDA_VARIANTS", variants)
-    idx = torch.tensor([[0, 5], [0, 20000], [0, 39999], [1, 7]], dtype=torch.int32)
-    nbr, nbr_t = CPU.build_subm_map(idx, [40000], 2, [65537], [1])
-    gen = make_gen("offsets", dtype, variants)
-    x = randn(gen, 4, 8, dtype=dtype)
-    w = randn(gen, 65537, 8, 8, dtype=dtype, scale=0.25)
-    g = randn(gen, 4, 8, dtype=dtype)
+    x, w, g, nbr, nbr_t = many_offsets_case(dtype, variants)
     for got, want in [(EMU.sparse_conv(x, w, nbr, nbr_t), CPU.sparse_conv(x, w, nbr, nbr_t)),
                       (EMU.sparse_conv_weight_grad(x, g, nbr),
                        CPU.sparse_conv_weight_grad(x, g, nbr))]:
