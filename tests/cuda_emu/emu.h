@@ -76,16 +76,21 @@ struct Block {
   std::vector<std::unique_ptr<Warp>> warps;
 };
 
+// The byte that fills the n-th block's shared memory or the n-th new tensor (include/
+// emu_memory.h), memory a kernel has not written yet: 0xFF (NaN as float16 / float32; -1 as
+// int32, the tables' "no neighbour") and 0x7F (huge floats; int32 rows far beyond any tensor)
+// in turn, so that a read before a write shows whether it takes the value as data or as a row
+// index.
+inline int fill_byte(unsigned long long n) { return n % 2 == 0 ? 0xFF : 0x7F; }
+
 inline dim3 grid_dim, block_dim, block_idx;
 inline thread_local dim3 thread_idx;
 inline thread_local Block* block = nullptr;
 inline thread_local int linear_id = 0;
 // The launch's dynamic shared memory (extern __shared__), and each kernel's static shared
 // memory (its __shared__ variables, function-local statics here, which build.py registers
-// where they are declared), refilled at the start of every block: a kernel must write what it
-// reads. The blocks alternate two fills, 0xFF bytes (NaN as float16 / float32; -1 as int32, the
-// tables' "no neighbour") and 0x7F bytes (huge floats; int32 rows far beyond any tensor), so
-// that a read before a write shows whether it takes the value as data or as a row index.
+// where they are declared), refilled at the start of every block with fill_byte(block number):
+// a kernel must write what it reads.
 inline unsigned char* dynamic_shared = nullptr;
 inline const void* running_kernel = nullptr;
 inline int block_fill = 0xFF;
@@ -103,7 +108,7 @@ inline bool register_static_shared(void* variable, std::size_t bytes) {
 
 // Before the block_number-th block of the running kernel (between two block barriers).
 inline void fill_shared_memory(std::size_t dynamic_bytes, unsigned long long block_number) {
-  block_fill = block_number % 2 == 0 ? 0xFF : 0x7F;
+  block_fill = fill_byte(block_number);
   std::memset(dynamic_shared, block_fill, dynamic_bytes);
   const std::lock_guard<std::mutex> lock(static_shared_mutex);
   for (const auto& [variable, bytes] : static_shared[running_kernel]) {

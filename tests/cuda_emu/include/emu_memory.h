@@ -2,8 +2,8 @@
 // into these, and force-includes this header): on a GPU, torch's caching allocator hands out
 // memory that earlier tensors wrote; a CPU's fresh pages are zeros, which would hide a kernel
 // that leaves part of its output or scratch unwritten where zero is the right value. The
-// bytes are filled instead, alternately 0xFF and 0x7F as emu.h fills shared memory (NaN and
-// huge floats; -1 and row indices far beyond any tensor).
+// bytes are filled instead, as emu.h fills shared memory (fill_byte: 0xFF and 0x7F in turn).
+// Force-included after emu.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -18,7 +18,7 @@ namespace emu {
 inline at::Tensor filled(at::Tensor tensor) {
   static std::atomic<unsigned> tensors{0};
   if (tensor.numel() > 0) {
-    std::memset(tensor.data_ptr(), tensors++ % 2 == 0 ? 0xFF : 0x7F, tensor.nbytes());
+    std::memset(tensor.data_ptr(), fill_byte(tensors++), tensor.nbytes());
   }
   return tensor;
 }
