@@ -242,6 +242,25 @@ struct WeightGradBlock {
         partial_offset((int64_t{blockIdx.y} * volume + k) * c_in * c_out) {}
 };
 
+// Writes a SIMT thread's sums (its kTM x kTN sub-tile at tx, ty) into the block's tile of its
+// partial sum, inside the channel counts.
+template <typename Tile, typename acc_t>
+__device__ __forceinline__ void store_simt_partial(const acc_t (&acc)[Tile::kTM][Tile::kTN],
+                                                   const WeightGradBlock& block, acc_t* partial,
+                                                   int tx, int ty, int c_in, int c_out) {
+  acc_t* dst = partial + block.partial_offset;
+#pragma unroll
+  for (int i = 0; i < Tile::kTM; ++i) {
+    const int ci = block.ci0 + ty * Tile::kTM + i;
+    if (ci >= c_in) continue;
+#pragma unroll
+    for (int j = 0; j < Tile::kTN; ++j) {
+      const int co = block.co0 + tx * Tile::kTN + j;
+      if (co < c_out) dst[int64_t{ci} * c_out + co] = acc[i][j];
+    }
+  }
+}
+
 // partial[chunk, k] = sum over the chunk's rows o of in[nbr[o, k]]^T grad_out[o]
 // ([C_in, C_out]); grid (offsets, row chunks, C_in tiles x C_out tiles).
 template <typename scalar_t, int BN>
@@ -288,17 +307,7 @@ __global__ void __launch_bounds__(kThreads)
     Tile::template multiply<false>(A, B, acc, tx, ty, nullptr);
     __syncthreads();
   }
-  acc_t* dst = partial + block.partial_offset;
-#pragma unroll
-  for (int i = 0; i < Tile::kTM; ++i) {
-    const int ci = block.ci0 + ty * Tile::kTM + i;
-    if (ci >= c_in) continue;
-#pragma unroll
-    for (int j = 0; j < Tile::kTN; ++j) {
-      const int co = block.co0 + tx * Tile::kTN + j;
-      if (co < c_out) dst[int64_t{ci} * c_out + co] = acc[i][j];
-    }
-  }
+  store_simt_partial<Tile>(acc, block, partial, tx, ty, c_in, c_out);
 }
 
 // ------------------------------------------------------------------ tensor-core fused kernels
@@ -1329,17 +1338,7 @@ __global__ void __launch_bounds__(kThreads)
         Tile::template multiply<false>(A, B, acc, tx, ty, nullptr);
         __syncthreads();
       });
-  acc_t* dst = partial + block.partial_offset;
-#pragma unroll
-  for (int i = 0; i < Tile::kTM; ++i) {
-    const int ci = block.ci0 + ty * Tile::kTM + i;
-    if (ci >= c_in) continue;
-#pragma unroll
-    for (int j = 0; j < Tile::kTN; ++j) {
-      const int co = block.co0 + tx * Tile::kTN + j;
-      if (co < c_out) dst[int64_t{ci} * c_out + co] = acc[i][j];
-    }
-  }
+  store_simt_partial<Tile>(acc, block, partial, tx, ty, c_in, c_out);
 }
 
 // The float32 weight gradient with 16-byte copies (`wgrad=compact`): the tile of
