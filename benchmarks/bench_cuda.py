@@ -22,6 +22,12 @@ useful TFLOP/s (2 x pairs x C_in x C_out summed over the conv layers, over the m
 outputs compared by site with spconv's (same sites; max |difference| / max |value|), the weight
 gradients of the training step by parameter.
 
+Ceilings: before the cases, the device's two limits measured on it (datasheet rates are
+leads): the bandwidth of a large device-to-device copy (bytes read + written over the median)
+and the rate of a large torch.mm (cuBLAS) per dtype, float32 with TF32 off, on random data. The
+useful TFLOP/s of every case and layer is reported against the measured matmul rate beside the
+datasheet peak.
+
 Kernel maps: every map a library builds during one forward is recorded (its map-building
 function wrapped) and replayed alone, all of them and each map type: the time per forward and
 its share of the forward. PointToVoxel: the KITTI frame on the device, each library's
@@ -663,6 +669,55 @@ def time_gpu_ms(fn: Callable, warmup: int, repeats: int, cuda: bool) -> float:
     return float(np.median(samples))
 
 
+def measure_ceilings(device, dtypes, args) -> dict:
+    """The device's copy bandwidth (GB/s: bytes read + written over the median of a large
+    device-to-device copy) and matrix-product rate per dtype (TFLOP/s of a large square
+    torch.mm; float32 with TF32 off, as every case runs), on random data: zeros can run faster
+    than real data. Sizes that fill an H200 (1 GiB, 8192^2), small ones for a dry run."""
+    cuda = device.type == "cuda"
+    full = cuda and not args.quick
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def median_ms(operands: tuple, fn: Callable) -> float:
+        return time_gpu_ms(lambda: fn(*operands), args.warmup + 1, args.repeats, cuda)
+
+    copy_bytes = (1 << 30) if full else (1 << 24)
+    source = torch.randn(copy_bytes // 4, generator=gen, device=device)
+    copy_ms = median_ms((torch.empty_like(source), source), torch.Tensor.copy_)
+    del source
+    size = 8192 if full else 256
+    ceilings = {"copy_gb_per_s": 2 * copy_bytes / copy_ms / 1e6, "copy_bytes": copy_bytes,
+                "mm_size": size, "mm_tflops": {}}
+    for dtype in dtypes:
+        operands = tuple(torch.randn(size, size, generator=gen, device=device).to(dtype)
+                         for _ in range(2))
+        mm_ms = median_ms(operands, torch.mm)
+        ceilings["mm_tflops"][str(dtype).replace("torch.", "")] = 2 * size**3 / mm_ms / 1e9
+    return ceilings
+
+
+def ceilings_line(ceilings: dict) -> str:
+    """The measured ceilings in one line, e.g. "measured ceilings: copy 3900 GB/s; torch.mm
+    8192^2 float32 51.2, float16 760.3 TFLOP/s"."""
+    if "error" in ceilings:
+        return f"measured ceilings: error: {ceilings['error']}"
+    rates = ", ".join(f"{d} {v:.1f}" for d, v in ceilings["mm_tflops"].items())
+    return (f"measured ceilings: copy {ceilings['copy_gb_per_s']:.0f} GB/s; torch.mm "
+            f"{ceilings['mm_size']}^2 {rates} TFLOP/s")
+
+
+def peak_note(dtype: str, tflops: float, ceilings: dict | None) -> str:
+    """``tflops`` as shares of the datasheet peak and of the measured matmul rate, e.g.
+    "(12% of peak, 15% of torch.mm)"."""
+    shares = []
+    if PEAK_TFLOPS.get(dtype):
+        shares.append(f"{tflops / PEAK_TFLOPS[dtype]:.0%} of peak")
+    measured = (ceilings or {}).get("mm_tflops", {}).get(dtype)
+    if measured:
+        shares.append(f"{tflops / measured:.0%} of torch.mm")
+    return f" ({', '.join(shares)})" if shares else ""
+
+
 def layer_splits(layer: ConvLayer) -> int:
     """The row-order splits a layer's conv gets under the current variants (as
     kernel_map.row_orders decides for a map)."""
@@ -754,7 +809,7 @@ def bench_layer(layer: ConvLayer, sweep: list[str], args) -> dict:
     return row
 
 
-def print_layer(row: dict, dtype: str) -> None:
+def print_layer(row: dict, dtype: str, ceilings: dict | None = None) -> None:
     default = row["variants"]["default"]
     use = ", ".join(f"{k} {v:.2f}" for k, v in row["tile_use"].items())
     text = (f"  L{row['layer']:<2} {row['kind']:<12} {row['c_in']:>3}->{row['c_out']:<3} "
@@ -765,8 +820,7 @@ def print_layer(row: dict, dtype: str) -> None:
             continue
         best = min(((name, e[f"{op}_ms"]) for name, e in row["variants"].items()
                     if f"{op}_ms" in e), key=lambda item: item[1])
-        peak = PEAK_TFLOPS.get(dtype)
-        share = f" ({default[f'{op}_tflops'] / peak:.0%} of peak)" if peak else ""
+        share = peak_note(dtype, default[f"{op}_tflops"], ceilings)
         text += (f"\n      {op}: default {default[f'{op}_ms']:.3f} ms "
                  f"{default[f'{op}_tflops']:.1f} TFLOP/s{share}; best {best[0]} {best[1]:.3f} ms "
                  f"({default[f'{op}_ms'] / best[1]:.2f}x)")
@@ -776,14 +830,15 @@ def print_layer(row: dict, dtype: str) -> None:
     print(text, flush=True)
 
 
-def bench_layers(network: str, inp: Input, dtype, sweep: list[str], device, args) -> dict:
+def bench_layers(network: str, inp: Input, dtype, sweep: list[str], device, args,
+                 ceilings: dict | None = None) -> dict:
     name = str(dtype).replace("torch.", "")
     print(f"layers {network} {inp.name} {name}:", flush=True)
     result = {"network": network, "input": inp.name, "dtype": name, "layers": []}
     for layer in conv_layers(network, inp, device, dtype):
         row = bench_layer(layer, [v for v in sweep if not v.startswith("mapsort=")], args)
         result["layers"].append(row)
-        print_layer(row, name)
+        print_layer(row, name, ceilings)
     return result
 
 
@@ -1012,6 +1067,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.profile_layer:
         profile_layer(args.profile_layer, inputs, sweep, device)
         return report.data
+    try:
+        meta["ceilings"] = measure_ceilings(device, dtypes, args)
+    except Exception as exc:  # noqa: BLE001  (the cases do not need it)
+        meta["ceilings"] = {"error": one_line(exc)}
+    print(ceilings_line(meta["ceilings"]), flush=True)
+    report.save()
 
     def over_budget(what: str) -> bool:
         if args.budget_s is not None and time.monotonic() - start > args.budget_s:
@@ -1072,7 +1133,8 @@ def main(argv: list[str] | None = None) -> dict:
                     continue
                 try:
                     report.data["layers"].append(
-                        bench_layers(network, inputs[input_name], dtype, sweep, device, args))
+                        bench_layers(network, inputs[input_name], dtype, sweep, device, args,
+                                     meta.get("ceilings")))
                 except Exception as exc:  # noqa: BLE001  (the other breakdowns still run)
                     print(f"{what}: {one_line(exc)}", flush=True)
                 report.save()
@@ -1124,6 +1186,9 @@ def render_markdown(data: dict) -> str:
         "alternated call by call, each call between two device synchronisations; TF32 off; "
         f"ratio = {meta['ratio']}",
         "- inputs: " + ", ".join(f"{n} {v['voxels']:,} voxels" for n, v in meta["inputs"].items()),
+        "- " + (ceilings_line(meta["ceilings"]) if meta.get("ceilings") else "measured ceilings: -")
+        + "; datasheet peaks " + ", ".join(f"{d} {v:g}" for d, v in PEAK_TFLOPS.items())
+        + " TFLOP/s",
         "",
         "## Networks (ms; peak MiB; max relative difference of the outputs from "
         f"{REFERENCE}'s)",
@@ -1148,7 +1213,8 @@ def render_markdown(data: dict) -> str:
         lines.append(f"| {case['network']} | {case['input']} ({case['voxels']:,}) | "
                      f"{case['dtype']} | {case['pass']} | " + " | ".join(medians) + " | "
                      + " | ".join(ratio) + f" | {peaks} | {'; '.join(diffs) or '-'} | "
-                     + ("-" if tflops is None else f"{tflops:.3g}") + " |")
+                     + ("-" if tflops is None else f"{tflops:.3g}"
+                        + peak_note(case["dtype"], tflops, meta.get("ceilings"))) + " |")
     lines += render_variants(data) + render_verdicts(data) + render_layers(data)
     if data["maps"]:
         lines += ["", "## Kernel maps of one forward (ms, replayed alone)", "",
@@ -1331,10 +1397,13 @@ def render_layers(data: dict) -> list[str]:
     """The per-layer breakdown: each conv layer's forward, input gradient (dgrad) and weight
     gradient (wgrad) with the default kernels (ms, useful TFLOP/s) and the best variant."""
     lines = []
+    measured = data["meta"].get("ceilings", {}).get("mm_tflops", {})
     for group in data.get("layers", []):
         peak = PEAK_TFLOPS.get(group["dtype"])
+        mm = measured.get(group["dtype"])
         lines += ["", f"## Layers of {group['network']} on {group['input']}, {group['dtype']} "
-                  f"(useful TFLOP/s; peak {peak} TFLOP/s)", "",
+                  f"(useful TFLOP/s; peak {peak}, torch.mm measured "
+                  + ("-" if mm is None else f"{mm:.1f}") + " TFLOP/s)", "",
                   "| layer | C_in->C_out | pairs | tile use (64 rows) | fwd ms (TFLOP/s) | best "
                   "fwd | dgrad ms | best dgrad | wgrad ms | best wgrad |", "|" + "---|" * 10]
         for row in group["layers"]:

@@ -127,12 +127,17 @@ def test_dry_run_on_the_cpu_and_its_results_file(tmp_path):
     assert all(m["libs"]["spconv_lite"]["maps"] > 0 for m in result["maps"])
     assert result["voxelize"]["libs"]["spconv_lite"]["median_ms"] > 0
     assert json.loads(out.read_text())["meta"]["quick"] is True
+    ceilings = meta["ceilings"]
+    assert ceilings["copy_gb_per_s"] > 0 and list(ceilings["mm_tflops"]) == ["float32"]
+    assert ceilings["mm_tflops"]["float32"] > 0
 
     paths = bench_cuda.write_results(json.loads(out.read_text()), tmp_path / "results")
     assert [p.suffix for p in paths] == [".json", ".md"]
     page = paths[1].read_text()
     assert "| second | kitti (3,000) | float32 | fwd |" in page
     assert "## Kernel maps of one forward" in page and "## PointToVoxel" in page
+    assert f"- {bench_cuda.ceilings_line(ceilings)}; datasheet peaks float16 989," in page
+    assert "% of peak, " in page and "% of torch.mm) |" in page  # the networks' useful TFLOP/s
     if "spconv" in meta["libraries"]:  # the baseline ran beside ours: its ratio is reported
         assert "spconv / spconv_lite" in page
         fwd = next(c for c in result["networks"] if c["pass"] == "fwd")
@@ -153,6 +158,19 @@ def test_variants_env_sets_and_restores_the_switches(entry, variants, algo, monk
                 ) == (variants, algo)
     assert "SPCONV_LITE_CUDA_VARIANTS" not in os.environ
     assert os.environ["SPCONV_LITE_CUDA_CONV_ALGO"] == "gemm"
+
+
+def test_measured_ceilings_and_the_shares_of_them():
+    args = types.SimpleNamespace(quick=True, warmup=0, repeats=1)
+    ceilings = bench_cuda.measure_ceilings(torch.device("cpu"), [torch.float64], args)
+    assert ceilings["copy_bytes"] == 1 << 24 and ceilings["mm_size"] == 256
+    assert ceilings["copy_gb_per_s"] > 0 and ceilings["mm_tflops"]["float64"] > 0
+    measured = {"mm_tflops": {"float16": 800.0}}
+    assert bench_cuda.peak_note("float16", 98.9, measured) == " (10% of peak, 12% of torch.mm)"
+    assert bench_cuda.peak_note("float32", 6.7, measured) == " (10% of peak)"
+    assert bench_cuda.peak_note("float64", 1.0, None) == ""
+    assert bench_cuda.ceilings_line({"error": "RuntimeError: out of memory"}) == (
+        "measured ceilings: error: RuntimeError: out of memory")
 
 
 def test_tile_use_counts_the_multiplications_of_skipping_tiles():
