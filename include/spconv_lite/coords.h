@@ -102,20 +102,20 @@ C10_HOST_DEVICE inline int64_t gcd_int64(int64_t a, int64_t b) {
   return a;
 }
 
+// In the inverse direction a site reaches, per dimension d, only the offsets j with
+// j * dilation == base + padding (mod stride): one residue class modulo this period.
+C10_HOST_DEVICE inline int64_t inverse_period(const ConvGeometry& g, int d) {
+  return g.stride[d] / gcd_int64(g.stride[d], g.dilation[d]);
+}
+
 // Most sites of the target grid that one site can reach through the kernel: every offset in
-// the direct direction; in the inverse direction, per dimension only the offsets j with
-// j * dilation == base + padding (mod stride), one residue class modulo
-// stride / gcd(stride, dilation). Bounds the number of distinct output sites of a conv by
-// (number of input sites) * fanout, which sizes the GPU's output-site set.
+// the direct direction, one residue class of them per dimension in the inverse direction.
+// Bounds the number of distinct output sites of a conv by (number of input sites) * fanout.
 C10_HOST_DEVICE inline int64_t kernel_fanout(const ConvGeometry& g, bool direct) {
   int64_t fanout = 1;
   for (int d = 0; d < g.ndim; ++d) {
-    int64_t reach = g.kernel[d];
-    if (!direct) {
-      const int64_t period = g.stride[d] / gcd_int64(g.stride[d], g.dilation[d]);
-      reach = (g.kernel[d] + period - 1) / period;
-    }
-    fanout *= reach;
+    const int64_t period = inverse_period(g, d);
+    fanout *= direct ? g.kernel[d] : (g.kernel[d] + period - 1) / period;
   }
   return fanout;
 }

@@ -44,6 +44,13 @@ inline int multiprocessor_count(int device) {
   return device_attribute(cudaDevAttrMultiProcessorCount, device);
 }
 
+// Threads the device runs at once: a bound on how many threads of a grid-stride kernel can be
+// between a check of a shared counter and their update of it.
+inline int64_t resident_threads(int device) {
+  return int64_t{multiprocessor_count(device)} *
+         device_attribute(cudaDevAttrMaxThreadsPerMultiProcessor, device);
+}
+
 inline int compute_capability_major(int device) {
   return device_attribute(cudaDevAttrComputeCapabilityMajor, device);
 }

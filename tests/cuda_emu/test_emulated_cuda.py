@@ -139,6 +139,19 @@ def test_conv_map(case):
     assert_same(EMU.build_conv_map(idx, *args), CPU.build_conv_map(idx, *args))
 
 
+def test_conv_map_with_more_output_sites_than_expected():
+    # Sites 4 apart at odd coordinates each reach 8 outputs of a k3 s2 conv, none shared: 8 x
+    # the inputs, more than the first output-site set holds (sized for 2 x the inputs, at least
+    # twice the emulated device's 4 x 2048 threads), so the op collects again into a larger set.
+    axis = torch.arange(1, 56, 4)
+    zyx = torch.cartesian_prod(axis, axis, axis)
+    idx = torch.cat([torch.zeros(len(zyx), 1, dtype=torch.long), zyx], 1).int()
+    args = ([56, 56, 56], 1, [28, 28, 28], [3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1], False)
+    got = EMU.build_conv_map(idx, *args)
+    assert len(got[0]) == 8 * len(idx) > 2 * 4 * 2048
+    assert_same(got, CPU.build_conv_map(idx, *args))
+
+
 def test_maps_of_zero_sites():
     idx = torch.zeros(0, 4, dtype=torch.int32)
     args = ([4, 4, 4], 1, [3, 3, 3], [1, 1, 1])

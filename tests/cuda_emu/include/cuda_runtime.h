@@ -68,6 +68,7 @@ inline cudaError_t cudaGetLastError() {
 
 enum cudaDeviceAttr {
   cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrMaxThreadsPerMultiProcessor = 39,
   cudaDevAttrComputeCapabilityMajor = 75,
 };
 
@@ -78,10 +79,21 @@ inline int sm_major() {
 }
 }  // namespace emu
 
-// The emulated device: 4 multiprocessors, compute capability SPCONV_LITE_EMU_SM_MAJOR
-// (default 9, so the tensor-core kernels run; 7 selects the SIMT fallbacks).
+// The emulated device: 4 multiprocessors of 2048 threads (1024 on compute capability 7),
+// compute capability SPCONV_LITE_EMU_SM_MAJOR (default 9, so the tensor-core kernels run; 7
+// selects the SIMT fallbacks).
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int) {
-  *value = attribute == cudaDevAttrMultiProcessorCount ? 4 : ::emu::sm_major();
+  switch (attribute) {
+    case cudaDevAttrMultiProcessorCount:
+      *value = 4;
+      break;
+    case cudaDevAttrMaxThreadsPerMultiProcessor:
+      *value = ::emu::sm_major() == 7 ? 1024 : 2048;
+      break;
+    case cudaDevAttrComputeCapabilityMajor:
+      *value = ::emu::sm_major();
+      break;
+  }
   return cudaSuccess;
 }
 
