@@ -20,7 +20,12 @@ are kept (the voxelizer drops them).
 
 from __future__ import annotations
 
+import itertools
 import os
+import struct
+import zipfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -111,10 +116,8 @@ def read_points_with_fields(
             )
         points = np.fromfile(path, dtype="<f4").reshape(-1, columns)
         point_dims = None  # already applied
-    elif suffix == ".npy":
-        points = np.load(path, allow_pickle=False)
-    elif suffix == ".npz":
-        points = _read_npz(path)
+    elif suffix in (".npy", ".npz"):
+        points = _read_numpy(path, suffix)
     else:
         points, names = _read_open3d(path)
     points = _as_points(points, path)
@@ -262,44 +265,176 @@ def _as_points(array: np.ndarray, path: Path) -> np.ndarray:
     return array
 
 
-def _read_npz(path: Path) -> np.ndarray:
-    with np.load(path, allow_pickle=False) as archive:
-        keys = list(archive.keys())
-        if len(keys) == 1:
-            return archive[keys[0]]
-        for key in _NPZ_KEYS:
-            if key in archive:
-                return archive[key]
+def _read_numpy(path: Path, suffix: str) -> np.ndarray:
+    """The array of a .npy file or the points of a .npz archive; an empty, cut-short, corrupt or
+    pickled file raises ValueError naming it (numpy raises EOFError, BadZipFile, zlib.error or
+    a ValueError that does not)."""
+    try:
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        with np.load(path, allow_pickle=False) as archive:
+            keys = list(archive.keys())
+            if len(keys) == 1:
+                return archive[keys[0]]
+            for key in _NPZ_KEYS:
+                if key in archive:
+                    return archive[key]
+    except (EOFError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ValueError(f"{str(path)!r} is not a readable {suffix} file: {exc}") from exc
     raise ValueError(
         f"{str(path)!r} holds arrays {keys}; expected one array or one named "
         + " / ".join(_NPZ_KEYS)
     )
 
 
-def _read_header(path: Path) -> tuple[list[str], int]:
-    """Per-point field names in file order and the point count, from a PCD header (``FIELDS``,
-    ``POINTS``) or a PLY header (the vertex element and its ``property`` lines)."""
+# Bytes of each PLY property type.
+_PLY_TYPE_BYTES = {
+    "char": 1, "int8": 1, "uchar": 1, "uint8": 1, "short": 2, "int16": 2, "ushort": 2,
+    "uint16": 2, "int": 4, "int32": 4, "uint": 4, "uint32": 4, "float": 4, "float32": 4,
+    "double": 8, "float64": 8,
+}  # fmt: skip
+_MAX_HEADER_BYTES = 1 << 20  # PCD and PLY headers are a few hundred bytes
+
+
+@dataclass
+class _Header:
+    """What a PCD or PLY header says about the points and where they lie."""
+
+    fields: list[str]  # per-point field names in file order
+    count: int  # points declared (-1: not stated)
+    encoding: str  # "ascii", "binary" or "binary_compressed" (PCD)
+    data_offset: int  # bytes of the header
+    point_bytes: Optional[int]  # bytes of a point in a binary file (None: not known)
+    point_values: Optional[int]  # numbers of a point in an ascii file (None: not known)
+    rows_before: int = 0  # PLY: rows of the elements stored before the vertices
+    bytes_before: Optional[int] = 0  # their bytes (None: a list property makes it vary)
+
+
+def _read_header(path: Path) -> _Header:
+    """Parses a PCD header (``FIELDS``, ``SIZE``, ``COUNT``, ``POINTS``, ``DATA``) or a PLY
+    header (``format``, the elements and their ``property`` lines) up to its end."""
     fields: list[str] = []
-    count = -1
-    in_vertex = False
+    pcd: dict[str, list[str]] = {}
+    ply_format, vertex, elements = "", None, []  # PLY: [count, row bytes, row numbers]
+    offset = 0
+
+    def malformed(line: str, why: str) -> ValueError:
+        return ValueError(f"{str(path)!r} has a malformed header line {line!r}: {why}")
+
+    def number(word: str, line: str) -> int:
+        try:
+            value = int(word)
+        except ValueError:
+            raise malformed(line, f"{word!r} is not a whole number") from None
+        if value < 0:
+            raise malformed(line, f"{value} is negative")
+        return value
+
     with open(path, "rb") as f:
-        for raw in f:
-            words = raw.decode("ascii", errors="replace").split()
-            if not words:
+        while True:
+            raw = f.readline()
+            offset += len(raw)
+            if not raw or offset > _MAX_HEADER_BYTES:
+                raise ValueError(
+                    f"{str(path)!r} has no end of header (a DATA or end_header line) in its "
+                    f"first {min(offset, _MAX_HEADER_BYTES)} bytes"
+                )
+            line = raw.decode("ascii", errors="replace").strip()
+            words = line.split()
+            if not words or words[0] in ("#", "comment", "obj_info"):
                 continue
-            if words[0] == "FIELDS":  # PCD
-                fields = words[1:]
-            elif words[0] == "POINTS" and len(words) > 1:
-                count = int(words[1])
-            elif words[0] == "element":  # PLY
-                in_vertex = len(words) > 2 and words[1] == "vertex"
-                if in_vertex:
-                    count = int(words[2])
-            elif words[0] == "property" and in_vertex and words[1] != "list":
-                fields.append(words[-1])
-            if words[0] in ("DATA", "end_header"):
+            if words[0] == "element":  # PLY
+                if len(words) != 3:
+                    raise malformed(line, "expected 'element NAME COUNT'")
+                elements.append([number(words[2], line), 0, 0])
+                if words[1] == "vertex" and vertex is None:
+                    vertex = len(elements) - 1
+            elif words[0] == "property":
+                if not elements or len(words) < 3 or (words[1] == "list" and len(words) != 5):
+                    raise malformed(line, "expected 'property TYPE NAME' after an element")
+                element, size = elements[-1], _PLY_TYPE_BYTES.get(words[1])
+                element[1] = None if element[1] is None or size is None else element[1] + size
+                element[2] = None if element[2] is None or words[1] == "list" else element[2] + 1
+                if len(elements) - 1 == vertex and words[1] != "list":
+                    fields.append(words[-1])
+            elif words[0] == "format" and len(words) > 1:
+                ply_format = words[1]
+            elif words[0] == "end_header":
                 break
-    return fields, count
+            else:  # PCD
+                pcd[words[0]] = words[1:]
+                if words[0] == "DATA":
+                    break
+    if ply_format or elements:
+        if vertex is None:
+            return _Header([], -1, "ascii", offset, None, None)
+
+        before = elements[:vertex]
+        lists_before = any(e[1] is None for e in before)
+        bytes_before = None if lists_before else sum(e[0] * e[1] for e in before)
+        count, point_bytes, point_values = elements[vertex]
+        encoding = "ascii" if ply_format == "ascii" else "binary"
+        return _Header(fields, count, encoding, offset, point_bytes, point_values,
+                       sum(e[0] for e in before), bytes_before)
+    def pcd_number(key: str) -> int:
+        return number((pcd[key] or ["(none)"])[0], " ".join([key, *pcd[key]]))
+
+    fields = pcd.get("FIELDS", [])
+    if "POINTS" in pcd:
+        count = pcd_number("POINTS")
+    elif "WIDTH" in pcd and "HEIGHT" in pcd:
+        count = pcd_number("WIDTH") * pcd_number("HEIGHT")
+    else:
+        count = -1
+    sizes, counts = pcd.get("SIZE", []), pcd.get("COUNT", ["1"] * len(fields))
+    point_bytes = point_values = None
+    if len(sizes) == len(fields) == len(counts) and all(w.isdigit() for w in sizes + counts):
+        point_bytes = sum(int(a) * int(b) for a, b in zip(sizes, counts))
+        point_values = sum(int(b) for b in counts)
+    encoding = (pcd.get("DATA") or ["ascii"])[0]
+    return _Header(fields, count, encoding, offset, point_bytes, point_values)
+
+
+def _check_complete(path: Path, header: _Header) -> None:
+    """Refuses a file whose data is shorter than its header declares: open3d would return the
+    declared points anyway, the missing ones holding whatever its memory held."""
+    count = header.count
+    if count <= 0:
+        return
+    have = path.stat().st_size - header.data_offset
+    if header.encoding == "ascii":  # a row per point (PLY: per element) of numbers
+        got = 0
+        with open(path, "rb") as f:
+            f.seek(header.data_offset)
+            rows = (numbers for numbers in (line.split() for line in f) if numbers)
+            rows = itertools.islice(rows, header.rows_before, header.rows_before + count)
+            for got, numbers in enumerate(rows, 1):
+                if header.point_values is not None and len(numbers) != header.point_values:
+                    raise ValueError(
+                        f"{str(path)!r} is cut short or malformed: its header declares {count} "
+                        f"points of {header.point_values} numbers, but point {got - 1} has "
+                        f"{len(numbers)}"
+                    )
+        if got < count:
+            raise ValueError(
+                f"{str(path)!r} is cut short: its header declares {count} points but {got} "
+                "rows of them follow it"
+            )
+        return
+    if header.encoding == "binary_compressed":  # PCD: two uint32 sizes, then the data
+        with open(path, "rb") as f:
+            f.seek(header.data_offset)
+            sizes = f.read(8)
+        need = 8 + (struct.unpack("<I", sizes[:4])[0] if len(sizes) == 8 else 0)
+    elif header.point_bytes is not None and header.bytes_before is not None:
+        need = header.bytes_before + count * header.point_bytes
+    else:
+        return  # a PLY list property before the points: their offset is not known
+    if have < need:
+        raise ValueError(
+            f"{str(path)!r} is cut short: its header declares {count} points ({need} bytes of "
+            f"{header.encoding} data) but {have} bytes follow it"
+        )
 
 
 def _read_open3d(path: Path) -> tuple[np.ndarray, list[str]]:
@@ -311,7 +446,9 @@ def _read_open3d(path: Path) -> tuple[np.ndarray, list[str]]:
             "(or open3d-cpu)"
         ) from exc
     o3d.utility.set_verbosity_level(o3d.utility.VerbosityLevel.Error)
-    fields, count = _read_header(path)
+    header = _read_header(path)
+    _check_complete(path, header)
+    fields, count = header.fields, header.count
     cloud = o3d.t.io.read_point_cloud(str(path))
     attributes = {name: cloud.point[name].numpy() for name in cloud.point}
     if "positions" not in attributes:

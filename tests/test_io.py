@@ -144,6 +144,83 @@ def test_bad_files_raise_value_error(tmp_path, kind, point_dims, match):
         io.read_points(make_bad_file(tmp_path, kind), point_dims)
 
 
+def write_ascii(path, points: np.ndarray) -> None:
+    """An ascii PLY (with a face element before the vertices) or PCD of x, y, z, intensity."""
+    rows = "".join(" ".join(f"{v:g}" for v in row) + "\n" for row in points)
+    if path.suffix == ".ply":
+        header = ("ply\nformat ascii 1.0\nelement face 1\nproperty list uchar int vertex_indices\n"
+                  f"element vertex {len(points)}\nproperty float x\nproperty float y\n"
+                  "property float z\nproperty float intensity\nend_header\n3 0 1 2\n")
+    else:
+        header = ("VERSION 0.7\nFIELDS x y z intensity\nSIZE 4 4 4 4\nTYPE F F F F\n"
+                  f"COUNT 1 1 1 1\nWIDTH {len(points)}\nHEIGHT 1\nPOINTS {len(points)}\n"
+                  "DATA ascii\n")
+    path.write_text(header + rows)
+
+
+def write_compressed_pcd(path, points: np.ndarray) -> None:
+    import open3d as o3d
+
+    cloud = o3d.t.geometry.PointCloud()
+    cloud.point.positions = o3d.core.Tensor(points[:, :3])
+    cloud.point.intensity = o3d.core.Tensor(points[:, 3:])
+    assert o3d.t.io.write_point_cloud(str(path), cloud, write_ascii=False, compressed=True)
+
+
+@pytest.mark.parametrize("name, write, cut", [
+    ("ascii.ply", write_ascii, 10),  # part of the last row
+    ("ascii.ply", write_ascii, 16),  # the whole last row
+    ("ascii.pcd", write_ascii, 10),
+    ("binary.ply", lambda p, pts: write_ply(p, ["x", "y", "z", "intensity"], pts), 1),
+    ("binary.pcd", lambda p, pts: write_pcd(p, ["x", "y", "z", "intensity"], pts), 16),
+    ("compressed.pcd", write_compressed_pcd, 1),
+])  # fmt: skip
+def test_pcd_ply_cut_short(tmp_path, name, write, cut):
+    """open3d returns the declared number of points from a file cut short (the missing ones hold
+    whatever its memory held, or zeros): the reader checks the data against the header."""
+    require_open3d()
+    points = (np.arange(40, dtype=np.float32).reshape(10, 4) - 7) / 4
+    path = tmp_path / name
+    write(path, points)
+    np.testing.assert_array_equal(io.read_points(path), points)
+    path.write_bytes(path.read_bytes()[:-cut])
+    with pytest.raises(ValueError, match=f"{name}' is cut short.*: its header declares 10 points"):
+        io.read_points(path)
+
+
+@pytest.mark.parametrize("header, match", [
+    ("ply\nformat ascii 1.0\nelement vertex 1\nproperty\nend_header\n1 2 3\n",
+     "'property': expected 'property TYPE NAME' after an element"),
+    ("ply\nformat ascii 1.0\nelement vertex many\nend_header\n",
+     "'element vertex many': 'many' is not a whole number"),
+    ("VERSION 0.7\nFIELDS x y z\nPOINTS -3\nDATA ascii\n", "'POINTS -3': -3 is negative"),
+    ("VERSION 0.7\nFIELDS x y z\nPOINTS 3\n", "no end of header"),
+])  # fmt: skip
+def test_pcd_ply_malformed_header(tmp_path, header, match):
+    path = tmp_path / ("bad.ply" if header.startswith("ply") else "bad.pcd")
+    path.write_text(header)
+    with pytest.raises(ValueError, match=match):
+        io.read_points(path)
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("empty.npy", b"", "empty.npy' is not a readable .npy file"),
+    ("text.npz", b"not a zip archive", "text.npz' is not a readable .npz file"),
+    ("crc.npz", None, "crc.npz' is not a readable .npz file"),
+])  # fmt: skip
+def test_unreadable_numpy_files(tmp_path, name, content, match):
+    path = tmp_path / name
+    if content is None:  # a stored (uncompressed) archive with one data byte flipped
+        np.savez(path, points=np.arange(30, dtype=np.float32).reshape(10, 3))
+        data = bytearray(path.read_bytes())
+        data[data.index(b"NUMPY") + 200] ^= 0xFF
+        path.write_bytes(bytes(data))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=match):
+        io.read_points(path)
+
+
 @pytest.mark.parametrize("point_dims, match", [(2, "point_dims must be"), (9, "point_dims=9")])
 def test_bad_point_dims(tmp_path, point_dims, match):
     np.zeros((4, 3), dtype=np.float32).tofile(tmp_path / "c.bin")
