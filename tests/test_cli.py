@@ -124,6 +124,24 @@ def test_several_inputs_and_directory(tmp_path, capsys):
         np.testing.assert_array_equal(saved["voxels"], voxels.numpy())
 
 
+def test_unreadable_files_in_a_folder_fail_alone(tmp_path, capsys):
+    """An empty or corrupt file is reported on one line; the other inputs are still voxelized."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for name in ["a.npy", "d.npy"]:
+        np.save(folder / name, np.random.default_rng(0).uniform(0, 4, (50, 4)))
+    (folder / "b.npz").write_bytes(b"")
+    (folder / "c.npy").write_bytes(b"\x93NUMPY")
+    out = tmp_path / "voxels"
+    status, stdout, stderr = run(capsys, "voxelize", folder, *SMALL, "-o", out)
+    assert status == 1 and "Traceback" not in stderr
+    assert files_in(out) == ["a.voxels.npz", "d.voxels.npz"]
+    errors = stderr.strip().splitlines()
+    assert re.search(r"error: '.*b\.npz' is not a readable \.npz file", errors[0]), stderr
+    assert re.search(r"error: '.*c\.npy' is not a readable \.npy file", errors[1]), stderr
+    assert errors[2:] == ["spconv-lite: error: 2 of 4 inputs failed"]
+
+
 def test_outputs_that_would_collide_are_refused(tmp_path, capsys):
     write_bin(tmp_path / "x.bin", np.zeros((2, 4)))
     np.save(tmp_path / "x.npy", np.zeros((2, 4)))
