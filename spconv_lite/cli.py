@@ -33,7 +33,9 @@ import numpy as np
 __all__ = ["main"]
 
 PROG = "spconv-lite"
-_NO_VOXEL_LIMIT = 2**31 - 1
+# The most --max-points-per-voxel (an int32) and --max-voxels take; the default of the latter,
+# as no cloud has more voxels.
+_MOST_COUNT = 2**31 - 1
 _PREVIEW_MAX_SIDE = 2048  # larger grids are binned down to this many pixels per side
 _OUTPUT_SUFFIX = ".voxels.npz"  # never a suffix of an input, so no default output is an input
 _SIGPIPE_STATUS = 141
@@ -57,6 +59,8 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value > _MOST_COUNT:
+        raise argparse.ArgumentTypeError(f"must be at most 2^31 - 1, got {value}")
     return value
 
 
@@ -450,7 +454,7 @@ def _voxelize_file(job: _Job, args: argparse.Namespace, geometry) -> dict:
         args.voxel_size,
         args.coors_range,
         points.shape[1],
-        args.max_voxels or _NO_VOXEL_LIMIT,
+        args.max_voxels or _MOST_COUNT,
         args.max_points_per_voxel,
     )
     start = time.perf_counter()

@@ -117,9 +117,15 @@ class GridGeometry:
         return np.isfinite(pts).all(axis=1) & inside.all(axis=1)
 
 
-def _check_count(value: int, name: str) -> int:
+# The largest counts the voxelizing ops take: int64 arguments, int32 point counts per voxel.
+_MOST_VOXELS, _MOST_POINTS_PER_VOXEL = (2**63 - 1, "2^63 - 1"), (2**31 - 1, "2^31 - 1")
+
+
+def _check_count(value: int, name: str, most: tuple[int, str] = _MOST_VOXELS) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if value > most[0]:
+        raise ValueError(f"{name} must be at most {most[1]}, got {value}")
     return int(value)
 
 
@@ -171,7 +177,7 @@ class PointToVoxel:
             )
         self.max_num_voxels = _check_count(max_num_voxels, "max_num_voxels")
         self.max_num_points_per_voxel = _check_count(
-            max_num_points_per_voxel, "max_num_points_per_voxel"
+            max_num_points_per_voxel, "max_num_points_per_voxel", _MOST_POINTS_PER_VOXEL
         )
         self.device = torch.device(device)
         g = self.geometry

@@ -310,6 +310,10 @@ def test_preview_is_readable(tmp_path, capsys):
         ("negative voxel", ["ok.bin", "--voxel-size", "1", "-1", "1"], 2, "--voxel-size must be"),
         ("grid too large", ["ok.bin", "--voxel-size", "1e-9", "1", "1"], 2, "more than int32"),
         ("bad option", ["ok.bin", "--max-voxels", "0"], 2, "must be at least 1"),
+        ("huge count", ["ok.bin", "--max-voxels", "1" + "0" * 22], 2,
+         "--max-voxels: must be at most 2\\^31 - 1, got 1" + "0" * 22),
+        ("huge points", ["ok.bin", "--max-points-per-voxel", "3000000000"], 2,
+         "--max-points-per-voxel: must be at most 2\\^31 - 1, got 3000000000"),
     ],
 )  # fmt: skip
 def test_bad_input_one_line_error_no_output(tmp_path, capsys, case, extra, status, message):

@@ -420,6 +420,9 @@ print(json.dumps({"small": small, "huge": peak_mb(), "voxels": out[1].shape[0]})
         (dict(num_point_features=2), "num_point_features"),
         (dict(max_num_voxels=0), "max_num_voxels"),
         (dict(max_num_points_per_voxel=-1), "max_num_points_per_voxel"),
+        (dict(max_num_voxels=2**63), r"max_num_voxels must be at most 2\^63 - 1, got 9223372036854775808$"),
+        (dict(max_num_points_per_voxel=2**31),
+         r"max_num_points_per_voxel must be at most 2\^31 - 1, got 2147483648$"),
     ],
 )
 def test_bad_configuration_raises_value_error(kwargs, name):
