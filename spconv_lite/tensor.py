@@ -49,14 +49,30 @@ def site_keys(indices: Tensor, spatial_shape: Sequence[int]) -> Tensor:
     return keys
 
 
+def check_indices(indices: Tensor, spatial_shape: Sequence[int]) -> None:
+    """Raises TypeError or ValueError unless ``indices`` is an int32 ``[N, D + 1]`` tensor for
+    the D dimensions of ``spatial_shape``."""
+    if not isinstance(indices, Tensor):
+        raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+    if indices.dtype != torch.int32:
+        raise TypeError(f"indices must be int32, got {indices.dtype}")
+    width = len(spatial_shape) + 1
+    if indices.dim() != 2 or indices.shape[1] != width:
+        raise ValueError(
+            f"indices must have shape [N, {width}] (batch index then one column per "
+            f"dimension of spatial_shape {spatial_shape}), got {list(indices.shape)}"
+        )
+
+
 def check_sites(indices: Tensor, spatial_shape: Sequence[int], batch_size: int) -> None:
     """Raises ValueError naming the first row of ``indices`` outside the batch and grid, or two
-    rows that are the same site.
+    rows that are the same site (and what check_indices raises).
 
     The C++ kernel-map builders check this in every mode; this eager-only check guards the
     pure-PyTorch paths (``dense()``, global pools). It reads data, so it is skipped while
     ``torch.compile`` traces.
     """
+    check_indices(indices, spatial_shape)
     if torch.compiler.is_compiling() or indices.shape[0] == 0:
         return
     upper = torch.tensor([batch_size, *spatial_shape], device=indices.device)
@@ -67,8 +83,12 @@ def check_sites(indices: Tensor, spatial_shape: Sequence[int], batch_size: int) 
             f"indices row {row} = {indices[row].tolist()} is outside the grid: batch index must "
             f"be in [0, {batch_size}) and coordinates inside spatial_shape {list(spatial_shape)}"
         )
-    sorted_keys, order = site_keys(indices, spatial_shape).sort(stable=True)
-    repeated = (sorted_keys[1:] == sorted_keys[:-1]).nonzero()
+    if int(batch_size) * math.prod(int(n) for n in spatial_shape) <= 2**63:  # keys fit int64
+        site_ids = site_keys(indices, spatial_shape)
+    else:  # rows compared whole, more slowly
+        site_ids = torch.unique(indices, dim=0, return_inverse=True)[1]
+    sorted_ids, order = site_ids.sort(stable=True)
+    repeated = (sorted_ids[1:] == sorted_ids[:-1]).nonzero()
     if repeated.shape[0]:
         j = int(repeated[0, 0])
         first, second = int(order[j]), int(order[j + 1])
@@ -139,16 +159,7 @@ class SparseConvTensor:
     ) -> None:
         self.spatial_shape = spatial_shape
         self.batch_size = batch_size
-        if not isinstance(indices, Tensor):
-            raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
-        if indices.dtype != torch.int32:
-            raise TypeError(f"indices must be int32, got {indices.dtype}")
-        width = len(self.spatial_shape) + 1
-        if indices.dim() != 2 or indices.shape[1] != width:
-            raise ValueError(
-                f"indices must have shape [N, {width}] (batch index then one column per "
-                f"dimension of spatial_shape {self.spatial_shape}), got {list(indices.shape)}"
-            )
+        check_indices(indices, self.spatial_shape)
         self.indices = indices
         self._features = self._checked_features(features)
         self.check_rows()

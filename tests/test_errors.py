@@ -397,6 +397,42 @@ def test_dense_and_global_pools_reject_duplicate_sites(use):
         use(x)
 
 
+@pytest.mark.parametrize("use", [
+    lambda x: x.dense(),
+    lambda x: sp.SparseGlobalMaxPool()(x),
+    lambda x: sp.SparseGlobalAvgPool()(x),
+], ids=["dense", "global_max", "global_avg"])
+@pytest.mark.parametrize("edit, error, match", [
+    (lambda x: setattr(x, "spatial_shape", [4, 4]), ValueError,
+     E("indices must have shape [N, 3] (batch index then one column per dimension of "
+       "spatial_shape [4, 4]), got [2, 4]")),
+    (lambda x: setattr(x, "indices", x.indices[:, 1:]), ValueError,
+     E("indices must have shape [N, 4]")),
+    (lambda x: setattr(x, "indices", x.indices.float() + 0.5), TypeError,
+     E("indices must be int32, got torch.float32")),
+], ids=["spatial_shape", "indices_width", "indices_dtype"])  # fmt: skip
+def test_dense_and_global_pools_check_reassigned_indices(use, edit, error, match):
+    # Assigned one after the other (as spconv allows), indices and spatial_shape can disagree;
+    # the convs refuse it, and so do the paths that do not build a kernel map.
+    x = sp.SparseConvTensor(torch.ones(2, 3), idx([0, 1, 1, 1], [1, 2, 2, 2]), [4, 4, 4], 2)
+    edit(x)
+    with pytest.raises(error, match=match):
+        use(x)
+
+
+def test_global_pools_and_site_check_on_grids_past_int64_keys():
+    # 2 x (2^31)^3 sites: the int64 site keys would wrap (4 * 2^62 == 0), making these two
+    # sites one.
+    sites = idx([0, 0, 0, 0], [0, 4, 0, 0], [1, 4, 0, 0])
+    x = sp.SparseConvTensor(torch.tensor([[1.0], [5.0], [2.0]]), sites, [2**31] * 3, 2)
+    torch.testing.assert_close(sp.SparseGlobalMaxPool()(x), torch.tensor([[5.0], [2.0]]))
+    torch.testing.assert_close(sp.SparseGlobalAvgPool()(x), torch.tensor([[3.0], [2.0]]))
+    x.indices = idx([0, 0, 0, 0], [0, 4, 0, 0], [1, 4, 0, 0], [0, 4, 0, 0])
+    x.features = torch.ones(4, 1)
+    with pytest.raises(ValueError, match=E("duplicate sites: rows 1 and 3 are both [0, 4, 0, 0]")):
+        sp.SparseGlobalMaxPool()(x)
+
+
 def test_dense_rejects_negative_coordinates():
     x = sp.SparseConvTensor(torch.ones(1, 1), idx([0, 1, -1, 2]), [4, 4, 4], 1)
     with pytest.raises(ValueError, match=r"indices"):
