@@ -77,8 +77,10 @@ def read_points(path: PathLike, point_dims: Optional[int] = None) -> np.ndarray:
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: naming the argument, for an unknown suffix, a ``.bin`` size that is not a
-            multiple of ``4 * point_dims``, a ``point_dims`` larger than the file's columns, or
-            content that is not a 2-D array with at least 3 columns.
+            multiple of ``4 * point_dims``, a ``point_dims`` larger than the file's columns,
+            content that is not a 2-D array with at least 3 columns, an empty, corrupt or
+            pickled ``.npy`` / ``.npz``, or a ``.pcd`` / ``.ply`` whose header is malformed or
+            declares more points than the file holds.
         ImportError: ``.pcd`` / ``.ply`` without open3d.
 
     Example:
@@ -366,24 +368,37 @@ def _read_header(path: Path) -> _Header:
                 if words[0] == "DATA":
                     break
     if ply_format or elements:
-        if vertex is None:
-            return _Header([], -1, "ascii", offset, None, None)
+        return _ply_header(elements, vertex, fields, ply_format, offset)
+    return _pcd_header(pcd, offset, number)
 
-        before = elements[:vertex]
-        lists_before = any(e[1] is None for e in before)
-        bytes_before = None if lists_before else sum(e[0] * e[1] for e in before)
-        count, point_bytes, point_values = elements[vertex]
-        encoding = "ascii" if ply_format == "ascii" else "binary"
-        return _Header(fields, count, encoding, offset, point_bytes, point_values,
-                       sum(e[0] for e in before), bytes_before)
-    def pcd_number(key: str) -> int:
+
+def _ply_header(elements: list, vertex: Optional[int], fields: list[str], ply_format: str,
+                offset: int) -> _Header:
+    """The header of a PLY file from its elements ([count, row bytes, row numbers], None where
+    a list property makes them vary) and which of them holds the points."""
+    if vertex is None:
+        return _Header([], -1, "ascii", offset, None, None)
+    before = elements[:vertex]
+    lists_before = any(e[1] is None for e in before)
+    count, point_bytes, point_values = elements[vertex]
+    return _Header(
+        fields, count, "ascii" if ply_format == "ascii" else "binary", offset, point_bytes,
+        point_values, rows_before=sum(e[0] for e in before),
+        bytes_before=None if lists_before else sum(e[0] * e[1] for e in before),
+    )
+
+
+def _pcd_header(pcd: dict[str, list[str]], offset: int, number) -> _Header:
+    """The header of a PCD file from its lines (keyword: values); ``number`` parses a count."""
+
+    def count_of(key: str) -> int:
         return number((pcd[key] or ["(none)"])[0], " ".join([key, *pcd[key]]))
 
     fields = pcd.get("FIELDS", [])
     if "POINTS" in pcd:
-        count = pcd_number("POINTS")
+        count = count_of("POINTS")
     elif "WIDTH" in pcd and "HEIGHT" in pcd:
-        count = pcd_number("WIDTH") * pcd_number("HEIGHT")
+        count = count_of("WIDTH") * count_of("HEIGHT")
     else:
         count = -1
     sizes, counts = pcd.get("SIZE", []), pcd.get("COUNT", ["1"] * len(fields))
