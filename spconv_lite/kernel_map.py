@@ -319,8 +319,6 @@ def subm_map(
         subm=True, transposed=False, batch_size=x.batch_size, in_version=version,
         out_version=version,
     )
-    if indice_key is not None:
-        x.indice_dict[indice_key] = kmap
     return kmap
 
 
@@ -373,9 +371,19 @@ def conv_map(
         output_padding=output_padding, in_version=_version(x.indices),
         out_version=_version(out_indices),
     )
-    if indice_key is not None:
-        x.indice_dict[indice_key] = kmap
     return kmap
+
+
+def output_maps(x: SparseConvTensor, indice_key: Optional[str],
+                kmap: Optional[KernelMap]) -> dict:
+    """The ``indice_dict`` of a layer's output: a copy of the input's, with the layer's map
+    under its ``indice_key``. As in spconv, the input's own dict is left as it was, so a map is
+    seen only downstream of the layer that made it: branches that reuse a key on one input each
+    build their own map, and an input run again after an in-place edit gets new maps."""
+    maps = dict(x.indice_dict)
+    if indice_key is not None and kmap is not None:
+        maps[indice_key] = kmap
+    return maps
 
 
 def inverse_map(

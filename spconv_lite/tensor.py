@@ -132,8 +132,9 @@ class SparseConvTensor:
         batch_size: number of batch items.
         grid, voxel_num, benchmark, permanent_thrust_allocator, enable_timer, force_algo:
             accepted for spconv compatibility and ignored.
-        indice_dict: kernel maps cached by ``indice_key``; shared with tensors derived from this
-            one so that later layers can reuse a map.
+        indice_dict: kernel maps cached by ``indice_key``, for later layers to reuse: shared
+            with this tensor's shadow copies (``replace_feature``); a layer's output gets a
+            copy with the layer's map added, leaving its input's dict as it was (as spconv).
 
     Example:
         >>> features = torch.ones(2, 4)

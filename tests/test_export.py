@@ -175,8 +175,9 @@ class KeepsKernelMaps(nn.Module):
 
     def forward(self, x):
         if self.maps is None:
-            self.maps = x.indice_dict
-            return self.conv(x)
+            out = self.conv(x)
+            self.maps = out.indice_dict
+            return out
         x.indice_dict.update(self.maps)
         return self.conv(x)
 

@@ -45,11 +45,10 @@ B = sites([0, 3, 3, 3], [0, 2, 2, 2], [0, 5, 4, 4], [0, 1, 1, 1])  # A's count, 
 
 def test_subm_key_refuses_other_sites_with_the_same_count():
     subm = layer(sp.SubMConv3d, 2, 2, 3, indice_key="s")
-    x = tensor(A)
-    subm(x)
+    maps = subm(tensor(A)).indice_dict
     with pytest.raises(ValueError, match=r"indice_key 's' caches the kernel map of other sites: "
                                          r"2 of this input's 4 sites are not sites of the map"):
-        subm(tensor(B, x.indice_dict))
+        subm(tensor(B, maps))
 
 
 def test_subm_key_refuses_another_grid():
@@ -63,12 +62,11 @@ def test_subm_key_refuses_another_grid():
 
 def test_subm_key_reused_for_equal_sites_in_another_tensor():
     subm = layer(sp.SubMConv3d, 2, 2, 3, indice_key="s")
-    x = tensor(A)
-    subm(x)
-    cached = x.indice_dict["s"]
-    copy = tensor(A.clone(), x.indice_dict)
+    maps = subm(tensor(A)).indice_dict
+    cached = maps["s"]
+    copy = tensor(A.clone(), maps)
     out = subm(copy)
-    assert x.indice_dict["s"] is cached
+    assert out.indice_dict["s"] is cached
     expected = reference.subm_conv(copy.features, copy.indices, SHAPE, subm.weight,
                                    bias=subm.bias)
     torch.testing.assert_close(out.features, expected)
@@ -76,31 +74,29 @@ def test_subm_key_reused_for_equal_sites_in_another_tensor():
 
 def test_subm_key_refuses_rows_reordered_in_place():
     subm = layer(sp.SubMConv3d, 2, 2, 3, indice_key="s")
-    x = tensor(A.clone())
-    subm(x)
+    y = subm(tensor(A.clone()))
     order = torch.tensor([2, 0, 3, 1])
-    x.indices[:] = x.indices[order].clone()  # client code reordering rows in place
-    x = x.replace_feature(x.features[order])
+    y.indices[:] = y.indices[order].clone()  # client code reordering rows in place
+    y = y.replace_feature(y.features[order])
     with pytest.raises(ValueError, match=r"indice_key 's'.*modified in place"):
-        subm(x)
+        subm(y)
 
 
 def test_subm_key_refuses_rows_in_another_order():
     subm = layer(sp.SubMConv3d, 2, 2, 3, indice_key="s")
-    x = tensor(A)
-    subm(x)
+    maps = subm(tensor(A)).indice_dict
     with pytest.raises(ValueError, match=r"indice_key 's'.*the map's 4 sites in another row "
                                          r"order"):
-        subm(tensor(A[[1, 0, 2, 3]], x.indice_dict))
+        subm(tensor(A[[1, 0, 2, 3]], maps))
 
 
 def test_conv_key_refuses_indices_edited_in_place():
     down = layer(sp.SparseConv3d, 2, 2, 3, stride=2, indice_key="d")
     x = tensor(A.clone())
-    down(x)
+    maps = down(x).indice_dict
     x.indices[:, 1:] += 1
     with pytest.raises(ValueError, match=r"indice_key 'd'.*modified in place"):
-        down(x)
+        down(tensor(x.indices, maps))
 
 
 def test_conv_key_refuses_its_output_edited_in_place():
@@ -112,7 +108,7 @@ def test_conv_key_refuses_its_output_edited_in_place():
     y.indices[:, 1:] *= 2
     with pytest.raises(ValueError, match=r"indice_key 'd': the output indices.*modified in "
                                          r"place"):
-        down(x)
+        down(tensor(x.indices, y.indice_dict))
     with pytest.raises(ValueError, match=r"indice_key 'd': the output indices.*modified in "
                                          r"place"):
         layer(sp.SparseInverseConv3d, 2, 2, 3, indice_key="d")(y)
@@ -120,9 +116,8 @@ def test_conv_key_refuses_its_output_edited_in_place():
 
 def test_conv_key_reused_on_the_same_sites():
     down = layer(sp.SparseConv3d, 2, 2, 3, stride=2, indice_key="d")
-    x = tensor(A)
-    first = down(x)
-    second = down(tensor(A.clone(), x.indice_dict))
+    first = down(tensor(A))
+    second = down(tensor(A.clone(), first.indice_dict))
     assert second.indices is first.indices
     torch.testing.assert_close(second.features, first.features)
 
@@ -159,17 +154,56 @@ def test_inverse_conv_refuses_other_sites_with_the_same_count():
         layer(sp.SparseInverseConv3d, 3, 2, 3, indice_key="d")(moved)
 
 
+def branch(stride):
+    torch.manual_seed(0)
+    return sp.SparseSequential(
+        sp.SparseConv3d(2, 3, 3, stride, 1, indice_key="down"),
+        sp.SubMConv3d(3, 3, 3, indice_key="subm2"),
+    ).double()
+
+
+def test_branches_reusing_a_key_on_one_input_build_their_own_maps():
+    # As in spconv: a layer's map goes into its output's indice_dict, not its input's, so two
+    # branches with the same keys but other strides (or an ensemble) run on one tensor.
+    x = tensor(A)
+    coarse, fine = branch(2)(x), branch(1)(x)
+    assert x.indice_dict == {} and sorted(fine.indice_dict) == ["down", "subm2"]
+    for out, stride in ((coarse, 2), (fine, 1)):
+        again = branch(stride)(tensor(A.clone()))
+        assert torch.equal(out.indices, again.indices)
+        torch.testing.assert_close(out.features, again.features, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["inference", "through_numpy"])
+def test_input_edited_in_place_without_a_version_gets_new_maps(mode):
+    # Edits that torch's version counter does not see (inference tensors, writes through
+    # .numpy()): running the input again builds new maps, so the edit is honoured.
+    subm = layer(sp.SubMConv3d, 2, 2, 3, indice_key="s")
+    with torch.inference_mode(mode == "inference"):
+        x = tensor(A.clone())
+        subm(x)
+        edited = torch.tensor([0, 1, 1, 2], dtype=torch.int32)
+        if mode == "inference":
+            x.indices[3] = edited
+        else:
+            x.indices.numpy()[3] = edited.numpy()
+        out = subm(x)
+        expected = subm(tensor(x.indices.clone()))
+    assert torch.equal(out.features, expected.features)
+
+
 def test_transposed_key_refuses_another_output_padding():
     x = tensor(sites([0, 1, 1, 1], [0, 2, 2, 2]), shape=[4, 4, 4])
     first = layer(sp.SparseConvTranspose3d, 2, 2, 3, stride=2, padding=1, indice_key="u")
     second = layer(sp.SparseConvTranspose3d, 2, 2, 3, stride=2, padding=1, output_padding=1,
                    indice_key="u")
-    assert first(x).spatial_shape == [7, 7, 7]
+    y = first(x)
+    assert y.spatial_shape == [7, 7, 7]
     with pytest.raises(ValueError, match=r"indice_key 'u' is reused with a different geometry.*"
                                          r"'output_padding': \(0, 0, 0\).*"
                                          r"'output_padding': \(1, 1, 1\)"):
-        second(x)
-    assert second(tensor(x.indices, shape=[4, 4, 4])).spatial_shape == [8, 8, 8]
+        second(tensor(x.indices, y.indice_dict, shape=[4, 4, 4]))
+    assert second(x).spatial_shape == [8, 8, 8]
 
 
 @pytest.mark.parametrize("make_layer, message", [

@@ -75,11 +75,12 @@ def test_replace_feature_shares_indice_dict():
     assert y is not x and y.features is new and x.features.shape == (50, 3)
     assert y.indices is x.indices and y.spatial_shape == x.spatial_shape
     assert y.batch_size == x.batch_size and y.indice_dict is x.indice_dict
-    # A map cached through one is visible (and reused) through the other.
+    # A layer's output carries a copy of its input's maps with its own added; the input's dict
+    # is left as it was (as in spconv), and the maps pass on through replace_feature.
     out = sp.SubMConv3d(5, 4, 3, indice_key="s").double()(y)
-    assert "s" in x.indice_dict and out.indice_dict is x.indice_dict
-    cached = x.find_indice_pair("s")
-    out2 = sp.SubMConv3d(4, 4, 3, indice_key="s").double()(out)
+    assert x.indice_dict == {} and list(out.indice_dict) == ["s"]
+    cached = out.find_indice_pair("s")
+    out2 = sp.SubMConv3d(4, 4, 3, indice_key="s").double()(out.replace_feature(out.features))
     assert out2.find_indice_pair("s") is cached
     assert x.find_indice_pair("missing") is None and x.find_indice_pair(None) is None
     # Another row count is accepted until the tensor is used (indices may be assigned next).

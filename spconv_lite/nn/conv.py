@@ -15,6 +15,7 @@ from ..kernel_map import (
     conv_map,
     expand_nd,
     inverse_map,
+    output_maps,
     row_orders,
     subm_map,
 )
@@ -255,6 +256,8 @@ class SparseConvolution(SparseModule):
         if buffer is not None and self.training and not torch.compiler.is_compiling():
             buffer.fill_(max(int(buffer), out_indices.shape[0]))
         out = x.shadow_copy()
+        # The inverse conv reads the map under its key and makes none.
+        out.indice_dict = output_maps(x, self.indice_key, None if self.inverse else kmap)
         out.indices = out_indices
         out.spatial_shape = list(out_shape)
         if add_input is not None:

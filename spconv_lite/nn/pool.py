@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..kernel_map import conv_map, expand_nd
+from ..kernel_map import conv_map, expand_nd, output_maps
 from ..tensor import SparseConvTensor, check_sites
 from .conv import check_input
 from .modules import SparseModule
@@ -59,6 +59,7 @@ class SparsePool(SparseModule):
             features = ops.sparse_sum_pool(x.features, kmap.nbr, kmap.nbr_t,
                                            check_tables=False) / counts
         out = x.shadow_copy()
+        out.indice_dict = output_maps(x, self.indice_key, kmap)
         out.indices = kmap.out_indices
         out.spatial_shape = list(kmap.out_spatial_shape)
         out.features = features
