@@ -5,6 +5,7 @@ dense BEV maps) that must keep working."""
 from __future__ import annotations
 
 import importlib
+import re
 from collections import OrderedDict
 
 import numpy as np
@@ -333,6 +334,12 @@ def test_gather_features_by_pc_voxel_id():
     ids = torch.tensor([1, -1, 0, 1])
     out = spconv.utils.gather_features_by_pc_voxel_id(feats, ids, invalid_value=-7)
     assert out.tolist() == [[3.0, 4.0], [-7.0, -7.0], [1.0, 2.0], [3.0, 4.0]]
+    # Every point dropped (no voxel at all): rows of invalid_value, as spconv returns.
+    none = spconv.utils.gather_features_by_pc_voxel_id(torch.zeros(0, 2), torch.tensor([-1, -1]))
+    assert none.tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    with pytest.raises(ValueError, match=re.escape(
+            "pc_voxel_id must hold voxel rows in [0, 2) or -1, got values in [-2, 1]")):
+        spconv.utils.gather_features_by_pc_voxel_id(feats, torch.tensor([1, -2]))
 
 
 def test_output_size_helpers():
