@@ -119,7 +119,8 @@ def export_model(
     Args:
         model: a module that takes a ``SparseConvTensor`` (e.g. :class:`BEVBackbone`).
         example: an input of the kind the package will get (its sites and features are only
-            used to trace; any count works).
+            used to trace; any count of at least 2 works, and the package then takes any count
+            from 1).
         package_path: the ``.pt2`` file to write (replaced only once complete).
         voxelizer: the ``PointToVoxel`` that makes the model's inputs; its grid and limits are
             stored in the package (``spconv_lite.voxel_size`` ...) for the C++ example.
@@ -138,6 +139,12 @@ def export_model(
     """
     if not isinstance(example, SparseConvTensor):
         raise TypeError(f"example must be a SparseConvTensor, got {type(example).__name__}")
+    if example.indices.shape[0] < 2:
+        # torch.export takes a dimension of size 0 or 1 for a constant of the model.
+        raise ValueError(
+            f"example must have at least 2 sites to trace the site count as dynamic, got "
+            f"{example.indices.shape[0]} (the package still takes any count from 1)"
+        )
     if model.training:
         raise ExportError(
             "the model is in training mode: call model.eval() first (the package is for "

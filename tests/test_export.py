@@ -212,6 +212,16 @@ def test_unexportable_model_fails_at_export(make_model, message, tmp_path):
     assert not list(tmp_path.iterdir())  # no package, not even a partial one
 
 
+@pytest.mark.parametrize("sites", [1, 0])
+def test_example_of_fewer_than_two_sites_is_refused(sites, tmp_path):
+    # torch.export would take its site count for a constant of the model and blame the model.
+    example = small_example()
+    example = sp.SparseConvTensor(example.features[:sites], example.indices[:sites], [8, 9, 10], 1)
+    with pytest.raises(ValueError, match=rf"example must have at least 2 sites .*got {sites} "):
+        export_model(SmallNet().eval(), example, tmp_path / "never.pt2")
+    assert not list(tmp_path.iterdir())
+
+
 # ---------------------------------------------------------------------------------------------
 # C++: the operator library and examples/cpp, built with CMake against the installed torch.
 
