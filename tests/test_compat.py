@@ -5,6 +5,7 @@ dense BEV maps) that must keep working."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from collections import OrderedDict
 
@@ -30,11 +31,13 @@ DESIGN_NAMES = [
 MODULE_PATHS = {
     "conv": ["SparseConvolution", "SubMConv3d", "SparseConv3d", "SparseInverseConv3d",
              "SparseConvTranspose3d"],
-    "modules": ["SparseModule", "SparseSequential", "SparseBatchNorm", "SparseReLU",
-                "SparseIdentity", "assign_name_for_sparse_modules", "is_spconv_module"],
+    "modules": ["SparseModule", "SparseSequential", "SparseBatchNorm", "SparseSyncBatchNorm",
+                "SparseReLU", "SparseIdentity", "assign_name_for_sparse_modules",
+                "is_spconv_module"],
     "core": ["SparseConvTensor", "expand_nd"],
-    "pool": ["SparseMaxPool3d", "SparseAvgPool3d", "SparseGlobalMaxPool"],
-    "tables": ["AddTable", "ConcatTable", "JoinTable"],
+    "pool": ["SparseMaxPool", "SparseAvgPool", "SparseMaxPool3d", "SparseAvgPool3d",
+             "SparseGlobalMaxPool"],
+    "tables": ["AddTable", "AddTableMisaligned", "ConcatTable", "JoinTable"],
     "functional": ["sparse_add"],
     "ops": ["ConvAlgo", "get_conv_output_size", "get_deconv_output_size"],
     "utils": ["gather_features_by_pc_voxel_id"],
@@ -289,6 +292,49 @@ def test_record_voxel_count_buffer():
     assert int(conv.max_num_voxels_during_training) == y.indices.shape[0]
     subm = spconv.SubMConv3d(3, 4, 3, record_voxel_count=True)
     assert "max_num_voxels_during_training" not in subm.state_dict()
+
+
+    assert conv.get_max_num_voxels() is conv.max_num_voxels_during_training
+    assert subm.get_max_num_voxels() is None
+
+
+@pytest.mark.parity
+def test_base_pools_tables_and_sync_batchnorm_match_spconv():
+    # The spconv classes that take the dimension count first (stride 1 by default, where the
+    # N-d classes default to the kernel size), AddTableMisaligned and SparseSyncBatchNorm.
+    reference = require_spconv()
+    torch.set_num_threads(1)  # spconv's CPU pools need it
+    features, indices, shape, batch = _input(density=0.3)
+    features = features.abs()  # spconv's max pool starts from 0: negative maxima come out 0
+    n = len(indices)
+    for lib in (spconv, reference):
+        assert issubclass(lib.pool.SparseMaxPool3d, lib.pool.SparseMaxPool)
+        assert not issubclass(lib.pool.SparseAvgPool3d, lib.pool.SparseMaxPool)
+
+    def run(lib, make):
+        return make(lib)(lib.SparseConvTensor(features, indices, shape, batch)).dense()
+
+    for make in (lambda lib: lib.pool.SparseMaxPool(3, 3),
+                 lambda lib: lib.pool.SparseMaxPool(3, 2, stride=None),
+                 lambda lib: lib.modules.SparseSyncBatchNorm(features.shape[1]).eval()):
+        torch.testing.assert_close(run(spconv, make), run(reference, make))
+    # spconv's CPU build has no average pool: its signature, and ours against our 3-D class.
+    for name in ("SparseMaxPool", "SparseAvgPool"):
+        ours = inspect.signature(getattr(spconv.pool, name)).parameters
+        theirs = inspect.signature(getattr(reference.pool, name)).parameters
+        assert [(p.name, p.default) for p in ours.values()] == [
+            (p.name, p.default) for p in theirs.values()]
+    torch.testing.assert_close(
+        run(spconv, lambda lib: lib.pool.SparseAvgPool(3, (3, 1, 3), padding=1)),
+        run(spconv, lambda lib: lib.pool.SparseAvgPool3d((3, 1, 3), 1, padding=1)))
+    halves = [(features[: 2 * n // 3], indices[: 2 * n // 3]),
+              (features[n // 3:], indices[n // 3:])]
+    ours = spconv.tables.AddTableMisaligned()([spconv.SparseConvTensor(f, i, shape, batch)
+                                               for f, i in halves])
+    # spconv's AddTableMisaligned hashes on the GPU only: its sparse_add is the same sum.
+    theirs = reference.functional.sparse_add(*(reference.SparseConvTensor(f, i, shape, batch)
+                                               for f, i in halves))
+    torch.testing.assert_close(ours.dense(), theirs.dense())
 
 
 def _dense_sum(*tensors):

@@ -160,6 +160,11 @@ class SparseConvolution(SparseModule):
             )
         self.reset_parameters()
 
+    def get_max_num_voxels(self) -> Optional[torch.Tensor]:
+        """The largest output site count seen in training (``record_voxel_count=True``), else
+        None (spconv API)."""
+        return getattr(self, "max_num_voxels_during_training", None)
+
     def reset_parameters(self) -> None:
         # nn.ConvNd's default (kaiming_uniform with a=sqrt(5)), with the fan-in of this layout.
         bound = 1.0 / math.sqrt(self.in_channels * math.prod(self.kernel_size))

@@ -118,6 +118,10 @@ class SparseBatchNorm(_FeatureWise, nn.BatchNorm1d):
     """
 
 
+class SparseSyncBatchNorm(_FeatureWise, nn.SyncBatchNorm):
+    """``nn.SyncBatchNorm`` that also takes a ``SparseConvTensor`` (spconv's name)."""
+
+
 class SparseReLU(_FeatureWise, nn.ReLU):
     """``nn.ReLU`` that also takes a ``SparseConvTensor`` (spconv's name)."""
 

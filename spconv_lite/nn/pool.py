@@ -16,12 +16,13 @@ from .modules import SparseModule
 
 class SparsePool(SparseModule):
     """Base of the windowed pools. Output sites are those of a conv with the same window;
-    ``stride=None`` means ``stride=kernel_size``. The map is cached under ``indice_key`` so an
-    inverse conv can undo the pooling."""
+    ``stride=None`` means ``stride=kernel_size`` (the default of the N-d classes; spconv's
+    base classes default to 1, as here). The map is cached under ``indice_key`` so an inverse
+    conv can undo the pooling."""
 
     is_max: bool = True
 
-    def __init__(self, ndim: int, kernel_size=3, stride=None, padding=0, dilation=1,
+    def __init__(self, ndim: int, kernel_size=3, stride=1, padding=0, dilation=1,
                  indice_key: Optional[str] = None, subm: bool = False, algo=None,
                  record_voxel_count: bool = False, name: Optional[str] = None) -> None:
         super().__init__(name=name)
@@ -66,24 +67,37 @@ class SparsePool(SparseModule):
         return out
 
 
-def _pool_class(class_name: str, ndim: int, is_max: bool):
+class SparseMaxPool(SparsePool):
+    """Sparse max pooling of ``ndim`` dimensions (spconv's base class of the N-d ones)."""
+
+    is_max = True
+
+
+class SparseAvgPool(SparsePool):
+    """Sparse average pooling over the active inputs of each window, ``ndim`` dimensions
+    (spconv's base class of the N-d ones)."""
+
+    is_max = False
+
+
+def _pool_class(class_name: str, ndim: int, base: type):
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1, indice_key=None,
                  algo=None, record_voxel_count=False, name=None):
-        SparsePool.__init__(self, ndim, kernel_size, stride, padding, dilation, indice_key,
-                            algo=algo, record_voxel_count=record_voxel_count, name=name)
+        base.__init__(self, ndim, kernel_size, stride, padding, dilation, indice_key,
+                      algo=algo, record_voxel_count=record_voxel_count, name=name)
 
-    kind = "max" if is_max else "average (over active inputs)"
+    kind = "max" if base.is_max else "average (over active inputs)"
     doc = f"{ndim}-D sparse {kind} pooling (spconv's ``{class_name}``)."
-    return type(class_name, (SparsePool,), {"__init__": __init__, "__doc__": doc, "is_max": is_max})
+    return type(class_name, (base,), {"__init__": __init__, "__doc__": doc})
 
 
-SparseMaxPool1d = _pool_class("SparseMaxPool1d", 1, True)
-SparseMaxPool2d = _pool_class("SparseMaxPool2d", 2, True)
-SparseMaxPool3d = _pool_class("SparseMaxPool3d", 3, True)
-SparseMaxPool4d = _pool_class("SparseMaxPool4d", 4, True)
-SparseAvgPool1d = _pool_class("SparseAvgPool1d", 1, False)
-SparseAvgPool2d = _pool_class("SparseAvgPool2d", 2, False)
-SparseAvgPool3d = _pool_class("SparseAvgPool3d", 3, False)
+SparseMaxPool1d = _pool_class("SparseMaxPool1d", 1, SparseMaxPool)
+SparseMaxPool2d = _pool_class("SparseMaxPool2d", 2, SparseMaxPool)
+SparseMaxPool3d = _pool_class("SparseMaxPool3d", 3, SparseMaxPool)
+SparseMaxPool4d = _pool_class("SparseMaxPool4d", 4, SparseMaxPool)
+SparseAvgPool1d = _pool_class("SparseAvgPool1d", 1, SparseAvgPool)
+SparseAvgPool2d = _pool_class("SparseAvgPool2d", 2, SparseAvgPool)
+SparseAvgPool3d = _pool_class("SparseAvgPool3d", 3, SparseAvgPool)
 
 
 def global_pool(x: SparseConvTensor, is_max: bool) -> Tensor:

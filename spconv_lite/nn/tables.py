@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from ..functional import sparse_add
 from ..tensor import SparseConvTensor, check_same_sites
 from .modules import SparseModule
 
@@ -45,6 +46,17 @@ class AddTable(SparseModule):
         for x in inputs[1:]:
             total = total + x.features
         return inputs[0].replace_feature(total)
+
+
+class AddTableMisaligned(SparseModule):
+    """Sums tensors whose sites may differ, on the union of their sites (spconv's name for
+    ``functional.sparse_add``)."""
+
+    def forward(self, inputs: Sequence[SparseConvTensor]) -> SparseConvTensor:
+        if len(inputs) == 0:
+            raise ValueError("AddTableMisaligned needs at least one SparseConvTensor, got an "
+                             "empty list")
+        return sparse_add(*inputs)
 
 
 class ConcatTable(SparseModule):

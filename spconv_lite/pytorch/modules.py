@@ -10,6 +10,7 @@ from ..nn.modules import (
     SparseModule,
     SparseReLU,
     SparseSequential,
+    SparseSyncBatchNorm,
     ToDense,
     assign_name_for_sparse_modules,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "SparseModule",
     "SparseReLU",
     "SparseSequential",
+    "SparseSyncBatchNorm",
     "ToDense",
     "assign_name_for_sparse_modules",
     "SparseConvolution",

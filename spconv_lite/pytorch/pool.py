@@ -1,11 +1,13 @@
 """``spconv.pytorch.pool``: windowed and global pooling layers."""
 
 from ..nn.pool import (
+    SparseAvgPool,
     SparseAvgPool1d,
     SparseAvgPool2d,
     SparseAvgPool3d,
     SparseGlobalAvgPool,
     SparseGlobalMaxPool,
+    SparseMaxPool,
     SparseMaxPool1d,
     SparseMaxPool2d,
     SparseMaxPool3d,
@@ -13,11 +15,13 @@ from ..nn.pool import (
 )
 
 __all__ = [
+    "SparseAvgPool",
     "SparseAvgPool1d",
     "SparseAvgPool2d",
     "SparseAvgPool3d",
     "SparseGlobalAvgPool",
     "SparseGlobalMaxPool",
+    "SparseMaxPool",
     "SparseMaxPool1d",
     "SparseMaxPool2d",
     "SparseMaxPool3d",

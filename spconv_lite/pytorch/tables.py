@@ -1,9 +1,11 @@
-"""``spconv.pytorch.tables``: ``AddTable``, ``ConcatTable``, ``JoinTable``."""
+"""``spconv.pytorch.tables``: ``AddTable``, ``AddTableMisaligned``, ``ConcatTable``,
+``JoinTable``."""
 
-from ..nn.tables import AddTable, ConcatTable, JoinTable
+from ..nn.tables import AddTable, AddTableMisaligned, ConcatTable, JoinTable
 
 __all__ = [
     "AddTable",
+    "AddTableMisaligned",
     "ConcatTable",
     "JoinTable",
 ]
