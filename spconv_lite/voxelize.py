@@ -121,10 +121,10 @@ class GridGeometry:
 _MOST_VOXELS, _MOST_POINTS_PER_VOXEL = (2**63 - 1, "2^63 - 1"), (2**31 - 1, "2^31 - 1")
 
 
-def _check_count(value: int, name: str, most: tuple[int, str] = _MOST_VOXELS) -> int:
+def _check_count(value: int, name: str, most: Optional[tuple[int, str]] = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if value > most[0]:
+    if most is not None and value > most[0]:
         raise ValueError(f"{name} must be at most {most[1]}, got {value}")
     return int(value)
 
@@ -175,7 +175,7 @@ class PointToVoxel:
                 f"num_point_features must be at least {self.ndim} (the coordinates), got "
                 f"{num_point_features}"
             )
-        self.max_num_voxels = _check_count(max_num_voxels, "max_num_voxels")
+        self.max_num_voxels = _check_count(max_num_voxels, "max_num_voxels", _MOST_VOXELS)
         self.max_num_points_per_voxel = _check_count(
             max_num_points_per_voxel, "max_num_points_per_voxel", _MOST_POINTS_PER_VOXEL
         )
