@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ._extension import _C  # noqa: F401  (loads the library, which registers the operators)
+from .tensor import _as_int
 
 _ops = torch.ops.spconv_lite
 
@@ -260,8 +261,8 @@ def voxelize(
     return _ops.voxelize(
         points,
         *_grid_args(voxel_size, range_min, grid_size),
-        int(max_points_per_voxel),
-        int(max_voxels),
+        _whole(max_points_per_voxel, "max_points_per_voxel"),
+        _whole(max_voxels, "max_voxels"),
         bool(empty_mean),
     )
 
@@ -281,16 +282,24 @@ def voxelize_mean(
         point_voxel_id [N] int64)``.
     """
     return _ops.voxelize_mean(
-        points, *_grid_args(voxel_size, range_min, grid_size), int(max_voxels)
+        points, *_grid_args(voxel_size, range_min, grid_size), _whole(max_voxels, "max_voxels")
     )
+
+
+def _whole(value, name: str) -> int:
+    """``value`` as an int: whole numbers only, never truncated."""
+    try:
+        return _as_int(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a whole number, got {value!r}") from None
 
 
 def _grid_args(voxel_size, range_min, grid_size) -> tuple[list[float], list[float], list[int]]:
-    return (
-        [float(v) for v in voxel_size],
-        [float(v) for v in range_min],
-        [int(g) for g in grid_size],
-    )
+    try:
+        sizes = [_as_int(g) for g in grid_size]
+    except TypeError:
+        raise TypeError(f"grid_size must hold whole numbers, got {list(grid_size)!r}") from None
+    return [float(v) for v in voxel_size], [float(v) for v in range_min], sizes
 
 
 # ---------------------------------------------------------------------------------------------

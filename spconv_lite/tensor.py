@@ -15,7 +15,8 @@ SpatialShape = Union[Sequence[int], np.ndarray, Tensor]
 
 def _as_shape(spatial_shape: SpatialShape) -> list[int]:
     """Converts a list, tuple, numpy array or tensor of integer sizes into a list of Python
-    ints; floats are refused rather than truncated."""
+    ints; whole floats (41.0, as spconv takes them) are converted, fractions refused rather
+    than truncated."""
     if isinstance(spatial_shape, Tensor):
         spatial_shape = spatial_shape.reshape(-1).tolist()
     elif isinstance(spatial_shape, np.ndarray):
@@ -32,11 +33,16 @@ def _as_shape(spatial_shape: SpatialShape) -> list[int]:
 
 
 def _as_int(value: Any) -> int:
-    """A Python, numpy or 0-d tensor integer as an int; TypeError for floats and bools."""
+    """A Python, numpy or 0-d tensor integer, or a whole float, as an int; TypeError for other
+    floats and for bools."""
     if isinstance(value, (Tensor, np.ndarray)) and value.ndim == 0:
         value = value.item()
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"expected an int, got the bool {value!r}")
+    if isinstance(value, (float, np.floating)):
+        if not float(value).is_integer():
+            raise TypeError(f"expected an int, got {value!r}")
+        return int(value)
     return operator.index(value)
 
 

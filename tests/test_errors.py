@@ -283,15 +283,15 @@ CASES = [
      E("spatial_shape must hold 1 to 4 positive sizes, got [4, 4, 4, 4, 4]")),
     ("batch_size_zero", lambda: tensor(TWO_SITES, batch_size=0), ValueError,
      r"batch_size must be a positive int, got 0"),
-    # floats and bools are refused, not truncated to ints
+    # fractions and bools are refused, not truncated to ints (whole floats are taken)
     ("spatial_shape_float_list", lambda: tensor(TWO_SITES, (3.7, 3, 3)), TypeError,
      E("spatial_shape must be a sequence of ints, got [3.7, 3, 3]")),
     ("spatial_shape_float_numpy", lambda: sp.SparseConvTensor(
         torch.ones(2, 3), TWO_SITES, np.array([3.7, 3, 3]), 1), TypeError,
      E("spatial_shape must be a sequence of ints, got [3.7, 3.0, 3.0]")),
     ("spatial_shape_float_tensor", lambda: sp.SparseConvTensor(
-        torch.ones(2, 3), TWO_SITES, torch.tensor([4.0, 4.0, 4.0]), 1),
-     TypeError, E("spatial_shape must be a sequence of ints, got [4.0, 4.0, 4.0]")),
+        torch.ones(2, 3), TWO_SITES, torch.tensor([4.0, 4.5, 4.0]), 1),
+     TypeError, E("spatial_shape must be a sequence of ints, got [4.0, 4.5, 4.0]")),
     ("spatial_shape_float_assigned", lambda: setattr(tensor(TWO_SITES), "spatial_shape",
                                                      [4, 4.5, 4]),
      TypeError, E("spatial_shape must be a sequence of ints, got [4, 4.5, 4]")),

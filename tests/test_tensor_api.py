@@ -109,8 +109,12 @@ SPATIAL_SHAPE_FORMS = {
     "numpy_int32": np.array([6, 5, 7], dtype=np.int32),
     "tensor": torch.tensor([6, 5, 7]),
     "tensor_int32": torch.tensor([6, 5, 7], dtype=torch.int32),
+    # whole floats, as spconv takes them (e.g. a grid size computed in floating point)
+    "float_list": [6.0, 5.0, 7.0],
+    "numpy_float": np.array([6.0, 5.0, 7.0]),
+    "tensor_float": torch.tensor([6.0, 5.0, 7.0]),
 }
-BATCH_SIZE_FORMS = {"int": 2, "numpy_int": np.int64(2), "tensor": torch.tensor(2)}
+BATCH_SIZE_FORMS = {"int": 2, "numpy_int": np.int64(2), "tensor": torch.tensor(2), "float": 2.0}
 
 
 @pytest.mark.parametrize("batch_form", list(BATCH_SIZE_FORMS))

@@ -478,6 +478,22 @@ def test_op_checks_its_arguments(kwargs, name, device):
         ops.voxelize(**args)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(grid_size=[2.7, 2, 2]), r"grid_size must hold whole numbers, got \[2.7, 2, 2\]"),
+    (dict(max_voxels=2.9), r"max_voxels must be a whole number, got 2.9"),
+    (dict(max_points_per_voxel=True), r"max_points_per_voxel must be a whole number, got True"),
+])  # fmt: skip
+def test_op_refuses_fractional_counts(kwargs, message):
+    # They were truncated: grid_size 2.7 became 2 and dropped the points in the third voxel.
+    args = dict(points=torch.tensor([[0.1, 0.1, 0.1], [2.5, 0.1, 0.1]]), voxel_size=[1.0] * 3,
+                range_min=[0.0] * 3, grid_size=[3, 2, 2], max_points_per_voxel=4, max_voxels=10)
+    args.update(kwargs)
+    with pytest.raises(TypeError, match=message):
+        ops.voxelize(**args)
+    whole = ops.voxelize(args["points"], [1.0] * 3, [0.0] * 3, [3.0, 2.0, 2.0], 4.0, 10.0)
+    assert whole[1].tolist() == [[0, 0, 0], [0, 0, 2]]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_op_rejects_non_float32_points(device):
     points = torch.zeros(4, 3, dtype=torch.float64, device=device)
