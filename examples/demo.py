@@ -52,12 +52,28 @@ def build_backbone(in_channels: int) -> list[tuple[str, nn.Module]]:
     ]
 
 
+def counting_from(low: int):
+    """An argparse type: an integer of at least ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0, help="scene and noise seed")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--seed", type=counting_from(0), default=0, help="scene and noise seed")
+    parser.add_argument("--threads", type=counting_from(1), default=None,
+                        help="torch intra-op threads")
     args = parser.parse_args()
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     print(f"spconv_lite {spconv.__version__}, torch {torch.__version__}, "

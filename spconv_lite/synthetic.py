@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -196,6 +197,16 @@ def lidar_sweep(
     """
     if num_beams < 1 or num_azimuth < 1:
         raise ValueError(f"num_beams and num_azimuth must be >= 1, got {num_beams}, {num_azimuth}")
+    # An infinite range would turn the sky's rays into infinite points; NaN noise or dropout
+    # would give NaN points or none.
+    for name, value, valid, what in (
+        ("sensor_height", sensor_height, sensor_height > 0, "a finite height > 0"),
+        ("max_range", max_range, max_range > 0, "a finite range > 0"),
+        ("range_noise", range_noise, range_noise >= 0, "a finite deviation >= 0"),
+        ("dropout", dropout, 0 <= dropout <= 1, "a fraction in [0, 1]"),
+    ):
+        if not (valid and math.isfinite(value)):
+            raise ValueError(f"{name} must be {what}, got {value!r}")
     if scene is None:
         scene = make_scene(seed)
     rng = np.random.default_rng([seed, 1])  # noise stream independent of the scene layout

@@ -5,6 +5,9 @@ training, SyncBatchNorm conversion inside SparseSequential."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,3 +200,15 @@ def test_ddp_sync_bn_refused_on_cpu():
         pytest.skip("this build could run SyncBatchNorm on the GPU")
     with pytest.raises(SystemExit, match="SyncBatchNorm runs only on GPUs"):
         ddp_train.main(["--sync-bn"])
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--seed", "-1"], "argument --seed: must be at least 0, got -1"),
+    (["--threads", "0"], "argument --threads: must be at least 1, got 0"),
+    (["--threads", "two"], "argument --threads: expected an integer, got 'two'"),
+])  # fmt: skip
+def test_demo_refuses_bad_options_by_name(option, message):
+    demo = Path(__file__).resolve().parents[1] / "examples" / "demo.py"
+    run = subprocess.run([sys.executable, str(demo), *option], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
