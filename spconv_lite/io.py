@@ -416,7 +416,6 @@ def _check_complete(path: Path, header: _Header) -> None:
     count = header.count
     if count <= 0:
         return
-    have = path.stat().st_size - header.data_offset
     if header.encoding == "ascii":  # a row per point (PLY: per element) of numbers
         got = 0
         with open(path, "rb") as f:
@@ -445,6 +444,7 @@ def _check_complete(path: Path, header: _Header) -> None:
         need = header.bytes_before + count * header.point_bytes
     else:
         return  # a PLY list property before the points: their offset is not known
+    have = path.stat().st_size - header.data_offset
     if have < need:
         raise ValueError(
             f"{str(path)!r} is cut short: its header declares {count} points ({need} bytes of "

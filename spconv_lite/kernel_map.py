@@ -332,9 +332,9 @@ def conv_map(
     transposed: bool = False,
     output_padding: Optional[tuple[int, ...]] = None,
 ) -> KernelMap:
-    """The map of a regular or transposed conv (or pool) over ``x``; cached under
-    ``indice_key`` so that an inverse conv can undo it, and reused by a layer with the same key
-    and geometry on the same sites."""
+    """The map of a regular or transposed conv (or pool) over ``x``, reused from
+    ``indice_dict[indice_key]`` when present (the layer's output carries it under that key, see
+    ``output_maps``, so that an inverse conv can undo it)."""
     ndim = len(kernel_size)
     output_padding = output_padding if transposed and output_padding else (0,) * ndim
     geometry = {
