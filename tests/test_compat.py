@@ -284,17 +284,31 @@ def test_conv_class_signature_covers_spconv(name):
         assert ours[param.name].default == param.default, param.name
 
 
-def test_record_voxel_count_buffer():
+@pytest.mark.parametrize("make", [
+    lambda: spconv.SparseConv3d(3, 4, 3, stride=2, padding=1, record_voxel_count=True),
+    lambda: spconv.SparseMaxPool3d(2, 2, record_voxel_count=True),
+    lambda: spconv.SparseAvgPool3d(3, 2, 1, record_voxel_count=True),
+], ids=["conv", "max_pool", "avg_pool"])
+def test_record_voxel_count_buffer(make):
     torch.manual_seed(0)
-    conv = spconv.SparseConv3d(3, 4, 3, stride=2, padding=1, record_voxel_count=True)
-    assert "max_num_voxels_during_training" in conv.state_dict()
-    y = conv(spconv.SparseConvTensor(*_input()))
-    assert int(conv.max_num_voxels_during_training) == y.indices.shape[0]
+    layer = make()
+    assert "max_num_voxels_during_training" in layer.state_dict()
+    y = layer(spconv.SparseConvTensor(*_input()))
+    assert int(layer.max_num_voxels_during_training) == y.indices.shape[0]
+    assert layer.get_max_num_voxels() is layer.max_num_voxels_during_training
+    # A checkpoint saved without the buffer (record_voxel_count=False) loads strictly, as with
+    # spconv, and the count starts again at 0.
+    saved = {k: v for k, v in layer.state_dict().items() if "max_num_voxels" not in k}
+    layer.load_state_dict(saved)
+    assert int(layer.max_num_voxels_during_training) == 0
+    layer.eval()  # counted in training only
+    layer(spconv.SparseConvTensor(*_input()))
+    assert int(layer.max_num_voxels_during_training) == 0
+
+
+def test_record_voxel_count_without_buffer():
     subm = spconv.SubMConv3d(3, 4, 3, record_voxel_count=True)
     assert "max_num_voxels_during_training" not in subm.state_dict()
-
-
-    assert conv.get_max_num_voxels() is conv.max_num_voxels_during_training
     assert subm.get_max_num_voxels() is None
 
 

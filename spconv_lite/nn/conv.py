@@ -50,7 +50,41 @@ def check_input(x, channels: Optional[int], layer: nn.Module) -> None:
         )
 
 
-class SparseConvolution(SparseModule):
+VOXEL_COUNT_BUFFER = "max_num_voxels_during_training"
+
+
+class RecordsVoxelCount(SparseModule):
+    """spconv's ``record_voxel_count``: a strided conv or pool with it keeps the largest output
+    site count seen in eager training in the buffer ``max_num_voxels_during_training``, so
+    spconv checkpoints that hold the buffer load strictly. A checkpoint without it loads too
+    (the count starts at 0), as with spconv."""
+
+    def _init_voxel_count(self, record_voxel_count: bool, device=None) -> None:
+        self.record_voxel_count = record_voxel_count
+        if record_voxel_count and not self.subm and not getattr(self, "inverse", False):
+            self.register_buffer(VOXEL_COUNT_BUFFER, torch.zeros(1, dtype=torch.int32,
+                                                                 device=device))
+
+    def get_max_num_voxels(self) -> Optional[torch.Tensor]:
+        """The largest output site count seen in training (``record_voxel_count=True``), else
+        None (spconv API)."""
+        return getattr(self, VOXEL_COUNT_BUFFER, None)
+
+    def _record_voxel_count(self, count: int) -> None:
+        buffer = self.get_max_num_voxels()
+        if buffer is not None and self.training and not torch.compiler.is_compiling():
+            buffer.fill_(max(int(buffer), count))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        buffer = self.get_max_num_voxels()
+        if buffer is not None and prefix + VOXEL_COUNT_BUFFER not in state_dict:
+            state_dict[prefix + VOXEL_COUNT_BUFFER] = torch.zeros_like(buffer)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+class SparseConvolution(RecordsVoxelCount):
     """Common base of every sparse conv layer.
 
     The weight is stored as ``[out_channels, *kernel_size, in_channels]`` (spconv >= 2.2), so
@@ -139,7 +173,6 @@ class SparseConvolution(SparseModule):
         self.indice_key = indice_key
         self.algo = algo
         self.fp32_accum = fp32_accum
-        self.record_voxel_count = record_voxel_count
         self.act_type = act_type
         self.act_alpha = act_alpha
         self.act_beta = act_beta
@@ -152,18 +185,8 @@ class SparseConvolution(SparseModule):
             torch.empty(out_channels, *self.kernel_size, in_channels, **factory)
         )
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
-        if record_voxel_count and not subm and not inverse:
-            # spconv keeps the largest output site count seen in this buffer; registering it
-            # lets such checkpoints load with strict=True.
-            self.register_buffer(
-                "max_num_voxels_during_training", torch.zeros(1, dtype=torch.int32, device=device)
-            )
+        self._init_voxel_count(record_voxel_count, device)
         self.reset_parameters()
-
-    def get_max_num_voxels(self) -> Optional[torch.Tensor]:
-        """The largest output site count seen in training (``record_voxel_count=True``), else
-        None (spconv API)."""
-        return getattr(self, "max_num_voxels_during_training", None)
 
     def reset_parameters(self) -> None:
         # nn.ConvNd's default (kaiming_uniform with a=sqrt(5)), with the fan-in of this layout.
@@ -257,9 +280,7 @@ class SparseConvolution(SparseModule):
             # In the conv's dtype: under torch.autocast the conv runs in float16 / bfloat16 and
             # its output stays so, as an in-place add would keep it (spconv's).
             features = features + self.bias.to(features.dtype)
-        buffer = getattr(self, "max_num_voxels_during_training", None)
-        if buffer is not None and self.training and not torch.compiler.is_compiling():
-            buffer.fill_(max(int(buffer), out_indices.shape[0]))
+        self._record_voxel_count(out_indices.shape[0])
         out = x.shadow_copy()
         # The inverse conv reads the map under its key and makes none.
         out.indice_dict = output_maps(x, self.indice_key, None if self.inverse else kmap)

@@ -10,11 +10,11 @@ from torch import Tensor
 from .. import ops
 from ..kernel_map import conv_map, expand_nd, output_maps
 from ..tensor import SparseConvTensor, check_sites
-from .conv import check_input
+from .conv import RecordsVoxelCount, check_input
 from .modules import SparseModule
 
 
-class SparsePool(SparseModule):
+class SparsePool(RecordsVoxelCount):
     """Base of the windowed pools. Output sites are those of a conv with the same window;
     ``stride=None`` means ``stride=kernel_size`` (the default of the N-d classes; spconv's
     base classes default to 1, as here). The map is cached under ``indice_key`` so an inverse
@@ -42,7 +42,7 @@ class SparsePool(SparseModule):
         self.indice_key = indice_key
         self.subm = subm
         self.algo = algo
-        self.record_voxel_count = record_voxel_count
+        self._init_voxel_count(record_voxel_count)
 
     def extra_repr(self) -> str:
         return (f"kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -59,6 +59,7 @@ class SparsePool(SparseModule):
             counts = (kmap.nbr >= 0).sum(dim=1, keepdim=True).to(x.features.dtype)
             features = ops.sparse_sum_pool(x.features, kmap.nbr, kmap.nbr_t,
                                            check_tables=False) / counts
+        self._record_voxel_count(kmap.out_indices.shape[0])
         out = x.shadow_copy()
         out.indice_dict = output_maps(x, self.indice_key, kmap)
         out.indices = kmap.out_indices
