@@ -457,6 +457,7 @@ def test_bad_points_raise(points, error, name):
         (dict(voxel_size=[0.1, 0.0, 0.1]), "voxel_size"),
         (dict(range_min=[0.0, float("inf"), 0.0]), "range_min"),
         (dict(grid_size=[10, 0, 10]), "grid_size"),
+        (dict(grid_size=[10, 20, 0]), r"grid_size must be positive, got \[10, 20, 0\]"),  # x, y, z
         (dict(grid_size=[2**31, 1, 1]), "grid_size"),
         (dict(grid_size=[2**30, 2**30, 2**30]), "grid_size"),
         (dict(grid_size=[10, 10]), "same length"),

@@ -42,7 +42,10 @@ inline VoxelGrid make_voxel_grid(c10::ArrayRef<double> voxel_size,
                         static_cast<int>(grid_size.size()) == g.ndim,
                     "voxel_size ", voxel_size, ", range_min ", range_min, " and grid_size ",
                     grid_size, " must have the same length");
-  // make_grid checks sizes >= 1 and that keys of the volume fit (< 2^62).
+  for (const int64_t cells : grid_size) {
+    TORCH_CHECK_VALUE(cells >= 1, "grid_size must be positive, got ", grid_size);
+  }
+  // make_grid checks that keys of the volume fit (< 2^62).
   const std::vector<int64_t> shape_zyx(grid_size.rbegin(), grid_size.rend());
   make_grid(shape_zyx, 1, "grid_size (z, y, x)");
   int64_t stride = 1;
