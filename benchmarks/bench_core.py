@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from arguments import non_negative_int, positive_int, thread_counts
 from common import (
     SPCONV_VERSION,
     Case,
@@ -213,16 +214,14 @@ def main() -> None:
         description="Time spconv_lite's kernel maps and convs on a KITTI frame (vs spconv).")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
                         help=f"KITTI .bin point cloud (default: {DEFAULT_DATA})")
-    parser.add_argument("--repeats", type=int, default=30, help="timed runs per case")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed runs first")
-    parser.add_argument("--threads", default="1,2",
+    parser.add_argument("--repeats", type=positive_int, default=30, help="timed runs per case")
+    parser.add_argument("--warmup", type=non_negative_int, default=3, help="untimed runs first")
+    parser.add_argument("--threads", type=thread_counts, default="1,2",
                         help="comma-separated torch thread counts for ours (spconv: 1 only)")
     parser.add_argument("--no-spconv", action="store_true", help="skip the spconv baseline")
     parser.add_argument("--json", type=Path, default=None, help="write results as JSON here")
     args = parser.parse_args()
-    threads = [int(t) for t in args.threads.split(",") if t.strip()]
-    if args.repeats < 1 or args.warmup < 0 or not threads or min(threads) < 1:
-        parser.error("need --repeats >= 1, --warmup >= 0 and thread counts >= 1")
+    threads = args.threads
     use_spconv = spconv_torch is not None and not args.no_spconv
 
     features, indices, shape = load_voxels(args.data)

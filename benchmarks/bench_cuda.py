@@ -73,6 +73,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common, bench_networks when imported
+from arguments import non_negative_int, positive_int  # noqa: E402
 from bench_networks import spconv_benchmark_net  # noqa: E402
 from common import time_alternating  # noqa: E402
 
@@ -1002,8 +1003,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--libs", default=",".join(LIBRARIES),
                         help="libraries to run (one that does not import is reported as skipped)")
     parser.add_argument("--dtypes", default="float32,float16", help="feature / weight dtypes")
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls per library")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first")
+    parser.add_argument("--repeats", type=positive_int, default=10, help="timed calls per library")
+    parser.add_argument("--warmup", type=non_negative_int, default=3, help="untimed calls first")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: a dry run of the script, not a measurement")
     parser.add_argument("--quick", action="store_true",

@@ -29,7 +29,13 @@ import time
 from pathlib import Path
 
 import torch
-from common import DATA_DIR, cpu_name, fmt, time_alternating
+from arguments import non_negative_int, positive_int, thread_counts
+from common import (
+    DATA_DIR,
+    cpu_name,
+    fmt,
+    time_alternating,
+)
 
 import spconv_lite as sp
 from spconv_lite.export import BEVBackbone, export_model, load_package
@@ -41,9 +47,10 @@ FRAME = "kitti_object_training_000000.bin"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=thread_counts, default="1,2",
+                        help="comma-separated thread counts")
+    parser.add_argument("--repeats", type=positive_int, default=20)
+    parser.add_argument("--warmup", type=non_negative_int, default=3)
     parser.add_argument("--data", type=Path, default=DATA_DIR, help="folder of the frames")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -78,7 +85,7 @@ def main() -> None:
     print(f"  {'threads':>7} {'what':<8} {'median ms [IQR] (min-max)':<40} {'ratio':>6}")
     results = []
     with torch.no_grad():
-        for threads in (int(t) for t in args.threads.split(",")):
+        for threads in args.threads:
             torch.set_num_threads(threads)
             want, got = eager(), packaged()
             error = float((got - want).abs().max() / want.abs().max())

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from arguments import positive_int, thread_counts
 from bench_networks import BUILDERS, leaf_modules, load_input
 from common import DATA_DIR, cpu_name
 
@@ -119,11 +120,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nets", default="second,spconv")
     parser.add_argument("--data", type=Path, default=DATA_DIR)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--threads", type=thread_counts, default="1,2")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    threads = [int(t) for t in args.threads.split(",")]
+    threads = args.threads
     print(f"spconv_lite {spconv_lite.__version__} | torch {torch.__version__} | {cpu_name()}")
     results = []
     for name in [n for n in args.nets.split(",") if n]:

@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from arguments import positive_int
 from bench_networks import load_input
 from common import DATA_DIR
 
@@ -43,8 +44,8 @@ def timed(name: str, fn):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=positive_int, default=20)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--data", type=Path, default=DATA_DIR)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -38,7 +38,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import DATA_DIR, SPCONV_VERSION, cpu_name, spconv_torch, time_alternating
+from arguments import non_negative_int, positive_int, thread_counts
+from common import (
+    DATA_DIR,
+    SPCONV_VERSION,
+    cpu_name,
+    spconv_torch,
+    time_alternating,
+)
 from torch import nn
 
 import spconv_lite
@@ -295,14 +302,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nets", default="second,spconv")
     parser.add_argument("--data", type=Path, default=DATA_DIR, help="folder of the LiDAR frames")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--repeats", type=positive_int, default=10)
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
+    parser.add_argument("--threads", type=thread_counts, default="1,2")
     parser.add_argument("--no-spconv", action="store_true")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    threads = [int(t) for t in args.threads.split(",")]
+    threads = args.threads
     nets = [n for n in args.nets.split(",") if n]
     unknown = [n for n in nets if n not in BUILDERS]
     if unknown:

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from arguments import non_negative_int, positive_int, thread_counts
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -149,9 +150,9 @@ def measure_memory(impl: str, grid: str, data: Path, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=200)
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--repeats", type=positive_int, default=200)
+    parser.add_argument("--warmup", type=non_negative_int, default=20)
+    parser.add_argument("--threads", type=thread_counts, default="1,2")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--no-memory", action="store_true")
@@ -190,13 +191,12 @@ def main() -> None:
     # more take the op's multi-threaded passes.
     copies = [points + torch.tensor([0.0173 * k, -0.0311 * k, 0.007 * k, 0.0]) for k in range(10)]
     inputs = {"frame": points, "frame x10": torch.cat(copies)}
-    for (name, cloud), threads in itertools.product(inputs.items(), args.threads.split(",")):
-        threads = int(threads)
+    for (name, cloud), threads in itertools.product(inputs.items(), args.threads):
         r = time_alternating(cloud, threads, args.repeats, args.warmup)
         r["input"] = f"{name} ({len(cloud):,} points)"
         report["timing"].append(r)
         o, s = r["ours_ms"], r["spconv_ms"]
-        if threads == int(args.threads.split(",")[0]):
+        if threads == args.threads[0]:
             print(r["input"])
         print(f"{threads:>7}  {o['median']:7.3f} ({o['min']:.2f}-{o['max']:.2f}, {o['iqr']:.2f})"
               f"{'':>4}  {s['median']:7.3f} ({s['min']:.2f}-{s['max']:.2f}, {s['iqr']:.2f})"
