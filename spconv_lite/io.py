@@ -310,6 +310,10 @@ class _Header:
     point_values: Optional[int]  # numbers of a point in an ascii file (None: not known)
     rows_before: int = 0  # PLY: rows of the elements stored before the vertices
     bytes_before: Optional[int] = 0  # their bytes (None: a list property makes it vary)
+    # Binary PLY with list properties up to the points: (rows, properties) of those elements,
+    # a property as (bytes of a list's length or 0, bytes of a value); None otherwise.
+    ply_rows: Optional[list[tuple[int, list[tuple[int, int]]]]] = None
+    big_endian: bool = False
 
 
 def _read_header(path: Path) -> _Header:
@@ -317,7 +321,8 @@ def _read_header(path: Path) -> _Header:
     header (``format``, the elements and their ``property`` lines) up to its end."""
     fields: list[str] = []
     pcd: dict[str, list[str]] = {}
-    ply_format, vertex, elements = "", None, []  # PLY: [count, row bytes, row numbers]
+    # PLY: [count, row bytes, row numbers, properties as (list length bytes or 0, value bytes)]
+    ply_format, vertex, elements = "", None, []
     offset = 0
 
     def malformed(line: str, why: str) -> ValueError:
@@ -348,7 +353,7 @@ def _read_header(path: Path) -> _Header:
             if words[0] == "element":  # PLY
                 if len(words) != 3:
                     raise malformed(line, "expected 'element NAME COUNT'")
-                elements.append([number(words[2], line), 0, 0])
+                elements.append([number(words[2], line), 0, 0, []])
                 if words[1] == "vertex" and vertex is None:
                     vertex = len(elements) - 1
             elif words[0] == "property":
@@ -357,6 +362,8 @@ def _read_header(path: Path) -> _Header:
                 element, size = elements[-1], _PLY_TYPE_BYTES.get(words[1])
                 element[1] = None if element[1] is None or size is None else element[1] + size
                 element[2] = None if element[2] is None or words[1] == "list" else element[2] + 1
+                element[3].append((_PLY_TYPE_BYTES.get(words[2]), _PLY_TYPE_BYTES.get(words[3]))
+                                  if words[1] == "list" else (0, size))
                 if len(elements) - 1 == vertex and words[1] != "list":
                     fields.append(words[-1])
             elif words[0] == "format" and len(words) > 1:
@@ -374,18 +381,51 @@ def _read_header(path: Path) -> _Header:
 
 def _ply_header(elements: list, vertex: Optional[int], fields: list[str], ply_format: str,
                 offset: int) -> _Header:
-    """The header of a PLY file from its elements ([count, row bytes, row numbers], None where
-    a list property makes them vary) and which of them holds the points."""
+    """The header of a PLY file from its elements ([count, row bytes, row numbers,
+    properties], None where a list property makes them vary) and which of them holds the
+    points."""
     if vertex is None:
         return _Header([], -1, "ascii", offset, None, None)
     before = elements[:vertex]
     lists_before = any(e[1] is None for e in before)
-    count, point_bytes, point_values = elements[vertex]
-    return _Header(
+    count, point_bytes, point_values, _ = elements[vertex]
+    header = _Header(
         fields, count, "ascii" if ply_format == "ascii" else "binary", offset, point_bytes,
         point_values, rows_before=sum(e[0] for e in before),
         bytes_before=None if lists_before else sum(e[0] * e[1] for e in before),
+        big_endian=ply_format == "binary_big_endian",
     )
+    properties = [p for e in elements[: vertex + 1] for p in e[3]]
+    known = all(None not in p for p in properties)
+    if header.encoding == "binary" and (lists_before or point_bytes is None) and known:
+        header.ply_rows = [(e[0], e[3]) for e in elements[: vertex + 1]]
+    return header
+
+
+def _ply_list_rows_bytes(path: Path, header: _Header, limit: int) -> int:
+    """Bytes from the end of a binary PLY's header to the end of its points when list
+    properties make rows vary: reads each list's length from the file. Stops once past
+    ``limit`` (the bytes there are) and then returns a number above it."""
+    assert header.ply_rows is not None
+    order = "big" if header.big_endian else "little"
+    position = 0
+    with open(path, "rb") as f:
+        for rows, properties in header.ply_rows:
+            if all(length_bytes == 0 for length_bytes, _ in properties):
+                position += rows * sum(size for _, size in properties)
+                continue
+            for _ in range(rows):
+                for length_bytes, size in properties:
+                    if length_bytes:
+                        f.seek(header.data_offset + position)
+                        raw = f.read(length_bytes)
+                        if len(raw) < length_bytes:
+                            return limit + 1
+                        position += int.from_bytes(raw, order) * size
+                    position += length_bytes or size
+                if position > limit:
+                    return position
+    return position
 
 
 def _pcd_header(pcd: dict[str, list[str]], offset: int, number) -> _Header:
@@ -442,13 +482,15 @@ def _check_complete(path: Path, header: _Header) -> None:
         need = 8 + (struct.unpack("<I", sizes[:4])[0] if len(sizes) == 8 else 0)
     elif header.point_bytes is not None and header.bytes_before is not None:
         need = header.bytes_before + count * header.point_bytes
+    elif header.ply_rows is not None:  # PLY list properties up to the points
+        need = _ply_list_rows_bytes(path, header, path.stat().st_size - header.data_offset)
     else:
-        return  # a PLY list property before the points: their offset is not known
+        return  # a PLY property of an unknown type: the points' offset is not known
     have = path.stat().st_size - header.data_offset
     if have < need:
         raise ValueError(
-            f"{str(path)!r} is cut short: its header declares {count} points ({need} bytes of "
-            f"{header.encoding} data) but {have} bytes follow it"
+            f"{str(path)!r} is cut short: its header declares {count} points (at least {need} "
+            f"bytes of {header.encoding} data) but {have} bytes follow it"
         )
 
 

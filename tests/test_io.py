@@ -3,6 +3,8 @@ byte by byte (so the expected values are known exactly), and bad files."""
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 from lidar_frames import data_file, require_open3d
@@ -167,6 +169,20 @@ def write_compressed_pcd(path, points: np.ndarray) -> None:
     assert o3d.t.io.write_point_cloud(str(path), cloud, write_ascii=False, compressed=True)
 
 
+def write_ply_after_faces(path, points: np.ndarray, big_endian: bool = False) -> None:
+    """A binary PLY whose faces (a list property, rows of varying length) come before its
+    vertices, so the points' offset is known only by reading each face's length."""
+    order = ">" if big_endian else "<"
+    header = (f"ply\nformat binary_{'big' if big_endian else 'little'}_endian 1.0\n"
+              "element face 2\nproperty list uchar int vertex_indices\nproperty float quality\n"
+              f"element vertex {len(points)}\n"
+              + "".join(f"property float {f}\n" for f in ["x", "y", "z", "intensity"])
+              + "end_header\n")
+    faces = (struct.pack(f"{order}B3if", 3, 0, 1, 2, 0.5)
+             + struct.pack(f"{order}B4if", 4, 0, 1, 2, 3, 0.25))
+    path.write_bytes(header.encode() + faces + points.astype(f"{order}f4").tobytes())
+
+
 @pytest.mark.parametrize("name, write, cut", [
     ("ascii.ply", write_ascii, 10),  # part of the last row
     ("ascii.ply", write_ascii, 16),  # the whole last row
@@ -174,6 +190,8 @@ def write_compressed_pcd(path, points: np.ndarray) -> None:
     ("binary.ply", lambda p, pts: write_ply(p, ["x", "y", "z", "intensity"], pts), 1),
     ("binary.pcd", lambda p, pts: write_pcd(p, ["x", "y", "z", "intensity"], pts), 16),
     ("compressed.pcd", write_compressed_pcd, 1),
+    ("faces.ply", write_ply_after_faces, 20),  # less than the faces' list values
+    ("faces.ply", lambda p, pts: write_ply_after_faces(p, pts, big_endian=True), 4),
 ])  # fmt: skip
 def test_pcd_ply_cut_short(tmp_path, name, write, cut):
     """open3d returns the declared number of points from a file cut short (the missing ones hold
