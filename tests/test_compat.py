@@ -416,3 +416,37 @@ def test_require_fails_under_ci(monkeypatch):
     monkeypatch.setenv("CI", "")
     with pytest.raises(pytest.skip.Exception):
         require(False, "optional")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: spconv.SparseConv3d(3, 5, 1),
+    lambda: spconv.SparseConvTranspose3d(3, 5, 1),
+    lambda: spconv.SubMConv3d(3, 5, 1),
+], ids=["conv", "transposed", "subm"])
+def test_1x1_layer_keeps_input_rows_and_ignores_its_key(make):
+    # spconv 2.x runs a 1x1 layer as one product on the input's rows: the output holds the
+    # input's indices in their order (residuals written on features rely on it), and the
+    # layer's indice_key is neither read nor written, so it may be shared with other layers.
+    features, indices, shape, batch = _input()
+    shuffled = torch.randperm(len(indices), generator=torch.Generator().manual_seed(0))
+    x = spconv.SparseConvTensor(features[shuffled], indices[shuffled], shape, batch)
+    layer = make()
+    y = layer(x)
+    assert y.indices is x.indices and y.spatial_shape == shape
+    weight = layer.weight.detach().reshape(3, 5)  # spconv's 1x1 reading of [C_out, 1, 1, 1, C_in]
+    torch.testing.assert_close(y.features, x.features @ weight + layer.bias.detach())
+    # The same key on a 3x3 layer before and after, as TRELLIS's skip connections use it.
+    net = spconv.SparseSequential(spconv.SubMConv3d(3, 3, 3, indice_key="res"),
+                                  type(layer)(3, 3, 1, indice_key="res"),
+                                  spconv.SubMConv3d(3, 3, 3, indice_key="res"))
+    out = net(x)
+    assert out.indices is x.indices and "res" in out.indice_dict
+
+
+def test_padded_1x1_conv_moves_its_sites():
+    # With padding, a 1x1 conv is not a product on the input's rows: its sites shift.
+    features, indices, shape, batch = _input()
+    y = spconv.SparseConv3d(3, 5, 1, padding=1)(spconv.SparseConvTensor(features, indices,
+                                                                          shape, batch))
+    assert y.spatial_shape == [s + 2 for s in shape]
+    assert torch.equal(y.indices[:, 1:].sort(0).values, (indices[:, 1:] + 1).sort(0).values)

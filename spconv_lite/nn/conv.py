@@ -263,6 +263,16 @@ class SparseConvolution(RecordsVoxelCount):
             # Run the stored map backwards: its inputs become our outputs.
             nbr, nbr_t = kmap.nbr_t, kmap.nbr
             out_indices, out_shape = kmap.in_indices, kmap.in_spatial_shape
+        elif self.conv1x1 and (self.subm or not any(self.padding)):
+            # spconv 2.x runs a 1x1 layer as one product on the input's own rows, without a map:
+            # the output keeps x's indices (its row order too: client code adds it to x's
+            # features) and the layer neither reads nor stores a map under its indice_key. An
+            # identity table runs that product on the conv kernels.
+            kmap = None
+            nbr = torch.arange(x.features.shape[0], dtype=torch.int32,
+                               device=x.features.device).unsqueeze(1)
+            nbr_t = nbr
+            out_indices, out_shape = x.indices, x.spatial_shape
         else:
             if self.subm:
                 kmap = subm_map(x, self.kernel_size, self.dilation, self.indice_key)
@@ -273,7 +283,7 @@ class SparseConvolution(RecordsVoxelCount):
                 )
             nbr, nbr_t = kmap.nbr, kmap.nbr_t
             out_indices, out_shape = kmap.out_indices, kmap.out_spatial_shape
-        order, order_t = row_orders(kmap, self.inverse)
+        order, order_t = (None, None) if kmap is None else row_orders(kmap, self.inverse)
         features = ops.sparse_conv(in_features, self.kernel_weight(), nbr, nbr_t, order=order,
                                    order_t=order_t, check_tables=False)
         if self.bias is not None:
