@@ -150,8 +150,17 @@ def export_model(
             "the model is in training mode: call model.eval() first (the package is for "
             "inference; BatchNorm must use its running statistics)"
         )
+    entries = {**_grid_metadata(example, voxelizer), **(metadata or {})}
+    bad = [k for k, v in entries.items() if not (isinstance(k, str) and isinstance(v, str))]
+    if bad:
+        raise TypeError(f"metadata keys and values must be strings, got {bad}")
     wrapper = SparseInputModel(model, example.spatial_shape, example.batch_size).eval()
     features, indices = example.features.detach(), example.indices
+    with torch.no_grad():
+        # Eagerly first: an example the model cannot take (another dtype, channel count or
+        # device) raises here as the layer names it, rather than as a tracing failure or as a
+        # package that takes nothing.
+        wrapper(features, indices)
     sites = torch.export.Dim("num_sites", min=1)
     try:
         program = torch.export.export(
@@ -172,10 +181,6 @@ def export_model(
         raise ExportError(f"{cause}. torch.export says: {type(exc).__name__}: {reason}") from exc
     _check_no_frozen_tensors(program)
 
-    entries = {**_grid_metadata(example, voxelizer), **(metadata or {})}
-    bad = [k for k, v in entries.items() if not (isinstance(k, str) and isinstance(v, str))]
-    if bad:
-        raise TypeError(f"metadata keys and values must be strings, got {bad}")
     path = Path(package_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.pt2")
@@ -217,6 +222,12 @@ def _grid_metadata(example: SparseConvTensor, voxelizer: Optional[PointToVoxel])
             raise ValueError(
                 f"the voxelizer's grid (z, y, x) {grid.spatial_shape} does not fit the "
                 f"example's spatial_shape {example.spatial_shape}"
+            )
+        if voxelizer.num_point_features != example.features.shape[1]:
+            # The C++ example feeds each voxel the mean of its points' features.
+            raise ValueError(
+                f"the voxelizer's num_point_features {voxelizer.num_point_features} differs "
+                f"from the example's input channels {example.features.shape[1]}"
             )
         entries.update(
             voxel_size=grid.voxel_size,

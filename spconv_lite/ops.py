@@ -359,6 +359,9 @@ def _build_conv_map_fake(
 @torch.library.register_fake("spconv_lite::sparse_conv")
 def _sparse_conv_fake(features, weight, nbr, nbr_t, order=None, order_t=None):
     torch._check(weight.dim() == 3 and weight.shape[1] == features.shape[1])
+    # As the kernels check: a traced graph of another dtype would size its buffers wrongly.
+    torch._check_type(weight.dtype == features.dtype, lambda: (
+        f"weight dtype {weight.dtype} must match features dtype {features.dtype}"))
     return features.new_empty((nbr.shape[0], weight.shape[2]))
 
 
@@ -369,6 +372,8 @@ def _conv_row_order_fake(nbr, splits):
 
 @torch.library.register_fake("spconv_lite::sparse_conv_weight_grad")
 def _sparse_conv_weight_grad_fake(features, grad_out, nbr):
+    torch._check_type(grad_out.dtype == features.dtype, lambda: (
+        f"grad_out dtype {grad_out.dtype} must match features dtype {features.dtype}"))
     return features.new_empty((nbr.shape[1], features.shape[1], grad_out.shape[1]))
 
 

@@ -222,6 +222,38 @@ def test_example_of_fewer_than_two_sites_is_refused(sites, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_example_the_model_cannot_take_is_refused_before_tracing(tmp_path):
+    # A float64 example for a float32 model was traced as a float64 graph and packaged: the
+    # package then corrupted the heap on float32 inputs. Now the eager error comes first.
+    example = small_example()
+    example = example.replace_feature(example.features.double())
+    with pytest.raises(TypeError, match="weight dtype Float must match features dtype Double"):
+        export_model(SmallNet().eval(), example, tmp_path / "never.pt2")
+    assert not list(tmp_path.iterdir())
+
+
+def test_tracing_refuses_a_weight_of_another_dtype():
+    # The fake kernel checks the dtypes as the real one does, so no graph of another dtype is
+    # traced past it (torch.export alone, without export_model's eager call).
+    conv = sp.SubMConv3d(4, 8, 3).eval()
+    example = small_example()
+    model = sp.export.SparseInputModel(conv, example.spatial_shape, 1)
+    with pytest.raises(Exception, match="weight dtype torch.float32 must match features dtype "
+                                        "torch.float64"):
+        torch.export.export(model, (example.features.double(), example.indices))
+
+
+def test_voxelizer_with_another_feature_count_is_refused(tmp_path):
+    voxelizer = sp.PointToVoxel(vsize_xyz=[1.0, 1.0, 1.0], coors_range_xyz=[0, 0, 0, 10, 9, 8],
+                                num_point_features=5, max_num_voxels=100,
+                                max_num_points_per_voxel=4)
+    with pytest.raises(ValueError, match="num_point_features 5 differs from the example's "
+                                         "input channels 4"):
+        export_model(SmallNet().eval(), small_example(), tmp_path / "never.pt2",
+                     voxelizer=voxelizer)
+    assert not list(tmp_path.iterdir())
+
+
 # ---------------------------------------------------------------------------------------------
 # C++: the operator library and examples/cpp, built with CMake against the installed torch.
 
