@@ -171,7 +171,14 @@ def export_model(
     except Exception as exc:  # noqa: BLE001  (torch.export raises many kinds; name the reason)
         reason = " ".join(str(exc).split())[:2000]
         cause = "torch.export could not trace the model with a dynamic site count"
-        if "specialized it to be a constant" in reason:
+        if "data-dependent expression" in reason:
+            cause = (
+                "the model branches in Python on a value computed from the input's data, which "
+                "a package cannot do (spconv_lite.functional.sparse_add / AddTableMisaligned "
+                "do: the row order of their result depends on the sites; add tensors on the "
+                "same sites with x + y or AddTable instead)"
+            )
+        elif "specialized it to be a constant" in reason:
             cause = (
                 f"the model fixes the number of sites to the example's {features.shape[0]}, so "
                 "the package would accept no other cloud (common causes: a kernel map kept "

@@ -16,6 +16,10 @@ def sparse_add(*tensors: SparseConvTensor) -> SparseConvTensor:
     layers can still reuse its kernel maps. Otherwise rows are sorted by (batch, z, y, x) and
     ``indice_dict`` starts empty, as in spconv.
 
+    Which of the two happens depends on the sites, so ``torch.compile`` ends its graph here
+    (and runs this in Python); ``fullgraph=True`` and ``torch.export`` cannot trace it. Tensors
+    on the same sites in the same row order add with ``x + y`` or ``AddTable``, which trace.
+
     Args:
         *tensors: at least one ``SparseConvTensor``, all with the same ``spatial_shape``,
             ``batch_size`` and channel count.

@@ -191,6 +191,16 @@ class ReadsPlainTensor(nn.Module):
         return x.features * self.scale
 
 
+class AddsOtherSites(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.subm = sp.SubMConv3d(4, 8, 3)
+        self.conv = sp.SparseConv3d(4, 8, 3, padding=1)
+
+    def forward(self, x):
+        return sp.functional.sparse_add(self.subm(x), self.conv(x)).features
+
+
 def _warmed(model: nn.Module) -> nn.Module:
     model.eval()(small_example())  # a first eager call, as a user would have made
     return model
@@ -203,8 +213,11 @@ def _warmed(model: nn.Module) -> nn.Module:
         (lambda: _warmed(KeepsKernelMaps()), r"fixes the number of sites to the example's 60"),
         (lambda: ReadsPlainTensor().eval(), r"not inputs, parameters or buffers: \['model\.scale"),
         (lambda: SmallNet().train(), r"training mode"),
+        (lambda: AddsOtherSites().eval(), r"branches in Python on a value computed from the "
+                                          r"input's data.*sparse_add"),
     ],
-    ids=["dict_output", "kernel_maps_kept_across_calls", "plain_tensor_attribute", "training"],
+    ids=["dict_output", "kernel_maps_kept_across_calls", "plain_tensor_attribute", "training",
+         "sparse_add"],
 )
 def test_unexportable_model_fails_at_export(make_model, message, tmp_path):
     with pytest.raises(ExportError, match=message):
