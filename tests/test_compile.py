@@ -200,6 +200,17 @@ def test_batchnorm_after_strided_conv_compiles(mode, device):
         assert_same_sparse(e, c)
 
 
+def test_compiled_batchnorm_on_an_empty_input_names_the_need():
+    net = sp.SparseSequential(sp.SubMConv3d(3, 4, 3), nn.BatchNorm1d(4)).eval()
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    empty = sp.SparseConvTensor(torch.zeros(0, 3), torch.zeros(0, 4, dtype=torch.int32), SHAPE,
+                                BATCH)
+    with pytest.raises(Exception, match=r"BatchNorm1d in a compiled or exported "
+                                        r"SparseSequential needs at least 1 site\(s\)"):
+        compiled(empty)
+    assert net(empty).features.shape == (0, 4)  # eager takes it
+
+
 class _ExportWrapper(nn.Module):
     """torch.export needs tensors in and out: build the sparse tensor inside."""
 

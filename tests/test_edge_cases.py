@@ -13,6 +13,7 @@ import itertools
 
 import pytest
 import torch
+from torch import nn
 from helpers import (
     DEVICES,
     TOL,
@@ -135,6 +136,22 @@ def test_zero_active_sites(kind, ndim, device):
     assert features.grad.shape == (0, 3)
     for p in layer.parameters():
         assert p.grad is not None and p.grad.shape == p.shape and not p.grad.any()
+
+
+def test_empty_input_skips_batchnorm_in_sparse_sequential():
+    # As spconv: a training BatchNorm does not count an empty batch (with momentum=None its
+    # running statistics are the mean over the batches counted).
+    norm = nn.BatchNorm1d(3, momentum=None)
+    net = sp.SparseSequential(norm, nn.Linear(3, 5)).train()
+    full = sp.SparseConvTensor(torch.arange(6.0).view(2, 3),
+                               torch.tensor([[0, 1, 1, 1], [0, 2, 2, 2]], dtype=torch.int32),
+                               [4, 4, 4], 1)
+    empty = sp.SparseConvTensor(torch.zeros(0, 3), torch.zeros(0, 4, dtype=torch.int32),
+                                [4, 4, 4], 1)
+    net(full)
+    assert net(empty).features.shape == (0, 5)  # other modules still apply (Linear: 3 -> 5)
+    assert int(norm.num_batches_tracked) == 1
+    torch.testing.assert_close(norm.running_mean, torch.tensor([1.5, 2.5, 3.5]))
 
 
 @pytest.mark.parametrize("device", DEVICES)

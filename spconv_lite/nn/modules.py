@@ -71,7 +71,13 @@ class SparseSequential(SparseModule):
                 # The row count after a strided conv is data dependent, and batch_norm branches
                 # on it (numel == 0; one row in training). Promise the tracer a usable count; an
                 # input without enough sites then fails a runtime check instead of a trace.
-                torch._check(x.features.shape[0] > (1 if module.training else 0))
+                # (Later norms outside a SparseSequential, e.g. in residual blocks, rely on it.)
+                fewest = 2 if module.training else 1
+                need = (f"{type(module).__name__} in a compiled or exported SparseSequential "
+                        f"needs at least {fewest} site(s)")
+                torch._check(x.features.shape[0] >= fewest, lambda: need)
+            elif is_norm and x.features.shape[0] == 0:
+                continue  # as spconv: an empty input leaves the norm's batch count as it was
             x = x.replace_feature(module(x.features))
         return x
 
