@@ -13,7 +13,6 @@ import itertools
 
 import pytest
 import torch
-from torch import nn
 from helpers import (
     DEVICES,
     TOL,
@@ -32,6 +31,7 @@ from helpers import (
     run_on,
     sparse_tensor,
 )
+from torch import nn
 
 import spconv_lite as sp
 from spconv_lite import ops
