@@ -450,3 +450,17 @@ def test_padded_1x1_conv_moves_its_sites():
                                                                           shape, batch))
     assert y.spatial_shape == [s + 2 for s in shape]
     assert torch.equal(y.indices[:, 1:].sort(0).values, (indices[:, 1:] + 1).sort(0).values)
+
+
+def test_spconv_keyword_and_small_api_names():
+    # Client code may pass forward's argument by spconv's name, and reads these attributes.
+    features, indices, shape, batch = _input()
+    x = spconv.SparseConvTensor(features, indices, shape, batch)
+    for layer in (spconv.SubMConv3d(3, 4, 3), spconv.SparseMaxPool3d(2),
+                  spconv.SparseGlobalAvgPool(), spconv.SparseSequential(nn.ReLU())):
+        layer(input=x)
+    assert spconv.SubMConv3d(3, 4, 3)._sparse_unique_name == ""
+    assert spconv.ConcatTable(name="branches").name == "branches"
+    assert spconv.modules.is_spconv_module(spconv.SparseBatchNorm(3))
+    assert spconv.modules.is_spconv_module(spconv.SparseReLU())
+    assert not spconv.modules.is_spconv_module(nn.ReLU())

@@ -5,6 +5,7 @@ in train and eval mode, state_dict round trips and the spconv weight layout."""
 from __future__ import annotations
 
 import io
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -232,5 +233,8 @@ def test_sparse_sequential_and_small_modules():
     assert dense.shape == (2, 4, 6, 6, 6) and (dense >= 0).all()
     with pytest.raises(IndexError):
         net[4]
-    with pytest.raises(KeyError, match="dense"):
-        net.add(sp.Identity(), name="dense")
+    net.add(sp.Identity(), name="dense")  # a name it has replaces that module, as spconv's
+    assert len(net) == 4 and isinstance(net[-1], sp.Identity)
+    named = sp.SparseSequential(OrderedDict([("1", nn.ReLU())]))
+    with pytest.raises(KeyError, match="'1'"):  # the next free number is taken
+        named.add(nn.ReLU())

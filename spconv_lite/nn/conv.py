@@ -249,36 +249,36 @@ class SparseConvolution(RecordsVoxelCount):
             f"[C_out, *kernel_size, C_in]{hint}"
         )
 
-    def forward(self, x: SparseConvTensor,
+    def forward(self, input: SparseConvTensor,
                 add_input: Optional[SparseConvTensor] = None) -> SparseConvTensor:
         """Runs the conv; ``add_input`` (a tensor on the output sites, as in spconv) is added
         to the result."""
-        check_input(x, self.in_channels, self)
+        check_input(input, self.in_channels, self)
         self._check_weight_shape()
-        in_features = x.features
+        in_features = input.features
         if self.inverse:
-            kmap, rows = inverse_map(x, self.kernel_size, self.indice_key)
-            if rows is not None:  # x holds the conv's output sites in another row order
+            kmap, rows = inverse_map(input, self.kernel_size, self.indice_key)
+            if rows is not None:  # input holds the conv's output sites in another row order
                 in_features = in_features[rows]
             # Run the stored map backwards: its inputs become our outputs.
             nbr, nbr_t = kmap.nbr_t, kmap.nbr
             out_indices, out_shape = kmap.in_indices, kmap.in_spatial_shape
         elif self.conv1x1 and (self.subm or not any(self.padding)):
-            # spconv 2.x runs a 1x1 layer as one product on the input's own rows, without a map:
-            # the output keeps x's indices (its row order too: client code adds it to x's
+            # spconv 2.input runs a 1x1 layer as one product on the input's own rows, without a map:
+            # the output keeps input's indices (its row order too: client code adds it to input's
             # features) and the layer neither reads nor stores a map under its indice_key. An
             # identity table runs that product on the conv kernels.
             kmap = None
-            nbr = torch.arange(x.features.shape[0], dtype=torch.int32,
-                               device=x.features.device).unsqueeze(1)
+            nbr = torch.arange(input.features.shape[0], dtype=torch.int32,
+                               device=input.features.device).unsqueeze(1)
             nbr_t = nbr
-            out_indices, out_shape = x.indices, x.spatial_shape
+            out_indices, out_shape = input.indices, input.spatial_shape
         else:
             if self.subm:
-                kmap = subm_map(x, self.kernel_size, self.dilation, self.indice_key)
+                kmap = subm_map(input, self.kernel_size, self.dilation, self.indice_key)
             else:
                 kmap = conv_map(
-                    x, self.kernel_size, self.stride, self.padding, self.dilation,
+                    input, self.kernel_size, self.stride, self.padding, self.dilation,
                     self.indice_key, self.transposed, self.output_padding,
                 )
             nbr, nbr_t = kmap.nbr, kmap.nbr_t
@@ -291,9 +291,9 @@ class SparseConvolution(RecordsVoxelCount):
             # its output stays so, as an in-place add would keep it (spconv's).
             features = features + self.bias.to(features.dtype)
         self._record_voxel_count(out_indices.shape[0])
-        out = x.shadow_copy()
+        out = input.shadow_copy()
         # The inverse conv reads the map under its key and makes none.
-        out.indice_dict = output_maps(x, self.indice_key, None if self.inverse else kmap)
+        out.indice_dict = output_maps(input, self.indice_key, None if self.inverse else kmap)
         out.indices = out_indices
         out.spatial_shape = list(out_shape)
         if add_input is not None:

@@ -23,6 +23,7 @@ class SparseModule(nn.Module):
     def __init__(self, name: Optional[str] = None) -> None:
         super().__init__()
         self.name = name
+        self._sparse_unique_name = ""  # set by assign_name_for_sparse_modules
 
 
 class SparseSequential(SparseModule):
@@ -56,15 +57,19 @@ class SparseSequential(SparseModule):
         return len(self._modules)
 
     def add(self, module: nn.Module, name: Optional[str] = None) -> None:
-        name = str(len(self._modules)) if name is None else name
-        if name in self._modules:
-            raise KeyError(f"SparseSequential already has a module named {name!r}")
+        """Appends ``module``; a ``name`` the sequence already has replaces that module in its
+        place (as spconv's, and ``add_module``)."""
+        if name is None:
+            name = str(len(self._modules))
+            if name in self._modules:
+                raise KeyError(f"SparseSequential already has a module named {name!r}; pass "
+                               "another name")
         self.add_module(name, module)
 
-    def forward(self, x):
+    def forward(self, input):
         for module in self._modules.values():
-            if isinstance(module, SparseModule) or not isinstance(x, SparseConvTensor):
-                x = module(x)
+            if isinstance(module, SparseModule) or not isinstance(input, SparseConvTensor):
+                input = module(input)
                 continue
             is_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
             if is_norm and torch.compiler.is_compiling():
@@ -75,11 +80,11 @@ class SparseSequential(SparseModule):
                 fewest = 2 if module.training else 1
                 need = (f"{type(module).__name__} in a compiled or exported SparseSequential "
                         f"needs at least {fewest} site(s)")
-                torch._check(x.features.shape[0] >= fewest, lambda: need)
-            elif is_norm and x.features.shape[0] == 0:
+                torch._check(input.features.shape[0] >= fewest, lambda: need)
+            elif is_norm and input.features.shape[0] == 0:
                 continue  # as spconv: an empty input leaves the norm's batch count as it was
-            x = x.replace_feature(module(x.features))
-        return x
+            input = input.replace_feature(module(input.features))
+        return input
 
 
 class ToDense(SparseModule):
@@ -92,8 +97,8 @@ class ToDense(SparseModule):
 class Identity(SparseModule):
     """Returns its input unchanged (sparse or dense)."""
 
-    def forward(self, x):
-        return x
+    def forward(self, input):
+        return input
 
 
 class RemoveGrid(SparseModule):

@@ -48,20 +48,20 @@ class SparsePool(RecordsVoxelCount):
         return (f"kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}")
 
-    def forward(self, x: SparseConvTensor) -> SparseConvTensor:
-        check_input(x, None, self)
-        kmap = conv_map(x, self.kernel_size, self.stride, self.padding, self.dilation,
+    def forward(self, input: SparseConvTensor) -> SparseConvTensor:
+        check_input(input, None, self)
+        kmap = conv_map(input, self.kernel_size, self.stride, self.padding, self.dilation,
                         self.indice_key)
         if self.is_max:
-            features = ops.sparse_max_pool(x.features, kmap.nbr, kmap.nbr_t, check_tables=False)
+            features = ops.sparse_max_pool(input.features, kmap.nbr, kmap.nbr_t, check_tables=False)
         else:
             # Mean over the active inputs of each window (not the kernel volume), as spconv.
-            counts = (kmap.nbr >= 0).sum(dim=1, keepdim=True).to(x.features.dtype)
-            features = ops.sparse_sum_pool(x.features, kmap.nbr, kmap.nbr_t,
+            counts = (kmap.nbr >= 0).sum(dim=1, keepdim=True).to(input.features.dtype)
+            features = ops.sparse_sum_pool(input.features, kmap.nbr, kmap.nbr_t,
                                            check_tables=False) / counts
         self._record_voxel_count(kmap.out_indices.shape[0])
-        out = x.shadow_copy()
-        out.indice_dict = output_maps(x, self.indice_key, kmap)
+        out = input.shadow_copy()
+        out.indice_dict = output_maps(input, self.indice_key, kmap)
         out.indices = kmap.out_indices
         out.spatial_shape = list(kmap.out_spatial_shape)
         out.features = features
@@ -119,14 +119,14 @@ def global_pool(x: SparseConvTensor, is_max: bool) -> Tensor:
 class SparseGlobalMaxPool(SparseModule):
     """Per-batch-item maximum over all active sites: returns dense ``[batch_size, C]``."""
 
-    def forward(self, x: SparseConvTensor) -> Tensor:
-        check_input(x, None, self)
-        return global_pool(x, is_max=True)
+    def forward(self, input: SparseConvTensor) -> Tensor:
+        check_input(input, None, self)
+        return global_pool(input, is_max=True)
 
 
 class SparseGlobalAvgPool(SparseModule):
     """Per-batch-item mean over all active sites: returns dense ``[batch_size, C]``."""
 
-    def forward(self, x: SparseConvTensor) -> Tensor:
-        check_input(x, None, self)
-        return global_pool(x, is_max=False)
+    def forward(self, input: SparseConvTensor) -> Tensor:
+        check_input(input, None, self)
+        return global_pool(input, is_max=False)

@@ -32,38 +32,38 @@ def _check_aligned(inputs: Sequence[SparseConvTensor], name: str, same_channels:
 class JoinTable(SparseModule):
     """Concatenates the features of tensors with the same sites along the channels."""
 
-    def forward(self, inputs: Sequence[SparseConvTensor]) -> SparseConvTensor:
-        _check_aligned(inputs, "JoinTable", same_channels=False)
-        return inputs[0].replace_feature(torch.cat([x.features for x in inputs], dim=1))
+    def forward(self, input: Sequence[SparseConvTensor]) -> SparseConvTensor:
+        _check_aligned(input, "JoinTable", same_channels=False)
+        return input[0].replace_feature(torch.cat([x.features for x in input], dim=1))
 
 
 class AddTable(SparseModule):
     """Sums the features of tensors with the same sites."""
 
-    def forward(self, inputs: Sequence[SparseConvTensor]) -> SparseConvTensor:
-        _check_aligned(inputs, "AddTable", same_channels=True)
-        total = inputs[0].features
-        for x in inputs[1:]:
+    def forward(self, input: Sequence[SparseConvTensor]) -> SparseConvTensor:
+        _check_aligned(input, "AddTable", same_channels=True)
+        total = input[0].features
+        for x in input[1:]:
             total = total + x.features
-        return inputs[0].replace_feature(total)
+        return input[0].replace_feature(total)
 
 
 class AddTableMisaligned(SparseModule):
     """Sums tensors whose sites may differ, on the union of their sites (spconv's name for
     ``functional.sparse_add``)."""
 
-    def forward(self, inputs: Sequence[SparseConvTensor]) -> SparseConvTensor:
-        if len(inputs) == 0:
+    def forward(self, input: Sequence[SparseConvTensor]) -> SparseConvTensor:
+        if len(input) == 0:
             raise ValueError("AddTableMisaligned needs at least one SparseConvTensor, got an "
                              "empty list")
-        return sparse_add(*inputs)
+        return sparse_add(*input)
 
 
 class ConcatTable(SparseModule):
     """Applies each child module to the same input and returns the list of results."""
 
-    def __init__(self, *modules) -> None:
-        super().__init__()
+    def __init__(self, *modules, name=None) -> None:
+        super().__init__(name=name)
         for i, module in enumerate(modules):
             self.add_module(str(i), module)
 
@@ -71,6 +71,6 @@ class ConcatTable(SparseModule):
         self.add_module(str(len(self._modules)), module)
         return self
 
-    def forward(self, x):
-        return [module(x) for module in self._modules.values()]
+    def forward(self, input):
+        return [module(input) for module in self._modules.values()]
 

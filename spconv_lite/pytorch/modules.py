@@ -17,8 +17,9 @@ from ..nn.modules import (
 
 
 def is_spconv_module(module) -> bool:
-    """True for modules that ``SparseSequential`` hands the whole sparse tensor."""
-    return isinstance(module, SparseModule)
+    """spconv's test for modules that take a whole sparse tensor: ``SparseModule``s, and the
+    ``SparseBatchNorm`` / ``SparseReLU`` wrappers, which take one as well as features."""
+    return isinstance(module, (SparseModule, SparseBatchNorm, SparseReLU))
 
 
 def is_sparse_conv(module) -> bool:
