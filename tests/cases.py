@@ -57,6 +57,10 @@ SUBM_CASES = [
     (1, 2, 3, (6, 6, 6), 5, 1),
     (1, 64, 48, (5, 5, 5), 3, 1),
     (2, 2, 3, (4, 4, 5, 4), 3, (1, 1, 2, 1)),
+    # kernels reaching past a thin grid (late encoder stages, BEV-as-3D [1, H, W] grids)
+    (1, 2, 3, (1, 6, 6), 5, 1),
+    (2, 2, 2, (2, 6, 5), 7, 1),
+    (1, 3, 2, (1, 5, 6), 3, (2, 1, 1)),
 ]
 
 # (batch, c_in, c_out, spatial_shape, kernel, stride, padding, dilation, output_padding)
