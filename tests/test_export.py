@@ -350,3 +350,25 @@ def test_cpp_example_gives_the_eager_bev_map(cpp_build, second_package, tmp_path
     sums = re.search(r"sum (\S+), abs max (\S+)", printed)
     assert float(sums[1]) == pytest.approx(float(want.sum()), rel=MAX_RELATIVE_ERROR)
     assert float(sums[2]) == pytest.approx(float(want.abs().max()), rel=MAX_RELATIVE_ERROR)
+
+
+def test_cpp_example_refuses_bad_arguments_with_a_message(cpp_build, second_package, tmp_path):
+    _, _, path = second_package
+    empty, outside = tmp_path / "empty.bin", tmp_path / "outside.bin"
+    empty.write_bytes(b"")
+    np.array([[500.0, 500.0, 500.0, 1.0]], dtype=np.float32).tofile(outside)
+    frame = lidar_file(FRAMES[0])
+    for args, message in [
+        ((empty,), "no point of .*empty.bin \\(0 points\\) lies inside the package's voxel grid"),
+        ((outside,), "no point of .*outside.bin \\(1 points\\) lies inside"),
+        ((tmp_path,), "FRAME .* is not a file"),
+        ((frame, "abc"), "THREADS must be a whole number >= 1, got 'abc'"),
+        ((frame, "0"), "THREADS must be a whole number >= 1, got '0'"),
+        ((frame, "2x"), "THREADS must be a whole number >= 1, got '2x'"),
+    ]:
+        out = tmp_path / "bev.bin"
+        done = subprocess.run([cpp_build["example"], path, args[0], out, *args[1:]],
+                              capture_output=True, text=True)
+        assert done.returncode == 1, (args, done.stderr)
+        assert re.search("run_backbone: error: " + message, done.stderr), done.stderr
+        assert not out.exists()

@@ -22,6 +22,7 @@
 #include <ATen/ops/full.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
+#include <charconv>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -77,6 +78,9 @@ Grid read_grid(const Metadata& metadata) {
 
 // Points [N, columns] float32 of a raw .bin file.
 at::Tensor read_points(const std::string& path, int64_t columns) {
+  if (!std::filesystem::is_regular_file(path)) {
+    throw std::runtime_error("FRAME " + path + " is not a file");
+  }
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) throw std::runtime_error("cannot open " + path);
   const auto bytes = static_cast<int64_t>(in.tellg());
@@ -90,6 +94,17 @@ at::Tensor read_points(const std::string& path, int64_t columns) {
   in.read(reinterpret_cast<char*>(points.data_ptr<float>()), bytes);
   if (!in) throw std::runtime_error("cannot read " + path);
   return points;
+}
+
+// The THREADS argument: a whole number >= 1 (std::stoi would take "2x" and throw "stoi").
+int parse_threads(const std::string& text) {
+  int threads = 0;
+  const char* end = text.data() + text.size();
+  const auto [stop, error] = std::from_chars(text.data(), end, threads);
+  if (error != std::errc() || stop != end || threads < 1) {
+    throw std::runtime_error("THREADS must be a whole number >= 1, got '" + text + "'");
+  }
+  return threads;
 }
 
 // spconv_lite::voxelize through the dispatcher (schema in src/registration.cpp).
@@ -126,12 +141,18 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    if (argc == 5) at::set_num_threads(std::stoi(argv[4]));
+    if (argc == 5) at::set_num_threads(parse_threads(argv[4]));
     torch::inductor::AOTIModelPackageLoader loader(argv[1]);
     const Grid grid = read_grid(loader.get_metadata());
 
     const at::Tensor points = read_points(argv[2], grid.num_point_features);
     auto [voxels, coords, num_points, point_voxel_id] = voxelize(points, grid);
+    if (coords.size(0) == 0) {
+      // The package takes one site or more (its traced shapes start at 1).
+      throw std::runtime_error(std::string("no point of ") + argv[2] + " (" +
+                               std::to_string(points.size(0)) + " points) lies inside the "
+                               "package's voxel grid: there is nothing to run the model on");
+    }
     // Mean of the stored points (free slots are zero), as spconv_lite.batch_point_clouds.
     const at::Tensor features =
         voxels.sum({1}).div(num_points.clamp_min(1).unsqueeze(1).to(voxels.scalar_type()));
