@@ -264,10 +264,10 @@ class SparseConvolution(RecordsVoxelCount):
             nbr, nbr_t = kmap.nbr_t, kmap.nbr
             out_indices, out_shape = kmap.in_indices, kmap.in_spatial_shape
         elif self.conv1x1 and (self.subm or not any(self.padding)):
-            # spconv 2.input runs a 1x1 layer as one product on the input's own rows, without a map:
-            # the output keeps input's indices (its row order too: client code adds it to input's
-            # features) and the layer neither reads nor stores a map under its indice_key. An
-            # identity table runs that product on the conv kernels.
+            # spconv 2.x runs a 1x1 layer as one product on the input's own rows, without a map:
+            # the output keeps the input's indices (their row order too: client code adds it to
+            # the input's features) and the layer neither reads nor stores a map under its
+            # indice_key. An identity table runs that product on the conv kernels.
             kmap = None
             nbr = torch.arange(input.features.shape[0], dtype=torch.int32,
                                device=input.features.device).unsqueeze(1)
