@@ -155,6 +155,28 @@ def test_height_compression_wrong_channels():
         HeightCompression(512)(enc)
 
 
+def test_height_compression_refuses_a_config_dict():
+    # OpenPCDet builds its class as HeightCompression(model_cfg); this one takes the count.
+    with pytest.raises(TypeError, match="num_bev_features must be a positive int .*got "
+                                        "\\{'NUM_BEV_FEATURES': 256\\}"):
+        HeightCompression({"NUM_BEV_FEATURES": 256})
+
+
+def test_unet_on_an_empty_input():
+    model = UNetV2(4, [64, 64, 40], return_encoded_tensor=False).eval()
+    empty = spconv.SparseConvTensor(torch.zeros(0, 4), torch.zeros(0, 4, dtype=torch.int32),
+                                    model.sparse_shape, 1)
+    with torch.no_grad():
+        assert model(empty)["point_features"].shape == (0, 16)
+
+
+def test_sparse_basic_block_default_has_openpcdet_bias():
+    # OpenPCDet's block gives its convs a bias whenever it has a norm, which it always has.
+    block = SparseBasicBlock(16, 16)
+    assert block.conv1.bias is not None and block.conv2.bias is not None
+    assert SparseBasicBlock(16, 16, bias=False).conv1.bias is None
+
+
 def test_unet_rows_and_gradients():
     torch.manual_seed(0)
     model = UNetV2(4, [64, 64, 40], return_encoded_tensor=False)

@@ -99,8 +99,9 @@ class SparseBasicBlock(NamespaceBlock):
     Args:
         inplanes, planes: input and output channels (equal unless ``downsample`` maps the
             input to ``planes`` channels on the same sites).
-        bias: conv bias; ``None`` means ``norm_fn is not None``, OpenPCDet's backbone default
-            (its U-Net passes ``bias=False``).
+        bias: conv bias; ``None`` means ``norm_fn is not None``, OpenPCDet's backbone default,
+            so True: ``norm_fn=None`` gives the default BatchNorm (its U-Net passes
+            ``bias=False``).
         spconv: layer namespace (default ``spconv_lite.pytorch``). With another namespace the
             block is also an instance of that namespace's ``SparseModule``, so that its
             ``SparseSequential`` hands the block the whole sparse tensor.
@@ -118,9 +119,9 @@ class SparseBasicBlock(NamespaceBlock):
                  indice_key: Optional[str] = None, spconv: Optional[ModuleType] = None) -> None:
         super().__init__()
         sp = namespace(spconv)
-        if bias is None:
-            bias = norm_fn is not None
         norm_fn = default_norm(norm_fn)
+        if bias is None:  # OpenPCDet's rule; a norm is always there (BatchNorm by default)
+            bias = norm_fn is not None
         self.conv1 = sp.SubMConv3d(inplanes, planes, kernel_size=3, stride=stride, padding=1,
                                    bias=bias, indice_key=indice_key)
         self.bn1 = norm_fn(planes)

@@ -94,7 +94,8 @@ class UNetV2(nn.Module):
         n, in_channels = features.shape
         if in_channels % out_channels != 0 or in_channels < out_channels:
             raise ValueError(f"cannot reduce {in_channels} channels to {out_channels}")
-        return x.replace_feature(features.view(n, out_channels, -1).sum(dim=2))
+        groups = in_channels // out_channels  # explicit: -1 cannot be inferred for 0 rows
+        return x.replace_feature(features.view(n, out_channels, groups).sum(dim=2))
 
     def _up(self, x_lateral, x_bottom, conv_t, conv_m, conv_inv):
         x_trans = conv_t(x_lateral)

@@ -28,7 +28,7 @@ class VoxelResBackBone8xVoxelNeXt(nn.Module):
         grid_size: voxel grid (x, y, z); the sparse grid is ``sparse_shape`` (z + 1, y, x).
         spconv_kernel_sizes: kernel sizes of the strided convs of ``conv2`` .. ``conv5``
             (``conv6`` uses the last one), OpenPCDet's ``SPCONV_KERNEL_SIZES``: ``(3, 3, 3,
-            3)`` by default, ``(5, 5, 3, 3)`` in its nuScenes configs. Padding is half the size.
+            3)`` by default, ``(5, 5, 3, 3)`` in its large Waymo config. Padding is half the size.
         channels: channels of ``conv1`` .. ``conv5`` (``conv6`` keeps the last); ``channels[3]``
             must equal ``channels[4]``, since the three levels are concatenated.
         out_channel: channels of the BEV output.
