@@ -283,3 +283,19 @@ def test_spunet_rows_and_gradients():
     assert torch.equal(out.indices, sites) and out.features.shape == (300, 5)
     out.features.square().sum().backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_spunet_starts_as_pointcept_initialises_it():
+    torch.manual_seed(0)
+    model = SpUNetBase(6, 13)
+    assert (model.in_channels, model.num_classes, model.base_channels) == (6, 13, 32)
+    assert list(model.channels) == [32, 64, 128, 256, 256, 128, 96, 96]
+    assert not model.final.bias.any()  # zero biases
+    for weight in (model.final.weight.detach(), model.conv_input[0].weight.detach(),
+                   model.enc[3].block5.conv2.weight.detach()):  # submanifold: truncated normal, std 0.02
+        assert weight.abs().max() <= 2.0 and 0.015 < float(weight.std()) < 0.025
+    norm = model.dec[0].block0.proj[1]
+    assert bool((norm.weight == 1).all()) and not norm.bias.any()
+    # strided convs keep the default initialisation (kaiming uniform over the fan-in)
+    down = model.down[1][0].weight.detach()
+    assert float(down.abs().max()) <= 1 / (32 * 8) ** 0.5 and float(down.std()) > 0.025

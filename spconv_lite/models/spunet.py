@@ -13,6 +13,7 @@ Pointcept checkpoint gives Pointcept's outputs.
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import partial
 from types import ModuleType
 from typing import Optional, Sequence
 
@@ -65,6 +66,19 @@ class SpUNetBlock(NamespaceBlock):
         return out.replace_feature(self.relu(out.features))
 
 
+def pointcept_init(module: nn.Module, submanifold: type) -> None:
+    """Pointcept's initialisation of a fresh SpUNet: truncated normal weights (std 0.02) and
+    zero biases for linear layers and submanifold convs, unit BatchNorms; the strided and
+    inverse convs keep their default."""
+    if isinstance(module, (nn.Linear, submanifold)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm1d):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class SpUNetBase(nn.Module):
     """Pointcept's ``SpUNet-v1m1`` (``SpUNetBase``), without its encoder-only mode.
 
@@ -99,6 +113,8 @@ class SpUNetBase(nn.Module):
         sp = namespace(spconv)
         self._tensor_type = sp.SparseConvTensor
         norm_fn = default_norm(norm_fn)
+        self.in_channels, self.num_classes = in_channels, num_classes
+        self.base_channels, self.channels, self.layers = base_channels, channels, layers
         self.num_stages = len(layers) // 2
 
         def blocks(c_in: int, c_out: int, count: int, key: str):
@@ -135,6 +151,7 @@ class SpUNetBase(nn.Module):
                                        bias=True)
         else:
             self.final = sp.Identity()
+        self.apply(partial(pointcept_init, submanifold=sp.SubMConv3d))
 
     def input_tensor(self, features: torch.Tensor, coords: torch.Tensor, batch_size: int):
         """The sparse input: ``coords`` is ``[N, 4]`` (batch, then three grid coordinates); the
