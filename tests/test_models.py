@@ -291,8 +291,9 @@ def test_spunet_starts_as_pointcept_initialises_it():
     assert (model.in_channels, model.num_classes, model.base_channels) == (6, 13, 32)
     assert list(model.channels) == [32, 64, 128, 256, 256, 128, 96, 96]
     assert not model.final.bias.any()  # zero biases
+    # submanifold convs: truncated normal, std 0.02
     for weight in (model.final.weight.detach(), model.conv_input[0].weight.detach(),
-                   model.enc[3].block5.conv2.weight.detach()):  # submanifold: truncated normal, std 0.02
+                   model.enc[3].block5.conv2.weight.detach()):
         assert weight.abs().max() <= 2.0 and 0.015 < float(weight.std()) < 0.025
     norm = model.dec[0].block0.proj[1]
     assert bool((norm.weight == 1).all()) and not norm.bias.any()
