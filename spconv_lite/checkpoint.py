@@ -8,18 +8,26 @@ with ``model.load_state_dict``. Older spconv versions saved other layouts:
 source     weight layout               spconv versions
 =========  ==========================  ====================
 spconv2.2  ``[C_out, *k, C_in]``       2.2 and later (KRSC)
-spconv2.0  ``[*k, C_out, C_in]``       2.0, 2.1 (RSKC)
+spconv2.1  KRSC or RSKC, per layer     2.1
+spconv2.0  ``[*k, C_out, C_in]``       2.0 (RSKC)
 spconv1    ``[*k, C_in, C_out]``       1.x (RSCK)
 =========  ==========================  ====================
 
-Their shapes alone cannot tell spconv 1.x from 2.0/2.1 when a layer has as many input as
-output channels (``[3, 3, 3, 16, 16]`` fits both), so :func:`convert_state_dict` takes the
-source version explicitly; nothing is converted behind your back at load time.
+spconv 2.1 saved a layer run with implicit GEMM (its default for kernels of at most 32 offsets
+on a CUDA build) as KRSC and one run with its native algorithm as RSKC, so one 2.1 file mixes
+both; ``spconv2.1`` tells them apart by shape, layer by layer, and where a shape fits both
+(``C_out`` equal to every kernel size) follows 2.1's default, with a warning.
+
+Shapes alone cannot tell spconv 1.x from 2.0 when a layer has as many input as output
+channels (``[3, 3, 3, 16, 16]`` fits both), so :func:`convert_state_dict` takes the source
+version explicitly; nothing is converted behind your back at load time.
 
 1x1 layers (``layer.conv1x1``: kernel volume 1, submanifold or not strided) are the exception:
 every spconv version computes them as ``features @ weight.view(C_in, C_out)``, so their weight's
 memory already means the same thing in every layout and converting only reshapes it (permuting
-it, as for other layers, would transpose the matrix).
+it, as for other layers, would transpose the matrix). The exception to the exception: spconv
+2.0 / 2.1 builds made with ``SPCONV_FILTER_HWIO=1`` saved RSCK weights and computed 1x1 layers
+as ``features @ weight.view(C_out, C_in).T``; convert such 1x1 weights by hand.
 
 Example:
     >>> import torch
@@ -35,6 +43,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Mapping
 from typing import Optional
 
@@ -45,21 +55,41 @@ from torch import nn
 # C = C_in, R/S/... = the kernel axes.
 LAYOUTS: dict[str, tuple[str, str]] = {
     "spconv2.2": ("KRSC", "[C_out, *kernel_size, C_in] (spconv >= 2.2)"),
-    "spconv2.0": ("RSKC", "[*kernel_size, C_out, C_in] (spconv 2.0 / 2.1)"),
+    "spconv2.0": ("RSKC", "[*kernel_size, C_out, C_in] (spconv 2.0; spconv 2.1 native layers)"),
     "spconv1": ("RSCK", "[*kernel_size, C_in, C_out] (spconv 1.x)"),
 }
 _ALIASES = {code: name for name, (code, _) in LAYOUTS.items()}
-_ALIASES.update({"spconv2.1": "spconv2.0", "spconv2.3": "spconv2.2"})
+_ALIASES.update({"spconv2.3": "spconv2.2"})
+SPCONV21 = "spconv2.1"  # KRSC or RSKC per layer (see the module docstring)
 
 
-def _source_name(source: str) -> str:
+def _source_name(source: str, mixed: bool = False) -> str:
+    """The canonical source name; ``mixed`` also allows ``"spconv2.1"``."""
     name = _ALIASES.get(source, source)
-    if name not in LAYOUTS:
+    if name not in LAYOUTS and not (mixed and name == SPCONV21):
+        names = sorted([*LAYOUTS, SPCONV21] if mixed else LAYOUTS)
         raise ValueError(
-            f"source must be one of {sorted(LAYOUTS)} (or a layout code "
+            f"source must be one of {names} (or a layout code "
             f"{sorted(code for code, _ in LAYOUTS.values())}), got {source!r}"
         )
     return name
+
+
+def _spconv21_source(key: str, shape, layer: nn.Module) -> str:
+    """The layout one spconv 2.1 layer was saved in: the one its shape fits, else (both fit)
+    the one 2.1 chose by default, implicit GEMM's KRSC for at most 32 kernel offsets."""
+    fits = [name for name in ("spconv2.2", "spconv2.0") if name in fitting_sources(shape, layer)]
+    if len(fits) == 1:
+        return fits[0]
+    if not fits:
+        raise ValueError(describe_mismatch(key, shape, layer)
+                         + " (source='spconv2.1' means [C_out, *k, C_in] or [*k, C_out, C_in])")
+    default = "spconv2.2" if math.prod(layer.kernel_size) <= 32 else "spconv2.0"
+    warnings.warn(
+        f"{key}: shape {list(shape)} fits both layouts spconv 2.1 saved; taking "
+        f"{LAYOUTS[default][1]}, its default for this kernel (convert this weight yourself if "
+        "the layer was built with another algo)", stacklevel=3)
+    return default
 
 
 def saved_shape(source: str, out_channels: int, kernel_size, in_channels: int) -> list[int]:
@@ -123,6 +153,8 @@ def describe_mismatch(key: str, shape, layer: nn.Module,
     convert = "convert it with spconv_lite.checkpoint.convert_state_dict(state_dict, model, "
     if len(sources) == 1:
         convert += f"source={sources[0]!r})"
+        if sources[0] == "spconv2.0":
+            convert += ' (a file saved by spconv 2.1 mixes layouts: use source "spconv2.1")'
     else:
         convert += (f"source=...) where source is {' or '.join(map(repr, sources))}, whichever "
                     "spconv version saved it (shapes with equal input and output channels "
@@ -171,9 +203,10 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
         state_dict: a flat state dict whose keys match ``model.state_dict()`` (unwrap
             containers such as OpenPCDet's ``checkpoint["model_state"]`` first).
         model: the spconv_lite model the checkpoint is for.
-        source: the spconv version that saved it: ``"spconv1"`` (1.x), ``"spconv2.0"``
-            (2.0 and 2.1) or ``"spconv2.2"`` (2.2 and later: only checks the shapes); the
-            layout codes ``"RSCK"``, ``"RSKC"``, ``"KRSC"`` are accepted too.
+        source: the spconv version that saved it: ``"spconv1"`` (1.x), ``"spconv2.0"``,
+            ``"spconv2.1"`` (each layer KRSC or RSKC, told by its shape) or ``"spconv2.2"``
+            (2.2 and later: only checks the shapes); the layout codes ``"RSCK"``, ``"RSKC"``,
+            ``"KRSC"`` are accepted too.
 
     Returns:
         A new dict, ready for ``model.load_state_dict``.
@@ -185,20 +218,35 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
     """
     from .nn.conv import SparseConvolution
 
-    source = _source_name(source)
+    source = _source_name(source, mixed=True)
     out = dict(state_dict)
-    for name, layer in model.named_modules():
-        if not isinstance(layer, SparseConvolution):
-            continue
+    layers = [(name, layer) for name, layer in model.named_modules(remove_duplicate=False)
+              if isinstance(layer, SparseConvolution)]
+    found = 0
+    for name, layer in layers:
         key = f"{name}.weight" if name else "weight"
         if key not in out:
             continue
+        found += 1
         weight = out[key]
-        wanted = saved_shape(source, layer.out_channels, layer.kernel_size, layer.in_channels)
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"{key} must be a tensor, got {type(weight).__name__}")
+        layer_source = (_spconv21_source(key, weight.shape, layer) if source == SPCONV21
+                        else source)
+        wanted = saved_shape(layer_source, layer.out_channels, layer.kernel_size,
+                             layer.in_channels)
         if list(weight.shape) != wanted:
             raise ValueError(
                 describe_mismatch(key, weight.shape, layer)
                 + f" (source={source!r} means {LAYOUTS[source][1]}, here {wanted})"
             )
-        out[key] = to_current_layout(weight, source, layer.conv1x1)
+        out[key] = to_current_layout(weight, layer_source, layer.conv1x1)
+    if layers and not found:
+        first = layers[0][0] or "weight"
+        raise KeyError(
+            f"state_dict holds none of the model's {len(layers)} sparse conv weights (the "
+            f"first is {first + '.weight'!r}, the state_dict's first key "
+            f"{next(iter(state_dict), None)!r}): strip or add the key prefix to match the model "
+            "(e.g. DDP's 'module.', or pass the submodule the weights are for)"
+        )
     return out

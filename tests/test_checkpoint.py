@@ -194,3 +194,48 @@ def test_kernel1_weights_convert_to_what_spconv_computed(kind, source):
     scale = 2 if kind == "strided" else 1
     order = [rows[(b, *(scale * c for c in site))] for b, *site in out.indices.tolist()]
     torch.testing.assert_close(out.features, features[order] @ matrix)
+
+
+def test_spconv21_files_mix_layouts_per_layer():
+    # spconv 2.1 saved layers it ran with implicit GEMM (kernels of at most 32 offsets, its
+    # default) as [C_out, *k, C_in] and native ones (larger kernels) as [*k, C_out, C_in].
+    torch.manual_seed(0)
+    net = spconv.SparseSequential(spconv.SubMConv3d(4, 8, 3, bias=False),
+                                  spconv.SubMConv3d(8, 6, 5, bias=False))
+    reference = net.state_dict()
+    saved = {"0.weight": reference["0.weight"],
+             "1.weight": _old_layout(reference["1.weight"], "spconv2.0")}
+    converted = convert_state_dict(saved, net, source="spconv2.1")
+    for key in reference:
+        assert torch.equal(converted[key], reference[key]), key
+    with pytest.raises(ValueError, match="0.weight"):  # 2.0 alone is refused for this file
+        convert_state_dict(saved, net, source="spconv2.0")
+
+
+def test_spconv21_shape_that_fits_both_layouts_warns():
+    # C_out equal to every kernel size: [3, 3, 3, 3, 16] is KRSC and RSKC alike.
+    torch.manual_seed(0)
+    net = spconv.SparseSequential(spconv.SubMConv3d(16, 3, 3, bias=False))
+    weight = net[0].weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"0.weight: shape \[3, 3, 3, 3, 16\] fits both layouts"):
+        converted = convert_state_dict({"0.weight": weight}, net, source="spconv2.1")
+    assert torch.equal(converted["0.weight"], weight)  # 2.1's default for 27 offsets: KRSC
+
+
+def test_convert_reaches_every_name_of_a_shared_layer():
+    torch.manual_seed(0)
+    conv = spconv.SubMConv3d(4, 16, 3, bias=False)
+    net = spconv.SparseSequential(conv, torch.nn.ReLU(), conv)  # one layer, two keys
+    old = {k: _old_layout(v, "spconv1") for k, v in net.state_dict().items()}
+    converted = convert_state_dict(old, net, source="spconv1")
+    assert torch.equal(converted["0.weight"], conv.weight) and torch.equal(
+        converted["2.weight"], conv.weight)
+
+
+def test_convert_refuses_keys_of_another_prefix_and_non_tensors():
+    net = _small_net()
+    prefixed = {f"module.{k}": v for k, v in net.state_dict().items()}
+    with pytest.raises(KeyError, match="none of the model's 2 sparse conv weights .*'module.0"):
+        convert_state_dict(prefixed, net, source="spconv1")
+    with pytest.raises(TypeError, match="0.weight must be a tensor, got NoneType"):
+        convert_state_dict({"0.weight": None}, net, source="spconv1")
