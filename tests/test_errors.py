@@ -424,3 +424,23 @@ def test_dense_rejects_negative_coordinates():
     x = sp.SparseConvTensor(torch.ones(1, 1), idx([0, 1, -1, 2]), [4, 4, 4], 1)
     with pytest.raises(ValueError, match=r"indices"):
         x.dense()
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_torch_layout_hint_gives_torch_conv(kernel):
+    # The message's recipe, followed, gives F.conv3d's result (1x1 layers read their weight's
+    # memory as a [C_in, C_out] matrix, so they need a reshape, not a permute).
+    torch.manual_seed(0)
+    dense_weight = torch.randn(5, 2, kernel, kernel, kernel)
+    layer = sp.SubMConv3d(2, 5, kernel, bias=False)
+    indices = torch.tensor([[0, 1, 2, 3], [0, 2, 2, 3], [0, 4, 4, 4]], dtype=torch.int32)
+    x = sp.SparseConvTensor(torch.randn(3, 2), indices, [6, 6, 6], 1)
+    layer.weight = torch.nn.Parameter(dense_weight)
+    with pytest.raises(ValueError) as info:
+        layer(x)
+    recipe = re.search(r"assign (weight\..*) instead", str(info.value))[1]
+    layer.weight = torch.nn.Parameter(eval(recipe, {"weight": dense_weight}))
+    expected = torch.nn.functional.conv3d(x.dense(), dense_weight, padding=kernel // 2)
+    rows = indices.long()
+    torch.testing.assert_close(layer(x).features,
+                               expected[0, :, rows[:, 1], rows[:, 2], rows[:, 3]].t())

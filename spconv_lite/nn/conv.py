@@ -241,9 +241,15 @@ class SparseConvolution(RecordsVoxelCount):
             return
         hint = ""
         if shape == [self.out_channels, self.in_channels, *self.kernel_size]:
-            axes = ", ".join(str(d) for d in (0, *range(2, self.ndim + 2), 1))
+            if self.conv1x1:  # its memory is read as a [C_in, C_out] matrix (class docstring)
+                ones = ", ".join(["1"] * self.ndim)
+                fix = (f"weight.reshape({self.out_channels}, {self.in_channels}).t().reshape("
+                       f"{self.out_channels}, {ones}, {self.in_channels})")
+            else:
+                axes = ", ".join(str(d) for d in (0, *range(2, self.ndim + 2), 1))
+                fix = f"weight.permute({axes})"
             hint = (f"; that is torch's nn.Conv{self.ndim}d layout [C_out, C_in, *kernel_size]: "
-                    f"assign weight.permute({axes}) instead")
+                    f"assign {fix} instead")
         raise ValueError(
             f"{type(self).__name__}.weight has shape {shape}, the layer expects {expected} = "
             f"[C_out, *kernel_size, C_in]{hint}"
