@@ -192,7 +192,9 @@ class PointToVoxel:
 
     def _points(self, pc: PointsLike) -> Tensor:
         if isinstance(pc, np.ndarray):  # host memory: goes to this voxelizer's device
-            pc = torch.from_numpy(pc).to(self.device)
+            # (torch.from_numpy refuses negative strides, e.g. points[::-1]: copy those.)
+            pc = torch.from_numpy(pc if all(s >= 0 for s in pc.strides)
+                                  else np.ascontiguousarray(pc)).to(self.device)
         if not isinstance(pc, Tensor):
             raise TypeError(f"pc must be a torch.Tensor or numpy array, got {type(pc).__name__}")
         if not pc.is_floating_point():

@@ -241,7 +241,11 @@ def test_non_contiguous_and_float64_input(device):
     wide[:, ::2] = torch.from_numpy(pts).to(device)
     assert_outputs_equal(on(device, gen(wide[:, ::2])), expected)
     float64 = torch.from_numpy(pts.astype(np.float64)).to(device)
-    assert_outputs_equal(on(device, gen(float64)), expected)
+    assert_outputs_equal(on(device, gen(float64)), expected)  # rounded to float32 first
+    reversed_rows = pts[::-1]  # a numpy view with a negative stride
+    assert_outputs_equal(on(device, gen(reversed_rows)),
+                         PointToVoxel((0.3, 0.3, 0.3), (0, 0, 0, 2, 2, 2), 4, 1000, 4)(
+                             torch.from_numpy(reversed_rows.copy())))
 
 
 @pytest.mark.parametrize("device", DEVICES)
