@@ -74,12 +74,17 @@ struct ConvPass {
   scalar_t* out;
 };
 
-// Output row of row t of the pass's order, or -1 past the end.
+// Output row of row t of the pass's order, or -1 past the end. An order entry outside the rows
+// (an order that bypassed spconv_lite.ops' check) stops the kernel, as a bad table entry does.
 template <typename scalar_t>
 __device__ __forceinline__ int64_t pass_row(const ConvPass<scalar_t>& pass, int64_t t,
                                             int64_t rows) {
   if (t >= rows) return -1;
-  return pass.order != nullptr ? pass.order[t] : t;
+  if (pass.order == nullptr) return t;
+  const int64_t row = pass.order[t];
+  CUDA_KERNEL_ASSERT_MSG(row >= 0 && row < rows,
+                         "spconv_lite: row order entry outside [0, rows of the table)");
+  return row;
 }
 
 // Writes one accumulated value of output row o, column co (of c_out).
@@ -1703,7 +1708,10 @@ void launch_pipelined_tile(const scalar_t* in, const scalar_t* weight, const int
     if (sync_mma) kernel = conv_pipelined_kernel<Tile, true>;
   }
   const int bytes = Tile::bytes(pass.k_end - pass.k_begin);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  // The limit is the kernel's, shared by every host thread: always the largest pass's, so that
+  // another thread's call cannot lower it below this launch's size.
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      Tile::bytes(kPipelinedMaxOffsets)));
   const dim3 grid((rows + Tile::BM - 1) / Tile::BM, (c_out + Tile::BN - 1) / Tile::BN);
   kernel<<<grid, Tile::kThreads, bytes, current_stream()>>>(in, weight, nbr, pass, rows, in_rows,
                                                             volume, c_in, c_out);
@@ -1911,6 +1919,9 @@ at::Tensor weight_grad_fused(const at::Tensor& x, const at::Tensor& g, const at:
   const bool compact = variants.compact_weight_grad;
   // partial[chunk, k] ([C_in, C_out], C_in counting padded input channels).
   auto partial_for = [&](int64_t tiles, int64_t channels_in, int64_t* chunk_rows) {
+    // The grid is (offsets, chunks, weight tiles): a grid's z holds at most 65535.
+    TORCH_CHECK_VALUE(tiles <= 65535, "sparse_conv_weight_grad: C_in ", c_in, " x C_out ",
+                      c_out, " takes ", tiles, " weight tiles, more than the 65535 supported");
     *chunk_rows = rows_per_chunk(rows, volume * tiles);
     const int64_t chunks = (rows + *chunk_rows - 1) / *chunk_rows;
     return at::empty({chunks, volume, channels_in, c_out},
