@@ -300,3 +300,18 @@ def test_spunet_starts_as_pointcept_initialises_it():
     # strided convs keep the default initialisation (kaiming uniform over the fan-in)
     down = model.down[1][0].weight.detach()
     assert float(down.abs().max()) <= 1 / (32 * 8) ** 0.5 and float(down.std()) > 0.025
+
+
+def test_unet_point_coords_are_voxel_centres():
+    model = UNetV2(4, [64, 64, 40], return_encoded_tensor=False, voxel_size=[0.05, 0.05, 0.1],
+                   point_cloud_range=[0, -40, -3, 70.4, 40, 1]).eval()
+    x = _input(model, count=50)
+    with torch.no_grad():
+        coords = model(x)["point_coords"]
+    site = x.indices[7].tolist()  # (batch, z, y, x)
+    expected = [site[0], (site[3] + 0.5) * 0.05, (site[2] + 0.5) * 0.05 - 40,
+                (site[1] + 0.5) * 0.1 - 3]
+    assert coords.shape == (50, 4) and coords.dtype == torch.float32
+    torch.testing.assert_close(coords[7], torch.tensor(expected))
+    with pytest.raises(ValueError, match="give both or neither"):
+        UNetV2(4, [64, 64, 40], voxel_size=[0.05, 0.05, 0.1])

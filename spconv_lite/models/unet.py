@@ -31,6 +31,9 @@ class UNetV2(nn.Module):
             tensor for a detection head (OpenPCDet's ``RETURN_ENCODED_TENSOR``, default on).
             Leave it off for segmentation only, so every parameter gets a gradient.
         last_pad, norm_fn, spconv: as :class:`VoxelBackBone8x`.
+        voxel_size, point_cloud_range: the voxel grid in metres, (x, y, z) and (x_min, y_min,
+            z_min, x_max, y_max, z_max), as OpenPCDet passes them; with both, the output also
+            holds ``point_coords`` (each input voxel's centre, for PartA2's point heads).
 
     Example:
         >>> net = UNetV2(4, [64, 64, 40], return_encoded_tensor=False)
@@ -40,8 +43,19 @@ class UNetV2(nn.Module):
 
     def __init__(self, input_channels: int, grid_size: Sequence[int],
                  return_encoded_tensor: bool = True, last_pad=0,
-                 norm_fn: Optional[NormFn] = None, spconv: Optional[ModuleType] = None) -> None:
+                 norm_fn: Optional[NormFn] = None, spconv: Optional[ModuleType] = None,
+                 voxel_size: Optional[Sequence[float]] = None,
+                 point_cloud_range: Optional[Sequence[float]] = None) -> None:
         super().__init__()
+        if (voxel_size is None) != (point_cloud_range is None):
+            raise ValueError("voxel_size and point_cloud_range go together: give both or neither")
+        if voxel_size is not None and (len(voxel_size) != 3 or len(point_cloud_range) != 6):
+            raise ValueError(
+                f"voxel_size needs 3 entries and point_cloud_range 6, got {list(voxel_size)} "
+                f"and {list(point_cloud_range)}"
+            )
+        self.voxel_size = voxel_size
+        self.point_cloud_range = point_cloud_range
         sp = namespace(spconv)
         self._tensor_type = sp.SparseConvTensor
         self.sparse_shape = sparse_shape(grid_size)
@@ -111,7 +125,9 @@ class UNetV2(nn.Module):
         Returns:
             A dict: ``point_tensor`` (the output on the input's sites, same row order, 16
             channels), ``point_features`` (its features), and with
-            ``return_encoded_tensor`` also ``encoded_spconv_tensor`` and its stride (8).
+            ``return_encoded_tensor`` also ``encoded_spconv_tensor`` and its stride (8); with
+            ``voxel_size`` also ``point_coords`` ``[N, 4]`` float32: (batch, x, y, z) of each
+            voxel's centre, as OpenPCDet's.
         """
         x = self.conv_input(x)
         x_conv1 = self.conv1(x)
@@ -128,4 +144,15 @@ class UNetV2(nn.Module):
         x_up1 = self._up(x_conv1, x_up2, self.conv_up_t1, self.conv_up_m1, self.conv5)
         result["point_tensor"] = x_up1
         result["point_features"] = x_up1.features
+        if self.voxel_size is not None:
+            result["point_coords"] = self.voxel_centres(x_up1.indices)
         return result
+
+    def voxel_centres(self, indices: torch.Tensor) -> torch.Tensor:
+        """``[N, 4]`` float32 (batch, x, y, z) of the voxels ``indices`` (batch, z, y, x) name,
+        computed in float32 as OpenPCDet's ``get_voxel_centers``."""
+        options = {"dtype": torch.float32, "device": indices.device}
+        size = torch.tensor(self.voxel_size, **options)
+        low = torch.tensor(self.point_cloud_range[:3], **options)
+        centres = (indices[:, [3, 2, 1]].float() + 0.5) * size + low
+        return torch.cat((indices[:, :1].float(), centres), dim=1)
