@@ -444,12 +444,15 @@ def test_1x1_layer_keeps_input_rows_and_ignores_its_key(make):
 
 
 def test_padded_1x1_conv_moves_its_sites():
-    # With padding, a 1x1 conv is not a product on the input's rows: its sites shift.
+    # With padding, a 1x1 conv is not a product on the input's rows: its sites shift; with
+    # output padding (dilation 2 allows it at stride 1) a transposed one's grid grows.
     features, indices, shape, batch = _input()
-    y = spconv.SparseConv3d(3, 5, 1, padding=1)(spconv.SparseConvTensor(features, indices,
-                                                                          shape, batch))
+    x = spconv.SparseConvTensor(features, indices, shape, batch)
+    y = spconv.SparseConv3d(3, 5, 1, padding=1)(x)
     assert y.spatial_shape == [s + 2 for s in shape]
     assert torch.equal(y.indices[:, 1:].sort(0).values, (indices[:, 1:] + 1).sort(0).values)
+    t = spconv.SparseConvTranspose3d(3, 5, 1, dilation=2, output_padding=1)(x)
+    assert t.spatial_shape == [s + 1 for s in shape]
 
 
 def test_spconv_keyword_and_small_api_names():

@@ -269,7 +269,7 @@ class SparseConvolution(RecordsVoxelCount):
             # Run the stored map backwards: its inputs become our outputs.
             nbr, nbr_t = kmap.nbr_t, kmap.nbr
             out_indices, out_shape = kmap.in_indices, kmap.in_spatial_shape
-        elif self.conv1x1 and (self.subm or not any(self.padding)):
+        elif self.conv1x1 and (self.subm or not any(self.padding + self.output_padding)):
             # spconv 2.x runs a 1x1 layer as one product on the input's own rows, without a map:
             # the output keeps the input's indices (their row order too: client code adds it to
             # the input's features) and the layer neither reads nor stores a map under its
