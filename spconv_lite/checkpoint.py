@@ -85,6 +85,8 @@ def _spconv21_source(key: str, shape, layer: nn.Module) -> str:
         raise ValueError(describe_mismatch(key, shape, layer)
                          + " (source='spconv2.1' means [C_out, *k, C_in] or [*k, C_out, C_in])")
     default = "spconv2.2" if math.prod(layer.kernel_size) <= 32 else "spconv2.0"
+    if layer.conv1x1:  # both layouts hold a 1x1 weight's matrix in the same memory
+        return default
     warnings.warn(
         f"{key}: shape {list(shape)} fits both layouts spconv 2.1 saved; taking "
         f"{LAYOUTS[default][1]}, its default for this kernel (convert this weight yourself if "
@@ -211,6 +213,9 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
     Returns:
         A new dict, ready for ``model.load_state_dict``.
 
+    Warns when ``state_dict`` holds none of the model's sparse conv weights (keys with another
+    prefix, say): nothing is converted then.
+
     Raises:
         ValueError: a weight whose shape does not fit ``source``'s layout for its layer. The
             message names the parameter, its shape, the expected shape, and the layouts the
@@ -243,10 +248,10 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
         out[key] = to_current_layout(weight, layer_source, layer.conv1x1)
     if layers and not found:
         first = layers[0][0] or "weight"
-        raise KeyError(
+        warnings.warn(
             f"state_dict holds none of the model's {len(layers)} sparse conv weights (the "
             f"first is {first + '.weight'!r}, the state_dict's first key "
-            f"{next(iter(state_dict), None)!r}): strip or add the key prefix to match the model "
-            "(e.g. DDP's 'module.', or pass the submodule the weights are for)"
-        )
+            f"{next(iter(state_dict), None)!r}), so nothing was converted: if the keys have "
+            "another prefix, strip or add it to match the model (e.g. DDP's 'module.', or "
+            "pass the submodule the weights are for)", stacklevel=2)
     return out

@@ -160,7 +160,7 @@ def export_model(
         # Eagerly first: an example the model cannot take (another dtype, channel count or
         # device) raises here as the layer names it, rather than as a tracing failure or as a
         # package that takes nothing.
-        wrapper(features, indices)
+        wrapper(features.clone(), indices.clone())  # a model may edit its input in place
     sites = torch.export.Dim("num_sites", min=1)
     try:
         program = torch.export.export(

@@ -374,6 +374,20 @@ def conv_map(
     return kmap
 
 
+def identity_table(x: SparseConvTensor) -> Tensor:
+    """The neighbour table of a 1x1 layer run on ``x``'s own rows (row r reaches row r),
+    ``[N, 1]`` int32. Sites no map has checked yet are checked (in the grid, distinct) by the
+    map builder, which does so in every mode, torch.compile included, and whose one-offset
+    table is this identity."""
+    if _sites_of_a_map(x):
+        return torch.arange(x.indices.shape[0], dtype=torch.int32,
+                            device=x.indices.device).unsqueeze(1)
+    ones = [1] * len(x.spatial_shape)
+    nbr, _ = ops.build_subm_map(x.indices, list(x.spatial_shape), x.batch_size, ones, ones)
+    _mark_valid_sites(x.indices, x.spatial_shape, x.batch_size)
+    return nbr
+
+
 def output_maps(x: SparseConvTensor, indice_key: Optional[str],
                 kmap: Optional[KernelMap]) -> dict:
     """The ``indice_dict`` of a layer's output: a copy of the input's, with the layer's map

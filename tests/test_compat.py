@@ -306,6 +306,17 @@ def test_record_voxel_count_buffer(make):
     assert int(layer.max_num_voxels_during_training) == 0
 
 
+def test_record_voxel_count_buffer_of_a_meta_layer_loads_on_the_cpu():
+    # Built on the meta device and loaded with assign=True from a checkpoint without the
+    # buffer, the layer gets a real zero count, as spconv fills in.
+    with torch.device("meta"):
+        layer = spconv.SparseConv3d(3, 4, 3, stride=2, record_voxel_count=True)
+    saved = {k: v for k, v in spconv.SparseConv3d(3, 4, 3, stride=2).state_dict().items()}
+    layer.load_state_dict(saved, assign=True)
+    assert layer.max_num_voxels_during_training.device.type == "cpu"
+    assert int(layer.max_num_voxels_during_training) == 0
+
+
 def test_record_voxel_count_without_buffer():
     subm = spconv.SubMConv3d(3, 4, 3, record_voxel_count=True)
     assert "max_num_voxels_during_training" not in subm.state_dict()
@@ -441,6 +452,35 @@ def test_1x1_layer_keeps_input_rows_and_ignores_its_key(make):
                                   spconv.SubMConv3d(3, 3, 3, indice_key="res"))
     out = net(x)
     assert out.indices is x.indices and "res" in out.indice_dict
+
+
+def test_inverse_1x1_after_a_1x1_conv_with_its_key():
+    # The 1x1 conv stores no map, so the inverse 1x1 layer runs on its input's rows, as
+    # spconv's does; after a strided 1x1 conv (a map) it returns to that map's sites.
+    features, indices, shape, batch = _input()
+    x = spconv.SparseConvTensor(features, indices, shape, batch)
+    net = spconv.SparseSequential(spconv.SparseConv3d(3, 4, 1, indice_key="k"),
+                                  spconv.SparseInverseConv3d(4, 2, 1, indice_key="k"))
+    y = net(x)
+    assert y.indices is x.indices and y.features.shape == (len(indices), 2)
+    down = spconv.SparseConv3d(3, 4, 1, stride=2, indice_key="d")
+    back = spconv.SparseInverseConv3d(4, 2, 1, indice_key="d")(down(x))
+    assert back.spatial_shape == shape and back.indices is x.indices
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_1x1_layer_checks_sites_no_map_has_checked(compiled):
+    # A 1x1 layer builds no map, so it checks the sites itself, compiled too (the map
+    # builder's check): a duplicate or a row outside the batch is refused, not summed.
+    head = spconv.SparseSequential(spconv.SubMConv3d(3, 2, 1), spconv.SparseGlobalAvgPool())
+    # eager: the 1x1 layer alone (the global pool checks sites itself in eager mode)
+    run = torch.compile(head, fullgraph=True, backend="aot_eager") if compiled else head[0]
+    for rows, message in [([[0, 1, 1, 1], [0, 1, 1, 1]], "duplicate"),
+                          ([[0, 1, 1, 1], [3, 1, 1, 1]], "outside the grid")]:
+        x = spconv.SparseConvTensor(torch.randn(2, 3), torch.tensor(rows, dtype=torch.int32),
+                                    [4, 4, 4], 1)
+        with pytest.raises(Exception, match=message):
+            run(x)
 
 
 def test_padded_1x1_conv_moves_its_sites():

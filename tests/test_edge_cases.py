@@ -154,6 +154,19 @@ def test_empty_input_skips_batchnorm_in_sparse_sequential():
     torch.testing.assert_close(norm.running_mean, torch.tensor([1.5, 2.5, 3.5]))
 
 
+def test_empty_input_still_reaches_sync_batchnorm(monkeypatch):
+    # SyncBatchNorm must join its collective on an empty input too, or the other processes
+    # wait forever: it is not skipped (nor SparseBatchNorm, which spconv runs).
+    calls = []
+    for norm in (nn.SyncBatchNorm(3), sp.SparseBatchNorm(3)):
+        monkeypatch.setattr(norm, "forward", lambda features, norm=norm: calls.append(norm)
+                            or features)
+        empty = sp.SparseConvTensor(torch.zeros(0, 3), torch.zeros(0, 4, dtype=torch.int32),
+                                    [4, 4, 4], 1)
+        sp.SparseSequential(norm)(empty)
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_zero_sites_through_ops(device):
     idx = torch.zeros(0, 4, dtype=torch.int32, device=device)

@@ -245,6 +245,23 @@ def test_example_the_model_cannot_take_is_refused_before_tracing(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+class HalvesItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = sp.SubMConv3d(4, 8, 3)
+
+    def forward(self, x):
+        x.features.mul_(0.5)  # in place
+        return self.conv(x).features
+
+
+def test_export_leaves_the_example_as_it_was(tmp_path):
+    example = small_example()
+    before = example.features.clone()
+    export_model(HalvesItsInput().eval(), example, tmp_path / "halves.pt2")
+    assert torch.equal(example.features, before)
+
+
 def test_tracing_refuses_a_weight_of_another_dtype():
     # The fake kernel checks the dtypes as the real one does, so no graph of another dtype is
     # traced past it (torch.export alone, without export_model's eager call).

@@ -162,6 +162,11 @@ def test_height_compression_refuses_a_config_dict():
         HeightCompression({"NUM_BEV_FEATURES": 256})
 
 
+def test_height_compression_takes_numpy_ints():
+    import numpy as np
+    assert HeightCompression(np.int64(256)).num_bev_features == 256
+
+
 def test_unet_on_an_empty_input():
     model = UNetV2(4, [64, 64, 40], return_encoded_tensor=False).eval()
     empty = spconv.SparseConvTensor(torch.zeros(0, 4), torch.zeros(0, 4, dtype=torch.int32),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -27,14 +28,17 @@ class HeightCompression(nn.Module):
 
     def __init__(self, num_bev_features: Optional[int] = None) -> None:
         super().__init__()
-        if num_bev_features is not None and (not isinstance(num_bev_features, int)
-                                             or isinstance(num_bev_features, bool)
-                                             or num_bev_features < 1):
-            # OpenPCDet builds its class as HeightCompression(model_cfg): say what this takes.
-            raise TypeError(
-                "num_bev_features must be a positive int (OpenPCDet's model_cfg "
-                f"NUM_BEV_FEATURES), got {num_bev_features!r}"
-            )
+        if num_bev_features is not None:
+            try:  # ints, numpy ints; not bools, floats or OpenPCDet's model_cfg dict
+                count = operator.index(num_bev_features)
+            except TypeError:
+                count = None
+            if count is None or isinstance(num_bev_features, bool) or count < 1:
+                raise TypeError(
+                    "num_bev_features must be a positive int (OpenPCDet's model_cfg "
+                    f"NUM_BEV_FEATURES), got {num_bev_features!r}"
+                )
+            num_bev_features = count
         self.num_bev_features = num_bev_features
 
     def forward(self, encoded_spconv_tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from ..kernel_map import (
     check_output_padding,
     conv_map,
     expand_nd,
+    identity_table,
     inverse_map,
     output_maps,
     row_orders,
@@ -79,7 +80,9 @@ class RecordsVoxelCount(SparseModule):
                               unexpected_keys, error_msgs) -> None:
         buffer = self.get_max_num_voxels()
         if buffer is not None and prefix + VOXEL_COUNT_BUFFER not in state_dict:
-            state_dict[prefix + VOXEL_COUNT_BUFFER] = torch.zeros_like(buffer)
+            # (on the CPU for a layer built on the meta device: a load with assign=True keeps it)
+            state_dict[prefix + VOXEL_COUNT_BUFFER] = torch.zeros(
+                1, dtype=torch.int32, device="cpu" if buffer.is_meta else buffer.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -262,23 +265,25 @@ class SparseConvolution(RecordsVoxelCount):
         check_input(input, self.in_channels, self)
         self._check_weight_shape()
         in_features = input.features
-        if self.inverse:
+        # spconv 2.x runs a 1x1 layer as one product on the input's own rows, without a map: the
+        # output keeps the input's indices (their row order too: client code adds it to the
+        # input's features), and the layer neither reads nor stores a map under its indice_key.
+        # An inverse 1x1 layer does so unless a map is stored under its key: it returns to
+        # that map's sites, as an inverse conv of any size.
+        runs_in_place = self.conv1x1 and (
+            input.find_indice_pair(self.indice_key) is None if self.inverse
+            else self.subm or not any(self.padding + self.output_padding))
+        if runs_in_place:
+            kmap = None
+            nbr = nbr_t = identity_table(input)  # runs the product on the conv kernels
+            out_indices, out_shape = input.indices, input.spatial_shape
+        elif self.inverse:
             kmap, rows = inverse_map(input, self.kernel_size, self.indice_key)
             if rows is not None:  # input holds the conv's output sites in another row order
                 in_features = in_features[rows]
             # Run the stored map backwards: its inputs become our outputs.
             nbr, nbr_t = kmap.nbr_t, kmap.nbr
             out_indices, out_shape = kmap.in_indices, kmap.in_spatial_shape
-        elif self.conv1x1 and (self.subm or not any(self.padding + self.output_padding)):
-            # spconv 2.x runs a 1x1 layer as one product on the input's own rows, without a map:
-            # the output keeps the input's indices (their row order too: client code adds it to
-            # the input's features) and the layer neither reads nor stores a map under its
-            # indice_key. An identity table runs that product on the conv kernels.
-            kmap = None
-            nbr = torch.arange(input.features.shape[0], dtype=torch.int32,
-                               device=input.features.device).unsqueeze(1)
-            nbr_t = nbr
-            out_indices, out_shape = input.indices, input.spatial_shape
         else:
             if self.subm:
                 kmap = subm_map(input, self.kernel_size, self.dilation, self.indice_key)

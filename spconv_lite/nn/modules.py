@@ -81,8 +81,12 @@ class SparseSequential(SparseModule):
                 need = (f"{type(module).__name__} in a compiled or exported SparseSequential "
                         f"needs at least {fewest} site(s)")
                 torch._check(input.features.shape[0] >= fewest, lambda: need)
-            elif is_norm and input.features.shape[0] == 0:
-                continue  # as spconv: an empty input leaves the norm's batch count as it was
+            elif (is_norm and input.features.shape[0] == 0
+                  and not isinstance(module, (nn.SyncBatchNorm, SparseBatchNorm))):
+                # As spconv: an empty input leaves the norm's batch count as it was. Not a
+                # SyncBatchNorm: every process must join its all_gather, or the others wait
+                # forever; nor SparseBatchNorm, which spconv hands the whole tensor.
+                continue
             input = input.replace_feature(module(input.features))
         return input
 
