@@ -205,8 +205,8 @@ def test_compiled_batchnorm_on_an_empty_input_names_the_need():
     compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
     empty = sp.SparseConvTensor(torch.zeros(0, 3), torch.zeros(0, 4, dtype=torch.int32), SHAPE,
                                 BATCH)
-    with pytest.raises(Exception, match=r"BatchNorm1d in a compiled or exported "
-                                        r"SparseSequential needs at least 1 site\(s\)"):
+    with pytest.raises(Exception, match=r"a BatchNorm in a compiled or exported "
+                                        r"SparseSequential needs at least 1 site"):
         compiled(empty)
     assert net(empty).features.shape == (0, 4)  # eager takes it
 

@@ -4,6 +4,7 @@ training, SyncBatchNorm conversion inside SparseSequential."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -209,6 +210,8 @@ def test_ddp_sync_bn_refused_on_cpu():
 ])  # fmt: skip
 def test_demo_refuses_bad_options_by_name(option, message):
     demo = Path(__file__).resolve().parents[1] / "examples" / "demo.py"
+    # The checkout's spconv_lite, installed or not (as the in-process example tests use it).
+    path = os.pathsep.join(filter(None, [str(demo.parents[1]), os.environ.get("PYTHONPATH")]))
     run = subprocess.run([sys.executable, str(demo), *option], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, env={**os.environ, "PYTHONPATH": path})
     assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr

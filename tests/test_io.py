@@ -215,6 +215,7 @@ def test_pcd_ply_cut_short(tmp_path, name, write, cut):
     ("VERSION 0.7\nFIELDS x y z\nPOINTS 3\n", "no end of header"),
 ])  # fmt: skip
 def test_pcd_ply_malformed_header(tmp_path, header, match):
+    require_open3d()  # reading .pcd / .ply needs it before any header is looked at
     path = tmp_path / ("bad.ply" if header.startswith("ply") else "bad.pcd")
     path.write_text(header)
     with pytest.raises(ValueError, match=match):

@@ -77,10 +77,10 @@ class SparseSequential(SparseModule):
                 # on it (numel == 0; one row in training). Promise the tracer a usable count; an
                 # input without enough sites then fails a runtime check instead of a trace.
                 # (Later norms outside a SparseSequential, e.g. in residual blocks, rely on it.)
-                fewest = 2 if module.training else 1
-                need = (f"{type(module).__name__} in a compiled or exported SparseSequential "
-                        f"needs at least {fewest} site(s)")
-                torch._check(input.features.shape[0] >= fewest, lambda: need)
+                # The message is a literal: torch 2.11's dynamo takes no closure in it.
+                torch._check(input.features.shape[0] >= (2 if module.training else 1), lambda: (
+                    "a BatchNorm in a compiled or exported SparseSequential needs at least 1 "
+                    "site (2 in training)"))
             elif (is_norm and input.features.shape[0] == 0
                   and not isinstance(module, (nn.SyncBatchNorm, SparseBatchNorm))):
                 # As spconv: an empty input leaves the norm's batch count as it was. Not a
