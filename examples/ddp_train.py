@@ -15,10 +15,9 @@ Two things make the two runs comparable, and real training needs the same care:
 - **BatchNorm.** In training mode BatchNorm normalises with the statistics of the batch it
   sees, so each worker would use its own half batch. Here the BatchNorm statistics are frozen
   (eval mode, affine weights still trained), as in fine-tuning. To train with batch
-  statistics across workers, ``--sync-bn`` applies ``nn.SyncBatchNorm.convert_sync_batchnorm``,
-  which also converts the BatchNorm layers inside ``SparseSequential``; PyTorch's SyncBatchNorm
-  runs only on GPUs, and spconv_lite has no CUDA kernels yet, so that path cannot run on this
-  machine and the script refuses it with a message.
+  statistics across workers, apply ``nn.SyncBatchNorm.convert_sync_batchnorm`` (it also
+  converts the BatchNorm layers inside ``SparseSequential``); PyTorch's SyncBatchNorm runs only
+  on CUDA tensors, and this example trains on the CPU with gloo.
 
 The task is a toy: each voxel is classified as ground, low or high from its own height, which
 the network learns from the mean point coordinates it gets as features.
@@ -126,15 +125,13 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world_size: int, port: int, samples: list[dict], lr: float,
-            sync_bn: bool, out_dir: str, timeout_s: float) -> None:
+            out_dir: str, timeout_s: float) -> None:
     torch.set_num_threads(1)  # one core per worker
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
     try:
         model = build_model(samples[0]["grid_size"])
-        if sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ddp = DistributedDataParallel(model)
         per_rank = len(samples) // world_size
         mine = samples[rank * per_rank:(rank + 1) * per_rank]
@@ -149,7 +146,7 @@ def _worker(rank: int, world_size: int, port: int, samples: list[dict], lr: floa
 
 
 def run_distributed(samples: list[dict], world_size: int = 2, lr: float = 0.1,
-                    sync_bn: bool = False, timeout_s: float = 120.0) -> list[dict]:
+                    timeout_s: float = 120.0) -> list[dict]:
     """One DDP step in ``world_size`` spawned processes; returns each rank's gradients,
     updated weights and the losses. Never hangs: the processes are killed after
     ``timeout_s`` seconds and collective ops time out too."""
@@ -157,7 +154,7 @@ def run_distributed(samples: list[dict], world_size: int = 2, lr: float = 0.1,
         raise ValueError(f"{len(samples)} samples do not split evenly over {world_size} workers")
     with tempfile.TemporaryDirectory() as out_dir:
         context = mp.start_processes(
-            _worker, args=(world_size, free_port(), samples, lr, sync_bn, out_dir, timeout_s),
+            _worker, args=(world_size, free_port(), samples, lr, out_dir, timeout_s),
             nprocs=world_size, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout_s
         try:
@@ -197,19 +194,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--azimuth", type=int, default=360, help="firings per turn per beam")
-    parser.add_argument("--sync-bn", action="store_true",
-                        help="SyncBatchNorm in training mode (needs CUDA kernels)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds")
     args = parser.parse_args(argv)
-    if args.sync_bn and (spconv.constants.CPU_ONLY_BUILD or not torch.cuda.is_available()):
-        raise SystemExit("--sync-bn needs a GPU and spconv_lite's CUDA kernels: PyTorch's "
-                         "SyncBatchNorm runs only on GPUs, and this build is CPU-only")
 
     samples = make_samples(args.samples, args.azimuth)
     print(f"global batch: {len(samples)} sweeps, "
           f"{[len(s['features']) for s in samples]} voxels each")
     start = time.perf_counter()
-    ranks = run_distributed(samples, args.world_size, args.lr, args.sync_bn, args.timeout)
+    ranks = run_distributed(samples, args.world_size, args.lr, args.timeout)
     print(f"DDP, {args.world_size} gloo processes: {time.perf_counter() - start:.1f} s, "
           f"losses {[round(float(x), 5) for x in ranks[0]['losses']]}")
     torch.set_num_threads(1)  # the same kernels as in the workers

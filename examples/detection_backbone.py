@@ -98,8 +98,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("bev_features.png"))
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--source", default="spconv2.2",
-                        help="spconv version that saved --checkpoint: spconv1, spconv2.0 or "
-                        "spconv2.2")
+                        help="spconv version that saved --checkpoint: spconv1, spconv2.0, "
+                        "spconv2.1 or spconv2.2")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup", type=int, default=1,

@@ -18,6 +18,7 @@ import argparse
 import os
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -50,11 +51,13 @@ def encoder(in_channels: int) -> spconv.SparseSequential:
     )
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Runs the steps and prints them; returns the encoder output, the BEV map and the
+    per-point scores (for the tests)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("path", nargs="?", type=Path, default=DEFAULT_INPUT)
     parser.add_argument("--point-dims", type=int, default=None, help="columns of a .bin file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
 
     points = torch.from_numpy(read_points(args.path, args.point_dims))
@@ -90,6 +93,7 @@ def main() -> None:
     point_scores = spconv.voxel_to_point(voxel_scores, point_voxel, fill_value=float("nan"))
     print(f"per-point scores: {int(torch.isfinite(point_scores).sum()):,} of "
           f"{len(point_scores):,} points got their voxel's score")  # fmt: skip
+    return {"encoded": y, "bev": bev, "point_scores": point_scores}
 
 
 if __name__ == "__main__":

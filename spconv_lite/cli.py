@@ -9,8 +9,9 @@ one ``<name>.voxels.npz`` per input with ``voxels``, ``coordinates`` (z, y, x) a
 ``spconv-lite bench NAME [ARGS...]`` runs a benchmark script of a source checkout
 (``benchmarks/bench_NAME.py ARGS``; ``--help`` after the name lists its options).
 
-Errors end the command with a one-line message and a non-zero status (2 for bad arguments, 1
-when an input fails); outputs are written under a temporary name and renamed when complete,
+Errors end the command with a one-line message and a non-zero status (2 for arguments the
+parser refuses, such as a malformed number or an empty grid; 1 when an input or the output
+path cannot be used, or an input fails); outputs are written under a temporary name and renamed when complete,
 so a failure never leaves a partial file. A closed standard output (``spconv-lite info | head
 -1``) ends the command quietly with status 141, as SIGPIPE ends other tools.
 """
@@ -376,7 +377,7 @@ def heat_colours(value: np.ndarray) -> np.ndarray:
 
 def bev_image(coordinates: np.ndarray, spatial_shape: Sequence[int]) -> np.ndarray:
     """Bird's-eye view of voxel coordinates (z, y, x), RGB ``[H, W, 3]`` uint8: the occupied
-    voxels of each (y, x) column on a log scale, from dark blue (one voxel) to yellow (the 99th
+    voxels of each (y, x) column on a log scale, from teal (one voxel) to yellow (the 99th
     percentile of the occupied pixels and above), empty pixels black; x to the right and y up.
     Grids wider than 2048 are binned down."""
     _, size_y, size_x = spatial_shape

@@ -57,7 +57,8 @@ def build_subm_map(
         dilation: ``D`` dilations.
         check_sites: ``False`` when the sites are known to be in the grid and distinct (the
             output sites of a conv map): on a GPU the op then skips its check and the host
-            synchronisation it costs. Bad sites with ``False`` give wrong tables, not an error.
+            synchronisation it costs, and bad sites give wrong tables, not an error. The CPU
+            op checks them either way (its check costs no synchronisation).
 
     Returns:
         ``(nbr, nbr_t)``, both int32 ``[N, K]``.

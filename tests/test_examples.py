@@ -83,6 +83,23 @@ def test_detection_backbone_example(tmp_path):
     assert int.from_bytes(raw[16:20], "big") == 600 and int.from_bytes(raw[20:24], "big") == 528
 
 
+def test_voxelize_file_example(capsys):
+    import voxelize_file
+
+    path = lidar_file("kitti_object_training_000000.bin")
+    result = voxelize_file.main([str(path)])
+    assert result["encoded"].spatial_shape == [5, 200, 176]  # height 40 -> 5, stride 8
+    assert result["bev"].shape == (1, 64 * 5, 200, 176)
+    points = np.fromfile(path, dtype=np.float32).reshape(-1, 4)
+    low, high = np.array(voxelize_file.POINT_RANGE[:3]), np.array(voxelize_file.POINT_RANGE[3:])
+    outside = ((points[:, :3] < low) | (points[:, :3] >= high)).any(1)
+    scores = result["point_scores"].numpy()
+    assert len(scores) == len(points)
+    assert np.isnan(scores[outside]).all()  # no voxel, so the fill value
+    assert np.isfinite(scores).sum() > 0.9 * (~outside).sum()
+    assert "PointToVoxel:" in capsys.readouterr().out
+
+
 def test_detection_backbone_reads_a_pcd_file(tmp_path):
     """--file goes through spconv_lite.io: a .pcd (x, y, z, intensity) gives the same BEV map
     as the same points in a raw .bin."""
@@ -192,15 +209,6 @@ def test_sync_batchnorm_conversion_inside_sparse_sequential():
     converted.eval()
     with torch.no_grad():
         torch.testing.assert_close(converted(x), reference(x))
-
-
-def test_ddp_sync_bn_refused_on_cpu():
-    import ddp_train
-
-    if not spconv.constants.CPU_ONLY_BUILD and torch.cuda.is_available():
-        pytest.skip("this build could run SyncBatchNorm on the GPU")
-    with pytest.raises(SystemExit, match="SyncBatchNorm runs only on GPUs"):
-        ddp_train.main(["--sync-bn"])
 
 
 @pytest.mark.parametrize("option, message", [

@@ -14,7 +14,8 @@
 
 Module and parameter names match OpenPCDet's ``pcdet.models.backbones_3d`` and
 ``backbones_2d.map_to_bev`` (and Pointcept's ``sparse_unet`` for ``SpUNetBase``), so the
-3D-backbone part of a checkpoint loads with ``load_state_dict``. Every model takes ``spconv=``:
+3D-backbone part of a checkpoint loads with ``load_state_dict``. Every model built from sparse
+layers (all but :class:`HeightCompression`) takes ``spconv=``:
 the module namespace whose layers it is built from (default ``spconv_lite.pytorch``); passing
 ``spconv.pytorch`` builds the very same network with spconv, which is how the parity tests
 compare the two libraries.

@@ -29,7 +29,8 @@ TORCH_HAS_AMP = True
 
 
 def is_amp_enabled() -> bool:
-    """True inside a ``torch.autocast`` region."""
+    """True inside a CUDA ``torch.autocast`` region (as spconv's: ``torch.autocast("cpu")``
+    gives False, though the convs run in its dtype there too)."""
     return torch.is_autocast_enabled()
 
 
