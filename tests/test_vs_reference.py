@@ -193,6 +193,9 @@ def test_global_pool_matches_reference(kind, device):
 # (mode, batch, spatial_shape, n_sites, kernel, stride, padding, dilation)
 MAP_CASES = [
     ("subm", 2, (20, 20, 20), 2500, (3, 5, 3), 1, 0, (1, 1, 2)),
+    # nearly dense rows, dilated along the last axis: windows hold many sites between the
+    # kernel positions, which the CPU map search skips over
+    ("subm", 2, (3, 4, 60), 600, (3, 3, 5), 1, 0, (1, 2, 7)),
     ("conv", 2, (20, 20, 20), 2500, 3, 2, 1, 1),
     ("conv", 1, (40, 30), 800, (4, 3), (3, 2), (2, 0), (1, 2)),
     ("transpose", 2, (10, 10, 10), 600, 3, 2, 1, 1),

@@ -324,12 +324,20 @@ std::tuple<at::Tensor, at::Tensor> build_subm_map_cpu(const at::Tensor& indices,
         const int64_t mid = sorted[i].key + key_delta;
         while (j < rows && sorted[j].key < mid - last_pad) ++j;
         for (int64_t q = j; q < rows && sorted[q].key <= mid + last_pad; ++q) {
-          // A key in the window is a neighbour when it stays in the row (no wrap onto the
-          // next or previous one) and sits on a dilated kernel position.
+          // A key in the window is a neighbour when it sits on a dilated kernel position and
+          // stays in the row (no wrap onto the next or previous one).
           const int64_t step = sorted[q].key - mid + last_pad;  // in [0, 2 * pad]
+          if (last_dilation > 1 && step % last_dilation != 0) {
+            // Between kernel positions: search for the next one rather than step through the
+            // keys, which a dilated window over a dense row holds by the thousand.
+            const int64_t next = mid - last_pad + (step / last_dilation + 1) * last_dilation;
+            q = std::lower_bound(sorted.begin() + q + 1, sorted.end(), next,
+                                 [](const Reach& a, int64_t key) { return a.key < key; }) -
+                sorted.begin() - 1;  // the loop's ++q lands on it
+            continue;
+          }
           const int64_t x = coord[last] + step - last_pad;
           if (x < 0 || x >= grid.shape[last]) continue;
-          if (last_dilation > 1 && step % last_dilation != 0) continue;
           const int64_t k = group * last_kernel + step / last_dilation;
           if (k < centre) table_out[sorted[i].row * volume + k] = sorted[q].row;
         }
