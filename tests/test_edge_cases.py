@@ -390,6 +390,46 @@ def test_huge_spatial_shapes(kind, batch, shape, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_global_pool_of_a_large_batch_size(kind, device):
+    # Memory follows sites + batch items: a [batch_size, sites] comparison would need 100 GB.
+    gen = make_gen("large batch", kind)
+    batch_size, n = 1_000_000, 100_000
+    idx = torch.zeros(n, 4, dtype=torch.int32)
+    idx[:, 0] = torch.randperm(batch_size, generator=gen)[:n // 2].int().repeat(2)
+    idx[n // 2:, 3] = 1
+    f = randn(gen, n, 2)
+    x = sparse_tensor(f, idx, (1, 1, 2), batch_size, device)
+    out = (sp.SparseGlobalMaxPool() if kind == "max" else sp.SparseGlobalAvgPool())(x).cpu()
+    assert out.shape == (batch_size, 2)
+    first, second = f[: n // 2], f[n // 2:]  # each used item holds one row of each half
+    pooled = torch.maximum(first, second) if kind == "max" else (first + second) / 2
+    items = idx[: n // 2, 0].long()
+    torch.testing.assert_close(out[items], pooled)
+    unused = torch.ones(batch_size, dtype=torch.bool)
+    unused[items] = False
+    assert out[unused].eq(0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_global_max_pool_shares_the_gradient_of_tied_maxima(device):
+    # Ties are common after overlapping max pools; a negative gradient must be shared out too
+    # (torch.segment_reduce's backward gave each tie all of it: a sum of -2 for -1 here).
+    idx = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 1], [0, 1, 1, 1], [1, 0, 0, 0]],
+                       dtype=torch.int32)
+    f = torch.tensor([[3.0, -1.0], [3.0, 2.0], [1.0, 2.0], [5.0, 5.0]], dtype=torch.float64)
+    upstream = torch.tensor([[-1.0, -3.0], [2.0, -1.0]], dtype=torch.float64)
+    ours = f.clone().to(device).requires_grad_()
+    sp.SparseGlobalMaxPool()(sparse_tensor(ours, idx, (2, 2, 2), 2, device)).backward(
+        upstream.to(device))
+    want = f.clone().requires_grad_()
+    ref.global_max_pool(want, idx, 2).backward(upstream)
+    torch.testing.assert_close(ours.grad.cpu(), want.grad, rtol=0, atol=0)
+    torch.testing.assert_close(want.grad, torch.tensor(
+        [[-0.5, 0.0], [-0.5, -1.5], [0.0, -1.5], [2.0, -1.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_huge_grid_with_too_many_sites_is_rejected(device):
     # batch * prod(shape) = 2^63 cannot be packed into an int64 key.
     idx = torch.zeros(1, 4, dtype=torch.int32, device=device)

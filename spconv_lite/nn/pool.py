@@ -106,13 +106,17 @@ def global_pool(x: SparseConvTensor, is_max: bool) -> Tensor:
     without active sites."""
     check_sites(x.indices, x.spatial_shape, x.batch_size)
     batch = x.indices[:, 0].long()
+    if is_max:
+        # scatter_reduce's backward shares the gradient among tied maxima, as dense amax does
+        # (segment_reduce's gives each tie the whole of a negative gradient).
+        index = batch.unsqueeze(1).expand_as(x.features)
+        empty = x.features.new_zeros(x.batch_size, x.features.shape[1])
+        return empty.scatter_reduce(0, index, x.features, "amax", include_self=False)
     order = torch.argsort(batch, stable=True)
-    items = torch.arange(x.batch_size, device=batch.device)
-    # [B] counts without data-dependent shapes, so torch.compile can trace it.
-    lengths = (batch.unsqueeze(0) == items.unsqueeze(1)).sum(dim=1)
-    reduced = torch.segment_reduce(
-        x.features[order], "max" if is_max else "mean", lengths=lengths, unsafe=True
-    )
+    # [B] counts without data-dependent shapes (as bincount's), so torch.compile can trace it;
+    # integer sums, so exact in any order.
+    lengths = batch.new_zeros(x.batch_size).scatter_add_(0, batch, torch.ones_like(batch))
+    reduced = torch.segment_reduce(x.features[order], "mean", lengths=lengths, unsafe=True)
     return torch.where((lengths > 0).unsqueeze(1), reduced, torch.zeros_like(reduced))
 
 
