@@ -11,18 +11,19 @@ one ``<name>.voxels.npz`` per input with ``voxels``, ``coordinates`` (z, y, x) a
 
 Errors end the command with a one-line message and a non-zero status (2 for arguments the
 parser refuses, such as a malformed number or an empty grid; 1 when an input or the output
-path cannot be used, or an input fails); outputs are written under a temporary name and renamed when complete,
-so a failure never leaves a partial file. A closed standard output (``spconv-lite info | head
--1``) ends the command quietly with status 141, as SIGPIPE ends other tools.
+path cannot be used, or an input fails); outputs are written under a temporary name and
+renamed when complete, so a failure never leaves a partial file. A closed standard output
+(``spconv-lite info | head -1``) ends the command quietly with status 141, as SIGPIPE ends
+other tools.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import struct
 import sys
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass
@@ -324,21 +325,26 @@ def _file_id(path: Path) -> tuple[int, int]:
 def _write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Writes through ``write(file)`` into a temporary file beside ``path``, then renames it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual mode
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _create_temporary(path: Path) -> tuple[int, Path]:
+    """A new hidden file beside ``path``, opened for writing. Created with mode 0666 less the
+    umask, as an ordinary output file (mkstemp's 0600 would need the umask, which a process can
+    read only by setting it, racing other threads' file creation)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import struct
 import subprocess
 import sys
@@ -56,6 +57,27 @@ def test_voxelize_frame_as_spconv(frame, tmp_path, capsys):
     assert f"{len(points):,} points read" in stdout
     assert f"{len(expected[1]):,} voxels" in stdout
     assert files_in(tmp_path) == ["out.npz"]
+
+
+def test_outputs_get_the_umask_mode_without_touching_the_umask(tmp_path, capsys, monkeypatch):
+    """Files are created 0666 less the umask, like any tool's; the umask is never set, not even
+    briefly to read it (that races other threads' file creation: their files came out 0666)."""
+    source = write_bin(tmp_path / "c.bin", [[0.5, 0.5, 0.5]])
+    previous = os.umask(0o027)
+    try:
+        def refuse(mask):
+            raise AssertionError(f"the command set the umask to {mask:o}")
+
+        monkeypatch.setattr(os, "umask", refuse)
+        status, _, err = run(capsys, "voxelize", source, *SMALL, "--point-dims", 3,
+                             "-o", tmp_path / "c.npz", "--preview", tmp_path / "c.png")
+    finally:
+        monkeypatch.undo()
+        os.umask(previous)
+    assert status == 0, err
+    for name in ("c.npz", "c.png"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name
+    assert files_in(tmp_path) == ["c.bin", "c.npz", "c.png"]
 
 
 def test_summary_counts(tmp_path, capsys):
