@@ -408,10 +408,7 @@ class OutputAllocator final : public c10::Allocator {
         free_.erase(fit);
       }
     }
-    if (block == nullptr) {
-      const size_t capacity = bytes + bytes / 4;  // room for a next cloud with more voxels
-      block = new Block{c10::alloc_cpu(capacity), capacity};
-    }
+    if (block == nullptr) block = new_block(bytes);
     return {block->data, block, &release, c10::Device(c10::kCPU)};
   }
 
@@ -425,6 +422,17 @@ class OutputAllocator final : public c10::Allocator {
     size_t capacity;  // bytes
   };
   static constexpr size_t kKeptBytes = size_t{64} << 20;
+
+  // A block with room for a next cloud with more voxels, or exactly `bytes` where the
+  // room is not to be had: the headroom must not turn a request that fits into an error.
+  static Block* new_block(size_t bytes) {
+    const size_t roomy = bytes + bytes / 4;
+    try {
+      return new Block{c10::alloc_cpu(roomy), roomy};
+    } catch (const c10::Error&) {
+      return new Block{c10::alloc_cpu(bytes), bytes};
+    }
+  }
 
   static void release(void* context) {
     Block* block = static_cast<Block*>(context);
