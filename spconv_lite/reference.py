@@ -229,15 +229,18 @@ def _pool_pairs(indices: Tensor, spatial_shape: Sequence[int], kernel_size: IntO
 def max_pool(features: Tensor, indices: Tensor, spatial_shape: Sequence[int], batch_size: int,
              kernel_size: IntOrSeq, stride: Optional[IntOrSeq] = None, padding: IntOrSeq = 0,
              dilation: IntOrSeq = 1) -> tuple[Tensor, Tensor, list[int]]:
-    """Sparse max pool: true max over the active inputs of each window."""
+    """Sparse max pool: true max over the active inputs of each window (its gradient shares
+    ties out evenly; the op gives it to the first tied input, so tests compare gradients on
+    distinct values)."""
     out_indices, out_shape, in_rows, out_rows = _pool_pairs(indices, spatial_shape, kernel_size,
                                                             stride, padding, dilation)
     src = features.index_select(0, in_rows.to(features.device))
     index = out_rows.to(features.device)[:, None].expand_as(src)
     # Every output row has at least one pair, so include_self=False gives the true max. The
-    # ignored initial value is -inf, not 0: scatter_reduce's backward still counts an initial
-    # value equal to the max as a tie and would halve the gradient of a window whose max is 0.
-    out = features.new_full((len(out_indices), features.shape[1]), float("-inf"))
+    # ignored initial value is NaN, which equals nothing: scatter_reduce's backward still counts
+    # an initial value equal to the max as a tie (0 or -inf would take a share of a window
+    # whose max is 0 or -inf).
+    out = features.new_full((len(out_indices), features.shape[1]), float("nan"))
     out = out.scatter_reduce(0, index, src, "amax", include_self=False)
     return out, out_indices, out_shape
 

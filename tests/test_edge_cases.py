@@ -10,6 +10,7 @@ helpers.DEVICES (reference and dense results on the CPU).
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -413,20 +414,48 @@ def test_global_pool_of_a_large_batch_size(kind, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_global_max_pool_shares_the_gradient_of_tied_maxima(device):
-    # Ties are common after overlapping max pools; a negative gradient must be shared out too
-    # (torch.segment_reduce's backward gave each tie all of it: a sum of -2 for -1 here).
-    idx = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 1], [0, 1, 1, 1], [1, 0, 0, 0]],
+    # Ties are common after overlapping max pools, ReLUs or integer features. A negative gradient
+    # must be shared out too (torch.segment_reduce's backward gave each tie all of it), and a
+    # max of 0 or -inf takes no share for scatter_reduce's start value.
+    idx = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 1], [0, 1, 1, 1], [1, 0, 0, 0], [1, 0, 0, 1]],
                        dtype=torch.int32)
-    f = torch.tensor([[3.0, -1.0], [3.0, 2.0], [1.0, 2.0], [5.0, 5.0]], dtype=torch.float64)
+    f = torch.tensor([[3.0, 0.0], [3.0, 0.0], [1.0, -2.0], [5.0, -math.inf], [4.0, -math.inf]],
+                     dtype=torch.float64)
     upstream = torch.tensor([[-1.0, -3.0], [2.0, -1.0]], dtype=torch.float64)
     ours = f.clone().to(device).requires_grad_()
-    sp.SparseGlobalMaxPool()(sparse_tensor(ours, idx, (2, 2, 2), 2, device)).backward(
-        upstream.to(device))
+    pooled = sp.SparseGlobalMaxPool()(sparse_tensor(ours, idx, (2, 2, 2), 2, device))
+    pooled.backward(upstream.to(device))
     want = f.clone().requires_grad_()
     ref.global_max_pool(want, idx, 2).backward(upstream)
     torch.testing.assert_close(ours.grad.cpu(), want.grad, rtol=0, atol=0)
     torch.testing.assert_close(want.grad, torch.tensor(
-        [[-0.5, 0.0], [-0.5, -1.5], [0.0, -1.5], [2.0, -1.0]], dtype=torch.float64))
+        [[-0.5, -1.5], [-0.5, -1.5], [0.0, 0.0], [2.0, -0.5], [0.0, -0.5]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_window_pool_with_a_max_of_zero_or_minus_inf_keeps_the_whole_gradient(kind):
+    # The reference's max pool start value must not take a share of the gradient either.
+    idx = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 1], [0, 1, 1, 1]], dtype=torch.int32)
+    f = torch.tensor([[0.0, -math.inf], [0.0, -math.inf], [-1.0, -math.inf]],
+                     dtype=torch.float64, requires_grad=True)
+    pool = ref.max_pool if kind == "max" else ref.avg_pool
+    out, _, _ = pool(f, idx, [2, 2, 2], 1, 2, 2)
+    out.backward(-torch.ones_like(out))
+    assert f.grad.sum(0).tolist() == [-1.0, -1.0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_global_avg_pool_of_half_features_sums_in_float32(dtype, device):
+    # A bfloat16 running sum stalls at 256 (the mean of 10,000 ones came out 0.0256), a float16
+    # one overflows past 65504.
+    idx = torch.zeros(10_000, 4, dtype=torch.int32)
+    idx[:, 1:] = torch.stack(torch.meshgrid(*(torch.arange(22),) * 3, indexing="ij"), -1).reshape(
+        -1, 3)[:10_000].int()
+    f = torch.cat([torch.ones(10_000, 1), torch.full((10_000, 1), 20_000.0)], 1).to(dtype)
+    out = sp.SparseGlobalAvgPool()(sparse_tensor(f, idx, (22, 22, 22), 1, device)).cpu()
+    assert out.dtype == dtype
+    assert out.float().tolist() == [[1.0, float(torch.tensor(20_000.0).to(dtype))]]
 
 
 @pytest.mark.parametrize("device", DEVICES)

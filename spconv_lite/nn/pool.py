@@ -103,20 +103,27 @@ SparseAvgPool3d = _pool_class("SparseAvgPool3d", 3, SparseAvgPool)
 
 def global_pool(x: SparseConvTensor, is_max: bool) -> Tensor:
     """Max or mean of each batch item's features: dense ``[batch_size, C]``, zero for an item
-    without active sites."""
+    without active sites. The max's gradient is shared among tied maxima, as ``torch.amax``'s;
+    float16 / bfloat16 means are summed in float32."""
     check_sites(x.indices, x.spatial_shape, x.batch_size)
     batch = x.indices[:, 0].long()
-    if is_max:
-        # scatter_reduce's backward shares the gradient among tied maxima, as dense amax does
-        # (segment_reduce's gives each tie the whole of a negative gradient).
-        index = batch.unsqueeze(1).expand_as(x.features)
-        empty = x.features.new_zeros(x.batch_size, x.features.shape[1])
-        return empty.scatter_reduce(0, index, x.features, "amax", include_self=False)
-    order = torch.argsort(batch, stable=True)
     # [B] counts without data-dependent shapes (as bincount's), so torch.compile can trace it;
     # integer sums, so exact in any order.
     lengths = batch.new_zeros(x.batch_size).scatter_add_(0, batch, torch.ones_like(batch))
-    reduced = torch.segment_reduce(x.features[order], "mean", lengths=lengths, unsafe=True)
+    if is_max:
+        # scatter_reduce's backward counts a start value equal to the max as one more tie even
+        # with include_self=False; NaN equals nothing. (segment_reduce's backward gave each tie
+        # the whole of a negative gradient.)
+        index = batch.unsqueeze(1).expand_as(x.features)
+        start = x.features.new_full((x.batch_size, x.features.shape[1]), float("nan"))
+        reduced = start.scatter_reduce(0, index, x.features, "amax", include_self=False)
+    else:
+        order = torch.argsort(batch, stable=True)
+        features = x.features[order]
+        if features.dtype in (torch.float16, torch.bfloat16):
+            features = features.float()  # a half sum stalls (bfloat16 at 256) or overflows
+        reduced = torch.segment_reduce(features, "mean", lengths=lengths, unsafe=True)
+        reduced = reduced.to(x.features.dtype)
     return torch.where((lengths > 0).unsqueeze(1), reduced, torch.zeros_like(reduced))
 
 
