@@ -445,6 +445,40 @@ torch.library.register_autograd(
 )
 
 
+def _transposed_table(nbr: Tensor, input_rows: int) -> Tensor:
+    """``nbr_t`` from ``nbr``: ``nbr_t[i, k] = o`` where ``nbr[o, k] = i`` (one o per (i, k))."""
+    out_rows, offsets = (nbr >= 0).nonzero(as_tuple=True)
+    nbr_t = torch.full((input_rows, nbr.shape[1]), -1, dtype=nbr.dtype, device=nbr.device)
+    nbr_t[nbr[out_rows, offsets].long(), offsets] = out_rows.to(nbr.dtype)
+    return nbr_t
+
+
+def _weight_grad_setup(ctx, inputs, output):
+    features, grad_out, nbr = inputs
+    ctx.save_for_backward(features, grad_out, nbr)
+
+
+def _weight_grad_backward(ctx, grad):
+    # weight_grad[k] = sum over pairs (i, o) of offset k of features[i]^T grad_out[o]: bilinear,
+    # so its derivatives are a conv of grad_out (as the input gradient) and one of features
+    # (as the forward), both with ``grad`` [K, C_in, C_out] as the weight. Second derivatives
+    # only (gradient penalties): the table's transpose is rebuilt here.
+    features, grad_out, nbr = ctx.saved_tensors
+    nbr_t = _transposed_table(nbr, features.shape[0])
+    grad_features = grad_grad_out = None
+    if ctx.needs_input_grad[0]:
+        grad_features = _ops.sparse_conv(grad_out, grad.transpose(1, 2), nbr_t, nbr)
+    if ctx.needs_input_grad[1]:
+        grad_grad_out = _ops.sparse_conv(features, grad, nbr, nbr_t)
+    return grad_features, grad_grad_out, None
+
+
+torch.library.register_autograd(
+    "spconv_lite::sparse_conv_weight_grad", _weight_grad_backward,
+    setup_context=_weight_grad_setup,
+)
+
+
 def _sum_pool_setup(ctx, inputs, output):
     _, nbr, nbr_t = inputs
     ctx.save_for_backward(nbr, nbr_t)
@@ -472,4 +506,23 @@ def _max_pool_backward(ctx, grad, _grad_argmax):
 
 torch.library.register_autograd(
     "spconv_lite::sparse_max_pool", _max_pool_backward, setup_context=_max_pool_setup
+)
+
+
+def _max_pool_backward_setup(ctx, inputs, output):
+    _, argmax, _ = inputs
+    ctx.save_for_backward(argmax)
+
+
+def _max_pool_double_backward(ctx, grad):
+    # The backward routes grad_out[o, c] to input row argmax[o, c] (-1: none): linear in
+    # grad_out, so its own gradient reads grad back from those rows.
+    (argmax,) = ctx.saved_tensors
+    picked = grad.gather(0, argmax.clamp(min=0).long())
+    return torch.where(argmax >= 0, picked, torch.zeros_like(picked)), None, None
+
+
+torch.library.register_autograd(
+    "spconv_lite::sparse_max_pool_backward", _max_pool_double_backward,
+    setup_context=_max_pool_backward_setup,
 )

@@ -50,14 +50,14 @@ def test_gradcheck_sparse_conv(kind, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", MAPS)
-def test_gradgradcheck_sparse_conv_features(kind, device):
-    # The input gradient is itself a sparse_conv, so it is differentiable again (the weight
-    # gradient kernel has no backward, so only the feature path is checked twice).
+def test_gradgradcheck_sparse_conv(kind, device):
+    # The input gradient is itself a sparse_conv, and the weight gradient's backward is two
+    # more (gradient penalties differentiate both).
     nbr, nbr_t = small_map(kind, "conv2", device)
     gen = make_gen("gradgradcheck_conv", kind)
     features = randn(gen, nbr_t.shape[0], 2).to(device).requires_grad_()
-    weight = randn(gen, nbr.shape[1], 2, 3).to(device)
-    assert gradgradcheck(lambda f: ops.sparse_conv(f, weight, nbr, nbr_t), (features,))
+    weight = randn(gen, nbr.shape[1], 2, 3).to(device).requires_grad_()
+    assert gradgradcheck(lambda f, w: ops.sparse_conv(f, w, nbr, nbr_t), (features, weight))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -75,7 +75,9 @@ def test_gradcheck_sparse_sum_pool(kind, device):
 def test_gradcheck_sparse_max_pool(kind, device):
     nbr, nbr_t = small_map(kind, "max", device)
     features = distinct_values(make_gen("gradcheck_max", kind), nbr_t.shape[0], 3).to(device)
-    assert gradcheck(lambda f: ops.sparse_max_pool(f, nbr, nbr_t), (features.requires_grad_(),))
+    features.requires_grad_()
+    assert gradcheck(lambda f: ops.sparse_max_pool(f, nbr, nbr_t), (features,))
+    assert gradgradcheck(lambda f: ops.sparse_max_pool(f, nbr, nbr_t), (features,))
 
 
 # ----------------------------------------------------------------------------- through modules
