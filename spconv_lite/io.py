@@ -21,6 +21,7 @@ are kept (the voxelizer drops them).
 from __future__ import annotations
 
 import itertools
+import numbers
 import os
 import struct
 import zipfile
@@ -103,13 +104,12 @@ def read_points_with_fields(
             f"path {str(path)!r} has an unsupported suffix; supported: "
             + ", ".join(SUPPORTED_SUFFIXES)
         )
-    if point_dims is not None and (isinstance(point_dims, bool) or int(point_dims) < 3):
-        raise ValueError(f"point_dims must be an int >= 3, got {point_dims!r}")
+    _check_point_dims(point_dims)
     if not path.is_file():
         raise FileNotFoundError(f"no such point cloud file: {str(path)!r}")
     names: Optional[list[str]] = None
     if suffix in (".bin", ".pcd.bin"):
-        columns = int(point_dims) if point_dims is not None else _default_columns(suffix)
+        columns = point_dims if point_dims is not None else _default_columns(suffix)
         size = path.stat().st_size
         if size % (4 * columns):
             raise ValueError(
@@ -132,6 +132,16 @@ def read_points_with_fields(
     if names is None:
         names = [*_XYZ, *(f"c{j}" for j in range(3, points.shape[1]))]
     return np.ascontiguousarray(points, dtype=np.float32), names[: points.shape[1]]
+
+
+def _check_point_dims(point_dims) -> None:
+    """Raises unless ``point_dims`` is None or a whole number of columns, at least 3."""
+    if point_dims is None:
+        return
+    if isinstance(point_dims, bool) or not isinstance(point_dims, numbers.Integral):
+        raise TypeError(f"point_dims must be an int >= 3, got {point_dims!r}")
+    if point_dims < 3:
+        raise ValueError(f"point_dims must be an int >= 3, got {point_dims!r}")
 
 
 def _default_columns(suffix: str) -> int:
@@ -168,6 +178,7 @@ def read_cloud(path: PathLike, point_dims: Optional[int] = None) -> tuple[np.nda
         >>> layout  # doctest: +SKIP
         '4 float32 columns (the .bin default)'
     """
+    _check_point_dims(point_dims)
     path = Path(path)
     suffix = _suffix(path)
     if suffix == ".pcd.bin" and point_dims not in (None, _NUSCENES_COLUMNS):
@@ -176,7 +187,7 @@ def read_cloud(path: PathLike, point_dims: Optional[int] = None) -> tuple[np.nda
             f"(x, y, z, intensity, ring), but point_dims={point_dims}"
         )
     if suffix == ".bin":
-        columns = point_dims or _BIN_DEFAULT_COLUMNS
+        columns = _BIN_DEFAULT_COLUMNS if point_dims is None else point_dims
         points = read_points(path, columns)
         layout = f"{columns} float32 columns" + (
             " (the .bin default)" if point_dims is None else f" (point_dims={columns})"

@@ -259,6 +259,23 @@ class PointToVoxel:
         )
 
 
+def checked_voxel_ids(ids: Tensor, voxel_values: Tensor, name: str) -> Tensor:
+    """``ids`` as int64 on ``voxel_values``' device, after checking (eagerly) that they are
+    integers, each a row of ``voxel_values`` or -1 (a point without a voxel)."""
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer voxel ids, got {ids.dtype}")
+    ids = ids.to(device=voxel_values.device, dtype=torch.long)
+    voxels = voxel_values.shape[0]
+    if not torch.compiler.is_compiling() and ids.numel() > 0:
+        low, high = int(ids.min()), int(ids.max())
+        if low < -1 or high >= voxels:
+            raise ValueError(
+                f"{name} must hold voxel rows in [0, {voxels}) or -1, got values in "
+                f"[{low}, {high}]"
+            )
+    return ids
+
+
 def voxel_to_point(voxel_values: Tensor, point_voxel_id: Tensor, fill_value: float = 0) -> Tensor:
     """Gives every point the value of its voxel (e.g. segmentation logits per point).
 
@@ -276,12 +293,7 @@ def voxel_to_point(voxel_values: Tensor, point_voxel_id: Tensor, fill_value: flo
     """
     if point_voxel_id.dim() != 1:
         raise ValueError(f"point_voxel_id must be 1-D, got shape {list(point_voxel_id.shape)}")
-    ids = point_voxel_id.to(device=voxel_values.device, dtype=torch.long)
-    if ids.numel() and int(ids.max()) >= voxel_values.shape[0]:
-        raise ValueError(
-            f"point_voxel_id refers to voxel {int(ids.max())} but voxel_values has "
-            f"{voxel_values.shape[0]} rows"
-        )
+    ids = checked_voxel_ids(point_voxel_id, voxel_values, "point_voxel_id")
     out = voxel_values.new_full((ids.shape[0], *voxel_values.shape[1:]), fill_value)
     kept = ids >= 0
     out[kept] = voxel_values[ids[kept]]

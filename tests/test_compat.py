@@ -413,6 +413,22 @@ def test_gather_features_by_pc_voxel_id():
         spconv.utils.gather_features_by_pc_voxel_id(feats, torch.tensor([1, -2]))
 
 
+@pytest.mark.parametrize("ids, error, message", [
+    (torch.tensor([0.9, -1.0]), TypeError, "must hold integer voxel ids, got torch.float32"),
+    (torch.tensor([True, False]), TypeError, "must hold integer voxel ids, got torch.bool"),
+    (torch.tensor([-5, 0]), ValueError, "must hold voxel rows in [0, 2) or -1, got values in [-5"),
+    (torch.tensor([2, 0], dtype=torch.int32), ValueError, "must hold voxel rows in [0, 2) or"),
+])  # fmt: skip
+def test_voxel_ids_are_checked_the_same_way_by_both_gathers(ids, error, message):
+    # Float ids were truncated (0.9 read voxel 0), bool ids read voxels 0 and 1, and
+    # voxel_to_point filled ids below -1 silently.
+    feats = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    with pytest.raises(error, match=re.escape("pc_voxel_id " + message)):
+        spconv.utils.gather_features_by_pc_voxel_id(feats, ids)
+    with pytest.raises(error, match=re.escape("point_voxel_id " + message)):
+        spconv_lite.voxel_to_point(feats, ids)
+
+
 def test_output_size_helpers():
     assert spconv.ops.get_conv_output_size([41, 1600, 1408], 3, 2, 1, 1) == [21, 800, 704]
     out = spconv.ops.get_conv_output_size([5, 200, 176], (3, 1, 1), (2, 1, 1), 0, 1)

@@ -248,6 +248,18 @@ def test_bad_point_dims(tmp_path, point_dims, match):
         io.read_points(tmp_path / "c.npy", point_dims)
 
 
+@pytest.mark.parametrize("point_dims, error", [
+    (0, ValueError), (False, TypeError), (True, TypeError), (4.5, TypeError), (4.0, TypeError),
+    ("4", TypeError),
+])  # fmt: skip
+@pytest.mark.parametrize("reader", ["read_points", "read_cloud"])
+def test_point_dims_must_be_a_whole_count(tmp_path, reader, point_dims, error):
+    # 0 and False read the 4-column default, 4.5 read 4 columns and reported "4.5".
+    np.zeros((4, 4), dtype=np.float32).tofile(tmp_path / "c.bin")
+    with pytest.raises(error, match=r"point_dims must be an int >= 3, got "):
+        getattr(io, reader)(tmp_path / "c.bin", point_dims)
+
+
 # read_cloud (the command's reader) on the real frames: how it reads each, and the layout
 # mistakes it refuses (the Waymo fixture has 6 columns, the last a timestamp).
 @pytest.mark.parametrize("name, point_dims, layout", [

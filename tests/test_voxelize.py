@@ -528,7 +528,7 @@ def test_voxel_to_point_maps_results_back():
     kept = ids >= 0
     assert torch.equal(per_point[kept], coords[ids[kept]].float())
     assert (per_point[~kept] == -1).all()
-    with pytest.raises(ValueError, match="voxel_values has"):
+    with pytest.raises(ValueError, match=r"point_voxel_id must hold voxel rows in \[0, 1\) or -1"):
         voxel_to_point(coords[:1].float(), ids)
 
 

@@ -6,7 +6,7 @@ from typing import Union
 
 import torch
 
-from ..voxelize import PointToVoxel
+from ..voxelize import PointToVoxel, checked_voxel_ids
 
 __all__ = ["PointToVoxel", "gather_features_by_pc_voxel_id"]
 
@@ -21,15 +21,7 @@ def gather_features_by_pc_voxel_id(seg_res_features: torch.Tensor, pc_voxel_id: 
                 [0.],
                 [1.]])
     """
-    ids = pc_voxel_id.to(seg_res_features.device).long()
-    voxels = seg_res_features.shape[0]
-    if not torch.compiler.is_compiling() and ids.numel() > 0:
-        low, high = int(ids.min()), int(ids.max())
-        if low < -1 or high >= voxels:
-            raise ValueError(
-                f"pc_voxel_id must hold voxel rows in [0, {voxels}) or -1, got values in "
-                f"[{low}, {high}]"
-            )
+    ids = checked_voxel_ids(pc_voxel_id, seg_res_features, "pc_voxel_id")
     # Id -1 picks the last row: one of invalid_value appended (so no voxel at all works too).
     fill = seg_res_features.new_full((1, *seg_res_features.shape[1:]), invalid_value)
     return torch.cat([seg_res_features, fill])[ids]
