@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .tensor import SparseConvTensor
+from .tensor import SparseConvTensor, check_sites
 
 
 def sparse_add(*tensors: SparseConvTensor) -> SparseConvTensor:
@@ -47,6 +47,8 @@ def sparse_add(*tensors: SparseConvTensor) -> SparseConvTensor:
                 f"{x.batch_size}, {x.features.shape[1]} channels; argument 0 has "
                 f"{first.spatial_shape}, {first.batch_size}, {first.features.shape[1]}"
             )
+        # Duplicate or out-of-grid sites would merge with other sites' sums silently.
+        check_sites(x.indices, x.spatial_shape, x.batch_size)
     indices = torch.cat([x.indices for x in tensors])
     features = torch.cat([x.features for x in tensors])
     # unique(dim=0) sorts rows lexicographically, i.e. by (batch, z, y, x).

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .tensor import SparseConvTensor, site_keys
+from .tensor import SparseConvTensor, check_sites, site_keys
 
 IntOrSeq = Union[int, Sequence[int]]
 
@@ -458,6 +458,9 @@ def _rows_in_map_order(key: str, kmap: KernelMap, x: SparseConvTensor) -> Option
         )
     elif torch.equal(x.indices, kmap.out_indices):
         return None
+    if not compiling:
+        # Keys of sites outside the grid can equal those of real sites.
+        check_sites(x.indices, x.spatial_shape, x.batch_size)
     given, x_order = site_keys(x.indices, x.spatial_shape).sort()
     produced, map_order = site_keys(kmap.out_indices, kmap.out_spatial_shape).sort()
     if compiling:

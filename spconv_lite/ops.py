@@ -357,8 +357,20 @@ def _build_conv_map_fake(
     )
 
 
+def _check_same_device(**tensors) -> None:
+    """Raises ValueError naming the arguments unless all given tensors share one device. A meta
+    tensor beside real ones sends a call to these fake kernels, which would return
+    uninitialised memory (a model built on the meta device and never materialised)."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError("the tensor arguments must be on one device, got "
+                         + ", ".join(f"{name} on {device}" for name, device in devices.items()))
+
+
 @torch.library.register_fake("spconv_lite::sparse_conv")
 def _sparse_conv_fake(features, weight, nbr, nbr_t, order=None, order_t=None):
+    _check_same_device(features=features, weight=weight, nbr=nbr, nbr_t=nbr_t, order=order,
+                       order_t=order_t)
     torch._check(weight.dim() == 3 and weight.shape[1] == features.shape[1])
     # As the kernels check: a traced graph of another dtype would size its buffers wrongly.
     torch._check_type(weight.dtype == features.dtype, lambda: (
@@ -373,6 +385,7 @@ def _conv_row_order_fake(nbr, splits):
 
 @torch.library.register_fake("spconv_lite::sparse_conv_weight_grad")
 def _sparse_conv_weight_grad_fake(features, grad_out, nbr):
+    _check_same_device(features=features, grad_out=grad_out, nbr=nbr)
     torch._check_type(grad_out.dtype == features.dtype, lambda: (
         f"grad_out dtype {grad_out.dtype} must match features dtype {features.dtype}"))
     return features.new_empty((nbr.shape[1], features.shape[1], grad_out.shape[1]))
@@ -380,17 +393,20 @@ def _sparse_conv_weight_grad_fake(features, grad_out, nbr):
 
 @torch.library.register_fake("spconv_lite::sparse_sum_pool")
 def _sparse_sum_pool_fake(features, nbr, nbr_t):
+    _check_same_device(features=features, nbr=nbr, nbr_t=nbr_t)
     return features.new_empty((nbr.shape[0], features.shape[1]))
 
 
 @torch.library.register_fake("spconv_lite::sparse_max_pool")
 def _sparse_max_pool_fake(features, nbr, nbr_t):
+    _check_same_device(features=features, nbr=nbr, nbr_t=nbr_t)
     shape = (nbr.shape[0], features.shape[1])
     return features.new_empty(shape), features.new_empty(shape, dtype=torch.int32)
 
 
 @torch.library.register_fake("spconv_lite::sparse_max_pool_backward")
 def _sparse_max_pool_backward_fake(grad_out, argmax, nbr_t):
+    _check_same_device(grad_out=grad_out, argmax=argmax, nbr_t=nbr_t)
     return grad_out.new_empty((nbr_t.shape[0], grad_out.shape[1]))
 
 

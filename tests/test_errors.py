@@ -374,7 +374,9 @@ def test_global_pool_rejects_batch_index_outside_batch_size():
     lambda x: x.dense(),
     lambda x: sp.SparseGlobalMaxPool()(x),
     lambda x: sp.SparseGlobalAvgPool()(x),
-], ids=["dense", "global_max", "global_avg"])
+    lambda x: sp.functional.sparse_add(x, sp.SparseConvTensor(
+        torch.ones(1, 2), idx([1, 3, 3, 3]), [4, 4, 4], 2)),
+], ids=["dense", "global_max", "global_avg", "sparse_add"])
 def test_dense_and_global_pools_reject_duplicate_sites(use):
     # Every conv and pool rejects duplicates; dense() would keep one row and the global mean
     # would count the site twice.
@@ -405,6 +407,41 @@ def test_dense_and_global_pools_check_reassigned_indices(use, edit, error, match
     edit(x)
     with pytest.raises(error, match=match):
         use(x)
+
+
+def test_sparse_add_rejects_sites_outside_the_grid():
+    # They passed through into the sum (duplicates made the other operand's sites vanish).
+    inside = sp.SparseConvTensor(torch.ones(1, 1), idx([0, 1, 1, 1]), [4, 4, 4], 1)
+    outside = sp.SparseConvTensor(torch.ones(1, 1), idx([0, 0, 0, 9]), [4, 4, 4], 1)
+    with pytest.raises(ValueError, match=E("indices row 0 = [0, 0, 0, 9] is outside the grid")):
+        sp.functional.sparse_add(inside, outside)
+
+
+def test_inverse_conv_rejects_sites_outside_the_grid_whose_keys_match():
+    # (y=0, x=3) on a grid 2 wide packs to the key of (y=1, x=1): it passed as that site.
+    x = sp.SparseConvTensor(torch.randn(3, 3), idx([0, 0, 0, 0], [0, 1, 2, 3], [0, 3, 3, 3]),
+                            [4, 4, 4], 1)
+    y = sp.SparseConv3d(3, 4, 3, 2, 1, bias=False, indice_key="d")(x)
+    bad = y.indices.clone()
+    j = int(((bad[:, 2] == 1) & (bad[:, 3] == 1)).nonzero()[0, 0])
+    bad[j, 2:] = torch.tensor([0, 3])
+    moved = sp.SparseConvTensor(y.features, bad, y.spatial_shape, 1, indice_dict=y.indice_dict)
+    with pytest.raises(ValueError, match=r"is outside the grid"):
+        sp.SparseInverseConv3d(4, 3, 3, "d", bias=False)(moved)
+
+
+def test_weights_left_on_the_meta_device_are_refused():
+    # A model built under torch.device("meta") and never materialised ran on CPU inputs and
+    # returned uninitialised memory (the dispatcher picks the fake kernel).
+    x = sp.SparseConvTensor(torch.randn(2, 3), idx([0, 1, 1, 1], [0, 1, 1, 2]), [4, 4, 4], 1)
+    with torch.device("meta"):
+        layer = sp.SubMConv3d(3, 8, 3, bias=False)
+    with pytest.raises(ValueError, match=E(
+            "the tensor arguments must be on one device, got features on cpu, weight on meta")):
+        layer(x)
+    nbr, nbr_t = ops.build_subm_map(x.indices, [4, 4, 4], 1, [3, 3, 3], [1, 1, 1])
+    with pytest.raises(ValueError, match="nbr on meta"):
+        ops.sparse_max_pool(x.features, nbr.to("meta"), nbr_t, check_tables=False)
 
 
 def test_global_pools_and_site_check_on_grids_past_int64_keys():
