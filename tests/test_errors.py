@@ -342,8 +342,10 @@ def test_spatial_shape_and_kernel_accept_integer_types():
     # Not errors: numpy / torch integers are as good as Python ints.
     x = sp.SparseConvTensor(torch.randn(1, 3), idx([0, 1, 1, 1]), np.array([4, 4, 4]),
                             np.int64(1))
-    layer = sp.SparseConv3d(3, 2, np.int64(2), stride=torch.tensor(2), padding=[0, 0, 0])
+    layer = sp.SparseConv3d(np.int64(3), np.int32(2), np.int64(2), stride=torch.tensor(2),
+                            padding=[0, 0, 0])
     assert layer.kernel_size == (2, 2, 2) and layer.stride == (2, 2, 2)
+    assert type(layer.in_channels) is int and layer.out_channels == 2
     assert layer(x).spatial_shape == [2, 2, 2]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -137,11 +138,12 @@ class SparseConvolution(RecordsVoxelCount):
                 f"groups must be 1 (grouped sparse conv is not supported), got {groups}"
             )
         for arg, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if not isinstance(value, int) or value < 1:
+            # numpy ints too (channel lists read from configs), as torch's convs take them
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{arg} must be a positive int, got {value!r}")
         self.ndim = ndim
-        self.in_channels = in_channels
-        self.out_channels = out_channels
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
         self.kernel_size = expand_nd(ndim, kernel_size, "kernel_size")
         self.stride = expand_nd(ndim, stride, "stride")
         self.padding = expand_nd(ndim, padding, "padding")
