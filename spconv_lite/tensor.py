@@ -13,6 +13,9 @@ from torch import Tensor
 SpatialShape = Union[Sequence[int], np.ndarray, Tensor]
 
 
+_MOST_SITES = 2**31  # int32 indices: coordinates and batch indices below it
+
+
 def _as_shape(spatial_shape: SpatialShape) -> list[int]:
     """Converts a list, tuple, numpy array or tensor of integer sizes into a list of Python
     ints; whole floats (41.0, as spconv takes them) are converted, fractions refused rather
@@ -29,6 +32,9 @@ def _as_shape(spatial_shape: SpatialShape) -> list[int]:
         ) from exc
     if not 1 <= len(shape) <= 4 or any(s < 1 for s in shape):
         raise ValueError(f"spatial_shape must hold 1 to 4 positive sizes, got {shape}")
+    if any(s > _MOST_SITES for s in shape):
+        raise ValueError(f"spatial_shape sizes must be at most 2^31 (the int32 indices hold "
+                         f"coordinates below 2^31), got {shape}")
     return shape
 
 
@@ -241,6 +247,9 @@ class SparseConvTensor:
             batch_size = 0
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {value!r}")
+        if batch_size > _MOST_SITES:
+            raise ValueError(f"batch_size must be at most 2^31 (the int32 indices hold batch "
+                             f"indices below 2^31), got {value!r}")
         self._batch_size = batch_size
 
     def __repr__(self) -> str:

@@ -278,6 +278,13 @@ CASES = [
      E("spatial_shape must hold 1 to 4 positive sizes, got [4, 4, 4, 4, 4]")),
     ("batch_size_zero", lambda: tensor(TWO_SITES, batch_size=0), ValueError,
      r"batch_size must be a positive int, got 0"),
+    # past the int32 indices: the ops refused them with "expected int, found int"
+    ("batch_size_past_int32", lambda: tensor(TWO_SITES, batch_size=2**63), ValueError,
+     E("batch_size must be at most 2^31 (the int32 indices hold batch indices below 2^31), "
+       "got 9223372036854775808")),
+    ("spatial_shape_past_int32", lambda: tensor(TWO_SITES, (2**31 + 1, 4, 4)), ValueError,
+     E("spatial_shape sizes must be at most 2^31 (the int32 indices hold coordinates below "
+       "2^31), got [2147483649, 4, 4]")),
     # fractions and bools are refused, not truncated to ints (whole floats are taken)
     ("spatial_shape_float_list", lambda: tensor(TWO_SITES, (3.7, 3, 3)), TypeError,
      E("spatial_shape must be a sequence of ints, got [3.7, 3, 3]")),
