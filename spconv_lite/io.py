@@ -21,7 +21,6 @@ are kept (the voxelizer drops them).
 from __future__ import annotations
 
 import itertools
-import numbers
 import os
 import struct
 import zipfile
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+
+from .tensor import check_count
 
 __all__ = [
     "SUPPORTED_SUFFIXES", "read_points", "read_points_with_fields", "read_cloud", "is_point_file"
@@ -77,11 +78,12 @@ def read_points(path: PathLike, point_dims: Optional[int] = None) -> np.ndarray:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: naming the argument, for an unknown suffix, a ``.bin`` size that is not a
-            multiple of ``4 * point_dims``, a ``point_dims`` larger than the file's columns,
-            content that is not a 2-D array with at least 3 columns, an empty, corrupt or
-            pickled ``.npy`` / ``.npz``, or a ``.pcd`` / ``.ply`` whose header is malformed or
-            declares more points than the file holds.
+        ValueError: naming the argument, for a ``point_dims`` that is not a whole number of at
+            least 3, an unknown suffix, a ``.bin`` size that is not a multiple of
+            ``4 * point_dims``, a ``point_dims`` larger than the file's columns, content that
+            is not a 2-D array with at least 3 columns, an empty, corrupt or pickled ``.npy`` /
+            ``.npz``, or a ``.pcd`` / ``.ply`` whose header is malformed or declares more
+            points than the file holds.
         ImportError: ``.pcd`` / ``.ply`` without open3d.
 
     Example:
@@ -104,7 +106,7 @@ def read_points_with_fields(
             f"path {str(path)!r} has an unsupported suffix; supported: "
             + ", ".join(SUPPORTED_SUFFIXES)
         )
-    _check_point_dims(point_dims)
+    point_dims = _check_point_dims(point_dims)
     if not path.is_file():
         raise FileNotFoundError(f"no such point cloud file: {str(path)!r}")
     names: Optional[list[str]] = None
@@ -134,14 +136,9 @@ def read_points_with_fields(
     return np.ascontiguousarray(points, dtype=np.float32), names[: points.shape[1]]
 
 
-def _check_point_dims(point_dims) -> None:
-    """Raises unless ``point_dims`` is None or a whole number of columns, at least 3."""
-    if point_dims is None:
-        return
-    if isinstance(point_dims, bool) or not isinstance(point_dims, numbers.Integral):
-        raise TypeError(f"point_dims must be an int >= 3, got {point_dims!r}")
-    if point_dims < 3:
-        raise ValueError(f"point_dims must be an int >= 3, got {point_dims!r}")
+def _check_point_dims(point_dims) -> Optional[int]:
+    """``point_dims`` as an int (None stays None): a whole number of columns, at least 3."""
+    return None if point_dims is None else check_count(point_dims, "point_dims", least=3)
 
 
 def _default_columns(suffix: str) -> int:
@@ -178,7 +175,7 @@ def read_cloud(path: PathLike, point_dims: Optional[int] = None) -> tuple[np.nda
         >>> layout  # doctest: +SKIP
         '4 float32 columns (the .bin default)'
     """
-    _check_point_dims(point_dims)
+    point_dims = _check_point_dims(point_dims)
     path = Path(path)
     suffix = _suffix(path)
     if suffix == ".pcd.bin" and point_dims not in (None, _NUSCENES_COLUMNS):

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .tensor import SparseConvTensor, check_sites, site_keys
+from .tensor import MAX_GRID_SIZE, SparseConvTensor, check_in_grid, site_keys
 
 IntOrSeq = Union[int, Sequence[int]]
 
@@ -38,10 +38,6 @@ def expand_nd(ndim: int, value: IntOrSeq, name: str) -> tuple[int, ...]:
     if len(values) != ndim:
         raise ValueError(f"{name} must have {ndim} entries, got {list(values)}")
     return values
-
-
-# Sites have int32 coordinates, so an output grid may not have more cells per axis.
-MAX_GRID_SIZE = 2**31
 
 
 def _check_fits_int32(shape: list[int], layer: str) -> None:
@@ -458,9 +454,7 @@ def _rows_in_map_order(key: str, kmap: KernelMap, x: SparseConvTensor) -> Option
         )
     elif torch.equal(x.indices, kmap.out_indices):
         return None
-    if not compiling:
-        # Keys of sites outside the grid can equal those of real sites.
-        check_sites(x.indices, x.spatial_shape, x.batch_size)
+    check_in_grid(x.indices, x.spatial_shape, x.batch_size)  # their keys can alias real sites
     given, x_order = site_keys(x.indices, x.spatial_shape).sort()
     produced, map_order = site_keys(kmap.out_indices, kmap.out_spatial_shape).sort()
     if compiling:

@@ -462,7 +462,9 @@ torch.library.register_autograd(
 
 
 def _transposed_table(nbr: Tensor, input_rows: int) -> Tensor:
-    """``nbr_t`` from ``nbr``: ``nbr_t[i, k] = o`` where ``nbr[o, k] = i`` (one o per (i, k))."""
+    """``nbr_t`` from ``nbr``: ``nbr_t[i, k] = o`` where ``nbr[o, k] = i``. Assumes what every
+    map built here holds, one o per (i, k); a hand-made table that breaks it has wrong first
+    derivatives already."""
     out_rows, offsets = (nbr >= 0).nonzero(as_tuple=True)
     nbr_t = torch.full((input_rows, nbr.shape[1]), -1, dtype=nbr.dtype, device=nbr.device)
     nbr_t[nbr[out_rows, offsets].long(), offsets] = out_rows.to(nbr.dtype)

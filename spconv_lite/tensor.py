@@ -13,7 +13,24 @@ from torch import Tensor
 SpatialShape = Union[Sequence[int], np.ndarray, Tensor]
 
 
-_MOST_SITES = 2**31  # int32 indices: coordinates and batch indices below it
+# Sites have int32 coordinates and batch indices, so no grid axis or batch may be larger.
+MAX_GRID_SIZE = 2**31
+
+
+def check_count(value: Any, name: str, *, least: int = 1,
+                most: Optional[tuple[int, str]] = None) -> int:
+    """``value`` as an int, after checking that it is a whole number (a Python, numpy or 0-d
+    tensor int, not a bool) of at least ``least`` and at most ``most`` = (limit, its text)."""
+    try:
+        count = None if isinstance(value, (bool, np.bool_)) else operator.index(value)
+    except TypeError:
+        count = None
+    if count is None or count < least:
+        kind = "a positive int" if least == 1 else f"an int >= {least}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    if most is not None and count > most[0]:
+        raise ValueError(f"{name} must be at most {most[1]}, got {count}")
+    return count
 
 
 def _as_shape(spatial_shape: SpatialShape) -> list[int]:
@@ -32,7 +49,7 @@ def _as_shape(spatial_shape: SpatialShape) -> list[int]:
         ) from exc
     if not 1 <= len(shape) <= 4 or any(s < 1 for s in shape):
         raise ValueError(f"spatial_shape must hold 1 to 4 positive sizes, got {shape}")
-    if any(s > _MOST_SITES for s in shape):
+    if any(s > MAX_GRID_SIZE for s in shape):
         raise ValueError(f"spatial_shape sizes must be at most 2^31 (the int32 indices hold "
                          f"coordinates below 2^31), got {shape}")
     return shape
@@ -76,14 +93,9 @@ def check_indices(indices: Tensor, spatial_shape: Sequence[int]) -> None:
         )
 
 
-def check_sites(indices: Tensor, spatial_shape: Sequence[int], batch_size: int) -> None:
-    """Raises ValueError naming the first row of ``indices`` outside the batch and grid, or two
-    rows that are the same site (and what check_indices raises).
-
-    The C++ kernel-map builders check this in every mode; this eager-only check guards the
-    pure-PyTorch paths (``dense()``, global pools). It reads data, so it is skipped while
-    ``torch.compile`` traces.
-    """
+def check_in_grid(indices: Tensor, spatial_shape: Sequence[int], batch_size: int) -> None:
+    """Raises ValueError naming the first row of ``indices`` outside the batch and grid (and
+    what check_indices raises): such rows' packed keys can equal real sites'. Eager only."""
     check_indices(indices, spatial_shape)
     if torch.compiler.is_compiling() or indices.shape[0] == 0:
         return
@@ -95,6 +107,19 @@ def check_sites(indices: Tensor, spatial_shape: Sequence[int], batch_size: int) 
             f"indices row {row} = {indices[row].tolist()} is outside the grid: batch index must "
             f"be in [0, {batch_size}) and coordinates inside spatial_shape {list(spatial_shape)}"
         )
+
+
+def check_sites(indices: Tensor, spatial_shape: Sequence[int], batch_size: int) -> None:
+    """Raises ValueError naming the first row of ``indices`` outside the batch and grid, or two
+    rows that are the same site (and what check_indices raises).
+
+    The C++ kernel-map builders check this in every mode; this eager-only check guards the
+    paths that compare or combine sites without one (``dense()``, the global pools,
+    ``sparse_add``). It reads data, so it is skipped while ``torch.compile`` traces.
+    """
+    check_in_grid(indices, spatial_shape, batch_size)
+    if torch.compiler.is_compiling() or indices.shape[0] == 0:
+        return
     if int(batch_size) * math.prod(int(n) for n in spatial_shape) <= 2**63:  # keys fit int64
         site_ids = site_keys(indices, spatial_shape)
     else:  # rows compared whole, more slowly
@@ -247,7 +272,7 @@ class SparseConvTensor:
             batch_size = 0
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {value!r}")
-        if batch_size > _MOST_SITES:
+        if batch_size > MAX_GRID_SIZE:
             raise ValueError(f"batch_size must be at most 2^31 (the int32 indices hold batch "
                              f"indices below 2^31), got {value!r}")
         self._batch_size = batch_size

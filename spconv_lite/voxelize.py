@@ -11,7 +11,6 @@ a NaN or infinite value are dropped.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -20,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .tensor import SparseConvTensor
+from .tensor import SparseConvTensor, check_count
 
 __all__ = ["GridGeometry", "PointToVoxel", "batch_point_clouds", "voxel_to_point"]
 
@@ -121,14 +120,6 @@ class GridGeometry:
 _MOST_VOXELS, _MOST_POINTS_PER_VOXEL = (2**63 - 1, "2^63 - 1"), (2**31 - 1, "2^31 - 1")
 
 
-def _check_count(value: int, name: str, most: Optional[tuple[int, str]] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if most is not None and value > most[0]:
-        raise ValueError(f"{name} must be at most {most[1]}, got {value}")
-    return int(value)
-
-
 class PointToVoxel:
     """spconv 2.x's ``spconv.pytorch.utils.PointToVoxel``, without the dense grid.
 
@@ -169,15 +160,15 @@ class PointToVoxel:
     ) -> None:
         self.geometry = GridGeometry.from_spconv_args(vsize_xyz, coors_range_xyz)
         self.ndim = len(self.geometry.voxel_size)
-        self.num_point_features = _check_count(num_point_features, "num_point_features")
+        self.num_point_features = check_count(num_point_features, "num_point_features")
         if self.num_point_features < self.ndim:
             raise ValueError(
                 f"num_point_features must be at least {self.ndim} (the coordinates), got "
                 f"{num_point_features}"
             )
-        self.max_num_voxels = _check_count(max_num_voxels, "max_num_voxels", _MOST_VOXELS)
-        self.max_num_points_per_voxel = _check_count(
-            max_num_points_per_voxel, "max_num_points_per_voxel", _MOST_POINTS_PER_VOXEL
+        self.max_num_voxels = check_count(max_num_voxels, "max_num_voxels", most=_MOST_VOXELS)
+        self.max_num_points_per_voxel = check_count(
+            max_num_points_per_voxel, "max_num_points_per_voxel", most=_MOST_POINTS_PER_VOXEL
         )
         self.device = torch.device(device)
         g = self.geometry

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import math
-import numbers
 from typing import Optional
 
 import torch
@@ -21,7 +20,7 @@ from ..kernel_map import (
     row_orders,
     subm_map,
 )
-from ..tensor import SparseConvTensor, check_same_sites
+from ..tensor import SparseConvTensor, check_count, check_same_sites
 from .modules import SparseModule
 
 
@@ -137,13 +136,10 @@ class SparseConvolution(RecordsVoxelCount):
             raise ValueError(
                 f"groups must be 1 (grouped sparse conv is not supported), got {groups}"
             )
-        for arg, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            # numpy ints too (channel lists read from configs), as torch's convs take them
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{arg} must be a positive int, got {value!r}")
         self.ndim = ndim
-        self.in_channels = int(in_channels)
-        self.out_channels = int(out_channels)
+        # numpy ints too (channel lists read from configs)
+        self.in_channels = check_count(in_channels, "in_channels")
+        self.out_channels = check_count(out_channels, "out_channels")
         self.kernel_size = expand_nd(ndim, kernel_size, "kernel_size")
         self.stride = expand_nd(ndim, stride, "stride")
         self.padding = expand_nd(ndim, padding, "padding")

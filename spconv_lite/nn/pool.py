@@ -107,8 +107,8 @@ def global_pool(x: SparseConvTensor, is_max: bool) -> Tensor:
     float16 / bfloat16 means are summed in float32."""
     check_sites(x.indices, x.spatial_shape, x.batch_size)
     batch = x.indices[:, 0].long()
-    # [B] counts without data-dependent shapes (as bincount's), so torch.compile can trace it;
-    # integer sums, so exact in any order.
+    # [B] counts of a static shape (bincount's depends on the data), so torch.compile can trace
+    # it; integer sums, so exact in any order.
     lengths = batch.new_zeros(x.batch_size).scatter_add_(0, batch, torch.ones_like(batch))
     if is_max:
         # scatter_reduce's backward counts a start value equal to the max as one more tie even

@@ -329,9 +329,11 @@ std::tuple<at::Tensor, at::Tensor> build_subm_map_cpu(const at::Tensor& indices,
           const int64_t step = sorted[q].key - mid + last_pad;  // in [0, 2 * pad]
           if (last_dilation > 1 && step % last_dilation != 0) {
             // Between kernel positions: search for the next one rather than step through the
-            // keys, which a dilated window over a dense row holds by the thousand.
+            // keys, which a dilated window over a dense row holds by the thousand. Keys are
+            // distinct integers, so the first key >= next is at most next - key places on.
             const int64_t next = mid - last_pad + (step / last_dilation + 1) * last_dilation;
-            q = std::lower_bound(sorted.begin() + q + 1, sorted.end(), next,
+            const int64_t search_end = std::min(rows, q + 1 + (next - sorted[q].key));
+            q = std::lower_bound(sorted.begin() + q + 1, sorted.begin() + search_end, next,
                                  [](const Reach& a, int64_t key) { return a.key < key; }) -
                 sorted.begin() - 1;  // the loop's ++q lands on it
             continue;
