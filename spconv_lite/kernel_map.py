@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import ops
 from .tensor import MAX_GRID_SIZE, SparseConvTensor, check_in_grid, site_keys
@@ -133,6 +134,20 @@ class KernelMap:
     def kernel_volume(self) -> int:
         return math.prod(self.kernel_size)
 
+    # Copies (deepcopy, pickle, a DataLoader worker's queue) restart their tensors' version
+    # counters, so a copy keeps whether each indices tensor was edited since the build, not
+    # the count: an edited one stays edited, an unedited one is unedited at its new version.
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["in_version"] = _edited_in_place(self.in_indices, self.in_version)
+        state["out_version"] = _edited_in_place(self.out_indices, self.out_version)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.in_version = _EDITED if state["in_version"] else _version(self.in_indices)
+        self.out_version = _EDITED if state["out_version"] else _version(self.out_indices)
+
 
 def rows_variant() -> int:
     """N of ``rows=N`` in ``SPCONV_LITE_CUDA_VARIANTS`` (the CUDA kernel variants, listed in
@@ -180,6 +195,10 @@ def _version_unknown(t: Tensor) -> bool:
     # (torch.inference_mode) keep no version counter: there identity stands for it, so an
     # in-place edit goes unnoticed (as in spconv, which never checks).
     return torch.compiler.is_compiling() or t.is_inference()
+
+
+# A version no tensor has: the map's sites were edited in place before it was copied.
+_EDITED = -1
 
 
 def _version(t: Tensor) -> int:
@@ -258,16 +277,17 @@ def _check_reuse(key: str, cached, geometry: dict, x: SparseConvTensor) -> None:
                  x.spatial_shape)
 
 
-# The attribute by which an indices tensor remembers the grid its sites were found valid on
-# (inside it and distinct): (its version then, spatial_shape, batch_size). Set in eager mode on
-# the sites a map built or checked, with or without an indice_key (a keyless pool's output, a
-# keyless submanifold layer's input), so that the next submanifold map over them skips the check.
-_VALID_SITES = "_spconv_lite_valid_sites"
+# The grid on which an indices tensor's sites were found valid (inside it and distinct), by
+# tensor: (its version then, spatial_shape, batch_size). Set in eager mode on the sites a map
+# built or checked, with or without an indice_key (a keyless pool's output, a keyless
+# submanifold layer's input), so that the next submanifold map over them skips the check. Not
+# an attribute of the tensor: that would travel with copies, whose version counters restart.
+_valid_sites = WeakIdKeyDictionary()
 
 
 def _mark_valid_sites(indices: Tensor, spatial_shape: Sequence[int], batch_size: int) -> None:
     if not torch.compiler.is_compiling():
-        setattr(indices, _VALID_SITES, (_version(indices), tuple(spatial_shape), batch_size))
+        _valid_sites[indices] = (_version(indices), tuple(spatial_shape), batch_size)
 
 
 def _sites_of_a_map(x: SparseConvTensor) -> bool:
@@ -279,7 +299,7 @@ def _sites_of_a_map(x: SparseConvTensor) -> bool:
     if not torch.compiler.is_compiling():
         if x.indices.is_inference():
             return False
-        mark = getattr(x.indices, _VALID_SITES, None)
+        mark = _valid_sites.get(x.indices)
         if mark == (_version(x.indices), tuple(x.spatial_shape), x.batch_size):
             return True
     for kmap in x.indice_dict.values():

@@ -13,13 +13,17 @@ either to raise ValueError or to give the pure-PyTorch reference's answer for th
 
 from __future__ import annotations
 
+import copy
+import io
+import pickle
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import spconv_lite as sp
-from spconv_lite import reference
+from spconv_lite import kernel_map, reference
 
 SHAPE = [6, 6, 6]
 
@@ -120,6 +124,49 @@ def test_conv_key_reused_on_the_same_sites():
     second = down(tensor(A.clone(), first.indice_dict))
     assert second.indices is first.indices
     torch.testing.assert_close(second.features, first.features)
+
+
+def pickled(obj):
+    return pickle.loads(pickle.dumps(obj))
+
+
+def saved_and_loaded(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+COPIES = {"deepcopy": copy.deepcopy, "pickle": pickled, "torch.save": saved_and_loaded}
+
+
+@pytest.mark.parametrize("make_copy", COPIES.values(), ids=COPIES.keys())
+def test_copies_of_a_tensor_reuse_its_maps(make_copy):
+    # Copies (a DataLoader worker's queue too) restart the indices' version counters: a map
+    # built over version-0 indices must not look edited in the copy.
+    down = layer(sp.SparseConv3d, 2, 2, 3, stride=2, padding=1, indice_key="d")
+    subm = layer(sp.SubMConv3d, 2, 2, 3, indice_key="s")
+    up = layer(sp.SparseInverseConv3d, 2, 2, 3, indice_key="d")
+    with torch.no_grad():
+        y = subm(down(tensor(A)))
+        copied = make_copy(y)
+        for net in (subm, up):
+            assert torch.equal(net(copied).features, net(y).features)
+
+
+@pytest.mark.parametrize("make_copy", COPIES.values(), ids=COPIES.keys())
+def test_copies_of_sites_edited_in_place_still_refuse_the_map(make_copy):
+    indices = torch.zeros(4, 4, dtype=torch.int32)
+    indices[:, 1:] = A[:, 1:]  # one in-place write: version 1, as a copy's
+    subm = layer(sp.SubMConv3d, 2, 2, 3, indice_key="s")
+    with torch.no_grad():
+        y = subm(tensor(indices))
+        y.indices[:, 3] = 5 - y.indices[:, 3]
+        copied = make_copy(y)
+        assert copied.indices._version == 1  # the version the map was built at
+        with pytest.raises(ValueError, match=r"indice_key 's'.*modified in place"):
+            subm(copied)
+        assert not kernel_map._sites_of_a_map(copied)  # nor are its sites taken as checked
 
 
 @pytest.mark.parametrize("order", ["same", "reversed", "shuffled"])
