@@ -41,6 +41,29 @@ def expand_nd(ndim: int, value: IntOrSeq, name: str) -> tuple[int, ...]:
     return values
 
 
+# The least value of each conv argument, as torch's convs accept.
+_GEOMETRY_MINIMUM = {"kernel_size": 1, "stride": 1, "padding": 0, "dilation": 1,
+                     "output_padding": 0}
+
+
+def expand_geometry(ndim: int, **values: IntOrSeq) -> tuple[tuple[int, ...], ...]:
+    """The given conv arguments (``kernel_size``, ``stride``, ``padding``, ``dilation``,
+    ``output_padding``), each as ``ndim`` ints, in the order given.
+
+    Raises:
+        ValueError: naming the argument, when an entry is below its minimum (1, or 0 for the
+            paddings).
+    """
+    expanded = []
+    for name, value in values.items():
+        entries = expand_nd(ndim, value, name)
+        minimum = _GEOMETRY_MINIMUM[name]
+        if any(v < minimum for v in entries):
+            raise ValueError(f"{name} entries must be >= {minimum}, got {list(entries)}")
+        expanded.append(entries)
+    return tuple(expanded)
+
+
 def _check_fits_int32(shape: list[int], layer: str) -> None:
     if any(n > MAX_GRID_SIZE for n in shape):
         raise ValueError(

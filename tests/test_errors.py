@@ -218,6 +218,20 @@ CASES = [
         idx([0, 1, 1, 1]), [3, 3, 3], 1, [3, 3, 2**31 + 5], [1, 1, 3], [1, 1, 3], [0, 0, 0],
         [1, 1, 1], True),
      ValueError, E("out_spatial_shape [3, 3, 2147483653] has sizes above 2^31")),
+    # an output grid other than the conv's own would silently drop or misplace output sites
+    ("op_out_grid_too_small", lambda: ops.build_conv_map(
+        idx([0, 3, 3, 3]), [4, 4, 4], 1, [1, 1, 1], [3, 3, 3], [1, 1, 1], [0, 0, 0], [1, 1, 1]),
+     ValueError, E("out_spatial_shape [1, 1, 1] is not the output grid of a conv of "
+                   "spatial_shape [4, 4, 4] with kernel_size [3, 3, 3], stride [1, 1, 1], "
+                   "padding [0, 0, 0] and dilation [1, 1, 1]: that is [2, 2, 2]")),
+    ("op_transposed_out_grid_past_output_padding", lambda: ops.build_conv_map(
+        idx([0, 1, 1, 1]), [4, 4, 4], 1, [7, 9, 7], [3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1],
+        True),
+     ValueError, E("out_spatial_shape [7, 9, 7] is not the output grid of a transposed conv")
+     + r".*" + E("that is [7, 7, 7] (plus an output padding below the stride or the dilation)")),
+    ("output_size_stride_zero", lambda: spconv_ops.get_conv_output_size(
+        [10, 10, 10], 3, (1, 0, 1), 0, 1),
+     ValueError, E("stride entries must be >= 1, got [1, 0, 1]")),
     # a weight of another layout assigned after construction
     ("weight_torch_layout", lambda: assign_weight(sp.SubMConv3d(2, 3, 3),
                                                   torch.randn(3, 2, 3, 3, 3)),

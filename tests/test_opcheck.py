@@ -25,7 +25,7 @@ def sites(key, count=60):
 def conv_map_args(idx, transposed=False):
     if transposed:
         return (idx, SHAPE, BATCH, [12, 10, 14], [2, 2, 2], [2, 2, 2], [0, 0, 0], [1, 1, 1], True)
-    return (idx, SHAPE, BATCH, [3, 3, 4], [3, 2, 3], [2, 2, 2], [1, 0, 1], [1, 1, 1], False)
+    return (idx, SHAPE, BATCH, [3, 2, 4], [3, 2, 3], [2, 2, 2], [1, 0, 1], [1, 1, 1], False)
 
 
 def a_map(kind):

@@ -142,6 +142,27 @@ inline ConvMapArgs conv_map_args(const at::Tensor& indices, c10::IntArrayRef spa
                       transposed ? "out_spatial_shape " : "spatial_shape ",
                       transposed ? out_spatial_shape : spatial_shape, " padded by ", padding);
   }
+  // The output grid must be the conv's own (torch's formulas; a transposed conv may add an
+  // output padding below the stride or the dilation): a smaller one would drop output sites.
+  std::vector<int64_t> expected(g.ndim);
+  bool matches = true;
+  for (int d = 0; d < g.ndim; ++d) {
+    const int64_t reach = g.dilation[d] * (g.kernel[d] - 1) + 1;
+    if (transposed) {
+      expected[d] = (args.in_grid.shape[d] - 1) * g.stride[d] - 2 * g.padding[d] + reach;
+      const int64_t extra = out_spatial_shape[d] - expected[d];
+      matches = matches && extra >= 0 && extra < std::max(g.stride[d], g.dilation[d]);
+    } else {
+      expected[d] = (args.in_grid.shape[d] + 2 * g.padding[d] - reach) / g.stride[d] + 1;
+      matches = matches && out_spatial_shape[d] == expected[d];
+    }
+  }
+  TORCH_CHECK_VALUE(matches, "out_spatial_shape ", out_spatial_shape, " is not the output grid of ",
+                    transposed ? "a transposed conv" : "a conv", " of spatial_shape ",
+                    spatial_shape, " with kernel_size ", kernel_size, ", stride ", stride,
+                    ", padding ", padding, " and dilation ", dilation, ": that is ", c10::IntArrayRef(expected),
+                    transposed ? " (plus an output padding below the stride or the dilation)"
+                               : "");
   return args;
 }
 

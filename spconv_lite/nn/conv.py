@@ -13,7 +13,7 @@ from .. import ops
 from ..kernel_map import (
     check_output_padding,
     conv_map,
-    expand_nd,
+    expand_geometry,
     identity_table,
     inverse_map,
     output_maps,
@@ -140,18 +140,10 @@ class SparseConvolution(RecordsVoxelCount):
         # numpy ints too (channel lists read from configs)
         self.in_channels = check_count(in_channels, "in_channels")
         self.out_channels = check_count(out_channels, "out_channels")
-        self.kernel_size = expand_nd(ndim, kernel_size, "kernel_size")
-        self.stride = expand_nd(ndim, stride, "stride")
-        self.padding = expand_nd(ndim, padding, "padding")
-        self.dilation = expand_nd(ndim, dilation, "dilation")
-        self.output_padding = expand_nd(ndim, output_padding, "output_padding")
-        for arg, values, minimum in (
-            ("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
-            ("padding", self.padding, 0), ("dilation", self.dilation, 1),
-            ("output_padding", self.output_padding, 0),
-        ):
-            if any(v < minimum for v in values):
-                raise ValueError(f"{arg} entries must be >= {minimum}, got {list(values)}")
+        (self.kernel_size, self.stride, self.padding, self.dilation,
+         self.output_padding) = expand_geometry(
+            ndim, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
+            output_padding=output_padding)
         if transposed:
             check_output_padding(self.output_padding, self.stride, self.dilation)
         if subm and any(k % 2 == 0 for k in self.kernel_size):

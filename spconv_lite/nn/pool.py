@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..kernel_map import conv_map, expand_nd, output_maps
+from ..kernel_map import conv_map, expand_geometry, output_maps
 from ..tensor import SparseConvTensor, check_sites
 from .conv import RecordsVoxelCount, check_input
 from .modules import SparseModule
@@ -29,16 +29,10 @@ class SparsePool(RecordsVoxelCount):
         if subm:
             raise ValueError("submanifold pooling is not supported (subm=True)")
         self.ndim = ndim
-        self.kernel_size = expand_nd(ndim, kernel_size, "kernel_size")
-        self.stride = self.kernel_size if stride is None else expand_nd(ndim, stride, "stride")
-        self.padding = expand_nd(ndim, padding, "padding")
-        self.dilation = expand_nd(ndim, dilation, "dilation")
-        for arg, values, minimum in (
-            ("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
-            ("padding", self.padding, 0), ("dilation", self.dilation, 1),
-        ):
-            if any(v < minimum for v in values):
-                raise ValueError(f"{arg} entries must be >= {minimum}, got {list(values)}")
+        # spconv's pools default the stride to the kernel size.
+        self.kernel_size, self.stride, self.padding, self.dilation = expand_geometry(
+            ndim, kernel_size=kernel_size, stride=kernel_size if stride is None else stride,
+            padding=padding, dilation=dilation)
         self.indice_key = indice_key
         self.subm = subm
         self.algo = algo

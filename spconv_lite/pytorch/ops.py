@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..kernel_map import conv_output_shape, conv_transpose_output_shape, expand_nd
+from ..kernel_map import conv_output_shape, conv_transpose_output_shape, expand_geometry
 from ..nn.conv import ConvAlgo
 from ..ops import (
     build_conv_map,
@@ -23,20 +23,17 @@ from ..ops import (
 def get_conv_output_size(input_size: Sequence[int], kernel_size, stride, padding,
                          dilation) -> list[int]:
     """Output grid of a regular sparse conv (same formula as a dense conv)."""
-    ndim = len(input_size)
-    k, s, p, d = (expand_nd(ndim, v, n) for v, n in (
-        (kernel_size, "kernel_size"), (stride, "stride"), (padding, "padding"),
-        (dilation, "dilation")))
+    k, s, p, d = expand_geometry(len(input_size), kernel_size=kernel_size, stride=stride,
+                                 padding=padding, dilation=dilation)
     return conv_output_shape(list(input_size), k, s, p, d)
 
 
 def get_deconv_output_size(input_size: Sequence[int], kernel_size, stride, padding, dilation,
                            output_padding) -> list[int]:
     """Output grid of a transposed sparse conv (same formula as a dense transposed conv)."""
-    ndim = len(input_size)
-    k, s, p, d, op = (expand_nd(ndim, v, n) for v, n in (
-        (kernel_size, "kernel_size"), (stride, "stride"), (padding, "padding"),
-        (dilation, "dilation"), (output_padding, "output_padding")))
+    k, s, p, d, op = expand_geometry(len(input_size), kernel_size=kernel_size, stride=stride,
+                                     padding=padding, dilation=dilation,
+                                     output_padding=output_padding)
     return conv_transpose_output_shape(list(input_size), k, s, p, d, op)
 
 __all__ = [
