@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import sys
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -304,6 +306,28 @@ def test_record_voxel_count_buffer(make):
     layer.eval()  # counted in training only
     layer(spconv.SparseConvTensor(*_input()))
     assert int(layer.max_num_voxels_during_training) == 0
+
+
+def test_record_voxel_count_keeps_the_largest_count_of_threads_training_one_layer():
+    def row_of_sites(n):
+        indices = torch.zeros(n, 4, dtype=torch.int32)
+        indices[:, 3] = torch.arange(n) * 2
+        return spconv.SparseConvTensor(torch.randn(n, 2), indices, [1, 1, 4 * n], 1)
+
+    inputs = [row_of_sites(n) for n in (10, 20, 30, 40)]
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, to open the window of a lost update
+    try:
+        for _ in range(1000):
+            layer = spconv.SparseConv3d(2, 2, 1, 2, record_voxel_count=True)
+            threads = [threading.Thread(target=layer, args=(x,)) for x in inputs]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert int(layer.max_num_voxels_during_training) == 40
+    finally:
+        sys.setswitchinterval(switch_interval)
 
 
 def test_record_voxel_count_buffer_of_a_meta_layer_loads_on_the_cpu():

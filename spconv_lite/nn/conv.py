@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+import threading
 from typing import Optional
 
 import torch
@@ -52,6 +53,7 @@ def check_input(x, channels: Optional[int], layer: nn.Module) -> None:
 
 
 VOXEL_COUNT_BUFFER = "max_num_voxels_during_training"
+_VOXEL_COUNT_LOCK = threading.Lock()
 
 
 class RecordsVoxelCount(SparseModule):
@@ -74,7 +76,8 @@ class RecordsVoxelCount(SparseModule):
     def _record_voxel_count(self, count: int) -> None:
         buffer = self.get_max_num_voxels()
         if buffer is not None and self.training and not torch.compiler.is_compiling():
-            buffer.fill_(max(int(buffer), count))
+            with _VOXEL_COUNT_LOCK:  # threads training one model must not lose a larger count
+                buffer.clamp_(min=count)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
