@@ -459,6 +459,22 @@ def test_global_avg_pool_of_half_features_sums_in_float32(dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_window_avg_pool_of_half_features_rounds_the_mean_once(dtype, device):
+    # Summed and divided in the half type, a float16 window of 10,000s overflowed to inf, a
+    # bfloat16 count of 343 became 344, and a quarter of the means were off by one rounding.
+    idx = torch.stack(torch.meshgrid(*(torch.arange(7),) * 3, indexing="ij"), -1).reshape(-1, 3)
+    idx = torch.cat([torch.zeros(343, 1, dtype=torch.long), idx], 1).int()
+    gen = torch.Generator().manual_seed(3)
+    f = torch.cat([torch.full((343, 1), 10_000.0), 1 + torch.rand(343, 40, generator=gen)], 1)
+    f = f.to(dtype)
+    for pool in (sp.SparseAvgPool3d(7), sp.SparseAvgPool3d(3, 2, 1)):
+        out = pool(sparse_tensor(f, idx, (7, 7, 7), 1, device))
+        want = pool(sparse_tensor(f.double(), idx, (7, 7, 7), 1, device)).features.to(dtype)
+        assert torch.equal(out.features, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_huge_grid_with_too_many_sites_is_rejected(device):
     # batch * prod(shape) = 2^63 cannot be packed into an int64 key.
     idx = torch.zeros(1, 4, dtype=torch.int32, device=device)

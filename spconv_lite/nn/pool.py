@@ -50,9 +50,14 @@ class SparsePool(RecordsVoxelCount):
             features = ops.sparse_max_pool(input.features, kmap.nbr, kmap.nbr_t, check_tables=False)
         else:
             # Mean over the active inputs of each window (not the kernel volume), as spconv.
-            counts = (kmap.nbr >= 0).sum(dim=1, keepdim=True).to(input.features.dtype)
-            features = ops.sparse_sum_pool(input.features, kmap.nbr, kmap.nbr_t,
-                                           check_tables=False) / counts
+            # Half types are summed and divided in float32, then rounded once: a half sum
+            # overflows where the mean does not, and bfloat16 cannot hold every count.
+            summed = input.features
+            if summed.dtype in (torch.float16, torch.bfloat16):
+                summed = summed.float()
+            counts = (kmap.nbr >= 0).sum(dim=1, keepdim=True).to(summed.dtype)
+            features = (ops.sparse_sum_pool(summed, kmap.nbr, kmap.nbr_t, check_tables=False)
+                        / counts).to(input.features.dtype)
         self._record_voxel_count(kmap.out_indices.shape[0])
         out = input.shadow_copy()
         out.indice_dict = output_maps(input, self.indice_key, kmap)
