@@ -207,6 +207,7 @@ class SparseConvTensor:
         self.benchmark = benchmark
         self.benchmark_record: dict = {}
         self.force_algo = force_algo
+        self.int8_scale = None  # spconv's field for its int8 inference; none here
 
     def _checked_features(self, features: Tensor) -> Tensor:
         if not isinstance(features, Tensor):
@@ -292,6 +293,15 @@ class SparseConvTensor:
         out = self.shadow_copy()
         out.features = feature
         return out
+
+    def minus(self) -> "SparseConvTensor":
+        """The negated features on the same sites (spconv API)."""
+        return self.replace_feature(-self.features)
+
+    @property
+    def is_quantized(self) -> bool:
+        """Always False: features are floating point (spconv API)."""
+        return False
 
     def shadow_copy(self) -> "SparseConvTensor":
         """A new tensor sharing every field (including ``indice_dict``) with this one."""

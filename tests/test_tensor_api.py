@@ -101,6 +101,11 @@ def test_shadow_copy_add_and_spatial_size():
     assert torch.equal(s.features, 2 * x.features) and s.indices is x.indices
     assert torch.equal((x + x.features).features, s.features)
     assert "SparseConvTensor" in repr(x)
+    # spconv's negation and quantization fields
+    m = x.minus()
+    assert torch.equal(m.features, -x.features) and m.indices is x.indices
+    assert m.indice_dict is x.indice_dict
+    assert x.is_quantized is False and x.int8_scale is None
 
 
 SPATIAL_SHAPE_FORMS = {
