@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import subprocess
 import sys
 import zlib
@@ -294,6 +295,40 @@ def test_outputs_stay_valid_while_later_calls_reuse_freed_storage():
     voxels = kept[0][0]
     voxels.resize_(voxels.shape[0] * 3, *voxels.shape[1:])
     assert torch.equal(voxels[: len(expected[0][0])], expected[0][0])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_fork_while_another_thread_voxelizes_leaves_a_working_child():
+    """A process forked while another thread is inside the output allocator (a DataLoader
+    starting its workers while a thread voxelizes) must still voxelize: the allocator's lock
+    is not left held in the child. Run in a fresh process; a hung child is killed by SIGALRM."""
+    script = """
+import os, signal, sys, threading, torch
+from spconv_lite import ops
+torch.set_num_threads(1)
+points = torch.rand(64, 4) * 4
+def voxelize():
+    return ops.voxelize(points, [1, 1, 1], [0, 0, 0], [4, 4, 4], 4, 100)
+def spin():
+    while True:
+        voxelize()
+for _ in range(3):
+    threading.Thread(target=spin, daemon=True).start()
+for fork in range(400):
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(3)
+        voxelize()
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        print(f"child of fork {fork} ended with status {status}", flush=True)
+        os._exit(1)
+os._exit(0)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # ----------------------------------------------------------------------------- real frames

@@ -35,6 +35,10 @@
 #include <tuple>
 #include <vector>
 
+#ifndef _WIN32
+#include <pthread.h>
+#endif
+
 #include "spconv_lite/checks.h"
 #include "spconv_lite/coords.h"
 #include "spconv_lite/hash_table.h"
@@ -387,7 +391,16 @@ class OutputAllocator final : public c10::Allocator {
  public:
   // Never destroyed: tensors may free their storage after static destructors have run.
   static OutputAllocator* get() {
-    static OutputAllocator* allocator = new OutputAllocator();
+    static OutputAllocator* allocator = [] {
+      auto* created = new OutputAllocator();
+#ifndef _WIN32
+      // A fork while another thread holds the lock (a DataLoader starting its workers while
+      // a thread voxelizes) would leave it held forever in the child: hold it across fork.
+      pthread_atfork([] { get()->mutex_.lock(); }, [] { get()->mutex_.unlock(); },
+                     [] { get()->mutex_.unlock(); });
+#endif
+      return created;
+    }();
     return allocator;
   }
 
