@@ -238,12 +238,13 @@ def voxelize(
     """Groups points into voxels (spconv's ``PointToVoxel``; use ``spconv_lite.PointToVoxel``).
 
     A point's voxel along axis ``d`` is ``floor((p[d] - range_min[d]) / voxel_size[d])``
-    computed in float32; points outside ``[0, grid_size)`` or with a non-finite value are
+    computed in the points' precision (float32 or float64, as spconv) with the float32 size
+    and range; points outside ``[0, grid_size)`` or with a non-finite value are
     dropped. Voxels are numbered in order of their first point; voxels past ``max_voxels`` are
     dropped.
 
     Args:
-        points: float32 ``[N, C]``, coordinates (x, y, z) first.
+        points: float32 or float64 ``[N, C]``, coordinates (x, y, z) first.
         voxel_size, range_min, grid_size: per axis, in x, y, z order.
         max_points_per_voxel: slots per voxel; a voxel keeps its first points in input order.
         max_voxels: at most this many voxels.
@@ -414,7 +415,7 @@ def _voxel_outputs_fake(points, slot_shape, ndim):
     """Fake outputs of the voxelize ops: [M, *slot_shape], [M, ndim], [M], [N]."""
     num = _new_row_count()
     return (
-        points.new_empty((num, *slot_shape)),
+        points.new_empty((num, *slot_shape), dtype=torch.float32),
         points.new_empty((num, ndim), dtype=torch.int32),
         points.new_empty((num,), dtype=torch.int32),
         points.new_empty((points.shape[0],), dtype=torch.int64),

@@ -3,9 +3,9 @@ mapping voxel results back to points, and batching clouds into a ``SparseConvTen
 
 The grid follows spconv 2.x exactly: sizes and range are float32, the grid has
 ``round((max - min) / size)`` voxels per axis (float32 quotient, halves rounded up), and a
-point's voxel is ``floor((p - min) / size)`` in float32. Points whose voxel falls outside the
-grid (possible slightly past ``max`` when the range is not a multiple of the size) or that hold
-a NaN or infinite value are dropped.
+point's voxel is ``floor((p - min) / size)`` in float32, or in float64 for float64 points.
+Points whose voxel falls outside the grid (possible slightly past ``max`` when the range is not
+a multiple of the size) or that hold a NaN or infinite value are dropped.
 """
 
 from __future__ import annotations
@@ -197,7 +197,9 @@ class PointToVoxel:
             )
         if pc.device.type != self.device.type:
             raise ValueError(f"pc is on {pc.device} but this PointToVoxel is for {self.device}")
-        return pc.to(torch.float32)
+        # float64 points are quantized in float64, as spconv does (map or UTM coordinates are
+        # too large for float32); half types convert exactly to float32.
+        return pc if pc.dtype == torch.float64 else pc.to(torch.float32)
 
     def __call__(
         self, pc: PointsLike, clear_voxels: bool = True, empty_mean: bool = False

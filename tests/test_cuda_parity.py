@@ -695,5 +695,5 @@ def test_voxelize_bad_arguments_raise_like_cpu():
         OPS.voxelize(points, [0.1, 0.0, 0.1], [0.0] * 3, [10] * 3, 5, 10, False)
     with pytest.raises(ValueError, match="points must be"):
         OPS.voxelize_mean(points[:, :2], [0.1] * 3, [0.0] * 3, [10] * 3, 10)
-    with pytest.raises(TypeError, match="points must be float32"):
-        OPS.voxelize_mean(points.double(), [0.1] * 3, [0.0] * 3, [10] * 3, 10)
+    with pytest.raises(TypeError, match="points must be float32 or float64, got Half"):
+        OPS.voxelize_mean(points.half(), [0.1] * 3, [0.0] * 3, [10] * 3, 10)

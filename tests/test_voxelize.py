@@ -41,13 +41,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def reference_voxelize(points: np.ndarray, vsize, coors_range, max_points: int, max_voxels: int):
-    """One point at a time, in input order, as the README describes spconv's rules. Returns
-    (voxels, coordinates, num_points_per_voxel, point_voxel_id, means of all points)."""
+    """One point at a time, in input order, as the README describes spconv's rules: float64
+    points are quantized in float64, others in float32. Returns (voxels, coordinates,
+    num_points_per_voxel, point_voxel_id, means of all points)."""
     geometry = GridGeometry.from_spconv_args(vsize, coors_range)
     ndim = len(vsize)
-    low = np.asarray(geometry.range_min, dtype=np.float32)
-    size = np.asarray(geometry.voxel_size, dtype=np.float32)
-    pts = np.asarray(points, dtype=np.float32)
+    dtype = np.float64 if np.asarray(points).dtype == np.float64 else np.float32
+    low = np.asarray(geometry.range_min, dtype=np.float32).astype(dtype)
+    size = np.asarray(geometry.voxel_size, dtype=np.float32).astype(dtype)
+    pts = np.asarray(points, dtype=dtype)
     rows: dict[tuple, int] = {}
     members: list[list[np.ndarray]] = []
     ids = np.full(len(pts), -1, dtype=np.int64)
@@ -55,7 +57,7 @@ def reference_voxelize(points: np.ndarray, vsize, coors_range, max_points: int, 
         if not np.isfinite(p).all():
             continue
         with np.errstate(over="ignore"):
-            cell = np.floor((p[:ndim] - low) / size)  # float32 arithmetic
+            cell = np.floor((p[:ndim] - low) / size)  # in the points' precision
         if (cell < 0).any() or (cell >= np.asarray(geometry.grid_size)).any():
             continue
         key = tuple(int(c) for c in cell[::-1])
@@ -231,8 +233,47 @@ def test_non_finite_points_are_dropped(device):
     assert num.tolist() == [2] and torch.isfinite(voxels).all()
 
 
+def utm_cloud():
+    """A KITTI-style cloud (float64) and its range, moved into a UTM frame, where float32
+    coordinates have a ulp of 3-6 cm."""
+    vsize, coors_range, columns, max_points, max_voxels = CONFIGS["kitti"]
+    offset = [512345.3, 4102345.7, 0.0]
+    shifted = [r + offset[i % 3] for i, r in enumerate(coors_range)]
+    pts = synthetic_cloud("kitti-utm", vsize, coors_range, columns).astype(np.float64)
+    pts[:, :3] += offset
+    return pts, (vsize, shifted, columns, max_points, max_voxels)
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_non_contiguous_and_float64_input(device):
+def test_float64_points_are_quantized_in_float64(device):
+    pts, (vsize, coors_range, columns, max_points, max_voxels) = utm_cloud()
+    voxels, coords, num, ids, means = reference_voxelize(pts, vsize, coors_range, max_points,
+                                                         max_voxels)
+    # (Rounded to float32 first, many of these points land in another voxel.)
+    rounded = reference_voxelize(pts.astype(np.float32), vsize, coors_range, max_points,
+                                 max_voxels)[3]
+    assert (rounded != ids).mean() > 0.5
+    gen = PointToVoxel(vsize, coors_range, columns, max_voxels, max_points, device=device)
+    pc = torch.from_numpy(pts).to(device)
+    assert_outputs_equal(on(device, gen.generate_voxel_with_id(pc)), (voxels, coords, num, ids))
+    counts = np.bincount(ids[ids >= 0], minlength=len(coords)).astype(np.int32)
+    assert_outputs_equal(on(device, gen.generate_voxel_mean(pc)), (means, coords, counts, ids))
+    filled = on(device, gen.generate_voxel_with_id(pc, empty_mean=True))[0]
+    assert torch.equal(filled, torch.from_numpy(fill_empty_with_mean(voxels, num)))
+
+
+def test_float64_points_match_spconv(threads):
+    pts, (vsize, coors_range, columns, max_points, max_voxels) = utm_cloud()
+    pts = torch.from_numpy(pts[np.isfinite(pts).all(axis=1)])  # spconv keeps the others
+    reference = spconv_point_to_voxel()(list(vsize), coors_range, columns, max_voxels,
+                                        max_points)
+    gen = PointToVoxel(vsize, coors_range, columns, max_voxels, max_points)
+    threads(1)  # spconv 2.3.8's CPU code is only correct on one thread
+    assert_outputs_equal(gen.generate_voxel_with_id(pts), reference.generate_voxel_with_id(pts))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_input(device):
     pts = synthetic_cloud("strided", (0.3, 0.3, 0.3), (0, 0, 0, 2, 2, 2), 4)
     expected = PointToVoxel((0.3, 0.3, 0.3), (0, 0, 0, 2, 2, 2), 4, 1000, 4)(
         torch.from_numpy(pts)
@@ -241,8 +282,6 @@ def test_non_contiguous_and_float64_input(device):
     wide = torch.zeros(len(pts), 8, device=device)
     wide[:, ::2] = torch.from_numpy(pts).to(device)
     assert_outputs_equal(on(device, gen(wide[:, ::2])), expected)
-    float64 = torch.from_numpy(pts.astype(np.float64)).to(device)
-    assert_outputs_equal(on(device, gen(float64)), expected)  # rounded to float32 first
     reversed_rows = pts[::-1]  # a numpy view with a negative stride
     assert_outputs_equal(on(device, gen(reversed_rows)),
                          PointToVoxel((0.3, 0.3, 0.3), (0, 0, 0, 2, 2, 2), 4, 1000, 4)(
@@ -535,18 +574,20 @@ def test_op_refuses_fractional_counts(kwargs, message):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_op_rejects_non_float32_points(device):
-    points = torch.zeros(4, 3, dtype=torch.float64, device=device)
-    with pytest.raises(TypeError, match="points must be float32"):
+def test_op_rejects_points_neither_float32_nor_float64(device):
+    points = torch.zeros(4, 3, dtype=torch.float16, device=device)
+    with pytest.raises(TypeError, match="points must be float32 or float64, got Half"):
         ops.voxelize(points, [1.0] * 3, [0.0] * 3, [2] * 3, 1, 1)
 
 
 # ----------------------------------------------------------------------------- dispatcher
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("op", ["voxelize", "voxelize_mean"])
-def test_opcheck(op):
+def test_opcheck(op, dtype):
     pts = torch.from_numpy(synthetic_cloud("opcheck", (0.5,) * 3, (0, 0, 0, 2, 2, 2), 4, n=200))
+    pts = pts.to(dtype)
     geometry = ([0.5] * 3, [0.0] * 3, [4] * 3)
     args = (pts, *geometry, 3, 100, False) if op == "voxelize" else (pts, *geometry, 100)
     torch.library.opcheck(getattr(torch.ops.spconv_lite, op).default, args)

@@ -1,10 +1,13 @@
 // The voxel grid of the voxelize ops, shared by the CPU (src/cpu/voxelize_cpu.cpp) and CUDA
-// (src/cuda/voxelize_cuda.cu) implementations: the argument checks, and the exact float32
-// quantization of a point (C10_HOST_DEVICE).
+// (src/cuda/voxelize_cuda.cu) implementations: the argument checks, and the exact quantization
+// of a point (C10_HOST_DEVICE).
 //
-// A point's voxel along axis d is floor((p[d] - low[d]) / size[d]) with a float32 subtraction
-// then a float32 division (no FMA can fuse them); the point is dropped when any of its values is
-// not finite or that voxel lies outside [0, cells[d]). Keys are row-major over (x, y, z).
+// A point's voxel along axis d is floor((p[d] - low[d]) / size[d]) with a subtraction then a
+// division (no FMA can fuse them) in the points' precision, as spconv: float32 for float32
+// points, float64 for float64 points (whose coordinates may be too large for float32, e.g. in a
+// UTM frame), with the float32 size and low either way. The point is dropped when any of its
+// values is not finite or that voxel lies outside [0, cells[d]). Keys are row-major over
+// (x, y, z).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -23,12 +26,14 @@
 namespace spconv_lite {
 
 // Checked grid, in x, y, z (, w) order; passed by value into kernels. Axes past ndim hold
-// size 1, low 0, limit 1 and key stride 0, so a zero value there quantizes to coordinate 0.
+// size 1, low 0, limit 1, cells 1 and key stride 0, so a zero value there quantizes to
+// coordinate 0.
 struct VoxelGrid {
   int ndim;
   float size[kMaxDims];    // voxel size (float32)
   float low[kMaxDims];     // range_min (float32)
   float limit[kMaxDims];   // smallest float >= grid_size[d]: q is inside the grid iff q < limit
+  int64_t cells[kMaxDims];   // grid_size[d] (1 past ndim), the same test for float64 points
   int64_t stride[kMaxDims];  // key stride (z fastest; 0 past ndim)
 };
 
@@ -67,6 +72,7 @@ inline VoxelGrid make_voxel_grid(c10::ArrayRef<double> voxel_size,
       limit = std::nextafter(limit, std::numeric_limits<float>::infinity());
     }
     g.limit[d] = limit;
+    g.cells[d] = cells;
   }
   // Row-major key strides over (x, y, z): z fastest.
   for (int d = g.ndim - 1; d >= 0; --d) {
@@ -77,8 +83,8 @@ inline VoxelGrid make_voxel_grid(c10::ArrayRef<double> voxel_size,
 }
 
 inline void check_points(const at::Tensor& points, int64_t ndim) {
-  TORCH_CHECK_TYPE(points.scalar_type() == at::kFloat, "points must be float32, got ",
-                   points.scalar_type());
+  TORCH_CHECK_TYPE(points.scalar_type() == at::kFloat || points.scalar_type() == at::kDouble,
+                   "points must be float32 or float64, got ", points.scalar_type());
   TORCH_CHECK_VALUE(points.dim() == 2 && points.size(1) >= ndim,
                     "points must be [N, C] with C >= ", ndim, " (coordinates first), got ",
                     points.sizes());
@@ -106,7 +112,8 @@ inline VoxelGrid check_voxelize_args(const at::Tensor& points, c10::ArrayRef<dou
   return grid;
 }
 
-C10_HOST_DEVICE inline bool is_finite(float x) {
+template <typename T>
+C10_HOST_DEVICE inline bool is_finite(T x) {
 #if defined(__CUDA_ARCH__)
   return isfinite(x);
 #else
@@ -114,8 +121,8 @@ C10_HOST_DEVICE inline bool is_finite(float x) {
 #endif
 }
 
-// (p - low) / size rounded to float32 once per operation. On the device the intrinsics keep
-// it so even under --use_fast_math (which would approximate the division).
+// (p - low) / size rounded to the points' precision once per operation. On the device the
+// intrinsics keep it so even under --use_fast_math (which would approximate the division).
 C10_HOST_DEVICE inline float quantize_axis(float p, float low, float size) {
 #if defined(__CUDA_ARCH__)
   return __fdiv_rn(__fsub_rn(p, low), size);
@@ -124,18 +131,38 @@ C10_HOST_DEVICE inline float quantize_axis(float p, float low, float size) {
 #endif
 }
 
+C10_HOST_DEVICE inline double quantize_axis(double p, float low, float size) {
+#if defined(__CUDA_ARCH__)
+  return __ddiv_rn(__dsub_rn(p, low), size);
+#else
+  return (p - static_cast<double>(low)) / static_cast<double>(size);
+#endif
+}
+
+// Whether a quantized value q >= 0 lies in the grid along axis d: q < cells, tested against
+// the smallest float32 >= cells for float32 q, against cells itself for float64 q.
+C10_HOST_DEVICE inline bool below_cells(float q, const VoxelGrid& g, int d) {
+  return q < g.limit[d];
+}
+
+C10_HOST_DEVICE inline bool below_cells(double q, const VoxelGrid& g, int d) {
+  return q < static_cast<double>(g.cells[d]);
+}
+
 // Voxel coordinates (x, y, z, ... order; entries past ndim set to 0) of the point of `columns`
 // values at p; false when the point is dropped. floor(q) is in [0, cells) exactly when q is,
-// so q is tested, then truncated (equal to floor for q >= 0); NaN fails the test. The CPU op
-// computes the same float32 operations four lanes at a time (PointQuantizer in
-// voxelize_cpu.cpp); the emulated CUDA tests check that both agree bitwise.
-C10_HOST_DEVICE inline bool quantize_point(const VoxelGrid& g, const float* p, int64_t columns,
+// so q is tested, then truncated (equal to floor for q >= 0); NaN fails the test. T is float
+// or double, the points' type. For float32 points the CPU op computes the same operations four
+// lanes at a time (PointQuantizer in voxelize_cpu.cpp); the emulated CUDA tests check that both
+// agree bitwise.
+template <typename T>
+C10_HOST_DEVICE inline bool quantize_point(const VoxelGrid& g, const T* p, int64_t columns,
                                            int32_t* coord) {
   bool keep = true;
   for (int64_t j = 0; j < columns; ++j) keep = keep && is_finite(p[j]);
   for (int d = 0; d < kMaxDims; ++d) {
-    const float q = d < g.ndim ? quantize_axis(p[d], g.low[d], g.size[d]) : 0.f;
-    keep = keep && q >= 0.f && q < g.limit[d];
+    const T q = d < g.ndim ? quantize_axis(p[d], g.low[d], g.size[d]) : T(0);
+    keep = keep && q >= T(0) && below_cells(q, g, d);
     coord[d] = keep ? static_cast<int32_t>(q) : 0;
   }
   return keep;

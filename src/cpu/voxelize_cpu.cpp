@@ -1,8 +1,8 @@
 // Voxelization (points -> voxels) on the CPU, spconv 2.x `PointToVoxel` semantics.
 //
-// A point's voxel along axis d is floor((p[d] - range_min[d]) / voxel_size[d]) computed in
-// float32 (as spconv does; float64 puts ~1.5% of a KITTI frame's points in another voxel). The
-// point is dropped when that lies outside [0, grid_size[d]) or when any of its values is not
+// A point's voxel along axis d is floor((p[d] - range_min[d]) / voxel_size[d]) computed in the
+// points' precision, float32 or float64, as spconv does (for float32 points, float64 would put
+// ~1.5% of a KITTI frame's points in another voxel than spconv's). The point is dropped when that lies outside [0, grid_size[d]) or when any of its values is not
 // finite. Voxels are numbered in order of their first point; voxels past max_voxels are dropped.
 //
 // The grid and its checks are shared with the CUDA op (include/spconv_lite/voxel_grid.h).
@@ -33,6 +33,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #ifndef _WIN32
@@ -103,14 +104,15 @@ struct KeptList {
   }
 };
 
-// The exact float32 quantization of points on a checked grid (voxel_grid.h), four lanes at a
-// time: the same operations as quantize_point there.
+// The exact quantization of points on a checked grid (voxel_grid.h): for float32 points four
+// lanes at a time, the same operations as quantize_point there; for float64 points that
+// function itself.
 class PointQuantizer {
  public:
   // Keys are row-major over the grid padded to a power of two cells along each axis, so that
   // a voxel's coordinates decode from its key with shifts. A grid whose padded keys would pass
   // 2^62 keeps the exact row-major keys (voxel_grid.h), decoded with divisions.
-  PointQuantizer(const VoxelGrid& g, c10::IntArrayRef grid_size) : ndim_(g.ndim) {
+  PointQuantizer(const VoxelGrid& g, c10::IntArrayRef grid_size) : ndim_(g.ndim), grid_(g) {
     int bits = 0;  // of the padded keys; the last axis (z) in the lowest bits
     for (int d = ndim_ - 1; d >= 0; --d) {
       int axis_bits = 0;
@@ -164,20 +166,30 @@ class PointQuantizer {
     return keep;
   }
 
+  template <int kLoad>
+  bool quantize(const double* p, int64_t columns, Int4* coord) const {
+    int32_t c[kMaxDims];
+    const bool keep = quantize_point(grid_, p, columns, c);
+    *coord = Int4{c[0], c[1], c[2], c[3]};
+    return keep;
+  }
+
   int64_t key(const Int4& c) const {
     return c[0] * stride_[0] + c[1] * stride_[1] + c[2] * stride_[2] + c[3] * stride_[3];
   }
 
   // Lists the kept points of points [0, count), which are points [first, first + count) of
   // the cloud, in `out`; returns how many are kept.
-  template <int kLoad>
-  int64_t keep(const float* points, int64_t columns, int64_t first, int64_t count,
+  template <int kLoad, typename T>
+  int64_t keep(const T* points, int64_t columns, int64_t first, int64_t count,
                const KeptList& out) const {
     int64_t kept = 0, i = 0;
 #if defined(SPCONV_LITE_HAS_AVX2_KERNELS)
-    if (keys_fit_int32_ && avx2::supported()) {
-      i = count - count % 8;
-      kept = keep_avx2<kLoad>(points, columns, first, i, out);
+    if constexpr (std::is_same_v<T, float>) {
+      if (keys_fit_int32_ && avx2::supported()) {
+        i = count - count % 8;
+        kept = keep_avx2<kLoad>(points, columns, first, i, out);
+      }
     }
 #endif
     for (; i < count; ++i) kept += keep_one<kLoad>(points, columns, first, i, out.from(kept));
@@ -186,8 +198,8 @@ class PointQuantizer {
 
  private:
   // Lists point i first in `out` (which counts it only when it is kept).
-  template <int kLoad>
-  bool keep_one(const float* points, int64_t columns, int64_t first, int64_t i,
+  template <int kLoad, typename T>
+  bool keep_one(const T* points, int64_t columns, int64_t first, int64_t i,
                 const KeptList& out) const {
     Int4 coord;
     const bool kept = quantize<kLoad>(points + i * columns, columns, &coord);
@@ -312,6 +324,7 @@ class PointQuantizer {
 #endif
 
   int ndim_;
+  VoxelGrid grid_;
   Float4 size_, low_, limit_;
   Int4 lane_mask_;
   int64_t stride_[kMaxDims];  // key strides (0 past ndim)
@@ -516,7 +529,8 @@ int64_t number_voxels(const KeptList& kept, int64_t valid, int64_t max_voxels,
 }
 
 // Passes 1 and 2, for voxels of `slots` points (0 when the slots are not wanted).
-VoxelAssignment assign_voxels(const float* points, int64_t n, int64_t columns,
+template <typename T>
+VoxelAssignment assign_voxels(const T* points, int64_t n, int64_t columns,
                               const PointQuantizer& quantizer, int64_t max_voxels,
                               int64_t slots, Scratch* scratch) {
   // Pass 1: quantize. On several threads, the kept points of block b (of kPointGrain points)
@@ -596,6 +610,13 @@ at::Tensor for_voxel_ranges(const VoxelAssignment& a, const PointQuantizer& quan
   return coordinates;
 }
 
+// Calls f(data) with the points' data as const float* or const double*.
+template <typename F>
+auto with_point_data(const at::Tensor& points, const F& f) {
+  return points.scalar_type() == at::kDouble ? f(points.data_ptr<double>())
+                                             : f(points.data_ptr<float>());
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
     const at::Tensor& points, c10::ArrayRef<double> voxel_size, c10::ArrayRef<double> range_min,
     c10::IntArrayRef grid_size, int64_t max_points_per_voxel, int64_t max_voxels,
@@ -604,47 +625,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
                                                      max_points_per_voxel, max_voxels),
                                  grid_size);
   const at::Tensor input = points.contiguous();
-  const float* data = input.data_ptr<float>();
   const int64_t n = input.size(0), columns = input.size(1), slots = max_points_per_voxel;
   Scratch& scratch = thread_scratch();
-  const VoxelAssignment a =
-      assign_voxels(data, n, columns, quantizer, max_voxels, slots, &scratch);
+  return with_point_data(input, [&](const auto* data) {
+    const VoxelAssignment a =
+        assign_voxels(data, n, columns, quantizer, max_voxels, slots, &scratch);
 
-  at::Tensor voxels = OutputAllocator::empty({a.num_voxels, slots, columns}, at::kFloat);
-  at::Tensor counts = OutputAllocator::empty({a.num_voxels}, at::kInt);
-  float* out = voxels.data_ptr<float>();
-  int32_t* num = counts.data_ptr<int32_t>();
-  const int64_t row = slots * columns;
-  // One memset beats a small one per voxel.
-  if (!empty_mean && voxels.numel() > 0) std::memset(out, 0, voxels.numel() * sizeof(float));
-  // Each (voxel, slot) is written by exactly one point, so the points can be split freely.
-  for_range(a.parallel, a.num_kept, kPointGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      if (a.slot[k] < 0) continue;
-      const float* src = data + int64_t{a.kept_points[k]} * columns;
-      float* dst = out + a.slot[k] * columns;
-      for (int64_t c = 0; c < columns; ++c) dst[c] = src[c];
-    }
-  });
-  // With empty_mean, free slots get the mean of the voxel's points (a voxel with a free slot
-  // stores all its points), summed in double in slot order.
-  at::Tensor coordinates = for_voxel_ranges(a, quantizer, [&](int64_t begin, int64_t end) {
-    std::vector<double> mean(columns);
-    for (int64_t v = begin; v < end; ++v) {
-      num[v] = std::min<int32_t>(a.count[v], static_cast<int32_t>(slots));
-      if (!empty_mean) continue;
-      float* voxel = out + v * row;
-      std::fill(mean.begin(), mean.end(), 0.0);
-      for (int64_t s = 0; s < num[v]; ++s) {
-        for (int64_t c = 0; c < columns; ++c) mean[c] += voxel[s * columns + c];
+    at::Tensor voxels = OutputAllocator::empty({a.num_voxels, slots, columns}, at::kFloat);
+    at::Tensor counts = OutputAllocator::empty({a.num_voxels}, at::kInt);
+    float* out = voxels.data_ptr<float>();
+    int32_t* num = counts.data_ptr<int32_t>();
+    const int64_t row = slots * columns;
+    // One memset beats a small one per voxel.
+    if (!empty_mean && voxels.numel() > 0) std::memset(out, 0, voxels.numel() * sizeof(float));
+    // Each (voxel, slot) is written by exactly one point, so the points can be split freely.
+    for_range(a.parallel, a.num_kept, kPointGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        if (a.slot[k] < 0) continue;
+        const auto* src = data + int64_t{a.kept_points[k]} * columns;
+        float* dst = out + a.slot[k] * columns;
+        for (int64_t c = 0; c < columns; ++c) dst[c] = static_cast<float>(src[c]);
       }
-      for (int64_t j = num[v] * columns; j < row; ++j) {
-        voxel[j] = static_cast<float>(mean[j % columns] / num[v]);
+    });
+    // With empty_mean, free slots get the mean of the voxel's stored points (a voxel with a
+    // free slot stores all its points), summed in double in slot order.
+    at::Tensor coordinates = for_voxel_ranges(a, quantizer, [&](int64_t begin, int64_t end) {
+      std::vector<double> mean(columns);
+      for (int64_t v = begin; v < end; ++v) {
+        num[v] = std::min<int32_t>(a.count[v], static_cast<int32_t>(slots));
+        if (!empty_mean) continue;
+        float* voxel = out + v * row;
+        std::fill(mean.begin(), mean.end(), 0.0);
+        for (int64_t s = 0; s < num[v]; ++s) {
+          for (int64_t c = 0; c < columns; ++c) mean[c] += voxel[s * columns + c];
+        }
+        for (int64_t j = num[v] * columns; j < row; ++j) {
+          voxel[j] = static_cast<float>(mean[j % columns] / num[v]);
+        }
       }
-    }
+    });
+    scratch.release_if_large();
+    return std::make_tuple(voxels, coordinates, counts, a.point_voxel_id);
   });
-  scratch.release_if_large();
-  return {voxels, coordinates, counts, a.point_voxel_id};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_mean_cpu(
@@ -654,34 +676,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_mean_cpu(
                                                      std::nullopt, max_voxels),
                                  grid_size);
   const at::Tensor input = points.contiguous();
-  const float* data = input.data_ptr<float>();
   const int64_t n = input.size(0), columns = input.size(1);
   Scratch& scratch = thread_scratch();
-  const VoxelAssignment a = assign_voxels(data, n, columns, quantizer, max_voxels, 0, &scratch);
+  return with_point_data(input, [&](const auto* data) {
+    const VoxelAssignment a =
+        assign_voxels(data, n, columns, quantizer, max_voxels, 0, &scratch);
 
-  at::Tensor features = OutputAllocator::empty({a.num_voxels, columns}, at::kFloat);
-  at::Tensor counts = OutputAllocator::empty({a.num_voxels}, at::kInt);
-  float* out = features.data_ptr<float>();
-  int32_t* num = counts.data_ptr<int32_t>();
-  const int64_t* ids = a.point_voxel_id.data_ptr<int64_t>();
-  // Sums in double, in input order. Each task owns a range of voxels and scans all points, so
-  // every voxel is summed in the same order whatever the split.
-  at::Tensor coordinates = for_voxel_ranges(a, quantizer, [&](int64_t v0, int64_t v1) {
-    std::vector<double> sum((v1 - v0) * columns, 0.0);
-    for (int64_t i = 0; i < n; ++i) {
-      if (ids[i] < v0 || ids[i] >= v1) continue;
-      double* acc = sum.data() + (ids[i] - v0) * columns;
-      for (int64_t c = 0; c < columns; ++c) acc[c] += data[i * columns + c];
-    }
-    for (int64_t v = v0; v < v1; ++v) {
-      num[v] = a.count[v];
-      for (int64_t c = 0; c < columns; ++c) {
-        out[v * columns + c] = static_cast<float>(sum[(v - v0) * columns + c] / num[v]);
+    at::Tensor features = OutputAllocator::empty({a.num_voxels, columns}, at::kFloat);
+    at::Tensor counts = OutputAllocator::empty({a.num_voxels}, at::kInt);
+    float* out = features.data_ptr<float>();
+    int32_t* num = counts.data_ptr<int32_t>();
+    const int64_t* ids = a.point_voxel_id.data_ptr<int64_t>();
+    // Sums in double, in input order. Each task owns a range of voxels and scans all points,
+    // so every voxel is summed in the same order whatever the split.
+    at::Tensor coordinates = for_voxel_ranges(a, quantizer, [&](int64_t v0, int64_t v1) {
+      std::vector<double> sum((v1 - v0) * columns, 0.0);
+      for (int64_t i = 0; i < n; ++i) {
+        if (ids[i] < v0 || ids[i] >= v1) continue;
+        double* acc = sum.data() + (ids[i] - v0) * columns;
+        for (int64_t c = 0; c < columns; ++c) acc[c] += data[i * columns + c];
       }
-    }
+      for (int64_t v = v0; v < v1; ++v) {
+        num[v] = a.count[v];
+        for (int64_t c = 0; c < columns; ++c) {
+          out[v * columns + c] = static_cast<float>(sum[(v - v0) * columns + c] / num[v]);
+        }
+      }
+    });
+    scratch.release_if_large();
+    return std::make_tuple(features, coordinates, counts, a.point_voxel_id);
   });
-  scratch.release_if_large();
-  return {features, coordinates, counts, a.point_voxel_id};
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // Voxelization (points -> voxels) on the GPU: bitwise the outputs of the CPU op
 // (src/cpu/voxelize_cpu.cpp, whose header gives the semantics), with the same checked grid and
-// float32 quantization (include/spconv_lite/voxel_grid.h).
+// quantization in the points' precision, float32 or float64 (include/spconv_lite/voxel_grid.h).
+// The kernels that read points take their type T; the outputs are float32 either way.
 //
 // Deterministic by construction, no atomics:
 //   1. quantize: one thread per point writes its voxel key, or -1 when the point is dropped;
@@ -27,6 +28,7 @@
 #include <algorithm>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "spconv_lite/coords.h"
 #include "spconv_lite/cuda_utils.cuh"
@@ -41,7 +43,8 @@ using cuda::kThreads;
 
 constexpr int64_t kDropped = -1;  // key of a dropped point (sorts before every voxel key)
 
-__global__ void quantize_kernel(const float* __restrict__ points, int64_t n, int64_t columns,
+template <typename T>
+__global__ void quantize_kernel(const T* __restrict__ points, int64_t n, int64_t columns,
                                 VoxelGrid grid, int64_t* __restrict__ keys) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x) {
@@ -90,7 +93,8 @@ __global__ void assign_kernel(const int64_t* __restrict__ sorted,
 }
 
 // Coordinates (z, y, x: the lanes reversed) of the voxel of the point at p.
-__device__ __forceinline__ void write_coordinates(const VoxelGrid& grid, const float* p,
+template <typename T>
+__device__ __forceinline__ void write_coordinates(const VoxelGrid& grid, const T* p,
                                                   int64_t columns, int32_t* out) {
   int32_t coord[kMaxDims];
   quantize_point(grid, p, columns, coord);
@@ -100,7 +104,8 @@ __device__ __forceinline__ void write_coordinates(const VoxelGrid& grid, const f
 // voxelize: thread (v, c) fills column c of voxel v's slots: the first min(count, slots) of its
 // points (members, in input order), then zeros or, with empty_mean, their mean summed in
 // double in slot order (as the CPU op). Column 0's thread also writes coordinates and count.
-__global__ void fill_voxels_kernel(const float* __restrict__ points,
+template <typename T>
+__global__ void fill_voxels_kernel(const T* __restrict__ points,
                                    const int64_t* __restrict__ order,
                                    const int64_t* __restrict__ voxel_start,
                                    const int32_t* __restrict__ voxel_count, int64_t m,
@@ -117,7 +122,7 @@ __global__ void fill_voxels_kernel(const float* __restrict__ points,
     float* voxel = voxels + v * slots * columns;
     double sum = 0.0;
     for (int64_t s = 0; s < stored; ++s) {
-      const float value = points[members[s] * columns + c];
+      const float value = static_cast<float>(points[members[s] * columns + c]);
       voxel[s * columns + c] = value;
       sum += value;
     }
@@ -132,7 +137,8 @@ __global__ void fill_voxels_kernel(const float* __restrict__ points,
 
 // voxelize_mean: thread (v, c) writes the mean of column c over all of voxel v's points,
 // summed in double in input order (as the CPU op); column 0's thread the coordinates.
-__global__ void mean_voxels_kernel(const float* __restrict__ points,
+template <typename T>
+__global__ void mean_voxels_kernel(const T* __restrict__ points,
                                    const int64_t* __restrict__ order,
                                    const int64_t* __restrict__ voxel_start,
                                    const int32_t* __restrict__ voxel_count, int64_t m,
@@ -155,6 +161,16 @@ __global__ void mean_voxels_kernel(const float* __restrict__ points,
 }
 
 // ------------------------------------------------------------------------------------- host
+
+// Calls f(data) with the points' data as const float* or const double*.
+template <typename F>
+void with_point_data(const at::Tensor& points, const F& f) {
+  if (points.scalar_type() == at::kDouble) {
+    f(points.data_ptr<double>());
+  } else {
+    f(points.data_ptr<float>());
+  }
+}
 
 // Which voxel every point falls in (steps 1-5 of the header).
 struct VoxelAssignment {
@@ -179,8 +195,11 @@ VoxelAssignment assign_voxels(const at::Tensor& points, const VoxelGrid& grid,
     return a;
   }
   at::Tensor keys = at::empty({n}, long_options);
-  quantize_kernel<<<blocks_for(n), kThreads, 0, stream>>>(
-      points.data_ptr<float>(), n, columns, grid, keys.data_ptr<int64_t>());
+  with_point_data(points, [&](const auto* data) {
+    using T = std::decay_t<decltype(*data)>;
+    quantize_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(data, n, columns, grid,
+                                                            keys.data_ptr<int64_t>());
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // Stable: within a voxel's run the points stay in input order.
   auto [sorted, order] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
@@ -217,14 +236,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cuda(
   const int64_t columns = input.size(1), slots = max_points_per_voxel;
   const VoxelAssignment a = assign_voxels(input, grid, max_voxels);
   const int64_t m = a.num_voxels;
-  at::Tensor voxels = at::empty({m, slots, columns}, input.options());
+  at::Tensor voxels = at::empty({m, slots, columns}, input.options().dtype(at::kFloat));
   at::Tensor coordinates = at::empty({m, grid.ndim}, input.options().dtype(at::kInt));
   at::Tensor counts = at::empty({m}, input.options().dtype(at::kInt));
   if (m > 0) {
-    fill_voxels_kernel<<<blocks_for(m * columns), kThreads, 0, current_stream()>>>(
-        input.data_ptr<float>(), a.order.data_ptr<int64_t>(), a.voxel_start.data_ptr<int64_t>(),
-        a.voxel_count.data_ptr<int32_t>(), m, columns, slots, empty_mean, grid,
-        voxels.data_ptr<float>(), coordinates.data_ptr<int32_t>(), counts.data_ptr<int32_t>());
+    with_point_data(input, [&](const auto* data) {
+      using T = std::decay_t<decltype(*data)>;
+      fill_voxels_kernel<T><<<blocks_for(m * columns), kThreads, 0, current_stream()>>>(
+          data, a.order.data_ptr<int64_t>(), a.voxel_start.data_ptr<int64_t>(),
+          a.voxel_count.data_ptr<int32_t>(), m, columns, slots, empty_mean, grid,
+          voxels.data_ptr<float>(), coordinates.data_ptr<int32_t>(), counts.data_ptr<int32_t>());
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {voxels, coordinates, counts, a.point_voxel_id};
@@ -240,13 +262,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_mean_cuda(
   const int64_t columns = input.size(1);
   const VoxelAssignment a = assign_voxels(input, grid, max_voxels);
   const int64_t m = a.num_voxels;
-  at::Tensor features = at::empty({m, columns}, input.options());
+  at::Tensor features = at::empty({m, columns}, input.options().dtype(at::kFloat));
   at::Tensor coordinates = at::empty({m, grid.ndim}, input.options().dtype(at::kInt));
   if (m > 0) {
-    mean_voxels_kernel<<<blocks_for(m * columns), kThreads, 0, current_stream()>>>(
-        input.data_ptr<float>(), a.order.data_ptr<int64_t>(), a.voxel_start.data_ptr<int64_t>(),
-        a.voxel_count.data_ptr<int32_t>(), m, columns, grid, features.data_ptr<float>(),
-        coordinates.data_ptr<int32_t>());
+    with_point_data(input, [&](const auto* data) {
+      using T = std::decay_t<decltype(*data)>;
+      mean_voxels_kernel<T><<<blocks_for(m * columns), kThreads, 0, current_stream()>>>(
+          data, a.order.data_ptr<int64_t>(), a.voxel_start.data_ptr<int64_t>(),
+          a.voxel_count.data_ptr<int32_t>(), m, columns, grid, features.data_ptr<float>(),
+          coordinates.data_ptr<int32_t>());
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {features, coordinates, a.voxel_count, a.point_voxel_id};
