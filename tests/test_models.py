@@ -155,6 +155,14 @@ def test_height_compression_wrong_channels():
         HeightCompression(512)(enc)
 
 
+def test_height_compression_refuses_a_2d_tensor():
+    x = spconv.SparseConvTensor(torch.ones(1, 4), torch.tensor([[0, 1, 1]], dtype=torch.int32),
+                            [4, 4], 1)
+    with pytest.raises(ValueError, match=r"HeightCompression needs a 3-D tensor \(spatial_shape "
+                                         r"\[D, H, W\]\), got spatial_shape \[4, 4\]"):
+        HeightCompression(16)(x)
+
+
 def test_height_compression_refuses_a_config_dict():
     # OpenPCDet builds its class as HeightCompression(model_cfg); this one takes the count.
     with pytest.raises(TypeError, match="num_bev_features must be a positive int .*got "

@@ -42,6 +42,11 @@ class HeightCompression(nn.Module):
         self.num_bev_features = num_bev_features
 
     def forward(self, encoded_spconv_tensor) -> torch.Tensor:
+        if len(encoded_spconv_tensor.spatial_shape) != 3:
+            raise ValueError(
+                "HeightCompression needs a 3-D tensor (spatial_shape [D, H, W]), got "
+                f"spatial_shape {list(encoded_spconv_tensor.spatial_shape)}"
+            )
         dense = encoded_spconv_tensor.dense()
         n, c, d, h, w = dense.shape
         if self.num_bev_features is not None and c * d != self.num_bev_features:
