@@ -150,11 +150,11 @@ def _parser() -> argparse.ArgumentParser:
     vox.add_argument(
         "--output",
         "-o",
-        type=Path,
         default=None,
         metavar="PATH",
-        help="output .npz for one input file; a folder for several inputs or a folder input "
-        f"(default: NAME{_OUTPUT_SUFFIX} in the current folder)",
+        help="output .npz for one input file; a folder (an existing one, or a path ending in "
+        f"'/') for several inputs or a folder input (default: NAME{_OUTPUT_SUFFIX} in the "
+        "current folder)",
     )
     vox.add_argument(
         "--overwrite",
@@ -163,7 +163,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     vox.add_argument(
         "--preview",
-        type=Path,
         default=None,
         metavar="PNG",
         help="also write a bird's-eye-view occupancy PNG (a directory of PNGs for several inputs)",
@@ -238,13 +237,30 @@ def _collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], bool]:
     return files, many
 
 
-def _folder_option(path: Optional[Path], option: str, suffix: str) -> Optional[Path]:
-    """Checks that ``--output`` / ``--preview`` names a folder, as several inputs need."""
-    if path is None:
+def _names_folder(text: str) -> bool:
+    """Whether a typed path ends in a separator, so names a folder (Path drops it)."""
+    return text.endswith(os.sep) or bool(os.altsep and text.endswith(os.altsep))
+
+
+def _file_option(text: Optional[str], source: Path, suffix: str) -> Optional[Path]:
+    """The file that ``--output`` / ``--preview`` names for one input: the path itself, or
+    NAME``suffix`` inside it when it is a folder or ends in a separator."""
+    if text is None:
         return None
+    path = Path(text)
+    if _names_folder(text) or path.is_dir():
+        return path / f"{_output_stem(source)}{suffix}"
+    return path
+
+
+def _folder_option(text: Optional[str], option: str, suffix: str) -> Optional[Path]:
+    """Checks that ``--output`` / ``--preview`` names a folder, as several inputs need."""
+    if text is None:
+        return None
+    path = Path(text)
     if path.exists() and not path.is_dir():
         raise CommandError(f"{option} {str(path)!r} must be a folder for several inputs")
-    if not path.exists() and path.name.lower().endswith(suffix):
+    if not path.exists() and path.name.lower().endswith(suffix) and not _names_folder(text):
         raise CommandError(
             f"several inputs need an output folder, but {option} {str(path)!r} names a "
             f"{suffix} file"
@@ -267,13 +283,8 @@ def _plan(args: argparse.Namespace) -> list[_Job]:
         ]
     else:
         source = files[0]
-        output = args.output or Path(f"{_output_stem(source)}{_OUTPUT_SUFFIX}")
-        if output.is_dir():
-            output = output / f"{_output_stem(source)}{_OUTPUT_SUFFIX}"
-        preview = args.preview
-        if preview is not None and preview.is_dir():
-            preview = preview / f"{_output_stem(source)}.png"
-        jobs = [_Job(source, output, preview)]
+        output = _file_option(args.output or ".", source, _OUTPUT_SUFFIX)
+        jobs = [_Job(source, output, _file_option(args.preview, source, ".png"))]
     _check_destinations(jobs, files, args.overwrite)
     return jobs
 
@@ -303,6 +314,10 @@ def _check_destinations(jobs: Sequence[_Job], inputs: Sequence[Path], overwrite:
                 raise CommandError(
                     f"cannot write {option} {str(path)!r}: {str(folder)!r} is a file, not a folder"
                 )
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise CommandError(
+                    f"cannot write {option} {str(path)!r}: folder {str(folder)!r} is not writable"
+                )
             if not path.exists():
                 continue
             if path.is_dir():
@@ -322,17 +337,21 @@ def _file_id(path: Path) -> tuple[int, int]:
     return stat.st_dev, stat.st_ino
 
 
-def _write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Writes through ``write(file)`` into a temporary file beside ``path``, then renames it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temporary(path)
+def _write_atomically(path: Path, option: str, write: Callable[[BinaryIO], None]) -> None:
+    """Writes through ``write(file)`` into a temporary file beside ``path``, then renames it; a
+    failure raises CommandError naming ``option`` and ``path`` (not the temporary file)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _create_temporary(path)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise CommandError(f"cannot write {option} {str(path)!r}: {exc.strerror or exc}") from None
 
 
 def _create_temporary(path: Path) -> tuple[int, Path]:
@@ -427,8 +446,10 @@ def read_input(path: Path, point_dims: Optional[int]) -> tuple[np.ndarray, str]:
 
     try:
         return read_cloud(path, point_dims)
-    except (OSError, ValueError, ImportError) as exc:
+    except (OSError, ValueError) as exc:
         raise CommandError(_option_words(_about(path, exc))) from None
+    except MemoryError:
+        raise CommandError(f"{path}: not enough memory to read it") from None
 
 
 def _option_words(text: str) -> str:
@@ -473,10 +494,10 @@ def _voxelize_file(job: _Job, args: argparse.Namespace, geometry) -> dict:
         "coordinates": coords.numpy(),
         "num_points_per_voxel": num.numpy(),
     }
-    _write_atomically(job.output, lambda f: np.savez(f, **arrays))
+    _write_atomically(job.output, "--output", lambda f: np.savez(f, **arrays))
     if job.preview is not None:
         png = png_bytes(bev_image(arrays["coordinates"], voxelizer.spatial_shape))
-        _write_atomically(job.preview, lambda f: f.write(png))
+        _write_atomically(job.preview, "--preview", lambda f: f.write(png))
     in_range = int(geometry.contains(points).sum())
     if not in_range:
         typed = " ".join(map(str, args.coors_range))
@@ -539,7 +560,7 @@ def _run_voxelize(args: argparse.Namespace) -> int:
         except CommandError as exc:
             failures += 1
             line, stream = f"{PROG}: error: {exc}", sys.stderr
-        except (OSError, ValueError, TypeError, ImportError, RuntimeError) as exc:
+        except (OSError, ValueError, TypeError, ImportError, RuntimeError, MemoryError) as exc:
             failures += 1
             line, stream = f"{PROG}: error: {_about(job.source, exc)}", sys.stderr
         if bar:
@@ -576,12 +597,6 @@ def _run_info(args: argparse.Namespace) -> int:
     cuda_kernels = any(
         torch._C._dispatch_has_kernel_for_dispatch_key(f"spconv_lite::{op}", "CUDA") for op in ops
     )
-    try:
-        import open3d
-
-        open3d_version = open3d.__version__
-    except ImportError:
-        open3d_version = "not installed (.pcd/.ply reading needs pip install 'spconv_lite[io]')"
     cuda = (
         f"available ({torch.cuda.get_device_name(0)})"
         if torch.cuda.is_available()
@@ -593,7 +608,6 @@ def _run_info(args: argparse.Namespace) -> int:
         f"torch       {torch.__version__} (CUDA runtime {torch.version.cuda or 'none'})",
         f"CUDA        {cuda}",
         f"threads     {torch.get_num_threads()} (inter-op {torch.get_num_interop_threads()})",
-        f"open3d      {open3d_version}",
         f"ops         {', '.join(ops)}",
     ]
     print("\n".join(lines))

@@ -9,23 +9,34 @@ suffix                  layout
 ``.npy``                a 2-D array
 ``.npz``                its only array, or the one named ``points``, ``pc``, ``point_cloud``,
                         ``lidar`` or ``xyz``
-``.pcd``, ``.ply``      read with open3d (``pip install spconv_lite[io]``): x, y, z, then the
-                        file's other per-point fields (intensity, ...) in file order
+``.pcd``                PCD 0.7 (PCL): ascii, binary or binary_compressed
+``.ply``                PLY 1.0: ascii, binary_little_endian or binary_big_endian; the points
+                        are the ``vertex`` element
 ======================  ====================================================================
 
 For ``.bin`` files ``point_dims`` is the number of columns in the file; for the other formats
-it keeps the first ``point_dims`` columns. Values are returned as stored: NaN or infinite points
-are kept (the voxelizer drops them).
+it keeps the first ``point_dims`` columns. Values are returned as stored (converted to float32):
+NaN or infinite points are kept (the voxelizer drops them).
+
+``.pcd`` and ``.ply`` files give x, y, z (of any numeric type), then the file's other per-point
+fields in file order, each under its name, except: PCL's padding fields ``_`` are dropped; a
+PCD field of ``COUNT`` k gives the columns ``NAME_0`` .. ``NAME_k-1``; normals (``normal_x``,
+``normal_y``, ``normal_z`` or ``nx``, ``ny``, ``nz``) and colours (``red``, ``green``, ``blue``)
+give ``normals_0`` .. ``normals_2`` and ``colors_0`` .. ``colors_2`` where all three are present;
+a PCD ``rgb`` or ``rgba`` field (PCL's packed colour) gives its 8-bit red, green and blue as
+``colors_0`` .. ``colors_2``. Ascii values must be numbers of their field's type (``nan`` and
+``inf`` are numbers); a value that is not, or a file shorter than its header declares, raises a
+ValueError naming the file and the point.
 """
 
 from __future__ import annotations
 
-import itertools
+import math
 import os
 import struct
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
@@ -47,12 +58,6 @@ _BIN_DEFAULT_COLUMNS = 4  # KITTI: x, y, z, intensity
 # dtype does (a float64 file, or a timestamp column such as Waymo's read as x, y or z).
 _ABSURD_COORDINATE = 1e7
 _ABSURD_SHARE = 0.01  # more than this share of such points means the layout is wrong
-# File field names that open3d gathers into one multi-column attribute.
-_OPEN3D_GROUPS = {
-    "normal_x": "normals", "normal_y": "normals", "normal_z": "normals",
-    "nx": "normals", "ny": "normals", "nz": "normals",
-    "rgb": "colors", "rgba": "colors", "red": "colors", "green": "colors", "blue": "colors",
-}  # fmt: skip
 
 
 def _suffix(path: Path) -> str:
@@ -79,12 +84,13 @@ def read_points(path: PathLike, point_dims: Optional[int] = None) -> np.ndarray:
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: naming the argument, for a ``point_dims`` that is not a whole number of at
-            least 3, an unknown suffix, a ``.bin`` size that is not a multiple of
-            ``4 * point_dims``, a ``point_dims`` larger than the file's columns, content that
-            is not a 2-D array with at least 3 columns, an empty, corrupt or pickled ``.npy`` /
-            ``.npz``, or a ``.pcd`` / ``.ply`` whose header is malformed or declares more
-            points than the file holds.
-        ImportError: ``.pcd`` / ``.ply`` without open3d.
+            least 3, an unknown suffix, a path that is not a regular file (a FIFO, a folder),
+            a ``.bin`` size that is not a multiple of ``4 * point_dims``, a ``point_dims``
+            larger than the file's columns, content that is not a 2-D array with at least 3
+            columns, an empty, corrupt or pickled ``.npy`` / ``.npz`` or one whose header
+            declares more data than it holds, or a ``.pcd`` / ``.ply`` whose header is
+            malformed or disagrees with its data, or whose ascii data holds a value that is
+            not a number of its field's type.
 
     Example:
         >>> pts = read_points("000000.bin")  # doctest: +SKIP
@@ -107,8 +113,10 @@ def read_points_with_fields(
             + ", ".join(SUPPORTED_SUFFIXES)
         )
     point_dims = _check_point_dims(point_dims)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"no such point cloud file: {str(path)!r}")
+    if not path.is_file():  # a FIFO would block the read until something writes to it
+        raise ValueError(f"{str(path)!r} is not a regular file")
     names: Optional[list[str]] = None
     if suffix in (".bin", ".pcd.bin"):
         columns = point_dims if point_dims is not None else _default_columns(suffix)
@@ -123,7 +131,7 @@ def read_points_with_fields(
     elif suffix in (".npy", ".npz"):
         points = _read_numpy(path, suffix)
     else:
-        points, names = _read_open3d(path)
+        points, names = _read_pcd_ply(path, suffix)
     points = _as_points(points, path)
     if point_dims is not None:
         if int(point_dims) > points.shape[1]:
@@ -154,7 +162,7 @@ def read_cloud(path: PathLike, point_dims: Optional[int] = None) -> tuple[np.nda
       fields, 5 columns for nuScenes ``.pcd.bin``), a ``point_dims`` that differs is refused;
     * a raw ``.bin`` (``point_dims`` float32 columns, 4 by default) is refused when its rows
       show a wrong column count or dtype: more than 1% of the points with a coordinate beyond
-      10,000 km, or (from 100 points on) every row holding several consecutive points;
+      10,000 km (the message suggests a column count that gives plausible points);
     * a file without points is refused.
 
     Args:
@@ -168,7 +176,6 @@ def read_cloud(path: PathLike, point_dims: Optional[int] = None) -> tuple[np.nda
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: naming the file, for the cases above and those of :func:`read_points`.
-        ImportError: ``.pcd`` / ``.ply`` without open3d.
 
     Example:
         >>> points, layout = read_cloud("000000.bin")  # doctest: +SKIP
@@ -238,7 +245,7 @@ def _repeat_width(rows: np.ndarray) -> Optional[int]:
 
 
 def _check_raw_layout(path: Path, points: np.ndarray, layout: str) -> None:
-    """Refuses a raw .bin whose rows show that ``layout`` is not the file's."""
+    """Refuses a raw .bin whose coordinates show that ``layout`` is not the file's."""
     if _absurd_share(points) > _ABSURD_SHARE:
         floats = points.reshape(-1)
         plausible = [
@@ -256,14 +263,9 @@ def _check_raw_layout(path: Path, points: np.ndarray, layout: str) -> None:
             "coordinate beyond 10,000 km, so that is not the file's layout; "
             + hint
         )
-    width = _repeat_width(points)
-    if width is not None:
-        raise ValueError(
-            f"{str(path)!r} read as {layout}: every row looks like {points.shape[1] // width} "
-            f"consecutive points of {width} columns (columns 0-2 and {width}-{width + 2} are "
-            f"neighbouring x, y, z), so the file likely has {width} columns: pass "
-            f"point_dims={width}"
-        )
+    # Rows that look like several consecutive points are not refused: that is a valid layout
+    # too (x, y, z, then the point's position in the previous sweep), and a column count the
+    # caller gives is theirs to choose. _repeat_width only keeps such counts out of the hint.
 
 
 def _as_points(array: np.ndarray, path: Path) -> np.ndarray:
@@ -281,14 +283,17 @@ def _read_numpy(path: Path, suffix: str) -> np.ndarray:
     a ValueError that does not)."""
     try:
         if suffix == ".npy":
+            with open(path, "rb") as f:
+                _check_npy_size(path, f, path.stat().st_size)
             return np.load(path, allow_pickle=False)
         with np.load(path, allow_pickle=False) as archive:
             keys = list(archive.keys())
-            if len(keys) == 1:
-                return archive[keys[0]]
-            for key in _NPZ_KEYS:
-                if key in archive:
-                    return archive[key]
+            key = keys[0] if len(keys) == 1 else next((k for k in _NPZ_KEYS if k in keys), None)
+            if key is not None:
+                member = archive.zip.getinfo(f"{key}.npy")
+                with archive.zip.open(member) as f:
+                    _check_npy_size(path, f, member.file_size, f" (array {key!r})")
+                return archive[key]
     except (EOFError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
         raise ValueError(f"{str(path)!r} is not a readable {suffix} file: {exc}") from exc
     raise ValueError(
@@ -297,243 +302,462 @@ def _read_numpy(path: Path, suffix: str) -> np.ndarray:
     )
 
 
-# Bytes of each PLY property type.
-_PLY_TYPE_BYTES = {
-    "char": 1, "int8": 1, "uchar": 1, "uint8": 1, "short": 2, "int16": 2, "ushort": 2,
-    "uint16": 2, "int": 4, "int32": 4, "uint": 4, "uint32": 4, "float": 4, "float32": 4,
-    "double": 8, "float64": 8,
+def _check_npy_size(path: Path, f, size: int, what: str = "") -> None:
+    """Refuses .npy data (``size`` bytes, ``f`` at its start) whose header declares a larger
+    array than it holds: numpy allocates the declared array before reading, so a tiny file
+    could ask for terabytes (MemoryError)."""
+    version = np.lib.format.read_magic(f)
+    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+            else np.lib.format.read_array_header_2_0)  # fmt: skip
+    shape, _, dtype = read(f)
+    need, have = math.prod(shape) * dtype.itemsize, size - f.tell()
+    if need > have:
+        raise ValueError(
+            f"its header{what} declares an array of shape {list(shape)} of {dtype} "
+            f"({need} bytes), but holds {have} bytes of data"
+        )
+
+
+# ----------------------------------------------------------------------------- .pcd and .ply
+# Read with numpy from the header's description of the data (PCD 0.7 as PCL writes it; PLY 1.0).
+
+# PCD (TYPE, SIZE) -> numpy type. PCD data is little-endian, as PCL writes it.
+_PCD_TYPES = {
+    ("F", "4"): "<f4", ("F", "8"): "<f8", ("U", "1"): "u1", ("U", "2"): "<u2", ("U", "4"): "<u4",
+    ("U", "8"): "<u8", ("I", "1"): "i1", ("I", "2"): "<i2", ("I", "4"): "<i4", ("I", "8"): "<i8",
 }  # fmt: skip
+_PCD_ENCODINGS = ("ascii", "binary", "binary_compressed")
+# PLY property type -> numpy type (the byte order comes from the format line).
+_PLY_TYPES = {
+    "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
+    "ushort": "u2", "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
+    "float": "f4", "float32": "f4", "double": "f8", "float64": "f8",
+}  # fmt: skip
+_PLY_FORMATS = {"ascii": "<", "binary_little_endian": "<", "binary_big_endian": ">"}
+# Fields that become the columns NAME_0, NAME_1, NAME_2 when all three are present (the names
+# open3d, which read these files before, gave them).
+_GROUPS = {
+    ("normal_x", "normal_y", "normal_z"): "normals", ("nx", "ny", "nz"): "normals",
+    ("red", "green", "blue"): "colors",
+}  # fmt: skip
+_PCD_PACKED_COLOURS = ("rgb", "rgba")  # PCL packs 8-bit r, g, b into one 4-byte field
+_PCD_PADDING = "_"  # PCL names padding bytes "_"
 _MAX_HEADER_BYTES = 1 << 20  # PCD and PLY headers are a few hundred bytes
+
+
+@dataclass
+class _Field:
+    """A per-point field: name, numpy type (with byte order) and values per point."""
+
+    name: str
+    dtype: np.dtype
+    count: int = 1
+
+
+@dataclass
+class _Element:
+    """A PLY element stored before the points: its rows, and per property the numpy type of a
+    list's length (None: not a list) and of a value."""
+
+    rows: int
+    properties: list[tuple[Optional[np.dtype], np.dtype]]
 
 
 @dataclass
 class _Header:
     """What a PCD or PLY header says about the points and where they lie."""
 
-    fields: list[str]  # per-point field names in file order
-    count: int  # points declared (-1: not stated)
+    fields: list[_Field]  # per-point fields in file order
+    count: int  # points declared
     encoding: str  # "ascii", "binary" or "binary_compressed" (PCD)
     data_offset: int  # bytes of the header
-    point_bytes: Optional[int]  # bytes of a point in a binary file (None: not known)
-    point_values: Optional[int]  # numbers of a point in an ascii file (None: not known)
-    rows_before: int = 0  # PLY: rows of the elements stored before the vertices
-    bytes_before: Optional[int] = 0  # their bytes (None: a list property makes it vary)
-    # Binary PLY with list properties up to the points: (rows, properties) of those elements,
-    # a property as (bytes of a list's length or 0, bytes of a value); None otherwise.
-    ply_rows: Optional[list[tuple[int, list[tuple[int, int]]]]] = None
-    big_endian: bool = False
+    before: list[_Element] = field(default_factory=list)  # PLY elements before the points
+    rows_after: int = 0  # PLY: rows of the elements after the points
 
 
-def _read_header(path: Path) -> _Header:
-    """Parses a PCD header (``FIELDS``, ``SIZE``, ``COUNT``, ``POINTS``, ``DATA``) or a PLY
-    header (``format``, the elements and their ``property`` lines) up to its end."""
-    fields: list[str] = []
-    pcd: dict[str, list[str]] = {}
-    # PLY: [count, row bytes, row numbers, properties as (list length bytes or 0, value bytes)]
-    ply_format, vertex, elements = "", None, []
-    offset = 0
-
-    def malformed(line: str, why: str) -> ValueError:
-        return ValueError(f"{str(path)!r} has a malformed header line {line!r}: {why}")
-
-    def number(word: str, line: str) -> int:
-        try:
-            value = int(word)
-        except ValueError:
-            raise malformed(line, f"{word!r} is not a whole number") from None
-        if value < 0:
-            raise malformed(line, f"{value} is negative")
-        return value
-
-    with open(path, "rb") as f:
-        while True:
-            raw = f.readline()
-            offset += len(raw)
-            if not raw or offset > _MAX_HEADER_BYTES:
-                raise ValueError(
-                    f"{str(path)!r} has no end of header (a DATA or end_header line) in its "
-                    f"first {min(offset, _MAX_HEADER_BYTES)} bytes"
-                )
-            line = raw.decode("ascii", errors="replace").strip()
-            words = line.split()
-            if not words or words[0] in ("#", "comment", "obj_info"):
-                continue
-            if words[0] == "element":  # PLY
-                if len(words) != 3:
-                    raise malformed(line, "expected 'element NAME COUNT'")
-                elements.append([number(words[2], line), 0, 0, []])
-                if words[1] == "vertex" and vertex is None:
-                    vertex = len(elements) - 1
-            elif words[0] == "property":
-                if not elements or len(words) < 3 or (words[1] == "list" and len(words) != 5):
-                    raise malformed(line, "expected 'property TYPE NAME' after an element")
-                element, size = elements[-1], _PLY_TYPE_BYTES.get(words[1])
-                element[1] = None if element[1] is None or size is None else element[1] + size
-                element[2] = None if element[2] is None or words[1] == "list" else element[2] + 1
-                element[3].append((_PLY_TYPE_BYTES.get(words[2]), _PLY_TYPE_BYTES.get(words[3]))
-                                  if words[1] == "list" else (0, size))
-                if len(elements) - 1 == vertex and words[1] != "list":
-                    fields.append(words[-1])
-            elif words[0] == "format" and len(words) > 1:
-                ply_format = words[1]
-            elif words[0] == "end_header":
-                break
-            else:  # PCD
-                pcd[words[0]] = words[1:]
-                if words[0] == "DATA":
-                    break
-    if ply_format or elements:
-        return _ply_header(elements, vertex, fields, ply_format, offset)
-    return _pcd_header(pcd, offset, number)
+def _malformed(path: Path, line: str, why: str) -> ValueError:
+    return ValueError(f"{str(path)!r} has a malformed header line {line!r}: {why}")
 
 
-def _ply_header(elements: list, vertex: Optional[int], fields: list[str], ply_format: str,
-                offset: int) -> _Header:
-    """The header of a PLY file from its elements ([count, row bytes, row numbers,
-    properties], None where a list property makes them vary) and which of them holds the
-    points."""
+def _whole(path: Path, line: str, word: str, least: int = 0) -> int:
+    """``word`` of header ``line`` as a whole number of at least ``least``."""
+    try:
+        value = int(word)
+    except ValueError:
+        raise _malformed(path, line, f"{word!r} is not a whole number") from None
+    if value < least:
+        raise _malformed(path, line, f"{value} is " + ("negative" if least == 0 else "below 1"))
+    return value
+
+
+def _header_lines(path: Path, data: bytes, end: str) -> tuple[list[tuple[str, list[str]]], int]:
+    """The header's lines (text, words) up to the one starting with ``end``, without comments,
+    and the header's bytes."""
+    lines, offset = [], 0
+    while True:
+        stop = data.find(b"\n", offset, _MAX_HEADER_BYTES) + 1
+        if not stop:
+            raise ValueError(
+                f"{str(path)!r} has no end of header (a {end} line) in its first "
+                f"{min(len(data), _MAX_HEADER_BYTES)} bytes"
+            )
+        line = data[offset:stop].decode("ascii", errors="replace").strip()
+        offset = stop
+        words = line.split()
+        if words and words[0] not in ("#", "comment", "obj_info") and not words[0].startswith("#"):
+            lines.append((line, words))
+            if words[0] == end:
+                return lines, offset
+
+
+def _pcd_header(path: Path, data: bytes) -> _Header:
+    """Parses a PCD header: FIELDS, SIZE, TYPE, COUNT, WIDTH, HEIGHT, POINTS and DATA."""
+    lines, offset = _header_lines(path, data, "DATA")
+    keys = {words[0]: (line, words[1:]) for line, words in lines}
+    names = keys.get("FIELDS", ("", []))[1]
+    if not names:
+        raise ValueError(f"{str(path)!r} has no FIELDS line in its header")
+
+    def per_field(key: str, default: Optional[str] = None) -> tuple[str, list[str]]:
+        if key not in keys and default is not None:
+            return "", [default] * len(names)
+        line, values = keys.get(key, (f"(no {key} line)", []))
+        if len(values) != len(names):
+            raise _malformed(path, line, f"{len(values)} values for the {len(names)} FIELDS")
+        return line, values
+
+    def number(key: str) -> Optional[int]:  # of a one-number line; None without the line
+        if key not in keys:
+            return None
+        line, words = keys[key]
+        if len(words) != 1:
+            raise _malformed(path, line, "expected one whole number")
+        return _whole(path, line, words[0])
+
+    count, width, height = number("POINTS"), number("WIDTH"), number("HEIGHT")
+    if count is None and (width is None or height is None):
+        raise ValueError(f"{str(path)!r} has neither POINTS nor WIDTH and HEIGHT in its header")
+    if count is not None and width is not None and height is not None and width * height != count:
+        raise _malformed(path, keys["POINTS"][0], f"the header's WIDTH * HEIGHT is "
+                         f"{width * height}")
+    count = width * height if count is None else count
+    data_line, encoding = keys["DATA"][0], keys["DATA"][1]
+    if len(encoding) != 1 or encoding[0] not in _PCD_ENCODINGS:
+        raise _malformed(path, data_line, "expected DATA ascii, binary or binary_compressed")
+    (size_line, sizes), (type_line, types) = per_field("SIZE"), per_field("TYPE")
+    count_line, counts = per_field("COUNT", "1")
+    fields = []
+    for name, size, kind, values in zip(names, sizes, types, counts):
+        if (kind, size) not in _PCD_TYPES:
+            raise _malformed(path, type_line, f"field {name!r} has TYPE {kind} and SIZE {size} "
+                             f"(from {size_line!r}), which PCD does not define")
+        fields.append(_Field(name, np.dtype(_PCD_TYPES[kind, size]),
+                             _whole(path, count_line, values, least=1)))
+    return _Header(fields, count, encoding[0], offset)
+
+
+def _ply_header(path: Path, data: bytes) -> _Header:
+    """Parses a PLY header: format, the elements and their properties; the points are the first
+    element named vertex."""
+    if not data.startswith(b"ply"):
+        raise ValueError(f"{str(path)!r} does not start with 'ply': it is not a PLY file")
+    lines, offset = _header_lines(path, data, "end_header")
+    formats = [(line, words) for line, words in lines if words[0] == "format"]
+    if not formats or len(formats[0][1]) != 3 or formats[0][1][1] not in _PLY_FORMATS:
+        raise _malformed(path, formats[0][0] if formats else "(no format line)",
+                         "expected 'format ascii|binary_little_endian|binary_big_endian 1.0'")
+    encoding = formats[0][1][1]
+    order = _PLY_FORMATS[encoding]
+
+    def type_of(line: str, name: str) -> np.dtype:
+        if name not in _PLY_TYPES:
+            raise _malformed(path, line, f"unknown property type {name!r}")
+        return np.dtype(_PLY_TYPES[name]).newbyteorder(order)
+
+    # elements as [name, rows, properties as (line, name, list length type or None, type)]
+    elements: list = []
+    for line, words in lines:
+        if words[0] == "element":
+            if len(words) != 3:
+                raise _malformed(path, line, "expected 'element NAME COUNT'")
+            elements.append([words[1], _whole(path, line, words[2]), []])
+        elif words[0] == "property":
+            if not elements or len(words) != (5 if words[1:2] == ["list"] else 3):
+                raise _malformed(path, line, "expected 'property TYPE NAME' after an element "
+                                 "(or 'property list COUNT_TYPE TYPE NAME')")
+            length = type_of(line, words[2]) if words[1] == "list" else None
+            elements[-1][2].append((line, words[-1], length, type_of(line, words[-2])))
+    vertex = next((i for i, e in enumerate(elements) if e[0] == "vertex"), None)
     if vertex is None:
-        return _Header([], -1, "ascii", offset, None, None)
-    before = elements[:vertex]
-    lists_before = any(e[1] is None for e in before)
-    count, point_bytes, point_values, _ = elements[vertex]
-    header = _Header(
-        fields, count, "ascii" if ply_format == "ascii" else "binary", offset, point_bytes,
-        point_values, rows_before=sum(e[0] for e in before),
-        bytes_before=None if lists_before else sum(e[0] * e[1] for e in before),
-        big_endian=ply_format == "binary_big_endian",
+        raise ValueError(f"{str(path)!r} has no 'element vertex' (the points) in its header")
+    fields = []
+    for line, name, length, dtype in elements[vertex][2]:
+        if length is not None:
+            raise _malformed(path, line, "a list property of the points is not supported")
+        fields.append(_Field(name, dtype))
+    return _Header(
+        fields, elements[vertex][1], "ascii" if encoding == "ascii" else "binary", offset,
+        before=[_Element(rows, [p[2:] for p in props]) for _, rows, props in elements[:vertex]],
+        rows_after=sum(e[1] for e in elements[vertex + 1 :]),
     )
-    properties = [p for e in elements[: vertex + 1] for p in e[3]]
-    known = all(None not in p for p in properties)
-    if header.encoding == "binary" and (lists_before or point_bytes is None) and known:
-        header.ply_rows = [(e[0], e[3]) for e in elements[: vertex + 1]]
-    return header
 
 
-def _ply_list_rows_bytes(path: Path, header: _Header, limit: int) -> int:
-    """Bytes from the end of a binary PLY's header to the end of its points when list
-    properties make rows vary: reads each list's length from the file. Stops once past
-    ``limit`` (the bytes there are) and then returns a number above it."""
-    assert header.ply_rows is not None
-    order = "big" if header.big_endian else "little"
-    position = 0
-    with open(path, "rb") as f:
-        for rows, properties in header.ply_rows:
-            if all(length_bytes == 0 for length_bytes, _ in properties):
-                position += rows * sum(size for _, size in properties)
-                continue
-            for _ in range(rows):
-                for length_bytes, size in properties:
-                    if length_bytes:
-                        f.seek(header.data_offset + position)
-                        raw = f.read(length_bytes)
-                        if len(raw) < length_bytes:
-                            return limit + 1
-                        position += int.from_bytes(raw, order) * size
-                    position += length_bytes or size
-                if position > limit:
-                    return position
+def _read_pcd_ply(path: Path, suffix: str) -> tuple[np.ndarray, list[str]]:
+    """The points of a .pcd or .ply file and their column names."""
+    data = path.read_bytes()
+    header = (_pcd_header if suffix == ".pcd" else _ply_header)(path, data)
+    if header.encoding == "ascii":
+        values = _ascii_values(path, header, data)
+    elif header.encoding == "binary_compressed":
+        values = _compressed_values(path, header, data)
+    else:
+        values = _binary_values(path, header, data)
+    return _columns(path, header, values, packed_colours=suffix == ".pcd")
+
+
+def _cut_short(path: Path, header: _Header, need: int, have: int, what: str) -> ValueError:
+    return ValueError(
+        f"{str(path)!r} is cut short: its header declares {header.count} points (at least "
+        f"{need} bytes of {what}) but {have} bytes follow it"
+    )
+
+
+def _row_type(fields: list[_Field], parse: bool = False) -> np.dtype:
+    """The structured type of a point (ascii ``parse``: float fields as float64, so that a
+    value beyond float32's range can be told from infinity)."""
+    return np.dtype([
+        (f"f{i}", np.dtype("f8") if parse and f.dtype.kind == "f" else f.dtype, (f.count,))
+        for i, f in enumerate(fields)
+    ])  # fmt: skip
+
+
+def _binary_values(path: Path, header: _Header, data: bytes) -> list[np.ndarray]:
+    """Each field's values ``[N, count]`` of a binary PCD or PLY."""
+    start = _ply_skip_before(path, header, data)
+    row = _row_type(header.fields)
+    need, have = header.count * row.itemsize, len(data) - start
+    if have < need:
+        raise _cut_short(path, header, need, have, "binary data")
+    table = np.frombuffer(data, row, header.count, start)
+    return [table[name] for name in row.names]
+
+
+def _ply_skip_before(path: Path, header: _Header, data: bytes) -> int:
+    """Where the points of a binary file start: after its header and, in a PLY, after the
+    elements stored before them (rows with list properties are read one by one to find their
+    lengths)."""
+    position = header.data_offset
+    for element in header.before:
+        if all(length is None for length, _ in element.properties):
+            position += element.rows * sum(dtype.itemsize for _, dtype in element.properties)
+            continue
+        for _ in range(element.rows):
+            for length, dtype in element.properties:
+                if length is not None:
+                    if position + length.itemsize > len(data):
+                        break
+                    items = int(np.frombuffer(data, length, 1, position)[0])
+                    if items < 0:
+                        raise ValueError(f"{str(path)!r} has a list of {items} values before "
+                                         "its points")
+                    position += length.itemsize + items * dtype.itemsize
+                else:
+                    position += dtype.itemsize
+            if position > len(data):
+                break
+    if position > len(data):
+        raise ValueError(
+            f"{str(path)!r} is cut short: its header declares {header.count} points after "
+            f"other elements, but the file ends within those elements ({len(data)} bytes)"
+        )
     return position
 
 
-def _pcd_header(pcd: dict[str, list[str]], offset: int, number) -> _Header:
-    """The header of a PCD file from its lines (keyword: values); ``number`` parses a count."""
-
-    def count_of(key: str) -> int:
-        return number((pcd[key] or ["(none)"])[0], " ".join([key, *pcd[key]]))
-
-    fields = pcd.get("FIELDS", [])
-    if "POINTS" in pcd:
-        count = count_of("POINTS")
-    elif "WIDTH" in pcd and "HEIGHT" in pcd:
-        count = count_of("WIDTH") * count_of("HEIGHT")
-    else:
-        count = -1
-    sizes, counts = pcd.get("SIZE", []), pcd.get("COUNT", ["1"] * len(fields))
-    point_bytes = point_values = None
-    if len(sizes) == len(fields) == len(counts) and all(w.isdigit() for w in sizes + counts):
-        point_bytes = sum(int(a) * int(b) for a, b in zip(sizes, counts))
-        point_values = sum(int(b) for b in counts)
-    encoding = (pcd.get("DATA") or ["ascii"])[0]
-    return _Header(fields, count, encoding, offset, point_bytes, point_values)
-
-
-def _check_complete(path: Path, header: _Header) -> None:
-    """Refuses a file whose data is shorter than its header declares: open3d would return the
-    declared points anyway, the missing ones holding whatever its memory held."""
-    count = header.count
-    if count <= 0:
-        return
-    if header.encoding == "ascii":  # a row per point (PLY: per element) of numbers
-        got = 0
-        with open(path, "rb") as f:
-            f.seek(header.data_offset)
-            rows = (numbers for numbers in (line.split() for line in f) if numbers)
-            rows = itertools.islice(rows, header.rows_before, header.rows_before + count)
-            for got, numbers in enumerate(rows, 1):
-                if header.point_values is not None and len(numbers) != header.point_values:
-                    raise ValueError(
-                        f"{str(path)!r} is cut short or malformed: its header declares {count} "
-                        f"points of {header.point_values} numbers, but point {got - 1} has "
-                        f"{len(numbers)}"
-                    )
-        if got < count:
-            raise ValueError(
-                f"{str(path)!r} is cut short: its header declares {count} points but {got} "
-                "rows of them follow it"
-            )
-        return
-    if header.encoding == "binary_compressed":  # PCD: two uint32 sizes, then the data
-        with open(path, "rb") as f:
-            f.seek(header.data_offset)
-            sizes = f.read(8)
-        need = 8 + (struct.unpack("<I", sizes[:4])[0] if len(sizes) == 8 else 0)
-    elif header.point_bytes is not None and header.bytes_before is not None:
-        need = header.bytes_before + count * header.point_bytes
-    elif header.ply_rows is not None:  # PLY list properties up to the points
-        need = _ply_list_rows_bytes(path, header, path.stat().st_size - header.data_offset)
-    else:
-        return  # a PLY property of an unknown type: the points' offset is not known
-    have = path.stat().st_size - header.data_offset
-    if have < need:
+def _compressed_values(path: Path, header: _Header, data: bytes) -> list[np.ndarray]:
+    """Each field's values ``[N, count]`` of a binary_compressed PCD: two uint32 sizes, then
+    the LZF-compressed fields one after the other (all x, then all y, ...)."""
+    start = header.data_offset
+    if len(data) - start < 8:
+        raise _cut_short(path, header, 8, len(data) - start, "binary_compressed data")
+    packed, size = struct.unpack_from("<II", data, start)
+    point_bytes = sum(f.dtype.itemsize * f.count for f in header.fields)
+    if size != header.count * point_bytes:
         raise ValueError(
-            f"{str(path)!r} is cut short: its header declares {count} points (at least {need} "
-            f"bytes of {header.encoding} data) but {have} bytes follow it"
+            f"{str(path)!r} declares {header.count} points of {point_bytes} bytes "
+            f"({header.count * point_bytes} bytes), but its compressed data unpacks to {size} "
+            "bytes"
         )
+    if len(data) - start - 8 < packed:
+        raise _cut_short(path, header, 8 + packed, len(data) - start, "binary_compressed data")
+    raw = _lzf_decompress(path, data[start + 8 : start + 8 + packed], size)
+    values, offset = [], 0
+    for f in header.fields:
+        values.append(np.frombuffer(raw, f.dtype, header.count * f.count, offset)
+                      .reshape(header.count, f.count))
+        offset += header.count * f.count * f.dtype.itemsize
+    return values
 
 
-def _read_open3d(path: Path) -> tuple[np.ndarray, list[str]]:
+def _lzf_decompress(path: Path, packed: bytes, size: int) -> bytes:
+    """Decodes LZF (liblzf's format, which PCL compresses with) into ``size`` bytes.
+
+    A control byte below 32 is followed by that many plus one literal bytes. Any other holds
+    a length in its top 3 bits (7: add the next byte) and the high bits of a distance (the
+    next byte holds the low ones): copy length + 2 bytes from distance + 1 bytes back.
+    """
+    out = bytearray()
+    i, end = 0, len(packed)
     try:
-        import open3d as o3d
-    except ImportError as exc:
-        raise ImportError(
-            f"reading {path.suffix} files needs open3d: pip install 'spconv_lite[io]' "
-            "(or open3d-cpu)"
-        ) from exc
-    o3d.utility.set_verbosity_level(o3d.utility.VerbosityLevel.Error)
-    header = _read_header(path)
-    _check_complete(path, header)
-    fields, count = header.fields, header.count
-    cloud = o3d.t.io.read_point_cloud(str(path))
-    attributes = {name: cloud.point[name].numpy() for name in cloud.point}
-    if "positions" not in attributes:
-        if count == 0 and all(axis in fields for axis in _XYZ):  # open3d rejects empty files
-            names = [*_XYZ, *(f for f in fields if f not in _XYZ)]
-            return np.zeros((0, len(names)), dtype=np.float32), names
-        raise ValueError(f"{str(path)!r} could not be read as a point cloud with x, y, z")
-    columns = [attributes.pop("positions").reshape(-1, 3)]
-    names = list(_XYZ)
-    # open3d's attributes come in name order: put them back in the file's order.
-    for field in fields:
-        attribute = _OPEN3D_GROUPS.get(field, field)
-        if field in _XYZ or attribute not in attributes:
-            continue  # positions, a field open3d does not load, or a group already taken
-        values = attributes.pop(attribute)
-        values = values if values.ndim == 2 else values.reshape(-1, 1)
-        columns.append(values.astype(np.float32))
-        names += (
-            [field]
-            if values.shape[1] == 1
-            else [f"{attribute}_{j}" for j in range(values.shape[1])]
+        while i < end and len(out) <= size:
+            control = packed[i]
+            i += 1
+            if control < 32:
+                if i + control >= end:
+                    raise IndexError
+                out += packed[i : i + control + 1]
+                i += control + 1
+                continue
+            length = control >> 5
+            if length == 7:
+                length += packed[i]
+                i += 1
+            start = len(out) - ((control & 31) << 8) - packed[i] - 1
+            i += 1
+            length += 2
+            if start < 0:
+                raise ValueError(
+                    f"{str(path)!r} has corrupt compressed data: a reference before its start"
+                )
+            if start + length <= len(out):
+                out += out[start : start + length]
+            else:  # the copy overlaps its own output: it repeats the bytes from start on
+                piece = out[start:]
+                out += (piece * (length // len(piece) + 1))[:length]
+    except IndexError:
+        raise ValueError(f"{str(path)!r} has corrupt compressed data: it ends mid-way") from None
+    if len(out) != size:
+        raise ValueError(
+            f"{str(path)!r} has corrupt compressed data: it unpacks to "
+            f"{'more than ' if len(out) > size else ''}{len(out)} bytes, not the {size} its "
+            "header states"
         )
-    return np.concatenate(columns, axis=1), names
+    return bytes(out)
+
+
+def _ascii_values(path: Path, header: _Header, data: bytes) -> list[np.ndarray]:
+    """Each field's values ``[N, count]`` of an ascii PCD or PLY: a line per point (PLY: per
+    element row) of numbers of the field's type; nan and inf are numbers, nothing else is."""
+    lines = [line for line in data[header.data_offset :].decode("latin-1").split("\n")
+             if line.strip()]  # fmt: skip
+    before = sum(element.rows for element in header.before)
+    total = before + header.count + header.rows_after
+    if len(lines) != total:
+        others = total - header.count
+        others = f" and {others} rows of other elements" if others else ""
+        raise ValueError(
+            f"{str(path)!r} is " + ("cut short" if len(lines) < total else "malformed")
+            + f": its header declares {header.count} points{others}, but {len(lines)} rows "
+            "follow it"
+        )
+    lines = lines[before : before + header.count]
+    width = sum(f.count for f in header.fields)
+    for index, line in enumerate(lines):
+        if len(line.split()) != width:
+            raise ValueError(
+                f"{str(path)!r} is cut short or malformed: its header declares {header.count} "
+                f"points of {width} numbers, but point {index} has {len(line.split())}"
+            )
+    row = _row_type(header.fields, parse=True)
+    table = _parse_rows(lines, row)
+    if table is None:
+        raise _bad_value(path, header.fields, lines, row)
+    values = []
+    for f, name in zip(header.fields, row.names):
+        column = table[name]
+        if f.dtype.kind == "f" and f.dtype.itemsize < 8:
+            with np.errstate(over="ignore"):
+                beyond = np.isinf(column.astype(f.dtype)) & np.isfinite(column)
+            if beyond.any():
+                index = int(np.argwhere(beyond)[0, 0])
+                raise ValueError(
+                    f"{str(path)!r}: point {index} has {column[index][beyond[index]][0]:g} for "
+                    f"field {f.name!r}, beyond the range of its type {f.dtype.name}"
+                )
+        values.append(column)
+    return values
+
+
+def _parse_rows(lines: list[str], row: np.dtype) -> Optional[np.ndarray]:
+    """``lines`` as rows of type ``row``, or None where a value is not a number of its type."""
+    if not lines:
+        return np.zeros(0, row)
+    try:
+        return np.loadtxt(lines, dtype=row, comments=None, ndmin=1)
+    except ValueError:
+        return None
+
+
+def _bad_value(path: Path, fields: list[_Field], lines: list[str], row: np.dtype) -> ValueError:
+    """The error naming the first value of ``lines`` that is not a number of its field's type
+    (found by halving the rows, then trying each value of the first bad row)."""
+    low, high = 0, len(lines)  # lines[low:high] holds the first bad row
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if _parse_rows(lines[low:middle], row) is not None else (
+            low, middle)
+    kinds = [(f.name, row[i].base) for i, f in enumerate(fields) for _ in range(f.count)]
+    for token, (name, dtype) in zip(lines[low].split(), kinds):
+        if _parse_rows([token], np.dtype([("v", dtype)])) is None:
+            what = f"{dtype.name} number" if dtype.kind != "f" else "number"
+            return ValueError(
+                f"{str(path)!r}: point {low} has {token!r} for field {name!r}, which is not a "
+                f"{what}"
+            )
+    return ValueError(f"{str(path)!r}: point {low} ({lines[low].strip()!r}) is malformed")
+
+
+def _columns(
+    path: Path, header: _Header, values: list[np.ndarray], packed_colours: bool
+) -> tuple[np.ndarray, list[str]]:
+    """The float32 ``[N, C]`` points and their names: x, y, z, then the other fields in file
+    order (see the module docstring for padding, COUNT > 1, normals and colours)."""
+    names = [f.name for f in header.fields]
+    repeated = sorted({n for n in names if names.count(n) > 1 and n != _PCD_PADDING})
+    if repeated:
+        raise ValueError(f"{str(path)!r} has two fields named {repeated[0]!r}: {names}")
+    for axis in _XYZ:
+        if names.count(axis) != 1 or header.fields[names.index(axis)].count != 1:
+            raise ValueError(
+                f"{str(path)!r} must have one field each named x, y and z with one value per "
+                f"point; its fields are {names} (values per point "
+                f"{[f.count for f in header.fields]})"
+            )
+    columns = [values[names.index(axis)][:, 0] for axis in _XYZ]
+    out_names, taken = list(_XYZ), set(_XYZ)
+    single = {f.name for f in header.fields if f.count == 1}
+    for f, value in zip(header.fields, values):
+        if f.name in taken or f.name == _PCD_PADDING:
+            continue
+        group = next((g for g in _GROUPS.items() if f.name in g[0] and set(g[0]) <= single),
+                     None)  # fmt: skip
+        if group is not None:  # all three members, taken at the first one's place
+            members, group_name = group
+            taken.update(members)
+            columns += [values[names.index(m)].reshape(-1) for m in members]
+            out_names += [f"{group_name}_{j}" for j in range(3)]
+        elif f.name in _PCD_PACKED_COLOURS and packed_colours and f.dtype.itemsize == 4:
+            bits = value.reshape(-1).astype(f.dtype).view("<u4")
+            columns += [(bits >> shift) & 255 for shift in (16, 8, 0)]
+            out_names += [f"colors_{j}" for j in range(3)]
+        else:
+            columns += list(value.T)
+            out_names += [f.name] if f.count == 1 else [f"{f.name}_{j}" for j in range(f.count)]
+    repeated = sorted({name for name in out_names if out_names.count(name) > 1})
+    if repeated:  # e.g. a field named normals_0 beside nx, ny, nz
+        raise ValueError(
+            f"{str(path)!r} has fields {names}, which give two columns named {repeated[0]!r}"
+        )
+    points = np.empty((header.count, len(columns)), dtype=np.float32)
+    for j, column in enumerate(columns):
+        points[:, j] = column
+    return points, out_names

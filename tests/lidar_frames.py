@@ -68,8 +68,6 @@ class Frame:
     def points(self) -> np.ndarray:
         from spconv_lite.io import read_points
 
-        if self.file.endswith((".pcd", ".ply")):
-            require_open3d()
         return read_points(self.path, self.point_dims)
 
     def cli_args(self) -> list[str]:
