@@ -13,14 +13,15 @@ Networks (one definition, built with each library's layers; one state_dict loade
 
 Cases: float32 (TF32 off) and float16; "fwd" (eval mode, no_grad, kernel maps built in every
 call as in inference) and "train" (train mode: forward, loss, backward). Each library's call
-runs once first (its output kept for the comparison; a failure is recorded as that library's
-error and the others go on), then --warmup times, then --repeats times alternating the
-libraries call by call, each call between two device synchronisations. Reported: the median
-and quartiles of the wall time, the ratio other / spconv_lite of the medians (> 1: spconv_lite
-is faster), the peak GPU memory of one call (growth of torch's peak allocated memory), the
-useful TFLOP/s (2 x pairs x C_in x C_out summed over the conv layers, over the median), and the
-outputs compared by site with spconv's (same sites; max |difference| / max |value|), the weight
-gradients of the training step by parameter.
+runs once first (its output kept for the comparison), then --warmup times, then --repeats
+times alternating the libraries call by call, each call between two device synchronisations; a
+library that fails in any of these calls is dropped from the case with its error and the others
+go on, and a case that fails as a whole is recorded with its error before the next one.
+Reported: the median and quartiles of the wall time, the ratio other / spconv_lite of the
+medians (> 1: spconv_lite is faster), the peak GPU memory of one call (growth of torch's peak
+allocated memory), the useful TFLOP/s (2 x pairs x C_in x C_out summed over the conv layers,
+over the median), and the outputs compared by site with spconv's (same sites; max |difference|
+/ max |value|), the weight gradients of the training step by parameter.
 
 Ceilings: before the cases, the device's two limits measured on it (datasheet rates are
 leads): the bandwidth of a large device-to-device copy (bytes read + written over the median)
@@ -34,16 +35,24 @@ its share of the forward. PointToVoxel: the KITTI frame on the device, each libr
 voxelizer, and whether the voxels agree with spconv_lite's.
 
 The JSON is rewritten after every case, so a run stopped by a time limit keeps what it
-measured; --budget-s skips the cases that would start after that many seconds. --device cpu
-runs every step on the CPU (no peak memory; spconv's GPU-only map builder is an error there): a
-dry run of this script, not a measurement. --quick crops each input to a few thousand voxels
+measured (a SIGINT marks it: meta.interrupted names the step that was running); --budget-s
+skips the cases that would start after that many seconds. --device cpu runs every step on the
+CPU (no peak memory; spconv's GPU-only map builder is an error there): a dry run of this
+script, not a measurement. --quick crops each input to a few thousand voxels
 and runs each case a few times.
+
+spconv-Triton autotunes each kernel over its whole config list (37 for its gather-GEMM) on
+the first call of every new shape, compiling each config: minutes per network on a GPU with an
+empty cache. --triton-configs N keeps N configs per kernel (meta.triton_autotune; the results
+page says so); scripts/gpu_check.sh measures spconv-Triton so in a stage of its own, last.
 
 Usage (from the repository root):
     python benchmarks/bench_cuda.py [--data DIR] [--libs spconv_lite,spconv,spconv_triton]
         [--repeats 10] [--warmup 3] [--json out.json] [--device cuda] [--quick] [--budget-s S]
+        [--triton-configs N]
     python benchmarks/bench_cuda.py --write-results out.json [--results-dir benchmarks/results]
-        (writes DATE-GPU.json and DATE-GPU.md from a run's JSON, for the repository)
+        (writes DATE-GPU-KIND.json and .md from a run's JSON, for the repository; KIND is
+        bench, variants or triton, after the stage of scripts/gpu_check.sh that made it)
 """
 
 from __future__ import annotations
@@ -75,7 +84,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common, bench_networks when imported
 from arguments import non_negative_int, positive_int  # noqa: E402
 from bench_networks import spconv_benchmark_net  # noqa: E402
-from common import time_alternating  # noqa: E402
+from common import one_line, time_alternating  # noqa: E402
 
 import spconv_lite  # noqa: E402
 from spconv_lite.models import VoxelBackBone8x  # noqa: E402
@@ -100,11 +109,6 @@ def default_data_dir() -> Path:
     return REPO.parent / "shared" / "data" / "lidar"
 
 
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
-
-
 # ----------------------------------------------------------------------------- libraries
 
 @dataclass
@@ -120,6 +124,7 @@ class Library:
     map_module: ModuleType
     map_functions: tuple[str, ...]
     variants: str | None = None
+    autotune: dict[str, str] | None = None  # spconv-Triton's cut autotune lists, see below
 
 
 VARIANTS_VARIABLE = "SPCONV_LITE_CUDA_VARIANTS"
@@ -171,7 +176,31 @@ def variant_libraries(base: Library, sweep: str) -> dict[str, Library]:
             for value in (v.strip() for v in sweep.split(";")) if value}
 
 
-def load_library(name: str) -> Library:
+def cut_triton_autotune(per_kernel: int) -> dict[str, str]:
+    """Cuts every autotuned kernel of spconv-Triton (imported) to ``per_kernel`` configs, evenly
+    spread over its list; returns "kept of total" per kernel. Its full lists (37 configs for the
+    gather-GEMM, 21 for the weight gradient, 8-11 for the others, per autotune key) are compiled
+    one after another on first use, 0.4-2.3 s each on sm_90: minutes per network on an empty
+    cache, more than a time-boxed GPU run has. What is measured then is spconv-Triton with
+    fewer choices, which the results say."""
+    from triton.runtime.autotuner import Autotuner
+
+    cut = {}
+    for module_name, module in sorted(sys.modules.items()):
+        if not module_name.startswith("spconv_triton") or module is None:
+            continue
+        for name, kernel in vars(module).items():
+            if isinstance(kernel, Autotuner) and name not in cut:
+                total = len(kernel.configs)
+                keep = min(per_kernel, total)
+                kernel.configs = [kernel.configs[i * total // keep] for i in range(keep)]
+                cut[name] = f"{keep} of {total}"
+    return cut
+
+
+def load_library(name: str, triton_configs: int | None = None) -> Library:
+    """``triton_configs``: for spconv_triton, the configs kept per autotuned kernel (None: its
+    full lists)."""
     # spconv prints its own messages on import.
     with contextlib.redirect_stdout(io.StringIO()):
         if name == "spconv_lite":
@@ -191,16 +220,19 @@ def load_library(name: str) -> Library:
             from spconv_triton.pytorch.utils import PointToVoxel
         else:
             raise ValueError(f"unknown library {name!r}, choose from {LIBRARIES}")
+    autotune = (cut_triton_autotune(triton_configs)
+                if name == "spconv_triton" and triton_configs is not None else None)
     return Library(name, spconv.__version__, ns, PointToVoxel, ns.ops,
-                   ("get_indice_pairs", "get_indice_pairs_implicit_gemm"))
+                   ("get_indice_pairs", "get_indice_pairs_implicit_gemm"), autotune=autotune)
 
 
-def load_libraries(names: list[str]) -> tuple[dict[str, Library], dict[str, str]]:
+def load_libraries(names: list[str], triton_configs: int | None = None
+                   ) -> tuple[dict[str, Library], dict[str, str]]:
     """The libraries that import, and for the others the reason (a reported skip)."""
     libs, skipped = {}, {}
     for name in names:
         try:
-            libs[name] = load_library(name)
+            libs[name] = load_library(name, triton_configs)
         except Exception as exc:  # noqa: BLE001  (any import failure: that library is skipped)
             skipped[name] = one_line(exc)
     return libs, skipped
@@ -268,12 +300,16 @@ def crop(inp: Input, sites: int) -> Input:
                  inp.shape)
 
 
-def load_inputs(data: Path, quick: bool) -> dict[str, Input]:
+def load_inputs(data: Path, quick: bool, names=("kitti", "spconv_pc", "spconv_pc_x8")
+                ) -> dict[str, Input]:
+    """The inputs named (voxelizing the 8x cloud alone takes seconds)."""
     for name in ("kitti_object_training_000000.bin", "spconv_benchmark-pc.npz"):
         if not (data / name).is_file():
             raise SystemExit(f"error: {data / name} not found (pass --data DIR, the folder of "
                              "the LiDAR frames)")
-    inputs = [kitti_input(data), spconv_input(data, 1), spconv_input(data, 8)]
+    makers = {"kitti": lambda: kitti_input(data), "spconv_pc": lambda: spconv_input(data, 1),
+              "spconv_pc_x8": lambda: spconv_input(data, 8)}
+    inputs = [make() for name, make in makers.items() if name in names]
     if quick:
         inputs = [crop(inp, QUICK_SITES) for inp in inputs]
     return {inp.name: inp for inp in inputs}
@@ -409,8 +445,9 @@ def compare_grads(grads: dict, ref: dict) -> dict:
 
 def run_alternating(calls: dict[str, Callable], warmup: int, repeats: int,
                     sync: Callable[[], None]) -> tuple[dict, dict, dict]:
-    """(first outputs, timing statistics, errors) per library: each call runs once (a failure
-    drops that library, with its error), then all are timed alternately."""
+    """(first outputs, timing statistics, errors) per library: each call runs once, then all
+    are timed alternately; a failure, in the first call or later (out of memory, say), drops
+    that library with its error and the others go on."""
     outputs, errors = {}, {}
     for name, call in calls.items():
         try:
@@ -419,7 +456,7 @@ def run_alternating(calls: dict[str, Callable], warmup: int, repeats: int,
         except Exception as exc:  # noqa: BLE001  (a library's failure is reported, not fatal)
             errors[name] = one_line(exc)
     working = {name: calls[name] for name in outputs}
-    timings = time_alternating(working, warmup, repeats, sync) if working else {}
+    timings = time_alternating(working, warmup, repeats, sync, errors) if working else {}
     return outputs, timings, errors
 
 
@@ -885,6 +922,7 @@ def run_meta(libs, skipped, inputs, device, args) -> dict:
         "python": platform.python_version(),
         "libraries": {name: lib.version for name, lib in libs.items()},
         "skipped_libraries": skipped,
+        "triton_autotune": next((lib.autotune for lib in libs.values() if lib.autotune), None),
         "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32,
                  "cudnn": torch.backends.cudnn.allow_tf32},
         "threads": torch.get_num_threads(),
@@ -1013,6 +1051,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="skip the cases that would start after this many seconds")
     parser.add_argument("--inputs", default=",".join(i for _, i in PLAN),
                         help="inputs to run, of " + ", ".join(i for _, i in PLAN))
+    parser.add_argument("--dtype-major", action="store_true",
+                        help="run every input in one dtype before the next dtype (default: "
+                        "every dtype of one input before the next input)")
     parser.add_argument("--variants", default=None, metavar="SWEEP",
                         help="';'-separated values of SPCONV_LITE_CUDA_VARIANTS, each timed as "
                         "one more library 'spconv_lite[VALUE]' beside the default kernels; "
@@ -1022,13 +1063,18 @@ def main(argv: list[str] | None = None) -> dict:
                         "with the default kernels and each variant")
     parser.add_argument("--no-networks", action="store_true",
                         help="skip the network cases and their maps (with --layers: layers only)")
+    parser.add_argument("--no-maps", action="store_true", help="skip the kernel maps alone")
     parser.add_argument("--no-voxelize", action="store_true", help="skip PointToVoxel")
+    parser.add_argument("--triton-configs", type=positive_int, default=None, metavar="N",
+                        help="autotune spconv-Triton over N configs per kernel, evenly spread "
+                        "over its lists (default: its full lists); the results say so")
     parser.add_argument("--profile-layer", default=None, metavar="NETWORK:INPUT:LAYER:DTYPE",
                         help="only run that conv layer once per variant, for ncu (e.g. "
                         "spconv:spconv_pc_x8:1:float16)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--write-results", type=Path, default=None, metavar="RUN_JSON",
-                        help="write DATE-GPU.json and .md for the repository from a run's JSON")
+                        help="write DATE-GPU-KIND.json and .md for the repository from a run's "
+                        "JSON (KIND: bench, variants or triton)")
     parser.add_argument("--results-dir", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
     if args.write_results is not None:
@@ -1045,7 +1091,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(1)  # spconv's CPU kernels are only correct on one thread
     sync = make_sync(device)
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",") if name]
-    libs, skipped = load_libraries([n for n in args.libs.split(",") if n])
+    libs, skipped = load_libraries([n for n in args.libs.split(",") if n], args.triton_configs)
     if BASELINE not in libs:
         sys.exit(f"error: {BASELINE} does not import: {skipped.get(BASELINE)}")
     sweep = []
@@ -1056,18 +1102,57 @@ def main(argv: list[str] | None = None) -> dict:
     plan = [(network, name) for wanted in args.inputs.split(",")
             for network, name in PLAN if name == wanted.strip()]
     data = args.data or default_data_dir()
-    inputs = load_inputs(data, args.quick)
+    needed = {name for _, name in plan}
+    if args.profile_layer:
+        needed.add(args.profile_layer.split(":")[1])
+    inputs = load_inputs(data, args.quick, needed)
     report = Report(args.json, run_meta(libs, skipped, inputs, device, args))
     meta = report.data["meta"]
+    meta["kind"] = "variants" if sweep else "triton" if args.triton_configs else "bench"
     print(f"{meta['gpu'] or 'CPU (dry run)'} | driver {meta['driver']} | torch {meta['torch']} "
           f"(CUDA {meta['cuda']}) | python {meta['python']} | commit {meta['commit']}")
     print("libraries:", meta["libraries"], "| skipped:", skipped or "none")
+    if meta.get("triton_autotune"):
+        print("spconv-Triton autotunes over a cut list:", meta["triton_autotune"])
     print("voxels:", {name: v["voxels"] for name, v in meta["inputs"].items()}, flush=True)
     for inp in inputs.values():
         inp.features, inp.indices = inp.features.to(device), inp.indices.to(device)
     if args.profile_layer:
         profile_layer(args.profile_layer, inputs, sweep, device)
         return report.data
+    # A SIGINT (the time box of scripts/gpu_check.sh) keeps what was measured: the JSON is
+    # marked interrupted, with the step that was running.
+    step = ["ceilings"]
+    try:
+        run_steps(args, report, libs, inputs, plan, dtypes, sweep, data, device, sync, start,
+                  step)
+    except KeyboardInterrupt:
+        meta["interrupted"] = f"stopped (SIGINT) during: {step[0]}"
+        meta["seconds"] = round(time.monotonic() - start, 1)
+        report.save()
+        print(f"interrupted during {step[0]}; wrote what was measured", flush=True)
+        sys.exit(130)
+    meta["seconds"] = round(time.monotonic() - start, 1)
+    report.save()
+    if args.json is not None:
+        print(f"wrote {args.json}")
+    return report.data
+
+
+def failed_case(network: str, inp: Input, dtype, train: bool, exc: Exception) -> dict:
+    """A network case that raised outside any one library's calls (a CUDA error that broke the
+    context, say): recorded with its error, and the run goes on."""
+    return {"network": network, "input": inp.name, "voxels": int(inp.indices.shape[0]),
+            "dtype": str(dtype).replace("torch.", ""), "pass": "train" if train else "fwd",
+            "libs": {}, "errors": {"case": one_line(exc)}, "compare": {}, "grad_compare": {},
+            "ratios": {}}
+
+
+def run_steps(args, report: Report, libs, inputs, plan, dtypes, sweep, data, device, sync,
+              start: float, step: list[str]) -> None:
+    """The measurements of main, in order: ceilings, PointToVoxel, the network cases (with the
+    maps of their float32 forwards), the layers. ``step[0]`` names the step running."""
+    meta = report.data["meta"]
     try:
         meta["ceilings"] = measure_ceilings(device, dtypes, args)
     except Exception as exc:  # noqa: BLE001  (the cases do not need it)
@@ -1076,6 +1161,7 @@ def main(argv: list[str] | None = None) -> dict:
     report.save()
 
     def over_budget(what: str) -> bool:
+        step[0] = what
         if args.budget_s is not None and time.monotonic() - start > args.budget_s:
             report.data["skipped_cases"].append(what)
             print(f"skipped (time budget): {what}", flush=True)
@@ -1084,47 +1170,64 @@ def main(argv: list[str] | None = None) -> dict:
 
     if not args.no_voxelize and not over_budget("voxelize"):
         plain = {name: lib for name, lib in libs.items() if not lib.variants}  # not variants
-        report.data["voxelize"] = bench_voxelize(plain, data, device, args, sync)
-        v = report.data["voxelize"]
-        print("PointToVoxel (KITTI frame):", {n: round(s["median_ms"], 3)
-                                              for n, s in v["libs"].items()},
-              v["ratios"], v["compare"], v["errors"] or "", flush=True)
+        try:
+            report.data["voxelize"] = bench_voxelize(plain, data, device, args, sync)
+            v = report.data["voxelize"]
+            print("PointToVoxel (KITTI frame):", {n: round(s["median_ms"], 3)
+                                                  for n, s in v["libs"].items()},
+                  v["ratios"], v["compare"], v["errors"] or "", flush=True)
+        except Exception as exc:  # noqa: BLE001  (the cases do not need it)
+            print(f"PointToVoxel: {one_line(exc)}", flush=True)
         report.save()
     report.data["variants"] = sweep
-    for network, input_name in [] if args.no_networks else plan:
+    states = {}  # per (network, input): the weights all libraries load, the useful GFLOP
+    cases = [(network, name, dtype, train) for network, name in plan for dtype in dtypes
+             for train in (False, True)]
+    if args.dtype_major:
+        cases.sort(key=lambda c: dtypes.index(c[2]))  # stable: the plan's order within a dtype
+    for network, input_name, dtype, train in [] if args.no_networks else cases:
         inp = inputs[input_name]
-        torch.manual_seed(0)
-        reference_net = NETWORKS[network](libs[BASELINE].ns)
-        state = copy.deepcopy(reference_net.state_dict())
+        dtype_name = str(dtype).replace("torch.", "")
+        what = f"{network} {input_name} {dtype_name} {'train' if train else 'fwd'}"
+        if over_budget(what):
+            continue
+        if (network, input_name) not in states:
+            torch.manual_seed(0)
+            reference_net = NETWORKS[network](libs[BASELINE].ns)
+            state = copy.deepcopy(reference_net.state_dict())
+            try:
+                gflop = useful_gflop(reference_net.to(device), inp)
+            except Exception as exc:  # noqa: BLE001  (the rest of the run does not need it)
+                print(f"useful GFLOP of {network} {input_name}: {one_line(exc)}")
+                gflop = None
+            states[network, input_name] = state, gflop
+        state, gflop = states[network, input_name]
         try:
-            gflop = useful_gflop(reference_net.to(device), inp)
-        except Exception as exc:  # noqa: BLE001  (the rest of the run does not need it)
-            print(f"useful GFLOP of {network} {input_name}: {one_line(exc)}")
-            gflop = None
-        for dtype in dtypes:
-            for train in (False, True):
-                what = f"{network} {input_name} {dtype} {'train' if train else 'fwd'}"
-                if over_budget(what):
-                    continue
-                case = bench_network_case(network, inp, dtype, train, libs, state, device,
-                                          args, sync)
-                case["useful_gflop_fwd"] = gflop
-                if gflop and not train:
-                    case["useful_tflops"] = {name: gflop / st["median_ms"]
-                                             for name, st in case["libs"].items()}
-                report.data["networks"].append(case)
-                add_map_shares(report.data)
-                print_case(case)
-                report.save()
-                if dtype == torch.float32 and not train and not over_budget(f"maps {what}"):
-                    maps = bench_maps(libs, network, state, inp, device, args, sync)
-                    maps.update(network=network, input=input_name)
-                    report.data["maps"].append(maps)
-                    add_map_shares(report.data)
-                    print(f"maps {network} {input_name}:", {
-                        name: (e.get("maps"), round(e.get("total_median_ms", float("nan")), 3))
-                        for name, e in maps["libs"].items()}, maps["errors"] or "", flush=True)
-                    report.save()
+            case = bench_network_case(network, inp, dtype, train, libs, state, device, args,
+                                      sync)
+        except Exception as exc:  # noqa: BLE001  (recorded; the other cases still run)
+            case = failed_case(network, inp, dtype, train, exc)
+        case["useful_gflop_fwd"] = gflop
+        if gflop and not train:
+            case["useful_tflops"] = {name: gflop / st["median_ms"]
+                                     for name, st in case["libs"].items()}
+        report.data["networks"].append(case)
+        add_map_shares(report.data)
+        print_case(case)
+        report.save()
+        if (dtype == torch.float32 and not train and not args.no_maps
+                and not over_budget(f"maps {what}")):
+            try:
+                maps = bench_maps(libs, network, state, inp, device, args, sync)
+            except Exception as exc:  # noqa: BLE001  (recorded; the other cases still run)
+                maps = {"libs": {}, "by_type": {}, "errors": {"maps": one_line(exc)}}
+            maps.update(network=network, input=input_name)
+            report.data["maps"].append(maps)
+            add_map_shares(report.data)
+            print(f"maps {network} {input_name}:", {
+                name: (e.get("maps"), round(e.get("total_median_ms", float("nan")), 3))
+                for name, e in maps["libs"].items()}, maps["errors"] or "", flush=True)
+            report.save()
     if args.layers:
         report.data["layers"] = []
         for network, input_name in plan:
@@ -1139,11 +1242,6 @@ def main(argv: list[str] | None = None) -> dict:
                 except Exception as exc:  # noqa: BLE001  (the other breakdowns still run)
                     print(f"{what}: {one_line(exc)}", flush=True)
                 report.save()
-    report.data["meta"]["seconds"] = round(time.monotonic() - start, 1)
-    report.save()
-    if args.json is not None:
-        print(f"wrote {args.json}")
-    return report.data
 
 
 def add_map_shares(data: dict) -> None:
@@ -1161,9 +1259,29 @@ def add_map_shares(data: dict) -> None:
 
 # ----------------------------------------------------------------------------- results file
 
-def results_stem(meta: dict) -> str:
+def results_kind(data: dict) -> str:
+    """bench, variants or triton: which stage of scripts/gpu_check.sh made the run (runs from
+    before meta.kind: variants when they swept variants)."""
+    return data["meta"].get("kind") or ("variants" if data.get("variants") else "bench")
+
+
+def results_stem(data: dict) -> str:
+    """DATE-GPU-KIND: one results file per kind of run, so that a day's runs do not overwrite
+    each other."""
+    meta = data["meta"]
     gpu = re.sub(r"[^a-z0-9]+", "-", (meta.get("gpu") or "cpu").lower()).strip("-")
-    return f"{meta['date'][:10]}-{gpu}"
+    return f"{meta['date'][:10]}-{gpu}-{results_kind(data)}"
+
+
+def autotune_note(meta: dict) -> str | None:
+    """What a cut autotune list changes in the measurement, for the results page."""
+    cut = meta.get("triton_autotune")
+    if not cut:
+        return None
+    return ("spconv-Triton autotuned over a cut list of configs, evenly spread over each "
+            "kernel's own list (" + ", ".join(f"{k} {v}" for k, v in cut.items()) + "): its "
+            "full lists take minutes to compile on a GPU with an empty cache, more than the "
+            "time-boxed run has, so its times may be slower than with its full autotuning")
 
 
 def fmt_ms(value) -> str:
@@ -1175,7 +1293,8 @@ def render_markdown(data: dict) -> str:
     meta = data["meta"]
     names = [n for n in LIBRARIES if n in meta["libraries"]]
     lines = [
-        f"# GPU benchmark: {meta.get('gpu') or 'CPU dry run'}, {meta['date'][:10]}",
+        f"# GPU benchmark ({results_kind(data)}): {meta.get('gpu') or 'CPU dry run'}, "
+        f"{meta['date'][:10]}",
         "",
         f"- GPU: {meta.get('gpu')}, driver {meta.get('driver')}",
         f"- torch {meta['torch']} (CUDA {meta['cuda']}), Python {meta['python']}",
@@ -1183,6 +1302,9 @@ def render_markdown(data: dict) -> str:
         + ("; skipped: " + ", ".join(f"{n} ({r})" for n, r in meta["skipped_libraries"].items())
            if meta["skipped_libraries"] else ""),
         f"- spconv_lite commit: {meta.get('commit')}",
+        *([f"- **{meta['interrupted']}**: the cases below are those measured before"]
+          if meta.get("interrupted") else []),
+        *([f"- {autotune_note(meta)}"] if autotune_note(meta) else []),
         f"- medians of {meta['repeats']} calls after {meta['warmup']} warm-up calls, libraries "
         "alternated call by call, each call between two device synchronisations; TF32 off; "
         f"ratio = {meta['ratio']}",
@@ -1194,6 +1316,7 @@ def render_markdown(data: dict) -> str:
         "## Networks (ms; peak MiB; max relative difference of the outputs from "
         f"{REFERENCE}'s)",
         "",
+        *([f"spconv_triton: {autotune_note(meta)}.", ""] if autotune_note(meta) else []),
         "| network | input | dtype | pass | " + " | ".join(f"{n} ms" for n in names)
         + " | " + " | ".join(f"{n} / {BASELINE}" for n in names if n != BASELINE)
         + " | peak MiB (" + ", ".join(names) + ") | rel. diff. | TFLOP/s (" + BASELINE + ") |",
@@ -1425,9 +1548,10 @@ def render_layers(data: dict) -> list[str]:
 
 
 def write_results(data: dict, directory: Path) -> list[Path]:
-    """DATE-GPU.json (the run's JSON) and DATE-GPU.md (its tables) in ``directory``."""
+    """DATE-GPU-KIND.json (the run's JSON) and DATE-GPU-KIND.md (its tables) in
+    ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    stem = results_stem(data["meta"])
+    stem = results_stem(data)
     json_path, md_path = directory / f"{stem}.json", directory / f"{stem}.md"
     json_path.write_text(json.dumps(data, indent=1, default=float) + "\n")
     md_path.write_text(render_markdown(data))

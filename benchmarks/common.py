@@ -74,25 +74,48 @@ def time_case(case: Case, warmup: int, repeats: int, with_theirs: bool) -> dict:
     return {"stats": time_alternating(fns, warmup, repeats), "errors": errors}
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception as "Type: first line of its message" (at most 300 characters)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
 def time_alternating(fns: dict[str, Callable], warmup: int, repeats: int,
-                     sync: Callable[[], None] | None = None) -> dict:
+                     sync: Callable[[], None] | None = None,
+                     errors: dict[str, str] | None = None) -> dict:
     """Statistics (ms) of each function, run in turn call by call so that they share the
     machine's state (clock, caches, other load) evenly. With ``sync`` (for example
     ``torch.cuda.synchronize``), each timed call runs between two calls of it, so that its time
-    includes the device work it queued."""
+    includes the device work it queued. With ``errors``, a function that raises (out of memory
+    in a later call, say) is dropped with its error recorded there, and the others go on;
+    without it the error propagates."""
     sync = sync or (lambda: None)
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
+    fns = dict(fns)
     samples = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+
+    def call(name: str, fn: Callable, stage: str) -> float | None:
+        try:
             sync()
             start = time.perf_counter()
             fn()
             sync()
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: stats(s) for name, s in samples.items()}
+            return (time.perf_counter() - start) * 1e3
+        except Exception as exc:
+            if errors is None:
+                raise
+            errors[name] = f"{stage}: {one_line(exc)}"
+            del fns[name], samples[name]
+            return None
+
+    for _ in range(warmup):
+        for name, fn in list(fns.items()):
+            call(name, fn, "warm-up")
+    for _ in range(repeats):
+        for name, fn in list(fns.items()):
+            ms = call(name, fn, "timing")
+            if ms is not None:
+                samples[name].append(ms)
+    return {name: stats(s) for name, s in samples.items() if s}
 
 
 def fmt(st: dict | None) -> str:

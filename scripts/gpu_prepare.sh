@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Prepares this checkout for a run of scripts/gpu_check.sh on the device machine and prints the
 # `run` call to make: copies the peers' archive and the LiDAR frames into .gpu/ (git-ignored;
-# the call carries it) and checks that what travels stays under the 64 MiB limit.
+# the call carries it), drops what a dry run here unpacked or linked there (.gpu/site, .gpu/lib:
+# hundreds of MB, rebuilt on the GPU machine), and checks that what travels stays under the
+# 64 MiB limit.
 #
 # Usage: scripts/gpu_prepare.sh [SHARED_DIR]   (default: ../shared beside the repository)
 set -euo pipefail
@@ -12,6 +14,7 @@ if ! git check-ignore -q .gpu/peers-cp312.tar.xz; then
     echo "error: .gpu/ is not git-ignored here" >&2
     exit 1
 fi
+rm -rf .gpu/site .gpu/lib
 mkdir -p .gpu/lidar
 cp -u "$SHARED/gpu/peers-cp312.tar.xz" .gpu/
 cp -u "$SHARED"/data/lidar/* .gpu/lidar/
@@ -26,10 +29,15 @@ echo "travels: working tree $((tree_bytes / 1048576)) MiB + .gpu $((gpu_bytes / 
 commit=$(git rev-parse HEAD)
 [ -z "$(git status --porcelain --untracked-files=no)" ] || commit="$commit-dirty"
 cat <<CALL
-run call:
+run call (one; no kind: the reply names the card):
   command:   SPCONV_LITE_COMMIT=$commit bash scripts/gpu_check.sh \$OUT/results
   carry:     [".gpu"]
   timeout_s: 600
-afterwards, here:
+optional second call, only within 30 s of the first reply, on that still-warm machine, for the
+stages summary.json lists under "second_call" (B = lease.budget_left_s - 90, at most 520):
+  command:   SPCONV_LITE_COMMIT=$commit GPU_CHECK_STAGES=<second_call> GPU_CHECK_BUDGET_S=<B> bash scripts/gpu_check.sh \$OUT/results
+  carry:     none (carrying .gpu would delete the unpacked peers there)
+  timeout_s: 600
+afterwards, here, for each of bench, variants and triton that came back:
   python benchmarks/bench_cuda.py --write-results <files_at>/results/bench.json
 CALL

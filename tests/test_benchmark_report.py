@@ -20,6 +20,7 @@ import spconv_lite as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_cuda  # noqa: E402
+import common  # noqa: E402
 
 
 def sparse(indices, features, shape=(4, 4, 4)):
@@ -269,3 +270,129 @@ def test_variant_verdicts_apply_the_rule_for_a_new_default():
     text = "\n".join(bench_cuda.render_verdicts(data))
     assert ("| float16 | rows=2 | yes | 1.10 (spconv_pc_x8 train) | fwd 1.30, train 1.10 | - |"
             in text)
+
+
+def test_time_alternating_drops_a_function_that_fails_later():
+    # An error after the first call (out of memory in a timed call, say) drops that function
+    # with its error; the others are still timed.
+    calls = {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("CUDA out of memory\nmore lines")
+
+    errors = {}
+    stats = common.time_alternating({"ok": lambda: None, "flaky": flaky}, 1, 4, errors=errors)
+    assert list(stats) == ["ok"] and len(stats["ok"]["samples_ms"]) == 4
+    assert errors == {"flaky": "timing: RuntimeError: CUDA out of memory"}
+    calls["n"] = 0
+    with pytest.raises(RuntimeError):  # without ``errors`` the error propagates, as before
+        common.time_alternating({"flaky": flaky}, 1, 4)
+
+
+def dry_run(tmp_path, *extra, name="run.json"):
+    """bench_cuda.main on the CPU over cropped inputs, one call per library."""
+    data = lidar_file("kitti_object_training_000000.bin").parent
+    lidar_file("spconv_benchmark-pc.npz")
+    out = tmp_path / name
+    return bench_cuda.main(["--device", "cpu", "--quick", "--repeats", "1", "--warmup", "0",
+                            "--data", str(data), "--no-voxelize", "--libs", "spconv_lite",
+                            "--json", str(out), *extra]), out
+
+
+def test_a_case_that_fails_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    original = bench_cuda.bench_network_case
+
+    def failing_train(network, inp, dtype, train, *args):
+        if train:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return original(network, inp, dtype, train, *args)
+
+    monkeypatch.setattr(bench_cuda, "bench_network_case", failing_train)
+    result, _ = dry_run(tmp_path, "--inputs", "kitti,spconv_pc", "--dtypes", "float32",
+                        "--no-maps")
+    assert [(c["input"], c["pass"], bool(c["libs"])) for c in result["networks"]] == [
+        ("kitti", "fwd", True), ("kitti", "train", False),
+        ("spconv_pc", "fwd", True), ("spconv_pc", "train", False)]
+    assert result["networks"][1]["errors"] == {
+        "case": "RuntimeError: CUDA error: an illegal memory access was encountered"}
+    assert result["maps"] == []  # --no-maps
+    assert set(result["meta"]["inputs"]) == {"kitti", "spconv_pc"}  # only the inputs run
+    page = bench_cuda.render_markdown(result)
+    assert "- second kitti float32 train: case: RuntimeError: CUDA error" in page
+
+
+def test_an_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch):
+    # scripts/gpu_check.sh ends a stage's time box with SIGINT: the JSON keeps the cases
+    # measured before and says where the run stopped.
+    original = bench_cuda.bench_network_case
+
+    def interrupted_train(network, inp, dtype, train, *args):
+        if train:
+            raise KeyboardInterrupt
+        return original(network, inp, dtype, train, *args)
+
+    monkeypatch.setattr(bench_cuda, "bench_network_case", interrupted_train)
+    with pytest.raises(SystemExit) as stop:
+        dry_run(tmp_path, "--inputs", "kitti", "--dtypes", "float32", "--no-maps")
+    assert stop.value.code == 130
+    data = json.loads((tmp_path / "run.json").read_text())
+    assert data["meta"]["interrupted"] == "stopped (SIGINT) during: second kitti float32 train"
+    assert [c["pass"] for c in data["networks"]] == ["fwd"]
+    assert not list(tmp_path.glob("*.tmp"))
+    page = bench_cuda.render_markdown(data)
+    assert "- **stopped (SIGINT) during: second kitti float32 train**" in page
+
+
+def test_dtype_major_runs_every_input_in_one_dtype_first(tmp_path):
+    result, _ = dry_run(tmp_path, "--inputs", "kitti,spconv_pc", "--dtypes", "float32,float64",
+                        "--dtype-major", "--no-maps")
+    assert [(c["dtype"], c["input"], c["pass"]) for c in result["networks"]] == [
+        (d, i, p) for d in ("float32", "float64") for i in ("kitti", "spconv_pc")
+        for p in ("fwd", "train")]
+
+
+def test_results_files_are_named_by_kind(tmp_path):
+    # One run of each stage of scripts/gpu_check.sh on one day: three results files, none
+    # overwriting another (runs from before meta.kind: variants when they swept variants).
+    bench, _ = dry_run(tmp_path, "--inputs", "kitti", "--dtypes", "float32", "--no-maps",
+                       name="bench.json")
+    variants, _ = dry_run(tmp_path, "--inputs", "kitti", "--dtypes", "float32", "--no-maps",
+                          "--variants", "rows=2", name="variants.json")
+    triton, _ = dry_run(tmp_path, "--inputs", "kitti", "--dtypes", "float32", "--no-maps",
+                        "--libs", "spconv_lite,spconv_triton", "--triton-configs", "3",
+                        name="triton.json")
+    assert [r["meta"]["kind"] for r in (bench, variants, triton)] == [
+        "bench", "variants", "triton"]
+    stems = {bench_cuda.results_stem(r) for r in (bench, variants, triton)}
+    day = bench["meta"]["date"][:10]
+    assert stems == {f"{day}-cpu-bench", f"{day}-cpu-variants", f"{day}-cpu-triton"}
+    old = dict(variants, meta={k: v for k, v in variants["meta"].items() if k != "kind"})
+    assert bench_cuda.results_kind(old) == "variants"
+    written = [p for r in (bench, variants, triton)
+               for p in bench_cuda.write_results(r, tmp_path / "results")]
+    assert len({p.name for p in written}) == 6
+
+
+def test_triton_results_say_that_its_autotuning_was_cut(tmp_path):
+    # spconv-Triton is measured with its autotune lists cut (scripts/gpu_check.sh stage
+    # "triton"): the results page says so in its header and above the networks' table.
+    run, _ = dry_run(tmp_path, "--inputs", "kitti", "--dtypes", "float32", "--no-maps",
+                     "--triton-configs", "3")
+    meta = run["meta"]
+    # As spconv-Triton records it on a GPU (it does not import here).
+    meta["libraries"]["spconv_triton"] = "1.0.0"
+    meta["triton_autotune"] = {"_gather_gemm_kernel": "3 of 37",
+                               "_dweight_masked_kernel": "3 of 21"}
+    for case in run["networks"]:
+        case["libs"]["spconv_triton"] = dict(case["libs"]["spconv_lite"])
+        case["ratios"]["spconv_triton/spconv_lite"] = 1.0
+    page = bench_cuda.write_results(run, tmp_path / "results")[1]
+    assert page.name.endswith("-cpu-triton.md")
+    text = page.read_text()
+    assert text.startswith("# GPU benchmark (triton): CPU dry run")
+    note = ("spconv-Triton autotuned over a cut list of configs, evenly spread over each "
+            "kernel's own list (_gather_gemm_kernel 3 of 37, _dweight_masked_kernel 3 of 21)")
+    assert f"- {note}" in text and f"spconv_triton: {note}" in text
+    assert "spconv_triton ms" in text and "spconv_triton / spconv_lite" in text
