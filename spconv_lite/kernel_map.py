@@ -157,6 +157,28 @@ class KernelMap:
     def kernel_volume(self) -> int:
         return math.prod(self.kernel_size)
 
+    # spconv's names for the same tables (its IndiceData / ImplicitGemmIndiceData), read by
+    # client code such as FLOP counters: (pair_fwd >= 0).sum() is the number of pairs.
+    @property
+    def indices(self) -> Tensor:
+        """The input sites (spconv's ``indices``)."""
+        return self.in_indices
+
+    @property
+    def pair_fwd(self) -> Tensor:
+        """``[K, N_out]``: the input row of each output row at each offset, or -1."""
+        return self.nbr.t()
+
+    @property
+    def pair_bwd(self) -> Tensor:
+        """``[K, N_in]``: the output row of each input row at each offset, or -1."""
+        return self.nbr_t.t()
+
+    @property
+    def indice_pair_num(self) -> Tensor:
+        """``[K]`` int32: the number of pairs at each offset."""
+        return (self.nbr >= 0).sum(dim=0, dtype=torch.int32)
+
     # Copies (deepcopy, pickle, a DataLoader worker's queue) restart their tensors' version
     # counters, so a copy keeps whether each indices tensor was edited since the build, not
     # the count: an edited one stays edited, an unedited one is unedited at its new version.

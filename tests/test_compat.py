@@ -14,7 +14,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
-from helpers import make_gen, randn, random_sites, require, require_spconv
+from helpers import make_gen, num_threads, randn, random_sites, require, require_spconv
 from torch import nn
 
 import spconv_lite
@@ -40,6 +40,7 @@ MODULE_PATHS = {
     "pool": ["SparseMaxPool", "SparseAvgPool", "SparseMaxPool3d", "SparseAvgPool3d",
              "SparseGlobalMaxPool"],
     "tables": ["AddTable", "AddTableMisaligned", "ConcatTable", "JoinTable"],
+    "identity": ["Identity"],
     "functional": ["sparse_add"],
     "ops": ["ConvAlgo", "get_conv_output_size", "get_deconv_output_size"],
     "utils": ["gather_features_by_pc_voxel_id"],
@@ -49,9 +50,9 @@ MODULE_PATHS = {
 }
 
 # Public names of spconv.pytorch that spconv_lite.pytorch leaves out on purpose (see the
-# README's "Differences from spconv"): its C++ bindings and hash table, the identity module
-# path, and names it merely imported (Path, np, ...).
-NOT_PROVIDED = {"cppcore", "hash", "identity", "Path", "Union", "np", "platform", "torch"}
+# README's "Differences from spconv"): its C++ bindings and hash table, and names it merely
+# imported (Path, np, ...).
+NOT_PROVIDED = {"cppcore", "hash", "Path", "Union", "np", "platform", "torch"}
 
 
 @pytest.mark.parametrize("name", DESIGN_NAMES)
@@ -130,6 +131,29 @@ def _input(seed=0, shape=(12, 10, 8), batch=2, channels=3, density=0.2):
     indices = random_sites(gen, batch, shape, density)
     features = randn(gen, len(indices), channels, dtype=torch.float32)
     return features, indices, list(shape), batch
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("make", [
+    lambda lib: lib.SubMConv3d(3, 4, 3, indice_key="k"),
+    lambda lib: lib.SparseConv3d(3, 4, 3, stride=2, padding=1, indice_key="k"),
+], ids=["subm", "strided"])
+def test_kernel_map_has_spconvs_pair_fields(make):
+    # Client code (FLOP counters) reads spconv's pair fields from indice_dict.
+    reference = require_spconv()
+    features, indices, shape, batch = _input()
+    with num_threads(1):  # spconv's CPU ops need it
+        theirs = make(reference)(reference.SparseConvTensor(features, indices, shape, batch))
+    ours = make(spconv)(spconv.SparseConvTensor(features, indices, shape, batch))
+    kmap = ours.indice_dict["k"]
+    counts = theirs.indice_dict["k"].indice_pair_num
+    if ours.indices is indices:  # spconv's CPU subm map counts only the offsets before the
+        counts = counts[:13]     # centre (the others mirror them; the centre pairs every site)
+    assert torch.equal(kmap.indice_pair_num[:len(counts)], counts)
+    assert kmap.indices is indices and kmap.out_indices is ours.indices
+    assert kmap.pair_fwd.shape == (27, len(ours.indices))
+    assert kmap.pair_bwd.shape == (27, len(indices))
+    assert int((kmap.pair_fwd >= 0).sum()) == int(kmap.indice_pair_num.sum())
 
 
 @pytest.mark.parametrize("kind", ["list", "tuple", "numpy", "numpy_int32", "tensor"])
