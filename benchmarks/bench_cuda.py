@@ -185,16 +185,17 @@ def cut_triton_autotune(per_kernel: int) -> dict[str, str]:
     fewer choices, which the results say."""
     from triton.runtime.autotuner import Autotuner
 
-    cut = {}
+    cut, seen = {}, set()  # a kernel imported into several modules is cut once
     for module_name, module in sorted(sys.modules.items()):
         if not module_name.startswith("spconv_triton") or module is None:
             continue
         for name, kernel in vars(module).items():
-            if isinstance(kernel, Autotuner) and name not in cut:
+            if isinstance(kernel, Autotuner) and id(kernel) not in seen:
+                seen.add(id(kernel))
                 total = len(kernel.configs)
                 keep = min(per_kernel, total)
                 kernel.configs = [kernel.configs[i * total // keep] for i in range(keep)]
-                cut[name] = f"{keep} of {total}"
+                cut[name if name not in cut else f"{module_name}.{name}"] = f"{keep} of {total}"
     return cut
 
 

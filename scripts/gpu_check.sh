@@ -143,6 +143,7 @@ mkdir -p "$RESULTS"
 RESULTS=$(cd "$RESULTS" && pwd)
 LOG="$RESULTS/gpu_check.log"
 exec > >(tee "$LOG") 2>&1
+TEE_PID=$!
 cd "$REPO"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-$(command -v python3 || command -v python)}
@@ -349,6 +350,9 @@ finish() {
     write_summary
     rm -rf "$SCRATCH"
     echo "=== gpu_check done in $((SECONDS - START))s: $RESULTS/summary.json"
+    # Let tee write the log's last lines before the results are collected.
+    exec >&- 2>&-
+    wait "$TEE_PID" 2>/dev/null
 }
 # summary.json: each stage's state, rc and seconds, the tests' counts (selected against run),
 # each sanitizer tool's errors, each benchmark's cases, and what a second call could rerun.

@@ -555,6 +555,7 @@ def _ply_skip_before(path: Path, header: _Header, data: bytes) -> int:
             for length, dtype in element.properties:
                 if length is not None:
                     if position + length.itemsize > len(data):
+                        position = len(data) + 1  # cut short: stop reading rows
                         break
                     items = int(np.frombuffer(data, length, 1, position)[0])
                     if items < 0:

@@ -127,8 +127,9 @@ class KernelMap:
 
     The map is a promise about sites: it may serve only the very ``in_indices`` it was built
     for (same tensor at the same version, or equal contents), on the same grid and batch size.
-    ``in_version`` / ``out_version`` are the tensors' versions when the map was built, so an
-    in-place edit of either (``x.indices[:, 1:] *= 2``) is detected.
+    ``in_version`` / ``out_version`` are the tensors' versions when the map was built (in a
+    copy: their versions when copied, or -1 where they had been edited), so an in-place edit of
+    either (``x.indices[:, 1:] *= 2``) is detected.
     """
 
     in_indices: Tensor
@@ -182,16 +183,21 @@ class KernelMap:
     # Copies (deepcopy, pickle, a DataLoader worker's queue) restart their tensors' version
     # counters, so a copy keeps whether each indices tensor was edited since the build, not
     # the count: an edited one stays edited, an unedited one is unedited at its new version.
+    # (A map pickled before these flags existed keeps its stored versions.)
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["in_version"] = _edited_in_place(self.in_indices, self.in_version)
-        state["out_version"] = _edited_in_place(self.out_indices, self.out_version)
+        state["in_edited"] = _edited_in_place(self.in_indices, self.in_version)
+        state["out_edited"] = _edited_in_place(self.out_indices, self.out_version)
         return state
 
     def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        in_edited, out_edited = state.pop("in_edited", None), state.pop("out_edited", None)
         self.__dict__.update(state)
-        self.in_version = _EDITED if state["in_version"] else _version(self.in_indices)
-        self.out_version = _EDITED if state["out_version"] else _version(self.out_indices)
+        if in_edited is not None:
+            self.in_version = _EDITED if in_edited else _version(self.in_indices)
+        if out_edited is not None:
+            self.out_version = _EDITED if out_edited else _version(self.out_indices)
 
 
 def rows_variant() -> int:

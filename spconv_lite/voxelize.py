@@ -105,11 +105,14 @@ class GridGeometry:
 
     def contains(self, points: np.ndarray) -> np.ndarray:
         """Boolean mask of the points the voxelizer keeps before its limits: every value finite
-        and the voxel inside the grid (the same float32 arithmetic as the op)."""
-        pts = np.asarray(points, dtype=np.float32)
+        and the voxel inside the grid (the same arithmetic as the op: float64 for float64
+        points, else float32)."""
+        pts = np.asarray(points)
+        dtype = np.float64 if pts.dtype == np.float64 else np.float32
+        pts = pts.astype(dtype, copy=False)
         ndim = len(self.voxel_size)
-        low = np.asarray(self.range_min, dtype=np.float32)
-        size = np.asarray(self.voxel_size, dtype=np.float32)
+        low = np.asarray(self.range_min, dtype=np.float32).astype(dtype)
+        size = np.asarray(self.voxel_size, dtype=np.float32).astype(dtype)
         with np.errstate(invalid="ignore", over="ignore"):
             q = (pts[:, :ndim] - low) / size
             inside = (q >= 0) & (q < np.asarray(self.grid_size, dtype=np.float64))

@@ -169,6 +169,15 @@ def test_copies_of_sites_edited_in_place_still_refuse_the_map(make_copy):
         assert not kernel_map._sites_of_a_map(copied)  # nor are its sites taken as checked
 
 
+def test_a_map_pickled_before_the_edit_flags_keeps_its_versions():
+    subm = layer(sp.SubMConv3d, 2, 2, 3, indice_key="s")
+    kmap = subm(tensor(A)).indice_dict["s"]
+    old_state = dict(vars(kmap), in_version=3, out_version=4)  # no in_edited / out_edited
+    restored = kernel_map.KernelMap.__new__(kernel_map.KernelMap)
+    restored.__setstate__(old_state)
+    assert (restored.in_version, restored.out_version) == (3, 4)
+
+
 @pytest.mark.parametrize("order", ["same", "reversed", "shuffled"])
 def test_inverse_conv_matches_rows_by_site(order):
     down = layer(sp.SparseConv3d, 2, 3, 3, stride=2, indice_key="d")

@@ -253,6 +253,9 @@ def test_float64_points_are_quantized_in_float64(device):
     rounded = reference_voxelize(pts.astype(np.float32), vsize, coors_range, max_points,
                                  max_voxels)[3]
     assert (rounded != ids).mean() > 0.5
+    # The CLI's "points inside the range" count uses the same arithmetic (no voxel cap here).
+    assert np.array_equal(GridGeometry.from_spconv_args(vsize, coors_range).contains(pts),
+                          ids >= 0)
     gen = PointToVoxel(vsize, coors_range, columns, max_voxels, max_points, device=device)
     pc = torch.from_numpy(pts).to(device)
     assert_outputs_equal(on(device, gen.generate_voxel_with_id(pc)), (voxels, coords, num, ids))
