@@ -112,6 +112,14 @@ inline VoxelGrid check_voxelize_args(const at::Tensor& points, c10::ArrayRef<dou
   return grid;
 }
 
+// Calls f with the points' data as const float* or const double* (the two types check_points
+// accepts) and returns what it returns.
+template <typename F>
+auto with_point_data(const at::Tensor& points, const F& f) {
+  if (points.scalar_type() == at::kDouble) return f(points.data_ptr<double>());
+  return f(points.data_ptr<float>());
+}
+
 template <typename T>
 C10_HOST_DEVICE inline bool is_finite(T x) {
 #if defined(__CUDA_ARCH__)

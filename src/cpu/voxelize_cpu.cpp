@@ -610,13 +610,6 @@ at::Tensor for_voxel_ranges(const VoxelAssignment& a, const PointQuantizer& quan
   return coordinates;
 }
 
-// Calls f(data) with the points' data as const float* or const double*.
-template <typename F>
-auto with_point_data(const at::Tensor& points, const F& f) {
-  return points.scalar_type() == at::kDouble ? f(points.data_ptr<double>())
-                                             : f(points.data_ptr<float>());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
     const at::Tensor& points, c10::ArrayRef<double> voxel_size, c10::ArrayRef<double> range_min,
     c10::IntArrayRef grid_size, int64_t max_points_per_voxel, int64_t max_voxels,

@@ -162,16 +162,6 @@ __global__ void mean_voxels_kernel(const T* __restrict__ points,
 
 // ------------------------------------------------------------------------------------- host
 
-// Calls f(data) with the points' data as const float* or const double*.
-template <typename F>
-void with_point_data(const at::Tensor& points, const F& f) {
-  if (points.scalar_type() == at::kDouble) {
-    f(points.data_ptr<double>());
-  } else {
-    f(points.data_ptr<float>());
-  }
-}
-
 // Which voxel every point falls in (steps 1-5 of the header).
 struct VoxelAssignment {
   at::Tensor point_voxel_id;  // int64 [N], voxel number or -1
