@@ -436,7 +436,8 @@ def _summary(name: str, stats: dict) -> str:
 
 
 def read_input(path: Path, point_dims: Optional[int]) -> tuple[np.ndarray, str]:
-    """Reads one input as the command does (:func:`spconv_lite.io.read_cloud`).
+    """Reads one input as the command does (:func:`spconv_lite.io.read_cloud`; float64 where
+    the file's coordinates need it, so that the voxelizer bins them in float64).
 
     Raises:
         CommandError: any failure, as one line that names the file once and the command's
@@ -445,7 +446,7 @@ def read_input(path: Path, point_dims: Optional[int]) -> tuple[np.ndarray, str]:
     from .io import read_cloud
 
     try:
-        return read_cloud(path, point_dims)
+        return read_cloud(path, point_dims, dtype=None)  # float64 where coordinates need it
     except (OSError, ValueError) as exc:
         raise CommandError(_option_words(_about(path, exc))) from None
     except MemoryError:

@@ -1,5 +1,6 @@
 """Point-cloud file readers: every format comes back as a float32 ``[N, C]`` numpy array with
-x, y, z first.
+x, y, z first (or float64, on request: ``dtype=np.float64``, or ``dtype=None`` for float64 only
+where the file's coordinates need it).
 
 ======================  ====================================================================
 suffix                  layout
@@ -15,8 +16,14 @@ suffix                  layout
 ======================  ====================================================================
 
 For ``.bin`` files ``point_dims`` is the number of columns in the file; for the other formats
-it keeps the first ``point_dims`` columns. Values are returned as stored (converted to float32):
-NaN or infinite points are kept (the voxelizer drops them).
+it keeps the first ``point_dims`` columns. Values are returned as stored (converted to the
+``dtype`` asked for): NaN or infinite points are kept (the voxelizer drops them).
+
+Coordinates far from the origin need float64: in a map or UTM frame float32's spacing is 3 cm
+near 5e5 m and 25 cm near 4e6 m, so rounding them moves points into other voxels. With
+``dtype=None`` a file whose x, y or z is stored as float64, or as an integer wider than 16 bits
+(float32 holds integers exactly only up to 2**24), is read as float64; the voxelizer bins
+float64 points in float64. The ``spconv-lite`` command reads that way.
 
 ``.pcd`` and ``.ply`` files give x, y, z (of any numeric type), then the file's other per-point
 fields in file order, each under its name, except: PCL's padding fields ``_`` are dropped; a
@@ -41,6 +48,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from .tensor import check_count
 
@@ -73,35 +81,41 @@ def is_point_file(path: PathLike) -> bool:
     return _suffix(Path(path)) != ""
 
 
-def read_points(path: PathLike, point_dims: Optional[int] = None) -> np.ndarray:
-    """Reads a point cloud file as float32 ``[N, C]`` (see the module docstring for formats).
+def read_points(
+    path: PathLike, point_dims: Optional[int] = None, dtype: DTypeLike = np.float32
+) -> np.ndarray:
+    """Reads a point cloud file as ``[N, C]`` points of ``dtype``, float32 by default (see the
+    module docstring for formats).
 
     Args:
         path: the file.
         point_dims: columns of a raw ``.bin`` file (default 4, 5 for ``.pcd.bin``); for the
             other formats, how many leading columns to keep (default all).
+        dtype: ``np.float32`` (the default), ``np.float64``, or None: float64 where the file
+            stores x, y or z in a type that float32 does not hold exactly (float64, or an
+            integer wider than 16 bits), float32 otherwise.
 
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: naming the argument, for a ``point_dims`` that is not a whole number of at
-            least 3, an unknown suffix, a path that is not a regular file (a FIFO, a folder),
-            a ``.bin`` size that is not a multiple of ``4 * point_dims``, a ``point_dims``
-            larger than the file's columns, content that is not a 2-D array with at least 3
-            columns, an empty, corrupt or pickled ``.npy`` / ``.npz`` or one whose header
-            declares more data than it holds, or a ``.pcd`` / ``.ply`` whose header is
-            malformed or disagrees with its data, or whose ascii data holds a value that is
-            not a number of its field's type.
+            least 3, a ``dtype`` other than those, an unknown suffix, a path that is not a
+            regular file (a FIFO, a folder), a ``.bin`` size that is not a multiple of
+            ``4 * point_dims``, a ``point_dims`` larger than the file's columns, content that
+            is not a 2-D array with at least 3 columns, an empty, corrupt or pickled ``.npy`` /
+            ``.npz`` or one whose header declares more data than it holds, or a ``.pcd`` /
+            ``.ply`` whose header is malformed or disagrees with its data, or whose ascii data
+            holds a value that is not a number of its field's type.
 
     Example:
         >>> pts = read_points("000000.bin")  # doctest: +SKIP
         >>> pts.shape, pts.dtype  # doctest: +SKIP
         ((115384, 4), dtype('float32'))
     """
-    return read_points_with_fields(path, point_dims)[0]
+    return read_points_with_fields(path, point_dims, dtype)[0]
 
 
 def read_points_with_fields(
-    path: PathLike, point_dims: Optional[int] = None
+    path: PathLike, point_dims: Optional[int] = None, dtype: DTypeLike = np.float32
 ) -> tuple[np.ndarray, list[str]]:
     """Like :func:`read_points`, also returning a name per column (``x, y, z, ...``; ``c3``,
     ``c4``... where the format has no names)."""
@@ -113,6 +127,7 @@ def read_points_with_fields(
             + ", ".join(SUPPORTED_SUFFIXES)
         )
     point_dims = _check_point_dims(point_dims)
+    dtype = _check_dtype(dtype)
     if not path.exists():
         raise FileNotFoundError(f"no such point cloud file: {str(path)!r}")
     if not path.is_file():  # a FIFO would block the read until something writes to it
@@ -131,7 +146,7 @@ def read_points_with_fields(
     elif suffix in (".npy", ".npz"):
         points = _read_numpy(path, suffix)
     else:
-        points, names = _read_pcd_ply(path, suffix)
+        points, names = _read_pcd_ply(path, suffix, dtype)
     points = _as_points(points, path)
     if point_dims is not None:
         if int(point_dims) > points.shape[1]:
@@ -141,7 +156,30 @@ def read_points_with_fields(
         points = points[:, : int(point_dims)]
     if names is None:
         names = [*_XYZ, *(f"c{j}" for j in range(3, points.shape[1]))]
-    return np.ascontiguousarray(points, dtype=np.float32), names[: points.shape[1]]
+    dtype = _points_dtype(dtype, [points.dtype])
+    return np.ascontiguousarray(points, dtype=dtype), names[: points.shape[1]]
+
+
+def _check_dtype(dtype: DTypeLike) -> Optional[np.dtype]:
+    """``dtype`` as a numpy float32 or float64 type (None stays None: chosen per file)."""
+    if dtype is None:
+        return None
+    try:
+        checked = np.dtype(dtype)
+    except TypeError:
+        checked = None
+    if checked not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be np.float32, np.float64 or None, got {dtype!r}")
+    return checked
+
+
+def _points_dtype(dtype: Optional[np.dtype], coordinate_types: list[np.dtype]) -> np.dtype:
+    """The type of the points returned: ``dtype``, or for None float64 where a coordinate's
+    stored type holds values that float32 rounds (float64, integers wider than 16 bits)."""
+    if dtype is not None:
+        return dtype
+    wide = any(t.itemsize > (4 if t.kind == "f" else 2) for t in coordinate_types)
+    return np.dtype(np.float64 if wide else np.float32)
 
 
 def _check_point_dims(point_dims) -> Optional[int]:
@@ -153,7 +191,9 @@ def _default_columns(suffix: str) -> int:
     return _NUSCENES_COLUMNS if suffix == ".pcd.bin" else _BIN_DEFAULT_COLUMNS
 
 
-def read_cloud(path: PathLike, point_dims: Optional[int] = None) -> tuple[np.ndarray, str]:
+def read_cloud(
+    path: PathLike, point_dims: Optional[int] = None, dtype: DTypeLike = np.float32
+) -> tuple[np.ndarray, str]:
     """Reads a point cloud as the ``spconv-lite`` command does, refusing what looks wrong.
 
     Stricter than :func:`read_points`:
@@ -168,9 +208,10 @@ def read_cloud(path: PathLike, point_dims: Optional[int] = None) -> tuple[np.nda
     Args:
         path: the file.
         point_dims: columns of a raw ``.bin`` file; for the other formats, None or their width.
+        dtype: as for :func:`read_points` (the command passes None).
 
     Returns:
-        ``(points, layout)``: float32 ``[N, C]`` and how the file was read, e.g.
+        ``(points, layout)``: ``[N, C]`` points of that type and how the file was read, e.g.
         ``"4 float32 columns (the .bin default)"``.
 
     Raises:
@@ -192,13 +233,13 @@ def read_cloud(path: PathLike, point_dims: Optional[int] = None) -> tuple[np.nda
         )
     if suffix == ".bin":
         columns = _BIN_DEFAULT_COLUMNS if point_dims is None else point_dims
-        points = read_points(path, columns)
+        points = read_points(path, columns, dtype)
         layout = f"{columns} float32 columns" + (
             " (the .bin default)" if point_dims is None else f" (point_dims={columns})"
         )
         _check_raw_layout(path, points, layout)
     else:
-        points = read_points(path)
+        points = read_points(path, dtype=dtype)
         layout = f"{points.shape[1]} " + (
             "float32 columns (nuScenes .pcd.bin)" if suffix == ".pcd.bin" else "columns"
         )
@@ -502,8 +543,11 @@ def _ply_header(path: Path, data: bytes) -> _Header:
     )
 
 
-def _read_pcd_ply(path: Path, suffix: str) -> tuple[np.ndarray, list[str]]:
-    """The points of a .pcd or .ply file and their column names."""
+def _read_pcd_ply(
+    path: Path, suffix: str, dtype: Optional[np.dtype]
+) -> tuple[np.ndarray, list[str]]:
+    """The points of a .pcd or .ply file (of ``dtype``, None: as its x, y, z need) and their
+    column names."""
     data = path.read_bytes()
     header = (_pcd_header if suffix == ".pcd" else _ply_header)(path, data)
     if header.encoding == "ascii":
@@ -512,7 +556,7 @@ def _read_pcd_ply(path: Path, suffix: str) -> tuple[np.ndarray, list[str]]:
         values = _compressed_values(path, header, data)
     else:
         values = _binary_values(path, header, data)
-    return _columns(path, header, values, packed_colours=suffix == ".pcd")
+    return _columns(path, header, values, dtype, packed_colours=suffix == ".pcd")
 
 
 def _cut_short(path: Path, header: _Header, need: int, have: int, what: str) -> ValueError:
@@ -718,10 +762,15 @@ def _bad_value(path: Path, fields: list[_Field], lines: list[str], row: np.dtype
 
 
 def _columns(
-    path: Path, header: _Header, values: list[np.ndarray], packed_colours: bool
+    path: Path,
+    header: _Header,
+    values: list[np.ndarray],
+    dtype: Optional[np.dtype],
+    packed_colours: bool,
 ) -> tuple[np.ndarray, list[str]]:
-    """The float32 ``[N, C]`` points and their names: x, y, z, then the other fields in file
-    order (see the module docstring for padding, COUNT > 1, normals and colours)."""
+    """The ``[N, C]`` points (of ``dtype``, None: as x, y, z need) and their names: x, y, z,
+    then the other fields in file order (see the module docstring for padding, COUNT > 1,
+    normals and colours)."""
     names = [f.name for f in header.fields]
     repeated = sorted({n for n in names if names.count(n) > 1 and n != _PCD_PADDING})
     if repeated:
@@ -758,7 +807,8 @@ def _columns(
         raise ValueError(
             f"{str(path)!r} has fields {names}, which give two columns named {repeated[0]!r}"
         )
-    points = np.empty((header.count, len(columns)), dtype=np.float32)
+    xyz_types = [header.fields[names.index(axis)].dtype for axis in _XYZ]
+    points = np.empty((header.count, len(columns)), dtype=_points_dtype(dtype, xyz_types))
     for j, column in enumerate(columns):
         points[:, j] = column
     return points, out_names

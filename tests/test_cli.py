@@ -118,6 +118,27 @@ def test_no_point_in_range_warns_with_range_and_bounding_box(tmp_path, capsys):
         assert saved["voxels"].shape == (0, 5, 4) and saved["coordinates"].shape == (0, 3)
 
 
+def test_float64_file_is_binned_in_float64(tmp_path, capsys):
+    """A float64 cloud in a UTM frame is voxelized in float64, as PointToVoxel bins float64
+    points; read as float32 (as before), about half of its points moved to other voxels."""
+    rng = np.random.default_rng(3)
+    points = np.array([512_345.0, 4_180_123.0, 35.0]) + rng.uniform(0, 20, (400, 3))
+    np.save(tmp_path / "utm.npy", points)
+    voxel_size, coors_range = [0.1, 0.1, 0.1], [512_340, 4_180_120, 30, 512_370, 4_180_150, 60]
+    status, _, err = run(capsys, "voxelize", tmp_path / "utm.npy", "--voxel-size", *voxel_size,
+                         "--range", *coors_range, "-o", tmp_path / "utm.npz")
+    assert status == 0, err
+    from spconv_lite import PointToVoxel
+
+    voxelizer = PointToVoxel(voxel_size, coors_range, 3, 2**31 - 1, 5)
+    coords = voxelizer(torch.from_numpy(points))[1].numpy()
+    rounded = voxelizer(torch.from_numpy(points).float())[1].numpy()
+    assert len(set(map(tuple, coords)) - set(map(tuple, rounded))) > 100
+    with np.load(tmp_path / "utm.npz") as saved:
+        np.testing.assert_array_equal(saved["coordinates"], coords)
+        assert saved["voxels"].dtype == np.float32
+
+
 def test_several_inputs_and_directory(tmp_path, capsys):
     rng = np.random.default_rng(0)
     folder = tmp_path / "scans"
@@ -521,10 +542,10 @@ def test_memory_error_fails_one_input(tmp_path, capsys, monkeypatch):
 
     read_cloud = io.read_cloud
 
-    def out_of_memory_for_c(path, point_dims):
+    def out_of_memory_for_c(path, point_dims, dtype):
         if Path(path).name == "c.bin":
             raise MemoryError
-        return read_cloud(path, point_dims)
+        return read_cloud(path, point_dims, dtype)
 
     monkeypatch.setattr(io, "read_cloud", out_of_memory_for_c)
     status, _, err = run(capsys, "voxelize", folder, *SMALL, "-o", tmp_path / "out")

@@ -535,3 +535,87 @@ def test_fifo_is_not_a_regular_file(tmp_path):
     os.mkfifo(tmp_path / "pipe.bin")
     with pytest.raises(ValueError, match="pipe.bin' is not a regular file"):
         io.read_points(tmp_path / "pipe.bin")
+
+
+# A UTM-frame cloud: float32's spacing near x = 5e5 m and y = 4e6 m is 3 cm and 25 cm, so
+# float32 moves its points by more than a 0.1 m voxel.
+UTM_ORIGIN = np.array([512_345.0, 4_180_123.0, 35.0])
+
+
+def utm_points(count: int = 200) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    return UTM_ORIGIN + rng.uniform(0, 20, (count, 3)).round(3)
+
+
+def write_binary_pcd(path, points: np.ndarray, types: list[str]) -> None:
+    """A binary PCD of x, y, z (numpy ``types`` per field, 'f8' or 'f4') and intensity (f4)."""
+    fields = ["x", "y", "z", "intensity"]
+    kinds = [*types, "f4"]
+    rows = np.zeros(len(points), [(f, "<" + k) for f, k in zip(fields, kinds)])
+    for j, f in enumerate(fields[:3]):
+        rows[f] = points[:, j]
+    rows["intensity"] = 0.5
+    sizes = " ".join(k[1] for k in kinds)
+    path.write_bytes(pcd_header(" ".join(fields), sizes, " ".join("F" * 4), len(points),
+                                "binary") + rows.tobytes())
+
+
+@pytest.mark.parametrize("dtype", [None, np.float64, "float64"])
+def test_float64_coordinates_are_kept(tmp_path, dtype):
+    points = utm_points()
+    np.save(tmp_path / "u.npy", points)
+    write_binary_pcd(tmp_path / "u.pcd", points, ["f8", "f8", "f8"])
+    header = ("ply\nformat binary_little_endian 1.0\nelement vertex 200\n"
+              "property double x\nproperty double y\nproperty double z\nend_header\n")
+    (tmp_path / "u.ply").write_bytes(header.encode() + points.astype("<f8").tobytes())
+    for name, columns in [("u.npy", 3), ("u.pcd", 4), ("u.ply", 3)]:
+        read = io.read_points(tmp_path / name, dtype=dtype)
+        assert read.dtype == np.float64, name
+        np.testing.assert_array_equal(read[:, :3], points, err_msg=name)
+        assert read.shape == (200, columns)
+        assert io.read_cloud(tmp_path / name, dtype=dtype)[0].dtype == np.float64
+        # float32, the default, rounds them: the reason for the option
+        assert np.abs(io.read_points(tmp_path / name)[:, :3] - points).max() > 0.01
+
+
+@pytest.mark.parametrize("stored, expected", [
+    ("<f4", np.float32), ("<f2", np.float32), ("<i2", np.float32), ("<u2", np.float32),
+    ("u1", np.float32), ("<f8", np.float64), ("<i4", np.float64), ("<u4", np.float64),
+    ("<i8", np.float64),
+])  # fmt: skip
+def test_dtype_none_is_float64_where_coordinates_need_it(tmp_path, stored, expected):
+    np.save(tmp_path / "p.npy", np.arange(12).reshape(4, 3).astype(stored))
+    read = io.read_points(tmp_path / "p.npy", dtype=None)
+    assert read.dtype == expected
+    np.testing.assert_array_equal(read, np.arange(12).reshape(4, 3))
+    assert io.read_points(tmp_path / "p.npy").dtype == np.float32
+
+
+def test_dtype_none_follows_the_coordinates_not_other_fields(tmp_path):
+    """A float32 x, y, z beside a float64 field reads as float32 (binned as before); one
+    float64 coordinate makes it float64. Raw .bin files are float32."""
+    points = utm_points(5)
+    write_binary_pcd(tmp_path / "a.pcd", points, ["f4", "f4", "f4"])
+    assert io.read_points(tmp_path / "a.pcd", dtype=None).dtype == np.float32
+    write_binary_pcd(tmp_path / "b.pcd", points, ["f4", "f8", "f4"])
+    read = io.read_points(tmp_path / "b.pcd", dtype=None)
+    assert read.dtype == np.float64 and read[0, 1] == points[0, 1]
+    points.astype("<f4").tofile(tmp_path / "c.bin")
+    assert io.read_points(tmp_path / "c.bin", 3, dtype=None).dtype == np.float32
+    assert io.read_points(tmp_path / "c.bin", 3, dtype=np.float64).dtype == np.float64
+
+
+def test_ascii_float64_coordinates(tmp_path):
+    ascii_file(tmp_path / "a.pcd", "512345.123 4180123.457 35.5\n", types="F F F")
+    text = (tmp_path / "a.pcd").read_text().replace("SIZE 4 4 4", "SIZE 8 8 8")
+    (tmp_path / "a.pcd").write_text(text)
+    read = io.read_points(tmp_path / "a.pcd", dtype=None)
+    np.testing.assert_array_equal(read, [[512345.123, 4180123.457, 35.5]])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.int32, "points", object, np.complex128])
+@pytest.mark.parametrize("reader", ["read_points", "read_points_with_fields", "read_cloud"])
+def test_bad_dtype(tmp_path, reader, dtype):
+    np.save(tmp_path / "p.npy", np.zeros((4, 3)))
+    with pytest.raises(ValueError, match="dtype must be np.float32, np.float64 or None, got"):
+        getattr(io, reader)(tmp_path / "p.npy", dtype=dtype)
