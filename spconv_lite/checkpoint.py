@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Optional
 
@@ -211,7 +212,8 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
             ``"KRSC"`` are accepted too.
 
     Returns:
-        A new dict, ready for ``model.load_state_dict``.
+        A new dict, ready for ``model.load_state_dict``, with ``state_dict``'s ``_metadata``
+        (the module versions that ``load_state_dict`` passes to each module's loader).
 
     Warns when ``state_dict`` holds none of the model's sparse conv weights (keys with another
     prefix, say): nothing is converted then.
@@ -224,7 +226,10 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
     from .nn.conv import SparseConvolution
 
     source = _source_name(source, mixed=True)
-    out = dict(state_dict)
+    out = OrderedDict(state_dict)
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:  # module versions, which loaders read (BatchNorm, mmdet3d's hooks)
+        out._metadata = metadata
     layers = [(name, layer) for name, layer in model.named_modules(remove_duplicate=False)
               if isinstance(layer, SparseConvolution)]
     found = 0

@@ -50,6 +50,9 @@ def test_convert_round_trip(source):
            for k, v in reference.items()}
     converted = convert_state_dict(old, net, source=source)
     assert converted.keys() == reference.keys()
+    assert not hasattr(old, "_metadata")
+    metadata = convert_state_dict(reference, net, source="spconv2.2")._metadata
+    assert metadata == reference._metadata and metadata["1"]["version"] == 2  # BatchNorm's
     for key in reference:
         assert torch.equal(converted[key], reference[key]), key
     net.load_state_dict(converted)
