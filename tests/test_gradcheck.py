@@ -141,3 +141,20 @@ def test_gradcheck_through_modules(name, device):
     inputs = (features.requires_grad_(), *(p.detach().clone().requires_grad_()
                                            for p in params.values()))
     assert gradcheck(fn, inputs)
+    assert gradgradcheck(fn, inputs)  # gradient penalties (the global mean's failed)
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_vmap_over_features(name):
+    """torch.func.vmap over a batch of feature sets gives each set's output."""
+    gen = make_gen("vmap", name)
+    torch.manual_seed(0)
+    module = MODULES[name]().double()
+    features, idx, shape = module_input(name, gen)
+    stacked = torch.stack([features, features.flip(0)])
+
+    def fn(f):
+        out = module(sparse_tensor(f, idx, shape, BATCH))
+        return out if isinstance(out, torch.Tensor) else out.features
+
+    torch.testing.assert_close(torch.func.vmap(fn)(stacked), torch.stack([fn(f) for f in stacked]))

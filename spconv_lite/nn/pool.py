@@ -117,13 +117,38 @@ def global_pool(x: SparseConvTensor, is_max: bool) -> Tensor:
         start = x.features.new_full((x.batch_size, x.features.shape[1]), float("nan"))
         reduced = start.scatter_reduce(0, index, x.features, "amax", include_self=False)
     else:
-        order = torch.argsort(batch, stable=True)
-        features = x.features[order]
-        if features.dtype in (torch.float16, torch.bfloat16):
-            features = features.float()  # a half sum stalls (bfloat16 at 256) or overflows
-        reduced = torch.segment_reduce(features, "mean", lengths=lengths, unsafe=True)
-        reduced = reduced.to(x.features.dtype)
+        reduced = _SegmentMean.apply(x.features, batch, lengths)
     return torch.where((lengths > 0).unsqueeze(1), reduced, torch.zeros_like(reduced))
+
+
+class _SegmentMean(torch.autograd.Function):
+    """Each batch item's mean of ``features`` (``batch``: each row's item, ``lengths``: the
+    items' row counts). ``segment_reduce`` sums in a fixed order on every device (a scatter-add
+    would use atomics on a GPU), but its backward has no derivative; this backward is a gather,
+    which gradient penalties can differentiate again. (No forward mode: torch.compile refuses
+    a Function with a jvp.)"""
+
+    generate_vmap_rule = True  # torch.func.vmap and jacfwd, as over the other layers
+
+    @staticmethod
+    def forward(features: Tensor, batch: Tensor, lengths: Tensor) -> Tensor:
+        rows = features[torch.argsort(batch, stable=True)]
+        if rows.dtype in (torch.float16, torch.bfloat16):
+            rows = rows.float()  # a half sum stalls (bfloat16 at 256) or overflows
+        mean = torch.segment_reduce(rows, "mean", lengths=lengths, unsafe=True)
+        return mean.to(features.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, batch, lengths = inputs
+        ctx.save_for_backward(batch, lengths)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        batch, lengths = ctx.saved_tensors
+        share = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
+        share = share / lengths.clamp(min=1).unsqueeze(1).to(share.dtype)
+        return share.to(grad.dtype)[batch], None, None
 
 
 class SparseGlobalMaxPool(SparseModule):
