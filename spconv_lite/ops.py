@@ -20,6 +20,7 @@ import math
 from typing import Optional, Sequence
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from ._extension import _C  # noqa: F401  (loads the library, which registers the operators)
@@ -129,6 +130,7 @@ def sparse_conv(features: Tensor, weight: Tensor, nbr: Tensor, nbr_t: Tensor, *,
     Returns:
         ``[N_out, C_out]`` in the dtype of ``features``.
     """
+    _refuse_forward_ad("sparse_conv", features=features, weight=weight)
     if check_tables:
         _check_tables(features, nbr, nbr_t)
         for rows_order, name, table in ((order, "order", nbr), (order_t, "order_t", nbr_t)):
@@ -181,6 +183,7 @@ def sparse_sum_pool(features: Tensor, nbr: Tensor, nbr_t: Tensor, *,
                     check_tables: bool = True) -> Tensor:
     """``out[o] = sum_k features[nbr[o, k]]`` over the active neighbours (``check_tables`` as
     in :func:`sparse_conv`)."""
+    _refuse_forward_ad("sparse_sum_pool", features=features)
     if check_tables:
         _check_tables(features, nbr, nbr_t)
     return _ops.sparse_sum_pool(features, nbr, nbr_t)
@@ -190,9 +193,26 @@ def sparse_max_pool(features: Tensor, nbr: Tensor, nbr_t: Tensor, *,
                     check_tables: bool = True) -> Tensor:
     """``out[o, c] = max_k features[nbr[o, k], c]`` over the active neighbours (true maximum;
     ``check_tables`` as in :func:`sparse_conv`)."""
+    _refuse_forward_ad("sparse_max_pool", features=features)
     if check_tables:
         _check_tables(features, nbr, nbr_t)
     return _ops.sparse_max_pool(features, nbr, nbr_t)[0]
+
+
+def _refuse_forward_ad(op: str, **tensors: Tensor) -> None:
+    """Raises ``NotImplementedError`` for inputs with a forward-mode tangent: the ops have
+    backward formulas only, and torch runs a custom op whose inputs need no grad without their
+    tangents (``torch.func.jvp`` / ``jacfwd`` gave zero derivatives, no error)."""
+    if torch.compiler.is_compiling():
+        return
+    for name, tensor in tensors.items():
+        if isinstance(tensor, Tensor) and forward_ad.unpack_dual(tensor).tangent is not None:
+            raise NotImplementedError(
+                f"{op}: {name} carries a forward-mode AD tangent (torch.func.jvp, jacfwd or "
+                "torch.autograd.forward_ad), which spconv_lite's ops do not support; use "
+                "reverse mode (backward(), torch.autograd.grad, "
+                "torch.autograd.functional.jacobian)"
+            )
 
 
 def _check_tables(features: Tensor, nbr: Tensor, nbr_t: Tensor) -> None:

@@ -145,6 +145,32 @@ def test_gradcheck_through_modules(name, device):
 
 
 @pytest.mark.parametrize("name", list(MODULES))
+def test_forward_mode_ad_is_right_or_refused(name):
+    """torch.func.jvp through a layer gives the tangent that reverse mode gives, or raises: the
+    sparse ops have backward formulas only, and torch ran them without their inputs' tangents
+    (zero derivatives, no error)."""
+    gen = make_gen("forward_ad", name)
+    torch.manual_seed(0)
+    module = MODULES[name]().double()
+    features, idx, shape = module_input(name, gen)
+
+    def fn(f):
+        out = module(sparse_tensor(f, idx, shape, BATCH))
+        return out if isinstance(out, torch.Tensor) else out.features
+
+    tangent = randn(gen, *features.shape)
+    expected = torch.autograd.functional.jvp(fn, features, tangent)[1]
+    assert expected.abs().sum() > 0
+    for make_jvp in (lambda: torch.func.jvp(fn, (features,), (tangent,))[1],
+                     lambda: torch.func.jacfwd(fn)(features).flatten(-2) @ tangent.flatten()):
+        if name == "global_max":  # torch's ops only: supported
+            torch.testing.assert_close(make_jvp(), expected)
+        else:  # the sparse ops' message, or torch's for the global mean's autograd.Function
+            with pytest.raises(NotImplementedError, match="forward-mode AD tangent|jvp"):
+                make_jvp()
+
+
+@pytest.mark.parametrize("name", list(MODULES))
 def test_vmap_over_features(name):
     """torch.func.vmap over a batch of feature sets gives each set's output."""
     gen = make_gen("vmap", name)
