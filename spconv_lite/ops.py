@@ -463,7 +463,11 @@ def _voxelize_mean_fake(points, voxel_size, range_min, grid_size, max_voxels):
 
 def _sparse_conv_setup(ctx, inputs, output):
     features, weight, nbr, nbr_t, order, order_t = inputs
-    ctx.save_for_backward(features, weight, nbr, nbr_t, order, order_t)
+    # Each gradient needs the other operand only: a frozen layer keeps no features alive (and
+    # its input may be edited in place after the forward), as torch's layers do.
+    needs_features, needs_weight = ctx.needs_input_grad[:2]
+    ctx.save_for_backward(features if needs_weight else None, weight if needs_features else None,
+                          nbr, nbr_t, order, order_t)
 
 
 def _sparse_conv_backward(ctx, grad):

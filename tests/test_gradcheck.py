@@ -184,3 +184,31 @@ def test_vmap_over_features(name):
         return out if isinstance(out, torch.Tensor) else out.features
 
     torch.testing.assert_close(torch.func.vmap(fn)(stacked), torch.stack([fn(f) for f in stacked]))
+
+
+@pytest.mark.parametrize("frozen", ["weight", "features"])
+def test_conv_saves_only_what_its_gradients_need(frozen):
+    """A frozen layer keeps its weight for the input gradient but not its input (frozen-backbone
+    fine-tuning kept every layer's input alive), so the input may be edited in place after the
+    forward, as with torch's layers; features without grad leave the weight unsaved."""
+    nbr, nbr_t = small_map("subm", "saved")
+    gen = make_gen("saved", frozen)
+    leaf = randn(gen, nbr_t.shape[0], 3).requires_grad_(frozen == "weight")
+    weight = randn(gen, nbr.shape[1], 3, 2).requires_grad_(frozen == "features")
+    features = leaf * 1.0
+    expected = ops.sparse_conv(features.detach(), weight.detach(), nbr, nbr_t)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = ops.sparse_conv(features, weight, nbr, nbr_t)
+    kept = [t for t in saved if t.dtype.is_floating_point]
+    assert [t.shape for t in kept] == [(weight if frozen == "weight" else features).shape]
+    if frozen == "weight":
+        features.mul_(2.0)  # after the forward: allowed, the features are not saved
+    upstream = torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape)
+    out.backward(upstream)
+    torch.testing.assert_close(out.detach(), expected)
+    both = (leaf.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_())
+    ops.sparse_conv(both[0] * 1.0, both[1], nbr, nbr_t).backward(upstream)
+    grad, want = (leaf.grad, both[0].grad) if frozen == "weight" else (weight.grad, both[1].grad)
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(grad, want)
