@@ -571,3 +571,29 @@ def test_spconv_keyword_and_small_api_names():
     assert spconv.modules.is_spconv_module(spconv.SparseBatchNorm(3))
     assert spconv.modules.is_spconv_module(spconv.SparseReLU())
     assert not spconv.modules.is_spconv_module(nn.ReLU())
+
+
+@pytest.mark.parametrize("make", [
+    lambda: spconv.SubMConv3d(3, 4, 3, indice_key="s"),
+    lambda: spconv.SparseConv3d(3, 4, 2, stride=2),
+    lambda: spconv.SubMConv3d(3, 4, 1),
+], ids=["subm", "strided", "1x1"])
+def test_parametrized_weight_is_computed_once_a_forward(make):
+    """A parametrization runs once per forward, as for torch's convs and spconv's (spectral_norm
+    takes one power iteration a step): the layer read its weight twice."""
+    calls = []
+
+    class Counted(nn.Module):
+        def forward(self, weight):
+            calls.append(1)
+            return weight * 1.0
+
+    layer = make()
+    nn.utils.parametrize.register_parametrization(layer, "weight", Counted())
+    calls.clear()  # registering ran it once
+    gen = make_gen("parametrized weight")
+    indices = random_sites(gen, 1, (6, 6, 6), count=20)
+    x = spconv.SparseConvTensor(randn(gen, 20, 3).float(), indices, [6, 6, 6], 1)
+    layer(x).features.sum().backward()
+    assert len(calls) == 1
+    assert layer.parametrizations.weight.original.grad is not None

@@ -219,19 +219,20 @@ class SparseConvolution(RecordsVoxelCount):
 
             add_mismatch_hint(error_msgs, key, saved.shape, self)
 
-    def kernel_weight(self) -> torch.Tensor:
-        """The weight as ``[K, C_in, C_out]`` matrices, one per kernel offset (the layout of
-        ``ops.sparse_conv``), read as spconv 2.x reads it."""
+    def kernel_weight(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The weight (``self.weight`` unless given) as ``[K, C_in, C_out]`` matrices, one per
+        kernel offset (the layout of ``ops.sparse_conv``), read as spconv 2.x reads it."""
+        weight = self.weight if weight is None else weight
         if self.conv1x1:
-            return self.weight.reshape(1, self.in_channels, self.out_channels)
+            return weight.reshape(1, self.in_channels, self.out_channels)
         volume = math.prod(self.kernel_size)
         # [C_out, *k, C_in] -> [K, C_in, C_out]
-        return self.weight.reshape(self.out_channels, volume, self.in_channels).permute(1, 2, 0)
+        return weight.reshape(self.out_channels, volume, self.in_channels).permute(1, 2, 0)
 
-    def _check_weight_shape(self) -> None:
+    def _check_weight_shape(self, weight: torch.Tensor) -> None:
         # A weight assigned after construction (torch's [C_out, C_in, *k] layout, say) would be
         # reshaped silently below; refuse it, as load_state_dict does.
-        shape = list(self.weight.shape)
+        shape = list(weight.shape)
         expected = [self.out_channels, *self.kernel_size, self.in_channels]
         if shape == expected:
             return
@@ -256,7 +257,9 @@ class SparseConvolution(RecordsVoxelCount):
         """Runs the conv; ``add_input`` (a tensor on the output sites, as in spconv) is added
         to the result."""
         check_input(input, self.in_channels, self)
-        self._check_weight_shape()
+        # Read once: a parametrized weight (spectral_norm, weight_norm) is computed at each read.
+        weight = self.weight
+        self._check_weight_shape(weight)
         in_features = input.features
         # spconv 2.x runs a 1x1 layer as one product on the input's own rows, without a map: the
         # output keeps the input's indices (their row order too: client code adds it to the
@@ -288,8 +291,8 @@ class SparseConvolution(RecordsVoxelCount):
             nbr, nbr_t = kmap.nbr, kmap.nbr_t
             out_indices, out_shape = kmap.out_indices, kmap.out_spatial_shape
         order, order_t = (None, None) if kmap is None else row_orders(kmap, self.inverse)
-        features = ops.sparse_conv(in_features, self.kernel_weight(), nbr, nbr_t, order=order,
-                                   order_t=order_t, check_tables=False)
+        features = ops.sparse_conv(in_features, self.kernel_weight(weight), nbr, nbr_t,
+                                   order=order, order_t=order_t, check_tables=False)
         if self.bias is not None:
             # In the conv's dtype: under torch.autocast the conv runs in float16 / bfloat16 and
             # its output stays so, as an in-place add would keep it (spconv's).
