@@ -73,21 +73,28 @@ using Float4 = float __attribute__((vector_size(16)));
 using Int4 = int32_t __attribute__((vector_size(16)));
 static_assert(kMaxDims == 4, "one vector lane per axis");
 
-// Hash of a voxel key for the voxelizer's table, computed with the key in pass 1 (eight
-// at a time there), so the serial numbering pass only masks it: murmur3's 32-bit finaliser
-// (AVX2 multiplies 32-bit lanes only) of the key folded to 32 bits. Unlike hash_key in
-// hash_table.h, neighbouring keys are not kept together: the voxelizer looks up no
-// neighbours, and z-neighbours sharing a run of slots lengthened the probes (~5% of the
-// time). 32 bits address any table of this op (at most 2 * 2^31 entries).
-inline uint32_t voxel_hash(int64_t key) {
-  const uint64_t bits = static_cast<uint64_t>(key);
-  uint32_t h = static_cast<uint32_t>(bits ^ (bits >> 32));
+// murmur3's 32-bit finaliser (AVX2 multiplies 32-bit lanes only); it maps 0 to 0.
+inline uint32_t mix32(uint32_t h) {
   h ^= h >> 16;
   h *= 0x85ebca6bu;
   h ^= h >> 13;
   h *= 0xc2b2ae35u;
   h ^= h >> 16;
   return h;
+}
+
+// Hash of a voxel key for the voxelizer's table, computed with the key in pass 1 (eight
+// at a time there), so the serial numbering pass only masks it. Unlike hash_key in
+// hash_table.h, neighbouring keys are not kept together: the voxelizer looks up no
+// neighbours, and z-neighbours sharing a run of slots lengthened the probes (~5% of the
+// time). 32 bits address any table of this op (at most 2 * 2^31 entries). A key's high half
+// (grids of more than 2^32 cells) is mixed before it is folded in: folded as it was, the keys
+// whose halves XOR alike shared one slot (a 1/32 ramp on a 2^17 x 2^17 x 2^10 grid: ~1000
+// voxels a slot, quadratic probing). For keys below 2^32 this is mix32 of the key, as the
+// AVX2 pass computes it.
+inline uint32_t voxel_hash(int64_t key) {
+  const uint64_t bits = static_cast<uint64_t>(key);
+  return mix32(static_cast<uint32_t>(bits) ^ mix32(static_cast<uint32_t>(bits >> 32)));
 }
 
 // The kept points of a cloud, in input order: point number, voxel key and its voxel_hash.
