@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from .tensor import SparseConvTensor, check_sites
+from .tensor import SparseConvTensor, check_sites, site_keys
 
 
 def sparse_add(*tensors: SparseConvTensor) -> SparseConvTensor:
@@ -50,16 +52,19 @@ def sparse_add(*tensors: SparseConvTensor) -> SparseConvTensor:
         # Duplicate or out-of-grid sites would merge with other sites' sums silently.
         check_sites(x.indices, x.spatial_shape, x.batch_size)
     indices = torch.cat([x.indices for x in tensors])
-    features = torch.cat([x.features for x in tensors])
-    # unique(dim=0) sorts rows lexicographically, i.e. by (batch, z, y, x).
-    sites, row_of = torch.unique(indices, dim=0, return_inverse=True)
-    summed = features.new_zeros(sites.shape[0], features.shape[1]).index_add(0, row_of, features)
-    start = 0
-    for x in tensors:
-        n = x.indices.shape[0]
-        if n == sites.shape[0]:
+    # One int64 key per site, in (batch, z, y, x) order: unique over them is a 1-D sort (an
+    # order of magnitude faster than unique(dim=0) over the rows).
+    keys, row_of = torch.unique(site_keys(indices, first.spatial_shape), return_inverse=True)
+    sites = indices.new_empty(keys.shape[0], indices.shape[1]).index_put_((row_of,), indices)
+    dtype = functools.reduce(torch.promote_types, [x.features.dtype for x in tensors])
+    summed = first.features.new_zeros(keys.shape[0], first.features.shape[1], dtype=dtype)
+    rows = row_of.split([x.indices.shape[0] for x in tensors])
+    # One operand at a time, in argument order: each adds once to a row, so the sums do not
+    # depend on the order of a GPU's atomic adds.
+    for x, x_rows in zip(tensors, rows):
+        summed = summed.index_add(0, x_rows, x.features.to(dtype))
+    for x, x_rows in zip(tensors, rows):
+        if x_rows.shape[0] == keys.shape[0]:
             # This operand already holds every site: return its rows in its own order.
-            out = x.replace_feature(summed[row_of[start:start + n]])
-            return out
-        start += n
-    return SparseConvTensor(summed, sites.to(torch.int32), first.spatial_shape, first.batch_size)
+            return x.replace_feature(summed[x_rows])
+    return SparseConvTensor(summed, sites, first.spatial_shape, first.batch_size)
