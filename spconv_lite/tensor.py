@@ -324,13 +324,14 @@ class SparseConvTensor:
         self.check_rows()
         check_sites(self.indices, self.spatial_shape, self.batch_size)
         channels = self.features.shape[1]
-        out = self.features.new_zeros([self.batch_size, *self.spatial_shape, channels])
+        if channels_first:
+            out = self.features.new_zeros([self.batch_size, channels, *self.spatial_shape])
+            sites = out.movedim(1, -1)  # a channels-last view: rows are written in place
+        else:
+            out = sites = self.features.new_zeros([self.batch_size, *self.spatial_shape, channels])
         index = self.indices.to(self.features.device).long()
-        out = out.index_put(tuple(index.t()), self.features)
-        if not channels_first:
-            return out
-        ndim = len(self.spatial_shape)
-        return out.permute(0, ndim + 1, *range(1, ndim + 1)).contiguous()
+        sites.index_put_(tuple(index.t()), self.features)
+        return out
 
     @classmethod
     def from_dense(cls, x: Tensor) -> "SparseConvTensor":
