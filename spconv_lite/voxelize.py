@@ -88,7 +88,7 @@ class GridGeometry:
             if cells > _MAX_COORD:
                 raise ValueError(
                     f"vsize_xyz {list(vsize_xyz)} and coors_range_xyz {list(coors_range_xyz)} "
-                    f"give {cells} voxels along {_AXES[d]}, more than int32 coordinates hold"
+                    f"give {cells} voxels along {_AXES[d]}, more than the 2^31 - 1 an axis may have"
                 )
             grid.append(int(cells))
         if math.prod(grid) >= _MAX_KEY_VOLUME:

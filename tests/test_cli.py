@@ -351,7 +351,7 @@ def test_preview_is_readable(tmp_path, capsys):
         ("inverted range", ["ok.bin", "--range", *"0 0 0 4 -4 4".split()], 2, "--range .*inver"),
         ("zero voxel", ["ok.bin", "--voxel-size", "1", "0", "1"], 2, "--voxel-size must be posi"),
         ("negative voxel", ["ok.bin", "--voxel-size", "1", "-1", "1"], 2, "--voxel-size must be"),
-        ("grid too large", ["ok.bin", "--voxel-size", "1e-9", "1", "1"], 2, "more than int32"),
+        ("grid too large", ["ok.bin", "--voxel-size", "1e-9", "1", "1"], 2, r"than the 2\^31 - 1"),
         ("bad option", ["ok.bin", "--max-voxels", "0"], 2, "must be at least 1"),
         ("huge count", ["ok.bin", "--max-voxels", "1" + "0" * 22], 2,
          "--max-voxels: must be at most 2\\^31 - 1, got 1" + "0" * 22),
