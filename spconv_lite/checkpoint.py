@@ -143,6 +143,9 @@ def describe_mismatch(key: str, shape, layer: nn.Module,
     text = (f"{key}: the checkpoint weight has shape {list(shape)}, the layer expects "
             f"{expected} = [C_out, *kernel_size, C_in]")
     if not fits:
+        torch_layout = layer.torch_layout_hint(shape, "load", f"state_dict[{key!r}]")
+        if torch_layout:
+            return text + torch_layout
         known = ", ".join(
             f"{name} {saved_shape(name, layer.out_channels, layer.kernel_size, layer.in_channels)}"
             for name in LAYOUTS)

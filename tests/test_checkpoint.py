@@ -118,6 +118,22 @@ def test_load_state_dict_error_hints_at_the_converter():
         net.load_state_dict(old)
 
 
+def test_load_state_dict_hints_at_torchs_conv_layout():
+    """A weight in nn.Conv3d's [C_out, C_in, *k] layout gets the permutation to apply, as an
+    assignment of it does, and the permuted weight loads."""
+    net = _small_net()
+    state = dict(net.state_dict())
+    weight = state["0.weight"]
+    state["0.weight"] = weight.permute(0, 4, 1, 2, 3)  # [16, 4, 3, 3, 3]
+    fix = "state_dict['0.weight'].permute(0, 2, 3, 4, 1)"
+    with pytest.raises(RuntimeError, match=re.escape(f"nn.Conv3d layout [C_out, C_in, "
+                                                     f"*kernel_size]: load {fix} instead")):
+        net.load_state_dict(state)
+    state["0.weight"] = eval(fix, {"state_dict": state})
+    net.load_state_dict(state)
+    assert torch.equal(net[0].weight, weight)
+
+
 @pytest.mark.parametrize("square_first", [True, False], ids=["square_first", "square_last"])
 @pytest.mark.parametrize("source", ["spconv1", "spconv2.0"])
 def test_load_state_dict_hints_name_one_source(source, square_first):

@@ -236,21 +236,25 @@ class SparseConvolution(RecordsVoxelCount):
         expected = [self.out_channels, *self.kernel_size, self.in_channels]
         if shape == expected:
             return
-        hint = ""
-        if shape == [self.out_channels, self.in_channels, *self.kernel_size]:
-            if self.conv1x1:  # its memory is read as a [C_in, C_out] matrix (class docstring)
-                ones = ", ".join(["1"] * self.ndim)
-                fix = (f"weight.reshape({self.out_channels}, {self.in_channels}).t().reshape("
-                       f"{self.out_channels}, {ones}, {self.in_channels})")
-            else:
-                axes = ", ".join(str(d) for d in (0, *range(2, self.ndim + 2), 1))
-                fix = f"weight.permute({axes})"
-            hint = (f"; that is torch's nn.Conv{self.ndim}d layout [C_out, C_in, *kernel_size]: "
-                    f"assign {fix} instead")
         raise ValueError(
             f"{type(self).__name__}.weight has shape {shape}, the layer expects {expected} = "
-            f"[C_out, *kernel_size, C_in]{hint}"
+            f"[C_out, *kernel_size, C_in]{self.torch_layout_hint(shape, 'assign')}"
         )
+
+    def torch_layout_hint(self, shape, verb: str, name: str = "weight") -> str:
+        """``"; that is torch's nn.ConvNd layout ...: <verb> <fix> instead"`` when ``shape`` is
+        that of a torch conv weight for this layer, else ``""``."""
+        if list(shape) != [self.out_channels, self.in_channels, *self.kernel_size]:
+            return ""
+        if self.conv1x1:  # its memory is read as a [C_in, C_out] matrix (class docstring)
+            ones = ", ".join(["1"] * self.ndim)
+            fix = (f"{name}.reshape({self.out_channels}, {self.in_channels}).t().reshape("
+                   f"{self.out_channels}, {ones}, {self.in_channels})")
+        else:
+            axes = ", ".join(str(d) for d in (0, *range(2, self.ndim + 2), 1))
+            fix = f"{name}.permute({axes})"
+        return (f"; that is torch's nn.Conv{self.ndim}d layout [C_out, C_in, *kernel_size]: "
+                f"{verb} {fix} instead")
 
     def forward(self, input: SparseConvTensor,
                 add_input: Optional[SparseConvTensor] = None) -> SparseConvTensor:
