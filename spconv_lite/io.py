@@ -43,6 +43,7 @@ import os
 import struct
 import zipfile
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -772,7 +773,7 @@ def _columns(
     then the other fields in file order (see the module docstring for padding, COUNT > 1,
     normals and colours)."""
     names = [f.name for f in header.fields]
-    repeated = sorted({n for n in names if names.count(n) > 1 and n != _PCD_PADDING})
+    repeated = sorted(n for n, k in Counter(names).items() if k > 1 and n != _PCD_PADDING)
     if repeated:
         raise ValueError(f"{str(path)!r} has two fields named {repeated[0]!r}: {names}")
     for axis in _XYZ:
@@ -802,7 +803,7 @@ def _columns(
         else:
             columns += list(value.T)
             out_names += [f.name] if f.count == 1 else [f"{f.name}_{j}" for j in range(f.count)]
-    repeated = sorted({name for name in out_names if out_names.count(name) > 1})
+    repeated = sorted(name for name, k in Counter(out_names).items() if k > 1)
     if repeated:  # e.g. a field named normals_0 beside nx, ny, nz
         raise ValueError(
             f"{str(path)!r} has fields {names}, which give two columns named {repeated[0]!r}"
