@@ -169,9 +169,9 @@ def _check_dtype(dtype: DTypeLike) -> Optional[np.dtype]:
         checked = np.dtype(dtype)
     except TypeError:
         checked = None
-    if checked not in (np.float32, np.float64):
+    if checked is None or checked.kind != "f" or checked.itemsize not in (4, 8):
         raise ValueError(f"dtype must be np.float32, np.float64 or None, got {dtype!r}")
-    return checked
+    return checked.newbyteorder("=")  # the points come back in the machine's byte order
 
 
 def _points_dtype(dtype: Optional[np.dtype], coordinate_types: list[np.dtype]) -> np.dtype:

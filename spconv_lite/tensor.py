@@ -78,6 +78,15 @@ def site_keys(indices: Tensor, spatial_shape: Sequence[int]) -> Tensor:
     return keys
 
 
+def site_ids(indices: Tensor, spatial_shape: Sequence[int], batch_size: int) -> Tensor:
+    """One int64 id per row: equal for equal sites, ordered as the sites in (batch, z, y, x)
+    order. The packed key (:func:`site_keys`) where every key fits int64, else the row's rank
+    among the distinct rows (``unique(dim=0)``, an order of magnitude slower)."""
+    if int(batch_size) * math.prod(int(n) for n in spatial_shape) <= 2**63:
+        return site_keys(indices, spatial_shape)
+    return torch.unique(indices, dim=0, return_inverse=True)[1]
+
+
 def check_indices(indices: Tensor, spatial_shape: Sequence[int]) -> None:
     """Raises TypeError or ValueError unless ``indices`` is an int32 ``[N, D + 1]`` tensor for
     the D dimensions of ``spatial_shape``."""
@@ -120,11 +129,7 @@ def check_sites(indices: Tensor, spatial_shape: Sequence[int], batch_size: int) 
     check_in_grid(indices, spatial_shape, batch_size)
     if torch.compiler.is_compiling() or indices.shape[0] == 0:
         return
-    if int(batch_size) * math.prod(int(n) for n in spatial_shape) <= 2**63:  # keys fit int64
-        site_ids = site_keys(indices, spatial_shape)
-    else:  # rows compared whole, more slowly
-        site_ids = torch.unique(indices, dim=0, return_inverse=True)[1]
-    sorted_ids, order = site_ids.sort(stable=True)
+    sorted_ids, order = site_ids(indices, spatial_shape, batch_size).sort(stable=True)
     repeated = (sorted_ids[1:] == sorted_ids[:-1]).nonzero()
     if repeated.shape[0]:
         j = int(repeated[0, 0])

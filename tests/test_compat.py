@@ -434,6 +434,33 @@ def test_sparse_add(case):
         assert out.indice_dict is tensors[0].indice_dict
 
 
+def test_sparse_add_sums_in_argument_order_in_the_common_dtype():
+    """Operands are added one at a time in argument order ((1 + 1e8) - 1e8 is 0 in float32,
+    the reverse order gives 1), in the type all of them promote to (2^-20 survives in float32,
+    not in the first operand's float16)."""
+    site = torch.tensor([[0, 1, 2]], dtype=torch.int32)
+
+    def operand(value, dtype=torch.float32):
+        return spconv.SparseConvTensor(torch.full((1, 1), value, dtype=dtype), site, [4, 4], 1)
+
+    out = spconv.functional.sparse_add(operand(1.0), operand(1e8), operand(-1e8))
+    assert out.features.item() == 0.0
+    out = spconv.functional.sparse_add(operand(1.0, torch.float16), operand(2.0**-20))
+    assert out.features.dtype == torch.float32 and out.features.item() == 1.0 + 2.0**-20
+
+
+def test_sparse_add_on_a_grid_whose_site_keys_pass_int64():
+    """3 x 2^63 sites: packed int64 keys would wrap and merge batch items 0 and 2."""
+    shape = [2**21] * 3
+    a = spconv.SparseConvTensor(torch.ones(1, 1), torch.tensor([[0, 0, 0, 5]], dtype=torch.int32),
+                                shape, 3)
+    b = spconv.SparseConvTensor(torch.full((1, 1), 2.0),
+                                torch.tensor([[2, 0, 0, 5]], dtype=torch.int32), shape, 3)
+    out = spconv.functional.sparse_add(a, b)
+    assert out.indices.tolist() == [[0, 0, 0, 5], [2, 0, 0, 5]]
+    assert out.features.tolist() == [[1.0], [2.0]]
+
+
 @pytest.mark.parity
 def test_sparse_add_matches_spconv():
     reference = require_spconv()

@@ -560,7 +560,7 @@ def write_binary_pcd(path, points: np.ndarray, types: list[str]) -> None:
                                 "binary") + rows.tobytes())
 
 
-@pytest.mark.parametrize("dtype", [None, np.float64, "float64"])
+@pytest.mark.parametrize("dtype", [None, np.float64, "float64", ">f8"])
 def test_float64_coordinates_are_kept(tmp_path, dtype):
     points = utm_points()
     np.save(tmp_path / "u.npy", points)

@@ -128,7 +128,7 @@ class _SegmentMean(torch.autograd.Function):
     which gradient penalties can differentiate again. (No forward mode: torch.compile refuses
     a Function with a jvp.)"""
 
-    generate_vmap_rule = True  # torch.func.vmap and jacfwd, as over the other layers
+    generate_vmap_rule = True  # torch.func.vmap, as over the other layers
 
     @staticmethod
     def forward(features: Tensor, batch: Tensor, lengths: Tensor) -> Tensor:
