@@ -52,9 +52,7 @@ class SparsePool(RecordsVoxelCount):
             # Mean over the active inputs of each window (not the kernel volume), as spconv.
             # Half types are summed and divided in float32, then rounded once: a half sum
             # overflows where the mean does not, and bfloat16 cannot hold every count.
-            summed = input.features
-            if summed.dtype in (torch.float16, torch.bfloat16):
-                summed = summed.float()
+            summed = _widened(input.features)
             counts = (kmap.nbr >= 0).sum(dim=1, keepdim=True).to(summed.dtype)
             features = (ops.sparse_sum_pool(summed, kmap.nbr, kmap.nbr_t, check_tables=False)
                         / counts).to(input.features.dtype)
@@ -100,6 +98,12 @@ SparseAvgPool2d = _pool_class("SparseAvgPool2d", 2, SparseAvgPool)
 SparseAvgPool3d = _pool_class("SparseAvgPool3d", 3, SparseAvgPool)
 
 
+def _widened(values: Tensor) -> Tensor:
+    """float16 / bfloat16 values as float32, others as they are: sums of half types stall
+    (bfloat16 at 256) or overflow where their mean does not."""
+    return values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
+
+
 def global_pool(x: SparseConvTensor, is_max: bool) -> Tensor:
     """Max or mean of each batch item's features: dense ``[batch_size, C]``, zero for an item
     without active sites. The max's gradient is shared among tied maxima, as ``torch.amax``'s;
@@ -132,9 +136,7 @@ class _SegmentMean(torch.autograd.Function):
 
     @staticmethod
     def forward(features: Tensor, batch: Tensor, lengths: Tensor) -> Tensor:
-        rows = features[torch.argsort(batch, stable=True)]
-        if rows.dtype in (torch.float16, torch.bfloat16):
-            rows = rows.float()  # a half sum stalls (bfloat16 at 256) or overflows
+        rows = _widened(features[torch.argsort(batch, stable=True)])
         mean = torch.segment_reduce(rows, "mean", lengths=lengths, unsafe=True)
         return mean.to(features.dtype)
 
@@ -146,8 +148,7 @@ class _SegmentMean(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         batch, lengths = ctx.saved_tensors
-        share = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
-        share = share / lengths.clamp(min=1).unsqueeze(1).to(share.dtype)
+        share = _widened(grad) / lengths.clamp(min=1).unsqueeze(1)
         return share.to(grad.dtype)[batch], None, None
 
 
