@@ -1,8 +1,9 @@
 """Build of spconv_lite._C.
 
 The C++ sources listed in src/sources.txt (src/*.cpp, src/cpu/*.cpp) are always built, with the
-Python entry point src/python/module.cpp. The CUDA sources listed there (src/cuda/*.cu) are added
-when a CUDA toolkit and a CUDA-enabled torch are present. Environment switches:
+Python module's own sources (PYTHON_MODULE_SOURCES: its entry point and the LZF decoder). The
+CUDA sources listed there (src/cuda/*.cu) are added when a CUDA toolkit and a CUDA-enabled torch
+are present. Environment switches:
 
   SPCONV_LITE_WITH_CUDA=1   force the CUDA build (fails without a toolkit)
   SPCONV_LITE_WITH_CUDA=0   skip CUDA even when it is available
@@ -45,9 +46,12 @@ def operator_sources(kind: str) -> list[str]:
     ]
 
 
+# The Python module's entry point and what it holds besides the operators.
+PYTHON_MODULE_SOURCES = ["src/python/module.cpp", "src/python/lzf.cpp"]
+
+
 def _extension():
-    # The operators plus the Python module's entry point.
-    sources = operator_sources("cpp") + ["src/python/module.cpp"]
+    sources = operator_sources("cpp") + PYTHON_MODULE_SOURCES
     cxx_flags = ["-O3", "-fopenmp", "-std=c++20"]
     if os.environ.get("SPCONV_LITE_NATIVE", "0") == "1":
         cxx_flags.append("-march=native")

@@ -51,6 +51,7 @@ from typing import Optional, Union
 import numpy as np
 from numpy.typing import DTypeLike
 
+from ._extension import _C
 from .tensor import check_count
 
 __all__ = [
@@ -635,7 +636,7 @@ def _compressed_values(path: Path, header: _Header, data: bytes) -> list[np.ndar
         )
     if len(data) - start - 8 < packed:
         raise _cut_short(path, header, 8 + packed, len(data) - start, "binary_compressed data")
-    raw = _lzf_decompress(path, data[start + 8 : start + 8 + packed], size)
+    raw = _lzf_decompress(path, memoryview(data)[start + 8 : start + 8 + packed], size)
     values, offset = [], 0
     for f in header.fields:
         values.append(np.frombuffer(raw, f.dtype, header.count * f.count, offset)
@@ -644,50 +645,13 @@ def _compressed_values(path: Path, header: _Header, data: bytes) -> list[np.ndar
     return values
 
 
-def _lzf_decompress(path: Path, packed: bytes, size: int) -> bytes:
-    """Decodes LZF (liblzf's format, which PCL compresses with) into ``size`` bytes.
-
-    A control byte below 32 is followed by that many plus one literal bytes. Any other holds
-    a length in its top 3 bits (7: add the next byte) and the high bits of a distance (the
-    next byte holds the low ones): copy length + 2 bytes from distance + 1 bytes back.
-    """
-    out = bytearray()
-    i, end = 0, len(packed)
+def _lzf_decompress(path: Path, packed: memoryview, size: int) -> bytes:
+    """Decodes LZF (liblzf's format, which PCL compresses with) into ``size`` bytes, in C++
+    (src/python/lzf.cpp: a token of a few bytes at a time is too slow a loop for Python)."""
     try:
-        while i < end and len(out) <= size:
-            control = packed[i]
-            i += 1
-            if control < 32:
-                if i + control >= end:
-                    raise IndexError
-                out += packed[i : i + control + 1]
-                i += control + 1
-                continue
-            length = control >> 5
-            if length == 7:
-                length += packed[i]
-                i += 1
-            start = len(out) - ((control & 31) << 8) - packed[i] - 1
-            i += 1
-            length += 2
-            if start < 0:
-                raise ValueError(
-                    f"{str(path)!r} has corrupt compressed data: a reference before its start"
-                )
-            if start + length <= len(out):
-                out += out[start : start + length]
-            else:  # the copy overlaps its own output: it repeats the bytes from start on
-                piece = out[start:]
-                out += (piece * (length // len(piece) + 1))[:length]
-    except IndexError:
-        raise ValueError(f"{str(path)!r} has corrupt compressed data: it ends mid-way") from None
-    if len(out) != size:
-        raise ValueError(
-            f"{str(path)!r} has corrupt compressed data: it unpacks to "
-            f"{'more than ' if len(out) > size else ''}{len(out)} bytes, not the {size} its "
-            "header states"
-        )
-    return bytes(out)
+        return _C.lzf_decompress(packed, size)
+    except ValueError as error:
+        raise ValueError(f"{str(path)!r} has corrupt compressed data: {error}") from None
 
 
 def _ascii_values(path: Path, header: _Header, data: bytes) -> list[np.ndarray]:

@@ -346,12 +346,12 @@ def test_cmake_and_setup_compile_the_same_operator_sources(cpp_build):
     from_cmake = {Path(c["file"]) for c in commands}
     assert REPO / "src" / "registration.cpp" in from_cmake
     assert from_cmake == from_setup
-    # The Python extension adds its entry point, and only that, to the operators (and the CUDA
+    # The Python extension adds its own sources, and only those, to the operators (and the CUDA
     # sources where torch and a toolkit allow a CUDA build).
     extension = setup_py["_extension"]()
     cuda = setup_py["operator_sources"]("cuda") if setup_py["_want_cuda"]() else []
     assert set(extension.sources) == {*setup_py["operator_sources"]("cpp"), *cuda,
-                                      "src/python/module.cpp"}
+                                      "src/python/module.cpp", "src/python/lzf.cpp"}
 
 
 def test_cpp_example_gives_the_eager_bev_map(cpp_build, second_package, tmp_path):

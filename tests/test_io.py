@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+import tracemalloc
 import zipfile
 
 import numpy as np
@@ -371,12 +372,81 @@ def test_compressed_pcd_count_must_match_its_data(tmp_path, declared, size, matc
 
 @pytest.mark.parametrize("stream, match", [
     (bytes([31, 1, 2]), "it ends mid-way"),
+    (bytes([0, 7, (1 << 5)]), "it ends mid-way"),  # a copy without its distance byte
+    (bytes([0, 7, (7 << 5)]), "it ends mid-way"),  # a long copy without its length byte
     (bytes([0, 7, (1 << 5), 9]), "a reference before its start"),
-])
+    (bytes([11]) + bytes(12) + bytes([0, 1]), "it unpacks to more than the 12 bytes its header "
+                                              "states"),
+    (bytes([0, 7, (7 << 5), 255, 0]), "it unpacks to more than the 12 bytes"),
+])  # fmt: skip
 def test_corrupt_compressed_pcd(tmp_path, stream, match):
     write_compressed(tmp_path / "c.pcd", 1, bytes(12), stream=stream)
     with pytest.raises(ValueError, match=f"c.pcd' has corrupt compressed data: {match}"):
         io.read_points(tmp_path / "c.pcd")
+
+
+def test_compressed_pcd_declaring_more_than_its_stream_can_hold(tmp_path):
+    """A size no stream of this length unpacks to is refused without allocating it."""
+    write_compressed(tmp_path / "c.pcd", 300_000_000, bytes(12), size=3_600_000_000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="it unpacks to 12 bytes, not the 3600000000 its "):
+            io.read_points(tmp_path / "c.pcd")
+        assert tracemalloc.get_traced_memory()[1] < 10**8  # peak bytes
+    finally:
+        tracemalloc.stop()
+
+
+def lzf_reference(stream: bytes) -> bytes:
+    """LZF decoded a token at a time, the slow and obvious way (valid streams only)."""
+    out, i = bytearray(), 0
+    while i < len(stream):
+        control, i = stream[i], i + 1
+        if control < 32:
+            out += stream[i : i + control + 1]
+            i += control + 1
+            continue
+        length = control >> 5
+        if length == 7:
+            length, i = length + stream[i], i + 1
+        distance, i = ((control & 31) << 8) + stream[i] + 1, i + 1
+        for _ in range(length + 2):
+            out.append(out[-distance])
+    return bytes(out)
+
+
+def random_lzf_stream(rng) -> bytes:
+    """Literal runs and copies of every length (3 to 264 bytes), from up to 8 KB back and
+    overlapping their own output."""
+    stream, produced = bytearray(), 0
+    for _ in range(int(rng.integers(1, 60))):
+        if produced == 0 or rng.random() < 0.3:
+            run = int(rng.integers(1, 33))
+            stream += bytes([run - 1]) + rng.integers(0, 256, run, dtype=np.uint8).tobytes()
+            produced += run
+            continue
+        length = int(rng.integers(3, 265))
+        distance = int(rng.integers(1, min(produced, 8192) + 1))
+        code = min(length - 2, 7)
+        stream += bytes([(code << 5) | ((distance - 1) >> 8)])
+        if code == 7:
+            stream.append(length - 9)
+        stream.append((distance - 1) & 255)
+        produced += length
+    return bytes(stream)
+
+
+def test_lzf_decoder_matches_a_reference_on_random_streams(tmp_path):
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        stream = random_lzf_stream(rng)
+        stream += lzf_literals(bytes(-len(lzf_reference(stream)) % 12))  # whole points
+        want = lzf_reference(stream)
+        path = tmp_path / "r.pcd"
+        write_compressed(path, len(want) // 12, want, stream=stream)
+        fields = np.frombuffer(want, "<f4").reshape(3, -1)  # all x, then all y, then all z
+        np.testing.assert_array_equal(io.read_points(path).view("<u4"),
+                                      fields.T.view("<u4"))
 
 
 @pytest.mark.parametrize("order", ["<", ">"])
