@@ -4,7 +4,10 @@
 ``sys.modules``, :mod:`spconv_lite.pytorch` as ``spconv.pytorch``, and their submodules under
 the matching ``spconv.*`` names. Call it before anything imports ``spconv``, or run the client's
 script with ``python -m spconv_lite.as_spconv SCRIPT [ARGS...]`` (``-m MODULE [ARGS...]`` for a
-module), which calls it and then runs the script as ``python SCRIPT [ARGS...]`` would.
+module), which calls it and then runs the script as ``python SCRIPT [ARGS...]`` would. The
+launcher also puts a folder first on ``PYTHONPATH`` whose ``spconv`` module does the same in the
+processes the script starts (DDP ranks, spawned DataLoader workers): ``import spconv`` gives
+spconv_lite there too.
 
 Example:
     >>> import spconv_lite
@@ -16,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -67,6 +71,22 @@ def install_as_spconv() -> ModuleType:
     return as_spconv
 
 
+# Holds a `spconv` module that installs the stand-in in the processes a launched script starts.
+SUBPROCESS_PATH = str(Path(__file__).resolve().parent / "as_spconv" / "_subprocess_path")
+
+
+def _hand_down_to_subprocesses() -> None:
+    """Puts SUBPROCESS_PATH first on ``PYTHONPATH``, which child processes inherit, and on this
+    process's import path after the script's folder (where PYTHONPATH's entries go), which
+    multiprocessing's spawn gives its children in place of their own. Their ``import spconv``
+    then finds its module before any installed spconv; here ``spconv`` is installed already."""
+    entries = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+               if p and p != SUBPROCESS_PATH]  # fmt: skip
+    os.environ["PYTHONPATH"] = os.pathsep.join([SUBPROCESS_PATH, *entries])
+    if SUBPROCESS_PATH not in sys.path:
+        sys.path.insert(1, SUBPROCESS_PATH)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """``python -m spconv_lite.as_spconv``: installs the stand-in, then runs the script or
     module given on the command line with the remaining arguments as its ``sys.argv``."""
@@ -80,9 +100,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit(f"spconv_lite.as_spconv: script {args[0]!r} not found\n{USAGE}")
     install_as_spconv()
     sys.argv = args[1:] if args[0] == "-m" else args
+    if args[0] != "-m":  # as `python SCRIPT` does: the script's folder comes first
+        sys.path[0] = str(Path(args[0]).resolve().parent)
+    _hand_down_to_subprocesses()
     if args[0] == "-m":
         runpy.run_module(args[1], run_name="__main__", alter_sys=True)
         return
-    # As `python SCRIPT` does: the script's folder comes first on the import path.
-    sys.path[0] = str(Path(args[0]).resolve().parent)
     runpy.run_path(args[0], run_name="__main__")

@@ -84,6 +84,48 @@ def test_module_runs_with_spconv_resolving_to_spconv_lite(tmp_path):
     assert "argv ['x', '-y'] layer spconv_lite.nn.conv" in done.stdout
 
 
+# Processes the launched script starts: a plain subprocess (as torchrun starts DDP ranks) and a
+# multiprocessing spawn child (torch.multiprocessing.spawn, spawned DataLoader workers), which
+# takes its import path from the parent.
+CHILDREN_SCRIPT = '''
+import multiprocessing
+import subprocess
+import sys
+
+
+def spconv_file(queue):
+    import spconv.pytorch
+    queue.put(spconv.__file__ + " " + spconv.pytorch.SubMConv3d.__module__)
+
+
+if __name__ == "__main__":
+    import spconv
+    print("parent", spconv.__file__)
+    child = subprocess.run([sys.executable, "-c", "import spconv.pytorch as s, spconv; "
+                            "print(spconv.__file__, s.SubMConv3d.__module__)"],
+                           capture_output=True, text=True, check=True)
+    print("subprocess", child.stdout.strip())
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    worker = context.Process(target=spconv_file, args=(queue,))
+    worker.start()
+    print("spawned", queue.get(timeout=120))
+    worker.join()
+'''
+
+
+def test_processes_the_script_starts_get_spconv_lite_too(tmp_path):
+    (tmp_path / "children.py").write_text(textwrap.dedent(CHILDREN_SCRIPT))
+    done = run_python(["-m", "spconv_lite.as_spconv", "children.py"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stand_in = REPO / "spconv_lite" / "as_spconv" / "__init__.py"
+    assert done.stdout.split("\n")[:-1] == [
+        f"parent {stand_in}",
+        f"subprocess {stand_in} spconv_lite.nn.conv",
+        f"spawned {stand_in} spconv_lite.nn.conv",
+    ]
+
+
 def test_install_refuses_when_spconv_is_already_imported(tmp_path):
     require_spconv()
     done = run_python(["-c", "import spconv, spconv_lite; spconv_lite.install_as_spconv()"],
