@@ -51,10 +51,6 @@ inline int64_t resident_threads(int device) {
          device_attribute(cudaDevAttrMaxThreadsPerMultiProcessor, device);
 }
 
-inline int compute_capability_major(int device) {
-  return device_attribute(cudaDevAttrComputeCapabilityMajor, device);
-}
-
 // An environment switch is on when set to anything but "" or "0". Read on every call (a
 // getenv costs far less than a kernel launch), so tests can flip it.
 inline bool env_enabled(const char* name) {

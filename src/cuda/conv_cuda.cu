@@ -1668,8 +1668,16 @@ at::Tensor weight_grad_gemm(const at::Tensor& x, const at::Tensor& g, const at::
 
 bool is_half_type(at::ScalarType dtype) { return dtype == at::kHalf || dtype == at::kBFloat16; }
 
-bool tensor_cores(at::ScalarType dtype, int device) {
-  return is_half_type(dtype) && cuda::compute_capability_major(device) >= 8;
+// Whether the tensor-core kernels run: for half types, where the current device's code holds
+// them. Their bodies are compiled for __CUDA_ARCH__ >= 800 only, and a build for older
+// architectures alone (TORCH_CUDA_ARCH_LIST="7.5+PTX") runs on an sm_80+ GPU from PTX
+// JIT-compiled for compute_75, where they are just their device assert: the PTX version the
+// device's code came from tells (below 80 on every device older than sm_80 too).
+bool tensor_cores(at::ScalarType dtype) {
+  if (!is_half_type(dtype)) return false;
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, conv_wmma_kernel<c10::Half, false>));
+  return attributes.ptxVersion >= 80;
 }
 
 // Whether the fused kernel runs. auto: always for float16 / bfloat16 (tensor cores, float32
@@ -1773,7 +1781,7 @@ void launch_conv_pass(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   const int32_t* nbr = table.data_ptr<int32_t>();
   const cudaStream_t stream = current_stream();
   if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (tensor_cores(x.scalar_type(), x.get_device())) {
+    if (tensor_cores(x.scalar_type())) {
       const dim3 grid((rows + kWmmaTile - 1) / kWmmaTile, (c_out + kWmmaTile - 1) / kWmmaTile);
       if (rows_of_16_bytes(in, c_in, weight, c_out)) {
         conv_wmma_kernel<scalar_t, true><<<grid, kWmmaThreads, 0, stream>>>(
@@ -1842,8 +1850,7 @@ void launch_conv_fused(const at::Tensor& features, const at::Tensor& weight,
   bool pipelined = false;
   if constexpr (kHasPipelinedTiles<scalar_t>) {
     pipelined = pipelined_tiles_fit(variants, volume, splits) &&
-                (std::is_same_v<scalar_t, float> ||
-                 tensor_cores(features.scalar_type(), features.get_device()));
+                (std::is_same_v<scalar_t, float> || tensor_cores(features.scalar_type()));
   }
   at::Tensor x = features, w = weight, dst = out;
   if (pipelined) {
@@ -1930,7 +1937,7 @@ at::Tensor weight_grad_fused(const at::Tensor& x, const at::Tensor& g, const at:
   at::Tensor partial;
   bool launched = false;
   if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (tensor_cores(x.scalar_type(), x.get_device())) {
+    if (tensor_cores(x.scalar_type())) {
       // wgrad=compact: layers of at most 16 inputs take the 16-input tiles, their inputs padded
       // to whole 16-byte rows (the first layer's 3-5 point features) so that the pairs are
       // gathered by cp.async; the padded channels' sums are dropped.

@@ -213,12 +213,24 @@ inline float half_bits_to_float(uint32_t bits, bool bfloat16) {
                   : static_cast<float>(c10::Half(h, c10::Half::from_bits()));
 }
 
+// The tensor-core kernels' bodies are compiled for __CUDA_ARCH__ >= 800 only: in code built for
+// an older virtual architecture (ptx_version, cuda_runtime.h) a GPU runs their device assert.
+// Every one of them multiplies through mma_m16n8k16 or wmma::mma_sync, which check this.
+inline void require_tensor_core_code() {
+  if (ptx_version() < 80) {
+    std::fprintf(stderr, "emu: a tensor-core kernel ran in code built for compute_%d, where its "
+                 "body is the device assert\n", ptx_version());
+    std::abort();
+  }
+}
+
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32, d += a @ b: lane l (g = l / 4,
 // t = l % 4) holds A's (g + 8 (i % 2), 2t + 8 (i / 2) + {0, 1}) in a[i], B's (2t + 8 i + {0, 1},
 // g) in b_i, and C's (g + 8 (i / 2), 2t + i % 2) in d[i]. Each sum adds the products to C in
 // increasing k, as the WMMA emulation does (mma.h).
 inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
                          bool bfloat16) {
+  require_tensor_core_code();
   Warp& warp = this_warp();
   const int lane = lane_id(), g = lane / 4, t = lane % 4;
   uint32_t* mine = warp.registers[lane];

@@ -262,6 +262,29 @@ def test_conv_forward_and_gradients(shape, dtype, algo, sm_major, monkeypatch):
         assert_close_to_scale(got, want, dtype)
 
 
+@pytest.mark.parametrize("variants", ["", "tiles=pipelined,wgrad=compact"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=case_id)
+def test_build_for_older_gpus_runs_the_simt_kernels(dtype, variants, monkeypatch):
+    """Built for compute_75 alone (TORCH_CUDA_ARCH_LIST="7.5+PTX"), the code an sm_90 GPU
+    JIT-compiles has the tensor-core kernels as their device assert only (the emulator aborts
+    if one runs): the launchers ask the code's PTX version, not the device, and take the SIMT
+    kernels."""
+    monkeypatch.setenv("SPCONV_LITE_CUDA_VARIANTS", variants)
+    monkeypatch.setenv("SPCONV_LITE_EMU_SM_MAJOR", "9")
+    monkeypatch.setenv("SPCONV_LITE_EMU_PTX_VERSION", "75")
+    nbr, nbr_t = a_map("subm")
+    gen = make_gen("compute_75", dtype)
+    x = randn(gen, nbr_t.shape[0], 16, dtype=dtype)
+    w = randn(gen, nbr.shape[1], 16, 32, dtype=dtype, scale=(16 * 27) ** -0.5)
+    g = randn(gen, nbr.shape[0], 32, dtype=dtype)
+
+    def forward_and_weight_grad(ops):
+        return [ops.sparse_conv(x, w, nbr, nbr_t), ops.sparse_conv_weight_grad(x, g, nbr)]
+
+    for got, want in zip(forward_and_weight_grad(EMU), forward_and_weight_grad(CPU)):
+        assert_close_to_scale(got, want, dtype)
+
+
 @pytest.mark.parametrize("algo", ["fused", "gemm"])
 def test_conv_is_deterministic(algo, monkeypatch):
     monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", algo)

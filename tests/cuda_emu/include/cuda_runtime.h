@@ -69,14 +69,18 @@ inline cudaError_t cudaGetLastError() {
 enum cudaDeviceAttr {
   cudaDevAttrMultiProcessorCount = 16,
   cudaDevAttrMaxThreadsPerMultiProcessor = 39,
-  cudaDevAttrComputeCapabilityMajor = 75,
 };
 
 namespace emu {
-inline int sm_major() {
-  const char* major = std::getenv("SPCONV_LITE_EMU_SM_MAJOR");
-  return (major != nullptr && *major != '\0') ? std::atoi(major) : 9;
+inline int env_int(const char* name, int otherwise) {
+  const char* value = std::getenv(name);
+  return (value != nullptr && *value != '\0') ? std::atoi(value) : otherwise;
 }
+inline int sm_major() { return env_int("SPCONV_LITE_EMU_SM_MAJOR", 9); }
+// The virtual architecture the kernels' code was built for (10 x compute capability), as
+// cudaFuncGetAttributes reports it: by default the device's own; SPCONV_LITE_EMU_PTX_VERSION=75
+// emulates a build for compute_75 only, JIT-compiled for a newer device.
+inline int ptx_version() { return env_int("SPCONV_LITE_EMU_PTX_VERSION", 10 * sm_major()); }
 }  // namespace emu
 
 // The emulated device: 4 multiprocessors of 2048 threads (1024 on compute capability 7),
@@ -90,10 +94,19 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, 
     case cudaDevAttrMaxThreadsPerMultiProcessor:
       *value = ::emu::sm_major() == 7 ? 1024 : 2048;
       break;
-    case cudaDevAttrComputeCapabilityMajor:
-      *value = ::emu::sm_major();
-      break;
   }
+  return cudaSuccess;
+}
+
+struct cudaFuncAttributes {
+  int binaryVersion;
+  int ptxVersion;
+};
+
+template <typename Kernel>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel) {
+  attributes->binaryVersion = 10 * ::emu::sm_major();
+  attributes->ptxVersion = ::emu::ptx_version();
   return cudaSuccess;
 }
 

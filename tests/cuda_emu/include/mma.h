@@ -80,6 +80,7 @@ inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float val
 template <typename A, typename B>
 void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const A& a, const B& b,
               const fragment<accumulator, 16, 16, 16, float>& c) {
+  emu::require_tensor_core_code();
   fragment<accumulator, 16, 16, 16, float> out;
   for (int m = 0; m < 16; ++m) {
     for (int n = 0; n < 16; ++n) {
