@@ -80,8 +80,9 @@ def _hand_down_to_subprocesses() -> None:
     process's import path after the script's folder (where PYTHONPATH's entries go), which
     multiprocessing's spawn gives its children in place of their own. Their ``import spconv``
     then finds its module before any installed spconv; here ``spconv`` is installed already."""
-    entries = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-               if p and p != SUBPROCESS_PATH]  # fmt: skip
+    given = os.environ.get("PYTHONPATH")
+    # Empty entries stay: each puts the working directory on the import path.
+    entries = [p for p in given.split(os.pathsep) if p != SUBPROCESS_PATH] if given else []
     os.environ["PYTHONPATH"] = os.pathsep.join([SUBPROCESS_PATH, *entries])
     if SUBPROCESS_PATH not in sys.path:
         sys.path.insert(1, SUBPROCESS_PATH)

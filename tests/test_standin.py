@@ -126,6 +126,21 @@ def test_processes_the_script_starts_get_spconv_lite_too(tmp_path):
     ]
 
 
+def test_launcher_keeps_the_working_directory_on_the_childrens_path(tmp_path):
+    """An empty PYTHONPATH entry (``export PYTHONPATH=$PYTHONPATH:/x`` with none set before)
+    puts the working directory on the import path; the launcher keeps it for the children."""
+    (tmp_path / "from_cwd.py").write_text("")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.py").write_text("import from_cwd\nprint('imported from_cwd')\n")
+    (tmp_path / "parent.py").write_text(
+        "import subprocess, sys\nsubprocess.run([sys.executable, 'sub/child.py'], check=True)\n")
+    done = subprocess.run([sys.executable, "-m", "spconv_lite.as_spconv", "parent.py"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO) + os.pathsep})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == "imported from_cwd\n"
+
+
 def test_install_refuses_when_spconv_is_already_imported(tmp_path):
     require_spconv()
     done = run_python(["-c", "import spconv, spconv_lite; spconv_lite.install_as_spconv()"],

@@ -42,6 +42,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -1668,17 +1670,31 @@ at::Tensor weight_grad_gemm(const at::Tensor& x, const at::Tensor& g, const at::
 
 bool is_half_type(at::ScalarType dtype) { return dtype == at::kHalf || dtype == at::kBFloat16; }
 
-// Whether the tensor-core kernels run: for half types, where the current device's code holds
-// them. Their bodies are compiled for __CUDA_ARCH__ >= 800 only, and a build for older
-// architectures alone (TORCH_CUDA_ARCH_LIST="7.5+PTX") runs on an sm_80+ GPU from PTX
-// JIT-compiled for compute_75, where they are just their device assert: the PTX version the
-// device's code came from tells (below 80 on every device older than sm_80 too).
-bool tensor_cores(at::ScalarType dtype) {
-  if (!is_half_type(dtype)) return false;
-  cudaFuncAttributes attributes;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, conv_wmma_kernel<c10::Half, false>));
-  return attributes.ptxVersion >= 80;
+// Whether the current device's code holds the tensor-core kernels. Their bodies are compiled
+// for __CUDA_ARCH__ >= 800 only, and a build for older architectures alone
+// (TORCH_CUDA_ARCH_LIST="7.5+PTX") runs on an sm_80+ GPU from PTX JIT-compiled for compute_75,
+// where they are just their device assert: the PTX version the device's code came from tells
+// (below 80 on every device older than sm_80 too).
+bool tensor_core_code() {
+  const auto ask = [] {
+    cudaFuncAttributes attributes;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, conv_wmma_kernel<c10::Half, false>));
+    return attributes.ptxVersion >= 80;
+  };
+#ifdef SPCONV_LITE_CUDA_EMULATION
+  return ask();  // the emulator's tests change the emulated code's version between calls
+#else
+  // The query takes the driver's lock: asked once per device (0: not yet, 1: no, 2: yes).
+  static std::array<std::atomic<int8_t>, 64> known{};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device >= static_cast<int>(known.size())) return ask();
+  if (known[device].load() == 0) known[device].store(ask() ? 2 : 1);
+  return known[device].load() == 2;
+#endif
 }
+
+bool tensor_cores(at::ScalarType dtype) { return is_half_type(dtype) && tensor_core_code(); }
 
 // Whether the fused kernel runs. auto: always for float16 / bfloat16 (tensor cores, float32
 // accumulation) and float64; for float32 while the channel product is small, where cuBLAS GEMMs
