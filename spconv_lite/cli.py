@@ -623,9 +623,10 @@ BENCHMARKS = {
     "kernels": "per-layer kernel maps, gather / GEMM / scatter and fused conv",
     "core": "single ops on a KITTI frame: maps, convolutions, pooling",
     "voxelize": "PointToVoxel on a KITTI frame, time and peak memory",
+    "io": "the .pcd / .ply readers (binary and LZF-compressed) against open3d's",
     "cuda": "the networks on a GPU, fp32 / fp16 (needs CUDA)",
 }
-_CPU_BENCHMARKS = ("core", "kernels", "networks", "voxelize")
+_CPU_BENCHMARKS = ("core", "kernels", "networks", "voxelize", "io")
 
 
 def benchmark_dir() -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lidar_frames import DATA_DIR, FRAME_IDS, FRAMES, SpconvCache, unavailable
+from lidar_frames import DATA_DIR, FRAME_IDS, FRAMES, SpconvCache, require_open3d, unavailable
 
 from spconv_lite import cli
 
@@ -618,6 +618,24 @@ def test_bench_runs_a_checkout_benchmark(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "frame (115,384 points)" in done.stdout
     assert json.loads(out.read_text())["timing"]
+
+
+def test_bench_io_times_the_readers_against_open3d(tmp_path):
+    if not DATA_DIR.is_dir():
+        unavailable(f"LiDAR test data {DATA_DIR} not found")
+    require_open3d()
+    out = tmp_path / "io.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "spconv_lite", "bench", "io", "--repeats", "1", "--warmup", "0",
+         "--json", str(out)],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    assert [r["input"] for r in results] == [
+        "fast_gicp_251370668.pcd", "small_gicp_source.ply", "fast_gicp (binary_compressed)",
+        "kitti 000000 (binary_compressed)", "helix 1M (binary_compressed)"]
+    assert all(r["ours"]["median_ms"] > 0 and r["speedup_vs_open3d"] > 0 for r in results)
 
 
 def test_bench_without_scripts_is_a_one_line_error(tmp_path, capsys, monkeypatch):
