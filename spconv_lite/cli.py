@@ -20,10 +20,13 @@ other tools.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
+import signal
 import struct
 import sys
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -220,6 +223,8 @@ def _collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], bool]:
     files: list[Path] = []
     many = len(inputs) > 1
     for text in inputs:
+        if not text:  # Path("") is the working directory: an unset shell variable, most likely
+            raise CommandError("an input path is empty ('')", status=2)
         path = Path(text)
         if path.is_dir():
             many = True
@@ -269,6 +274,9 @@ def _folder_option(text: Optional[str], option: str, suffix: str) -> Optional[Pa
 
 
 def _plan(args: argparse.Namespace) -> list[_Job]:
+    for option, text in (("--output", args.output), ("--preview", args.preview)):
+        if text == "":
+            raise CommandError(f"{option} is empty (''): give a file or a folder", status=2)
     files, many = _collect_inputs(args.inputs)
     if many:
         out_dir = _folder_option(args.output, "--output", ".npz") or Path(".")
@@ -293,20 +301,22 @@ def _check_destinations(jobs: Sequence[_Job], inputs: Sequence[Path], overwrite:
     """Refuses, before anything is read, a run that would write over an input, over an existing
     file without ``--overwrite``, twice to one file, or below a path that is a file."""
     input_ids = {_file_id(path) for path in inputs}
-    writers: dict[str, Path] = {}
+    writers: dict[str, _Job] = {}
     for job in jobs:
         for option, path in (("--output", job.output), ("--preview", job.preview)):
             if path is None:
                 continue
-            key = os.path.abspath(path)
+            key = os.path.realpath(path)  # one file, whatever links lead to it
             if key in writers:
-                who = (
-                    f"--output and --preview of {str(job.source)!r}"
-                    if writers[key] == job.source
-                    else f"{str(writers[key])!r} and {str(job.source)!r}"
-                )
+                first = writers[key]
+                if first is job:
+                    who = f"--output and --preview of {str(job.source)!r}"
+                elif _file_id(first.source) == _file_id(job.source):
+                    who = f"input {str(job.source)!r}, given twice,"
+                else:
+                    who = f"{str(first.source)!r} and {str(job.source)!r}"
                 raise CommandError(f"{who} would both write {str(path)!r}")
-            writers[key] = job.source
+            writers[key] = job
             folder = path.parent
             while not folder.exists() and folder != folder.parent:
                 folder = folder.parent
@@ -318,12 +328,17 @@ def _check_destinations(jobs: Sequence[_Job], inputs: Sequence[Path], overwrite:
                 raise CommandError(
                     f"cannot write {option} {str(path)!r}: folder {str(folder)!r} is not writable"
                 )
-            if not path.exists():
+            if not os.path.lexists(path):  # (a link to nothing exists too)
                 continue
             if path.is_dir():
                 raise CommandError(f"{option} {str(path)!r} is a folder, not a file")
-            if _file_id(path) in input_ids:
+            if path.exists() and _file_id(path) in input_ids:
                 raise CommandError(f"{option} {str(path)!r} is an input: refusing to write over it")
+            if path.exists() and not path.is_file():
+                raise CommandError(
+                    f"{option} {str(path)!r} is a device, FIFO or socket, not a file: refusing to "
+                    "replace it"
+                )
             if not overwrite:
                 raise CommandError(
                     f"{option} {str(path)!r} exists: refusing to replace it (--overwrite replaces "
@@ -337,21 +352,47 @@ def _file_id(path: Path) -> tuple[int, int]:
     return stat.st_dev, stat.st_ino
 
 
-def _write_atomically(path: Path, option: str, write: Callable[[BinaryIO], None]) -> None:
-    """Writes through ``write(file)`` into a temporary file beside ``path``, then renames it; a
-    failure raises CommandError naming ``option`` and ``path`` (not the temporary file)."""
+def _write_atomically(path: Path, option: str, write: Callable[[BinaryIO], None],
+                      overwrite: bool) -> None:
+    """Writes through ``write(file)`` into a temporary file beside ``path``, then puts it in
+    place: replacing what is there with ``overwrite``, else only where nothing is (a file that
+    appeared since the run's checks, another run's say, is kept). A failure raises CommandError
+    naming ``option`` and ``path`` (not the temporary file)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = _create_temporary(path)
         try:
             with os.fdopen(fd, "wb") as f:
                 write(f)
-            os.replace(tmp, path)
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                _move_where_nothing_is(tmp, path, option)
         except BaseException:
             os.unlink(tmp)
             raise
     except OSError as exc:
         raise CommandError(f"cannot write {option} {str(path)!r}: {exc.strerror or exc}") from None
+
+
+def _move_where_nothing_is(tmp: Path, path: Path, option: str) -> None:
+    """Renames ``tmp`` to ``path`` unless something is at ``path``: a hard link fails there,
+    where a rename would replace it."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    except OSError:  # a file system without hard links: check, then rename (a narrow race)
+        if not os.path.lexists(path):
+            os.replace(tmp, path)
+            return
+    else:
+        os.unlink(tmp)
+        return
+    raise CommandError(
+        f"{option} {str(path)!r} appeared while this run wrote it: refusing to replace it "
+        "(--overwrite replaces existing outputs)"
+    )
 
 
 def _create_temporary(path: Path) -> tuple[int, Path]:
@@ -495,10 +536,10 @@ def _voxelize_file(job: _Job, args: argparse.Namespace, geometry) -> dict:
         "coordinates": coords.numpy(),
         "num_points_per_voxel": num.numpy(),
     }
-    _write_atomically(job.output, "--output", lambda f: np.savez(f, **arrays))
+    _write_atomically(job.output, "--output", lambda f: np.savez(f, **arrays), args.overwrite)
     if job.preview is not None:
         png = png_bytes(bev_image(arrays["coordinates"], voxelizer.spatial_shape))
-        _write_atomically(job.preview, "--preview", lambda f: f.write(png))
+        _write_atomically(job.preview, "--preview", lambda f: f.write(png), args.overwrite)
     in_range = int(geometry.contains(points).sum())
     if not in_range:
         typed = " ".join(map(str, args.coors_range))
@@ -546,10 +587,13 @@ def _run_voxelize(args: argparse.Namespace) -> int:
             str(exc).replace("vsize_xyz", "--voxel-size").replace("coors_range_xyz", "--range"),
             status=2,
         ) from None
-    jobs = _plan(args)
-    show = args.progress == "always" or (
+    try:
+        jobs = _plan(args)
+    except OSError as exc:  # a name too long, a folder that may not be listed or searched
+        raise CommandError(f"{str(exc.filename)!r}: {exc.strerror or exc}") from None
+    show = sys.stderr is not None and (args.progress == "always" or (
         args.progress == "auto" and len(jobs) > 1 and sys.stderr.isatty()
-    )
+    ))
     bar = ProgressBar(len(jobs), sys.stderr) if show and len(jobs) > 1 else None
     failures = 0
     for done, job in enumerate(jobs):
@@ -660,25 +704,67 @@ def _run_bench(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- entry point
 
 
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP (``timeout``, a job scheduler, a closed terminal) as an exception, so
+    that a half-written output's temporary file is removed as on Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated(signum)
+
+
+@contextlib.contextmanager
+def _termination_as_exception():
+    """Turns SIGTERM and SIGHUP into _Terminated while the command runs, where they have their
+    default action (which kills the process mid-write) and this is the main thread."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGTERM", "SIGHUP"):  # no SIGHUP on Windows
+            signum = getattr(signal, name, None)
+            if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
+                previous[signum] = signal.signal(signum, _raise_terminated)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the command; returns the exit status (also used as the console script)."""
     args = _parser().parse_args(argv)
     try:
-        return args.run(args)
+        with _termination_as_exception():
+            return args.run(args)
     except CommandError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.status
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated as exc:
+        print(f"{PROG}: terminated ({signal.Signals(exc.signum).name})", file=sys.stderr)
+        return 128 + exc.signum
     except BrokenPipeError:
-        # The reader of our output went away (spconv-lite info | head -1): stop quietly. Point
-        # stdout at /dev/null so that Python's flush at exit does not raise again.
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
+        # The reader of our output went away (spconv-lite info | head -1): stop quietly.
+        _silence_stdout()
         return _SIGPIPE_STATUS
+    except OSError as exc:  # past the per-file errors: writing the report (a full disk, say)
+        _silence_stdout()
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _silence_stdout() -> None:
+    """Points stdout at /dev/null, so that Python's flush at exit does not fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

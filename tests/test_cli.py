@@ -6,6 +6,7 @@ Most cases call ``cli.main`` in-process (fast); two run ``python -m spconv_lite`
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -258,22 +259,129 @@ def test_folder_output_into_the_input_folder(tmp_path, capsys):
      r"cannot write --output '.*old\.npz/out\.npz': '.*old\.npz' is a file, not a folder"),
     ("output and preview collide", ["pc.npz"], ["-o", "same", "--preview", "same"],
      r"--output and --preview of 'pc\.npz' would both write 'same'"),
+    ("preview is the output through a linked folder", ["pc.npz"],
+     ["-o", "dest/out.npz", "--preview", "alias/out.npz"],
+     r"--output and --preview of 'pc\.npz' would both write 'alias/out\.npz'"),
+    ("one input given twice", ["pc.npz", "pc.npz"], ["-o", "out"],
+     r"input 'pc\.npz', given twice, would both write 'out/pc\.voxels\.npz'"),
+    ("a link to nothing at the output", ["pc.npz"], ["-o", "dangling.npz"],
+     r"--output 'dangling\.npz' exists: refusing"),
+    ("a FIFO at the output", ["pc.npz"], ["-o", "fifo.npz", "--overwrite"],
+     r"--output 'fifo\.npz' is a device, FIFO or socket, not a file: refusing to replace it"),
 ])  # fmt: skip
 def test_unsafe_destination_refused_before_reading(tmp_path, capsys, monkeypatch, case, inputs,
                                                    extra, message):
     cloud_npz(tmp_path / "pc.npz")
     (tmp_path / "old.npz").write_bytes(b"someone else's file")
     (tmp_path / "link.npz").symlink_to(tmp_path / "pc.npz")
+    (tmp_path / "dangling.npz").symlink_to(tmp_path / "nowhere")
+    os.mkfifo(tmp_path / "fifo.npz")
+    (tmp_path / "dest").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "dest")
     (tmp_path / "scans").mkdir()
     cloud_npz(tmp_path / "scans" / "a.npz")
     (tmp_path / "scans" / "a.png").write_bytes(b"an older picture")
-    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    def state():
+        return {p: os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file()
+                else stat.S_IFMT(p.lstat().st_mode) for p in tmp_path.rglob("*")}  # fmt: skip
+
+    before = state()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli, "read_input", lambda *a: pytest.fail("an input was read"))
     status, out, err = run(capsys, "voxelize", *inputs, *SMALL, *extra)
     assert status == 1 and out == ""
     assert len(err.splitlines()) == 1 and re.search(f"^spconv-lite: error: {message}", err), err
-    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert state() == before
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["", "-o", "out.npz"], "an input path is empty"),
+    (["pc.npz", "-o", ""], "--output is empty"),
+    (["pc.npz", "--preview", ""], "--preview is empty"),
+])  # fmt: skip
+def test_empty_paths_are_argument_errors(tmp_path, capsys, monkeypatch, extra, message):
+    """``voxelize "$FILE"`` with FILE unset: Path("") would be the working directory."""
+    cloud_npz(tmp_path / "pc.npz")
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run(capsys, "voxelize", *extra, *SMALL)
+    assert status == 2 and out == "" and err.startswith(f"spconv-lite: error: {message}")
+    assert files_in(tmp_path) == ["pc.npz"]
+
+
+def test_name_too_long_for_its_output_is_one_line(tmp_path, capsys):
+    source = write_bin(tmp_path / ("c" * 250 + ".bin"), [[0.5, 0.5, 0.5]])  # a legal name
+    status, out, err = run(capsys, "voxelize", source, *SMALL, "--point-dims", 3)
+    assert status == 1 and out == "" and len(err.splitlines()) == 1
+    assert "c.voxels.npz': File name too long" in err
+
+
+def refuse_hard_links(*args):
+    raise PermissionError(errno.EPERM, "Operation not permitted")  # as FAT or some FUSE mounts
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_output_that_appears_while_writing_is_kept(tmp_path, capsys, monkeypatch, hard_links):
+    """Another run (or anyone) creates the output after this run's checks: without
+    --overwrite their file stays and this run fails; no temporary file is left (also on a file
+    system without hard links)."""
+    if not hard_links:
+        monkeypatch.setattr(os, "link", refuse_hard_links)
+    source = write_bin(tmp_path / "c.bin", [[0.5, 0.5, 0.5]])
+    out = tmp_path / "c.npz"
+    savez = np.savez
+
+    def savez_while_another_writes(file, **arrays):
+        savez(file, **arrays)
+        out.write_bytes(b"another run's output")
+
+    monkeypatch.setattr(cli.np, "savez", savez_while_another_writes)
+    status, _, err = run(capsys, "voxelize", source, *SMALL, "--point-dims", 3, "-o", out)
+    assert status == 1 and err == (f"spconv-lite: error: --output {str(out)!r} appeared while "
+                                   "this run wrote it: refusing to replace it (--overwrite "
+                                   "replaces existing outputs)\n")
+    assert out.read_bytes() == b"another run's output"
+    assert files_in(tmp_path) == ["c.bin", "c.npz"]
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_output_is_written_where_nothing_is(tmp_path, capsys, monkeypatch, hard_links):
+    if not hard_links:
+        monkeypatch.setattr(os, "link", refuse_hard_links)
+    source = write_bin(tmp_path / "c.bin", [[0.5, 0.5, 0.5]])
+    status, _, err = run(capsys, "voxelize", source, *SMALL, "--point-dims", 3, "-o",
+                         tmp_path / "c.npz")
+    assert status == 0, err
+    assert files_in(tmp_path) == ["c.bin", "c.npz"] and (tmp_path / "c.npz").stat().st_nlink == 1
+    with np.load(tmp_path / "c.npz") as saved:
+        assert len(saved["coordinates"]) == 1
+
+
+def test_termination_signal_leaves_no_partial_file(tmp_path):
+    """SIGTERM (``timeout``, a job scheduler) mid-write: the temporary file goes, as on Ctrl-C."""
+    write_bin(tmp_path / "c.bin", [[0.5, 0.5, 0.5]])
+    script = ("import os, signal, sys\nimport numpy as np\nfrom spconv_lite import cli\n"
+              "def savez(file, **arrays):\n    file.write(b'PK partial')\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "np.savez = savez\n"
+              f"sys.exit(cli.main(['voxelize', 'c.bin', *{SMALL}, '--point-dims', '3', "
+              "'-o', 'c.npz']))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert done.returncode == 128 + 15 and done.stderr == "spconv-lite: terminated (SIGTERM)\n"
+    assert files_in(tmp_path) == ["c.bin"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_report_on_a_full_disk_is_one_line(tmp_path):
+    write_bin(tmp_path / "c.bin", [[0.5, 0.5, 0.5]])
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "spconv_lite", "voxelize", "c.bin", *SMALL, "--point-dims",
+             "3", "-o", "c.npz"], stdout=full, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr == "spconv-lite: error: [Errno 28] No space left on device\n"
 
 
 def png_size(data: bytes) -> tuple[int, int]:
