@@ -399,8 +399,10 @@ def _create_temporary(path: Path) -> tuple[int, Path]:
     """A new hidden file beside ``path``, opened for writing. Created with mode 0666 less the
     umask, as an ordinary output file (mkstemp's 0600 would need the umask, which a process can
     read only by setting it, racing other threads' file creation)."""
+    # The output's name, cut to leave room for the 14 bytes around it: a file name has 255.
+    stem = os.fsdecode(os.fsencode(path.name)[:241])
     while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        tmp = path.parent / f".{stem}.{secrets.token_hex(4)}.tmp"
         try:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
             return os.open(tmp, flags, 0o666), tmp

@@ -78,7 +78,8 @@ class GridGeometry:
                     f"{_AXES[d]}: max {coors_range_xyz[ndim + d]} must be greater than min "
                     f"{coors_range_xyz[d]}"
                 )
-            quotient = np.float32(high[d] - low[d]) / np.float32(size[d])  # float32, as spconv
+            with np.errstate(over="ignore"):  # an overflow to inf is refused below
+                quotient = np.float32(high[d] - low[d]) / np.float32(size[d])  # as spconv
             cells = math.floor(float(quotient) + 0.5) if np.isfinite(quotient) else math.inf
             if cells < 1:
                 raise ValueError(

@@ -14,6 +14,7 @@ import stat
 import struct
 import subprocess
 import sys
+import warnings
 import zlib
 from pathlib import Path
 
@@ -309,6 +310,14 @@ def test_empty_paths_are_argument_errors(tmp_path, capsys, monkeypatch, extra, m
     assert files_in(tmp_path) == ["pc.npz"]
 
 
+def test_output_name_of_most_bytes_is_written(tmp_path, capsys):
+    """A 255-byte output name (the most a name may have): its temporary name is shortened."""
+    source = write_bin(tmp_path / ("\u00e9" * 122 + ".bin"), [[0.5, 0.5, 0.5]])  # 2 bytes each
+    status, _, err = run(capsys, "voxelize", source, *SMALL, "--point-dims", 3, "-o", tmp_path)
+    assert status == 0, err
+    assert files_in(tmp_path) == sorted([source.name, "\u00e9" * 122 + ".voxels.npz"])
+
+
 def test_name_too_long_for_its_output_is_one_line(tmp_path, capsys):
     source = write_bin(tmp_path / ("c" * 250 + ".bin"), [[0.5, 0.5, 0.5]])  # a legal name
     status, out, err = run(capsys, "voxelize", source, *SMALL, "--point-dims", 3)
@@ -564,13 +573,18 @@ def test_point_dims_below_three_is_an_argument_error(tmp_path, capsys, value):
      "--range [80, -40, -3, 70.4, 40, 1] is inverted or empty along x: max 70.4 must be "
      "greater than min 80"),
     ("--voxel-size", "0.05 -0.05 0.1", "--voxel-size must be positive, got [0.05, -0.05, 0.1]"),
+    ("--voxel-size", "1e-40 0.05 0.1",  # 70.4 / 1e-40 overflows float32: no numpy warning
+     "--voxel-size [1e-40, 0.05, 0.1] and --range [0, -40, -3, 70.4, 40, 1] give inf voxels "
+     "along x, more than the 2^31 - 1 an axis may have"),
 ])  # fmt: skip
 def test_grid_errors_print_values_as_typed(tmp_path, capsys, option, values, message):
     source = write_bin(tmp_path / "c.bin", np.zeros((3, 4)))
     args = {"--range": "0 -40 -3 70.4 40 1", "--voxel-size": "0.05 0.05 0.1"}
     args[option] = values
     argv = [a for opt, text in args.items() for a in (opt, *text.split())]
-    status, _, err = run(capsys, "voxelize", source, *argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        status, _, err = run(capsys, "voxelize", source, *argv)
     assert status == 2 and err == f"spconv-lite: error: {message}\n"
 
 
