@@ -592,7 +592,8 @@ def _run_voxelize(args: argparse.Namespace) -> int:
     try:
         jobs = _plan(args)
     except OSError as exc:  # a name too long, a folder that may not be listed or searched
-        raise CommandError(f"{str(exc.filename)!r}: {exc.strerror or exc}") from None
+        where = f"{str(exc.filename)!r}: " if exc.filename is not None else ""
+        raise CommandError(f"{where}{exc.strerror or exc}") from None
     show = sys.stderr is not None and (args.progress == "always" or (
         args.progress == "auto" and len(jobs) > 1 and sys.stderr.isatty()
     ))
