@@ -551,3 +551,23 @@ def test_sparse_conv_weight_layout_kio(device):
     nbr, nbr_t = ops.build_subm_map(idx, [5, 5, 5], 1, [3, 3, 3], [1, 1, 1])
     want = layer(sparse_tensor(f, idx, (5, 5, 5), 1)).features
     assert torch.equal(ops.sparse_conv(f, kio_weight(layer.weight), nbr, nbr_t), want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 1e-2), (torch.bfloat16, 3e-2)],
+                         ids=case_id)
+def test_half_weight_grad_sums_in_float32(dtype, tol, device):
+    """Thousands of pairs per offset: summed in the half type itself, the weight gradient
+    would drift by tens of percent (a float16 sum stops growing at 2048 times the addend)."""
+    gen = make_gen("half_weight_grad")
+    shape = [40, 40, 40]
+    idx = random_sites(gen, 1, shape, count=6000)
+    nbr, _ = ops.build_subm_map(idx, shape, 1, [3, 3, 3], [1, 1, 1])
+    x = torch.rand(len(idx), 8, generator=gen, dtype=torch.float64).to(dtype)
+    g = torch.rand(len(idx), 8, generator=gen, dtype=torch.float64).to(dtype)
+    want = torch.ops.spconv_lite.sparse_conv_weight_grad(x.double(), g.double(), nbr)
+    got = torch.ops.spconv_lite.sparse_conv_weight_grad(x.to(device), g.to(device),
+                                                         nbr.to(device))
+    assert got.dtype == dtype
+    error = (got.double().cpu() - want).abs().max() / want.abs().max()
+    assert error < tol, error

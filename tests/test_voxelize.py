@@ -233,6 +233,28 @@ def test_non_finite_points_are_dropped(device):
     assert num.tolist() == [2] and torch.isfinite(voxels).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])  # the vector and the scalar CPU code
+@pytest.mark.parametrize("columns", [5, 6])
+@pytest.mark.parametrize("count", [16, 13])  # whole blocks of 8 points, and a tail
+def test_non_finite_extra_columns_drop_their_points(count, columns, dtype, device):
+    """Columns past the fourth are checked too (one voxel per point, room for all)."""
+    gen = PointToVoxel((1, 1, 1), (0, 0, 0, 4, 4, 4), columns, count, 1, device=device)
+    rng = np.random.default_rng(count * columns)
+    pts = np.zeros((count, columns), dtype=dtype)
+    pts[:, :3] = np.stack(np.unravel_index(rng.permutation(64)[:count], (4, 4, 4)), 1) + 0.5
+    pts[:, 3:] = rng.uniform(-1, 1, (count, columns - 3))
+    bad = [1, 7, count - 1]  # NaN, inf and -inf in the fifth column or later only
+    for row, value in zip(bad, [np.nan, np.inf, -np.inf]):
+        pts[row, 3 + 1 + row % (columns - 4)] = value
+    voxels, coords, num, ids = on(device, gen.generate_voxel_with_id(
+        torch.from_numpy(pts).to(device)))
+    kept = [i for i in range(count) if i not in bad]
+    assert [i for i, v in enumerate(ids.tolist()) if v < 0] == bad
+    assert num.tolist() == [1] * len(kept) and torch.isfinite(voxels).all()
+    torch.testing.assert_close(voxels[:, 0], torch.from_numpy(pts[kept]).float())
+
+
 def utm_cloud():
     """A KITTI-style cloud (float64) and its range, moved into a UTM frame, where float32
     coordinates have a ulp of 3-6 cm."""
