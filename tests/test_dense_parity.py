@@ -227,24 +227,31 @@ def test_matches_dense(op, case, dtype, device):
 # Max pool on ties and NaN, which the tables avoid (distinct values): dense F.max_pool*d takes
 # the first maximum in window order, which is the lowest offset, and a NaN wherever it lies.
 TIE_POOLS = [(2, None, 0), (3, 2, 1), (3, 1, 1)]  # kernel, stride, padding
+TIE_SHAPE, TIE_BATCH = [6, 5, 7], 2
+
+
+def max_pools(f: Tensor, f_dense: Tensor, idx: Tensor, k, s, p, device) -> tuple[Tensor, Tensor]:
+    """The features of the sparse max pool of ``f`` (checking its sites) and the dense max
+    pool of ``f_dense`` at those sites."""
+    kk, ss, pp, dd = conv_geometry(TIE_SHAPE, k, s, p, 1)
+    out = sp.SparseMaxPool3d(k, s, p)(sparse_tensor(f, idx, TIE_SHAPE, TIE_BATCH, device))
+    expected = conv_support(idx, TIE_SHAPE, TIE_BATCH, kk, ss, pp, dd)
+    torch.testing.assert_close(out.indices.cpu(), expected)
+    dense = dense_max_pool(f_dense, idx, TIE_SHAPE, TIE_BATCH, kk, ss, pp, dd)
+    return out.features, gather(dense, expected)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=case_id)
 @pytest.mark.parametrize("k, s, p", TIE_POOLS)
 def test_max_pool_ties_go_to_the_lowest_offset_as_dense(k, s, p, dtype, device):
-    shape, batch = [6, 5, 7], 2
-    kk, ss, pp, dd = conv_geometry(shape, k, s, p, 1)
-    gen, idx = case_sites(batch, shape, "pool_ties", k, s, p)
+    gen, idx = case_sites(TIE_BATCH, TIE_SHAPE, "pool_ties", k, s, p)
     f = torch.randint(1, 4, (len(idx), 3), generator=gen).to(dtype).requires_grad_()  # ties
-    out = sp.SparseMaxPool3d(k, s, p)(sparse_tensor(f, idx, shape, batch, device))
     f_dense = f.detach().double().requires_grad_()
-    expected = conv_support(idx, shape, batch, kk, ss, pp, dd)
-    dense = gather(dense_max_pool(f_dense, idx, shape, batch, kk, ss, pp, dd), expected)
-    torch.testing.assert_close(out.indices.cpu(), expected)
-    torch.testing.assert_close(out.features.double().cpu(), dense, rtol=0, atol=0)
+    out, dense = max_pools(f, f_dense, idx, k, s, p, device)
+    torch.testing.assert_close(out.double().cpu(), dense, rtol=0, atol=0)
     upstream = randn(gen, *dense.shape)
-    (out.features.double() * upstream.to(out.features.device)).sum().backward()
+    (out.double() * upstream.to(out.device)).sum().backward()
     (dense * upstream).sum().backward()
     torch.testing.assert_close(f.grad.double().cpu(), f_dense.grad, rtol=1e-3, atol=1e-3)
 
@@ -253,14 +260,9 @@ def test_max_pool_ties_go_to_the_lowest_offset_as_dense(k, s, p, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=case_id)
 @pytest.mark.parametrize("k, s, p", TIE_POOLS)
 def test_max_pool_of_a_window_with_nan_is_nan_as_dense(k, s, p, dtype, device):
-    shape, batch = [6, 5, 7], 2
-    kk, ss, pp, dd = conv_geometry(shape, k, s, p, 1)
-    gen, idx = case_sites(batch, shape, "pool_nan", k, s, p)
+    gen, idx = case_sites(TIE_BATCH, TIE_SHAPE, "pool_nan", k, s, p)
     f = randn(gen, len(idx), 3, dtype=dtype)
     f[torch.randperm(len(idx), generator=gen)[: len(idx) // 8], 1] = math.nan  # one channel
-    out = sp.SparseMaxPool3d(k, s, p)(sparse_tensor(f, idx, shape, batch, device))
-    expected = conv_support(idx, shape, batch, kk, ss, pp, dd)
-    dense = gather(dense_max_pool(f.double(), idx, shape, batch, kk, ss, pp, dd), expected)
+    out, dense = max_pools(f, f.double(), idx, k, s, p, device)
     assert dense[:, 1].isnan().any() and not dense[:, 1].isnan().all()
-    torch.testing.assert_close(out.features.double().cpu(), dense, rtol=0, atol=0,
-                               equal_nan=True)
+    torch.testing.assert_close(out.double().cpu(), dense, rtol=0, atol=0, equal_nan=True)
