@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import secrets
 import signal
@@ -238,8 +239,19 @@ def _collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], bool]:
         elif path.exists():
             files.append(path)
         else:
-            raise CommandError(f"no such file or directory: {text!r}")
+            raise CommandError(_not_found(text))
     return files, many
+
+
+def _not_found(text: str) -> str:
+    """Why an input that does not exist is missing: Path.exists() is False for a symbolic link
+    loop too, which 'no such file' would misreport."""
+    try:
+        os.stat(text)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{text!r} is a symbolic link loop ({exc.strerror})"
+    return f"no such file or directory: {text!r}"
 
 
 def _names_folder(text: str) -> bool:
@@ -466,6 +478,14 @@ def bev_image(coordinates: np.ndarray, spatial_shape: Sequence[int]) -> np.ndarr
     return image[::-1]  # row 0 is the largest y
 
 
+def _shown(path: object) -> str:
+    """A path as printed in a report line: as it is, or quoted and escaped as repr does when it
+    holds a newline or another character that is not printable, so that one record stays one
+    line (and a terminal gets no control codes from a file name)."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
 def _summary(name: str, stats: dict) -> str:
     parts = [
         f"{stats['points']:,} points read" + (f" as {stats['layout']}" if stats["layout"] else ""),
@@ -475,7 +495,8 @@ def _summary(name: str, stats: dict) -> str:
     ]
     if stats["non_finite"]:
         parts.append(f"{stats['non_finite']:,} non-finite dropped")
-    return f"{name}: " + ", ".join(parts) + f", {stats['ms']:.1f} ms -> {stats['output']}"
+    report = ", ".join(parts)
+    return f"{_shown(name)}: {report}, {stats['ms']:.1f} ms -> {_shown(stats['output'])}"
 
 
 def read_input(path: Path, point_dims: Optional[int]) -> tuple[np.ndarray, str]:
@@ -493,7 +514,7 @@ def read_input(path: Path, point_dims: Optional[int]) -> tuple[np.ndarray, str]:
     except (OSError, ValueError) as exc:
         raise CommandError(_option_words(_about(path, exc))) from None
     except MemoryError:
-        raise CommandError(f"{path}: not enough memory to read it") from None
+        raise CommandError(f"{_shown(path)}: not enough memory to read it") from None
 
 
 def _option_words(text: str) -> str:
@@ -502,9 +523,11 @@ def _option_words(text: str) -> str:
 
 
 def _about(path: Path, exc: BaseException) -> str:
-    """The one-line message of ``exc``, led by ``path`` unless it already names it."""
+    """The one-line message of ``exc``, led by ``path`` unless it already names it (as is, or
+    quoted as ``repr`` quotes it)."""
     message = _one_line(exc)
-    return message if str(path) in message else f"{path}: {message}"
+    named = str(path) in message or repr(str(path)) in message
+    return message if named else f"{_shown(path)}: {message}"
 
 
 def _bounding_box(points: np.ndarray) -> str:
@@ -546,7 +569,7 @@ def _voxelize_file(job: _Job, args: argparse.Namespace, geometry) -> dict:
     if not in_range:
         typed = " ".join(map(str, args.coors_range))
         print(
-            f"{PROG}: warning: {job.source}: no point lies inside --range {typed}; "
+            f"{PROG}: warning: {_shown(job.source)}: no point lies inside --range {typed}; "
             f"{_bounding_box(points)}",
             file=sys.stderr,
         )
@@ -563,20 +586,37 @@ def _voxelize_file(job: _Job, args: argparse.Namespace, geometry) -> dict:
 
 
 class ProgressBar:
-    """A one-line ``[#####.....] 3/10 name`` bar, redrawn in place on a terminal stream."""
+    """A one-line ``[#####.....] 3/10 name`` bar, redrawn in place on a terminal stream.
+
+    The bar only shows how far the batch is: a stream that fails (a full disk, a pipe whose
+    reader is gone) stops the bar, not the batch, whose summaries on stdout and exit status
+    still say how each input went.
+    """
 
     def __init__(self, total: int, stream: TextIO, width: int = 30) -> None:
         self.total, self.stream, self.width = total, stream, width
+        self.failed = False
 
     def draw(self, done: int, label: str = "") -> None:
         filled = self.width * done // max(self.total, 1)
         bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(f"\r\x1b[K[{bar}] {done}/{self.total} {label}"[:200])
-        self.stream.flush()
+        self._write(f"\r\x1b[K[{bar}] {done}/{self.total} {_shown(label)}"[:200])
 
     def clear(self) -> None:
-        self.stream.write("\r\x1b[K")
-        self.stream.flush()
+        self._write("\r\x1b[K")
+
+    def finish(self) -> None:
+        self.draw(self.total)
+        self._write("\n")
+
+    def _write(self, text: str) -> None:
+        if self.failed:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except OSError:
+            self.failed = True
 
 
 def _run_voxelize(args: argparse.Namespace) -> int:
@@ -615,8 +655,7 @@ def _run_voxelize(args: argparse.Namespace) -> int:
             bar.clear()
         print(line, file=stream, flush=True)
     if bar:
-        bar.draw(len(jobs))
-        sys.stderr.write("\n")
+        bar.finish()
     if failures and len(jobs) > 1:
         raise CommandError(f"{failures} of {len(jobs)} inputs failed")
     return 1 if failures else 0

@@ -7,6 +7,7 @@ Most cases call ``cli.main`` in-process (fast); two run ``python -m spconv_lite`
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import re
@@ -393,6 +394,54 @@ def test_report_on_a_full_disk_is_one_line(tmp_path):
     assert done.stderr == "spconv-lite: error: [Errno 28] No space left on device\n"
 
 
+class FullForPNGs(io.BufferedWriter):
+    """A file on a disk that fills up while a PNG is written: part of it lands, then ENOSPC."""
+
+    def write(self, data):
+        if bytes(data[:8]) != b"\x89PNG\r\n\x1a\n":
+            return super().write(data)
+        super().write(data[:20])
+        self.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_failed_preview_write_leaves_no_partial_file(tmp_path, capsys, monkeypatch, existing):
+    """The preview is written as the outputs are: a failure mid-write leaves no partial PNG and
+    no temporary file, and an old preview that --overwrite would replace stays whole."""
+    source = write_bin(tmp_path / "c.bin", [[0.5, 0.5, 0.5]])
+    preview = tmp_path / "c.png"
+    if existing:
+        preview.write_bytes(b"old preview")
+    monkeypatch.setattr(cli.os, "fdopen", lambda fd, mode: FullForPNGs(io.FileIO(fd, mode)))
+    status, _, err = run(capsys, "voxelize", source, *SMALL, "--point-dims", 3, "-o",
+                         tmp_path / "c.npz", "--preview", preview, "--overwrite")
+    assert status == 1 and err == (f"spconv-lite: error: cannot write --preview {str(preview)!r}: "
+                                   f"{os.strerror(errno.ENOSPC)}\n")
+    assert files_in(tmp_path) == ["c.bin", "c.npz"] + (["c.png"] if existing else [])
+    assert not existing or preview.read_bytes() == b"old preview"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_failing_progress_stream_stops_the_bar_not_the_batch(tmp_path):
+    """--progress always with stderr on a full disk: the batch stopped at the first redraw with
+    no word and status 1; the bar is secondary, so it stops and every input is voxelized."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for name in ["a.bin", "b.bin", "c.bin"]:
+        write_bin(folder / name, [[0.5, 0.5, 0.5]])
+    command = [sys.executable, "-m", "spconv_lite", "voxelize", "scans", *SMALL, "--point-dims",
+               "3", "-o", "out", "--progress", "always"]  # fmt: skip
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=full, text=True,
+                              cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                              timeout=300)  # fmt: skip
+    assert done.returncode == 0
+    assert files_in(tmp_path / "out") == ["a.voxels.npz", "b.voxels.npz", "c.voxels.npz"]
+    assert [line.split(":")[0] for line in done.stdout.splitlines()] == [
+        "scans/a.bin", "scans/b.bin", "scans/c.bin"]
+
+
 def png_size(data: bytes) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     length, kind = struct.unpack(">I4s", data[8:16])
@@ -686,6 +735,43 @@ def test_fifo_input_is_not_a_regular_file(tmp_path, capsys):
     status, _, err = run(capsys, "voxelize", tmp_path / "pipe.bin", *SMALL, "-o", tmp_path / "o")
     assert status == 1
     assert err == f"spconv-lite: error: {str(tmp_path / 'pipe.bin')!r} is not a regular file\n"
+
+
+def test_symlink_loop_input_is_named_as_such(tmp_path, capsys):
+    """A link to itself was reported as 'no such file or directory'."""
+    loop = tmp_path / "loop.bin"
+    os.symlink(loop.name, loop)
+    status, _, err = run(capsys, "voxelize", loop, *SMALL, "-o", tmp_path / "o")
+    assert status == 1 and err == (f"spconv-lite: error: {str(loop)!r} is a symbolic link loop "
+                                   f"({os.strerror(errno.ELOOP)})\n")
+
+
+def test_control_characters_in_names_keep_one_record_per_line(tmp_path, capsys):
+    """A newline in a file name split its summary, warning or error line in two; such names are
+    printed quoted and escaped as repr does, ordinary ones as they are."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    far = write_bin(folder / "far\naway.bin", [[9, 9, 9]])  # a warning: nothing in range
+    empty = write_bin(folder / "em\npty.bin", np.zeros((0, 3)))  # an error
+    plain = write_bin(folder / "plain.bin", [[0.5, 0.5, 0.5]])
+    out = tmp_path / "out"
+    status, stdout, stderr = run(capsys, "voxelize", folder, *SMALL, "--point-dims", 3, "-o", out)
+    assert status == 1
+    summaries = stdout.splitlines()
+    assert len(summaries) == 2
+    assert summaries[0].startswith(f"{str(far)!r}: 1 points read")
+    assert summaries[0].endswith(f" -> {str(out / far.name.replace('.bin', '.voxels.npz'))!r}")
+    assert summaries[1].startswith(f"{plain}: 1 points read")
+    assert summaries[1].endswith(f" -> {out / 'plain.voxels.npz'}")
+    assert stderr.splitlines() == [
+        f"spconv-lite: error: {str(empty)!r} holds no points",
+        f"spconv-lite: warning: {str(far)!r}: no point lies inside --range 0 0 0 4 4 4; the "
+        "points read span x [9, 9], y [9, 9], z [9, 9]",
+        "spconv-lite: error: 1 of 3 inputs failed",
+    ]
+    drawn = io.StringIO()
+    cli.ProgressBar(3, drawn).draw(1, far.name)
+    assert drawn.getvalue() == "\r\x1b[K[##########....................] 1/3 'far\\naway.bin'"
 
 
 def test_pcd_error_is_one_clean_line(tmp_path, capsys):
