@@ -136,7 +136,7 @@ def sparse_conv(features: Tensor, weight: Tensor, nbr: Tensor, nbr_t: Tensor, *,
         for rows_order, name, table in ((order, "order", nbr), (order_t, "order_t", nbr_t)):
             if rows_order is not None:
                 _check_row_order(rows_order, name, table)
-    return _ops.sparse_conv(features, weight, nbr, nbr_t, order, order_t)
+    return _run("sparse_conv", features, weight, nbr, nbr_t, order, order_t)
 
 
 def conv_row_order(nbr: Tensor, splits: int) -> Tensor:
@@ -186,7 +186,7 @@ def sparse_sum_pool(features: Tensor, nbr: Tensor, nbr_t: Tensor, *,
     _refuse_forward_ad("sparse_sum_pool", features=features)
     if check_tables:
         _check_tables(features, nbr, nbr_t)
-    return _ops.sparse_sum_pool(features, nbr, nbr_t)
+    return _run("sparse_sum_pool", features, nbr, nbr_t)
 
 
 def sparse_max_pool(features: Tensor, nbr: Tensor, nbr_t: Tensor, *,
@@ -196,7 +196,7 @@ def sparse_max_pool(features: Tensor, nbr: Tensor, nbr_t: Tensor, *,
     _refuse_forward_ad("sparse_max_pool", features=features)
     if check_tables:
         _check_tables(features, nbr, nbr_t)
-    return _ops.sparse_max_pool(features, nbr, nbr_t)[0]
+    return _run("sparse_max_pool", features, nbr, nbr_t)[0]
 
 
 def _refuse_forward_ad(op: str, **tensors: Tensor) -> None:
@@ -459,6 +459,60 @@ def _voxelize_mean_fake(points, voxel_size, range_min, grid_size, max_voxels):
 # ---------------------------------------------------------------------------------------------
 # Autograd. The input gradient of a conv is the same gather-GEMM-scatter over the transposed
 # table with transposed weights, so it is itself differentiable.
+#
+# torch.library.register_autograd wraps a formula in an autograd.Function without
+# ``setup_context``, which torch.func's transforms refuse. So each formula is registered twice:
+# with the op (eager, torch.compile, torch.export) and in an autograd.Function of our own that
+# the functions here call instead while a torch.func transform is running (grad, vjp, jacrev,
+# vmap); its vmap rule runs the op once per batch entry.
+
+_FUNCTORCH_FUNCTIONS: dict[str, type[torch.autograd.Function]] = {}
+
+
+def _run(op: str, *args):
+    """``torch.ops.spconv_lite.<op>(*args)``, through the op's torch.func-ready
+    autograd.Function while a torch.func transform is running."""
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        return _FUNCTORCH_FUNCTIONS[op].apply(*args)
+    return getattr(_ops, op)(*args)
+
+
+def _as_tuple(result) -> tuple:
+    return result if isinstance(result, tuple) else (result,)
+
+
+def _register_autograd(op: str, backward, setup_context) -> None:
+    """Registers ``backward`` as the derivative of ``torch.ops.spconv_lite.<op>``, for torch's
+    autograd and for torch.func's (:func:`_run`)."""
+    torch.library.register_autograd(f"spconv_lite::{op}", backward,
+                                    setup_context=setup_context)
+
+    def forward(*args):
+        return getattr(_ops, op)(*args)
+
+    def vmap(info, in_dims, *args):
+        # No batched kernels: one call per entry, stacked. Tensors not mapped are shared.
+        if info.batch_size == 0:  # nothing to run: empty outputs shaped by the fake kernel
+            entry = [arg if arg is None else arg.to("meta") if dim is None else
+                     arg.new_empty(arg.shape[:dim] + arg.shape[dim + 1:], device="meta")
+                     for arg, dim in zip(args, in_dims)]
+            stacked = tuple(torch.empty((0, *out.shape), dtype=out.dtype, device=args[0].device)
+                            for out in _as_tuple(getattr(_ops, op)(*entry)))
+        else:
+            results = [_as_tuple(_run(op, *(arg if dim is None else arg.select(dim, entry)
+                                            for arg, dim in zip(args, in_dims))))
+                       for entry in range(info.batch_size)]
+            stacked = tuple(torch.stack(parts) for parts in zip(*results))
+        if len(stacked) > 1:
+            return stacked, (0,) * len(stacked)
+        return stacked[0], 0
+
+    _FUNCTORCH_FUNCTIONS[op] = type(f"{op}_function", (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+        "vmap": staticmethod(vmap),
+    })
 
 
 def _sparse_conv_setup(ctx, inputs, output):
@@ -475,15 +529,14 @@ def _sparse_conv_backward(ctx, grad):
     grad_features = grad_weight = None
     if ctx.needs_input_grad[0]:
         # The same op over the transposed table, so the row orders swap roles too.
-        grad_features = _ops.sparse_conv(grad, weight.transpose(1, 2), nbr_t, nbr, order_t, order)
+        grad_features = _run("sparse_conv", grad, weight.transpose(1, 2), nbr_t, nbr,
+                             order_t, order)
     if ctx.needs_input_grad[1]:
-        grad_weight = _ops.sparse_conv_weight_grad(features, grad, nbr)
+        grad_weight = _run("sparse_conv_weight_grad", features, grad, nbr)
     return grad_features, grad_weight, None, None, None, None
 
 
-torch.library.register_autograd(
-    "spconv_lite::sparse_conv", _sparse_conv_backward, setup_context=_sparse_conv_setup
-)
+_register_autograd("sparse_conv", _sparse_conv_backward, _sparse_conv_setup)
 
 
 def _transposed_table(nbr: Tensor, input_rows: int) -> Tensor:
@@ -510,16 +563,13 @@ def _weight_grad_backward(ctx, grad):
     nbr_t = _transposed_table(nbr, features.shape[0])
     grad_features = grad_grad_out = None
     if ctx.needs_input_grad[0]:
-        grad_features = _ops.sparse_conv(grad_out, grad.transpose(1, 2), nbr_t, nbr)
+        grad_features = _run("sparse_conv", grad_out, grad.transpose(1, 2), nbr_t, nbr, None, None)
     if ctx.needs_input_grad[1]:
-        grad_grad_out = _ops.sparse_conv(features, grad, nbr, nbr_t)
+        grad_grad_out = _run("sparse_conv", features, grad, nbr, nbr_t, None, None)
     return grad_features, grad_grad_out, None
 
 
-torch.library.register_autograd(
-    "spconv_lite::sparse_conv_weight_grad", _weight_grad_backward,
-    setup_context=_weight_grad_setup,
-)
+_register_autograd("sparse_conv_weight_grad", _weight_grad_backward, _weight_grad_setup)
 
 
 def _sum_pool_setup(ctx, inputs, output):
@@ -529,12 +579,10 @@ def _sum_pool_setup(ctx, inputs, output):
 
 def _sum_pool_backward(ctx, grad):
     nbr, nbr_t = ctx.saved_tensors
-    return _ops.sparse_sum_pool(grad, nbr_t, nbr), None, None
+    return _run("sparse_sum_pool", grad, nbr_t, nbr), None, None
 
 
-torch.library.register_autograd(
-    "spconv_lite::sparse_sum_pool", _sum_pool_backward, setup_context=_sum_pool_setup
-)
+_register_autograd("sparse_sum_pool", _sum_pool_backward, _sum_pool_setup)
 
 
 def _max_pool_setup(ctx, inputs, output):
@@ -544,12 +592,10 @@ def _max_pool_setup(ctx, inputs, output):
 
 def _max_pool_backward(ctx, grad, _grad_argmax):
     argmax, nbr_t = ctx.saved_tensors
-    return _ops.sparse_max_pool_backward(grad, argmax, nbr_t), None, None
+    return _run("sparse_max_pool_backward", grad, argmax, nbr_t), None, None
 
 
-torch.library.register_autograd(
-    "spconv_lite::sparse_max_pool", _max_pool_backward, setup_context=_max_pool_setup
-)
+_register_autograd("sparse_max_pool", _max_pool_backward, _max_pool_setup)
 
 
 def _max_pool_backward_setup(ctx, inputs, output):
@@ -565,7 +611,4 @@ def _max_pool_double_backward(ctx, grad):
     return torch.where(argmax >= 0, picked, torch.zeros_like(picked)), None, None
 
 
-torch.library.register_autograd(
-    "spconv_lite::sparse_max_pool_backward", _max_pool_double_backward,
-    setup_context=_max_pool_backward_setup,
-)
+_register_autograd("sparse_max_pool_backward", _max_pool_double_backward, _max_pool_backward_setup)

@@ -186,6 +186,58 @@ def test_vmap_over_features(name):
     torch.testing.assert_close(torch.func.vmap(fn)(stacked), torch.stack([fn(f) for f in stacked]))
 
 
+@pytest.mark.parametrize("name", [name for name in MODULES if name != "global_avg"])
+def test_vmap_over_no_feature_sets(name):
+    """vmap over an empty batch gives an empty batch of outputs of the right shape (torch's
+    fallback for ops without a batching rule refuses size 0, as it still does for the global
+    mean's ``segment_reduce``)."""
+    gen = make_gen("vmap_empty", name)
+    module = MODULES[name]().double()
+    features, idx, shape = module_input(name, gen)
+
+    def fn(f):
+        out = module(sparse_tensor(f, idx, shape, BATCH))
+        return out if isinstance(out, torch.Tensor) else out.features
+
+    empty = torch.func.vmap(fn)(features.new_empty((0, *features.shape)))
+    assert empty.shape == (0, *fn(features).shape) and empty.dtype == features.dtype
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_torch_func_reverse_mode_equals_autograd(name):
+    """torch.func.grad, jacrev (twice: the Hessian) and per-sample parameter gradients
+    (vmap of grad) give what torch.autograd gives: torch's custom-op autograd wrapper refused
+    every torch.func transform."""
+    gen = make_gen("torch_func", name)
+    torch.manual_seed(0)
+    module = MODULES[name]().double()
+    features, idx, shape = module_input(name, gen)
+    params = {key: value.detach() for key, value in module.named_parameters()}
+
+    def output(f, values=params):
+        out = functional_call(module, values, (sparse_tensor(f, idx, shape, BATCH),))
+        return out if isinstance(out, torch.Tensor) else out.features
+
+    def loss(f, values=params):
+        return (output(f, values) ** 2).sum()
+
+    torch.testing.assert_close(torch.func.grad(loss)(features),
+                               torch.autograd.functional.jacobian(loss, features))
+    torch.testing.assert_close(torch.func.jacrev(output)(features),
+                               torch.autograd.functional.jacobian(output, features))
+    torch.testing.assert_close(torch.func.jacrev(torch.func.jacrev(loss))(features),
+                               torch.autograd.functional.hessian(loss, features))
+    if not params:
+        return
+    samples = torch.stack([features, features.flip(0)])
+    per_sample = torch.func.vmap(torch.func.grad(loss, argnums=1), in_dims=(0, None))(
+        samples, params)
+    for key, value in params.items():
+        expected = [torch.autograd.functional.jacobian(lambda v: loss(f, {**params, key: v}),
+                                                       value) for f in samples]
+        torch.testing.assert_close(per_sample[key], torch.stack(expected))
+
+
 @pytest.mark.parametrize("frozen", ["weight", "features"])
 def test_conv_saves_only_what_its_gradients_need(frozen):
     """A frozen layer keeps its weight for the input gradient but not its input (frozen-backbone
