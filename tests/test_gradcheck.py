@@ -111,7 +111,7 @@ MODULES = {
 }
 
 
-def module_input(name, gen):
+def module_input(name, gen, device="cpu"):
     shape = {"avgpool": (6, 7), "conv1d": (15,)}.get(name, SHAPE)
     idx = random_sites(gen, BATCH, shape, count=min(40, len(shape) * 12))
     channels = 2
@@ -119,7 +119,7 @@ def module_input(name, gen):
         features = distinct_values(gen, len(idx), channels)
     else:
         features = randn(gen, len(idx), channels)
-    return features, idx, shape
+    return features.to(device), idx.to(device), shape
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -128,8 +128,7 @@ def test_gradcheck_through_modules(name, device):
     gen = make_gen("gradcheck_module", name)
     torch.manual_seed(0)
     module = MODULES[name]().double().to(device)
-    features, idx, shape = module_input(name, gen)
-    features, idx = features.to(device), idx.to(device)
+    features, idx, shape = module_input(name, gen, device)
     params = dict(module.named_parameters())
     names = list(params)
 
@@ -186,14 +185,15 @@ def test_vmap_over_features(name):
     torch.testing.assert_close(torch.func.vmap(fn)(stacked), torch.stack([fn(f) for f in stacked]))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", [name for name in MODULES if name != "global_avg"])
-def test_vmap_over_no_feature_sets(name):
+def test_vmap_over_no_feature_sets(name, device):
     """vmap over an empty batch gives an empty batch of outputs of the right shape (torch's
     fallback for ops without a batching rule refuses size 0, as it still does for the global
     mean's ``segment_reduce``)."""
     gen = make_gen("vmap_empty", name)
-    module = MODULES[name]().double()
-    features, idx, shape = module_input(name, gen)
+    module = MODULES[name]().double().to(device)
+    features, idx, shape = module_input(name, gen, device)
 
     def fn(f):
         out = module(sparse_tensor(f, idx, shape, BATCH))
@@ -201,17 +201,19 @@ def test_vmap_over_no_feature_sets(name):
 
     empty = torch.func.vmap(fn)(features.new_empty((0, *features.shape)))
     assert empty.shape == (0, *fn(features).shape) and empty.dtype == features.dtype
+    assert empty.device == features.device
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(MODULES))
-def test_torch_func_reverse_mode_equals_autograd(name):
+def test_torch_func_reverse_mode_equals_autograd(name, device):
     """torch.func.grad, jacrev (twice: the Hessian) and per-sample parameter gradients
     (vmap of grad) give what torch.autograd gives: torch's custom-op autograd wrapper refused
     every torch.func transform."""
     gen = make_gen("torch_func", name)
     torch.manual_seed(0)
-    module = MODULES[name]().double()
-    features, idx, shape = module_input(name, gen)
+    module = MODULES[name]().double().to(device)
+    features, idx, shape = module_input(name, gen, device)
     params = {key: value.detach() for key, value in module.named_parameters()}
 
     def output(f, values=params):
