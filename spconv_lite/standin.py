@@ -37,9 +37,9 @@ def install_as_spconv() -> ModuleType:
     """Registers spconv_lite's modules as ``spconv``, ``spconv.pytorch``, ``spconv.utils``,
     ``spconv.constants``, ``spconv.core`` and ``spconv.pytorch.*`` in ``sys.modules``.
 
-    Calling it again is harmless. Names spconv_lite does not provide (``spconv.pytorch.hash``,
-    ``spconv.utils.VoxelGeneratorV2``, ...) raise ``ImportError`` / ``AttributeError``, as
-    they would with a spconv build that lacks them.
+    Calling it again is harmless. Names spconv_lite does not provide
+    (``spconv.pytorch.quantization``, ``spconv.utils.VoxelGeneratorV2``, ...) raise
+    ``ImportError`` / ``AttributeError``, as they would with a spconv build that lacks them.
 
     Returns:
         The module that ``import spconv`` now gives (:mod:`spconv_lite.as_spconv`).

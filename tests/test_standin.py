@@ -44,14 +44,16 @@ import spconv
 assert spconv is spconv_lite.install_as_spconv()  # installing again is harmless
 assert spconv.__version__ == "2.3.8" and spconv.SPCONV_VERSION_NUMBERS == [2, 3, 8]
 assert spconv.pytorch is spconv_lite.pytorch and spconv.ConvAlgo is spconv_lite.ConvAlgo
-for name in ["conv", "core", "functional", "modules", "ops", "pool", "tables", "utils",
+for name in ["conv", "core", "functional", "hash", "modules", "ops", "pool", "tables", "utils",
              "constants"]:
     assert importlib.import_module("spconv.pytorch." + name) is getattr(spconv_lite.pytorch, name)
 for name in ["constants", "core", "utils"]:
     assert importlib.import_module("spconv." + name) is getattr(spconv_lite.as_spconv, name)
 from spconv.pytorch.conv import SparseConvolution
+from spconv.pytorch.hash import HashTable
 assert SparseConvolution is spconv_lite.nn.conv.SparseConvolution
-for missing in ["spconv.pytorch.hash", "spconv.pytorch.quantization", "spconv.build"]:
+assert HashTable is spconv_lite.hash_table.HashTable
+for missing in ["spconv.pytorch.quantization", "spconv.build"]:
     try:
         importlib.import_module(missing)
     except ImportError:

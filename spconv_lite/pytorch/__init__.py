@@ -4,8 +4,9 @@
 This package holds no code of its own beyond small shims: it gives spconv_lite's classes and
 functions the names and module paths of ``spconv.pytorch`` (``.conv.SparseConvolution``,
 ``.modules.SparseModule``, ``.core.SparseConvTensor``, ``.pool``, ``.tables``, ``.identity``,
-``.functional``, ``.ops``, ``.utils``, ``.constants``), so model code written for spconv runs
-unchanged. The remaining differences are listed in the README ("Differences from spconv").
+``.functional``, ``.ops``, ``.utils``, ``.constants``, ``.hash``), so model code written for
+spconv runs unchanged. The remaining differences are listed in the README ("Differences from
+spconv").
 
 Example:
     >>> import torch
@@ -18,7 +19,7 @@ Example:
     (True, torch.Size([2, 8]))
 """
 
-from . import constants, conv, core, functional, identity, modules, ops, pool, tables, utils
+from . import constants, conv, core, functional, hash, identity, modules, ops, pool, tables, utils
 from .constants import SPCONV_VERSION_NUMBERS
 from .conv import (
     SparseConv1d,
@@ -74,6 +75,7 @@ __all__ = [
     "conv",
     "core",
     "functional",
+    "hash",
     "identity",
     "modules",
     "ops",
