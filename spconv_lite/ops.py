@@ -130,7 +130,6 @@ def sparse_conv(features: Tensor, weight: Tensor, nbr: Tensor, nbr_t: Tensor, *,
     Returns:
         ``[N_out, C_out]`` in the dtype of ``features``.
     """
-    _refuse_forward_ad("sparse_conv", features=features, weight=weight)
     if check_tables:
         _check_tables(features, nbr, nbr_t)
         for rows_order, name, table in ((order, "order", nbr), (order_t, "order_t", nbr_t)):
@@ -183,7 +182,6 @@ def sparse_sum_pool(features: Tensor, nbr: Tensor, nbr_t: Tensor, *,
                     check_tables: bool = True) -> Tensor:
     """``out[o] = sum_k features[nbr[o, k]]`` over the active neighbours (``check_tables`` as
     in :func:`sparse_conv`)."""
-    _refuse_forward_ad("sparse_sum_pool", features=features)
     if check_tables:
         _check_tables(features, nbr, nbr_t)
     return _run("sparse_sum_pool", features, nbr, nbr_t)
@@ -193,26 +191,9 @@ def sparse_max_pool(features: Tensor, nbr: Tensor, nbr_t: Tensor, *,
                     check_tables: bool = True) -> Tensor:
     """``out[o, c] = max_k features[nbr[o, k], c]`` over the active neighbours (true maximum;
     ``check_tables`` as in :func:`sparse_conv`)."""
-    _refuse_forward_ad("sparse_max_pool", features=features)
     if check_tables:
         _check_tables(features, nbr, nbr_t)
     return _run("sparse_max_pool", features, nbr, nbr_t)[0]
-
-
-def _refuse_forward_ad(op: str, **tensors: Tensor) -> None:
-    """Raises ``NotImplementedError`` for inputs with a forward-mode tangent: the ops have
-    backward formulas only, and torch runs a custom op whose inputs need no grad without their
-    tangents (``torch.func.jvp`` / ``jacfwd`` gave zero derivatives, no error)."""
-    if torch.compiler.is_compiling():
-        return
-    for name, tensor in tensors.items():
-        if isinstance(tensor, Tensor) and forward_ad.unpack_dual(tensor).tangent is not None:
-            raise NotImplementedError(
-                f"{op}: {name} carries a forward-mode AD tangent (torch.func.jvp, jacfwd or "
-                "torch.autograd.forward_ad), which spconv_lite's ops do not support; use "
-                "reverse mode (backward(), torch.autograd.grad, "
-                "torch.autograd.functional.jacobian)"
-            )
 
 
 def _check_tables(features: Tensor, nbr: Tensor, nbr_t: Tensor) -> None:
@@ -461,18 +442,22 @@ def _voxelize_mean_fake(points, voxel_size, range_min, grid_size, max_voxels):
 # table with transposed weights, so it is itself differentiable.
 #
 # torch.library.register_autograd wraps a formula in an autograd.Function without
-# ``setup_context``, which torch.func's transforms refuse. So each formula is registered twice:
-# with the op (eager, torch.compile, torch.export) and in an autograd.Function of our own that
-# the functions here call instead while a torch.func transform is running (grad, vjp, jacrev,
-# vmap); its vmap rule runs the op once per batch entry.
+# ``setup_context``, which torch.func's transforms refuse, and has no forward mode (torch ran
+# the op without its inputs' tangents: zero derivatives). So each formula is registered twice:
+# with the op (eager, torch.compile, torch.export) and in an autograd.Function of our own, with
+# a forward-mode formula too, that the functions here call instead while a torch.func transform
+# is running or an input carries a tangent; its vmap rule runs the op once per batch entry.
 
 _FUNCTORCH_FUNCTIONS: dict[str, type[torch.autograd.Function]] = {}
 
 
 def _run(op: str, *args):
-    """``torch.ops.spconv_lite.<op>(*args)``, through the op's torch.func-ready
-    autograd.Function while a torch.func transform is running."""
-    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+    """``torch.ops.spconv_lite.<op>(*args)``, through the op's autograd.Function while a
+    torch.func transform is running or an argument carries a forward-mode tangent."""
+    if not torch.compiler.is_compiling() and (
+            torch._C._are_functorch_transforms_active() or any(
+                isinstance(arg, Tensor) and forward_ad.unpack_dual(arg).tangent is not None
+                for arg in args)):
         return _FUNCTORCH_FUNCTIONS[op].apply(*args)
     return getattr(_ops, op)(*args)
 
@@ -481,14 +466,24 @@ def _as_tuple(result) -> tuple:
     return result if isinstance(result, tuple) else (result,)
 
 
-def _register_autograd(op: str, backward, setup_context) -> None:
-    """Registers ``backward`` as the derivative of ``torch.ops.spconv_lite.<op>``, for torch's
-    autograd and for torch.func's (:func:`_run`)."""
+def _register_autograd(op: str, backward, setup_context, jvp) -> None:
+    """Registers ``backward`` as the reverse-mode derivative of ``torch.ops.spconv_lite.<op>``,
+    for torch's autograd and for torch.func's (:func:`_run`), and ``jvp`` (called with the
+    op's inputs and outputs, then the inputs' tangents) as its forward-mode derivative for
+    :func:`_run`."""
     torch.library.register_autograd(f"spconv_lite::{op}", backward,
                                     setup_context=setup_context)
 
     def forward(*args):
         return getattr(_ops, op)(*args)
+
+    def setup_both(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        # jvp runs within the same call as the forward, so it may hold them directly.
+        ctx.jvp_operands = (inputs, output)
+
+    def forward_derivative(ctx, *tangents):
+        return jvp(*ctx.jvp_operands, *tangents)
 
     def vmap(info, in_dims, *args):
         # No batched kernels: one call per entry, stacked. Tensors not mapped are shared.
@@ -509,8 +504,9 @@ def _register_autograd(op: str, backward, setup_context) -> None:
 
     _FUNCTORCH_FUNCTIONS[op] = type(f"{op}_function", (torch.autograd.Function,), {
         "forward": staticmethod(forward),
-        "setup_context": staticmethod(setup_context),
+        "setup_context": staticmethod(setup_both),
         "backward": staticmethod(backward),
+        "jvp": staticmethod(forward_derivative),
         "vmap": staticmethod(vmap),
     })
 
@@ -536,7 +532,22 @@ def _sparse_conv_backward(ctx, grad):
     return grad_features, grad_weight, None, None, None, None
 
 
-_register_autograd("sparse_conv", _sparse_conv_backward, _sparse_conv_setup)
+def _sparse_conv_jvp(inputs, output, features_tangent, weight_tangent, *_):
+    features, weight, nbr, nbr_t, order, order_t = inputs  # bilinear in features and weight
+    return _sum_or_zeros(output, [
+        _run("sparse_conv", features_tangent, weight, nbr, nbr_t, order, order_t)
+        if features_tangent is not None else None,
+        _run("sparse_conv", features, weight_tangent, nbr, nbr_t, order, order_t)
+        if weight_tangent is not None else None])
+
+
+def _sum_or_zeros(like: Tensor, terms) -> Tensor:
+    """The sum of the terms that are not None, or zeros shaped as ``like``."""
+    present = [term for term in terms if term is not None]
+    return sum(present[1:], present[0]) if present else torch.zeros_like(like)
+
+
+_register_autograd("sparse_conv", _sparse_conv_backward, _sparse_conv_setup, _sparse_conv_jvp)
 
 
 def _transposed_table(nbr: Tensor, input_rows: int) -> Tensor:
@@ -569,7 +580,17 @@ def _weight_grad_backward(ctx, grad):
     return grad_features, grad_grad_out, None
 
 
-_register_autograd("sparse_conv_weight_grad", _weight_grad_backward, _weight_grad_setup)
+def _weight_grad_jvp(inputs, output, features_tangent, grad_out_tangent, _):
+    features, grad_out, nbr = inputs  # bilinear in features and grad_out
+    return _sum_or_zeros(output, [
+        _run("sparse_conv_weight_grad", features_tangent, grad_out, nbr)
+        if features_tangent is not None else None,
+        _run("sparse_conv_weight_grad", features, grad_out_tangent, nbr)
+        if grad_out_tangent is not None else None])
+
+
+_register_autograd("sparse_conv_weight_grad", _weight_grad_backward, _weight_grad_setup,
+                   _weight_grad_jvp)
 
 
 def _sum_pool_setup(ctx, inputs, output):
@@ -582,7 +603,12 @@ def _sum_pool_backward(ctx, grad):
     return _run("sparse_sum_pool", grad, nbr_t, nbr), None, None
 
 
-_register_autograd("sparse_sum_pool", _sum_pool_backward, _sum_pool_setup)
+def _sum_pool_jvp(inputs, output, features_tangent, *_):
+    _, nbr, nbr_t = inputs  # linear
+    return _run("sparse_sum_pool", features_tangent, nbr, nbr_t)
+
+
+_register_autograd("sparse_sum_pool", _sum_pool_backward, _sum_pool_setup, _sum_pool_jvp)
 
 
 def _max_pool_setup(ctx, inputs, output):
@@ -595,7 +621,12 @@ def _max_pool_backward(ctx, grad, _grad_argmax):
     return _run("sparse_max_pool_backward", grad, argmax, nbr_t), None, None
 
 
-_register_autograd("sparse_max_pool", _max_pool_backward, _max_pool_setup)
+def _max_pool_jvp(inputs, output, features_tangent, *_):
+    # Each output takes the value of its argmax row, and so that row's tangent.
+    return _rows_at(features_tangent, output[1]), None
+
+
+_register_autograd("sparse_max_pool", _max_pool_backward, _max_pool_setup, _max_pool_jvp)
 
 
 def _max_pool_backward_setup(ctx, inputs, output):
@@ -607,8 +638,19 @@ def _max_pool_double_backward(ctx, grad):
     # The backward routes grad_out[o, c] to input row argmax[o, c] (-1: none): linear in
     # grad_out, so its own gradient reads grad back from those rows.
     (argmax,) = ctx.saved_tensors
-    picked = grad.gather(0, argmax.clamp(min=0).long())
-    return torch.where(argmax >= 0, picked, torch.zeros_like(picked)), None, None
+    return _rows_at(grad, argmax), None, None
 
 
-_register_autograd("sparse_max_pool_backward", _max_pool_double_backward, _max_pool_backward_setup)
+def _rows_at(values: Tensor, argmax: Tensor) -> Tensor:
+    """``values[argmax[o, c], c]``, 0 where ``argmax`` is -1 (an output without inputs)."""
+    picked = values.gather(0, argmax.clamp(min=0).long())
+    return torch.where(argmax >= 0, picked, torch.zeros_like(picked))
+
+
+def _max_pool_backward_jvp(inputs, output, grad_out_tangent, *_):
+    _, argmax, nbr_t = inputs  # linear in grad_out
+    return _run("sparse_max_pool_backward", grad_out_tangent, argmax, nbr_t)
+
+
+_register_autograd("sparse_max_pool_backward", _max_pool_double_backward,
+                   _max_pool_backward_setup, _max_pool_backward_jvp)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 from helpers import DEVICES, distinct_values, make_gen, randn, random_sites, sparse_tensor
 from torch.autograd import gradcheck, gradgradcheck
 from torch.func import functional_call
@@ -144,10 +145,10 @@ def test_gradcheck_through_modules(name, device):
 
 
 @pytest.mark.parametrize("name", list(MODULES))
-def test_forward_mode_ad_is_right_or_refused(name):
-    """torch.func.jvp through a layer gives the tangent that reverse mode gives, or raises: the
-    sparse ops have backward formulas only, and torch ran them without their inputs' tangents
-    (zero derivatives, no error)."""
+def test_forward_mode_ad_equals_reverse_mode(name):
+    """torch.func.jvp and jacfwd through a layer give the tangent that reverse mode gives (torch
+    ran the sparse ops without their inputs' tangents: zero derivatives, no error), or raise
+    (the global mean's autograd.Function has no forward formula)."""
     gen = make_gen("forward_ad", name)
     torch.manual_seed(0)
     module = MODULES[name]().double()
@@ -162,10 +163,10 @@ def test_forward_mode_ad_is_right_or_refused(name):
     assert expected.abs().sum() > 0
     for make_jvp in (lambda: torch.func.jvp(fn, (features,), (tangent,))[1],
                      lambda: torch.func.jacfwd(fn)(features).flatten(-2) @ tangent.flatten()):
-        if name == "global_max":  # torch's ops only: supported
+        if name != "global_avg":
             torch.testing.assert_close(make_jvp(), expected)
-        else:  # the sparse ops' message, or torch's for the global mean's autograd.Function
-            with pytest.raises(NotImplementedError, match="forward-mode AD tangent|jvp"):
+        else:
+            with pytest.raises(NotImplementedError, match="jvp"):
                 make_jvp()
 
 
@@ -238,6 +239,40 @@ def test_torch_func_reverse_mode_equals_autograd(name, device):
         expected = [torch.autograd.functional.jacobian(lambda v: loss(f, {**params, key: v}),
                                                        value) for f in samples]
         torch.testing.assert_close(per_sample[key], torch.stack(expected))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", [name for name in MODULES if name != "global_avg"])
+def test_forward_mode_through_parameters_and_over_reverse_mode(name, device):
+    """Dual tensors (torch.autograd.forward_ad) on the features and every parameter give the
+    tangent reverse mode gives, and torch.func.hessian (forward mode over the backward ops, the
+    weight gradient's and the max pool's included) gives reverse mode's Hessians."""
+    gen = make_gen("forward_over_reverse", name)
+    torch.manual_seed(0)
+    module = MODULES[name]().double().to(device)
+    features, idx, shape = module_input(name, gen, device)
+    params = {key: value.detach() for key, value in module.named_parameters()}
+    tangents = {key: randn(gen, *value.shape).to(device) for key, value in params.items()}
+    features_tangent = randn(gen, *features.shape).to(device)
+
+    def output(f, *values):
+        out = functional_call(module, dict(zip(params, values)),
+                              (sparse_tensor(f, idx, shape, BATCH),))
+        return out if isinstance(out, torch.Tensor) else out.features
+
+    expected = torch.autograd.functional.jvp(
+        output, (features, *params.values()), (features_tangent, *tangents.values()))[1]
+    with forward_ad.dual_level():
+        duals = [forward_ad.make_dual(value, tangents[key]) for key, value in params.items()]
+        dual = output(forward_ad.make_dual(features, features_tangent), *duals)
+        torch.testing.assert_close(forward_ad.unpack_dual(dual).tangent, expected)
+
+    def loss(f, *values):
+        return (output(f, *values) ** 2).sum()
+
+    arguments = (features, *params.values())  # every block, the mixed ones too
+    hessian = torch.func.hessian(loss, argnums=tuple(range(len(arguments))))(*arguments)
+    torch.testing.assert_close(hessian, torch.autograd.functional.hessian(loss, arguments))
 
 
 @pytest.mark.parametrize("frozen", ["weight", "features"])
