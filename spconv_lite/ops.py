@@ -172,10 +172,11 @@ def _check_row_order(order: Tensor, name: str, table: Tensor) -> None:
             or order.shape[1] != table.shape[0] or order.dtype != torch.int32
             or order.numel() == 0):
         return
-    expected = torch.arange(order.shape[1], device=order.device, dtype=order.dtype)
-    if not bool((order.sort(dim=1).values == expected).all()):
+    order = _whole_batch(order)
+    expected = torch.arange(order.shape[-1], device=order.device, dtype=order.dtype)
+    if not bool((order.sort(dim=-1).values == expected).all()):
         raise ValueError(f"{name} is not a row order: a row of it is not a permutation of "
-                         f"0 .. {order.shape[1] - 1}")
+                         f"0 .. {order.shape[-1] - 1}")
 
 
 def sparse_sum_pool(features: Tensor, nbr: Tensor, nbr_t: Tensor, *,
@@ -212,10 +213,18 @@ def _check_tables(features: Tensor, nbr: Tensor, nbr_t: Tensor) -> None:
                                     (nbr_t, "nbr_t", nbr.shape[0], "the output rows")):
         if table.numel() == 0:
             continue
-        low, high = torch.stack(torch.aminmax(table)).tolist()
+        low, high = torch.stack(torch.aminmax(_whole_batch(table))).tolist()
         if low < -1 or high >= rows:
             raise ValueError(f"{name} has entries outside [-1, {rows}): it does not index {what} "
                              f"(seen {low} .. {high})")
+
+
+def _whole_batch(tensor: Tensor) -> Tensor:
+    """Under torch.func.vmap, the tensor of every batch entry (a batched tensor has no data of
+    its own to check); otherwise ``tensor`` itself."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+        tensor = torch._C._functorch.get_unwrapped(tensor)
+    return tensor
 
 
 def _tables_fit(features, nbr, nbr_t) -> bool:

@@ -187,6 +187,39 @@ def test_vmap_over_features(name):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_vmap_over_tables_weights_and_row_orders(device):
+    """vmap over neighbour tables (two maps of one site set: dilation 1 and 2), weights and row
+    orders gives each entry's result; a bad entry in any table of the batch is refused, as a
+    bad table is without vmap (the checks read a batched tensor's whole batch)."""
+    gen = make_gen("vmap_tables")
+    idx = random_sites(gen, BATCH, SHAPE, count=40).to(device)
+    maps = [ops.build_subm_map(idx, SHAPE, BATCH, (3, 3, 3), (d, d, d)) for d in (1, 2)]
+    row_count = len(idx)
+    features = randn(gen, row_count, 3).to(device)
+    weights = randn(gen, 2, 27, 3, 2).to(device)
+    tables, tables_t = (torch.stack(tables) for tables in zip(*maps))
+    orders = torch.stack([ops.conv_row_order(nbr, 2) for nbr in tables])
+    orders_t = torch.stack([ops.conv_row_order(nbr_t, 2) for nbr_t in tables_t])
+
+    def conv_of(w, nbr, nbr_t, order, order_t):
+        return ops.sparse_conv(features, w, nbr, nbr_t, order=order, order_t=order_t)
+
+    expected = torch.stack([conv_of(*entry) for entry in zip(weights, tables, tables_t, orders,
+                                                              orders_t)])
+    torch.testing.assert_close(torch.func.vmap(conv_of)(weights, tables, tables_t, orders,
+                                                        orders_t), expected)
+    pooled = torch.func.vmap(lambda nbr, nbr_t: ops.sparse_max_pool(features, nbr, nbr_t))
+    torch.testing.assert_close(pooled(tables, tables_t), torch.stack(
+        [ops.sparse_max_pool(features, *entry) for entry in zip(tables, tables_t)]))
+    bad_tables, bad_orders = tables.clone(), orders.clone()
+    bad_tables[1, 0, 0], bad_orders[1, 0, 0] = row_count, 1 - int(orders[1, 0, 0] == 1)
+    with pytest.raises(ValueError, match=f"nbr has entries outside \\[-1, {row_count}\\)"):
+        torch.func.vmap(conv_of)(weights, bad_tables, tables_t, orders, orders_t)
+    with pytest.raises(ValueError, match=f"order is not a row order: .* 0 .. {row_count - 1}"):
+        torch.func.vmap(conv_of)(weights, tables, tables_t, bad_orders, orders_t)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", [name for name in MODULES if name != "global_avg"])
 def test_vmap_over_no_feature_sets(name, device):
     """vmap over an empty batch gives an empty batch of outputs of the right shape (torch's
