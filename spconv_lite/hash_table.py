@@ -2,9 +2,10 @@
 
 spconv's table is an open-addressing hash table; this one keeps its keys sorted, with their
 values alongside, and finds keys by binary search (``torch.searchsorted``). So it needs no fixed
-size on a GPU, never fails silently when full, and its results do not depend on the device or
-on thread timing: ``items()`` lists the keys in increasing order (spconv: slot order), and a key
-given more than once in one call takes its last value (spconv's GPU table: any of them).
+size on a GPU, and its results do not depend on the device or on thread timing: ``items()``
+lists the keys in increasing order (spconv: slot order), an insert gives a key already present
+its new value (as spconv's GPU table; its CPU table keeps the old one), and a key given more
+than once in one call takes its last value (spconv's GPU table: any of them; CPU: the first).
 
 Example:
     >>> table = HashTable("cpu", torch.int64, torch.int32)
@@ -19,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import operator
 from typing import Optional, Union
 
 import torch
@@ -39,9 +41,9 @@ class HashTable:
         device: where the keys and values live; every tensor given must be there.
         key_dtype: ``torch.int32`` or ``torch.int64``.
         value_dtype: ``torch.int32``, ``torch.int64``, ``torch.float32`` or ``torch.float64``.
-        max_size: the most keys the table may hold (spconv requires it on a GPU, where its table
-            has a fixed size: twice the key count is usual); an insert that would go beyond it
-            raises ``ValueError`` and changes nothing. -1: no limit.
+        max_size: the most distinct keys the table may hold (spconv requires it on a GPU, where
+            its table has a fixed size: twice the key count is usual); an insert that would go
+            beyond it raises ``ValueError`` and changes nothing. -1: no limit.
     """
 
     def __init__(self, device: Union[torch.device, str], key_dtype: torch.dtype,
@@ -51,9 +53,7 @@ class HashTable:
         if value_dtype not in VALUE_DTYPES:
             raise ValueError("value_dtype must be torch.int32, torch.int64, torch.float32 or "
                              f"torch.float64, got {value_dtype}")
-        if isinstance(max_size, bool) or not isinstance(max_size, int) or not (
-                max_size == -1 or max_size > 0):
-            raise ValueError(f"max_size must be -1 (no limit) or a positive int, got {max_size!r}")
+        max_size = _count_argument("max_size", max_size, "-1 (no limit) or a key count >= 0")
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -71,11 +71,11 @@ class HashTable:
         distinct, last = _last_of_each(keys)
         found, position = self._find(distinct)
         new_keys = distinct[~found]
-        if self.max_size > 0 and len(self._keys) + len(new_keys) > self.max_size:
+        if self.max_size >= 0 and len(self._keys) + len(new_keys) > self.max_size:
             raise ValueError(f"insert: the table would hold {len(self._keys) + len(new_keys)} "
                              f"keys, more than its max_size {self.max_size}")
         if values is not None:
-            chosen = values[last]
+            chosen = values.detach()[last]  # values are stored, not their autograd graph
             self._values[position[found]] = chosen[found]
             new_values = chosen[~found]
         else:
@@ -107,7 +107,7 @@ class HashTable:
         self._check("values", values, self.value_dtype, keys)
         distinct, last = _last_of_each(keys)
         found, position = self._find(distinct)
-        self._values[position[found]] = values[last[found]]
+        self._values[position[found]] = values.detach()[last[found]]
         return (~self._find(keys)[0]).to(torch.uint8)
 
     def assign_arange_(self) -> Tensor:
@@ -124,8 +124,7 @@ class HashTable:
         """``(keys, values, count)``: the keys in increasing order, their values, and their
         number (an int64 tensor of one element); at most ``max_size`` of them unless -1. The
         tensors are copies: editing them leaves the table as it is."""
-        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < -1:
-            raise ValueError(f"max_size must be -1 (all) or a count >= 0, got {max_size!r}")
+        max_size = _count_argument("max_size", max_size, "-1 (all) or a count >= 0")
         count = len(self._keys) if max_size == -1 else min(max_size, len(self._keys))
         return self._keys[:count].clone(), self._values[:count].clone(), self._count(count)
 
@@ -161,6 +160,17 @@ class HashTable:
         if keys is not None and len(tensor) != len(keys):
             raise ValueError(f"{name} must hold one entry per key: {len(tensor)} for "
                              f"{len(keys)} keys")
+
+
+def _count_argument(name: str, value, allowed: str) -> int:
+    """``value`` as an int (Python or numpy integers), if it is -1 or at least 0."""
+    try:
+        count = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        count = None
+    if count is None or count < -1:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return count
 
 
 def _last_of_each(keys: Tensor) -> tuple[Tensor, Tensor]:

@@ -72,7 +72,7 @@ def test_items_are_copies_and_max_size_limits_them():
 
 
 def test_an_insert_beyond_max_size_raises_and_changes_nothing():
-    """spconv's GPU table has a fixed size and fails silently when full."""
+    """The limit counts distinct keys (spconv's GPU table counts every key it was given)."""
     table = HashTable("cpu", torch.int32, torch.float32, max_size=3)
     table.insert(torch.tensor([1, 2], dtype=torch.int32), torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="would hold 4 keys, more than its max_size 3"):
@@ -86,7 +86,9 @@ def test_an_insert_beyond_max_size_raises_and_changes_nothing():
 @pytest.mark.parametrize("arguments, message", [
     ((torch.float32, torch.int32), "key_dtype must be .* got torch.float32"),
     ((torch.int32, torch.float16), "value_dtype must be .* got torch.float16"),
-    ((torch.int32, torch.int32, 0), "max_size .* got 0"),
+    ((torch.int32, torch.int32, -2), "max_size .* got -2"),
+    ((torch.int32, torch.int32, 1.0), "max_size .* got 1.0"),
+    ((torch.int32, torch.int32, True), "max_size .* got True"),
 ])
 def test_bad_table_arguments_are_named(arguments, message):
     with pytest.raises(ValueError, match=message):
@@ -117,3 +119,25 @@ def test_numbering_needs_integer_values():
     with pytest.raises(ValueError, match="assign_arange_ needs an integer value_dtype"):
         table.assign_arange_()
     assert_matches(table, {4: 0.5})
+
+
+def test_max_size_takes_numpy_integers_and_zero():
+    """spconv sizes tables as ``2 * rows`` of numpy shapes, 0 for an empty input."""
+    np = pytest.importorskip("numpy")
+    table = HashTable("cpu", torch.int64, torch.int64, max_size=np.int64(2) * 0)
+    table.insert(torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.int64))
+    with pytest.raises(ValueError, match="more than its max_size 0"):
+        table.insert(torch.tensor([1]))
+    table = HashTable("cpu", torch.int64, torch.int64, max_size=np.int64(4))
+    table.insert(torch.tensor([3, 1]), torch.tensor([30, 10]))
+    assert table.items(max_size=np.int32(1))[0].tolist() == [1]
+
+
+def test_values_are_stored_without_their_autograd_graph():
+    table = HashTable("cpu", torch.int64, torch.float64)
+    values = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    table.insert(torch.tensor([1, 2]), values * 2)
+    table.insert_exist_keys(torch.tensor([2]), values[:1] * 3)
+    found, _ = table.query(torch.tensor([1, 2]))
+    assert found.tolist() == [2.0, 3.0] and not found.requires_grad
+    assert not table.items()[1].requires_grad
