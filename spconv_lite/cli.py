@@ -245,12 +245,14 @@ def _collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], bool]:
 
 def _not_found(text: str) -> str:
     """Why an input that does not exist is missing: Path.exists() is False for a symbolic link
-    loop too, which 'no such file' would misreport."""
+    loop or a link to nothing too, which 'no such file' would misreport."""
     try:
         os.stat(text)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             return f"{text!r} is a symbolic link loop ({exc.strerror})"
+        if os.path.islink(text):
+            return f"{text!r} is a symbolic link to nothing (it points to {os.readlink(text)!r})"
     return f"no such file or directory: {text!r}"
 
 
@@ -566,14 +568,13 @@ def _voxelize_file(job: _Job, args: argparse.Namespace, geometry) -> dict:
         png = png_bytes(bev_image(arrays["coordinates"], voxelizer.spatial_shape))
         _write_atomically(job.preview, "--preview", lambda f: f.write(png), args.overwrite)
     in_range = int(geometry.contains(points).sum())
+    warning = None
     if not in_range:
         typed = " ".join(map(str, args.coors_range))
-        print(
-            f"{PROG}: warning: {_shown(job.source)}: no point lies inside --range {typed}; "
-            f"{_bounding_box(points)}",
-            file=sys.stderr,
-        )
+        warning = (f"{PROG}: warning: {_shown(job.source)}: no point lies inside --range "
+                   f"{typed}; {_bounding_box(points)}")
     return {
+        "warning": warning,
         "points": len(points),
         "layout": _option_words(layout) if job.source.name.lower().endswith(".bin") else "",
         "non_finite": int((~np.isfinite(points).all(axis=1)).sum()),
@@ -642,23 +643,40 @@ def _run_voxelize(args: argparse.Namespace) -> int:
     for done, job in enumerate(jobs):
         if bar:
             bar.draw(done, job.source.name)
+        warning = error = line = None
         try:
-            line = _summary(str(job.source), _voxelize_file(job, args, geometry))
-            stream = sys.stdout
+            stats = _voxelize_file(job, args, geometry)
+            warning, line = stats["warning"], _summary(str(job.source), stats)
         except CommandError as exc:
             failures += 1
-            line, stream = f"{PROG}: error: {exc}", sys.stderr
+            error = f"{PROG}: error: {exc}"
         except (OSError, ValueError, TypeError, ImportError, RuntimeError, MemoryError) as exc:
             failures += 1
-            line, stream = f"{PROG}: error: {_about(job.source, exc)}", sys.stderr
+            error = f"{PROG}: error: {_about(job.source, exc)}"
         if bar:
             bar.clear()
-        print(line, file=stream, flush=True)
+        for message in (warning, error):
+            if message:
+                _tell(message)
+        if line:
+            print(line, flush=True)
     if bar:
         bar.finish()
     if failures and len(jobs) > 1:
         raise CommandError(f"{failures} of {len(jobs)} inputs failed")
     return 1 if failures else 0
+
+
+def _tell(message: str) -> None:
+    """Prints a warning or an error on stderr. A stderr that cannot be written (a full disk, a
+    closed pipe) loses the message but stops nothing: there is nowhere else to say it, and the
+    exit status still tells."""
+    if sys.stderr is None:  # pythonw, or a daemon without one (print would use stdout)
+        return
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # ValueError: stderr closed
+        pass
 
 
 def _one_line(exc: BaseException) -> str:
@@ -783,13 +801,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with _termination_as_exception():
             return args.run(args)
     except CommandError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        _tell(f"{PROG}: error: {exc}")
         return exc.status
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        _tell(f"{PROG}: interrupted")
         return 130
     except _Terminated as exc:
-        print(f"{PROG}: terminated ({signal.Signals(exc.signum).name})", file=sys.stderr)
+        _tell(f"{PROG}: terminated ({signal.Signals(exc.signum).name})")
         return 128 + exc.signum
     except BrokenPipeError:
         # The reader of our output went away (spconv-lite info | head -1): stop quietly.
@@ -797,7 +815,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _SIGPIPE_STATUS
     except OSError as exc:  # past the per-file errors: writing the report (a full disk, say)
         _silence_stdout()
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        _tell(f"{PROG}: error: {_one_line(exc)}")
         return 1
 
 

@@ -423,23 +423,42 @@ def test_failed_preview_write_leaves_no_partial_file(tmp_path, capsys, monkeypat
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
-def test_failing_progress_stream_stops_the_bar_not_the_batch(tmp_path):
-    """--progress always with stderr on a full disk: the batch stopped at the first redraw with
-    no word and status 1; the bar is secondary, so it stops and every input is voxelized."""
+@pytest.mark.parametrize("progress", ["always", "never"])
+def test_failing_stderr_stops_no_input(tmp_path, progress):
+    """stderr on a full disk: with --progress always the batch stopped at the first redraw with
+    no word and status 1, and a warning's or an error's line stopped it too (the warned input
+    counted as failed); the bar and the messages are lost, every input is voxelized and the
+    status still counts the failure."""
     folder = tmp_path / "scans"
     folder.mkdir()
-    for name in ["a.bin", "b.bin", "c.bin"]:
+    for name in ["a.bin", "d.bin"]:
         write_bin(folder / name, [[0.5, 0.5, 0.5]])
+    write_bin(folder / "b.bin", np.zeros((0, 3)))  # an error
+    write_bin(folder / "c.bin", [[9, 9, 9]])  # a warning: nothing in range
     command = [sys.executable, "-m", "spconv_lite", "voxelize", "scans", *SMALL, "--point-dims",
-               "3", "-o", "out", "--progress", "always"]  # fmt: skip
+               "3", "-o", "out", "--progress", progress]  # fmt: skip
     with open("/dev/full", "w") as full:
         done = subprocess.run(command, stdout=subprocess.PIPE, stderr=full, text=True,
                               cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
                               timeout=300)  # fmt: skip
-    assert done.returncode == 0
-    assert files_in(tmp_path / "out") == ["a.voxels.npz", "b.voxels.npz", "c.voxels.npz"]
+    assert done.returncode == 1
+    assert files_in(tmp_path / "out") == ["a.voxels.npz", "c.voxels.npz", "d.voxels.npz"]
     assert [line.split(":")[0] for line in done.stdout.splitlines()] == [
-        "scans/a.bin", "scans/b.bin", "scans/c.bin"]
+        "scans/a.bin", "scans/c.bin", "scans/d.bin"]
+
+
+def test_warnings_and_errors_start_on_a_cleared_bar(tmp_path, capsys):
+    """The warning was printed while the bar was drawn, on the bar's line."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    write_bin(folder / "a.bin", [[9, 9, 9]])  # a warning
+    write_bin(folder / "b.bin", np.zeros((0, 3)))  # an error
+    _, _, err = run(capsys, "voxelize", folder, *SMALL, "--point-dims", 3, "-o",
+                    tmp_path / "out", "--progress", "always")
+    pieces = [line for part in err.split("\r\x1b[K") for line in part.split("\n")]
+    messages = [piece for piece in pieces if "spconv-lite:" in piece]
+    assert [m.split(":")[:2] for m in messages] == [
+        ["spconv-lite", " warning"], ["spconv-lite", " error"], ["spconv-lite", " error"]]
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -744,6 +763,15 @@ def test_symlink_loop_input_is_named_as_such(tmp_path, capsys):
     status, _, err = run(capsys, "voxelize", loop, *SMALL, "-o", tmp_path / "o")
     assert status == 1 and err == (f"spconv-lite: error: {str(loop)!r} is a symbolic link loop "
                                    f"({os.strerror(errno.ELOOP)})\n")
+
+
+def test_link_to_nothing_input_is_named_as_such(tmp_path, capsys):
+    """It was reported as 'no such file or directory'."""
+    link = tmp_path / "scan.bin"
+    os.symlink("moved/scan.bin", link)
+    status, _, err = run(capsys, "voxelize", link, *SMALL, "-o", tmp_path / "o")
+    assert status == 1 and err == (f"spconv-lite: error: {str(link)!r} is a symbolic link to "
+                                   "nothing (it points to 'moved/scan.bin')\n")
 
 
 def test_control_characters_in_names_keep_one_record_per_line(tmp_path, capsys):
