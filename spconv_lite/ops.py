@@ -488,11 +488,15 @@ def _register_autograd(op: str, backward, setup_context, jvp) -> None:
 
     def setup_both(ctx, inputs, output):
         setup_context(ctx, inputs, output)
-        # jvp runs within the same call as the forward, so it may hold them directly.
-        ctx.jvp_operands = (inputs, output)
+        # Saved, not held on ctx: an output held there would keep its own graph alive.
+        ctx.save_for_forward(*inputs, *_as_tuple(output))
+        ctx.input_count = len(inputs)
 
     def forward_derivative(ctx, *tangents):
-        return jvp(*ctx.jvp_operands, *tangents)
+        saved = ctx.saved_tensors
+        outputs = saved[ctx.input_count:]
+        return jvp(saved[:ctx.input_count], outputs if len(outputs) > 1 else outputs[0],
+                   *tangents)
 
     def vmap(info, in_dims, *args):
         # No batched kernels: one call per entry, stacked. Tensors not mapped are shared.
