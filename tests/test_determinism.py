@@ -7,11 +7,12 @@ over the 27 kernel offsets). The thread count is restored after each run.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers import distinct_values, kio_weight, make_gen, num_threads, randn, random_sites
 
-from spconv_lite import ops
+from spconv_lite import PointToVoxel, ops
 
 SHAPE = (40, 40, 40)
 BATCH = 2
@@ -105,3 +106,65 @@ def test_one_and_two_threads_give_identical_bits(name):
     for a, b in zip(single, double):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- voxel means
+# The voxelizer's means are sums in float64 in slot order (empty_mean) and in input order
+# (generate_voxel_mean) whatever the thread count. Above 2^20 points its passes split the
+# voxels between threads. Each voxel here holds the feature values 2^60, -2^60, v in input
+# order: its mean is v / 3 only when summed in that order (another order gives 0), which
+# LiDAR intensities (a few small values per voxel) cannot show.
+
+MEAN_GRID = (128, 128, 32)  # x, y, z cells of 1 unit
+MEAN_VOXELS = 350_000  # three points each: 1.05M points
+MEAN_SLOTS = 5  # two free slots per voxel, filled with the mean under empty_mean
+
+
+@pytest.fixture(scope="module")
+def ordered_sum_cloud():
+    rng = np.random.default_rng(20240607)
+    cells = rng.choice(np.prod(MEAN_GRID), MEAN_VOXELS, replace=False)  # first-seen order
+    x, rest = np.divmod(cells, MEAN_GRID[1] * MEAN_GRID[2])
+    y, z = np.divmod(rest, MEAN_GRID[2])
+    corner = np.stack([x, y, z], axis=1).astype(np.float32)
+    small = rng.uniform(1.0, 2.0, MEAN_VOXELS).astype(np.float32)
+    big = np.full(MEAN_VOXELS, 2.0**60, dtype=np.float32)
+    # Point j of every voxel comes after point j - 1 of every voxel.
+    rounds = [np.concatenate([corner + rng.uniform(0.05, 0.95, (MEAN_VOXELS, 3)).astype(
+        np.float32), feature[:, None]], axis=1) for feature in (big, -big, small)]
+    points = np.concatenate(rounds)
+    assert len(points) > 2**20
+    first, second, third = (part.astype(np.float64) for part in rounds)
+    mean = torch.from_numpy((((first + second) + third) / 3).astype(np.float32))
+    assert torch.equal(mean[:, 3], torch.from_numpy((small.astype(np.float64) / 3).astype(
+        np.float32)))
+    coords = torch.from_numpy(np.stack([z, y, x], axis=1).astype(np.int32))
+    ids = torch.arange(MEAN_VOXELS).repeat(3)
+    stored = torch.from_numpy(np.stack(rounds, axis=1))
+    return torch.from_numpy(points), stored, mean, coords, ids
+
+
+def mean_voxelizer():
+    return PointToVoxel([1.0, 1.0, 1.0], [0, 0, 0, *MEAN_GRID], 4, MEAN_VOXELS, MEAN_SLOTS)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_empty_mean_sums_each_voxel_in_slot_order(ordered_sum_cloud, threads):
+    points, stored, mean, coords, ids = ordered_sum_cloud
+    with num_threads(threads):
+        voxels, out_coords, num, out_ids = mean_voxelizer().generate_voxel_with_id(
+            points, empty_mean=True)
+    assert torch.equal(out_coords, coords) and torch.equal(out_ids, ids) and (num == 3).all()
+    assert torch.equal(voxels[:, :3], stored)
+    wrong = (voxels[:, 3:] != mean[:, None]).any(dim=2).any(dim=1).nonzero().flatten()
+    assert wrong.numel() == 0, f"{wrong.numel()} voxels with wrong free slots: {wrong[:5]}"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_voxel_mean_sums_each_voxel_in_input_order(ordered_sum_cloud, threads):
+    points, _, mean, coords, ids = ordered_sum_cloud
+    with num_threads(threads):
+        features, out_coords, num, out_ids = mean_voxelizer().generate_voxel_mean(points)
+    assert torch.equal(out_coords, coords) and torch.equal(out_ids, ids) and (num == 3).all()
+    wrong = (features != mean).any(dim=1).nonzero().flatten()
+    assert wrong.numel() == 0, f"{wrong.numel()} voxels with a wrong mean: {wrong[:5]}"
