@@ -461,14 +461,21 @@ _FUNCTORCH_FUNCTIONS: dict[str, type[torch.autograd.Function]] = {}
 
 
 def _run(op: str, *args):
-    """``torch.ops.spconv_lite.<op>(*args)``, through the op's autograd.Function while a
-    torch.func transform is running or an argument carries a forward-mode tangent."""
-    if not torch.compiler.is_compiling() and (
-            torch._C._are_functorch_transforms_active() or any(
-                isinstance(arg, Tensor) and forward_ad.unpack_dual(arg).tangent is not None
-                for arg in args)):
+    """``torch.ops.spconv_lite.<op>(*args)``, through the op's autograd.Function where
+    :func:`python_autograd_needed`."""
+    if python_autograd_needed(*args):
         return _FUNCTORCH_FUNCTIONS[op].apply(*args)
     return getattr(_ops, op)(*args)
+
+
+def python_autograd_needed(*args) -> bool:
+    """Whether a function of ``args`` must run through an autograd.Function with
+    ``setup_context`` and a forward-mode formula: while a torch.func transform is running or
+    an argument carries a forward-mode tangent (outside torch.compile, which traces the ops)."""
+    return not torch.compiler.is_compiling() and (
+        torch._C._are_functorch_transforms_active() or any(
+            isinstance(arg, Tensor) and forward_ad.unpack_dual(arg).tangent is not None
+            for arg in args))
 
 
 def _as_tuple(result) -> tuple:

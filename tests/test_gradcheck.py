@@ -147,8 +147,7 @@ def test_gradcheck_through_modules(name, device):
 @pytest.mark.parametrize("name", list(MODULES))
 def test_forward_mode_ad_equals_reverse_mode(name):
     """torch.func.jvp and jacfwd through a layer give the tangent that reverse mode gives (torch
-    ran the sparse ops without their inputs' tangents: zero derivatives, no error), or raise
-    (the global mean's autograd.Function has no forward formula)."""
+    ran the sparse ops without their inputs' tangents: zero derivatives, no error)."""
     gen = make_gen("forward_ad", name)
     torch.manual_seed(0)
     module = MODULES[name]().double()
@@ -163,11 +162,7 @@ def test_forward_mode_ad_equals_reverse_mode(name):
     assert expected.abs().sum() > 0
     for make_jvp in (lambda: torch.func.jvp(fn, (features,), (tangent,))[1],
                      lambda: torch.func.jacfwd(fn)(features).flatten(-2) @ tangent.flatten()):
-        if name != "global_avg":
-            torch.testing.assert_close(make_jvp(), expected)
-        else:
-            with pytest.raises(NotImplementedError, match="jvp"):
-                make_jvp()
+        torch.testing.assert_close(make_jvp(), expected)
 
 
 @pytest.mark.parametrize("name", list(MODULES))
@@ -275,7 +270,7 @@ def test_torch_func_reverse_mode_equals_autograd(name, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", [name for name in MODULES if name != "global_avg"])
+@pytest.mark.parametrize("name", list(MODULES))
 def test_forward_mode_through_parameters_and_over_reverse_mode(name, device):
     """Dual tensors (torch.autograd.forward_ad) on the features and every parameter give the
     tangent reverse mode gives, and torch.func.hessian (forward mode over the backward ops, the

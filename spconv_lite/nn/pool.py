@@ -121,7 +121,8 @@ def global_pool(x: SparseConvTensor, is_max: bool) -> Tensor:
         start = x.features.new_full((x.batch_size, x.features.shape[1]), float("nan"))
         reduced = start.scatter_reduce(0, index, x.features, "amax", include_self=False)
     else:
-        reduced = _SegmentMean.apply(x.features, batch, lengths)
+        mean = _SegmentMeanForwardMode if ops.python_autograd_needed(x.features) else _SegmentMean
+        reduced = mean.apply(x.features, batch, lengths)
     return torch.where((lengths > 0).unsqueeze(1), reduced, torch.zeros_like(reduced))
 
 
@@ -129,8 +130,8 @@ class _SegmentMean(torch.autograd.Function):
     """Each batch item's mean of ``features`` (``batch``: each row's item, ``lengths``: the
     items' row counts). ``segment_reduce`` sums in a fixed order on every device (a scatter-add
     would use atomics on a GPU), but its backward has no derivative; this backward is a gather,
-    which gradient penalties can differentiate again. (No forward mode: torch.compile refuses
-    a Function with a jvp.)"""
+    which gradient penalties can differentiate again. (Forward mode in the subclass below:
+    torch.compile refuses a Function with a jvp.)"""
 
     generate_vmap_rule = True  # torch.func.vmap, as over the other layers
 
@@ -150,6 +151,20 @@ class _SegmentMean(torch.autograd.Function):
         batch, lengths = ctx.saved_tensors
         share = _widened(grad) / lengths.clamp(min=1).unsqueeze(1)
         return share.to(grad.dtype)[batch], None, None
+
+
+class _SegmentMeanForwardMode(_SegmentMean):
+    """_SegmentMean with its forward-mode derivative, for features with a tangent."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _SegmentMean.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[1:])
+
+    @staticmethod
+    def jvp(ctx, features_tangent: Tensor, *_) -> Tensor:
+        batch, lengths = ctx.saved_tensors
+        return _SegmentMean.forward(features_tangent, batch, lengths)  # linear
 
 
 class SparseGlobalMaxPool(SparseModule):
