@@ -223,7 +223,10 @@ def _whole_batch(tensor: Tensor) -> Tensor:
     """Under torch.func.vmap, the tensor of every batch entry (a batched tensor has no data of
     its own to check); otherwise ``tensor`` itself."""
     while torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+        batch_dim = torch._C._functorch.maybe_get_bdim(tensor)
         tensor = torch._C._functorch.get_unwrapped(tensor)
+        if batch_dim >= 0:  # batch dimensions first, so the last stays the entries' last
+            tensor = tensor.movedim(batch_dim, 0)
     return tensor
 
 
@@ -463,19 +466,37 @@ _FUNCTORCH_FUNCTIONS: dict[str, type[torch.autograd.Function]] = {}
 def _run(op: str, *args):
     """``torch.ops.spconv_lite.<op>(*args)``, through the op's autograd.Function where
     :func:`python_autograd_needed`."""
-    if python_autograd_needed(*args):
+    if python_autograd_needed(op, *args):
         return _FUNCTORCH_FUNCTIONS[op].apply(*args)
     return getattr(_ops, op)(*args)
 
 
-def python_autograd_needed(*args) -> bool:
-    """Whether a function of ``args`` must run through an autograd.Function with
+def python_autograd_needed(name: str, *args) -> bool:
+    """Whether the function ``name`` of ``args`` must run through an autograd.Function with
     ``setup_context`` and a forward-mode formula: while a torch.func transform is running or
-    an argument carries a forward-mode tangent (outside torch.compile, which traces the ops)."""
-    return not torch.compiler.is_compiling() and (
-        torch._C._are_functorch_transforms_active() or any(
-            isinstance(arg, Tensor) and forward_ad.unpack_dual(arg).tangent is not None
-            for arg in args))
+    an argument carries a forward-mode tangent (outside torch.compile, which traces the ops).
+
+    Raises:
+        NotImplementedError: forward mode over forward mode (``jacfwd(jacfwd(f))``, a ``jvp``
+            of a ``jvp``): torch runs an autograd.Function's forward formula with forward mode
+            off, so the outer level would miss the inner one's terms (wrong derivatives).
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._are_functorch_transforms_active():
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        forward_levels = sum(interpreter.key() == TransformType.Jvp
+                             for interpreter in retrieve_all_functorch_interpreters())
+        if forward_levels > 1:
+            raise NotImplementedError(
+                f"{name}: forward mode over forward mode (jacfwd of jacfwd, jvp of jvp) is not "
+                "supported; for second derivatives use torch.func.hessian (jacfwd of jacrev) "
+                "or jacrev of jacrev")
+        return True
+    return any(isinstance(arg, Tensor) and forward_ad.unpack_dual(arg).tangent is not None
+               for arg in args)
 
 
 def _as_tuple(result) -> tuple:

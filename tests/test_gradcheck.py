@@ -203,6 +203,15 @@ def test_vmap_over_tables_weights_and_row_orders(device):
                                                               orders_t)])
     torch.testing.assert_close(torch.func.vmap(conv_of)(weights, tables, tables_t, orders,
                                                         orders_t), expected)
+    # The batch dimension last, and two levels of vmap (each entry's tables [1, R, K]).
+    batched_last = torch.func.vmap(conv_of, in_dims=(0, 0, 0, -1, -1))
+    torch.testing.assert_close(batched_last(weights, tables, tables_t, orders.movedim(0, -1),
+                                            orders_t.movedim(0, -1)), expected)
+    nested = torch.func.vmap(torch.func.vmap(conv_of, in_dims=(None, 0, 0, -1, -1)),
+                             in_dims=(0, 0, 0, -1, -1))
+    torch.testing.assert_close(
+        nested(weights, tables[:, None], tables_t[:, None], orders[:, None].permute(2, 3, 1, 0),
+               orders_t[:, None].permute(2, 3, 1, 0)), expected[:, None])
     pooled = torch.func.vmap(lambda nbr, nbr_t: ops.sparse_max_pool(features, nbr, nbr_t))
     torch.testing.assert_close(pooled(tables, tables_t), torch.stack(
         [ops.sparse_max_pool(features, *entry) for entry in zip(tables, tables_t)]))
@@ -288,12 +297,17 @@ def test_forward_mode_through_parameters_and_over_reverse_mode(name, device):
                               (sparse_tensor(f, idx, shape, BATCH),))
         return out if isinstance(out, torch.Tensor) else out.features
 
-    expected = torch.autograd.functional.jvp(
-        output, (features, *params.values()), (features_tangent, *tangents.values()))[1]
-    with forward_ad.dual_level():
-        duals = [forward_ad.make_dual(value, tangents[key]) for key, value in params.items()]
-        dual = output(forward_ad.make_dual(features, features_tangent), *duals)
-        torch.testing.assert_close(forward_ad.unpack_dual(dual).tangent, expected)
+    for with_features in (True, False):  # tangents on everything, on the parameters only
+        if not with_features and not params:
+            continue
+        given = features_tangent if with_features else torch.zeros_like(features)
+        expected = torch.autograd.functional.jvp(
+            output, (features, *params.values()), (given, *tangents.values()))[1]
+        with forward_ad.dual_level():
+            duals = [forward_ad.make_dual(value, tangents[key]) for key, value in params.items()]
+            dual = output(forward_ad.make_dual(features, given) if with_features else features,
+                          *duals)
+            torch.testing.assert_close(forward_ad.unpack_dual(dual).tangent, expected)
 
     def loss(f, *values):
         return (output(f, *values) ** 2).sum()
@@ -301,6 +315,41 @@ def test_forward_mode_through_parameters_and_over_reverse_mode(name, device):
     arguments = (features, *params.values())  # every block, the mixed ones too
     hessian = torch.func.hessian(loss, argnums=tuple(range(len(arguments))))(*arguments)
     torch.testing.assert_close(hessian, torch.autograd.functional.hessian(loss, arguments))
+
+
+@pytest.mark.parametrize("name", ["unet", "global_avg"])
+def test_forward_mode_over_forward_mode_is_refused(name):
+    """torch runs an autograd.Function's forward formula with forward mode off, so jacfwd of
+    jacfwd missed the inner level's terms: wrong second derivatives, no error."""
+    gen = make_gen("forward_over_forward", name)
+    module = MODULES[name]().double()
+    features, idx, shape = module_input(name, gen)
+
+    def loss(f):
+        out = module(sparse_tensor(f, idx, shape, BATCH))
+        return (torch.tanh(out if isinstance(out, torch.Tensor) else out.features) ** 2).sum()
+
+    with pytest.raises(NotImplementedError, match="forward mode over forward mode"):
+        torch.func.jacfwd(torch.func.jacfwd(loss))(features)
+    torch.testing.assert_close(torch.func.hessian(loss)(features),
+                               torch.autograd.functional.hessian(loss, features))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_max_pool_forward_mode_of_outputs_without_inputs(device):
+    """An output row without neighbours has value 0 and tangent 0 (argmax -1)."""
+    gen = make_gen("max_pool_empty_rows")
+    nbr = torch.tensor([[0, 2], [-1, -1], [1, -1]], dtype=torch.int32, device=device)
+    nbr_t = torch.tensor([[0, -1], [2, -1], [-1, 0]], dtype=torch.int32, device=device)
+    features = distinct_values(gen, 3, 2).to(device) + 1
+
+    def pool(f):
+        return ops.sparse_max_pool(f, nbr, nbr_t)
+
+    tangent = randn(gen, 3, 2).to(device)
+    expected = torch.autograd.functional.jvp(pool, features, tangent)[1]
+    assert (expected[1] == 0).all() and (expected[[0, 2]] != 0).all()
+    torch.testing.assert_close(torch.func.jvp(pool, (features,), (tangent,))[1], expected)
 
 
 @pytest.mark.parametrize("frozen", ["weight", "features"])

@@ -121,7 +121,8 @@ def global_pool(x: SparseConvTensor, is_max: bool) -> Tensor:
         start = x.features.new_full((x.batch_size, x.features.shape[1]), float("nan"))
         reduced = start.scatter_reduce(0, index, x.features, "amax", include_self=False)
     else:
-        mean = _SegmentMeanForwardMode if ops.python_autograd_needed(x.features) else _SegmentMean
+        needed = ops.python_autograd_needed("SparseGlobalAvgPool", x.features)
+        mean = _SegmentMeanForwardMode if needed else _SegmentMean
         reduced = mean.apply(x.features, batch, lengths)
     return torch.where((lengths > 0).unsqueeze(1), reduced, torch.zeros_like(reduced))
 
