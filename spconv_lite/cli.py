@@ -611,13 +611,8 @@ class ProgressBar:
         self._write("\n")
 
     def _write(self, text: str) -> None:
-        if self.failed:
-            return
-        try:
-            self.stream.write(text)
-            self.stream.flush()
-        except OSError:
-            self.failed = True
+        if not self.failed:
+            self.failed = not _write_quietly(self.stream, text)
 
 
 def _run_voxelize(args: argparse.Namespace) -> int:
@@ -671,12 +666,18 @@ def _tell(message: str) -> None:
     """Prints a warning or an error on stderr. A stderr that cannot be written (a full disk, a
     closed pipe) loses the message but stops nothing: there is nowhere else to say it, and the
     exit status still tells."""
-    if sys.stderr is None:  # pythonw, or a daemon without one (print would use stdout)
-        return
+    if sys.stderr is not None:  # None: pythonw, or a daemon without one
+        _write_quietly(sys.stderr, message + "\n")
+
+
+def _write_quietly(stream: TextIO, text: str) -> bool:
+    """Writes and flushes ``text``; False where the stream cannot take it."""
     try:
-        print(message, file=sys.stderr, flush=True)
-    except (OSError, ValueError):  # ValueError: stderr closed
-        pass
+        stream.write(text)
+        stream.flush()
+    except (OSError, ValueError):  # ValueError: the stream is closed
+        return False
+    return True
 
 
 def _one_line(exc: BaseException) -> str:

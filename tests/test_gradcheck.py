@@ -123,6 +123,17 @@ def module_input(name, gen, device="cpu"):
     return features.to(device), idx.to(device), shape
 
 
+def module_function(module, idx, shape, names=()):
+    """The module as a function of the features and, through ``functional_call``, of values for
+    its parameters ``names`` (the module's own where none are given); a dense tensor out."""
+    def run(f, *values):
+        out = functional_call(module, dict(zip(names, values)),
+                              (sparse_tensor(f, idx, shape, BATCH),))
+        return out if isinstance(out, torch.Tensor) else out.features
+
+    return run
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(MODULES))
 def test_gradcheck_through_modules(name, device):
@@ -131,13 +142,7 @@ def test_gradcheck_through_modules(name, device):
     module = MODULES[name]().double().to(device)
     features, idx, shape = module_input(name, gen, device)
     params = dict(module.named_parameters())
-    names = list(params)
-
-    def fn(f, *values):
-        out = functional_call(module, dict(zip(names, values)), (sparse_tensor(f, idx, shape,
-                                                                               BATCH),))
-        return out if isinstance(out, torch.Tensor) else out.features
-
+    fn = module_function(module, idx, shape, list(params))
     inputs = (features.requires_grad_(), *(p.detach().clone().requires_grad_()
                                            for p in params.values()))
     assert gradcheck(fn, inputs)
@@ -152,11 +157,7 @@ def test_forward_mode_ad_equals_reverse_mode(name):
     torch.manual_seed(0)
     module = MODULES[name]().double()
     features, idx, shape = module_input(name, gen)
-
-    def fn(f):
-        out = module(sparse_tensor(f, idx, shape, BATCH))
-        return out if isinstance(out, torch.Tensor) else out.features
-
+    fn = module_function(module, idx, shape)
     tangent = randn(gen, *features.shape)
     expected = torch.autograd.functional.jvp(fn, features, tangent)[1]
     assert expected.abs().sum() > 0
@@ -173,11 +174,7 @@ def test_vmap_over_features(name):
     module = MODULES[name]().double()
     features, idx, shape = module_input(name, gen)
     stacked = torch.stack([features, features.flip(0)])
-
-    def fn(f):
-        out = module(sparse_tensor(f, idx, shape, BATCH))
-        return out if isinstance(out, torch.Tensor) else out.features
-
+    fn = module_function(module, idx, shape)
     torch.testing.assert_close(torch.func.vmap(fn)(stacked), torch.stack([fn(f) for f in stacked]))
 
 
@@ -232,11 +229,7 @@ def test_vmap_over_no_feature_sets(name, device):
     gen = make_gen("vmap_empty", name)
     module = MODULES[name]().double().to(device)
     features, idx, shape = module_input(name, gen, device)
-
-    def fn(f):
-        out = module(sparse_tensor(f, idx, shape, BATCH))
-        return out if isinstance(out, torch.Tensor) else out.features
-
+    fn = module_function(module, idx, shape)
     empty = torch.func.vmap(fn)(features.new_empty((0, *features.shape)))
     assert empty.shape == (0, *fn(features).shape) and empty.dtype == features.dtype
     assert empty.device == features.device
@@ -253,13 +246,10 @@ def test_torch_func_reverse_mode_equals_autograd(name, device):
     module = MODULES[name]().double().to(device)
     features, idx, shape = module_input(name, gen, device)
     params = {key: value.detach() for key, value in module.named_parameters()}
+    output = module_function(module, idx, shape, list(params))
 
-    def output(f, values=params):
-        out = functional_call(module, values, (sparse_tensor(f, idx, shape, BATCH),))
-        return out if isinstance(out, torch.Tensor) else out.features
-
-    def loss(f, values=params):
-        return (output(f, values) ** 2).sum()
+    def loss(f, *values):
+        return (output(f, *values) ** 2).sum()
 
     torch.testing.assert_close(torch.func.grad(loss)(features),
                                torch.autograd.functional.jacobian(loss, features))
@@ -269,13 +259,13 @@ def test_torch_func_reverse_mode_equals_autograd(name, device):
                                torch.autograd.functional.hessian(loss, features))
     if not params:
         return
-    samples = torch.stack([features, features.flip(0)])
-    per_sample = torch.func.vmap(torch.func.grad(loss, argnums=1), in_dims=(0, None))(
-        samples, params)
-    for key, value in params.items():
-        expected = [torch.autograd.functional.jacobian(lambda v: loss(f, {**params, key: v}),
-                                                       value) for f in samples]
-        torch.testing.assert_close(per_sample[key], torch.stack(expected))
+    samples, values = torch.stack([features, features.flip(0)]), tuple(params.values())
+    per_sample = torch.func.vmap(torch.func.grad(loss, argnums=tuple(range(1, len(values) + 1))),
+                                 in_dims=(0, *(None,) * len(values)))(samples, *values)
+    for index, value in enumerate(values):
+        expected = [torch.autograd.functional.jacobian(
+            lambda v: loss(f, *values[:index], v, *values[index + 1:]), value) for f in samples]
+        torch.testing.assert_close(per_sample[index], torch.stack(expected))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -291,11 +281,7 @@ def test_forward_mode_through_parameters_and_over_reverse_mode(name, device):
     params = {key: value.detach() for key, value in module.named_parameters()}
     tangents = {key: randn(gen, *value.shape).to(device) for key, value in params.items()}
     features_tangent = randn(gen, *features.shape).to(device)
-
-    def output(f, *values):
-        out = functional_call(module, dict(zip(params, values)),
-                              (sparse_tensor(f, idx, shape, BATCH),))
-        return out if isinstance(out, torch.Tensor) else out.features
+    output = module_function(module, idx, shape, list(params))
 
     for with_features in (True, False):  # tangents on everything, on the parameters only
         if not with_features and not params:
@@ -325,9 +311,10 @@ def test_forward_mode_over_forward_mode_is_refused(name):
     module = MODULES[name]().double()
     features, idx, shape = module_input(name, gen)
 
+    output = module_function(module, idx, shape)
+
     def loss(f):
-        out = module(sparse_tensor(f, idx, shape, BATCH))
-        return (torch.tanh(out if isinstance(out, torch.Tensor) else out.features) ** 2).sum()
+        return (torch.tanh(output(f)) ** 2).sum()
 
     with pytest.raises(NotImplementedError, match="forward mode over forward mode"):
         torch.func.jacfwd(torch.func.jacfwd(loss))(features)
