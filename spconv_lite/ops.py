@@ -474,19 +474,27 @@ def _run(op: str, *args):
 def python_autograd_needed(name: str, *args) -> bool:
     """Whether the function ``name`` of ``args`` must run through an autograd.Function with
     ``setup_context`` and a forward-mode formula: while a torch.func transform is running or
-    an argument carries a forward-mode tangent (outside torch.compile, which traces the ops).
+    an argument carries a forward-mode tangent. Under torch.compile, a graph keeps the op only
+    without them or under vmap (run once per entry); otherwise dynamo breaks the graph here
+    (it cannot trace the interpreter stack, or this raises) and runs the op eagerly: the graph
+    would run it without the transform or the tangents (zero or wrong derivatives).
 
     Raises:
         NotImplementedError: forward mode over forward mode (``jacfwd(jacfwd(f))``, a ``jvp``
             of a ``jvp``): torch runs an autograd.Function's forward formula with forward mode
-            off, so the outer level would miss the inner one's terms (wrong derivatives).
+            off, so the outer level would miss the inner one's terms (wrong derivatives);
+            under ``torch.compile(fullgraph=True)``, forward-mode dual tensors.
     """
-    if torch.compiler.is_compiling():
-        return False
     if torch._C._are_functorch_transforms_active():
         from torch._C._functorch import TransformType
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+        from torch._functorch.pyfunctorch import (
+            retrieve_all_functorch_interpreters,
+            retrieve_current_functorch_interpreter,
+        )
 
+        if (torch.compiler.is_compiling()
+                and retrieve_current_functorch_interpreter().key() == TransformType.Vmap):
+            return False  # the graph runs the op once per entry (torch's batching fallback)
         forward_levels = sum(interpreter.key() == TransformType.Jvp
                              for interpreter in retrieve_all_functorch_interpreters())
         if forward_levels > 1:
@@ -495,6 +503,14 @@ def python_autograd_needed(name: str, *args) -> bool:
                 "supported; for second derivatives use torch.func.hessian (jacfwd of jacrev) "
                 "or jacrev of jacrev")
         return True
+    if torch.compiler.is_compiling():
+        if forward_ad._current_level >= 0:  # dual tensors may come, unseen by dynamo
+            # Raising while tracing makes dynamo run this frame eagerly, where they are seen.
+            raise NotImplementedError(
+                f"{name}: forward-mode dual tensors (torch.autograd.forward_ad) cannot pass "
+                "through a torch.compile graph, which would run the op without their "
+                "tangents; compile without fullgraph=True, so that the op runs eagerly")
+        return False
     return any(isinstance(arg, Tensor) and forward_ad.unpack_dual(arg).tangent is not None
                for arg in args)
 
