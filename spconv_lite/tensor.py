@@ -82,7 +82,7 @@ def site_ids(indices: Tensor, spatial_shape: Sequence[int], batch_size: int) -> 
     """One int64 id per row: equal for equal sites, ordered as the sites in (batch, z, y, x)
     order. The packed key (:func:`site_keys`) where every key fits int64, else the row's rank
     among the distinct rows (``unique(dim=0)``, an order of magnitude slower)."""
-    if int(batch_size) * math.prod(int(n) for n in spatial_shape) <= 2**63:
+    if int(batch_size) * math.prod([int(n) for n in spatial_shape]) <= 2**63:
         return site_keys(indices, spatial_shape)
     return torch.unique(indices, dim=0, return_inverse=True)[1]
 
@@ -104,30 +104,39 @@ def check_indices(indices: Tensor, spatial_shape: Sequence[int]) -> None:
 
 def check_in_grid(indices: Tensor, spatial_shape: Sequence[int], batch_size: int) -> None:
     """Raises ValueError naming the first row of ``indices`` outside the batch and grid (and
-    what check_indices raises): such rows' packed keys can equal real sites'. Eager only."""
+    what check_indices raises): such rows' packed keys can equal real sites'. Under
+    torch.compile the graph asserts it instead (RuntimeError, without the row)."""
     check_indices(indices, spatial_shape)
-    if torch.compiler.is_compiling() or indices.shape[0] == 0:
+    compiling = torch.compiler.is_compiling()
+    if not compiling and indices.shape[0] == 0:
         return
-    upper = torch.tensor([batch_size, *spatial_shape], device=indices.device)
-    bad = ((indices < 0) | (indices >= upper)).any(dim=1)
-    if bool(bad.any()):
+    bad = (indices < 0).any(dim=1)
+    for column, size in enumerate([batch_size, *spatial_shape]):  # no tensor of sizes: an
+        bad |= indices[:, column] >= size  # exported graph would hold it as a constant
+    grid = (f"outside the grid: batch index must be in [0, {batch_size}) and coordinates "
+            f"inside spatial_shape {list(spatial_shape)}")
+    if compiling:
+        torch._assert_async(~bad.any(), f"indices has rows {grid}")
+    elif bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"indices row {row} = {indices[row].tolist()} is outside the grid: batch index must "
-            f"be in [0, {batch_size}) and coordinates inside spatial_shape {list(spatial_shape)}"
-        )
+        raise ValueError(f"indices row {row} = {indices[row].tolist()} is {grid}")
 
 
 def check_sites(indices: Tensor, spatial_shape: Sequence[int], batch_size: int) -> None:
     """Raises ValueError naming the first row of ``indices`` outside the batch and grid, or two
     rows that are the same site (and what check_indices raises).
 
-    The C++ kernel-map builders check this in every mode; this eager-only check guards the
-    paths that compare or combine sites without one (``dense()``, the global pools,
-    ``sparse_add``). It reads data, so it is skipped while ``torch.compile`` traces.
+    The C++ kernel-map builders check this in every mode; this check guards the paths that
+    compare or combine sites without one (``dense()``, the global pools, ``sparse_add``).
+    Under torch.compile the graph asserts it instead (RuntimeError, without the rows).
     """
     check_in_grid(indices, spatial_shape, batch_size)
-    if torch.compiler.is_compiling() or indices.shape[0] == 0:
+    if torch.compiler.is_compiling():
+        sorted_ids = site_ids(indices, spatial_shape, batch_size).sort().values
+        torch._assert_async((sorted_ids[1:] != sorted_ids[:-1]).all(),
+                            "indices contains duplicate sites")
+        return
+    if indices.shape[0] == 0:
         return
     sorted_ids, order = site_ids(indices, spatial_shape, batch_size).sort(stable=True)
     repeated = (sorted_ids[1:] == sorted_ids[:-1]).nonzero()

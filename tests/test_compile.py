@@ -184,6 +184,31 @@ def test_compiled_to_dense_and_global_pool():
         torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("consumer", ["dense", "global_avg", "global_max"])
+@pytest.mark.parametrize("fault", ["duplicate", "outside"])
+def test_compiled_site_checks(consumer, fault):
+    """A compiled dense() and global pools refuse duplicate and out-of-grid sites, as they do
+    eagerly (the graph asserts it: the eager check reads data). They had no check compiled: a
+    duplicate site kept one of its rows in dense() and counted twice in the pools."""
+    consume = {"dense": lambda x: x.dense(), "global_avg": sp.SparseGlobalAvgPool(),
+               "global_max": sp.SparseGlobalMaxPool()}[consumer]
+    features, idx = make_input("site_checks", count=50)
+    bad = idx.clone()
+    if fault == "duplicate":
+        bad[7] = bad[3]
+    else:
+        bad[7, 2] = SHAPE[1]
+    compiled = torch.compile(lambda f, i: consume(sparse_tensor(f, i, SHAPE, BATCH)),
+                             fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(features, idx),
+                               consume(sparse_tensor(features, idx, SHAPE, BATCH)))
+    message = {"duplicate": "indices contains duplicate sites",
+               "outside": r"indices has rows outside the grid: batch index must be in \[0, 2\) "
+                          r"and coordinates inside spatial_shape \[12, 11, 10\]"}[fault]
+    with pytest.raises(RuntimeError, match=message):
+        compiled(features, bad)
+
+
 # The row count after a strided conv is data dependent; SparseSequential promises the tracer a
 # usable count before BatchNorm so that batch_norm's size checks trace.
 @pytest.mark.parametrize("device", DEVICES)
