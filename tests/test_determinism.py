@@ -113,7 +113,8 @@ def test_one_and_two_threads_give_identical_bits(name):
 # (generate_voxel_mean) whatever the thread count. Above 2^20 points its passes split the
 # voxels between threads. Each voxel here holds the feature values 2^60, -2^60, v in input
 # order: its mean is v / 3 only when summed in that order (another order gives 0), which
-# LiDAR intensities (a few small values per voxel) cannot show.
+# LiDAR intensities (a few small values per voxel) cannot show. A fifth column holds 1, 2^-24,
+# 2^-24: their float64 sum is 1 + 2^-23, a float32 sum (1 + 2^-24 rounds to 1) is 1.
 
 MEAN_GRID = (128, 128, 32)  # x, y, z cells of 1 unit
 MEAN_VOXELS = 350_000  # three points each: 1.05M points
@@ -130,14 +131,17 @@ def ordered_sum_cloud():
     small = rng.uniform(1.0, 2.0, MEAN_VOXELS).astype(np.float32)
     big = np.full(MEAN_VOXELS, 2.0**60, dtype=np.float32)
     # Point j of every voxel comes after point j - 1 of every voxel.
+    tiny = np.full(MEAN_VOXELS, 2.0**-24, dtype=np.float32)
     rounds = [np.concatenate([corner + rng.uniform(0.05, 0.95, (MEAN_VOXELS, 3)).astype(
-        np.float32), feature[:, None]], axis=1) for feature in (big, -big, small)]
+        np.float32), feature[:, None], last[:, None]], axis=1)
+        for feature, last in ((big, np.ones_like(tiny)), (-big, tiny), (small, tiny))]
     points = np.concatenate(rounds)
     assert len(points) > 2**20
     first, second, third = (part.astype(np.float64) for part in rounds)
     mean = torch.from_numpy((((first + second) + third) / 3).astype(np.float32))
     assert torch.equal(mean[:, 3], torch.from_numpy((small.astype(np.float64) / 3).astype(
         np.float32)))
+    assert (mean[:, 4] == np.float32((1 + 2.0**-23) / 3)).all()
     coords = torch.from_numpy(np.stack([z, y, x], axis=1).astype(np.int32))
     ids = torch.arange(MEAN_VOXELS).repeat(3)
     stored = torch.from_numpy(np.stack(rounds, axis=1))
@@ -145,7 +149,7 @@ def ordered_sum_cloud():
 
 
 def mean_voxelizer():
-    return PointToVoxel([1.0, 1.0, 1.0], [0, 0, 0, *MEAN_GRID], 4, MEAN_VOXELS, MEAN_SLOTS)
+    return PointToVoxel([1.0, 1.0, 1.0], [0, 0, 0, *MEAN_GRID], 5, MEAN_VOXELS, MEAN_SLOTS)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
