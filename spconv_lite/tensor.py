@@ -111,8 +111,11 @@ def check_in_grid(indices: Tensor, spatial_shape: Sequence[int], batch_size: int
     if not compiling and indices.shape[0] == 0:
         return
     bad = (indices < 0).any(dim=1)
-    for column, size in enumerate([batch_size, *spatial_shape]):  # no tensor of sizes: an
-        bad |= indices[:, column] >= size  # exported graph would hold it as a constant
+    # Column by column, not against a tensor of sizes: an exported graph would hold that as a
+    # constant. A size past int32 bounds no column (torch before 2.13 wrapped it to int32).
+    for column, size in enumerate([batch_size, *spatial_shape]):
+        if size <= torch.iinfo(indices.dtype).max:
+            bad |= indices[:, column] >= size
     grid = (f"outside the grid: batch index must be in [0, {batch_size}) and coordinates "
             f"inside spatial_shape {list(spatial_shape)}")
     if compiling:
@@ -133,8 +136,12 @@ def check_sites(indices: Tensor, spatial_shape: Sequence[int], batch_size: int) 
     check_in_grid(indices, spatial_shape, batch_size)
     if torch.compiler.is_compiling():
         sorted_ids = site_ids(indices, spatial_shape, batch_size).sort().values
-        torch._assert_async((sorted_ids[1:] != sorted_ids[:-1]).all(),
-                            "indices contains duplicate sites")
+        # Each id against the one before it, gathered: inductor in torch 2.11 cannot lower a
+        # slice of a sort whose size is data dependent (and roll guards on that size).
+        positions = torch.arange(sorted_ids.shape[0], device=sorted_ids.device)
+        previous = sorted_ids[(positions - 1).clamp(min=0)]
+        differs = (sorted_ids != previous) | (positions == 0)
+        torch._assert_async(differs.all(), "indices contains duplicate sites")
         return
     if indices.shape[0] == 0:
         return
