@@ -5,6 +5,7 @@ spconv's checkpoint loaded strictly (the machinery and the metric: tests/parity.
 from __future__ import annotations
 
 import pytest
+import torch
 from helpers import require_spconv
 from parity import (
     TOLERANCE,
@@ -67,3 +68,18 @@ def test_basic_block_in_spconv_sequential():
     assert isinstance(block, spconv_ref.SparseModule)
     assert isinstance(block.conv1, spconv_ref.SubMConv3d)
     assert type(block) is type(SparseBasicBlock(4, 4, spconv=spconv_ref))  # one class per library
+
+
+def test_blocks_of_another_namespace_pickle():
+    """A network built with spconv's namespace pickles (torch.save(model), spawned processes)
+    although its blocks' classes are made at run time."""
+    import copy
+    import pickle
+
+    spconv_ref = require_spconv()
+    model = VoxelResBackBone8x(4, [16, 16, 9], spconv=spconv_ref)
+    for loaded in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert type(loaded.conv1[0]) is type(model.conv1[0])
+        assert isinstance(loaded.conv1[0], spconv_ref.SparseModule)
+        for (name, want), got in zip(model.state_dict().items(), loaded.state_dict().values()):
+            assert torch.equal(got, want), name

@@ -89,6 +89,14 @@ class NamespaceBlock(SparseModule):
             cls = _block_class_for(cls, sp.SparseModule)
         return super().__new__(cls)
 
+    def __reduce_ex__(self, protocol):
+        # A block of another namespace has a class made at run time, which pickle cannot
+        # find by name (torch.save(model), spawned processes): rebuild it from its parts.
+        origin = type(self).__dict__.get("_namespace_origin")
+        if origin is None:
+            return super().__reduce_ex__(protocol)
+        return _new_namespace_block, origin, self.__getstate__()
+
 
 class SparseBasicBlock(NamespaceBlock):
     """Residual block: subm conv, norm, ReLU, subm conv, norm, plus the input, ReLU.
@@ -145,7 +153,15 @@ class SparseBasicBlock(NamespaceBlock):
 def _block_class_for(cls: type, base: type) -> type:
     """``cls`` made also a subclass of another library's ``SparseModule`` (cached: one class
     per library)."""
-    return type(cls.__name__, (cls, base), {"__module__": cls.__module__})
+    return type(cls.__name__, (cls, base), {"__module__": cls.__module__,
+                                            "_namespace_origin": (cls, base)})
+
+
+def _new_namespace_block(cls: type, base: type) -> "NamespaceBlock":
+    """An empty instance of ``cls`` made also a ``base`` (unpickling a block, its state is
+    set next)."""
+    block_class = _block_class_for(cls, base)
+    return nn.Module.__new__(block_class)
 
 
 class _Backbone8x(nn.Module):
