@@ -266,3 +266,18 @@ def test_max_pool_of_a_window_with_nan_is_nan_as_dense(k, s, p, dtype, device):
     out, dense = max_pools(f, f.double(), idx, k, s, p, device)
     assert dense[:, 1].isnan().any() and not dense[:, 1].isnan().all()
     torch.testing.assert_close(out.double().cpu(), dense, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=case_id)
+def test_max_pool_gradient_goes_to_the_last_nan_as_dense(dtype):
+    # F.max_pool3d takes every NaN it meets ((val > max) || isnan(val)): the last NaN in window
+    # order receives the gradient and the forward-mode tangent.
+    idx = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0], [0, 0, 1, 1]], dtype=torch.int32)
+    f = torch.tensor([[math.nan], [1.0], [math.nan], [2.0]], dtype=dtype, requires_grad=True)
+    out = sp.SparseMaxPool3d((1, 2, 2), (1, 2, 2))(sp.SparseConvTensor(f, idx, [1, 2, 2], 1))
+    (grad,) = torch.autograd.grad(out.features.sum(), f)
+    f_dense = f.detach().double().requires_grad_()
+    dense = sp.SparseConvTensor(f_dense, idx, [1, 2, 2], 1).dense()
+    (want,) = torch.autograd.grad(torch.nn.functional.max_pool3d(dense, (1, 2, 2)).sum(), f_dense)
+    assert want.flatten().tolist() == [0.0, 0.0, 1.0, 0.0]
+    torch.testing.assert_close(grad.double(), want, rtol=0, atol=0)

@@ -66,7 +66,7 @@ at::Tensor sparse_sum_pool_cpu(const at::Tensor& features, const at::Tensor& nbr
 }
 
 // out[o, c] = max over active k of in[nbr[o, k], c]; argmax[o, c] = that input row (the first
-// offset wins ties; NaN propagates).
+// offset wins ties; NaN propagates and, as in F.max_pool3d, the last NaN is the argmax).
 std::tuple<at::Tensor, at::Tensor> sparse_max_pool_cpu(const at::Tensor& features,
                                                        const at::Tensor& nbr,
                                                        const at::Tensor& nbr_t) {
@@ -93,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_max_pool_cpu(const at::Tensor& feature
           const scalar_t* x_row = in + static_cast<int64_t>(i) * channels;
           for (int64_t c = 0; c < channels; ++c) {
             const scalar_t v = x_row[c];
-            const bool take = arg_row[c] < 0 || v > y_row[c] || (v != v && y_row[c] == y_row[c]);
+            const bool take = arg_row[c] < 0 || v > y_row[c] || v != v;
             if (take) {
               y_row[c] = v;
               arg_row[c] = i;

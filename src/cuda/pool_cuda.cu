@@ -55,7 +55,7 @@ __global__ void sum_pool_kernel(const scalar_t* __restrict__ in, const int32_t* 
 }
 
 // out[o, c] = max over active k of in[nbr[o, k], c]; argmax = that input row. The first offset
-// wins ties and NaN propagates, as on the CPU.
+// wins ties and the last NaN wins, as on the CPU.
 template <typename scalar_t>
 __global__ void max_pool_kernel(const scalar_t* __restrict__ in, const int32_t* __restrict__ nbr,
                                 scalar_t* __restrict__ out, int32_t* __restrict__ argmax,
@@ -72,7 +72,7 @@ __global__ void max_pool_kernel(const scalar_t* __restrict__ in, const int32_t* 
       const int32_t i = table_entry(nbr, o * volume + k, in_rows);
       if (i < 0) continue;
       const scalar_t v = in[static_cast<int64_t>(i) * channels + c];
-      const bool take = best_row < 0 || v > best || (v != v && best == best);
+      const bool take = best_row < 0 || v > best || v != v;
       if (take) {
         best = v;
         best_row = i;
