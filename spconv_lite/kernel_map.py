@@ -176,6 +176,19 @@ class KernelMap:
         return self.nbr_t.t()
 
     @property
+    def indice_pairs(self) -> Tensor:
+        """``[2, K, N_in]`` int32, spconv's native pair lists: at offset ``k``, ``[0, k, :n_k]``
+        the input rows that have a pair there (increasing), ``[1, k, :n_k]`` their output rows,
+        -1 after (``n_k = indice_pair_num[k]``). Read by clients such as SphereFormer."""
+        nbr_t = self.nbr_t.t()  # [K, N_in]
+        # A stable sort of "has no pair" moves each offset's paired input rows to the front,
+        # in increasing order: the sort's permutation is then those rows themselves.
+        rows = torch.argsort((nbr_t < 0).to(torch.int8), dim=1, stable=True)
+        out_rows = nbr_t.gather(1, rows)
+        pair_in = torch.where(out_rows >= 0, rows, -1)
+        return torch.stack([pair_in, out_rows]).to(torch.int32)
+
+    @property
     def indice_pair_num(self) -> Tensor:
         """``[K]`` int32: the number of pairs at each offset."""
         return (self.nbr >= 0).sum(dim=0, dtype=torch.int32)

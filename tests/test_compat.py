@@ -156,6 +156,39 @@ def test_kernel_map_has_spconvs_pair_fields(make):
     assert int((kmap.pair_fwd >= 0).sum()) == int(kmap.indice_pair_num.sum())
 
 
+def _pair_sites(pairs, in_indices, out_indices, offset):
+    """The (input site, output site) pairs at one offset of spconv's ``indice_pairs``."""
+    count = int((pairs[0, offset] >= 0).sum())
+    assert (pairs[:, offset, count:] == -1).all()  # the lists are -1 padded
+    rows_in, rows_out = pairs[0, offset, :count].long(), pairs[1, offset, :count].long()
+    return sorted(zip(in_indices[rows_in].tolist(), out_indices[rows_out].tolist()))
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("make", [
+    lambda lib: lib.SparseConv3d(3, 4, 2, stride=2, indice_key="k"),  # SphereFormer's
+    lambda lib: lib.SparseConv3d(3, 4, 3, stride=2, padding=1, indice_key="k"),
+    lambda lib: lib.SubMConv3d(3, 4, 3, indice_key="k"),
+], ids=["k2s2", "k3s2p1", "subm"])
+def test_kernel_map_indice_pairs_pair_the_sites_spconvs_do(make):
+    # SphereFormer reads indice_dict[key].indice_pairs ([2, K, N_in]: input rows, output rows,
+    # -1 padded) after a strided conv to find each voxel's parent.
+    reference = require_spconv()
+    features, indices, shape, batch = _input()
+    with num_threads(1):  # spconv's CPU ops need it
+        theirs = make(reference)(reference.SparseConvTensor(features, indices, shape, batch))
+    ours = make(spconv)(spconv.SparseConvTensor(features, indices, shape, batch))
+    pairs, their_pairs = ours.indice_dict["k"].indice_pairs, theirs.indice_dict["k"].indice_pairs
+    assert pairs.dtype == torch.int32 and pairs.shape == their_pairs.shape
+    for offset in range(pairs.shape[1]):
+        rows_in = pairs[0, offset][pairs[0, offset] >= 0]
+        assert (rows_in.diff() > 0).all()  # input rows in increasing order
+        if ours.indices is indices and offset > 13:
+            continue  # spconv's CPU subm map lists the offsets up to the centre only
+        assert _pair_sites(pairs, indices, ours.indices, offset) == _pair_sites(
+            their_pairs, indices, theirs.indices, offset)
+
+
 @pytest.mark.parametrize("kind", ["list", "tuple", "numpy", "numpy_int32", "tensor"])
 def test_spatial_shape_types(kind):
     features, indices, shape, batch = _input()
