@@ -31,6 +31,7 @@ class SparseSequential(SparseModule):
     plain torch modules (BatchNorm1d, ReLU, ...) are applied to its features.
 
     Example:
+        >>> from spconv_lite import SubMConv3d
         >>> net = SparseSequential(SubMConv3d(4, 16, 3, bias=False), nn.BatchNorm1d(16), nn.ReLU())
     """
 
