@@ -348,6 +348,21 @@ def test_conv_with_more_offsets_than_a_grid_dimension_holds(dtype, variants, mon
         assert_close_to_scale(got, want, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=case_id)
+def test_conv_with_more_output_channel_tiles_than_a_grid_dimension_holds(dtype, monkeypatch):
+    # One site, 1 -> 65535 * 64 + 1 output channels (the CPU computes it): the fused kernels'
+    # 64-channel tiles along the grid's y would be 65536 blocks, which a GPU refuses, so such a
+    # layer takes the GEMMs even when the fused kernels are forced.
+    monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", "fused")
+    monkeypatch.setenv("SPCONV_LITE_CUDA_VARIANTS", "tiles=pipelined" if dtype == torch.float32
+                       else "")
+    gen = make_gen("wide_layer", dtype)
+    x = randn(gen, 1, 1, dtype=dtype)
+    w = randn(gen, 1, 1, 65535 * 64 + 1, dtype=dtype)
+    nbr = torch.zeros(1, 1, dtype=torch.int32)
+    assert_same([EMU.sparse_conv(x, w, nbr, nbr)], [CPU.sparse_conv(x, w, nbr, nbr)])
+
+
 @pytest.mark.parametrize("sm_major", ["9", "7"])  # tensor-core kernels, then SIMT fallbacks
 @pytest.mark.parametrize("algo", ["fused", "gemm"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
