@@ -71,8 +71,8 @@ def build_subm_map(
         (0, 1)
     """
     return _ops.build_subm_map(
-        indices, list(spatial_shape), int(batch_size), list(kernel_size), list(dilation),
-        bool(check_sites),
+        indices, list(spatial_shape), _whole(batch_size, "batch_size"), list(kernel_size),
+        list(dilation), bool(check_sites),
     )
 
 
@@ -100,7 +100,7 @@ def build_conv_map(
     return _ops.build_conv_map(
         indices,
         list(spatial_shape),
-        int(batch_size),
+        _whole(batch_size, "batch_size"),
         list(out_spatial_shape),
         list(kernel_size),
         list(stride),

@@ -318,6 +318,17 @@ CASES = [
     ("op_batch_size_zero", lambda: ops.build_subm_map(TWO_SITES, [4, 4, 4], 0, [3, 3, 3],
                                                       [1, 1, 1]),
      ValueError, r"batch_size must be >= 1, got 0"),
+    ("op_batch_size_fraction", lambda: ops.build_subm_map(TWO_SITES, [4, 4, 4], 1.7, [3, 3, 3],
+                                                          [1, 1, 1]),
+     TypeError, r"batch_size must be a whole number, got 1\.7"),
+    ("op_conv_map_batch_size_bool", lambda: ops.build_conv_map(
+        TWO_SITES, [4, 4, 4], True, [2, 2, 2], [3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1]),
+     TypeError, r"batch_size must be a whole number, got True"),
+    # (2^62 - 1) * 8 wraps in int64: the grid check must not take a grid that drops sites
+    ("op_transposed_grid_past_int64", lambda: ops.build_conv_map(
+        idx([0, 1], [0, 1000]), [2**62], 1, [1000], [1], [8], [0], [2**31 - 1],
+        transposed=True),
+     ValueError, E("out_spatial_shape [1000] is not the output grid of a transposed conv")),
     # low-level op arguments
     ("op_conv_weight_dtype", lambda: sparse_conv_with(weight=torch.randn(27, 3, 4).double()),
      TypeError, r"weight dtype Double must match features dtype Float"),
@@ -352,6 +363,19 @@ CASES = [
 def test_bad_input_raises_a_named_error(call, error, pattern):
     with pytest.raises(error, match=pattern):
         call()
+
+
+def test_conv_without_channels_has_an_empty_weight_gradient():
+    # 0 input and 0 output channels: the weight gradient's row blocks are sized by the channel
+    # counts (a division by zero killed the process with SIGFPE).
+    features = torch.randn(3, 0, requires_grad=True)
+    weight = torch.randn(2, 0, 0, requires_grad=True)
+    nbr = idx([2, -1], [-1, -1])
+    nbr_t = idx([-1, -1], [-1, -1], [0, -1])
+    out = ops.sparse_conv(features, weight, nbr, nbr_t)
+    grad_features, grad_weight = torch.autograd.grad(out.sum(), [features, weight])
+    assert out.shape == (2, 0) and grad_features.shape == (3, 0)
+    assert grad_weight.shape == (2, 0, 0)
 
 
 def test_error_cases_have_unique_ids():

@@ -149,8 +149,12 @@ inline ConvMapArgs conv_map_args(const at::Tensor& indices, c10::IntArrayRef spa
   for (int d = 0; d < g.ndim; ++d) {
     const int64_t reach = g.dilation[d] * (g.kernel[d] - 1) + 1;
     if (transposed) {
-      expected[d] = (args.in_grid.shape[d] - 1) * g.stride[d] - 2 * g.padding[d] + reach;
-      const int64_t extra = out_spatial_shape[d] - expected[d];
+      // spatial_shape may reach 2^62: (shape - 1) * stride can pass int64, so in 128 bits.
+      const __int128 full = static_cast<__int128>(args.in_grid.shape[d] - 1) * g.stride[d] -
+                            2 * g.padding[d] + reach;
+      expected[d] =
+          static_cast<int64_t>(std::min<__int128>(full, std::numeric_limits<int64_t>::max()));
+      const __int128 extra = static_cast<__int128>(out_spatial_shape[d]) - full;
       matches = matches && extra >= 0 && extra < std::max(g.stride[d], g.dilation[d]);
     } else {
       expected[d] = (args.in_grid.shape[d] + 2 * g.padding[d] - reach) / g.stride[d] + 1;

@@ -140,7 +140,8 @@ void weight_grad_kernel(const scalar_t* in, const scalar_t* grad_out, const int3
                         scalar_t* grad_weight, int64_t rows, int64_t volume, int64_t c_in,
                         int64_t c_out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t block = std::clamp<int64_t>(8192 / std::max(c_in, c_out), 16, 256);
+  const int64_t block =
+      std::clamp<int64_t>(8192 / std::max<int64_t>({c_in, c_out, 1}), 16, 256);
 #ifdef SPCONV_LITE_HAS_AVX2_KERNELS
   const bool use_avx2 = std::is_same_v<scalar_t, float> && avx2::supported();
 #endif
