@@ -66,6 +66,10 @@ def _as_int(value: Any) -> int:
         if not float(value).is_integer():
             raise TypeError(f"expected an int, got {value!r}")
         return int(value)
+    if type(value) in (int, torch.SymInt):
+        # operator.index would make a traced (symbolic) grid size a constant: a compiled model
+        # then recompiled for every new spatial_shape
+        return value
     return operator.index(value)
 
 
@@ -111,13 +115,17 @@ def check_in_grid(indices: Tensor, spatial_shape: Sequence[int], batch_size: int
     if not compiling and indices.shape[0] == 0:
         return
     bad = (indices < 0).any(dim=1)
+    sizes = [batch_size, *spatial_shape]
     # Column by column, not against a tensor of sizes: an exported graph would hold that as a
     # constant. A size past int32 bounds no column (torch before 2.13 wrapped it to int32).
-    for column, size in enumerate([batch_size, *spatial_shape]):
+    for column, size in enumerate(sizes):
         if size <= torch.iinfo(indices.dtype).max:
             bad |= indices[:, column] >= size
-    grid = (f"outside the grid: batch index must be in [0, {batch_size}) and coordinates "
-            f"inside spatial_shape {list(spatial_shape)}")
+    if not compiling:
+        grid = (f"outside the grid: batch index must be in [0, {batch_size}) and coordinates "
+                f"inside spatial_shape {list(spatial_shape)}")
+    else:  # a traced grid is symbolic: formatting its sizes would break the graph
+        grid = "outside the grid (batch index or coordinates past batch_size / spatial_shape)"
     if compiling:
         torch._assert_async(~bad.any(), f"indices has rows {grid}")
     elif bool(bad.any()):

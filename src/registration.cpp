@@ -7,14 +7,17 @@
 TORCH_LIBRARY(spconv_lite, m) {
   // Kernel maps. nbr [N_out, K]: input row feeding output o through offset k, or -1.
   // nbr_t [N_in, K]: output row fed by input i through offset k, or -1.
+  // The grids are SymInt[] so that a compiled model keeps them symbolic: as int[] every new grid
+  // (Pointcept's per-frame max + 96) was specialized and recompiled. The kernels still take
+  // c10::IntArrayRef (the dispatcher passes concrete sizes to non-SymInt kernels).
   // check_sites=False: the caller vouches that the sites are in the grid and distinct (the
   // output sites of a conv map); the CUDA op then skips its host synchronisation for the check.
   m.def(
-      "build_subm_map(Tensor indices, int[] spatial_shape, int batch_size, int[] kernel_size, "
+      "build_subm_map(Tensor indices, SymInt[] spatial_shape, int batch_size, int[] kernel_size, "
       "int[] dilation, bool check_sites=True) -> (Tensor nbr, Tensor nbr_t)");
   m.def(
-      "build_conv_map(Tensor indices, int[] spatial_shape, int batch_size, "
-      "int[] out_spatial_shape, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
+      "build_conv_map(Tensor indices, SymInt[] spatial_shape, int batch_size, "
+      "SymInt[] out_spatial_shape, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
       "bool transposed) -> (Tensor out_indices, Tensor nbr, Tensor nbr_t)");
   // Convolution: out[o] = sum_k features[nbr[o, k]] @ weight[k], weight [K, C_in, C_out].
   // nbr_t is not read by the forward kernel; it is an input so that autograd can run the input
