@@ -12,6 +12,7 @@ Cases:
   subm 16->16 / 32->32  SubMConv3d forward with the kernel map already cached (``indice_key``
                         reuse, as for every subm layer after the first in a block)
   conv 16->32 k3s2      SparseConv3d(16, 32, 3, stride=2, padding=1) forward, map built each call
+  subm 32->32 f16       the 32-channel SubMConv3d in float16 (features and weight)
   ... fwd+bwd           forward plus backward (gradients of features and weight)
 
 Every case runs ``--warmup`` times, then ``--repeats`` timed times; the median and the spread
@@ -138,19 +139,21 @@ def kmap_cases(indices: torch.Tensor, shape: list[int]) -> list[Case]:
 
 def conv_cases(indices: torch.Tensor, shape: list[int], n_sites: int) -> list[Case]:
     cases = []
-    specs = [  # name, c_in, c_out, subm
-        ("subm 16->16", 16, 16, True),
-        ("subm 32->32", 32, 32, True),
-        ("conv 16->32 k3s2", 16, 32, False),
+    specs = [  # name, c_in, c_out, subm, dtype
+        ("subm 16->16", 16, 16, True, torch.float32),
+        ("subm 32->32", 32, 32, True, torch.float32),
+        ("conv 16->32 k3s2", 16, 32, False, torch.float32),
+        ("subm 32->32 f16", 32, 32, True, torch.float16),
     ]
-    for name, c_in, c_out, subm in specs:
+    for name, c_in, c_out, subm, dtype in specs:
         torch.manual_seed(c_in * 100 + c_out)
-        feats = torch.randn(n_sites, c_in)
+        feats = torch.randn(n_sites, c_in).to(dtype)
         if subm:
             ours_layer = spconv_lite.SubMConv3d(c_in, c_out, 3, bias=False, indice_key="subm")
         else:
             ours_layer = spconv_lite.SparseConv3d(c_in, c_out, 3, stride=2, padding=1,
                                                   bias=False)
+        ours_layer.to(dtype)
         # subm: one tensor whose indice_dict holds the map, built once before the timing (a
         # layer's output carries its map, in both libraries); strided conv: a fresh tensor per
         # call, so the map is built every time.
@@ -170,7 +173,7 @@ def conv_cases(indices: torch.Tensor, shape: list[int], n_sites: int) -> list[Ca
             else:
                 their_layer = spconv_torch.SparseConv3d(c_in, c_out, 3, stride=2, padding=1,
                                                         bias=False)
-            their_layer.weight.data.copy_(ours_layer.weight.data)  # same [C_out, k, k, k, C_in]
+            their_layer.to(dtype).weight.data.copy_(ours_layer.weight.data)  # [C_out, k.., C_in]
             their_x = spconv_torch.SparseConvTensor(feats, indices, shape, 1)
             if subm:
                 with torch.no_grad():
