@@ -133,6 +133,16 @@ def _input(seed=0, shape=(12, 10, 8), batch=2, channels=3, density=0.2):
     return features, indices, list(shape), batch
 
 
+def _run_in_both_libraries(make):
+    """(input indices, our output, spconv's output) of the layer ``make(library)``."""
+    reference = require_spconv()
+    features, indices, shape, batch = _input()
+    with num_threads(1):  # spconv's CPU ops need it
+        theirs = make(reference)(reference.SparseConvTensor(features, indices, shape, batch))
+    ours = make(spconv)(spconv.SparseConvTensor(features, indices, shape, batch))
+    return indices, ours, theirs
+
+
 @pytest.mark.parity
 @pytest.mark.parametrize("make", [
     lambda lib: lib.SubMConv3d(3, 4, 3, indice_key="k"),
@@ -140,11 +150,7 @@ def _input(seed=0, shape=(12, 10, 8), batch=2, channels=3, density=0.2):
 ], ids=["subm", "strided"])
 def test_kernel_map_has_spconvs_pair_fields(make):
     # Client code (FLOP counters) reads spconv's pair fields from indice_dict.
-    reference = require_spconv()
-    features, indices, shape, batch = _input()
-    with num_threads(1):  # spconv's CPU ops need it
-        theirs = make(reference)(reference.SparseConvTensor(features, indices, shape, batch))
-    ours = make(spconv)(spconv.SparseConvTensor(features, indices, shape, batch))
+    indices, ours, theirs = _run_in_both_libraries(make)
     kmap = ours.indice_dict["k"]
     counts = theirs.indice_dict["k"].indice_pair_num
     if ours.indices is indices:  # spconv's CPU subm map counts only the offsets before the
@@ -173,11 +179,7 @@ def _pair_sites(pairs, in_indices, out_indices, offset):
 def test_kernel_map_indice_pairs_pair_the_sites_spconvs_do(make):
     # SphereFormer reads indice_dict[key].indice_pairs ([2, K, N_in]: input rows, output rows,
     # -1 padded) after a strided conv to find each voxel's parent.
-    reference = require_spconv()
-    features, indices, shape, batch = _input()
-    with num_threads(1):  # spconv's CPU ops need it
-        theirs = make(reference)(reference.SparseConvTensor(features, indices, shape, batch))
-    ours = make(spconv)(spconv.SparseConvTensor(features, indices, shape, batch))
+    indices, ours, theirs = _run_in_both_libraries(make)
     pairs, their_pairs = ours.indice_dict["k"].indice_pairs, theirs.indice_dict["k"].indice_pairs
     assert pairs.dtype == torch.int32 and pairs.shape == their_pairs.shape
     for offset in range(pairs.shape[1]):
