@@ -121,16 +121,14 @@ def check_in_grid(indices: Tensor, spatial_shape: Sequence[int], batch_size: int
     for column, size in enumerate(sizes):
         if size <= torch.iinfo(indices.dtype).max:
             bad |= indices[:, column] >= size
-    if not compiling:
-        grid = (f"outside the grid: batch index must be in [0, {batch_size}) and coordinates "
-                f"inside spatial_shape {list(spatial_shape)}")
-    else:  # a traced grid is symbolic: formatting its sizes would break the graph
-        grid = "outside the grid (batch index or coordinates past batch_size / spatial_shape)"
-    if compiling:
-        torch._assert_async(~bad.any(), f"indices has rows {grid}")
+    if compiling:  # (a traced grid is symbolic: formatting its sizes would break the graph)
+        torch._assert_async(~bad.any(), "indices has rows outside the grid (a batch index or "
+                                        "coordinate past batch_size / spatial_shape)")
     elif bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"indices row {row} = {indices[row].tolist()} is {grid}")
+        raise ValueError(f"indices row {row} = {indices[row].tolist()} is outside the grid: "
+                         f"batch index must be in [0, {batch_size}) and coordinates inside "
+                         f"spatial_shape {list(spatial_shape)}")
 
 
 def check_sites(indices: Tensor, spatial_shape: Sequence[int], batch_size: int) -> None:

@@ -13,12 +13,12 @@ TORCH_LIBRARY(spconv_lite, m) {
   // check_sites=False: the caller vouches that the sites are in the grid and distinct (the
   // output sites of a conv map); the CUDA op then skips its host synchronisation for the check.
   m.def(
-      "build_subm_map(Tensor indices, SymInt[] spatial_shape, int batch_size, int[] kernel_size, "
-      "int[] dilation, bool check_sites=True) -> (Tensor nbr, Tensor nbr_t)");
+      "build_subm_map(Tensor indices, SymInt[] spatial_shape, int batch_size, "
+      "int[] kernel_size, int[] dilation, bool check_sites=True) -> (Tensor nbr, Tensor nbr_t)");
   m.def(
       "build_conv_map(Tensor indices, SymInt[] spatial_shape, int batch_size, "
-      "SymInt[] out_spatial_shape, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
-      "bool transposed) -> (Tensor out_indices, Tensor nbr, Tensor nbr_t)");
+      "SymInt[] out_spatial_shape, int[] kernel_size, int[] stride, int[] padding, "
+      "int[] dilation, bool transposed) -> (Tensor out_indices, Tensor nbr, Tensor nbr_t)");
   // Convolution: out[o] = sum_k features[nbr[o, k]] @ weight[k], weight [K, C_in, C_out].
   // nbr_t is not read by the forward kernel; it is an input so that autograd can run the input
   // gradient (the same kernel over nbr_t) without rebuilding it. order / order_t, optional,
