@@ -115,10 +115,9 @@ def check_in_grid(indices: Tensor, spatial_shape: Sequence[int], batch_size: int
     if not compiling and indices.shape[0] == 0:
         return
     bad = (indices < 0).any(dim=1)
-    sizes = [batch_size, *spatial_shape]
     # Column by column, not against a tensor of sizes: an exported graph would hold that as a
     # constant. A size past int32 bounds no column (torch before 2.13 wrapped it to int32).
-    for column, size in enumerate(sizes):
+    for column, size in enumerate([batch_size, *spatial_shape]):
         if size <= torch.iinfo(indices.dtype).max:
             bad |= indices[:, column] >= size
     if compiling:  # (a traced grid is symbolic: formatting its sizes would break the graph)

@@ -1696,24 +1696,22 @@ bool tensor_core_code() {
 
 bool tensor_cores(at::ScalarType dtype) { return is_half_type(dtype) && tensor_core_code(); }
 
-// Whether the fused kernel runs. auto: always for float16 / bfloat16 (tensor cores, float32
-// accumulation) and float64; for float32 while the channel product is small, where cuBLAS GEMMs
-// per offset pay more for their gathers, scatters and launches than they gain, or with a
-// variant meant to beat the GEMMs on wide layers too (`wide_variant`: the pipelined conv tiles,
-// the compacted weight gradient).
 // The fused kernels put their output-channel tiles (forward) or weight tiles (weight gradient)
 // on a grid's y or z, which hold at most 65535 blocks; a tile is at least 64 channels wide past
 // 32 output channels (and the weight gradient's BM x BN tiles cover at least 64 x 64 of C_in x
-// C_out), so these bounds keep every launch inside. Wider layers take the per-offset GEMMs.
+// C_out), so these bounds keep every launch inside. Wider layers take the per-offset GEMMs,
+// whatever SPCONV_LITE_CUDA_CONV_ALGO asks.
 bool fits_fused_forward(int64_t c_out) { return (c_out + 63) / 64 <= 65535; }
 bool fits_fused_weight_grad(int64_t c_in, int64_t c_out) {
   return (c_in + 63) / 64 * ((c_out + 63) / 64) <= 65535;
 }
 
-// `fits`: whether the layer fits the fused kernels' grids (fits_fused_*), even when forced.
-bool use_fused(at::ScalarType dtype, int64_t c_in, int64_t c_out, bool fits,
-               bool wide_variant = false) {
-  if (!fits) return false;
+// Whether the fused kernel runs. auto: always for float16 / bfloat16 (tensor cores, float32
+// accumulation) and float64; for float32 while the channel product is small, where cuBLAS GEMMs
+// per offset pay more for their gathers, scatters and launches than they gain, or with a
+// variant meant to beat the GEMMs on wide layers too (`wide_variant`: the pipelined conv tiles,
+// the compacted weight gradient).
+bool use_fused(at::ScalarType dtype, int64_t c_in, int64_t c_out, bool wide_variant = false) {
   switch (cuda::conv_algo_from_env()) {
     case cuda::ConvAlgo::kFused:
       return true;
@@ -2087,8 +2085,8 @@ at::Tensor sparse_conv_cuda(const at::Tensor& features, const at::Tensor& weight
   const at::Tensor rows_order = order.has_value() ? order->contiguous() : at::Tensor();
   const bool pipelined_conv =
       pipelined_tiles_fit(variants, volume, order.has_value() ? order->size(0) : 1);
-  if (!use_fused(x.scalar_type(), w.size(1), w.size(2), fits_fused_forward(w.size(2)),
-                 pipelined_conv)) {
+  if (!fits_fused_forward(w.size(2)) ||
+      !use_fused(x.scalar_type(), w.size(1), w.size(2), pipelined_conv)) {
     return conv_gemm(x, w, table, out);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -2120,8 +2118,8 @@ at::Tensor sparse_conv_weight_grad_cuda(const at::Tensor& features, const at::Te
   }
   // As the forward with the pipelined tiles: the compacted weight gradient is meant to beat the
   // per-offset GEMMs on float32's wide layers too.
-  if (!use_fused(x.scalar_type(), x.size(1), g.size(1),
-                 fits_fused_weight_grad(x.size(1), g.size(1)), variants.compact_weight_grad)) {
+  if (!fits_fused_weight_grad(x.size(1), g.size(1)) ||
+      !use_fused(x.scalar_type(), x.size(1), g.size(1), variants.compact_weight_grad)) {
     return weight_grad_gemm(x, g, table);
   }
   at::Tensor grad_weight;
