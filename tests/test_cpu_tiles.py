@@ -1,0 +1,94 @@
+"""The CPU conv kernels' tile paths, on random neighbour tables, against float64.
+
+float32 runs the AVX2 register tiles (where the CPU has AVX2): full tiles of 6 rows on
+16-column strips, the 1 to 5 rows left over on wider strips, narrower strips and lane-masked
+columns at the right edge, and the weight gradient's channel tiles. Which of them a pair lands
+in depends on how many pairs an offset has in a block of rows and on the channel counts, so the
+cases vary both, along with kernel volumes past 64 offsets (the pair buckets' masks take more
+than one word). float64 runs the portable loop and is the reference here, itself checked
+against dense torch elsewhere (test_dense_parity, test_vs_reference).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import TOL, case_id, make_gen, num_threads, randn
+
+from spconv_lite import ops
+
+
+def random_tables(gen: torch.Generator, n_in: int, n_out: int, volume: int,
+                  density: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A valid (nbr, nbr_t) pair: at each offset, a random fraction ``density`` of the output
+    rows get distinct random input rows."""
+    nbr = torch.full((n_out, volume), -1, dtype=torch.int32)
+    nbr_t = torch.full((n_in, volume), -1, dtype=torch.int32)
+    for k in range(volume):
+        count = min(n_in, int(torch.binomial(torch.tensor(float(n_out)),
+                                             torch.tensor(density), generator=gen)))
+        outs = torch.randperm(n_out, generator=gen)[:count]
+        ins = torch.randperm(n_in, generator=gen)[:count].int()
+        nbr[outs, k] = ins
+        nbr_t[ins.long(), k] = outs.int()
+    return nbr, nbr_t
+
+
+# (c_in, c_out, volume, density): channel counts across the strip widths (64, 32, 16, 8 and a
+# masked remainder) and pair counts per block from 0-2 up to every row.
+CASES = [
+    (16, 16, 27, 0.05),
+    (16, 16, 27, 1.0),
+    (3, 5, 7, 0.5),
+    (9, 1, 27, 0.3),
+    (32, 24, 125, 0.1),
+    (17, 40, 27, 0.02),
+    (64, 56, 27, 0.04),
+    (24, 72, 7, 0.7),
+    (65, 136, 27, 0.03),
+    (8, 12, 343, 0.05),
+    (40, 20, 66, 0.4),
+]
+
+
+def conv_and_grads(x, w, nbr, nbr_t, upstream):
+    x = x.detach().requires_grad_()
+    w = w.detach().requires_grad_()
+    out = ops.sparse_conv(x, w, nbr, nbr_t)
+    grad_x, grad_w = torch.autograd.grad((out * upstream.to(out.dtype)).sum(), (x, w))
+    return out.detach(), grad_x, grad_w
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_float32_tiles_match_float64(case):
+    c_in, c_out, volume, density = case
+    gen = make_gen("tiles", *case)
+    n_in, n_out = 700, 650
+    nbr, nbr_t = random_tables(gen, n_in, n_out, volume, density)
+    pairs_per_row = max(1.0, volume * density)
+    x = randn(gen, n_in, c_in)
+    w = randn(gen, volume, c_in, c_out, scale=(c_in * pairs_per_row) ** -0.5)
+    # Scaled so that outputs and gradients are about 1, like the tolerance.
+    upstream = randn(gen, n_out, c_out, scale=max(1.0, n_out * density) ** -0.5)
+    want = conv_and_grads(x, w, nbr, nbr_t, upstream)
+    got = conv_and_grads(x.float(), w.float(), nbr, nbr_t, upstream)
+    for name, g, e in zip(("output", "grad features", "grad weight"), got, want):
+        torch.testing.assert_close(g.double(), e, **TOL[torch.float32], msg=name)
+
+
+@pytest.mark.parametrize("case", CASES[4:6] + CASES[-2:], ids=case_id)
+def test_float32_tiles_give_the_same_bits_on_one_and_two_threads(case):
+    # Two threads split the weight gradient's offsets, so one starts its pair buckets at an
+    # offset past 0.
+    c_in, c_out, volume, density = case
+    gen = make_gen("tile threads", *case)
+    nbr, nbr_t = random_tables(gen, 500, 480, volume, density)
+    x = randn(gen, 500, c_in, dtype=torch.float32)
+    w = randn(gen, volume, c_in, c_out, dtype=torch.float32, scale=0.1)
+    upstream = randn(gen, 480, c_out, dtype=torch.float32)
+    runs = []
+    for threads in (1, 2):
+        with num_threads(threads):
+            runs.append(conv_and_grads(x, w, nbr, nbr_t, upstream))
+    for one, two in zip(*runs):
+        assert torch.equal(one, two)
