@@ -13,6 +13,8 @@
 #include <immintrin.h>
 #define SPCONV_LITE_HAS_AVX2_KERNELS 1
 #define SPCONV_LITE_AVX2 __attribute__((target("avx2,fma")))
+// The register tiles are arrays indexed by loop counters: fully unrolled, they live in registers.
+#define SPCONV_LITE_UNROLL _Pragma("GCC unroll 16")
 
 namespace spconv_lite {
 namespace avx2 {
@@ -28,64 +30,106 @@ SPCONV_LITE_AVX2 inline __m256i tail_mask(int64_t count) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), lanes);
 }
 
-// acc_rows[r][co] += sum_ci x_rows[r][ci] * w[ci * c_out + co] for R rows at once: each weight
-// vector is loaded once and used R times (R * 2 accumulators + 2 weights + 1 broadcast <= 16
-// registers for R = 6).
-template <int R>
-SPCONV_LITE_AVX2 void rows_times_matrix(const float* const* x_rows, float* const* acc_rows,
-                                        const float* w, int64_t c_in, int64_t c_out) {
-  int64_t co = 0;
-  for (; co + 16 <= c_out; co += 16) {
-    __m256 a0[R], a1[R];
-    for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
-    for (int64_t ci = 0; ci < c_in; ++ci) {
-      const __m256 w0 = _mm256_loadu_ps(w + ci * c_out + co);
-      const __m256 w1 = _mm256_loadu_ps(w + ci * c_out + co + 8);
-      for (int r = 0; r < R; ++r) {
-        const __m256 xv = _mm256_broadcast_ss(x_rows[r] + ci);
-        a0[r] = _mm256_fmadd_ps(xv, w0, a0[r]);
-        a1[r] = _mm256_fmadd_ps(xv, w1, a1[r]);
-      }
-    }
+// acc_rows[r][co + c] += sum_ci x_rows[r][ci] * w[ci * c_out + co + c] for R rows and the
+// 8 * V columns c from co: each weight vector is loaded once and used R times. R * V
+// accumulators are R * V independent FMA chains, which keep both FMA units busy from about 8.
+template <int R, int V>
+SPCONV_LITE_AVX2 void rows_times_columns(const float* const* x_rows, float* const* acc_rows,
+                                         const float* w, int64_t c_in, int64_t c_out,
+                                         int64_t co) {
+  __m256 a[R][V];
+  SPCONV_LITE_UNROLL
+  for (int r = 0; r < R; ++r) {
+    SPCONV_LITE_UNROLL
+    for (int v = 0; v < V; ++v) a[r][v] = _mm256_setzero_ps();
+  }
+  for (int64_t ci = 0; ci < c_in; ++ci) {
+    __m256 wv[V];
+    SPCONV_LITE_UNROLL
+    for (int v = 0; v < V; ++v) wv[v] = _mm256_loadu_ps(w + ci * c_out + co + 8 * v);
+    SPCONV_LITE_UNROLL
     for (int r = 0; r < R; ++r) {
-      float* dst = acc_rows[r] + co;
-      _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), a0[r]));
-      _mm256_storeu_ps(dst + 8, _mm256_add_ps(_mm256_loadu_ps(dst + 8), a1[r]));
+      const __m256 xv = _mm256_broadcast_ss(x_rows[r] + ci);
+      SPCONV_LITE_UNROLL
+      for (int v = 0; v < V; ++v) a[r][v] = _mm256_fmadd_ps(xv, wv[v], a[r][v]);
     }
   }
-  for (; co < c_out; co += 8) {
-    const __m256i mask = tail_mask(c_out - co < 8 ? c_out - co : 8);
-    __m256 a0[R];
-    for (int r = 0; r < R; ++r) a0[r] = _mm256_setzero_ps();
-    for (int64_t ci = 0; ci < c_in; ++ci) {
-      const __m256 w0 = _mm256_maskload_ps(w + ci * c_out + co, mask);
-      for (int r = 0; r < R; ++r) {
-        a0[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(x_rows[r] + ci), w0, a0[r]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      float* dst = acc_rows[r] + co;
-      _mm256_maskstore_ps(dst, mask, _mm256_add_ps(_mm256_maskload_ps(dst, mask), a0[r]));
+  SPCONV_LITE_UNROLL
+  for (int r = 0; r < R; ++r) {
+    SPCONV_LITE_UNROLL
+    for (int v = 0; v < V; ++v) {
+      float* dst = acc_rows[r] + co + 8 * v;
+      _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), a[r][v]));
     }
   }
 }
 
-// Runs rows_times_matrix over `count` rows in tiles of 6, the tail with a smaller tile.
+// The same for the last c_out - co (< 8) columns, through lane masks.
+template <int R>
+SPCONV_LITE_AVX2 void rows_times_last_columns(const float* const* x_rows,
+                                              float* const* acc_rows, const float* w,
+                                              int64_t c_in, int64_t c_out, int64_t co) {
+  const __m256i mask = tail_mask(c_out - co);
+  __m256 a[R];
+  for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_ps();
+  for (int64_t ci = 0; ci < c_in; ++ci) {
+    const __m256 wv = _mm256_maskload_ps(w + ci * c_out + co, mask);
+    for (int r = 0; r < R; ++r) {
+      a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(x_rows[r] + ci), wv, a[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* dst = acc_rows[r] + co;
+    _mm256_maskstore_ps(dst, mask, _mm256_add_ps(_mm256_maskload_ps(dst, mask), a[r]));
+  }
+}
+
+// R rows times the columns [co, c_out): strips of 8 * V columns, then narrower ones.
+template <int R, int V>
+SPCONV_LITE_AVX2 void rows_times_columns_from(const float* const* x_rows,
+                                              float* const* acc_rows, const float* w,
+                                              int64_t c_in, int64_t c_out, int64_t co) {
+  for (; co + 8 * V <= c_out; co += 8 * V) {
+    rows_times_columns<R, V>(x_rows, acc_rows, w, c_in, c_out, co);
+  }
+  if constexpr (V > 1) {
+    rows_times_columns_from<R, V / 2>(x_rows, acc_rows, w, c_in, c_out, co);
+  } else if (co < c_out) {
+    rows_times_last_columns<R>(x_rows, acc_rows, w, c_in, c_out, co);
+  }
+}
+
+// acc_rows[p] += x_rows[p] @ w for `count` pairs of rows. Tiles of 6 rows go one strip of 16
+// columns at a time, so that a strip's weights (c_in x 16 floats) stay in L1 while every tile
+// uses them (a tile sweeping a wide layer's weights streamed them from L2 for each 6 rows).
+// The last count % 6 rows, all the pairs a sparse offset has in a block, take wider strips
+// (up to 64 columns for one row), to still run 8 or more FMA chains. Every output element is
+// one FMA chain over ci plus one add, whichever tile computes it.
 SPCONV_LITE_AVX2 inline void rows_times_matrix_all(const float* const* x_rows,
                                                    float* const* acc_rows, int64_t count,
                                                    const float* w, int64_t c_in,
                                                    int64_t c_out) {
   constexpr int kTile = 6;
-  int64_t p = 0;
-  for (; p + kTile <= count; p += kTile) {
-    rows_times_matrix<kTile>(x_rows + p, acc_rows + p, w, c_in, c_out);
+  const int64_t tiled = count - count % kTile;
+  int64_t co = 0;
+  for (; co + 16 <= c_out; co += 16) {
+    for (int64_t p = 0; p < tiled; p += kTile) {
+      rows_times_columns<kTile, 2>(x_rows + p, acc_rows + p, w, c_in, c_out, co);
+    }
   }
-  switch (count - p) {
-    case 5: rows_times_matrix<5>(x_rows + p, acc_rows + p, w, c_in, c_out); break;
-    case 4: rows_times_matrix<4>(x_rows + p, acc_rows + p, w, c_in, c_out); break;
-    case 3: rows_times_matrix<3>(x_rows + p, acc_rows + p, w, c_in, c_out); break;
-    case 2: rows_times_matrix<2>(x_rows + p, acc_rows + p, w, c_in, c_out); break;
-    case 1: rows_times_matrix<1>(x_rows + p, acc_rows + p, w, c_in, c_out); break;
+  if (co < c_out) {
+    for (int64_t p = 0; p < tiled; p += kTile) {
+      rows_times_columns_from<kTile, 1>(x_rows + p, acc_rows + p, w, c_in, c_out, co);
+    }
+  }
+  const float* const* x = x_rows + tiled;
+  float* const* acc = acc_rows + tiled;
+  switch (count - tiled) {
+    case 5: rows_times_columns_from<5, 2>(x, acc, w, c_in, c_out, 0); break;
+    case 4: rows_times_columns_from<4, 2>(x, acc, w, c_in, c_out, 0); break;
+    case 3: rows_times_columns_from<3, 2>(x, acc, w, c_in, c_out, 0); break;
+    case 2: rows_times_columns_from<2, 4>(x, acc, w, c_in, c_out, 0); break;
+    case 1: rows_times_columns_from<1, 8>(x, acc, w, c_in, c_out, 0); break;
     default: break;
   }
 }
