@@ -408,6 +408,18 @@ def test_layers_do_not_recheck_the_maps_they_built(monkeypatch):
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("entry", [2, 3, -2, -2**31, 2**31 - 1])
+def test_the_cpu_op_itself_refuses_entries_past_the_features(entry):
+    # Tables the library did not build skip the Python check with check_tables=False; the
+    # op's own scan must still refuse every entry outside [-1, 2) (2 input sites), the first
+    # one past the end and the int32 extremes included.
+    nbr = table(1, 27, fill=-1)
+    nbr[0, 26] = entry
+    with pytest.raises(ValueError, match=E("nbr has entries outside [-1, 2)")):
+        ops.sparse_conv(torch.randn(2, 3), torch.randn(27, 3, 4), nbr, table(2, 27, fill=-1),
+                        check_tables=False)
+
+
 # ----------------------------------------------------------------------------- eager-only checks
 
 def test_global_pool_rejects_batch_index_outside_batch_size():

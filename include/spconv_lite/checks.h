@@ -191,15 +191,16 @@ inline void check_neighbor_entries_cpu(const at::Tensor& nbr, const char* name, 
   const int32_t* data = table.data_ptr<int32_t>();
   const int64_t count = table.numel();
   std::atomic<bool> bad{false};
-  // -1 <= v < limit as one unsigned comparison, reduced without branches so that the scan
-  // vectorizes (it runs on every conv call).
-  const uint64_t bound = static_cast<uint64_t>(limit) + 1;
+  // -1 <= v < limit as one unsigned 32-bit comparison (v + 1 <= limit), reduced without
+  // branches so that the scan vectorizes: it runs on every conv call. A limit of 2^31 or more
+  // admits every non-negative int32.
+  const uint32_t bound = static_cast<uint32_t>(std::min<int64_t>(limit, int64_t{1} << 31));
   at::parallel_for(0, count, 1 << 16, [&](int64_t begin, int64_t end) {
-    bool ok = true;
+    uint32_t outside = 0;  // an integer: gcc does not vectorize `bool &=`
     for (int64_t j = begin; j < end; ++j) {
-      ok &= static_cast<uint64_t>(static_cast<int64_t>(data[j]) + 1) < bound;
+      outside |= static_cast<uint32_t>(data[j]) + 1u > bound;
     }
-    if (!ok) bad = true;
+    if (outside != 0) bad = true;
   });
   TORCH_CHECK_VALUE(!bad.load(), name, " has entries outside [-1, ", limit,
                     "): it does not index the given features");
