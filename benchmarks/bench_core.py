@@ -13,6 +13,8 @@ Cases:
                         reuse, as for every subm layer after the first in a block)
   conv 16->32 k3s2      SparseConv3d(16, 32, 3, stride=2, padding=1) forward, map built each call
   subm 32->32 f16       the 32-channel SubMConv3d in float16 (features and weight)
+  subm 16->16 k5        a 5x5x5 SubMConv3d (125 offsets, most of them empty at each site)
+  subm 128->128         a wide SubMConv3d (the width of deep stages, here on the full frame)
   ... fwd+bwd           forward plus backward (gradients of features and weight)
 
 Every case runs ``--warmup`` times, then ``--repeats`` timed times; the median and the spread
@@ -139,17 +141,20 @@ def kmap_cases(indices: torch.Tensor, shape: list[int]) -> list[Case]:
 
 def conv_cases(indices: torch.Tensor, shape: list[int], n_sites: int) -> list[Case]:
     cases = []
-    specs = [  # name, c_in, c_out, subm, dtype
-        ("subm 16->16", 16, 16, True, torch.float32),
-        ("subm 32->32", 32, 32, True, torch.float32),
-        ("conv 16->32 k3s2", 16, 32, False, torch.float32),
-        ("subm 32->32 f16", 32, 32, True, torch.float16),
+    specs = [  # name, c_in, c_out, subm, dtype, kernel size
+        ("subm 16->16", 16, 16, True, torch.float32, 3),
+        ("subm 32->32", 32, 32, True, torch.float32, 3),
+        ("conv 16->32 k3s2", 16, 32, False, torch.float32, 3),
+        ("subm 32->32 f16", 32, 32, True, torch.float16, 3),
+        ("subm 16->16 k5", 16, 16, True, torch.float32, 5),
+        ("subm 128->128", 128, 128, True, torch.float32, 3),
     ]
-    for name, c_in, c_out, subm, dtype in specs:
+    for name, c_in, c_out, subm, dtype, kernel in specs:
         torch.manual_seed(c_in * 100 + c_out)
         feats = torch.randn(n_sites, c_in).to(dtype)
         if subm:
-            ours_layer = spconv_lite.SubMConv3d(c_in, c_out, 3, bias=False, indice_key="subm")
+            ours_layer = spconv_lite.SubMConv3d(c_in, c_out, kernel, bias=False,
+                                                indice_key="subm")
         else:
             ours_layer = spconv_lite.SparseConv3d(c_in, c_out, 3, stride=2, padding=1,
                                                   bias=False)
@@ -168,7 +173,7 @@ def conv_cases(indices: torch.Tensor, shape: list[int], n_sites: int) -> list[Ca
         theirs_input = their_layer = None
         if spconv_torch is not None:
             if subm:
-                their_layer = spconv_torch.SubMConv3d(c_in, c_out, 3, bias=False,
+                their_layer = spconv_torch.SubMConv3d(c_in, c_out, kernel, bias=False,
                                                       indice_key="subm")
             else:
                 their_layer = spconv_torch.SparseConv3d(c_in, c_out, 3, stride=2, padding=1,
