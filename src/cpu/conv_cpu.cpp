@@ -227,6 +227,7 @@ void weight_grad_kernel(const scalar_t* in, const scalar_t* grad_out, const int3
                  grad_out + o_begin * c_out, c_out);
       for (int64_t k = k_begin; k < k_end; ++k) {
         const int64_t count = pairs.count(k);
+        if (count == 0) continue;  // the tiles would still read and write all of dw[k]
         const scalar_t* const* x_rows = pairs.x_rows(k);
         const scalar_t* const* g_rows = pairs.o_rows(k);
         acc_t* dw = acc.data() + (k - k_begin) * c_in * c_out;

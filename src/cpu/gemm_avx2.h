@@ -103,8 +103,9 @@ SPCONV_LITE_AVX2 void rows_times_columns_from(const float* const* x_rows,
 // columns at a time, so that a strip's weights (c_in x 16 floats) stay in L1 while every tile
 // uses them (a tile sweeping a wide layer's weights streamed them from L2 for each 6 rows).
 // The last count % 6 rows, all the pairs a sparse offset has in a block, take wider strips
-// (up to 64 columns for one row), to still run 8 or more FMA chains. Every output element is
-// one FMA chain over ci plus one add, whichever tile computes it.
+// (up to 64 columns for one row): as many FMA chains as the registers hold (8 or more for 1,
+// 2, 4 and 5 rows, 6 for 3; fewer in the narrower strips left at the right edge). Every
+// output element is one FMA chain over ci plus one add, whichever tile computes it.
 SPCONV_LITE_AVX2 inline void rows_times_matrix_all(const float* const* x_rows,
                                                    float* const* acc_rows, int64_t count,
                                                    const float* w, int64_t c_in,
