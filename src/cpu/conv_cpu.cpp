@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -77,6 +78,10 @@ class PairBuckets {
             int64_t o_end, const scalar_t* in, int64_t c_in, row_t* o_first, int64_t o_stride) {
     k_begin_ = k_begin;
     const int64_t offsets = k_end - k_begin, words = (offsets + 63) / 64;
+    if (offsets == 1) {  // one entry a row (a 1x1 layer): no masks to build
+      fill_one_offset(nbr + k_begin, volume, o_begin, o_end, in, c_in, o_first, o_stride);
+      return;
+    }
     counts_.assign(offsets, 0);
     present_.resize((o_end - o_begin) * words);
     for (int64_t o = o_begin; o < o_end; ++o) {
@@ -109,6 +114,24 @@ class PairBuckets {
   row_t* const* o_rows(int64_t k) const { return o_rows_.data() + start_[k - k_begin_]; }
 
  private:
+  // fill() for one offset: a branch a row, where masks would cost more than the pairs.
+  void fill_one_offset(const int32_t* column, int64_t volume, int64_t o_begin, int64_t o_end,
+                       const scalar_t* in, int64_t c_in, row_t* o_first, int64_t o_stride) {
+    if (static_cast<int64_t>(x_rows_.size()) < o_end - o_begin) {
+      x_rows_.resize(o_end - o_begin);
+      o_rows_.resize(o_end - o_begin);
+    }
+    int64_t p = 0;
+    for (int64_t o = o_begin; o < o_end; ++o) {
+      const int32_t i = column[o * volume];
+      if (i < 0) continue;
+      x_rows_[p] = in + static_cast<int64_t>(i) * c_in;
+      o_rows_[p++] = o_first + (o - o_begin) * o_stride;
+    }
+    start_.assign({0, p});
+    end_.assign({p});
+  }
+
   int64_t k_begin_ = 0;
   std::vector<int32_t> counts_;
   std::vector<uint64_t> present_;
@@ -130,13 +153,16 @@ void gather_gemm_scatter(const scalar_t* in, const scalar_t* weight, const int32
 #ifdef SPCONV_LITE_HAS_AVX2_KERNELS
   const bool use_avx2 = std::is_same_v<scalar_t, float> && avx2::supported();
 #endif
+  // float and double accumulate in the output rows themselves, half types in a float buffer.
+  constexpr bool in_output = std::is_same_v<acc_t, scalar_t>;
   at::parallel_for(0, num_blocks, 1, [&](int64_t b_begin, int64_t b_end) {
-    std::vector<acc_t> acc(block * c_out);
+    std::vector<acc_t> buffer(in_output ? 0 : block * c_out);
     PairBuckets<scalar_t, acc_t> pairs;
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t o_begin = b * block, o_end = std::min(rows, o_begin + block);
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      pairs.fill(nbr, volume, 0, volume, o_begin, o_end, in, c_in, acc.data(), c_out);
+      acc_t* acc = in_output ? reinterpret_cast<acc_t*>(out + o_begin * c_out) : buffer.data();
+      std::memset(acc, 0, (o_end - o_begin) * c_out * sizeof(acc_t));  // +0.0 in every type
+      pairs.fill(nbr, volume, 0, volume, o_begin, o_end, in, c_in, acc, c_out);
       for (int64_t k = 0; k < volume; ++k) {
         const scalar_t* w = weight + k * c_in * c_out;
 #ifdef SPCONV_LITE_HAS_AVX2_KERNELS
@@ -151,10 +177,9 @@ void gather_gemm_scatter(const scalar_t* in, const scalar_t* weight, const int32
         rows_times_matrix_generic(pairs.x_rows(k), pairs.o_rows(k), pairs.count(k), w, c_in,
                                   c_out);
       }
-      for (int64_t o = o_begin; o < o_end; ++o) {
-        const acc_t* a = acc.data() + (o - o_begin) * c_out;
-        scalar_t* y = out + o * c_out;
-        for (int64_t co = 0; co < c_out; ++co) y[co] = static_cast<scalar_t>(a[co]);
+      if constexpr (!in_output) {
+        std::transform(acc, acc + (o_end - o_begin) * c_out, out + o_begin * c_out,
+                       [](acc_t a) { return static_cast<scalar_t>(a); });
       }
     }
   });
