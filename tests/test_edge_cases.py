@@ -390,6 +390,30 @@ def test_huge_spatial_shapes(kind, batch, shape, device):
     assert_matches_reference(kind, layer, x, ("huge", kind, shape), device)
 
 
+def test_large_kernel_over_isolated_sites_fills_large_tables():
+    # 1,500 sites 8 apart through a kernel-5 regular conv: each output site has exactly one
+    # neighbour, so it holds f[i] @ W[k] for the one (site i, offset k) that reaches it. The
+    # table, [187,500, 125] int32 (94 MB), and the output pass the size from which the CPU
+    # allocates them on huge pages.
+    gen = make_gen("isolated k5")
+    cells = torch.randperm(20 ** 3, generator=gen)[:1500]
+    sites = torch.stack([cells // 400, cells // 20 % 20, cells % 20], 1) * 8 + 2
+    idx = torch.cat([torch.zeros(1500, 1, dtype=torch.long), sites], 1).int()
+    x = sparse_tensor(randn(gen, 1500, 3), idx, [160, 160, 160], 1)
+    layer = sp.SparseConv3d(3, 4, 5, padding=2, bias=False).double()
+    init_layer(layer, gen)
+    with torch.no_grad():
+        out = layer(x)
+        offsets = torch.tensor(ref.kernel_offsets((5, 5, 5)))
+        # Output o reads input o - padding + k: o = site + 2 - k.
+        coords = (sites[:, None, :] + 2 - offsets[None]).reshape(-1, 3)
+        values = torch.einsum("ic,kcd->ikd", x.features, layer.kernel_weight()).reshape(-1, 4)
+    order = torch.argsort((coords[:, 0] * 160 + coords[:, 1]) * 160 + coords[:, 2])
+    assert torch.equal(out.indices[:, 1:].long(), coords[order])
+    assert (out.indices[:, 0] == 0).all()
+    torch.testing.assert_close(out.features, values[order], **TOL64)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["max", "avg"])
 def test_global_pool_of_a_large_batch_size(kind, device):

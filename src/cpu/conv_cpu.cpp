@@ -21,6 +21,7 @@
 #endif
 
 #include "gemm_avx2.h"
+#include "huge_pages.h"
 #include "spconv_lite/checks.h"
 
 namespace spconv_lite {
@@ -168,7 +169,8 @@ void gather_gemm_scatter(const scalar_t* in, const scalar_t* weight, const int32
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t o_begin = b * block, o_end = std::min(rows, o_begin + block);
       acc_t* acc = in_output ? reinterpret_cast<acc_t*>(out + o_begin * c_out) : buffer.data();
-      std::memset(acc, 0, (o_end - o_begin) * c_out * sizeof(acc_t));  // +0.0 in every type
+      const size_t bytes = (o_end - o_begin) * c_out * sizeof(acc_t);
+      if (bytes > 0) std::memset(acc, 0, bytes);  // +0.0 in every type (acc may be null at 0)
       pairs.fill(nbr, volume, 0, volume, o_begin, o_end, in, c_in, acc, c_out);
       for (int64_t k = 0; k < volume; ++k) {
         const scalar_t* w = weight + k * c_in * c_out;
@@ -227,7 +229,7 @@ at::Tensor sparse_conv_cpu(const at::Tensor& features, const at::Tensor& weight,
   const at::Tensor x = features.to(compute).contiguous();
   const at::Tensor w = weight.to(compute).contiguous();
   const at::Tensor table = nbr.contiguous();
-  at::Tensor out = at::empty({nbr.size(0), weight.size(2)}, x.options());
+  at::Tensor out = empty_for_writing({nbr.size(0), weight.size(2)}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, compute, "sparse_conv_cpu", [&] {
     gather_gemm_scatter<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                                   table.data_ptr<int32_t>(), out.data_ptr<scalar_t>(),

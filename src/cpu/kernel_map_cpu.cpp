@@ -11,9 +11,6 @@
 // are stable, so the result does not depend on the number of threads.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/full.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -24,6 +21,7 @@
 #include <tuple>
 #include <vector>
 
+#include "huge_pages.h"
 #include "spconv_lite/checks.h"
 #include "spconv_lite/coords.h"
 
@@ -246,7 +244,7 @@ std::vector<Reach> input_reaches(const at::Tensor& indices, const ConvGeometry& 
 at::Tensor keys_to_indices(const std::vector<int64_t>& keys, const Grid& grid) {
   const int64_t n = static_cast<int64_t>(keys.size());
   const int64_t width = grid.ndim + 1;
-  at::Tensor indices = at::empty({n, width}, at::dtype(at::kInt));
+  at::Tensor indices = empty_for_writing({n, width}, at::dtype(at::kInt));
   int32_t* data = indices.data_ptr<int32_t>();
   at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
     int64_t coord[kMaxDims];
@@ -276,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor> build_subm_map_cpu(const at::Tensor& indices,
   // site itself, and mirror the rest. Each mirrored (i, K-1-k) has exactly one writer.
   const int64_t rows = static_cast<int64_t>(keys.size()), volume = geometry.volume;
   const int64_t centre = volume / 2;
-  at::Tensor nbr = at::full({rows, volume}, -1, at::dtype(at::kInt));
+  at::Tensor nbr = empty_for_writing({rows, volume}, at::dtype(at::kInt)).fill_(-1);
   int32_t* table_out = nbr.data_ptr<int32_t>();
   // The lookups are merge joins over the sorted keys rather than hash-table probes: for a fixed
   // offset the neighbour key is key + delta, ascending with key, so forward scans find every
@@ -355,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor> build_subm_map_cpu(const at::Tensor& indices,
     }
   });
   // The transposed table is the same table with the offsets reversed.
-  at::Tensor nbr_t = at::empty_like(nbr);
+  at::Tensor nbr_t = empty_for_writing(nbr.sizes(), nbr.options());
   const int32_t* src = table_out;
   int32_t* dst = nbr_t.data_ptr<int32_t>();
   at::parallel_for(0, rows, kRowGrain / volume + 1, [&](int64_t begin, int64_t end) {
@@ -394,8 +392,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> build_conv_map_cpu(
   const int64_t n_out = static_cast<int64_t>(out_keys.size()), volume = geometry.volume;
   TORCH_CHECK_VALUE(n_out <= std::numeric_limits<int32_t>::max(), "convolution would produce ",
                     n_out, " output sites; at most 2^31 - 1 are supported");
-  at::Tensor nbr = at::full({n_out, volume}, -1, at::dtype(at::kInt));
-  at::Tensor nbr_t = at::full({contiguous.size(0), volume}, -1, at::dtype(at::kInt));
+  at::Tensor nbr = empty_for_writing({n_out, volume}, at::dtype(at::kInt)).fill_(-1);
+  at::Tensor nbr_t =
+      empty_for_writing({contiguous.size(0), volume}, at::dtype(at::kInt)).fill_(-1);
   int32_t* nbr_data = nbr.data_ptr<int32_t>();
   int32_t* nbr_t_data = nbr_t.data_ptr<int32_t>();
   int64_t out_row = -1;
