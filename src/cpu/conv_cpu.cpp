@@ -91,10 +91,7 @@ class PairBuckets {
     }
     start_.assign(offsets + 1, 0);
     for (int64_t j = 0; j < offsets; ++j) start_[j + 1] = start_[j] + counts_[j];
-    if (static_cast<int64_t>(x_rows_.size()) < start_[offsets]) {
-      x_rows_.resize(start_[offsets]);
-      o_rows_.resize(start_[offsets]);
-    }
+    make_room(start_[offsets]);
     end_.assign(start_.begin(), start_.end() - 1);
     for (int64_t o = o_begin; o < o_end; ++o) {
       const int32_t* row = nbr + o * volume + k_begin;
@@ -118,10 +115,7 @@ class PairBuckets {
   // fill() for one offset: a branch a row, where masks would cost more than the pairs.
   void fill_one_offset(const int32_t* column, int64_t volume, int64_t o_begin, int64_t o_end,
                        const scalar_t* in, int64_t c_in, row_t* o_first, int64_t o_stride) {
-    if (static_cast<int64_t>(x_rows_.size()) < o_end - o_begin) {
-      x_rows_.resize(o_end - o_begin);
-      o_rows_.resize(o_end - o_begin);
-    }
+    make_room(o_end - o_begin);
     int64_t p = 0;
     for (int64_t o = o_begin; o < o_end; ++o) {
       const int32_t i = column[o * volume];
@@ -131,6 +125,14 @@ class PairBuckets {
     }
     start_.assign({0, p});
     end_.assign({p});
+  }
+
+  // Grows the pair arrays to hold `pairs` pairs (they keep their size across blocks).
+  void make_room(int64_t pairs) {
+    if (static_cast<int64_t>(x_rows_.size()) < pairs) {
+      x_rows_.resize(pairs);
+      o_rows_.resize(pairs);
+    }
   }
 
   int64_t k_begin_ = 0;
