@@ -582,8 +582,15 @@ def _sparse_conv_backward(ctx, grad):
     grad_features = grad_weight = None
     if ctx.needs_input_grad[0]:
         # The same op over the transposed table, so the row orders swap roles too.
-        grad_features = _run("sparse_conv", grad, weight.transpose(1, 2), nbr_t, nbr,
-                             order_t, order)
+        try:
+            grad_features = _run("sparse_conv", grad, weight.transpose(1, 2), nbr_t, nbr,
+                                 order_t, order)
+        except ValueError as error:
+            # The op's scan sees nbr_t as its "nbr" here; name the table the caller passed.
+            if not str(error).startswith("nbr has entries outside"):
+                raise
+            raise ValueError(f"nbr_t has entries outside [-1, {grad.shape[0]}): it does not "
+                             "index the output rows (the backward pass reads it)") from None
     if ctx.needs_input_grad[1]:
         grad_weight = _run("sparse_conv_weight_grad", features, grad, nbr)
     return grad_features, grad_weight, None, None, None, None

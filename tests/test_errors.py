@@ -420,6 +420,16 @@ def test_the_cpu_op_itself_refuses_entries_past_the_features(entry):
                         check_tables=False)
 
 
+def test_the_backward_names_nbr_t_when_its_entries_are_outside_the_output_rows():
+    # The backward runs the op over (nbr_t, nbr), so the op's scan would call nbr_t "nbr".
+    nbr, nbr_t = table(1, 27, fill=-1), table(2, 27, fill=-1)
+    nbr_t[1, 4] = 1  # one output row only
+    features = torch.randn(2, 3, requires_grad=True)
+    out = ops.sparse_conv(features, torch.randn(27, 3, 4), nbr, nbr_t, check_tables=False)
+    with pytest.raises(ValueError, match=E("nbr_t has entries outside [-1, 1)")):
+        out.sum().backward()
+
+
 # ----------------------------------------------------------------------------- eager-only checks
 
 def test_global_pool_rejects_batch_index_outside_batch_size():
