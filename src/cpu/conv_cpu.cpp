@@ -12,7 +12,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -20,14 +22,57 @@
 #include <emmintrin.h>
 #endif
 
-#include "gemm_avx2.h"
+#include "gemm_x86.h"
 #include "huge_pages.h"
 #include "spconv_lite/checks.h"
 
 namespace spconv_lite {
 namespace {
 
-// Portable fallback of avx2::rows_times_matrix_all: acc_rows[p] += x_rows[p] @ w for each pair.
+// The float32 tiles a call runs (gemm_x86.h); null functions: the portable loops below.
+struct FloatTiles {
+  void (*rows_times_matrix)(const float* const* x_rows, float* const* acc_rows, int64_t count,
+                            const float* w, int64_t c_in, int64_t c_out) = nullptr;
+  void (*pairs_outer_product)(const float* const* x_rows, int64_t c_in,
+                              const float* const* g_rows, int64_t count, float* dw,
+                              int64_t c_out) = nullptr;
+};
+
+// The tiles for products with c_out output columns: AVX-512 where those fill whole strips of
+// 32 columns, AVX2 otherwise (AVX-512's lane-masked edges made 24 -> 24 layers 1.6-1.9x slower
+// on our AMD Zen 4, which runs AVX-512 at AVX2's FMA rate; on full strips it is 0-20% faster,
+// and 2-3% over whole networks), or the set SPCONV_LITE_CPU_TILES names: avx512, avx2, or none
+// (the portable loops). AVX2 and AVX-512 give the same bits; the switch lets tests and
+// benchmarks compare them on one machine. Read at each call, as torch's own switches are.
+FloatTiles float_tiles(int64_t c_out) {
+  const char* env = std::getenv("SPCONV_LITE_CPU_TILES");
+  const std::string choice = env == nullptr ? "" : env;
+  TORCH_CHECK_VALUE(choice.empty() || choice == "avx512" || choice == "avx2" || choice == "none",
+                    "SPCONV_LITE_CPU_TILES must be avx512, avx2 or none, got '", choice, "'");
+  FloatTiles tiles;
+#ifdef SPCONV_LITE_HAS_AVX2_KERNELS
+  const bool avx512_wanted =
+      choice.empty() ? avx512::supported() && c_out % 32 == 0 : choice == "avx512";
+  const bool avx2_wanted = choice.empty() ? avx2::supported() : choice == "avx2";
+  TORCH_CHECK_VALUE(!avx512_wanted || avx512::supported(),
+                    "SPCONV_LITE_CPU_TILES=avx512, but this CPU has no AVX-512");
+  TORCH_CHECK_VALUE(!avx2_wanted || avx2::supported(),
+                    "SPCONV_LITE_CPU_TILES=avx2, but this CPU has no AVX2 and FMA");
+  if (avx512_wanted) {
+    tiles.rows_times_matrix = avx512::rows_times_matrix_all;
+    tiles.pairs_outer_product = avx512::pairs_outer_product_all;
+  } else if (avx2_wanted) {
+    tiles.rows_times_matrix = avx2::rows_times_matrix_all;
+    tiles.pairs_outer_product = avx2::pairs_outer_product_all;
+  }
+#else
+  TORCH_CHECK_VALUE(choice.empty() || choice == "none", "SPCONV_LITE_CPU_TILES=", choice,
+                    ", but this build has only the portable loops (not an x86-64 CPU)");
+#endif
+  return tiles;
+}
+
+// Portable loops of FloatTiles::rows_times_matrix: acc_rows[p] += x_rows[p] @ w for each pair.
 template <typename scalar_t, typename acc_t>
 void rows_times_matrix_generic(const scalar_t* const* x_rows, acc_t* const* acc_rows,
                                int64_t count, const scalar_t* w, int64_t c_in, int64_t c_out) {
@@ -146,11 +191,11 @@ class PairBuckets {
 // out[o] = sum_k in[nbr[o, k]] @ weight[k]  with weight [K, C_in, C_out].
 // Threads own blocks of output rows; within a block the rows that have a neighbour at offset k
 // form one gathered tile product with weight[k], accumulated in the output rows (float,
-// double) or in a float buffer (half types without the AVX2 tiles).
+// double) or in a float buffer (half types without vector tiles).
 template <typename scalar_t>
 void gather_gemm_scatter(const scalar_t* in, const scalar_t* weight, const int32_t* nbr,
                          scalar_t* out, int64_t rows, int64_t volume, int64_t c_in,
-                         int64_t c_out) {
+                         int64_t c_out, const FloatTiles& tiles) {
   using acc_t = at::opmath_type<scalar_t>;
   // Rows a thread takes at a time: an offset's weights are read once per block, so larger
   // blocks give its pairs more reuse (512 rows: 5-10% faster than 32-256 from 64 channels up,
@@ -160,9 +205,6 @@ void gather_gemm_scatter(const scalar_t* in, const scalar_t* weight, const int32
   const int64_t block =
       std::clamp<int64_t>(rows / (4 * static_cast<int64_t>(at::get_num_threads())), 16, 512);
   const int64_t num_blocks = (rows + block - 1) / block;
-#ifdef SPCONV_LITE_HAS_AVX2_KERNELS
-  const bool use_avx2 = std::is_same_v<scalar_t, float> && avx2::supported();
-#endif
   // float and double accumulate in the output rows themselves, half types in a float buffer.
   constexpr bool in_output = std::is_same_v<acc_t, scalar_t>;
   at::parallel_for(0, num_blocks, 1, [&](int64_t b_begin, int64_t b_end) {
@@ -176,15 +218,13 @@ void gather_gemm_scatter(const scalar_t* in, const scalar_t* weight, const int32
       pairs.fill(nbr, volume, 0, volume, o_begin, o_end, in, c_in, acc, c_out);
       for (int64_t k = 0; k < volume; ++k) {
         const scalar_t* w = weight + k * c_in * c_out;
-#ifdef SPCONV_LITE_HAS_AVX2_KERNELS
-        if (use_avx2) {
-          avx2::rows_times_matrix_all(reinterpret_cast<const float* const*>(pairs.x_rows(k)),
-                                      reinterpret_cast<float* const*>(pairs.o_rows(k)),
-                                      pairs.count(k), reinterpret_cast<const float*>(w), c_in,
-                                      c_out);
-          continue;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (tiles.rows_times_matrix != nullptr) {
+            tiles.rows_times_matrix(pairs.x_rows(k), pairs.o_rows(k), pairs.count(k), w, c_in,
+                                    c_out);
+            continue;
+          }
         }
-#endif
         rows_times_matrix_generic(pairs.x_rows(k), pairs.o_rows(k), pairs.count(k), w, c_in,
                                   c_out);
       }
@@ -197,14 +237,12 @@ void gather_gemm_scatter(const scalar_t* in, const scalar_t* weight, const int32
 }
 
 // The dtype the kernels compute in. float16 / bfloat16 run the float kernels on float copies
-// where those have AVX2 tiles: every half value is exact in float and the scalar loop summed
+// where those have vector tiles: every half value is exact in float and the scalar loop summed
 // in float too, so only the order of the sums changes (the tiles'), and the result is still
 // rounded to the half type once. 5-30x faster than the scalar loop on a KITTI frame.
-at::ScalarType compute_type(at::ScalarType dtype) {
-#ifdef SPCONV_LITE_HAS_AVX2_KERNELS
-  if ((dtype == at::kHalf || dtype == at::kBFloat16) && avx2::supported()) return at::kFloat;
-#endif
-  return dtype;
+at::ScalarType compute_type(at::ScalarType dtype, const FloatTiles& tiles) {
+  const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
+  return half && tiles.rows_times_matrix != nullptr ? at::kFloat : dtype;
 }
 
 at::Tensor sparse_conv_cpu(const at::Tensor& features, const at::Tensor& weight,
@@ -227,7 +265,8 @@ at::Tensor sparse_conv_cpu(const at::Tensor& features, const at::Tensor& weight,
     check_row_order_entries_cpu(*order, "order");
   }
   if (order_t.has_value()) check_row_order(*order_t, "order_t", nbr_t.size(0), volume);
-  const at::ScalarType compute = compute_type(features.scalar_type());
+  const FloatTiles tiles = float_tiles(weight.size(2));
+  const at::ScalarType compute = compute_type(features.scalar_type(), tiles);
   const at::Tensor x = features.to(compute).contiguous();
   const at::Tensor w = weight.to(compute).contiguous();
   const at::Tensor table = nbr.contiguous();
@@ -235,7 +274,7 @@ at::Tensor sparse_conv_cpu(const at::Tensor& features, const at::Tensor& weight,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, compute, "sparse_conv_cpu", [&] {
     gather_gemm_scatter<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                                   table.data_ptr<int32_t>(), out.data_ptr<scalar_t>(),
-                                  out.size(0), volume, w.size(1), w.size(2));
+                                  out.size(0), volume, w.size(1), w.size(2), tiles);
   });
   return out.to(features.scalar_type());
 }
@@ -248,15 +287,12 @@ at::Tensor sparse_conv_cpu(const at::Tensor& features, const at::Tensor& weight,
 template <typename scalar_t>
 void weight_grad_kernel(const scalar_t* in, const scalar_t* grad_out, const int32_t* nbr,
                         scalar_t* grad_weight, int64_t rows, int64_t volume, int64_t c_in,
-                        int64_t c_out) {
+                        int64_t c_out, const FloatTiles& tiles) {
   using acc_t = at::opmath_type<scalar_t>;
   // Blocks of 1024 rows give a sparse offset enough pairs to share each update of its dw[k]
   // (each tile pass reads and writes all of it); its pairs are then taken 64 at a time, whose
   // rows stay in L1 across the channel tiles. Both are fixed: they group the sums.
   constexpr int64_t block = 1024, chunk = 64;
-#ifdef SPCONV_LITE_HAS_AVX2_KERNELS
-  const bool use_avx2 = std::is_same_v<scalar_t, float> && avx2::supported();
-#endif
   at::parallel_for(0, volume, 1, [&](int64_t k_begin, int64_t k_end) {
     std::vector<acc_t> acc((k_end - k_begin) * c_in * c_out, acc_t(0));
     PairBuckets<scalar_t, const scalar_t> pairs;
@@ -270,17 +306,15 @@ void weight_grad_kernel(const scalar_t* in, const scalar_t* grad_out, const int3
         const scalar_t* const* x_rows = pairs.x_rows(k);
         const scalar_t* const* g_rows = pairs.o_rows(k);
         acc_t* dw = acc.data() + (k - k_begin) * c_in * c_out;
-#ifdef SPCONV_LITE_HAS_AVX2_KERNELS
-        if (use_avx2) {
-          for (int64_t first = 0; first < count; first += chunk) {
-            avx2::pairs_outer_product_all(
-                reinterpret_cast<const float* const*>(x_rows + first), c_in,
-                reinterpret_cast<const float* const*>(g_rows + first),
-                std::min(chunk, count - first), reinterpret_cast<float*>(dw), c_out);
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (tiles.pairs_outer_product != nullptr) {
+            for (int64_t first = 0; first < count; first += chunk) {
+              tiles.pairs_outer_product(x_rows + first, c_in, g_rows + first,
+                                        std::min(chunk, count - first), dw, c_out);
+            }
+            continue;
           }
-          continue;
         }
-#endif
         for (int64_t p = 0; p < count; ++p) {
           for (int64_t c = 0; c < c_in; ++c) {
             const acc_t xv = static_cast<acc_t>(x_rows[p][c]);
@@ -306,7 +340,8 @@ at::Tensor sparse_conv_weight_grad_cpu(const at::Tensor& features, const at::Ten
                    features.scalar_type());
   check_neighbor_table(nbr, "nbr", grad_out.size(0), -1);
   check_neighbor_entries_cpu(nbr, "nbr", features.size(0));
-  const at::ScalarType compute = compute_type(features.scalar_type());
+  const FloatTiles tiles = float_tiles(grad_out.size(1));
+  const at::ScalarType compute = compute_type(features.scalar_type(), tiles);
   const at::Tensor x = features.to(compute).contiguous();
   const at::Tensor g = grad_out.to(compute).contiguous();
   const at::Tensor table = nbr.contiguous();
@@ -318,7 +353,7 @@ at::Tensor sparse_conv_weight_grad_cpu(const at::Tensor& features, const at::Ten
                                         x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
                                         table.data_ptr<int32_t>(),
                                         grad_weight.data_ptr<scalar_t>(), g.size(0), volume,
-                                        x.size(1), g.size(1));
+                                        x.size(1), g.size(1), tiles);
                                   });
   return grad_weight.to(features.scalar_type());
 }

@@ -44,7 +44,7 @@
 #include "spconv_lite/coords.h"
 #include "spconv_lite/hash_table.h"
 #include "spconv_lite/voxel_grid.h"
-#include "gemm_avx2.h"
+#include "simd_x86.h"
 
 namespace spconv_lite {
 namespace {
