@@ -38,38 +38,41 @@ struct FloatTiles {
                               int64_t c_out) = nullptr;
 };
 
-// The tiles for products with c_out output columns: AVX-512 where those fill whole strips of
-// 32 columns, AVX2 otherwise (AVX-512's lane-masked edges made 24 -> 24 layers 1.6-1.9x slower
-// on our AMD Zen 4, which runs AVX-512 at AVX2's FMA rate; on full strips it is 0-20% faster,
-// and 2-3% over whole networks), or the set SPCONV_LITE_CPU_TILES names: avx512, avx2, or none
-// (the portable loops). AVX2 and AVX-512 give the same bits; the switch lets tests and
-// benchmarks compare them on one machine. Read at each call, as torch's own switches are.
+// The tiles for products with c_out output columns, or the set SPCONV_LITE_CPU_TILES names:
+// avx512, avx2, or none (the portable loops). By default AVX2, and AVX-512 for the conv
+// products whose output columns fill whole strips of 32: on our AMD Zen 4, which runs AVX-512
+// at AVX2's FMA rate, those were 2-20% faster, while lane-masked edges (24 -> 24 layers) were
+// 1.6-1.9x slower and the weight-gradient tiles 6-8% slower at kernel 3. AVX2 and AVX-512
+// give the same bits; the switch lets tests and benchmarks compare them on one machine. Read
+// at each call, as torch's own switches are.
 FloatTiles float_tiles(int64_t c_out) {
   const char* env = std::getenv("SPCONV_LITE_CPU_TILES");
   const std::string choice = env == nullptr ? "" : env;
   TORCH_CHECK_VALUE(choice.empty() || choice == "avx512" || choice == "avx2" || choice == "none",
                     "SPCONV_LITE_CPU_TILES must be avx512, avx2 or none, got '", choice, "'");
-  FloatTiles tiles;
+  if (choice == "none") return {};
 #ifdef SPCONV_LITE_HAS_AVX2_KERNELS
-  const bool avx512_wanted =
-      choice.empty() ? avx512::supported() && c_out % 32 == 0 : choice == "avx512";
-  const bool avx2_wanted = choice.empty() ? avx2::supported() : choice == "avx2";
-  TORCH_CHECK_VALUE(!avx512_wanted || avx512::supported(),
-                    "SPCONV_LITE_CPU_TILES=avx512, but this CPU has no AVX-512");
-  TORCH_CHECK_VALUE(!avx2_wanted || avx2::supported(),
-                    "SPCONV_LITE_CPU_TILES=avx2, but this CPU has no AVX2 and FMA");
-  if (avx512_wanted) {
-    tiles.rows_times_matrix = avx512::rows_times_matrix_all;
-    tiles.pairs_outer_product = avx512::pairs_outer_product_all;
-  } else if (avx2_wanted) {
-    tiles.rows_times_matrix = avx2::rows_times_matrix_all;
-    tiles.pairs_outer_product = avx2::pairs_outer_product_all;
+  const FloatTiles avx2_tiles{avx2::rows_times_matrix_all, avx2::pairs_outer_product_all};
+  if (choice == "avx512") {
+    TORCH_CHECK_VALUE(avx512::supported(),
+                      "SPCONV_LITE_CPU_TILES=avx512, but this CPU has no AVX-512");
+    return {avx512::rows_times_matrix_all, avx512::pairs_outer_product_all};
   }
+  if (choice == "avx2") {
+    TORCH_CHECK_VALUE(avx2::supported(),
+                      "SPCONV_LITE_CPU_TILES=avx2, but this CPU has no AVX2 and FMA");
+    return avx2_tiles;
+  }
+  if (!avx2::supported()) return {};
+  if (avx512::supported() && c_out % 32 == 0) {
+    return {avx512::rows_times_matrix_all, avx2::pairs_outer_product_all};
+  }
+  return avx2_tiles;
 #else
-  TORCH_CHECK_VALUE(choice.empty() || choice == "none", "SPCONV_LITE_CPU_TILES=", choice,
+  TORCH_CHECK_VALUE(choice.empty(), "SPCONV_LITE_CPU_TILES=", choice,
                     ", but this build has only the portable loops (not an x86-64 CPU)");
+  return {};
 #endif
-  return tiles;
 }
 
 // Portable loops of FloatTiles::rows_times_matrix: acc_rows[p] += x_rows[p] @ w for each pair.
