@@ -1,5 +1,5 @@
-// The float32 tiles of the CPU gather-GEMM-scatter (gemm_tiles.inc) for AVX2 and for
-// AVX-512, and the choice between them (and the portable loops) at run time.
+// The float32 tiles of the CPU gather-GEMM-scatter (gemm_tiles.inc) for AVX2 and for AVX-512;
+// conv_cpu.cpp picks one per call (float_tiles).
 #pragma once
 
 #include "simd_x86.h"
