@@ -2082,6 +2082,9 @@ at::Tensor sparse_conv_cuda(const at::Tensor& features, const at::Tensor& weight
   const at::Tensor table = nbr.contiguous();
   at::Tensor out = at::empty({nbr.size(0), weight.size(2)}, features.options());
   if (out.numel() == 0) return out;
+  // No input rows or channels: every output is an empty sum. (The kernels would get a null
+  // feature pointer, which cp.async must not be given even for its zero-byte copies.)
+  if (x.numel() == 0) return out.zero_();
   const at::Tensor rows_order = order.has_value() ? order->contiguous() : at::Tensor();
   const bool pipelined_conv =
       pipelined_tiles_fit(variants, volume, order.has_value() ? order->size(0) : 1);

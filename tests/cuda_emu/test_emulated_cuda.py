@@ -318,6 +318,20 @@ def test_conv_edge_shapes(algo, monkeypatch):
                                CPU.sparse_conv_weight_grad(x, torch.ones(4, 5), nbr))
 
 
+@pytest.mark.parametrize("variants", ["", "tiles=pipelined"])
+@pytest.mark.parametrize("algo", ["fused", "gemm"])
+def test_conv_without_input_rows_or_channels_gives_zeros(algo, variants, monkeypatch):
+    # Output sites but nothing to gather (the input gradient of a conv with no output sites):
+    # zeros, as on the CPU, without handing the kernels an empty (null) feature pointer.
+    monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", algo)
+    monkeypatch.setenv("SPCONV_LITE_CUDA_VARIANTS", variants)
+    nbr = torch.full((4, 27), -1, dtype=torch.int32)
+    for x, w in ((torch.zeros(0, 16), torch.randn(27, 16, 16)),
+                 (torch.zeros(3, 0), torch.randn(27, 0, 16))):
+        nbr_t = torch.full((x.shape[0], 27), -1, dtype=torch.int32)
+        assert torch.equal(EMU.sparse_conv(x, w, nbr, nbr_t), torch.zeros(4, 16))
+
+
 @pytest.mark.parametrize("algo", ["fused", "gemm"])
 def test_conv_with_an_empty_kernel(algo, monkeypatch):
     # A [N, 0] table (a kernel of volume 0): nothing to sum; the fused weight gradient used to
