@@ -400,6 +400,23 @@ def test_record_voxel_count_buffer_of_a_meta_layer_loads_on_the_cpu():
     assert int(layer.max_num_voxels_during_training) == 0
 
 
+@pytest.mark.parametrize("make", [
+    lambda: spconv.SparseConv3d(3, 4, 3, stride=2, record_voxel_count=True),
+    lambda: spconv.SparseMaxPool3d(2, 2, record_voxel_count=True),
+], ids=["conv", "max_pool"])
+def test_record_voxel_count_of_a_meta_layer_starts_at_zero_after_reset_parameters(make):
+    # torch's meta-device init: to_empty() leaves the buffers' memory as it was, and
+    # reset_parameters() initialises each module (BatchNorm's resets its running statistics).
+    with torch.device("meta"):
+        layer = make()
+    layer.to_empty(device="cpu")
+    layer.max_num_voxels_during_training.fill_(123456)  # what the memory may hold
+    layer.reset_parameters()
+    assert int(layer.max_num_voxels_during_training) == 0
+    y = layer(spconv.SparseConvTensor(*_input()))
+    assert int(layer.max_num_voxels_during_training) == y.indices.shape[0]
+
+
 def test_record_voxel_count_without_buffer():
     subm = spconv.SubMConv3d(3, 4, 3, record_voxel_count=True)
     assert "max_num_voxels_during_training" not in subm.state_dict()

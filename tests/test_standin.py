@@ -143,6 +143,70 @@ def test_launcher_keeps_the_working_directory_on_the_childrens_path(tmp_path):
     assert done.stdout == "imported from_cwd\n"
 
 
+# A small network with every kind of layer whose attributes spconv pickles: submanifold and
+# strided convs sharing keys, a pool, an inverse conv returning to the strided conv's sites.
+NETWORK = '''
+import torch
+
+
+def build(spconv):
+    torch.manual_seed(0)
+    return spconv.SparseSequential(
+        spconv.SubMConv3d(3, 8, 3, indice_key="s1"), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+        spconv.SubMConv3d(8, 8, 3, indice_key="s1"),
+        spconv.SparseConv3d(8, 16, 3, stride=2, padding=1, indice_key="down"),
+        spconv.SparseMaxPool3d(1),
+        spconv.SparseInverseConv3d(16, 8, 3, indice_key="down"),
+        spconv.SubMConv3d(8, 4, 1),
+    ).eval()
+
+
+def sites():
+    gen = torch.Generator().manual_seed(1)
+    flat = torch.randperm(12 ** 3, generator=gen)[:300]
+    coords = torch.stack([flat // 144, flat // 12 % 12, flat % 12], 1)
+    indices = torch.cat([torch.zeros(300, 1, dtype=torch.long), coords], 1).int()
+    return torch.randn(300, 3, generator=gen), indices
+'''
+
+# Loads the model spconv pickled whole and runs it next to the same network built afresh.
+LOAD_PICKLED = '''
+import sys
+import spconv.pytorch as spconv
+import torch
+from network import build, sites
+
+model = torch.load(sys.argv[1], weights_only=False)
+assert type(model).__module__.startswith("spconv_lite"), type(model)
+fresh = build(spconv)
+fresh.load_state_dict(model.state_dict())
+features, indices = sites()
+with torch.no_grad():
+    out, want = (net(spconv.SparseConvTensor(features, indices, [12, 12, 12], 1))
+                 for net in (model, fresh))
+assert torch.equal(out.indices, want.indices) and torch.equal(out.features, want.features)
+# A new layer reusing a key the pickled layers' maps are stored under (the same geometry).
+head = spconv.SubMConv3d(4, 2, 3, indice_key="s1")
+with torch.no_grad():
+    assert torch.equal(head(out).features, head(want).features)
+print("same output")
+'''
+
+
+def test_a_model_spconv_pickled_whole_loads_and_runs(tmp_path):
+    # torch.save(model) pickles each layer's attributes (spconv's geometry lists) and its
+    # load_state_dict hook, a bound method that unpickling looks up by name on our class.
+    spconv_ref = require_spconv()
+    (tmp_path / "network.py").write_text(NETWORK)
+    (tmp_path / "load.py").write_text(LOAD_PICKLED)
+    namespace = {}
+    exec(NETWORK, namespace)
+    torch.save(namespace["build"](spconv_ref), tmp_path / "model.pt")
+    done = run_python(["-m", "spconv_lite.as_spconv", "load.py", "model.pt"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "same output" in done.stdout
+
+
 def test_install_refuses_when_spconv_is_already_imported(tmp_path):
     require_spconv()
     done = run_python(["-c", "import spconv, spconv_lite; spconv_lite.install_as_spconv()"],

@@ -68,6 +68,24 @@ class RecordsVoxelCount(SparseModule):
             self.register_buffer(VOXEL_COUNT_BUFFER, torch.zeros(1, dtype=torch.int32,
                                                                  device=device))
 
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        # A layer that spconv pickled whole (torch.save(model)), loaded under install_as_spconv,
+        # comes with spconv's attributes: lists for the geometry, which the kernel maps compare
+        # with other layers' tuples.
+        for name in ("kernel_size", "stride", "padding", "dilation", "output_padding"):
+            if isinstance(self.__dict__.get(name), list):
+                self.__dict__[name] = tuple(self.__dict__[name])
+
+    def reset_parameters(self) -> None:
+        """Zeroes the recorded voxel count, as BatchNorm's ``reset_parameters`` resets its
+        running statistics (after torch's meta-device init, ``to_empty`` then
+        ``reset_parameters``, buffers hold whatever the memory held)."""
+        buffer = self.get_max_num_voxels()
+        if buffer is not None:
+            with torch.no_grad():
+                buffer.zero_()
+
     def get_max_num_voxels(self) -> Optional[torch.Tensor]:
         """The largest output site count seen in training (``record_voxel_count=True``), else
         None (spconv API)."""
@@ -185,6 +203,7 @@ class SparseConvolution(RecordsVoxelCount):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        super().reset_parameters()
         # nn.ConvNd's default (kaiming_uniform with a=sqrt(5)), with the fan-in of this layout.
         bound = 1.0 / math.sqrt(self.in_channels * math.prod(self.kernel_size))
         nn.init.uniform_(self.weight, -bound, bound)
@@ -202,6 +221,13 @@ class SparseConvolution(RecordsVoxelCount):
         if self.indice_key is not None:
             text += f", indice_key={self.indice_key!r}"
         return text
+
+    def _load_weight_different_layout(self, *args) -> None:
+        """spconv's load_state_dict pre-hook. A layer that spconv pickled whole
+        (``torch.save(model)``) lists it, as a bound method, among its hooks, so unpickling
+        it under ``install_as_spconv`` looks the name up here. Nothing to do: a missing
+        ``max_num_voxels_during_training`` is added by ``_load_from_state_dict``, and
+        ``SPCONV_SAVED_WEIGHT_LAYOUT`` is ignored (see ``spconv_lite.pytorch.constants``)."""
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
