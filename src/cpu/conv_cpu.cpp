@@ -41,10 +41,10 @@ struct FloatTiles {
 // The tiles for products with c_out output columns, or the set SPCONV_LITE_CPU_TILES names:
 // avx512, avx2, or none (the portable loops). By default AVX2, and AVX-512 for the conv
 // products whose output columns fill whole strips of 32: on our AMD Zen 4, which runs AVX-512
-// at AVX2's FMA rate, those were 2-20% faster, while lane-masked edges (24 -> 24 layers) were
-// 1.6-1.9x slower and the weight-gradient tiles 6-8% slower at kernel 3. AVX2 and AVX-512
-// give the same bits; the switch lets tests and benchmarks compare them on one machine. Read
-// at each call, as torch's own switches are.
+// at AVX2's FMA rate, those were 0-20% faster (2-4% over spconv's benchmark net), while
+// lane-masked edges (24 -> 24 layers) were 1.6-1.9x slower and the weight-gradient tiles 6-8%
+// slower at kernel 3. AVX2 and AVX-512 give the same bits; the switch lets tests and
+// benchmarks compare them on one machine. Read at each call, as torch's own switches are.
 FloatTiles float_tiles(int64_t c_out) {
   const char* env = std::getenv("SPCONV_LITE_CPU_TILES");
   const std::string choice = env == nullptr ? "" : env;
