@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
+from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -412,6 +415,44 @@ def test_large_kernel_over_isolated_sites_fills_large_tables():
     assert torch.equal(out.indices[:, 1:].long(), coords[order])
     assert (out.indices[:, 0] == 0).all()
     torch.testing.assert_close(out.features, values[order], **TOL64)
+
+
+def vm_flags(address: int) -> Optional[list[str]]:
+    """The VmFlags of this process's memory mapping that holds ``address`` (Linux), or None."""
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return None
+    holds = False
+    for line in lines:
+        mapping = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+        if mapping:
+            holds = int(mapping[1], 16) <= address < int(mapping[2], 16)
+        elif holds and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    return None
+
+
+def test_the_huge_page_advice_follows_its_switch(monkeypatch):
+    # A 77 MB conv output, past glibc's largest mmap threshold: a mapping of its own, whose
+    # middle is advised onto huge pages ("hg") unless SPCONV_LITE_HUGE_PAGES=0.
+    nbr = torch.full((300_000, 1), -1, dtype=torch.int32)
+    features, weight = torch.ones(1, 1), torch.ones(1, 1, 64)
+
+    def flags_of_a_fresh_output():
+        out = ops.sparse_conv(features, weight, nbr, torch.full((1, 1), -1, dtype=torch.int32))
+        return vm_flags(out.data_ptr() + out.nbytes // 2)
+
+    flags = flags_of_a_fresh_output()
+    if flags is None or "hg" not in flags:
+        pytest.skip("no /proc/self/smaps, or a kernel without transparent huge pages")
+    monkeypatch.setenv("SPCONV_LITE_HUGE_PAGES", "0")
+    assert "hg" not in flags_of_a_fresh_output()
+    monkeypatch.setenv("SPCONV_LITE_HUGE_PAGES", "1")
+    assert "hg" in flags_of_a_fresh_output()
+    monkeypatch.setenv("SPCONV_LITE_HUGE_PAGES", "off")
+    with pytest.raises(ValueError, match="SPCONV_LITE_HUGE_PAGES must be 0 or 1, got 'off'"):
+        flags_of_a_fresh_output()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -6,13 +6,17 @@
 // tensor gets 2 MB pages where the system grants them on request
 // (/sys/kernel/mm/transparent_hugepage/enabled set to "madvise", a common default; "always"
 // gives them anyway, "never" not at all), 512 times fewer faults. The contents, and so the
-// results, are the same either way.
+// results, are the same either way. SPCONV_LITE_HUGE_PAGES=0 turns the advice off, for systems
+// where assembling huge pages stalls (memory compaction on a fragmented machine).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -26,7 +30,12 @@ inline at::Tensor empty_for_writing(at::IntArrayRef sizes, at::TensorOptions opt
   at::Tensor tensor = at::empty(sizes, options);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
-  if (tensor.nbytes() >= 8 * kHugePage) {
+  const char* wanted = std::getenv("SPCONV_LITE_HUGE_PAGES");  // read at each call
+  TORCH_CHECK_VALUE(wanted == nullptr || std::strcmp(wanted, "0") == 0 ||
+                        std::strcmp(wanted, "1") == 0,
+                    "SPCONV_LITE_HUGE_PAGES must be 0 or 1, got '", wanted, "'");
+  const bool advise = wanted == nullptr || wanted[0] == '1';
+  if (advise && tensor.nbytes() >= 8 * kHugePage) {
     const uintptr_t start = reinterpret_cast<uintptr_t>(tensor.data_ptr());
     const uintptr_t begin = (start + kHugePage - 1) & ~(kHugePage - 1);
     const uintptr_t end = (start + tensor.nbytes()) & ~(kHugePage - 1);
