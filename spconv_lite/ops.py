@@ -586,11 +586,17 @@ def _sparse_conv_backward(ctx, grad):
             grad_features = _run("sparse_conv", grad, weight.transpose(1, 2), nbr_t, nbr,
                                  order_t, order)
         except ValueError as error:
-            # The op's scan sees nbr_t as its "nbr" here; name the table the caller passed.
-            if not str(error).startswith("nbr has entries outside"):
-                raise
-            raise ValueError(f"nbr_t has entries outside [-1, {grad.shape[0]}): it does not "
-                             "index the output rows (the backward pass reads it)") from None
+            # The op sees nbr_t as its "nbr" and order_t as its "order" here; name the
+            # tensors the caller passed.
+            message = str(error)
+            if message.startswith("nbr has entries outside"):
+                low, high = torch.stack(torch.aminmax(nbr_t)).tolist()
+                raise ValueError(f"nbr_t has entries outside [-1, {grad.shape[0]}): it does not "
+                                 f"index the output rows (seen {low} .. {high}; the backward "
+                                 "pass reads it)") from None
+            if message.startswith("order row "):
+                raise ValueError("order_t" + message[len("order"):]) from None
+            raise
     if ctx.needs_input_grad[1]:
         grad_weight = _run("sparse_conv_weight_grad", features, grad, nbr)
     return grad_features, grad_weight, None, None, None, None

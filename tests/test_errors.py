@@ -426,7 +426,19 @@ def test_the_backward_names_nbr_t_when_its_entries_are_outside_the_output_rows()
     nbr_t[1, 4] = 1  # one output row only
     features = torch.randn(2, 3, requires_grad=True)
     out = ops.sparse_conv(features, torch.randn(27, 3, 4), nbr, nbr_t, check_tables=False)
-    with pytest.raises(ValueError, match=E("nbr_t has entries outside [-1, 1)")):
+    with pytest.raises(ValueError, match=E("nbr_t has entries outside [-1, 1)") + ".*seen -1 .. 1"):
+        out.sum().backward()
+
+
+def test_the_backward_names_order_t_when_it_is_not_a_permutation():
+    # The backward runs the op with (order_t, order) as its (order, order_t).
+    nbr, nbr_t = table(1, 27, fill=-1), table(2, 27, fill=-1)
+    order_t = torch.tensor([[0, 0]], dtype=torch.int32)  # not a permutation of 0, 1
+    features = torch.randn(2, 3, requires_grad=True)
+    out = ops.sparse_conv(features, torch.randn(27, 3, 4), nbr, nbr_t,
+                          order=torch.zeros(1, 1, dtype=torch.int32), order_t=order_t,
+                          check_tables=False)
+    with pytest.raises(ValueError, match=r"^order_t row 0 is not a permutation"):
         out.sum().backward()
 
 
