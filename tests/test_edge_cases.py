@@ -436,6 +436,7 @@ def vm_flags(address: int) -> Optional[list[str]]:
 def test_the_huge_page_advice_follows_its_switch(monkeypatch):
     # A 77 MB conv output, past glibc's largest mmap threshold: a mapping of its own, whose
     # middle is advised onto huge pages ("hg") unless SPCONV_LITE_HUGE_PAGES=0.
+    monkeypatch.delenv("SPCONV_LITE_HUGE_PAGES", raising=False)  # the default: advised
     nbr = torch.full((300_000, 1), -1, dtype=torch.int32)
     features, weight = torch.ones(1, 1), torch.ones(1, 1, 64)
 
@@ -450,8 +451,11 @@ def test_the_huge_page_advice_follows_its_switch(monkeypatch):
     assert "hg" not in flags_of_a_fresh_output()
     monkeypatch.setenv("SPCONV_LITE_HUGE_PAGES", "1")
     assert "hg" in flags_of_a_fresh_output()
+    monkeypatch.setenv("SPCONV_LITE_HUGE_PAGES", "")  # empty: as unset
+    assert "hg" in flags_of_a_fresh_output()
     monkeypatch.setenv("SPCONV_LITE_HUGE_PAGES", "off")
-    with pytest.raises(ValueError, match="SPCONV_LITE_HUGE_PAGES must be 0 or 1, got 'off'"):
+    message = "SPCONV_LITE_HUGE_PAGES must be 0 or 1 (or unset), got 'off'"
+    with pytest.raises(ValueError, match=re.escape(message)):
         flags_of_a_fresh_output()
 
 

@@ -31,10 +31,11 @@ inline at::Tensor empty_for_writing(at::IntArrayRef sizes, at::TensorOptions opt
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
   const char* wanted = std::getenv("SPCONV_LITE_HUGE_PAGES");  // read at each call
-  TORCH_CHECK_VALUE(wanted == nullptr || std::strcmp(wanted, "0") == 0 ||
-                        std::strcmp(wanted, "1") == 0,
-                    "SPCONV_LITE_HUGE_PAGES must be 0 or 1, got '", wanted, "'");
-  const bool advise = wanted == nullptr || wanted[0] == '1';
+  // Unset or empty: the default (on), as for the other run-time switches.
+  const bool unset = wanted == nullptr || wanted[0] == '\0';
+  TORCH_CHECK_VALUE(unset || std::strcmp(wanted, "0") == 0 || std::strcmp(wanted, "1") == 0,
+                    "SPCONV_LITE_HUGE_PAGES must be 0 or 1 (or unset), got '", wanted, "'");
+  const bool advise = unset || wanted[0] == '1';
   if (advise && tensor.nbytes() >= 8 * kHugePage) {
     const uintptr_t start = reinterpret_cast<uintptr_t>(tensor.data_ptr());
     const uintptr_t begin = (start + kHugePage - 1) & ~(kHugePage - 1);
