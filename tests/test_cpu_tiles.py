@@ -138,20 +138,25 @@ def test_float32_tiles_match_float64(case, tiles, monkeypatch):
         torch.testing.assert_close(g.double(), e, **TOL[torch.float32], msg=name)
 
 
+def float32_conv_inputs(name: str, case, n_in: int, n_out: int):
+    """(x, w, nbr, nbr_t, upstream) in float32 for a random table of ``case``."""
+    c_in, c_out, volume, density = case
+    gen = make_gen(name, *case)
+    nbr, nbr_t = random_tables(gen, n_in, n_out, volume, density)
+    x = randn(gen, n_in, c_in, dtype=torch.float32)
+    w = randn(gen, volume, c_in, c_out, dtype=torch.float32, scale=0.1)
+    return x, w, nbr, nbr_t, randn(gen, n_out, c_out, dtype=torch.float32)
+
+
 @pytest.mark.parametrize("case", CASES[4:6] + CASES[-4:], ids=case_id)
 def test_float32_tiles_give_the_same_bits_on_one_and_two_threads(case):
     # Two threads split the weight gradient's offsets, so one starts its pair buckets at an
     # offset past 0.
-    c_in, c_out, volume, density = case
-    gen = make_gen("tile threads", *case)
-    nbr, nbr_t = random_tables(gen, 500, 480, volume, density)
-    x = randn(gen, 500, c_in, dtype=torch.float32)
-    w = randn(gen, volume, c_in, c_out, dtype=torch.float32, scale=0.1)
-    upstream = randn(gen, 480, c_out, dtype=torch.float32)
+    inputs = float32_conv_inputs("tile threads", case, 500, 480)
     runs = []
     for threads in (1, 2):
         with num_threads(threads):
-            runs.append(conv_and_grads(x, w, nbr, nbr_t, upstream))
+            runs.append(conv_and_grads(*inputs))
     for one, two in zip(*runs):
         assert torch.equal(one, two)
 
@@ -169,16 +174,11 @@ SAME_BITS_CASES = [(c_in, c_out, 27, density)
 def test_avx512_and_avx2_tiles_give_the_same_bits(case, monkeypatch):
     # Both run each output element as one FMA chain over the input channels, so the wider
     # vectors may only change the speed.
-    c_in, c_out, volume, density = case
-    gen = make_gen("same bits", *case)
-    nbr, nbr_t = random_tables(gen, 400, 380, volume, density)
-    x = randn(gen, 400, c_in, dtype=torch.float32)
-    w = randn(gen, volume, c_in, c_out, dtype=torch.float32, scale=0.1)
-    upstream = randn(gen, 380, c_out, dtype=torch.float32)
+    inputs = float32_conv_inputs("same bits", case, 400, 380)
     runs = []
     for tiles in ("avx512", "avx2"):
         monkeypatch.setenv(TILES_SWITCH, tiles)
-        runs.append(conv_and_grads(x, w, nbr, nbr_t, upstream))
+        runs.append(conv_and_grads(*inputs))
     for name, wide, narrow in zip(("output", "grad features", "grad weight"), *runs):
         assert torch.equal(wide, narrow), name
 
