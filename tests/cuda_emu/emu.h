@@ -160,6 +160,11 @@ inline void land(const AsyncCopy& c) {
 inline void cp_async(void* dst, const void* src, int bytes, int total) {
   check_aligned(dst, total, "a cp.async destination");
   if (bytes > 0) check_aligned(src, total, "a cp.async source");
+  // A zero-byte copy still takes a global address: a null (empty tensor's) pointer faults.
+  if (reinterpret_cast<std::uintptr_t>(src) < 4096) {
+    std::fprintf(stderr, "emu: a cp.async source at %p (a null pointer)\n", src);
+    std::abort();
+  }
   if (copies_land_early) {
     land({dst, src, bytes, total});
   } else {

@@ -322,7 +322,8 @@ def test_conv_edge_shapes(algo, monkeypatch):
 @pytest.mark.parametrize("algo", ["fused", "gemm"])
 def test_conv_without_input_rows_or_channels_gives_zeros(algo, variants, monkeypatch):
     # Output sites but nothing to gather (the input gradient of a conv with no output sites):
-    # zeros, as on the CPU, without handing the kernels an empty (null) feature pointer.
+    # zeros, as on the CPU. (The op returns them before any kernel, so none is handed an empty
+    # tensor's null pointer; the emulator aborts on a null cp.async source.)
     monkeypatch.setenv("SPCONV_LITE_CUDA_CONV_ALGO", algo)
     monkeypatch.setenv("SPCONV_LITE_CUDA_VARIANTS", variants)
     nbr = torch.full((4, 27), -1, dtype=torch.int32)
