@@ -319,6 +319,67 @@ def test_fused_activation_refused():
         spconv.conv.SparseConvolution(3, 4, 4, 3, act_type="ReLU")
 
 
+
+def _standardized(weight):
+    """Weight standardization: each output channel's weights with mean 0 and std 1."""
+    dims = tuple(range(1, weight.dim()))
+    return (weight - weight.mean(dims, keepdim=True)) / (weight.std(dims, keepdim=True) + 1e-5)
+
+
+def _weight_standardized(layer_class):
+    """A subclass written against spconv 2.x: it runs the layer's conv with another weight
+    through ``_conv_forward`` (as weight-standardized and fake-quantized convs do)."""
+
+    class Standardized(layer_class):
+        def forward(self, x):
+            return self._conv_forward(self.training, x, _standardized(self.weight), self.bias)
+
+    return Standardized
+
+
+@pytest.mark.parametrize("name, args, kwargs", [
+    ("SubMConv3d", (3, 4, 3), dict(indice_key="k")),
+    ("SparseConv3d", (3, 4, 3), dict(stride=2, padding=1)),
+    ("SubMConv3d", (3, 4, 1), {}),
+], ids=["subm", "strided", "1x1"])
+def test_conv_forward_runs_the_layer_with_the_weight_it_is_given(name, args, kwargs):
+    torch.manual_seed(0)
+    features, indices, shape, batch = _input()
+    x = spconv.SparseConvTensor(features, indices, shape, batch)
+    layer = _weight_standardized(getattr(spconv, name))(*args, **kwargs)
+    plain = getattr(spconv, name)(*args, **kwargs)
+    with torch.no_grad():
+        plain.weight.copy_(_standardized(layer.weight))
+        plain.bias.copy_(layer.bias)
+    ours, expected = layer(x), plain(x)
+    assert torch.equal(ours.features, expected.features)
+    assert torch.equal(ours.indices, expected.indices)
+    ours.features.sum().backward()  # the gradient reaches the layer's own weight
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parity
+def test_conv_forward_subclass_matches_spconv():
+    reference = require_spconv()
+    features, indices, shape, batch = _input()
+    theirs = _weight_standardized(reference.SubMConv3d)(3, 4, 3, indice_key="k")
+    ours = _weight_standardized(spconv.SubMConv3d)(3, 4, 3, indice_key="k")
+    ours.load_state_dict(theirs.state_dict())
+    with num_threads(1):  # spconv's CPU ops need it
+        expected = theirs(reference.SparseConvTensor(features, indices, shape, batch)).features
+    got = ours(spconv.SparseConvTensor(features, indices, shape, batch)).features
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_conv_forward_refuses_int8_scales_and_fused_activations():
+    features, indices, shape, batch = _input()
+    x = spconv.SparseConvTensor(features, indices, shape, batch)
+    layer = spconv.SubMConv3d(3, 4, 3)
+    with pytest.raises(NotImplementedError, match="channel_scale, output_scale"):
+        layer._conv_forward(False, x, layer.weight, layer.bias, output_scale=0.5)
+    with pytest.raises(ValueError, match="act_type='ReLU'"):
+        layer._conv_forward(False, x, layer.weight, layer.bias, act_type="ReLU")
+
 CONV_CLASSES = [f"{kind}{n}d" for kind in ("SubMConv", "SparseConv", "SparseConvTranspose",
                                            "SparseInverseConv") for n in (1, 2, 3, 4)]
 

@@ -52,6 +52,16 @@ def check_input(x, channels: Optional[int], layer: nn.Module) -> None:
         )
 
 
+def refuse_fused_activation(act_type) -> None:
+    """spconv fuses an ``act_type`` activation into its GEMM; ignoring it would silently change
+    the results, so refuse it (``None`` or spconv's ``Activation.None_`` pass)."""
+    if act_type is not None and getattr(act_type, "name", act_type) not in ("None_", "None"):
+        raise ValueError(
+            f"act_type={act_type!r} (a fused activation) is not supported: add the "
+            "activation as a module after the conv"
+        )
+
+
 VOXEL_COUNT_BUFFER = "max_num_voxels_during_training"
 _VOXEL_COUNT_LOCK = threading.Lock()
 
@@ -171,13 +181,7 @@ class SparseConvolution(RecordsVoxelCount):
             raise ValueError(
                 f"submanifold conv needs odd kernel sizes, got {list(self.kernel_size)}"
             )
-        if act_type is not None and getattr(act_type, "name", act_type) not in ("None_", "None"):
-            # spconv fuses this activation into its GEMM; ignoring it would silently change
-            # the results, so refuse it. Apply the activation as a separate module instead.
-            raise ValueError(
-                f"act_type={act_type!r} (a fused activation) is not supported: add the "
-                "activation as a module after the conv"
-            )
+        refuse_fused_activation(act_type)
         if inverse and indice_key is None:
             raise ValueError("an inverse conv needs the indice_key of the conv it inverts")
         self.groups = groups
@@ -286,9 +290,25 @@ class SparseConvolution(RecordsVoxelCount):
                 add_input: Optional[SparseConvTensor] = None) -> SparseConvTensor:
         """Runs the conv; ``add_input`` (a tensor on the output sites, as in spconv) is added
         to the result."""
-        check_input(input, self.in_channels, self)
         # Read once: a parametrized weight (spectral_norm, weight_norm) is computed at each read.
-        weight = self.weight
+        return self._conv_forward(self.training, input, self.weight, self.bias, add_input)
+
+    def _conv_forward(self, training: bool, input: SparseConvTensor, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor],
+                      add_input: Optional[SparseConvTensor] = None,
+                      channel_scale: Optional[torch.Tensor] = None,
+                      output_scale: Optional[float] = None, name: Optional[str] = None,
+                      sparse_unique_name: str = "", act_type=None, act_alpha: float = 0,
+                      act_beta: float = 0) -> SparseConvTensor:
+        """spconv 2.x's entry point for subclasses that run the layer with another weight or
+        bias (fake-quantized, standardized): this layer's conv with ``weight`` (``[C_out,
+        *kernel_size, C_in]``) and ``bias``. ``training``, ``name`` and ``sparse_unique_name``
+        are accepted and ignored, as ``algo``; int8 scales and a fused activation are refused."""
+        if channel_scale is not None or output_scale is not None:
+            raise NotImplementedError("_conv_forward: int8 inference (channel_scale, "
+                                      "output_scale) is not supported")
+        refuse_fused_activation(act_type)
+        check_input(input, self.in_channels, self)
         self._check_weight_shape(weight)
         in_features = input.features
         # spconv 2.x runs a 1x1 layer as one product on the input's own rows, without a map: the
@@ -323,10 +343,10 @@ class SparseConvolution(RecordsVoxelCount):
         order, order_t = (None, None) if kmap is None else row_orders(kmap, self.inverse)
         features = ops.sparse_conv(in_features, self.kernel_weight(weight), nbr, nbr_t,
                                    order=order, order_t=order_t, check_tables=False)
-        if self.bias is not None:
+        if bias is not None:
             # In the conv's dtype: under torch.autocast the conv runs in float16 / bfloat16 and
             # its output stays so, as an in-place add would keep it (spconv's).
-            features = features + self.bias.to(features.dtype)
+            features = features + bias.to(features.dtype)
         self._record_voxel_count(out_indices.shape[0])
         out = input.shadow_copy()
         # The inverse conv reads the map under its key and makes none.
