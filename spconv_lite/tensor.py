@@ -238,8 +238,10 @@ class SparseConvTensor:
     def _checked_features(self, features: Tensor) -> Tensor:
         if not isinstance(features, Tensor):
             raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
-        if not features.is_floating_point():
-            raise TypeError(f"features must be a floating-point tensor, got {features.dtype}")
+        if features.is_complex():
+            # Integer and bool features are fine (spconv's too: labels or counts scattered
+            # into a grid with dense()); the layers check for floating point themselves.
+            raise TypeError(f"features must be a real tensor, got {features.dtype}")
         if features.dim() != 2:
             raise ValueError(f"features must be 2-D [N, C], got shape {list(features.shape)}")
         if features.device != self.indices.device:

@@ -113,9 +113,19 @@ CASES = [
     ("feature_rows_pool", lambda: sp.SparseGlobalMaxPool()(
         tensor(TWO_SITES).replace_feature(torch.randn(3, 3))),
      ValueError, r"features has 3 rows but indices has 2"),
-    ("features_integer", lambda: sp.SparseConvTensor(torch.ones(2, 3, dtype=torch.int64),
+    ("features_complex", lambda: sp.SparseConvTensor(torch.ones(2, 3, dtype=torch.complex64),
                                                      TWO_SITES, [4, 4, 4], 1),
-     TypeError, r"features must be a floating-point tensor, got torch\.int64"),
+     TypeError, r"features must be a real tensor, got torch\.complex64"),
+    # Integer features make a tensor (labels for dense()), but not a layer's input.
+    ("features_integer_conv", lambda: sp.SubMConv3d(3, 4, 3)(
+        tensor(TWO_SITES).replace_feature(torch.ones(2, 3, dtype=torch.int64))),
+     TypeError, r"SubMConv3d needs floating-point features, got torch\.int64"),
+    ("features_bool_pool", lambda: sp.SparseMaxPool3d(2)(
+        tensor(TWO_SITES).replace_feature(torch.ones(2, 3, dtype=torch.bool))),
+     TypeError, r"SparseMaxPool3d needs floating-point features, got torch\.bool"),
+    ("features_integer_global_pool", lambda: sp.SparseGlobalAvgPool()(
+        tensor(TWO_SITES).replace_feature(torch.ones(2, 3, dtype=torch.int32))),
+     TypeError, r"SparseGlobalAvgPool needs floating-point features, got torch\.int32"),
     ("features_1d", lambda: sp.SparseConvTensor(torch.ones(2), TWO_SITES, [4, 4, 4], 1),
      ValueError, r"features must be 2-D \[N, C\], got shape \[2\]"),
     ("channels_subm", lambda: sp.SubMConv3d(5, 4, 3)(tensor(TWO_SITES)), ValueError,

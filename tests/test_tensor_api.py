@@ -67,6 +67,26 @@ def test_from_dense_round_trip(shape):
     assert out.features.shape == (len(idx), 2)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_integer_and_bool_features_scatter_into_dense(dtype):
+    """As in spconv: per-site labels or counts made dense (a layer still needs floats)."""
+    gen = make_gen("integer features")
+    shape = (5, 6, 7)
+    idx = random_sites(gen, 2, shape, count=30)
+    values = torch.randint(0, 2 if dtype == torch.bool else 100, (30, 2), generator=gen)
+    labels = values.to(dtype)
+    x = sp.SparseConvTensor(labels, idx, list(shape), 2)
+    expected = torch.zeros(2, *shape, 2, dtype=dtype)
+    expected[tuple(idx.long().t())] = labels
+    assert torch.equal(x.dense(channels_first=False), expected)
+    assert torch.equal(x.dense(), expected.movedim(-1, 1))
+    back = sp.SparseConvTensor.from_dense(expected)
+    assert back.features.dtype == dtype
+    assert torch.equal(back.dense(channels_first=False), expected)
+    floats = sp.SparseConvTensor(torch.ones(30, 2), idx, list(shape), 2)
+    assert torch.equal(floats.replace_feature(labels).dense(), expected.movedim(-1, 1))
+
+
 def test_replace_feature_shares_indice_dict():
     gen = make_gen("replace")
     idx = random_sites(gen, 2, (6, 6, 6), count=50)

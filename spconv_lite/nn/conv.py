@@ -39,6 +39,8 @@ def check_input(x, channels: Optional[int], layer: nn.Module) -> None:
     if not isinstance(x, SparseConvTensor):
         raise TypeError(f"{name} expects a SparseConvTensor, got {type(x).__name__}")
     x.check_rows()
+    if not x.features.is_floating_point():
+        raise TypeError(f"{name} needs floating-point features, got {x.features.dtype}")
     ndim = getattr(layer, "ndim", None)
     if ndim is not None and len(x.spatial_shape) != ndim:
         raise ValueError(
