@@ -273,8 +273,10 @@ def voxelize(
         >>> c.tolist(), n.tolist(), ids.tolist()
         ([[0, 0, 0], [0, 0, 1]], [2, 1], [0, 0, 1])
     """
+    # Not differentiable (spconv voxelizes under no_grad): detached, so the outputs do not
+    # claim a gradient the op has no formula for (backward would give the points none).
     return _ops.voxelize(
-        points,
+        points.detach(),
         *_grid_args(voxel_size, range_min, grid_size),
         _whole(max_points_per_voxel, "max_points_per_voxel"),
         _whole(max_voxels, "max_voxels"),
@@ -296,8 +298,9 @@ def voxelize_mean(
         ``(features [M, C] float32, coordinates [M, D] int32, num_points_per_voxel [M] int32,
         point_voxel_id [N] int64)``.
     """
-    return _ops.voxelize_mean(
-        points, *_grid_args(voxel_size, range_min, grid_size), _whole(max_voxels, "max_voxels")
+    return _ops.voxelize_mean(  # detached: see voxelize
+        points.detach(), *_grid_args(voxel_size, range_min, grid_size),
+        _whole(max_voxels, "max_voxels"),
     )
 
 

@@ -221,6 +221,18 @@ def test_empty_cloud(device):
     assert features.shape == (0, 4) and coords.shape == (0, 3)
 
 
+def test_outputs_do_not_claim_a_gradient_for_points_that_require_one():
+    """Voxelizing is not differentiable (spconv runs it under no_grad): its outputs must not
+    require grad, or a loss on them would backpropagate nothing to the points, silently."""
+    points = (torch.rand(50, 4) * 4).requires_grad_()
+    gen = PointToVoxel((1, 1, 1), (0, 0, 0, 4, 4, 4), 4, 100, 3)
+    outputs = [*gen(points), *gen.generate_voxel_mean(points)]
+    outputs += [*ops.voxelize(points, (1, 1, 1), (0, 0, 0), (4, 4, 4), 3, 100)]
+    assert not any(out.requires_grad for out in outputs)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        outputs[0].sum().backward()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_finite_points_are_dropped(device):
     gen = PointToVoxel((1, 1, 1), (0, 0, 0, 4, 4, 4), 4, 10, 3, device=device)
