@@ -166,6 +166,21 @@ class KernelMap:
         return self.in_indices
 
     @property
+    def spatial_shape(self) -> list[int]:
+        """The input grid (spconv's ``spatial_shape``)."""
+        return self.in_spatial_shape
+
+    @property
+    def is_subm(self) -> bool:
+        """Whether this is a submanifold map (spconv's ``is_subm``)."""
+        return self.subm
+
+    @property
+    def ksize(self) -> list[int]:
+        """The kernel size (spconv's ``ksize``)."""
+        return list(self.kernel_size)
+
+    @property
     def pair_fwd(self) -> Tensor:
         """``[K, N_out]``: the input row of each output row at each offset, or -1."""
         return self.nbr.t()

@@ -160,6 +160,10 @@ def test_kernel_map_has_spconvs_pair_fields(make):
     assert kmap.pair_fwd.shape == (27, len(ours.indices))
     assert kmap.pair_bwd.shape == (27, len(indices))
     assert int((kmap.pair_fwd >= 0).sum()) == int(kmap.indice_pair_num.sum())
+    # IndiceData's geometry fields (client code compares them with its own layer's)
+    data = theirs.indice_dict["k"]
+    assert list(kmap.spatial_shape) == list(data.spatial_shape)
+    assert kmap.is_subm == data.is_subm and list(kmap.ksize) == list(data.ksize)
 
 
 def _pair_sites(pairs, in_indices, out_indices, offset):
