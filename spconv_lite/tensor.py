@@ -130,6 +130,11 @@ def check_in_grid(indices: Tensor, spatial_shape: Sequence[int], batch_size: int
                          f"spatial_shape {list(spatial_shape)}")
 
 
+# How to fix the error, in its message (the C++ map builders say the same).
+MERGE_DUPLICATES = ("merge each site's rows first (torch.unique(indices, dim=0, "
+                    "return_inverse=True), then scatter_reduce of the features)")
+
+
 def check_sites(indices: Tensor, spatial_shape: Sequence[int], batch_size: int) -> None:
     """Raises ValueError naming the first row of ``indices`` outside the batch and grid, or two
     rows that are the same site (and what check_indices raises).
@@ -157,7 +162,7 @@ def check_sites(indices: Tensor, spatial_shape: Sequence[int], batch_size: int) 
         first, second = int(order[j]), int(order[j + 1])
         raise ValueError(
             f"indices contains duplicate sites: rows {first} and {second} are both "
-            f"{indices[second].tolist()}"
+            f"{indices[second].tolist()}; {MERGE_DUPLICATES}"
         )
 
 

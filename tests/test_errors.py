@@ -177,7 +177,9 @@ CASES = [
     # duplicate sites
     ("duplicate_sites_subm", lambda: sp.SubMConv3d(3, 4, 3)(
         tensor(idx([0, 1, 1, 1], [0, 2, 2, 2], [1, 1, 1, 1], [0, 1, 1, 1]))),
-     ValueError, E("duplicate sites: rows 0 and 3 are both [0, 1, 1, 1]")),
+     ValueError, E("duplicate sites: rows 0 and 3 are both [0, 1, 1, 1]; merge each site's rows "
+                   "first (torch.unique(indices, dim=0, return_inverse=True), then "
+                   "scatter_reduce of the features)")),
     ("duplicate_sites_conv", lambda: sp.SparseConv1d(3, 4, 2)(
         tensor(idx([1, 3], [0, 3], [1, 3]), (5,))),
      ValueError, E("duplicate sites: rows 0 and 2 are both [1, 3]")),
@@ -473,7 +475,8 @@ def test_dense_and_global_pools_reject_duplicate_sites(use):
     # would count the site twice.
     x = sp.SparseConvTensor(torch.ones(3, 2), idx([0, 1, 1, 1], [1, 2, 2, 2], [0, 1, 1, 1]),
                             [4, 4, 4], 2)
-    with pytest.raises(ValueError, match=E("duplicate sites: rows 0 and 2 are both [0, 1, 1, 1]")):
+    with pytest.raises(ValueError, match=E("duplicate sites: rows 0 and 2 are both [0, 1, 1, 1]; "
+                                           "merge each site's rows first (torch.unique(")):
         use(x)
 
 

@@ -75,7 +75,9 @@ std::vector<int64_t> pack_indices(const at::Tensor& indices, const Grid& grid,
   const int64_t width = indices.size(1);
   TORCH_CHECK_VALUE(false, "indices contains duplicate sites: rows ", first, " and ", second,
                     " are both ",
-                    describe_row(indices.data_ptr<int32_t>() + second * width, width));
+                    describe_row(indices.data_ptr<int32_t>() + second * width, width),
+                    "; merge each site's rows first (torch.unique(indices, dim=0, "
+                    "return_inverse=True), then scatter_reduce of the features)");
   __builtin_unreachable();
 }
 
