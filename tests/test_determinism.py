@@ -2,7 +2,7 @@
 
 Inputs are large enough (20k sites, 32 channels) that every parallel loop of the C++ kernels
 is split between both threads (the largest grain is 2048 rows, and the weight gradient splits
-over the 27 kernel offsets). The thread count is restored after each run.
+over the kernel offsets and, for kernels of few offsets, row segments). The thread count is restored after each run.
 """
 
 from __future__ import annotations
@@ -41,6 +41,18 @@ def transpose_map(idx):
                               (1, 1, 1), True)
 
 
+def pooling_map(idx):
+    """Kernel 2, stride 2: 8 offsets, whose weight gradient also splits its rows."""
+    return ops.build_conv_map(idx, SHAPE, BATCH, (20, 20, 20), (2, 2, 2), (2, 2, 2), (0, 0, 0),
+                              (1, 1, 1))
+
+
+def identity_map(idx):
+    """One offset (a 1x1 layer): the weight gradient is summed over row segments only."""
+    table = torch.arange(len(idx), dtype=torch.int32).unsqueeze(1)
+    return table, table
+
+
 def conv_outputs(features, weight, nbr, nbr_t, key):
     """Forward, input gradient and weight gradient of one sparse conv."""
     features = features.clone().requires_grad_()
@@ -75,6 +87,10 @@ def run_case(name):
         return conv_outputs(features, weight, *conv_map(idx)[1:], name)
     if name == "transposed_conv":
         return conv_outputs(features, weight, *transpose_map(idx)[1:], name)
+    if name == "k2_conv":
+        return conv_outputs(features, weight[:, :2, :2, :2], *pooling_map(idx)[1:], name)
+    if name == "1x1_conv":
+        return conv_outputs(features, weight[:, :1, :1, :1], *identity_map(idx), name)
     if name == "max_pool":
         # Distinct values: the result does not even depend on the order ties are broken in.
         values = distinct_values(gen, SITES, CHANNELS, dtype=torch.float32)
@@ -89,7 +105,7 @@ def run_case(name):
 
 
 CASES = ["subm_map", "conv_map", "transpose_map", "subm_conv", "strided_conv",
-         "transposed_conv", "max_pool", "max_pool_with_ties", "sum_pool"]
+         "transposed_conv", "k2_conv", "1x1_conv", "max_pool", "max_pool_with_ties", "sum_pool"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -106,6 +122,23 @@ def test_one_and_two_threads_give_identical_bits(name):
     for a, b in zip(single, double):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name, make_map", [("k2_conv", pooling_map), ("1x1_conv", identity_map),
+                                            ("subm_conv", subm_map)])
+def test_weight_gradient_over_row_segments_matches_float64(name, make_map):
+    """Kernels of few offsets sum their weight gradient over row segments (20k rows: 4 of
+    them here for a 1x1 layer, 2 for kernel 2), which must add up to every pair once."""
+    _, idx, features = data()
+    nbr = make_map(idx)[-2]
+    upstream = randn(make_gen("upstream", name), len(nbr), CHANNELS, dtype=torch.float32)
+    got = torch.ops.spconv_lite.sparse_conv_weight_grad(features, upstream, nbr)
+    expected = torch.zeros(nbr.shape[1], CHANNELS, CHANNELS, dtype=torch.float64)
+    for k in range(nbr.shape[1]):
+        rows = (nbr[:, k] >= 0).nonzero().squeeze(1)
+        inputs = features.double()[nbr[rows, k].long()]
+        expected[k] = inputs.t() @ upstream.double()[rows]
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- voxel means

@@ -282,55 +282,88 @@ at::Tensor sparse_conv_cpu(const at::Tensor& features, const at::Tensor& weight,
   return out.to(features.scalar_type());
 }
 
-// grad_weight[k] = sum over the pairs (i, o) of offset k of in[i]^T grad_out[o]. Threads own
-// offsets; each walks the output rows in blocks, gathers the block's pairs of its offsets (the
-// grad_out rows of a block stay in cache across its offsets) and adds their outer products.
-// Every offset sums its pairs in row order, in fixed chunks, so the result does not depend on
-// the thread count.
+// acc[k - k_begin] += sum over the pairs (i, o) of offset k with o in [o_first, o_last) of
+// in[i]^T grad_out[o], for k in [k_begin, k_end). Walks the rows in blocks, gathers a block's
+// pairs of its offsets (the grad_out rows of a block stay in cache across its offsets) and adds
+// their outer products, in row order and in fixed chunks.
 template <typename scalar_t>
-void weight_grad_kernel(const scalar_t* in, const scalar_t* grad_out, const int32_t* nbr,
-                        scalar_t* grad_weight, int64_t rows, int64_t volume, int64_t c_in,
-                        int64_t c_out, const FloatTiles& tiles) {
+void add_weight_grad(const scalar_t* in, const scalar_t* grad_out, const int32_t* nbr,
+                     at::opmath_type<scalar_t>* acc, int64_t o_first, int64_t o_last,
+                     int64_t volume, int64_t k_begin, int64_t k_end, int64_t c_in, int64_t c_out,
+                     const FloatTiles& tiles, PairBuckets<scalar_t, const scalar_t>* pairs) {
   using acc_t = at::opmath_type<scalar_t>;
   // Blocks of 1024 rows give a sparse offset enough pairs to share each update of its dw[k]
   // (each tile pass reads and writes all of it); its pairs are then taken 64 at a time, whose
   // rows stay in L1 across the channel tiles. Both are fixed: they group the sums.
   constexpr int64_t block = 1024, chunk = 64;
-  at::parallel_for(0, volume, 1, [&](int64_t k_begin, int64_t k_end) {
-    std::vector<acc_t> acc((k_end - k_begin) * c_in * c_out, acc_t(0));
-    PairBuckets<scalar_t, const scalar_t> pairs;
-    for (int64_t o_begin = 0; o_begin < rows; o_begin += block) {
-      const int64_t o_end = std::min(rows, o_begin + block);
-      pairs.fill(nbr, volume, k_begin, k_end, o_begin, o_end, in, c_in,
-                 grad_out + o_begin * c_out, c_out);
-      for (int64_t k = k_begin; k < k_end; ++k) {
-        const int64_t count = pairs.count(k);
-        if (count == 0) continue;  // the tiles would still read and write all of dw[k]
-        const scalar_t* const* x_rows = pairs.x_rows(k);
-        const scalar_t* const* g_rows = pairs.o_rows(k);
-        acc_t* dw = acc.data() + (k - k_begin) * c_in * c_out;
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          if (tiles.pairs_outer_product != nullptr) {
-            for (int64_t first = 0; first < count; first += chunk) {
-              tiles.pairs_outer_product(x_rows + first, c_in, g_rows + first,
-                                        std::min(chunk, count - first), dw, c_out);
-            }
-            continue;
+  for (int64_t o_begin = o_first; o_begin < o_last; o_begin += block) {
+    const int64_t o_end = std::min(o_last, o_begin + block);
+    pairs->fill(nbr, volume, k_begin, k_end, o_begin, o_end, in, c_in,
+                grad_out + o_begin * c_out, c_out);
+    for (int64_t k = k_begin; k < k_end; ++k) {
+      const int64_t count = pairs->count(k);
+      if (count == 0) continue;  // the tiles would still read and write all of dw[k]
+      const scalar_t* const* x_rows = pairs->x_rows(k);
+      const scalar_t* const* g_rows = pairs->o_rows(k);
+      acc_t* dw = acc + (k - k_begin) * c_in * c_out;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (tiles.pairs_outer_product != nullptr) {
+          for (int64_t first = 0; first < count; first += chunk) {
+            tiles.pairs_outer_product(x_rows + first, c_in, g_rows + first,
+                                      std::min(chunk, count - first), dw, c_out);
           }
+          continue;
         }
-        for (int64_t p = 0; p < count; ++p) {
-          for (int64_t c = 0; c < c_in; ++c) {
-            const acc_t xv = static_cast<acc_t>(x_rows[p][c]);
-            acc_t* a = dw + c * c_out;
-            for (int64_t co = 0; co < c_out; ++co) {
-              a[co] += xv * static_cast<acc_t>(g_rows[p][co]);
-            }
-          }
+      }
+      for (int64_t p = 0; p < count; ++p) {
+        for (int64_t c = 0; c < c_in; ++c) {
+          const acc_t xv = static_cast<acc_t>(x_rows[p][c]);
+          acc_t* a = dw + c * c_out;
+          for (int64_t co = 0; co < c_out; ++co) a[co] += xv * static_cast<acc_t>(g_rows[p][co]);
         }
       }
     }
-    scalar_t* dw = grad_weight + k_begin * c_in * c_out;
-    for (size_t j = 0; j < acc.size(); ++j) dw[j] = static_cast<scalar_t>(acc[j]);
+  }
+}
+
+// Row segments of a weight gradient: kernels of few offsets (a 1x1 layer has one) split their
+// rows too, so that at least kWeightGradTasks (offset, segment) tasks share out the work. Set
+// by the shapes alone, never by the thread count: each segment sums its rows apart, and the
+// segments are added up in order, so the grouping of the sums stays fixed.
+constexpr int64_t kWeightGradTasks = 16, kMinSegmentRows = 4096;
+int64_t weight_grad_segments(int64_t rows, int64_t volume) {
+  if (volume == 0) return 1;  // a [N, 0] table: nothing to sum
+  const int64_t wanted = (kWeightGradTasks + volume - 1) / volume;
+  return std::clamp<int64_t>(rows / kMinSegmentRows, 1, wanted);
+}
+
+// grad_weight[k] = sum over the pairs (i, o) of offset k of in[i]^T grad_out[o]. Threads own
+// (row segment, offset) tasks; the result does not depend on the thread count.
+template <typename scalar_t>
+void weight_grad_kernel(const scalar_t* in, const scalar_t* grad_out, const int32_t* nbr,
+                        scalar_t* grad_weight, int64_t rows, int64_t volume, int64_t c_in,
+                        int64_t c_out, const FloatTiles& tiles) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t segments = weight_grad_segments(rows, volume);
+  const int64_t segment_rows = (rows + segments - 1) / segments;
+  const int64_t matrix = c_in * c_out;
+  std::vector<acc_t> partial(segments * volume * matrix, acc_t(0));  // [segment][k][c_in][c_out]
+  at::parallel_for(0, segments * volume, 1, [&](int64_t t_begin, int64_t t_end) {
+    PairBuckets<scalar_t, const scalar_t> pairs;
+    for (int64_t s = t_begin / volume; s * volume < t_end; ++s) {
+      const int64_t k_begin = std::max(t_begin, s * volume) - s * volume;
+      const int64_t k_end = std::min(t_end, (s + 1) * volume) - s * volume;
+      add_weight_grad(in, grad_out, nbr, partial.data() + (s * volume + k_begin) * matrix,
+                      s * segment_rows, std::min(rows, (s + 1) * segment_rows), volume, k_begin,
+                      k_end, c_in, c_out, tiles, &pairs);
+    }
+  });
+  at::parallel_for(0, volume * matrix, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      acc_t sum = partial[j];
+      for (int64_t s = 1; s < segments; ++s) sum += partial[s * volume * matrix + j];
+      grad_weight[j] = static_cast<scalar_t>(sum);
+    }
   });
 }
 
