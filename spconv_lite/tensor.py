@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from typing import Any, Optional, Sequence, Union
@@ -387,3 +388,24 @@ class SparseConvTensor:
         return self.replace_feature(self.features + other)
 
     __radd__ = __add__
+
+
+@dataclasses.dataclass
+class _SparseConvTensorFields:
+    """The fields through which torch's distributed wrappers see a ``SparseConvTensor``."""
+
+    features: Tensor
+    indices: Tensor
+    spatial_shape: list
+    batch_size: int
+    indice_dict: dict
+
+
+# DistributedDataParallel (find_unused_parameters=True) and FSDP2 (fully_shard) look for a
+# module's output tensors in lists, tuples, dicts and dataclasses only: in an opaque object they
+# find none, so DDP marks every parameter unused and then fails ("marked as ready twice"), and
+# FSDP2 registers no pre-backward hook (a layer wrapped on its own reads freed parameters in
+# backward; a wrapped root never reduces its gradients: silently wrong training). Listing the
+# fields as a dataclass's lets them reach ``features``; ``dataclasses.replace`` rebuilds the
+# tensor through the constructor with its cached maps.
+SparseConvTensor.__dataclass_fields__ = _SparseConvTensorFields.__dataclass_fields__
