@@ -15,6 +15,7 @@ Cases:
   subm 32->32 f16       the 32-channel SubMConv3d in float16 (features and weight)
   subm 16->16 k5        a 5x5x5 SubMConv3d (125 offsets, most of them empty at each site)
   subm 16->16 k1        a 1x1 SubMConv3d (one product on the input's own rows, no map)
+  subm 128->128 k1      a wide 1x1 SubMConv3d (Pointcept's and VoxelNeXt's 1x1 layers)
   subm 128->128         a wide SubMConv3d (the width of deep stages, here on the full frame)
   ... fwd+bwd           forward plus backward (gradients of features and weight)
 
@@ -149,6 +150,7 @@ def conv_cases(indices: torch.Tensor, shape: list[int], n_sites: int) -> list[Ca
         ("subm 32->32 f16", 32, 32, True, torch.float16, 3),
         ("subm 16->16 k5", 16, 16, True, torch.float32, 5),
         ("subm 16->16 k1", 16, 16, True, torch.float32, 1),
+        ("subm 128->128 k1", 128, 128, True, torch.float32, 1),
         ("subm 128->128", 128, 128, True, torch.float32, 3),
     ]
     for name, c_in, c_out, subm, dtype, kernel in specs:
