@@ -2,7 +2,8 @@
 
 Inputs are large enough (20k sites, 32 channels) that every parallel loop of the C++ kernels
 is split between both threads (the largest grain is 2048 rows, and the weight gradient splits
-over the kernel offsets and, for kernels of few offsets, row segments). The thread count is restored after each run.
+over the kernel offsets and, for kernels of few offsets, row segments). The thread count is
+restored after each run.
 """
 
 from __future__ import annotations
