@@ -195,7 +195,8 @@ class SparseConvTensor:
     """A batch of sparse grids: ``features[i]`` lives at site ``indices[i]``.
 
     Args:
-        features: float ``[N, C]``.
+        features: ``[N, C]``, floating point for the layers (integer or bool features, such
+            as labels, can be made dense).
         indices: int32 ``[N, D + 1]``: batch index, then ``D`` coordinates (z, y, x in 3D).
         spatial_shape: ``D`` grid sizes (list, tuple, numpy array or tensor).
         batch_size: number of batch items.
@@ -334,7 +335,7 @@ class SparseConvTensor:
 
     @property
     def is_quantized(self) -> bool:
-        """Always False: features are floating point (spconv API)."""
+        """Always False: there are no int8-quantized features here (spconv API)."""
         return False
 
     def shadow_copy(self) -> "SparseConvTensor":
@@ -392,10 +393,14 @@ class SparseConvTensor:
 
 @dataclasses.dataclass
 class _SparseConvTensorFields:
-    """The fields through which torch's distributed wrappers see a ``SparseConvTensor``."""
+    """The fields through which torch's distributed wrappers see a ``SparseConvTensor``.
 
-    features: Tensor
+    ``indices`` comes first: helpers that rebuild a dataclass by setting its fields one by one
+    in this order (Lightning's ``move_data_to_device``, run on every batch) then move the
+    indices before the features, whose setter checks that both are on one device."""
+
     indices: Tensor
+    features: Tensor
     spatial_shape: list
     batch_size: int
     indice_dict: dict

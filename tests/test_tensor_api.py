@@ -263,3 +263,22 @@ def test_sparse_sequential_and_small_modules():
     named = sp.SparseSequential(OrderedDict([("1", nn.ReLU())]))
     with pytest.raises(KeyError, match="'1'"):  # the next free number is taken
         named.add(nn.ReLU())
+
+
+def test_dataclass_fields_set_one_by_one_move_the_tensor():
+    """Collection helpers that rebuild a dataclass by setting its fields in order (Lightning's
+    move_data_to_device, on every batch) move a SparseConvTensor: the indices come before the
+    features, whose setter checks that both share a device."""
+    import copy
+    import dataclasses
+
+    gen = make_gen("dataclass_fields")
+    idx = random_sites(gen, 1, (4, 4, 4), count=5)
+    x = sparse_tensor(randn(gen, 5, 3), idx, (4, 4, 4), 1)
+    moved = copy.copy(x)
+    for field in dataclasses.fields(x):
+        value = getattr(x, field.name)
+        setattr(moved, field.name, value.to("meta") if isinstance(value, torch.Tensor) else value)
+    assert moved.features.device.type == moved.indices.device.type == "meta"
+    replaced = dataclasses.replace(x, features=x.features * 2)
+    assert replaced.indices is x.indices and torch.equal(replaced.features, x.features * 2)
