@@ -239,6 +239,14 @@ def _tables_fit(features, nbr, nbr_t) -> bool:
             and nbr_t.shape[0] == features.shape[0])
 
 
+def _detached_points(points) -> Tensor:
+    """``points`` detached (voxelizing is not differentiable); a non-tensor raises TypeError
+    naming the argument, as the op's schema check did before the detach."""
+    if not isinstance(points, Tensor):
+        raise TypeError(f"points must be a torch.Tensor, got {type(points).__name__}")
+    return points.detach()
+
+
 def voxelize(
     points: Tensor,
     voxel_size: Sequence[float],
@@ -276,7 +284,7 @@ def voxelize(
     # Not differentiable (spconv voxelizes under no_grad): detached, so the outputs do not
     # claim a gradient the op has no formula for (backward would give the points none).
     return _ops.voxelize(
-        points.detach(),
+        _detached_points(points),
         *_grid_args(voxel_size, range_min, grid_size),
         _whole(max_points_per_voxel, "max_points_per_voxel"),
         _whole(max_voxels, "max_voxels"),
@@ -299,7 +307,7 @@ def voxelize_mean(
         point_voxel_id [N] int64)``.
     """
     return _ops.voxelize_mean(  # detached: see voxelize
-        points.detach(), *_grid_args(voxel_size, range_min, grid_size),
+        _detached_points(points), *_grid_args(voxel_size, range_min, grid_size),
         _whole(max_voxels, "max_voxels"),
     )
 

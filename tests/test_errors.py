@@ -126,6 +126,14 @@ CASES = [
     ("features_integer_global_pool", lambda: sp.SparseGlobalAvgPool()(
         tensor(TWO_SITES).replace_feature(torch.ones(2, 3, dtype=torch.int32))),
      TypeError, r"SparseGlobalAvgPool needs floating-point features, got torch\.int32"),
+    # spconv's _conv_forward with a bias of its caller's: checked, as features + bias would
+    # broadcast a [1] or [N, C_out] bias
+    ("conv_forward_bias_shape", lambda: (lambda layer: layer._conv_forward(
+        False, tensor(TWO_SITES), layer.weight, torch.ones(1)))(sp.SubMConv3d(3, 4, 3)),
+     ValueError, E("SubMConv3d: bias has shape [1], the layer expects [4] = [C_out]")),
+    ("voxelize_points_numpy", lambda: ops.voxelize(
+        torch.ones(3, 4).numpy(), (1, 1, 1), (0, 0, 0), (4, 4, 4), 3, 10),
+     TypeError, E("points must be a torch.Tensor, got ndarray")),
     ("features_1d", lambda: sp.SparseConvTensor(torch.ones(2), TWO_SITES, [4, 4, 4], 1),
      ValueError, r"features must be 2-D \[N, C\], got shape \[2\]"),
     ("channels_subm", lambda: sp.SubMConv3d(5, 4, 3)(tensor(TWO_SITES)), ValueError,

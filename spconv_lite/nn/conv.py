@@ -312,6 +312,10 @@ class SparseConvolution(RecordsVoxelCount):
         refuse_fused_activation(act_type)
         check_input(input, self.in_channels, self)
         self._check_weight_shape(weight)
+        if bias is not None and list(bias.shape) != [self.out_channels]:
+            # features + bias would broadcast a [1] or [N, C_out] bias silently.
+            raise ValueError(f"{type(self).__name__}: bias has shape {list(bias.shape)}, "
+                             f"the layer expects [{self.out_channels}] = [C_out]")
         in_features = input.features
         # spconv 2.x runs a 1x1 layer as one product on the input's own rows, without a map: the
         # output keeps the input's indices (their row order too: client code adds it to the
