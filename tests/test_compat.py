@@ -323,7 +323,6 @@ def test_fused_activation_refused():
         spconv.conv.SparseConvolution(3, 4, 4, 3, act_type="ReLU")
 
 
-
 def _standardized(weight):
     """Weight standardization: each output channel's weights with mean 0 and std 1."""
     dims = tuple(range(1, weight.dim()))
@@ -383,6 +382,7 @@ def test_conv_forward_refuses_int8_scales_and_fused_activations():
         layer._conv_forward(False, x, layer.weight, layer.bias, output_scale=0.5)
     with pytest.raises(ValueError, match="act_type='ReLU'"):
         layer._conv_forward(False, x, layer.weight, layer.bias, act_type="ReLU")
+
 
 CONV_CLASSES = [f"{kind}{n}d" for kind in ("SubMConv", "SparseConv", "SparseConvTranspose",
                                            "SparseInverseConv") for n in (1, 2, 3, 4)]

@@ -50,9 +50,7 @@ def train(net: nn.Module, inputs_of_step) -> None:
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     for step in range(STEPS):
         for x, scale in inputs_of_step(step):
-            out = net(x)
-            ((out if isinstance(out, torch.Tensor) else out.features) ** 2).sum().mul(
-                scale).backward()
+            (net(x).features ** 2).sum().mul(scale).backward()
         optimizer.step()
         optimizer.zero_grad()
 

@@ -4,6 +4,8 @@ in train and eval mode, state_dict round trips and the spconv weight layout."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import io
 from collections import OrderedDict
 
@@ -269,9 +271,6 @@ def test_dataclass_fields_set_one_by_one_move_the_tensor():
     """Collection helpers that rebuild a dataclass by setting its fields in order (Lightning's
     move_data_to_device, on every batch) move a SparseConvTensor: the indices come before the
     features, whose setter checks that both share a device."""
-    import copy
-    import dataclasses
-
     gen = make_gen("dataclass_fields")
     idx = random_sites(gen, 1, (4, 4, 4), count=5)
     x = sparse_tensor(randn(gen, 5, 3), idx, (4, 4, 4), 1)
