@@ -9,8 +9,8 @@ gradient average of two ranks).
 
 from __future__ import annotations
 
+import gc
 import os
-import socket
 
 import pytest
 import torch
@@ -55,43 +55,48 @@ def train(net: nn.Module, inputs_of_step) -> None:
         optimizer.zero_grad()
 
 
-def worker(rank: int, port: int, wrapper: str, results: str) -> None:
+def trained_state(rank: int, wrapper: str) -> dict[str, torch.Tensor]:
+    net = network()
+    if wrapper == "ddp":
+        net = nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (WORLD,))
+        if wrapper == "fsdp2_layers":  # each conv sharded on its own, then the root
+            for layer in net:
+                if list(layer.parameters()):
+                    fully_shard(layer, mesh=mesh)
+        fully_shard(net, mesh=mesh)
+    train(net, lambda step: [(batch(step, rank), 1.0)])
+    return {name.removeprefix("module."): getattr(value, "full_tensor", lambda v=value: v)()
+            for name, value in net.state_dict().items()}
+
+
+def worker(rank: int, store: str, wrapper: str, results: str) -> None:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        net = network()
-        if wrapper == "ddp":
-            net = nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
-        else:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = init_device_mesh("cpu", (WORLD,))
-            if wrapper == "fsdp2_layers":  # each conv sharded on its own, then the root
-                for layer in net:
-                    if list(layer.parameters()):
-                        fully_shard(layer, mesh=mesh)
-            fully_shard(net, mesh=mesh)
-        train(net, lambda step: [(batch(step, rank), 1.0)])
-        state = {name.removeprefix("module."): getattr(value, "full_tensor", lambda v=value: v)()
-                 for name, value in net.state_dict().items()}
-        if rank == 0:
-            torch.save(state, results)
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # A file store rather than a TCP port: no port to race other processes for.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    state = trained_state(rank, wrapper)
+    if rank == 0:
+        torch.save(state, results)
+    # Free the wrapped network (its hooks sit in reference cycles) and let every rank finish its
+    # collectives before the process group goes.
+    del state
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+    # A CI run once saw a child abort (SIGABRT, "terminate called without an active
+    # exception"), likeliest from torch's gloo threads in the interpreter's teardown; the
+    # results are on disk by now, so skip that teardown.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2_root", "fsdp2_layers"])
 def test_wrapped_network_trains_as_one_process(wrapper, tmp_path):
     results = str(tmp_path / "rank0.pt")
-    mp.spawn(worker, args=(free_port(), wrapper, results), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(str(tmp_path / "store"), wrapper, results), nprocs=WORLD, join=True)
     expected = network()
     train(expected, lambda step: [(batch(step, rank), 1.0 / WORLD) for rank in range(WORLD)])
     got = torch.load(results)
