@@ -342,13 +342,17 @@ def _check_destinations(jobs: Sequence[_Job], inputs: Sequence[Path], overwrite:
                 raise CommandError(
                     f"cannot write {option} {str(path)!r}: folder {str(folder)!r} is not writable"
                 )
-            if not os.path.lexists(path):  # (a link to nothing exists too)
+            # The write creates missing folders first, so a path through one and back out
+            # ("new/../scan.npy") reaches a file that the typed path does not show while "new"
+            # is missing: check the file the write will reach.
+            reached = Path(os.path.realpath(path.parent)) / path.name
+            if not os.path.lexists(reached):  # (a link to nothing exists too)
                 continue
-            if path.is_dir():
+            if reached.is_dir():
                 raise CommandError(f"{option} {str(path)!r} is a folder, not a file")
-            if path.exists() and _file_id(path) in input_ids:
+            if reached.exists() and _file_id(reached) in input_ids:
                 raise CommandError(f"{option} {str(path)!r} is an input: refusing to write over it")
-            if path.exists() and not path.is_file():
+            if reached.exists() and not reached.is_file():
                 raise CommandError(
                     f"{option} {str(path)!r} is a device, FIFO or socket, not a file: refusing to "
                     "replace it"

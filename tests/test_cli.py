@@ -268,6 +268,11 @@ def test_folder_output_into_the_input_folder(tmp_path, capsys):
      r"input 'pc\.npz', given twice, would both write 'out/pc\.voxels\.npz'"),
     ("a link to nothing at the output", ["pc.npz"], ["-o", "dangling.npz"],
      r"--output 'dangling\.npz' exists: refusing"),
+    # A path through a folder that does not exist yet reaches the file the write reaches.
+    ("output is the input through a missing folder", ["pc.npz"],
+     ["-o", "new/../pc.npz", "--overwrite"], r"--output 'new/\.\./pc\.npz' is an input"),
+    ("output exists through a missing folder", ["pc.npz"], ["-o", "new/../old.npz"],
+     r"--output 'new/\.\./old\.npz' exists: refusing"),
     ("a FIFO at the output", ["pc.npz"], ["-o", "fifo.npz", "--overwrite"],
      r"--output 'fifo\.npz' is a device, FIFO or socket, not a file: refusing to replace it"),
 ])  # fmt: skip
