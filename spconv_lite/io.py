@@ -312,7 +312,9 @@ def _check_raw_layout(path: Path, points: np.ndarray, layout: str) -> None:
 
 
 def _as_points(array: np.ndarray, path: Path) -> np.ndarray:
-    if array.ndim != 2 or array.shape[1] < 3 or not np.issubdtype(array.dtype, np.number):
+    # Integers and real floats only: complex values would lose their imaginary part and
+    # timedelta64 its unit, silently.
+    if array.ndim != 2 or array.shape[1] < 3 or array.dtype.kind not in "iuf":
         raise ValueError(
             f"{str(path)!r} must hold a numeric [N, C] array with C >= 3 (x, y, z first), got "
             f"shape {list(array.shape)} of {array.dtype}"
@@ -333,6 +335,8 @@ def _read_numpy(path: Path, suffix: str) -> np.ndarray:
             keys = list(archive.keys())
             key = keys[0] if len(keys) == 1 else next((k for k in _NPZ_KEYS if k in keys), None)
             if key is not None:
+                if f"{key}.npy" not in archive.zip.namelist():  # a member that is not an array
+                    raise ValueError(f"its member {key!r} is not a .npy array")
                 member = archive.zip.getinfo(f"{key}.npy")
                 with archive.zip.open(member) as f:
                     _check_npy_size(path, f, member.file_size, f" (array {key!r})")
@@ -496,6 +500,9 @@ def _pcd_header(path: Path, data: bytes) -> _Header:
                              f"(from {size_line!r}), which PCD does not define")
         fields.append(_Field(name, np.dtype(_PCD_TYPES[kind, size]),
                              _whole(path, count_line, values, least=1)))
+    point_bytes = sum(f.dtype.itemsize * f.count for f in fields)
+    if point_bytes > 2**31 - 1:  # numpy's structured types hold at most that per point
+        raise _malformed(path, count_line, f"a point of {point_bytes} bytes (at most 2^31 - 1)")
     return _Header(fields, count, encoding[0], offset)
 
 
@@ -760,7 +767,8 @@ def _columns(
             taken.update(members)
             columns += [values[names.index(m)].reshape(-1) for m in members]
             out_names += [f"{group_name}_{j}" for j in range(3)]
-        elif f.name in _PCD_PACKED_COLOURS and packed_colours and f.dtype.itemsize == 4:
+        elif (f.name in _PCD_PACKED_COLOURS and packed_colours and f.dtype.itemsize == 4
+              and f.count == 1):
             bits = value.reshape(-1).astype(f.dtype).view("<u4")
             columns += [(bits >> shift) & 255 for shift in (16, 8, 0)]
             out_names += [f"colors_{j}" for j in range(3)]

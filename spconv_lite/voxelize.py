@@ -187,6 +187,8 @@ class PointToVoxel:
 
     def _points(self, pc: PointsLike) -> Tensor:
         if isinstance(pc, np.ndarray):  # host memory: goes to this voxelizer's device
+            if not pc.dtype.isnative:  # big-endian data: torch takes native byte order only
+                pc = pc.astype(pc.dtype.newbyteorder("="))
             # (torch.from_numpy refuses negative strides, e.g. points[::-1]: copy those.)
             pc = torch.from_numpy(pc if all(s >= 0 for s in pc.strides)
                                   else np.ascontiguousarray(pc)).to(self.device)

@@ -142,6 +142,17 @@ def make_bad_file(tmp_path, kind: str):
     if kind == "npy-1d":
         np.save(tmp_path / "bad.npy", np.zeros(6))
         return tmp_path / "bad.npy"
+    if kind == "npy-complex":
+        np.save(tmp_path / "bad.npy", np.ones((2, 3)) + 1j)
+        return tmp_path / "bad.npy"
+    if kind == "npy-timedelta":
+        np.save(tmp_path / "bad.npy", np.ones((2, 3), "m8[s]"))
+        return tmp_path / "bad.npy"
+    if kind == "npz-member-not-npy":  # an archive member without the .npy suffix
+        np.save(tmp_path / "points.npy", np.zeros((2, 3), np.float32))
+        with zipfile.ZipFile(tmp_path / "bad.npz", "w") as archive:
+            archive.writestr("points", (tmp_path / "points.npy").read_bytes())
+        return tmp_path / "bad.npz"
     if kind == "suffix":
         (tmp_path / "cloud.xyz").write_text("0 0 0\n")
         return tmp_path / "cloud.xyz"
@@ -155,6 +166,9 @@ def make_bad_file(tmp_path, kind: str):
         ("npz-ambiguous", None, "expected one array"),
         ("npy-1d", None, "C >= 3"),
         ("suffix", None, "unsupported suffix"),
+        ("npy-complex", None, "must hold a numeric .* of complex128"),  # lost its imaginary part
+        ("npy-timedelta", None, "must hold a numeric .* of timedelta64"),  # read as coordinates
+        ("npz-member-not-npy", None, "its member 'points' is not a .npy array"),  # KeyError
     ],
 )
 def test_bad_files_raise_value_error(tmp_path, kind, point_dims, match):
@@ -565,6 +579,27 @@ def test_pcd_count_padding_and_packed_colour(tmp_path):
                      "colors_2", "i"]
     np.testing.assert_array_equal(points, [[1, 0, 0, 7, 8, 9, 10, 20, 30, 300],
                                            [2, 0, 0, 4, 5, 6, 255, 0, 1, 7]])
+
+
+def test_pcd_rgb_of_several_values_is_not_unpacked_as_one_colour(tmp_path):
+    """Packed colours are one 4-byte value; an 'rgb' field of COUNT 2 (the unpacking raised a
+    numpy broadcast error) keeps its values as rgb_0, rgb_1."""
+    rows = np.zeros(1, [("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("rgb", "<f4", (2,))])
+    rows["rgb"] = [[1.5, 2.5]]
+    path = tmp_path / "c.pcd"
+    path.write_bytes(pcd_header("x y z rgb", "4 4 4 4", "F F F F", 1, "binary",
+                                counts="1 1 1 2") + rows.tobytes())
+    points, names = io.read_points_with_fields(path)
+    assert names == ["x", "y", "z", "rgb_0", "rgb_1"]
+    np.testing.assert_array_equal(points, [[0, 0, 0, 1.5, 2.5]])
+
+
+def test_pcd_point_larger_than_numpy_holds_is_a_malformed_header(tmp_path):
+    path = tmp_path / "huge.pcd"
+    path.write_bytes(pcd_header("x y z w", "4 4 4 4", "F F F F", 1, "binary",
+                                counts="1 1 1 2147483648") + bytes(16))
+    with pytest.raises(ValueError, match=r"huge\.pcd'.*a point of 8589934604 bytes"):
+        io.read_points(path)
 
 
 @pytest.mark.parametrize("fields, counts, match", [
