@@ -33,7 +33,6 @@ Usage (from the repository root):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -53,6 +52,7 @@ from common import (
     spconv_torch,
     time_case,
 )
+from results_file import check_results_path, write_json
 
 import spconv_lite
 from spconv_lite import ops
@@ -233,6 +233,7 @@ def main() -> None:
     parser.add_argument("--no-spconv", action="store_true", help="skip the spconv baseline")
     parser.add_argument("--json", type=Path, default=None, help="write results as JSON here")
     args = parser.parse_args()
+    check_results_path(parser, args.json, args.data)
     threads = args.threads
     use_spconv = spconv_torch is not None and not args.no_spconv
 
@@ -318,9 +319,7 @@ def main() -> None:
         print(f"spconv failed on {name!r}: {error}")
 
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "checks": checks, "results": results},
-                                        indent=2))
+        write_json(args.json, {"meta": meta, "checks": checks, "results": results}, indent=2)
         print(f"wrote {args.json}")
 
 

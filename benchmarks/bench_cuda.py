@@ -85,6 +85,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # common, bench_networ
 from arguments import non_negative_int, positive_int  # noqa: E402
 from bench_networks import spconv_benchmark_net  # noqa: E402
 from common import one_line, time_alternating  # noqa: E402
+from results_file import check_results_path, write_json  # noqa: E402
 
 import spconv_lite  # noqa: E402
 from spconv_lite.models import VoxelBackBone8x  # noqa: E402
@@ -946,10 +947,7 @@ class Report:
 
     def save(self) -> None:
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.data, indent=1, default=float))
-            tmp.replace(self.path)
+            write_json(self.path, self.data, indent=1, default=float)
 
 
 def print_case(case: dict) -> None:
@@ -1103,6 +1101,7 @@ def main(argv: list[str] | None = None) -> dict:
     plan = [(network, name) for wanted in args.inputs.split(",")
             for network, name in PLAN if name == wanted.strip()]
     data = args.data or default_data_dir()
+    check_results_path(parser, args.json, data)
     needed = {name for _, name in plan}
     if args.profile_layer:
         needed.add(args.profile_layer.split(":")[1])

@@ -21,7 +21,6 @@ Usage (from the repository root):
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from common import (
     fmt,
     time_alternating,
 )
+from results_file import check_results_path, write_json
 
 import spconv_lite as sp
 from spconv_lite.export import BEVBackbone, export_model, load_package
@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA_DIR, help="folder of the frames")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    check_results_path(parser, args.json, args.data)
     path = args.data / FRAME
     if not path.is_file():
         raise SystemExit(f"error: {path} not found (pass --data DIR, the folder of the frames)")
@@ -101,7 +102,7 @@ def main() -> None:
     if args.json:
         meta = {"torch": torch.__version__, "cpu": cpu_name(), "export_s": export_s,
                 "voxels": len(indices), "argv": sys.argv}
-        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        write_json(args.json, {"meta": meta, "results": results}, indent=2)
         print(f"wrote {args.json}")
 
 

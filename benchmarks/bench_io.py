@@ -18,7 +18,6 @@ Usage (from the repository root):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from arguments import non_negative_int, positive_int
 from common import DATA_DIR, fmt, time_alternating
+from results_file import check_results_path, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA_DIR, help="folder of the frames")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
+    check_results_path(parser, args.json, args.data)
     results = []
     print(f"open3d {o3d.__version__ if o3d else 'not installed: ours only'}; "
           f"median [p25-p75] (min-max) ms over {args.repeats} calls")
@@ -96,7 +97,7 @@ def main() -> None:
             results.append({"input": name, "ours": ours, "open3d": theirs,
                             "speedup_vs_open3d": ratio})
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        write_json(args.json, results, indent=1)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Usage (from the repository root):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from arguments import positive_int, thread_counts
 from bench_networks import BUILDERS, leaf_modules, load_input
 from common import DATA_DIR, cpu_name
+from results_file import check_results_path, write_json
 
 import spconv_lite
 from spconv_lite import ops
@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--threads", type=thread_counts, default="1,2")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    check_results_path(parser, args.json, args.data)
     threads = args.threads
     print(f"spconv_lite {spconv_lite.__version__} | torch {torch.__version__} | {cpu_name()}")
     results = []
@@ -149,8 +150,8 @@ def main() -> None:
                       f"{row['gemm_gflops']:>12.1f} {row['scatter_gb_per_s']:>12.1f} "
                       f"{unfused:>10.1f}")
     if args.json:
-        args.json.write_text(json.dumps({"cpu": cpu_name(), "torch": torch.__version__,
-                                         "results": results}, indent=2))
+        write_json(args.json, {"cpu": cpu_name(), "torch": torch.__version__,
+                               "results": results}, indent=2)
         print(f"wrote {args.json}")
 
 

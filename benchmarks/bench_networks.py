@@ -29,7 +29,6 @@ Usage (from the repository root):
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from common import (
     spconv_torch,
     time_alternating,
 )
+from results_file import check_results_path, write_json
 from torch import nn
 
 import spconv_lite
@@ -309,6 +309,7 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="also measure peak memory")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    check_results_path(parser, args.json, args.data)
     threads = args.threads
     nets = [n for n in args.nets.split(",") if n]
     unknown = [n for n in nets if n not in BUILDERS]
@@ -332,7 +333,7 @@ def main() -> None:
         meta = {"spconv_lite": spconv_lite.__version__, "torch": torch.__version__,
                 "spconv": SPCONV_VERSION, "cpu": cpu_name(), "threads": threads,
                 "repeats": args.repeats, "warmup": args.warmup, "peak_mm_gflops": peaks}
-        args.json.write_text(json.dumps({"meta": meta, "nets": results}, indent=2))
+        write_json(args.json, {"meta": meta, "nets": results}, indent=2)
         print(f"wrote {args.json}")
 
 

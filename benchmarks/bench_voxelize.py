@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from arguments import non_negative_int, positive_int, thread_counts
+from results_file import check_results_path, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -158,6 +159,7 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-child", nargs=2, metavar=("IMPL", "GRID"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    check_results_path(parser, args.json, args.data)
     if args.memory_child:
         memory_child(*args.memory_child, args.data, min(args.repeats, 10))
         return
@@ -213,7 +215,7 @@ def main() -> None:
                 text = m.get("error") or f"{m['peak_growth_mb']:8.1f} MB ({m['voxels']} voxels)"
                 print(f"  {grid:>16} grid {shape} {impl:>7}: {text}")
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2, default=float))
+        write_json(args.json, report, indent=2, default=float)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import spconv_lite as sp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_cuda  # noqa: E402
 import common  # noqa: E402
+import results_file  # noqa: E402
 
 
 def sparse(indices, features, shape=(4, 4, 4)):
@@ -396,3 +397,13 @@ def test_triton_results_say_that_its_autotuning_was_cut(tmp_path):
             "kernel's own list (_gather_gemm_kernel 3 of 37, _dweight_masked_kernel 3 of 21)")
     assert f"- {note}" in text and f"spconv_triton: {note}" in text
     assert "spconv_triton ms" in text and "spconv_triton / spconv_lite" in text
+
+
+def test_results_file_is_replaced_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "out" / "run.json"
+    results_file.write_json(path, {"median_ms": 1.5}, indent=1)
+    assert json.loads(path.read_text()) == {"median_ms": 1.5}
+    with pytest.raises(TypeError):  # fails half-way through the payload
+        results_file.write_json(path, {"median_ms": 2.5, "device": object()})
+    assert json.loads(path.read_text()) == {"median_ms": 1.5}
+    assert [p.name for p in path.parent.iterdir()] == ["run.json"]  # no temporary left

@@ -886,3 +886,20 @@ def test_bench_without_scripts_is_a_one_line_error(tmp_path, capsys, monkeypatch
     assert "bench_networks.py" in err and "source checkout" in err
     status, _, err = run(capsys, "bench", "all", "--repeats", "1")
     assert status == 2 and "takes no script arguments" in err
+
+
+@pytest.mark.parametrize("name, data, results", [
+    ("core", "frame.bin", "frame.bin"),  # --data names the frame
+    ("networks", "frames", "frames/frame.bin"),  # --data names the folder of frames
+])  # fmt: skip
+def test_bench_refuses_a_results_file_that_is_an_input(tmp_path, name, data, results):
+    (tmp_path / "frames").mkdir()
+    for frame in (tmp_path / "frame.bin", tmp_path / "frames" / "frame.bin"):
+        frame.write_bytes(b"a LiDAR frame")
+    done = subprocess.run(
+        [sys.executable, "-m", "spconv_lite", "bench", name, "--data", data, "--json", results],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert f"--json '{results}' is an input" in done.stderr
+    assert (tmp_path / results).read_bytes() == b"a LiDAR frame"
