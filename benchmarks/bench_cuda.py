@@ -1080,6 +1080,7 @@ def main(argv: list[str] | None = None) -> dict:
         for path in write_results(json.loads(args.write_results.read_text()), args.results_dir):
             print(f"wrote {path}")
         return {}
+    check_results_path(parser, args.json, args.data or default_data_dir())
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: no CUDA device (use --device cpu for a dry run)")
@@ -1101,7 +1102,6 @@ def main(argv: list[str] | None = None) -> dict:
     plan = [(network, name) for wanted in args.inputs.split(",")
             for network, name in PLAN if name == wanted.strip()]
     data = args.data or default_data_dir()
-    check_results_path(parser, args.json, data)
     needed = {name for _, name in plan}
     if args.profile_layer:
         needed.add(args.profile_layer.split(":")[1])

@@ -331,7 +331,11 @@ def _check_destinations(jobs: Sequence[_Job], inputs: Sequence[Path], overwrite:
                     who = f"{str(first.source)!r} and {str(job.source)!r}"
                 raise CommandError(f"{who} would both write {str(path)!r}")
             writers[key] = job
-            folder = path.parent
+            # The write creates missing folders first, so a path through one and back out
+            # ("new/../scan.npy") reaches a folder and a file that the typed path does not show
+            # while "new" is missing: check those the write will reach.
+            reached_folder = Path(os.path.realpath(path.parent))
+            folder = reached_folder
             while not folder.exists() and folder != folder.parent:
                 folder = folder.parent
             if not folder.is_dir():
@@ -342,10 +346,7 @@ def _check_destinations(jobs: Sequence[_Job], inputs: Sequence[Path], overwrite:
                 raise CommandError(
                     f"cannot write {option} {str(path)!r}: folder {str(folder)!r} is not writable"
                 )
-            # The write creates missing folders first, so a path through one and back out
-            # ("new/../scan.npy") reaches a file that the typed path does not show while "new"
-            # is missing: check the file the write will reach.
-            reached = Path(os.path.realpath(path.parent)) / path.name
+            reached = reached_folder / path.name
             if not os.path.lexists(reached):  # (a link to nothing exists too)
                 continue
             if reached.is_dir():
@@ -370,12 +371,13 @@ def _file_id(path: Path) -> tuple[int, int]:
     return stat.st_dev, stat.st_ino
 
 
-def _write_atomically(path: Path, option: str, write: Callable[[BinaryIO], None],
+def write_atomically(path: Path, option: str, write: Callable[[BinaryIO], None],
                       overwrite: bool) -> None:
     """Writes through ``write(file)`` into a temporary file beside ``path``, then puts it in
     place: replacing what is there with ``overwrite``, else only where nothing is (a file that
     appeared since the run's checks, another run's say, is kept). A failure raises CommandError
-    naming ``option`` and ``path`` (not the temporary file)."""
+    naming ``option`` and ``path`` (not the temporary file). The benchmarks' ``--json`` files
+    are written through it too."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = _create_temporary(path)
@@ -567,10 +569,10 @@ def _voxelize_file(job: _Job, args: argparse.Namespace, geometry) -> dict:
         "coordinates": coords.numpy(),
         "num_points_per_voxel": num.numpy(),
     }
-    _write_atomically(job.output, "--output", lambda f: np.savez(f, **arrays), args.overwrite)
+    write_atomically(job.output, "--output", lambda f: np.savez(f, **arrays), args.overwrite)
     if job.preview is not None:
         png = png_bytes(bev_image(arrays["coordinates"], voxelizer.spatial_shape))
-        _write_atomically(job.preview, "--preview", lambda f: f.write(png), args.overwrite)
+        write_atomically(job.preview, "--preview", lambda f: f.write(png), args.overwrite)
     in_range = int(geometry.contains(points).sum())
     warning = None
     if not in_range:

@@ -403,7 +403,10 @@ def test_results_file_is_replaced_whole_or_not_at_all(tmp_path):
     path = tmp_path / "out" / "run.json"
     results_file.write_json(path, {"median_ms": 1.5}, indent=1)
     assert json.loads(path.read_text()) == {"median_ms": 1.5}
-    with pytest.raises(TypeError):  # fails half-way through the payload
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not mkstemp's 0600
+    with pytest.raises(TypeError):  # a payload that cannot be written
         results_file.write_json(path, {"median_ms": 2.5, "device": object()})
     assert json.loads(path.read_text()) == {"median_ms": 1.5}
     assert [p.name for p in path.parent.iterdir()] == ["run.json"]  # no temporary left

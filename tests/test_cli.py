@@ -273,6 +273,8 @@ def test_folder_output_into_the_input_folder(tmp_path, capsys):
      ["-o", "new/../pc.npz", "--overwrite"], r"--output 'new/\.\./pc\.npz' is an input"),
     ("output exists through a missing folder", ["pc.npz"], ["-o", "new/../old.npz"],
      r"--output 'new/\.\./old\.npz' exists: refusing"),
+    ("below a file through a missing folder", ["pc.npz"], ["-o", "new/../old.npz/out.npz"],
+     r"cannot write --output 'new/\.\./old\.npz/out\.npz': '.*old\.npz' is a file"),
     ("a FIFO at the output", ["pc.npz"], ["-o", "fifo.npz", "--overwrite"],
      r"--output 'fifo\.npz' is a device, FIFO or socket, not a file: refusing to replace it"),
 ])  # fmt: skip
@@ -890,7 +892,9 @@ def test_bench_without_scripts_is_a_one_line_error(tmp_path, capsys, monkeypatch
 
 @pytest.mark.parametrize("name, data, results", [
     ("core", "frame.bin", "frame.bin"),  # --data names the frame
+    ("core", "frame.bin", "new/../frame.bin"),  # through a folder the write would make
     ("networks", "frames", "frames/frame.bin"),  # --data names the folder of frames
+    ("networks", "frames", "frames/results.json"),  # not a frame yet, but in the folder
 ])  # fmt: skip
 def test_bench_refuses_a_results_file_that_is_an_input(tmp_path, name, data, results):
     (tmp_path / "frames").mkdir()
@@ -902,4 +906,6 @@ def test_bench_refuses_a_results_file_that_is_an_input(tmp_path, name, data, res
     )  # fmt: skip
     assert done.returncode == 2 and done.stdout == "", done.stderr
     assert f"--json '{results}' is an input" in done.stderr
-    assert (tmp_path / results).read_bytes() == b"a LiDAR frame"
+    assert not (tmp_path / "new").exists() and not (tmp_path / "frames" / "results.json").exists()
+    for frame in (tmp_path / "frame.bin", tmp_path / "frames" / "frame.bin"):
+        assert frame.read_bytes() == b"a LiDAR frame"
