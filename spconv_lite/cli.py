@@ -372,7 +372,7 @@ def _file_id(path: Path) -> tuple[int, int]:
 
 
 def write_atomically(path: Path, option: str, write: Callable[[BinaryIO], None],
-                      overwrite: bool) -> None:
+                     overwrite: bool) -> None:
     """Writes through ``write(file)`` into a temporary file beside ``path``, then puts it in
     place: replacing what is there with ``overwrite``, else only where nothing is (a file that
     appeared since the run's checks, another run's say, is kept). A failure raises CommandError
