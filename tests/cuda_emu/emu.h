@@ -2,7 +2,8 @@
 //
 // Force-included (g++ -include) before a CUDA source that has been rewritten by build.py
 // (kernel<<<grid, block, smem, stream>>>(args) -> ::emu::launch(kernel, grid, block, smem,
-// stream)(args)). Every CUDA thread of a block is a std::thread, blocks run one after another
+// stream)(args)). Every CUDA thread of a block is a fiber on the launching OS thread (built with
+// a sanitizer: a std::thread, see EMU_OS_THREADS), blocks run one after another
 // (SPCONV_LITE_EMU_BLOCK_ORDER=reverse: last to first, since a GPU keeps no order), so
 // function-local statics stand in for __shared__ memory, and a buffer of the launch's size for
 // dynamic shared memory (both refilled at every block's start; see fill_shared_memory; new
@@ -16,13 +17,16 @@
 // beyond 1024 threads or its kernel's __launch_bounds__, dynamic shared memory beyond 48 KB
 // without the kernel's opt-in) does not run, and C10_CUDA_KERNEL_LAUNCH_CHECK raises as torch
 // does. Accesses a GPU refuses as misaligned (vector casts, cp.async, WMMA tiles,
-// ldmatrix rows) abort. Races between the threads of a block (a missing __syncthreads or
-// __syncwarp: what compute-sanitizer's racecheck looks for) show by chance only, as the OS
-// interleaves the threads; built with ThreadSanitizer (scripts/emu_race_check.sh) every such
-// pair of accesses is reported, whatever the interleaving, since only the barriers and the
-// warp collectives order the threads. What this cannot show: races between blocks (they run
-// in sequence), memory-ordering bugs of real hardware beyond the two schedules of the copies,
-// performance, and anything about the real compiler for the device.
+// ldmatrix rows) abort. The fibers take turns from one barrier or warp collective to the next,
+// in thread order (reversed with the blocks), so a read of another thread's write with no
+// barrier between them (a missing __syncthreads or __syncwarp: what compute-sanitizer's
+// racecheck looks for) sees the write in one of the two orders and not in the other; threads
+// that wait at barriers no other thread reaches abort (a GPU would hang). Built with
+// ThreadSanitizer (scripts/emu_race_check.sh) every such pair of accesses is reported, whatever
+// the order, since only the barriers and the warp collectives order the threads. What this
+// cannot show: races between blocks (they run in sequence), memory-ordering bugs of real
+// hardware beyond the two schedules of the copies, performance, and anything about the real
+// compiler for the device.
 #pragma once
 
 #include <atomic>
@@ -31,6 +35,7 @@
 #include <cstdlib>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -39,6 +44,18 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+// A sanitizer watches OS threads (ThreadSanitizer orders them by the barriers alone), so under one
+// every CUDA thread is a std::thread; otherwise a fiber (ucontext) on the launching thread, which
+// spares the kernel a futex and a context switch of the OS at every barrier: several times faster.
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+#define EMU_OS_THREADS 1
+#else
+#define EMU_OS_THREADS 0
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+#endif
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -60,8 +77,25 @@
 
 namespace emu {
 
+#if EMU_OS_THREADS
+using Barrier = std::barrier<>;
+#else
+// std::barrier's counting for fibers: the expected-th arrival releases the waiting ones.
+class FiberBarrier {
+ public:
+  explicit FiberBarrier(int expected) : expected_(expected) {}
+  void arrive_and_wait();  // below FiberScheduler
+
+ private:
+  int expected_;
+  int arrived_ = 0;
+  std::vector<int> waiting_;  // fibers
+};
+using Barrier = FiberBarrier;
+#endif
+
 struct Warp {
-  std::barrier<> barrier{32};
+  Barrier barrier{32};
   unsigned int bits[32];
   unsigned long long values[32];
   uint32_t registers[32][10];  // mma.sync: each lane's operands (a[4], b[2], c[4])
@@ -71,7 +105,7 @@ struct Block {
   explicit Block(int threads) : barrier(threads) {
     for (int w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<Warp>());
   }
-  std::barrier<> barrier;
+  Barrier barrier;
   std::atomic<int> reduction{0};
   std::vector<std::unique_ptr<Warp>> warps;
 };
@@ -187,6 +221,129 @@ inline void check_no_pending_copies() {
     std::abort();
   }
 }
+
+#if !EMU_OS_THREADS
+// Runs the CUDA threads of a launch as fibers on the calling OS thread, each on a stack of its
+// own, in passes: every fiber not waiting at a barrier runs in turn, in thread order (or
+// reversed), until it arrives at its next barrier or ends. The thread_local state above (which
+// thread this is, its cp.async groups) is swapped in and out with the fiber.
+class FiberScheduler {
+ public:
+  void run(int count, bool reversed, const std::function<void(int)>& body) {
+    body_ = &body;
+    fibers_.resize(count);
+    for (int t = 0; t < count; ++t) {
+      Fiber& fiber = fibers_[t];
+      fiber.runnable = true;
+      getcontext(&fiber.context);
+      fiber.context.uc_stack.ss_sp = stack(t);
+      fiber.context.uc_stack.ss_size = kStackBytes;
+      fiber.context.uc_link = &scheduler_context_;
+      makecontext(&fiber.context, &FiberScheduler::start, 0);
+    }
+    running = this;
+    int left = count;
+    while (left > 0) {
+      bool ran = false;
+      for (int i = 0; i < count; ++i) {
+        current_ = reversed ? count - 1 - i : i;
+        Fiber& fiber = fibers_[current_];
+        if (!fiber.runnable) continue;
+        ran = true;
+        swap_thread_state(fiber);
+        swapcontext(&scheduler_context_, &fiber.context);
+        swap_thread_state(fiber);
+        if (fiber.finished) --left;
+      }
+      if (!ran) {
+        std::fprintf(stderr, "emu: %d threads wait at barriers that the others never reach "
+                     "(a GPU hangs)\n", left);
+        std::abort();
+      }
+    }
+    running = nullptr;
+  }
+
+  int current() const { return current_; }
+  void wake(int fiber) { fibers_[fiber].runnable = true; }
+  // Back to the scheduler; a fiber that waits is not run again until woken.
+  void yield(bool wait) {
+    Fiber& fiber = fibers_[current_];
+    fiber.runnable = !wait;
+    swapcontext(&fiber.context, &scheduler_context_);
+  }
+
+  inline static FiberScheduler* running = nullptr;
+
+ private:
+  // Deep enough for the kernels' register arrays and the emulated WMMA fragments; a guard page
+  // below each stack turns an overflow into a fault.
+  static constexpr std::size_t kStackBytes = 512 * 1024;
+
+  struct Fiber {
+    ucontext_t context;
+    bool runnable = false;
+    bool finished = false;
+    dim3 thread_idx;
+    Block* block = nullptr;
+    int linear_id = 0;
+    std::vector<AsyncCopy> open_group;
+    std::vector<std::vector<AsyncCopy>> committed_groups;
+  };
+
+  static void start() {
+    FiberScheduler& self = *running;
+    (*self.body_)(self.current_);
+    self.fibers_[self.current_].finished = true;
+    self.fibers_[self.current_].runnable = false;
+  }  // returns to uc_link, the scheduler
+
+  static void swap_thread_state(Fiber& fiber) {
+    std::swap(thread_idx, fiber.thread_idx);
+    std::swap(block, fiber.block);
+    std::swap(linear_id, fiber.linear_id);
+    open_group.swap(fiber.open_group);
+    committed_groups.swap(fiber.committed_groups);
+  }
+
+  // The t-th fiber's stack, mapped at first use and kept for later launches (untouched pages
+  // cost nothing).
+  static void* stack(int t) {
+    static std::vector<char*> stacks;
+    const std::size_t page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+    while (static_cast<int>(stacks.size()) <= t) {
+      void* mapped = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK, -1, 0);
+      if (mapped == MAP_FAILED || mprotect(mapped, page, PROT_NONE) != 0) {
+        std::fprintf(stderr, "emu: no memory for a fiber's stack\n");
+        std::abort();
+      }
+      stacks.push_back(static_cast<char*>(mapped) + page);
+    }
+    return stacks[t];
+  }
+
+  const std::function<void(int)>* body_ = nullptr;
+  std::vector<Fiber> fibers_;
+  ucontext_t scheduler_context_;
+  int current_ = 0;
+};
+
+inline void FiberBarrier::arrive_and_wait() {
+  FiberScheduler& scheduler = *FiberScheduler::running;
+  if (++arrived_ < expected_) {
+    waiting_.push_back(scheduler.current());
+    scheduler.yield(/*wait=*/true);
+    return;
+  }
+  // The last to arrive releases the others and lets the pass go on, so that the fibers leave
+  // the barrier in thread order in the next pass.
+  arrived_ = 0;
+  for (int fiber : waiting_) scheduler.wake(fiber);
+  waiting_.clear();
+  scheduler.yield(/*wait=*/false);
+}
+#endif
 
 inline int lane_id() { return linear_id % 32; }
 
@@ -344,9 +501,10 @@ struct Launch {
     copies_land_early = landing != nullptr && std::strcmp(landing, "early") == 0;
     const char* order = std::getenv("SPCONV_LITE_EMU_BLOCK_ORDER");
     const bool blocks_reversed = order != nullptr && std::strcmp(order, "reverse") == 0;
-    // One std::thread per CUDA thread for the whole launch; the blocks run one after another,
-    // separated by block barriers (so the function-local statics act as shared memory), in
-    // blockIdx order or reversed (SPCONV_LITE_EMU_BLOCK_ORDER, see the top of this file).
+    // One CUDA thread (fiber or std::thread) per thread of a block for the whole launch; the
+    // blocks run one after another, separated by block barriers (so the function-local statics
+    // act as shared memory), in blockIdx order or reversed (SPCONV_LITE_EMU_BLOCK_ORDER, see
+    // the top of this file).
     Block state(count);
     running_kernel = reinterpret_cast<const void*>(kernel);
     struct alignas(128) Line {
@@ -354,28 +512,31 @@ struct Launch {
     };
     std::vector<Line> shared_lines((shared_bytes + 127) / 128 + 1);
     dynamic_shared = shared_lines.data()->bytes;
+    const std::function<void(int)> cuda_thread = [&](int t) {
+      block = &state;
+      linear_id = t;
+      thread_idx = dim3(t % threads.x, (t / threads.x) % threads.y, t / (threads.x * threads.y));
+      const unsigned long long blocks = 1ull * grid.x * grid.y * grid.z;
+      for (unsigned long long i = 0; i < blocks; ++i) {
+        const unsigned long long b = blocks_reversed ? blocks - 1 - i : i;
+        if (t == 0) {
+          block_idx = dim3(b % grid.x, b / grid.x % grid.y, b / (1ull * grid.x * grid.y));
+          fill_shared_memory(shared_bytes, i);
+        }
+        state.barrier.arrive_and_wait();  // block_idx set, the previous block done
+        std::apply(kernel, params);
+        check_no_pending_copies();
+        state.barrier.arrive_and_wait();
+      }
+    };
+#if EMU_OS_THREADS
     std::vector<std::thread> pool;
     pool.reserve(count);
-    for (int t = 0; t < count; ++t) {
-      pool.emplace_back([&, t] {
-        block = &state;
-        linear_id = t;
-        thread_idx = dim3(t % threads.x, (t / threads.x) % threads.y, t / (threads.x * threads.y));
-        const unsigned long long blocks = 1ull * grid.x * grid.y * grid.z;
-        for (unsigned long long i = 0; i < blocks; ++i) {
-          const unsigned long long b = blocks_reversed ? blocks - 1 - i : i;
-          if (t == 0) {
-            block_idx = dim3(b % grid.x, b / grid.x % grid.y, b / (1ull * grid.x * grid.y));
-            fill_shared_memory(shared_bytes, i);
-          }
-          state.barrier.arrive_and_wait();  // block_idx set, the previous block done
-          std::apply(kernel, params);
-          check_no_pending_copies();
-          state.barrier.arrive_and_wait();
-        }
-      });
-    }
+    for (int t = 0; t < count; ++t) pool.emplace_back(cuda_thread, t);
     for (std::thread& thread : pool) thread.join();
+#else
+    FiberScheduler().run(count, blocks_reversed, cuda_thread);
+#endif
   }
 };
 

@@ -4,7 +4,11 @@
   read of another warp's shared-memory slot with no barrier after its write is reported, and the
   same kernel with the barrier is not.
 - SPCONV_LITE_EMU_BLOCK_ORDER=reverse runs the blocks last to first, so a kernel whose result
-  depends on the order of its blocks changes its result.
+  depends on the order of its blocks changes its result; and the threads of a block last to
+  first, so a read of another thread's write with no barrier between sees the write in one order
+  and not in the other.
+- Threads that wait at a barrier the others never reach end the run with an error (a GPU
+  hangs; OS threads at a std::barrier would too).
 - Static shared memory read before it is written holds the fill bytes, in every block.
 - Every uninitialised allocation of the CUDA sources goes through the fill of
   include/emu_memory.h (a kernel that skips writing zeros shows then; on fresh CPU pages, not).
@@ -88,6 +92,27 @@ def test_reversed_block_order_changes_an_order_dependent_kernel(tmp_path):
     assert forward.returncode == 0 and backward.returncode == 0, forward.stderr + backward.stderr
     assert forward.stdout.strip() == "8"  # blocks 0..7 in order: 0 -> 1 -> ... -> 8
     assert backward.stdout.strip() == "1"  # block 7 runs first and reads values[7] == 0
+
+
+def test_a_missing_barrier_changes_what_a_thread_reads_between_the_two_orders(tmp_path):
+    exe = compile_self_check(tmp_path, None)
+    forward = run(exe, "race")
+    backward = run(exe, "race", SPCONV_LITE_EMU_BLOCK_ORDER="reverse")
+    assert forward.returncode == 0 and backward.returncode == 0, forward.stderr + backward.stderr
+    # Thread 0 reads the slot of thread 32: before its write in thread order (the fill, NaN),
+    # after it in reverse order.
+    assert forward.stdout.strip() in ("nan", "-nan")
+    assert backward.stdout.strip() == "32"
+    for order in ("forward", "reverse"):
+        synced = run(exe, "barrier", SPCONV_LITE_EMU_BLOCK_ORDER=order)
+        assert synced.returncode == 0 and synced.stdout.strip() == "32", synced.stderr
+
+
+def test_threads_waiting_at_a_barrier_never_reached_abort_instead_of_hanging(tmp_path):
+    exe = compile_self_check(tmp_path, None)
+    result = run(exe, "hang")
+    assert result.returncode != 0
+    assert "32 threads wait at barriers that the others never reach" in result.stderr
 
 
 def test_refused_launches_do_not_run_and_leave_the_error(tmp_path):

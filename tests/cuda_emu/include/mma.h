@@ -81,12 +81,13 @@ template <typename A, typename B>
 void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const A& a, const B& b,
               const fragment<accumulator, 16, 16, 16, float>& c) {
   emu::require_tensor_core_code();
-  fragment<accumulator, 16, 16, 16, float> out;
+  // Each of out's sums starts at c and adds the products in increasing k; k outside n lets
+  // the compiler work on a row's 16 sums at once, in the same order.
+  fragment<accumulator, 16, 16, 16, float> out = c;
   for (int m = 0; m < 16; ++m) {
-    for (int n = 0; n < 16; ++n) {
-      float sum = c.v(m, n);
-      for (int k = 0; k < 16; ++k) sum += a.v(m, k) * b.v(k, n);
-      out.v(m, n) = sum;
+    for (int k = 0; k < 16; ++k) {
+      const float a_mk = a.v(m, k);
+      for (int n = 0; n < 16; ++n) out.v(m, n) += a_mk * b.v(k, n);
     }
   }
   d = out;

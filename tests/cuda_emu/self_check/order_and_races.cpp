@@ -1,8 +1,11 @@
 // Kernels with the bugs that the emulator's checks must show (tests/cuda_emu/
 // test_emulator_checks.py): rewritten by build.py and compiled with emu.h like src/cuda.
 //   order_and_races race      a block reads a neighbour's shared-memory slot with no barrier
-//                             between its write and the read (ThreadSanitizer must report it)
-//   order_and_races barrier   the same with the barrier (no report)
+//                             between its write and the read (ThreadSanitizer must report it;
+//                             without it, what thread 0 read depends on the order of the threads)
+//   order_and_races barrier   the same with the barrier (no report, the same value in any order)
+//   order_and_races hang      half a warp at a warp collective that the other half never reaches
+//                             (a GPU hangs; the emulation must abort)
 //   order_and_races chain     each block adds one to what the block before it wrote: the
 //                             result depends on the order in which blocks run
 //   order_and_races limits    launches a GPU refuses, and their neighbours within the limits:
@@ -21,6 +24,12 @@ __global__ void read_other_warp(const float* in, float* out, bool barrier) {
   tile[threadIdx.x] = in[threadIdx.x];
   if (barrier) __syncthreads();
   out[threadIdx.x] = tile[(threadIdx.x + 32) % 64];  // written by the other warp
+}
+
+__global__ void half_warp_shuffle(int* out) {
+  int value = static_cast<int>(threadIdx.x);
+  if (threadIdx.x < 16) value = __shfl_sync(0xffffffffu, value, 0);
+  out[threadIdx.x] = value;
 }
 
 __global__ void chain(int* values) {
@@ -83,6 +92,12 @@ int main(int argc, char** argv) {
       ::emu::launch(read_unwritten, dim3(3), dim3(32))(out);
       std::printf("%d %d %d\n", out[0], out[32 + 5], out[64 + 31]);
     }
+    return 0;
+  }
+  if (std::strcmp(mode, "hang") == 0) {
+    int out[32];
+    ::emu::launch(half_warp_shuffle, dim3(1), dim3(32))(out);
+    std::printf("%d\n", out[0]);
     return 0;
   }
   if (std::strcmp(mode, "chain") == 0) {
