@@ -8,6 +8,7 @@
 # Usage: scripts/cuda_compile_check.sh [file.cu ...]    (default: every src/cuda/*.cu)
 # Environment: NVCC (default: nvcc on PATH, else /usr/local/cuda/bin/nvcc),
 #              CUDA_CHECK_ARCHS (default "80 90"),
+#              CUDA_CHECK_JOBS: files compiled at once (default: the number of cores),
 #              CUDA_CHECK_RESOURCES=1: also prints each kernel's registers, stack frame, spills and
 #              static shared memory for the last architecture (ptxas --resource-usage), the
 #              numbers that decide how many blocks fit on a multiprocessor.
@@ -71,12 +72,12 @@ FLAGS=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
        -I include "${EXTRA_INCLUDE[@]}")
 for inc in "${INCLUDES[@]}"; do FLAGS+=(-I "$inc"); done
 
-# Per kernel of $1, for the last architecture: registers, stack frame and spill stores / loads
-# (bytes), static shared memory (bytes), demangled name.
+# Per kernel of $1 (compiled again, to the object $2), for the last architecture: registers,
+# stack frame and spill stores / loads (bytes), static shared memory (bytes), demangled name.
 resources() {
     local arch=${ARCHS##* }
     "$NVCC" "${FLAGS[@]}" -gencode "arch=compute_$arch,code=sm_$arch" --resource-usage \
-        -c "$1" -o "$TMP/out.o" 2>&1 | python3 -c '
+        -c "$1" -o "$2" 2>&1 | python3 -c '
 import re, subprocess, sys
 kernels, name = [], None
 for line in sys.stdin:
@@ -98,10 +99,10 @@ for full, (_, regs, (frame, stores, loads), smem) in zip(demangled, kernels):
 '
 }
 
-# Per kernel of the last compiled object, for the last architecture: static counts of chosen
+# Per kernel of the object $1, for the last architecture: static counts of chosen
 # instructions in its machine code (not how often they run).
 sass_counts() {
-    "$CUOBJDUMP" -sass -arch "sm_${ARCHS##* }" "$TMP/out.o" | python3 -c '
+    "$CUOBJDUMP" -sass -arch "sm_${ARCHS##* }" "$1" | python3 -c '
 import collections, re, subprocess, sys
 columns = ["HMMA", "LDSM", "LDS.128", "LDS", "FFMA", "DFMA", "LDGSTS", "LDG", "LD", "LDL/STL"]
 def column(opcode):  # the column an instruction counts in, or None
@@ -136,31 +137,47 @@ fi
 echo "cuda_compile_check: $("$NVCC" --version | tail -1), archs: $ARCHS"
 GENCODE=()
 for arch in $ARCHS; do GENCODE+=(-gencode "arch=compute_$arch,code=sm_$arch"); done
-failures=()
-start_all=$SECONDS
-for src in "${SOURCES[@]}"; do
+# Checks one source, printing what it found; a line "  FAIL  SOURCE sm_ARCH" per failure.
+check_file() {
+    local src=$1 name start log
+    name=$(basename "$src")
     # One nvcc call for all architectures (the host side is compiled once); on failure, one
     # call per architecture to name the ones that fail.
     start=$SECONDS
-    log="$TMP/$(basename "$src").log"
-    if "$NVCC" "${FLAGS[@]}" "${GENCODE[@]}" -c "$src" -o "$TMP/out.o" > "$log" 2>&1; then
+    log="$TMP/$name.log"
+    if "$NVCC" "${FLAGS[@]}" "${GENCODE[@]}" -c "$src" -o "$TMP/$name.o" > "$log" 2>&1; then
         echo "  ok    $src [sm_${ARCHS// /, sm_}] ($((SECONDS - start)) s)"
         grep -i "warning" "$log" | head -20  # worth reading even when the file compiles
-        [ "${CUDA_CHECK_RESOURCES:-0}" = 1 ] && resources "$src"
-        [ "${CUDA_CHECK_SASS:-0}" = 1 ] && sass_counts
-        continue
+        [ "${CUDA_CHECK_RESOURCES:-0}" = 1 ] && resources "$src" "$TMP/$name.o"
+        [ "${CUDA_CHECK_SASS:-0}" = 1 ] && sass_counts "$TMP/$name.o"
+        return 0
     fi
     for arch in $ARCHS; do
-        log="$TMP/$(basename "$src").sm_$arch.log"
+        log="$TMP/$name.sm_$arch.log"
         if "$NVCC" "${FLAGS[@]}" -gencode "arch=compute_$arch,code=sm_$arch" -c "$src" \
-            -o "$TMP/out.o" > "$log" 2>&1; then
+            -o "$TMP/$name.o" > "$log" 2>&1; then
             echo "  ok    $src sm_$arch"
         else
             echo "  FAIL  $src sm_$arch"
             head -60 "$log"
-            failures+=("$src:sm_$arch")
         fi
     done
+}
+
+# The files are checked side by side, CUDA_CHECK_JOBS at a time (default: one per core), and
+# reported in order.
+JOBS=${CUDA_CHECK_JOBS:-$(nproc)}
+start_all=$SECONDS
+for src in "${SOURCES[@]}"; do
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+    check_file "$src" > "$TMP/$(basename "$src").report" 2>&1 &
+done
+wait
+failures=()
+for src in "${SOURCES[@]}"; do
+    report="$TMP/$(basename "$src").report"
+    cat "$report"
+    mapfile -t -O ${#failures[@]} failures < <(sed -n 's/^  FAIL  \(.*\) \(sm_[0-9]*\)$/\1:\2/p' "$report")
 done
 echo "cuda_compile_check: ${#SOURCES[@]} files in $((SECONDS - start_all)) s"
 if [ ${#failures[@]} -gt 0 ]; then
